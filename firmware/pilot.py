@@ -1,0 +1,227 @@
+"""Control pilot (IEC 61851-1 Annex A; GB/T 18487.1 Annex A uses the same scheme).
+
+Three layers, none of which knows the charger's session logic:
+- PilotSampler: burst-samples the CP voltage and keeps the plus and minus levels;
+- classify() and PilotDebouncer: plus level -> state A-E (X = no band) -> stable state;
+- PilotOutput: the 1 kHz PWM that offers current, steady +12 V, or -12 V (state F).
+Plus the duty <-> current rule and the cable coding (PP / CC).
+"""
+import time
+
+from micropython import const
+
+IEC = "iec"
+GBT = "gbt"
+STANDARDS = (IEC, GBT)
+
+# Pilot states (IEC 61851-1 Table A.3). X: a plus level outside every band.
+A = "A"  # no vehicle
+B = "B"  # vehicle connected, not requesting
+C = "C"  # vehicle requests power
+D = "D"  # vehicle requests power and ventilation
+E = "E"  # CP shorted to PE / no power
+F = "F"  # pile unavailable: the pile drives -12 V, nothing can be read
+X = "X"
+
+# Plus-level bands in mV, from ../shared/reference/evse-facts.md section 1 (J1772 / IEC 61851-1
+# Table A.4 and GB/T 18487.1 Table A.2). GB/T has no state D. The E band (0 V nominal) is our
+# choice: no standard band is given, +-1.5 V keeps it clear of D (2.62 V).
+_E_BAND = (-1500, 1500, E)
+_BANDS = {
+    IEC: ((11400, 12600, A), (8360, 9560, B), (5480, 6490, C), (2620, 3250, D), _E_BAND),
+    GBT: ((11200, 12800, A), (7800, 9800, B), (5200, 6800, C), _E_BAND),
+}
+# The minus level while PWM runs must reach -12 V (-12.6 .. -11.4 V); higher means the car's
+# diode is missing or shorted (IEC 61851-1 Table A.4). GB/T: its +-0.8 V tolerance, as for A.
+_DIODE_BANDS = {IEC: (-12600, -11400), GBT: (-12800, -11200)}
+
+
+def classify(plus_mv, standard):
+    """Pilot state for a plus level in mV, X when it is in no band."""
+    for low, high, state in _BANDS[standard]:
+        if low <= plus_mv <= high:
+            return state
+    return X
+
+
+def diode_check(minus_mv, standard):
+    """True: the minus level reached -12 V. False: it stayed higher (diode missing or shorted;
+    without the diode the car's resistor pulls it to -8.8 V in B, -2.4 V in D). None: the burst
+    caught no minus phase at all - at 96 % duty it lasts only 40 us, about one ADC read."""
+    if minus_mv >= 0:
+        return None
+    low, high = _DIODE_BANDS[standard]
+    return low <= minus_mv <= high
+
+
+# Debounce: a new state must be read without interruption this long before it is accepted.
+# Towards less power (to A, C/D->B, E, X) it stays short so that C->B opens the contactor well
+# inside 100 ms (IEC 61851-1 Table A.6 seq. 8.1; EVerest filters at most 50 ms, OpenEVSE takes
+# 25 ms for A). Towards power (B->C) it is longer: closing may take up to 3 s (Table A.6 seq. 4).
+DEBOUNCE_POWER_OFF_MS = const(20)
+DEBOUNCE_DEFAULT_MS = const(100)
+
+
+def debounce_ms(old, new):
+    if new in (A, E, X) or (old in (C, D) and new == B):
+        return DEBOUNCE_POWER_OFF_MS
+    return DEBOUNCE_DEFAULT_MS
+
+
+class PilotDebouncer:
+    """Turns raw per-burst states into a stable state, in time (not in sample counts)."""
+
+    def __init__(self, initial=F):
+        self.reset(initial)
+
+    def reset(self, state):
+        self.state = state
+        self._candidate = state
+        self._since = 0
+
+    def update(self, raw, now_ms):
+        """Feed one raw state; True when the stable state changed."""
+        if raw != self._candidate:
+            self._candidate = raw
+            self._since = now_ms
+        if raw != self.state and time.ticks_diff(now_ms, self._since) >= debounce_ms(self.state, raw):
+            self.state = raw
+            return True
+        return False
+
+
+# A burst spans a little more than one 1 kHz PWM period (1 ms) so that it contains both the plus
+# and the minus phase. One ESP32 ADC read takes ~35 us from Python, too slow to phase-lock
+# (evse-facts section 6): keep the highest sample (state) and the lowest (diode check).
+BURST_US = const(1100)
+
+
+class PilotSampler:
+    """Reads the CP line through the board's divider; calibration maps ADC uV to CP mV."""
+
+    def __init__(self, adc, ticks_us, uv_at_minus_12v, uv_at_plus_12v, burst_us=BURST_US):
+        self._read = adc.read_uv
+        self._ticks_us = ticks_us
+        self._uv_m12 = uv_at_minus_12v
+        self._uv_span = uv_at_plus_12v - uv_at_minus_12v
+        self._burst_us = burst_us
+        self.plus_mv = 0
+        self.minus_mv = 0
+
+    def to_mv(self, uv):
+        return (uv - self._uv_m12) * 24000 // self._uv_span - 12000
+
+    def sample(self):
+        read = self._read
+        ticks_us = self._ticks_us
+        start = ticks_us()
+        high = low = read()
+        while time.ticks_diff(ticks_us(), start) < self._burst_us:
+            uv = read()
+            if uv > high:
+                high = uv
+            elif uv < low:
+                low = uv
+        self.plus_mv = self.to_mv(high)
+        self.minus_mv = self.to_mv(low)
+
+
+# Duty cycle <-> offered current, evse-facts section 1 (IEC 61851-1 Table A.8, SAE J1772).
+# Integer milliamps and duty_u16 so the result is exact on the ESP32's single-precision floats.
+MIN_CURRENT_MA = const(6000)
+_LOW_RANGE_TOP_MA = const(51000)  # D = I / 0.6 up to 85 %
+_GAP_TOP_MA = const(52500)  # 51-52.5 A has no duty of its own: clamp to 51 A (as EVerest)
+_MAX_MA = {IEC: 80000, GBT: 63000}  # GB/T 18487.1 caps the high range at 63 A
+DUTY_FULL = const(65535)
+
+
+def duty_for_current(current_ma, standard):
+    """duty_u16 that offers at most current_ma; None below 6 A (nothing can be offered).
+
+    Rounds down so that the car never reads more than the limit.
+    """
+    if current_ma < MIN_CURRENT_MA:
+        return None
+    current_ma = min(current_ma, _MAX_MA[standard])
+    if current_ma <= _GAP_TOP_MA:
+        current_ma = min(current_ma, _LOW_RANGE_TOP_MA)
+        return current_ma * DUTY_FULL // 60000  # D [%] = I [A] / 0.6
+    return (current_ma + 160000) * DUTY_FULL // 250000  # D [%] = I [A] / 2.5 + 64
+
+
+# Cable coding. IEC 62196 / IEC 61851-1 Table B.2 PP-PE resistor -> cable rating (evse-facts
+# section 2); the tolerance windows around 1.5 k / 680 / 220 / 100 ohm are Table B.2's
+# interpretation ranges, UNCONFIRMED against the standard text. GB/T 20234.2 CC (RC) values are
+# UNCONFIRMED in evse-facts; the same windows are used. Outside every window: no valid cable.
+_CABLE_CODING = {
+    IEC: ((80, 140, 63), (164, 308, 32), (400, 936, 20), (1100, 2460, 13)),
+    GBT: ((80, 140, 63), (164, 308, 32), (400, 936, 16), (1100, 2460, 10)),
+}
+
+
+def cable_rating_a(ohms, standard):
+    """Cable current rating in A from the PP (or CC) resistance, 0 when not a valid coding."""
+    if ohms is None:
+        return 0
+    for low, high, amps in _CABLE_CODING[standard]:
+        if low <= ohms <= high:
+            return amps
+    return 0
+
+
+class ProximityInput:
+    """PP (IEC) or CC (GB/T) resistance to PE, read through the board's pull-up to the supply."""
+
+    def __init__(self, adc, pullup_ohm, supply_uv):
+        self._adc = adc
+        self._pullup = pullup_ohm
+        self._supply = supply_uv
+
+    def ohms(self):
+        """Resistance in ohm, None when open (no plug or no resistor)."""
+        uv = 0
+        for _ in range(4):
+            uv += self._adc.read_uv()
+        uv //= 4
+        if uv >= self._supply * 98 // 100:
+            return None
+        return self._pullup * uv // (self._supply - uv)
+
+
+MODE_PLUS = "+12V"  # steady +12 V: no offer (A, B1, C1)
+MODE_F = "F"  # steady -12 V: pile unavailable
+
+
+class PilotOutput:
+    """The pilot generator: one PWM channel. Reports its mode for classification and telemetry.
+
+    Writes nothing until told: the caller picks the first level (boot.py already set +12 V).
+    """
+
+    def __init__(self, pwm, inverted=False):
+        self._pwm = pwm
+        self._inverted = inverted
+        self.mode = None
+        self.duty = None  # duty_u16 while offering, else None
+
+    def _write(self, duty):
+        self._pwm.duty_u16(DUTY_FULL - duty if self._inverted else duty)
+
+    def steady_plus(self):
+        self._write(DUTY_FULL)
+        self.mode = MODE_PLUS
+        self.duty = None
+
+    def state_f(self):
+        self._write(0)
+        self.mode = MODE_F
+        self.duty = None
+
+    def offer(self, duty):
+        self._write(duty)
+        self.mode = "PWM"
+        self.duty = duty
+
+    @property
+    def pwm_on(self):
+        return self.duty is not None

@@ -1,0 +1,162 @@
+"""Mains contactor with auxiliary-contact feedback, and the residual-current monitor (RDC-DD).
+
+Opening never waits: `Contactor.open()` writes the coil pin and returns. Whether closing is
+allowed is decided elsewhere (charger + controller); this module only switches and watches.
+"""
+import time
+
+from micropython import const
+
+# Feedback must agree with the command within this time, else: welded (commanded open, still
+# closed) or failed to close. OpenEVSE waits 1 s for its AC sense; Tinkerforge debounces its
+# mirror contact 250 ms (evse-facts section 4).
+FEEDBACK_MISMATCH_MS = const(1000)
+
+WELDED = "welded"
+FAILED_TO_CLOSE = "failed_to_close"
+
+
+class Contactor:
+    def __init__(self, coil, feedback=None, coil_on=1, feedback_closed=0):
+        self._coil = coil
+        self._feedback = feedback
+        self._on = coil_on
+        self._fb_closed = feedback_closed
+        self.closed = False  # what we command
+        self._mismatch_since = None
+        self.open()
+
+    def open(self):
+        self._coil.value(1 - self._on)
+        self.closed = False
+
+    def close(self):
+        self._coil.value(self._on)
+        self.closed = True
+
+    def feedback_closed(self):
+        """Contacts as the auxiliary contact reports them; None without feedback."""
+        if self._feedback is None:
+            return None
+        return self._feedback.value() == self._fb_closed
+
+    def check(self, now_ms):
+        """WELDED or FAILED_TO_CLOSE once feedback has disagreed for FEEDBACK_MISMATCH_MS."""
+        actual = self.feedback_closed()
+        if actual is None or actual == self.closed:
+            self._mismatch_since = None
+            return None
+        if self._mismatch_since is None:
+            self._mismatch_since = now_ms
+        if time.ticks_diff(now_ms, self._mismatch_since) < FEEDBACK_MISMATCH_MS:
+            return None
+        return FAILED_TO_CLOSE if self.closed else WELDED
+
+
+# Residual-current monitor states.
+UNTESTED = "untested"
+TESTING = "testing"  # TEST driven, waiting for FAULT
+RELEASING = "releasing"  # TEST released, waiting for FAULT to clear
+READY = "ready"
+TRIPPED = "tripped"
+TEST_FAILED = "test_failed"
+LOCKED_OUT = "locked_out"
+
+# Self-test: FAULT must follow TEST within 500 ms (esp32-evse; Tinkerforge expects ~740 ms at
+# most 1.2 s for its module), then clear within 1 s of releasing TEST.
+SELF_TEST_TRIP_MS = const(500)
+SELF_TEST_RELEASE_MS = const(1000)
+
+
+class ResidualCurrentMonitor:
+    """6 mA DC residual-current module (IEC 62955 RDC-DD) with FAULT output and TEST input.
+
+    A trip is a FAULT read active on two consecutive polls (a re-read rejects spikes, as
+    evse-facts section 3 describes). After a trip: wait `retry_ms`, self-test again, and lock out
+    after `max_trips` (OpenEVSE: 5 min, 6 times).
+    """
+
+    def __init__(self, fault, test, fault_active=1, test_active=1, retry_ms=300000, max_trips=6):
+        self._fault = fault
+        self._test = test
+        self._fault_active = fault_active
+        self._test_active = test_active
+        self.retry_ms = retry_ms
+        self.max_trips = max_trips
+        self.trips = 0
+        self.state = UNTESTED
+        self._since = 0
+        self._seen_once = False
+        self._set_test(False)
+
+    def _set_test(self, on):
+        self._test.value(self._test_active if on else 1 - self._test_active)
+
+    def fault_active(self):
+        return self._fault.value() == self._fault_active
+
+    @property
+    def ready(self):
+        return self.state == READY
+
+    def start_self_test(self, now_ms):
+        """Only with the contactor open. After a trip the retry wait runs out first; a lock-out
+        stays until clear_lockout()."""
+        if self.state == LOCKED_OUT or self.state == TRIPPED:
+            return
+        self._begin_test(now_ms)
+
+    def _begin_test(self, now_ms):
+        self._set_test(True)
+        self.state = TESTING
+        self._since = now_ms
+
+    def session_ended(self):
+        """Car unplugged: the next session starts with a fresh self-test and trip count."""
+        if self.state != LOCKED_OUT:
+            self._set_test(False)
+            self.state = UNTESTED
+            self.trips = 0
+
+    def clear_lockout(self):
+        if self.state == LOCKED_OUT:
+            self.state = UNTESTED
+            self.trips = 0
+
+    def poll(self, now_ms):
+        """One step; returns True on the poll that confirms a new trip."""
+        state = self.state
+        elapsed = time.ticks_diff(now_ms, self._since)
+        if state == TESTING:
+            if self.fault_active():
+                self._set_test(False)
+                self.state = RELEASING
+                self._since = now_ms
+            elif elapsed > SELF_TEST_TRIP_MS:
+                self._set_test(False)
+                self.state = TEST_FAILED
+            return False
+        if state == RELEASING:
+            if not self.fault_active():
+                self.state = READY
+            elif elapsed > SELF_TEST_RELEASE_MS:
+                self.state = TEST_FAILED
+            return False
+        if state == LOCKED_OUT or state == TEST_FAILED:
+            return False
+        if state == TRIPPED:
+            if elapsed >= self.retry_ms and not self.fault_active():
+                self._begin_test(now_ms)
+            return False
+        # UNTESTED or READY: watch for a trip.
+        if not self.fault_active():
+            self._seen_once = False
+            return False
+        if not self._seen_once:
+            self._seen_once = True
+            return False
+        self._seen_once = False
+        self.trips += 1
+        self.state = LOCKED_OUT if self.trips >= self.max_trips else TRIPPED
+        self._since = now_ms
+        return True

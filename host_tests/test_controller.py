@@ -1,0 +1,140 @@
+"""The wired firmware (main.build) on the simulated hardware, under a virtual clock."""
+import pytest
+from virtual_board import VirtualBoard
+
+import charger as ch
+import pilot
+
+CHARGE = [(100, "plug"), (600, "request")]
+
+
+def charging(monkeypatch, steps=(), **kw):
+    vb = VirtualBoard(monkeypatch, CHARGE + list(steps), **kw)
+    vb.run_until(1000)
+    assert vb.world.coil and vb.ctl.charger.state == ch.CHARGING
+    return vb
+
+
+def test_session_charges_and_delivers_energy(monkeypatch):
+    vb = charging(monkeypatch, [(4600, "stop_request")])
+    vb.run_until(5000)
+    assert not vb.world.coil
+    # 32 A cable and pile, car reads 31.99 A: 230 V * 32 A * ~4 s
+    assert 7.5 < vb.world.energy_wh < 8.5
+
+
+@pytest.mark.parametrize("standard, limit_ms", [("iec", 6000), ("gbt", 3000)])
+def test_c2_to_c1_forces_open_when_the_car_ignores_it(monkeypatch, standard, limit_ms):
+    vb = charging(monkeypatch, [(0, "stubborn_car")], config={"standard": standard})
+    vb.ctl.charger.remote_stop(vb.clock.ticks_ms())
+    vb.tick()
+    assert not vb.ctl.output.pwm_on
+    removed = vb.now_ms
+    opened = vb.run_while(lambda: vb.world.coil, limit_ms + 100)
+    assert limit_ms <= opened - removed <= limit_ms + 20
+    assert vb.ctl.charger.state == ch.FINISHING
+
+
+def test_c2_to_c1_opens_as_soon_as_the_car_drops_to_b(monkeypatch):
+    vb = charging(monkeypatch)  # the simulated car opens S2 500 ms after the PWM goes
+    vb.ctl.charger.remote_stop(vb.clock.ticks_ms())
+    vb.tick()
+    removed = vb.now_ms
+    opened = vb.run_while(lambda: vb.world.coil, 2000)
+    assert 500 <= opened - removed < 600
+
+
+def test_offer_changes_at_most_every_5_s(monkeypatch):
+    vb = charging(monkeypatch)
+    vb.ctl.charger.set_remote_limit(16000)
+    vb.run_until(5000)  # the first offer went out at ~200 ms
+    assert vb.ctl.output.duty == pilot.duty_for_current(32000, pilot.IEC)
+    vb.run_until(5300)
+    first = vb.ctl.output.duty
+    assert first == pilot.duty_for_current(16000, pilot.IEC)
+    changed = vb.now_ms
+    vb.ctl.charger.set_remote_limit(10000)
+    vb.run_until(changed + 4900)
+    assert vb.ctl.output.duty == first
+    vb.run_until(changed + 5100)
+    assert vb.ctl.output.duty == pilot.duty_for_current(10000, pilot.IEC)
+
+
+def test_limit_below_6_a_removes_the_pwm_at_once(monkeypatch):
+    vb = charging(monkeypatch)
+    vb.ctl.charger.set_remote_limit(5000)
+    vb.tick()
+    assert not vb.ctl.output.pwm_on and vb.ctl.charger.state == ch.SUSPENDED_EVSE
+
+
+def test_welded_latches_pilot_f_and_clears_only_when_open(monkeypatch):
+    vb = charging(monkeypatch, [(1200, "weld"), (1500, "stop_request"), (3000, "unplug")])
+    vb.run_until(4000)
+    assert vb.ctl.charger.faults == ch.FAULT_WELDED and vb.ctl.output.mode == pilot.MODE_F
+    assert not vb.world.coil
+    assert vb.ctl.clear_fault(vb.clock.ticks_ms(), "welded") == "contactor still reads closed"
+    vb.world.welded = False  # the technician replaces the contactor
+    vb.run_until(4100)
+    assert vb.ctl.clear_fault(vb.clock.ticks_ms(), "welded") == "cleared"
+    vb.run_until(4400)
+    assert vb.ctl.charger.state == ch.IDLE and vb.ctl.output.mode == pilot.MODE_PLUS
+
+
+def test_welded_at_power_up(monkeypatch):
+    vb = VirtualBoard(monkeypatch, [])
+    vb.world.contacts = vb.world.welded = True
+    vb.run_until(1200)
+    assert vb.ctl.charger.faults & ch.FAULT_WELDED and vb.ctl.output.mode == pilot.MODE_F
+
+
+def test_rcd_locks_out_after_repeated_trips(monkeypatch):
+    steps = []
+    for i in range(3):
+        steps += [(2000 + i * 3000, "rcd_leak", True), (2100 + i * 3000, "rcd_leak", False)]
+    vb = charging(monkeypatch, steps, config={"rcd_retry_s": 1, "rcd_max_trips": 3})
+    vb.run_until(3900)
+    assert vb.world.coil  # retried after the first trip
+    vb.run_until(9000)
+    assert vb.ctl.charger.faults & ch.FAULT_RCD_LOCKOUT and vb.ctl.output.mode == pilot.MODE_F
+    assert not vb.world.coil
+    assert vb.ctl.clear_fault(vb.clock.ticks_ms(), "rcd_lockout") == "cleared"
+
+
+def test_missing_diode_never_closes(monkeypatch):
+    vb = VirtualBoard(monkeypatch, [(0, "remove_diode")] + CHARGE)
+    vb.run_until(2000)
+    assert not vb.world.coil and vb.ctl.charger.faults == ch.FAULT_DIODE
+
+
+def test_a_cable_not_recognised_offers_nothing(monkeypatch):
+    vb = VirtualBoard(monkeypatch, [(100, "plug", 5000), (600, "request")])
+    vb.run_until(1500)
+    assert not vb.world.coil and not vb.ctl.output.pwm_on
+    assert vb.ctl.charger.state == ch.SUSPENDED_EVSE
+
+
+def test_13_a_cable_limits_the_offer(monkeypatch):
+    vb = VirtualBoard(monkeypatch, [(100, "plug", 1500), (600, "request")])
+    vb.run_until(1500)
+    assert vb.world.coil and vb.ctl.output.duty == pilot.duty_for_current(13000, pilot.IEC)
+
+
+def test_runs_across_the_tick_wrap(monkeypatch):
+    start = ((1 << 30) - 800) * 1000  # ticks_ms wraps 800 ms after power-on
+    vb = VirtualBoard(monkeypatch, CHARGE + [(2000, "stop_request")], start_us=start)
+    vb.run_until(1500)
+    assert vb.world.coil
+    vb.run_until(2100)
+    assert not vb.world.coil and vb.world.latencies_ms[0] < 100
+
+
+def test_tethered_board_uses_its_cable_rating(monkeypatch):
+    from virtual_board import board_dict
+
+    board = board_dict()
+    board["pins"]["pp_adc"] = None
+    del board["pp_adc"]
+    board["ratings"]["tethered_cable_a"] = 16
+    vb = VirtualBoard(monkeypatch, CHARGE, board=board)
+    vb.run_until(1500)
+    assert vb.world.coil and vb.ctl.output.duty == pilot.duty_for_current(16000, pilot.IEC)

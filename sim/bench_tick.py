@@ -1,0 +1,57 @@
+"""Benchmark (MicroPython): time the control tick of the real firmware on the simulated hardware.
+
+Run by tools/bench.py as `micropython -m bench_tick N` in a prepared flash folder. Prints one
+JSON line: tick times in us while idle and while charging, and the pilot burst's share.
+"""
+import json
+import sys
+import time
+
+import world
+
+
+def _measure(ctl, sampler, n):
+    ticks = []
+    bursts = []
+    sample = sampler.sample
+
+    def timed_sample():
+        t0 = time.ticks_us()
+        sample()
+        bursts.append(time.ticks_diff(time.ticks_us(), t0))
+
+    sampler.sample = timed_sample
+    for _ in range(n):
+        t0 = time.ticks_us()
+        ctl.tick(time.ticks_ms())
+        ticks.append(time.ticks_diff(time.ticks_us(), t0))
+        time.sleep_ms(2)
+    sampler.sample = sample
+    return ticks, bursts
+
+
+def start(n):
+    with open("board.json") as f:
+        board = json.load(f)
+    sim = world.World(board, [(0, "plug"), (200, "request")], echo=False)
+    world.WORLD = sim
+    import main
+
+    board_s, conf, problem = main.load_settings()
+    if problem:
+        raise SystemExit(problem)
+    main.report = lambda now, what, text: None
+    ctl = main.build(board_s, conf)
+    out = {}
+    while ctl.charger.state != "charging":
+        ctl.tick(time.ticks_ms())
+        time.sleep_ms(2)
+    out["charging"] = _measure(ctl, ctl.sampler, n)
+    sim.do("unplug")
+    while ctl.charger.state != "idle":
+        ctl.tick(time.ticks_ms())
+    out["idle"] = _measure(ctl, ctl.sampler, n)
+    print("BENCH " + json.dumps(out))
+
+
+start(int(sys.argv[1]) if len(sys.argv) > 1 else 1000)

@@ -1,0 +1,63 @@
+"""The virtual board's ROM (MicroPython): build the simulated world, run boot.py then main.py
+as an ESP32 does, boot again after a reset, and print the world's record at the end.
+
+Usage (cwd = the board's flash folder, holding board.json, config.json and the scenario's
+steps in sim_scenario.json, written by sim/launch.py):
+    micropython -m rom   (rom.mpy, the other modules and firmware/'s boot.py and main.py
+                          on MICROPYPATH)
+"""
+import gc
+import json
+import sys
+
+import world
+
+_MAX_BOOTS = 20
+
+
+def _run_boot_files():
+    """boot.py then main.py, compiled from source as the board does (streamed from the file, not
+    read into one string). Imported, so main.py's `if __name__ == "__main__"` is ours to do."""
+    import boot  # noqa: F401  (runs on import)
+    gc.collect()
+    import main
+
+    main.run()
+
+
+def start():
+    with open("board.json") as f:
+        board = json.load(f)
+    with open("sim_scenario.json") as f:
+        steps = [tuple(step) for step in json.load(f)["steps"]]
+    sim = world.World(board, steps)
+    world.WORLD = sim
+    del steps, board
+    import machine  # noqa: F401  (loaded now so that its bytecode counts as the simulator's)
+
+    preloaded = set(sys.modules)
+    gc.collect()
+    sim_heap = gc.mem_alloc()
+    while sim.boots < _MAX_BOOTS:
+        sim.boots += 1
+        sim.log("board", "power-on" if sim.boots == 1 else "boot %d" % sim.boots)
+        try:
+            gc.collect()
+            _run_boot_files()
+            sim.log("board", "main.py returned: board idles at the REPL")
+            break
+        except world.SimReset:
+            sim.reset()
+            for mod in list(sys.modules):
+                if mod not in preloaded:
+                    del sys.modules[mod]  # a reset starts with fresh modules
+        except world.SimEnd:
+            break
+    result = sim.result()
+    gc.collect()
+    result["heap_after_collect"] = gc.mem_alloc()
+    result["heap_simulator"] = sim_heap
+    print("SIM-RESULT " + json.dumps(result))
+
+
+start()

@@ -1,0 +1,409 @@
+"""The simulated hardware around the board: the pilot circuit with a car on it, the contactor
+with its auxiliary contact, the residual-current module, the watchdog and (through uart
+channels) the meter. Shared by the simulator and the tests; runs on MicroPython and CPython.
+
+Nothing runs on its own: time advances whenever the firmware touches a pin, an ADC, a PWM or
+the watchdog (`advance()`), which is also when scripted scenario steps fall due. The pilot
+voltage is computed from the circuit at the microsecond of each ADC read, so the firmware's
+real sampling strategy is exercised against the real PWM waveform.
+"""
+import time
+
+# Pilot circuit, IEC 61851-1 Annex A (evse-facts section 1).
+R1 = 1000  # pile's source resistor
+R2 = 2740  # car: always on (B)
+R3 = 1300  # car: S2 closed (C)
+R3_VENT = 270  # car: S2 closed, ventilation (D)
+DIODE_MV = 700
+CONTACTS_CLOSE_US = 15000  # coil on -> main contacts and mirror contact closed
+CONTACTS_OPEN_US = 8000
+RCD_TEST_RESPONSE_US = 30000  # a healthy module answers TEST within tens of ms
+NOISE_UV = 3000  # ADC noise, +-
+
+
+def _parallel(a, b):
+    return a * b // (a + b)
+
+
+class SimReset(BaseException):
+    """The board resets (watchdog or machine.reset()); the ROM boots it again."""
+
+
+class SimEnd(BaseException):
+    """The scenario is over."""
+
+
+class Car:
+    def __init__(self):
+        self.plugged = False
+        self.wants = False  # the driver/car wants to charge (S2 closes once PWM is offered)
+        self.s2 = False
+        self.ventilation = False
+        self.diode = True
+        self.short = False  # CP shorted to PE
+        self.max_a = 32
+        self.obeys_c1 = True  # opens S2 when the PWM goes away under load
+        self.c1_response_us = 500000
+        self.cable_ohm = 220  # PP resistor: 32 A cable
+
+    def letter(self):
+        if not self.plugged:
+            return "A"
+        if self.short:
+            return "E"
+        if self.s2:
+            return "D" if self.ventilation else "C"
+        return "B"
+
+
+def offered_ma(duty):
+    """What the car reads from the duty cycle (the car's own reading of IEC 61851-1 Table A.8)."""
+    d = duty * 100000 // 65535  # thousandths of a percent
+    if 8000 <= d < 10000:
+        return 6000
+    if 10000 <= d <= 85000:
+        return d * 6 // 10  # 0.6 A per %
+    if 85000 < d <= 96000:
+        return (d - 64000) * 25 // 10  # (D - 64) * 2.5 A
+    if 96000 < d <= 97000:
+        return 80000
+    return 0  # 5 % digital-communication band, or not allowed
+
+
+class World:
+    def __init__(self, board, steps=(), clock_us=None, echo=True):
+        pins = board["pins"]
+        levels = board.get("levels", {})
+        self.pin_pilot_pwm = pins["pilot_pwm"]
+        self.pin_pilot_adc = pins["pilot_adc"]
+        self.pin_pp_adc = pins.get("pp_adc")
+        self.pin_coil = pins["contactor"]
+        self.pin_feedback = pins.get("contactor_feedback")
+        self.pin_rcd_fault = pins["rcd_fault"]
+        self.pin_rcd_test = pins["rcd_test"]
+        self.pin_de = pins.get("meter_de")
+        self.pin_s0 = pins.get("s0")
+        self.coil_on_level = levels.get("contactor_on", 1)
+        self.feedback_closed_level = levels.get("contactor_feedback_closed", 0)
+        self.rcd_fault_level = levels.get("rcd_fault_active", 1)
+        self.rcd_test_level = levels.get("rcd_test_active", 1)
+        self.pilot_inverted = levels.get("pilot_pwm_inverted", False)
+        cal = board["pilot_adc"]
+        self.uv_m12 = cal["uv_at_minus_12v"]
+        self.uv_span = cal["uv_at_plus_12v"] - self.uv_m12
+        pp = board.get("pp_adc") or {}
+        self.pp_pullup = pp.get("pullup_ohm", 1000)
+        self.pp_supply_uv = pp.get("supply_uv", 3300000)
+        self.mains_v = board.get("ratings", {}).get("mains_v", 230)
+
+        self._clock = clock_us or time.ticks_us
+        self._last_raw = self._clock()
+        self.now = 0  # us since the world began; never wraps
+        self.echo = echo
+        self.latencies_ms = []
+        self.boots = 0
+
+        self.car = Car()
+        self.pins = {}  # output levels the firmware drives
+        self.pwm_duty = None  # pilot PWM duty_u16 while a PWM drives the pilot pin
+        self.pwm_period_us = 1000
+        self.coil = False
+        self.coil_changed = 0
+        self.contacts = False
+        self.welded = False
+        self.dead_coil = False
+        self.rcd_healthy = True
+        self.rcd_leak = False
+        self.rcd_test_since = None
+        self.wdt_timeout_us = None
+        self.wdt_fed = 0
+        self.inject_error = None
+        self._car_letter = "A"
+        self._stop_at = None  # when the car stopped drawing with the coil still on
+        self._pwm_off_at = None
+        self._noise = 12345
+        self.uarts = {}  # uart id -> UartChannel
+        self.s0 = None  # object with level(now_us)
+        self._energy_mj = 0
+        self._energy_at = 0
+        self.steps = sorted(steps, key=lambda s: s[0])
+        self._step = 0
+        self._next_due = self.steps[0][0] * 1000 if self.steps else None
+
+    # -- time -----------------------------------------------------------------------------------
+
+    def advance(self):
+        raw = self._clock()
+        self.now += time.ticks_diff(raw, self._last_raw)
+        self._last_raw = raw
+        now = self.now
+        while self._next_due is not None and now >= self._next_due:
+            step = self.steps[self._step]
+            self._step += 1
+            self._next_due = self.steps[self._step][0] * 1000 if self._step < len(self.steps) else None
+            self.do(step[1], step[2] if len(step) > 2 else None)
+        if self.coil != self.contacts:
+            self._move_contacts(now)
+        self._update_car(now)
+        if now - self._energy_at >= 10000:
+            self._integrate(now)
+        if self.wdt_timeout_us is not None and now - self.wdt_fed > self.wdt_timeout_us:
+            self.wdt_timeout_us = None
+            self.log("wdt", "watchdog timeout: board resets")
+            raise SimReset()
+        for ch in self.uarts.values():
+            if ch.pending:
+                ch.deliver(now)
+        return now
+
+    def ms(self):
+        return self.now // 1000
+
+    def log(self, kind, text):
+        """Events go to stdout only: a list of them would grow the heap we are measuring."""
+        if self.echo:
+            t = self.now
+            print("[%4d.%03d] sim %s: %s" % (t // 1000000, t // 1000 % 1000, kind, text))
+
+    # -- scenario actions -------------------------------------------------------------------------
+
+    def do(self, action, arg=None):
+        car = self.car
+        if action == "plug":
+            car.plugged = True
+            if arg:
+                car.cable_ohm = arg
+        elif action == "unplug":
+            car.plugged = car.wants = car.s2 = False
+        elif action == "request":
+            car.wants = True
+        elif action == "stop_request":
+            car.wants = car.s2 = False
+        elif action == "ventilation":
+            car.ventilation = bool(arg)
+        elif action == "remove_diode":
+            car.diode = False
+        elif action == "short_cp":
+            car.short = bool(arg)
+        elif action == "stubborn_car":
+            car.obeys_c1 = False
+        elif action == "car_max_a":
+            car.max_a = arg
+        elif action == "weld":
+            self.welded = True
+        elif action == "dead_coil":
+            self.dead_coil = True
+        elif action == "rcd_leak":
+            self.rcd_leak = bool(arg)
+        elif action == "rcd_broken":
+            self.rcd_healthy = False
+        elif action == "inject_error":
+            self.inject_error = arg or "injected fault in the control loop"
+        elif action == "end":
+            self.log("sim", "scenario end")
+            raise SimEnd()
+        else:
+            raise ValueError("unknown scenario action %r" % action)
+        self.log("step", action if arg is None else "%s %r" % (action, arg))
+        self._update_car(self.now)
+
+    # -- the car and the pilot line ---------------------------------------------------------------
+
+    def pwm_present(self):
+        duty = self.pwm_duty
+        return duty is not None and 0 < duty < 65535
+
+    def _update_car(self, now):
+        car = self.car
+        if car.plugged and car.wants:
+            if self.pwm_present():
+                self._pwm_off_at = None
+                car.s2 = True
+            elif car.s2 and car.obeys_c1:
+                if self._pwm_off_at is None:
+                    self._pwm_off_at = now
+                elif now - self._pwm_off_at >= car.c1_response_us:
+                    car.s2 = False
+                    self._pwm_off_at = None
+        letter = car.letter()
+        if letter != self._car_letter:
+            if self._car_letter in "CD" and letter not in "CD" and self.coil:
+                self._stop_at = now
+            self._car_letter = letter
+            self.log("car", "pilot state " + letter)
+
+    def _plus_level(self):
+        """Steady-state CP voltage (mV) while the pile drives +12 V, and while it drives -12 V."""
+        car = self.car
+        if not car.plugged:
+            return 12000, -12000
+        if car.short:
+            return 0, 0
+        load = R2
+        if car.s2:
+            load = _parallel(R2, R3_VENT if car.ventilation else R3)
+        plus = (12000 - DIODE_MV) * load // (R1 + load) + DIODE_MV
+        minus = -12000 if car.diode else -12000 * load // (R1 + load)
+        return plus, minus
+
+    def cp_mv(self, now):
+        plus, minus = self._plus_level()
+        duty = self.pwm_duty
+        if duty is None:
+            high = self.pins.get(self.pin_pilot_pwm, 0)
+            high = (not high) if self.pilot_inverted else high
+            return plus if high else minus
+        if self.pilot_inverted:
+            duty = 65535 - duty
+        phase = now % self.pwm_period_us
+        return plus if phase * 65535 < duty * self.pwm_period_us else minus
+
+    def _noise_uv(self):
+        self._noise = (self._noise * 1103515245 + 12345) & 0x7FFFFFFF
+        return (self._noise >> 8) % (2 * NOISE_UV + 1) - NOISE_UV
+
+    def adc_uv(self, pin):
+        now = self.advance()
+        if self.inject_error is not None and pin == self.pin_pilot_adc:
+            text = self.inject_error
+            self.inject_error = None
+            raise RuntimeError(text)
+        if pin == self.pin_pilot_adc:
+            uv = self.uv_m12 + (self.cp_mv(now) + 12000) * self.uv_span // 24000
+            return uv + self._noise_uv()
+        if pin == self.pin_pp_adc:
+            if not self.car.plugged or self.car.cable_ohm is None:
+                return self.pp_supply_uv
+            r = self.car.cable_ohm
+            return self.pp_supply_uv * r // (r + self.pp_pullup)
+        return 0
+
+    # -- pins, PWM, contactor, RCD ------------------------------------------------------------------
+
+    def pin_write(self, pin, value):
+        self.advance()
+        value = 1 if value else 0
+        if self.pins.get(pin) == value:
+            return
+        self.pins[pin] = value
+        if pin == self.pin_coil:
+            self._set_coil(value == self.coil_on_level)
+        elif pin == self.pin_rcd_test:
+            self.rcd_test_since = self.now if value == self.rcd_test_level else None
+        elif pin == self.pin_pilot_pwm and self.pwm_duty is None:
+            self.log("pilot", "+12 V steady" if value != self.pilot_inverted else "-12 V steady")
+
+    def pin_read(self, pin):
+        now = self.advance()
+        if pin == self.pin_feedback:
+            return self.feedback_closed_level if self.contacts else 1 - self.feedback_closed_level
+        if pin == self.pin_rcd_fault:
+            return self.rcd_fault_level if self._rcd_fault(now) else 1 - self.rcd_fault_level
+        if pin == self.pin_s0 and self.s0 is not None:
+            return self.s0.level(now)
+        return self.pins.get(pin, 0)
+
+    def _rcd_fault(self, now):
+        if self.rcd_leak:
+            return True
+        since = self.rcd_test_since
+        return self.rcd_healthy and since is not None and now - since >= RCD_TEST_RESPONSE_US
+
+    def _set_coil(self, on):
+        self.coil = on
+        self.coil_changed = self.now
+        self.log("contactor", "coil ON" if on else "coil off")
+        if not on and self._stop_at is not None:
+            latency = (self.now - self._stop_at) / 1000
+            self.latencies_ms.append(latency)
+            self.log("latency", "car stopped drawing -> coil off: %.1f ms" % latency)
+        self._stop_at = None
+
+    def _move_contacts(self, now):
+        if self.coil and not self.dead_coil and now - self.coil_changed >= CONTACTS_CLOSE_US:
+            self.contacts = True
+            self.log("contactor", "contacts closed")
+        elif not self.coil and not self.welded and now - self.coil_changed >= CONTACTS_OPEN_US:
+            self.contacts = False
+            self.log("contactor", "contacts open")
+
+    def pwm_set(self, pin, freq=None, duty=None):
+        self.advance()
+        if pin != self.pin_pilot_pwm:
+            return
+        if freq:
+            self.pwm_period_us = 1000000 // freq
+        if duty is not None and duty != self.pwm_duty:
+            self.pwm_duty = duty
+            shown = 65535 - duty if self.pilot_inverted else duty
+            if shown >= 65535:
+                text = "+12 V steady"
+            elif shown <= 0:
+                text = "-12 V steady (F)"
+            else:
+                text = "PWM %d.%d%% (car reads %d A)" % (
+                    shown * 1000 // 65535 // 10, shown * 1000 // 65535 % 10, offered_ma(shown) // 1000)
+            self.log("pilot", text)
+            self._update_car(self.now)
+
+    def pwm_release(self, pin):
+        if pin == self.pin_pilot_pwm:
+            self.pwm_duty = None
+
+    def wdt_start(self, timeout_ms):
+        self.advance()
+        self.wdt_timeout_us = timeout_ms * 1000
+        self.wdt_fed = self.now
+
+    def wdt_feed(self):
+        self.advance()
+        self.wdt_fed = self.now
+
+    def reset(self):
+        """What a reset does to the hardware: GPIOs float (pull-downs hold the coil off)."""
+        self.log("board", "reset")
+        self.pins = {}
+        self.pwm_duty = None
+        if self.coil:
+            self._set_coil(False)
+        self.rcd_test_since = None
+        self.wdt_timeout_us = None
+
+    # -- what the car draws, for the meters ---------------------------------------------------------
+
+    @property
+    def current_a(self):
+        car = self.car
+        if not (self.contacts and car.s2 and self.pwm_present()):
+            return 0.0
+        return min(car.max_a * 1000, offered_ma(self._car_duty())) / 1000
+
+    def _car_duty(self):
+        duty = self.pwm_duty
+        return 65535 - duty if self.pilot_inverted else duty
+
+    @property
+    def voltage_v(self):
+        return float(self.mains_v)
+
+    @property
+    def power_w(self):
+        return self.voltage_v * self.current_a
+
+    def _integrate(self, now):
+        power_mw = int(self.power_w * 1000)
+        self._energy_mj += power_mw * (now - self._energy_at) // 1000000
+        self._energy_at = now
+
+    @property
+    def energy_wh(self):
+        return self._energy_mj / 3600000
+
+    def result(self):
+        self._integrate(self.now)
+        return {
+            "latencies_ms": self.latencies_ms,
+            "energy_wh": self.energy_wh,
+            "boots": self.boots,
+        }
+
