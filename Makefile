@@ -47,9 +47,9 @@ mpy: $(STAMP)
 # boot.py and main.py go as source (the ESP32 runs only those two as .py); the rest as .mpy.
 flash: mpy
 	@test -n "$(PORT)" || { echo "usage: make flash PORT=/dev/ttyUSB0 [BOARD=$(BOARD)] [CONFIG=$(CONFIG)]"; exit 2; }
-	$(BIN)/mpremote connect $(PORT) \
-		fs cp firmware/boot.py firmware/main.py : + \
-		fs cp $(filter-out $(MPY_OUT)/boot.mpy $(MPY_OUT)/main.mpy,$(patsubst firmware/%.py,$(MPY_OUT)/%.mpy,$(FIRMWARE))) : + \
+	$(BIN)/mpremote connect $(PORT) resume \
+		fs cp firmware/boot.py firmware/main.py :./ + \
+		fs cp $(filter-out $(MPY_OUT)/boot.mpy $(MPY_OUT)/main.mpy,$(patsubst firmware/%.py,$(MPY_OUT)/%.mpy,$(FIRMWARE))) :./ + \
 		fs cp boards/$(BOARD).json :board.json + \
 		fs cp $(CONFIG) :config.json
 
