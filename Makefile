@@ -8,11 +8,12 @@ FIRMWARE := $(wildcard firmware/*.py)
 BOARD ?= ref-esp32
 CONFIG ?= config.example.json
 SCENARIO ?= normal
+METER ?=
 
 .PHONY: help venv test sim scenarios mpy flash bench check clean
 
 help:
-	@echo "make sim [SCENARIO=name]   firmware on the MicroPython unix port, simulated hardware"
+	@echo "make sim [SCENARIO=name] [METER=dlt645]   firmware on the unix port, simulated hardware"
 	@echo "make scenarios             list the simulator's scenarios"
 	@echo "make test                  pytest on CPython + scenario tests on the unix port"
 	@echo "make bench                 figures: tick time, C->B latency, heap"
@@ -32,7 +33,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 host_tests
 
 sim: $(STAMP)
-	$(BIN)/python sim/launch.py $(SCENARIO)
+	$(BIN)/python sim/launch.py $(SCENARIO) $(if $(METER),--meter $(METER))
 
 scenarios: $(STAMP)
 	$(BIN)/python sim/launch.py --list

@@ -86,7 +86,8 @@ MODE_OFFER = "offer"
 
 
 class Session:
-    """One plug-in to unplug. The MQTT layer will add ids and meter values."""
+    """One plug-in to unplug. Its record is closed (`ended_ms`) once it is stopped and the
+    contactor is open, with a meter reading taken after the opening: no energy can follow."""
 
     def __init__(self, now_ms):
         self.started_ms = now_ms
@@ -95,10 +96,32 @@ class Session:
         self.authorized_ms = None
         self.stop_reason = None
         self.stopped_ms = None
+        self.ended_ms = None
+        self.meter_start_wh = None
+        self.meter_stop_wh = None
+        self.meter_final = None  # set when the record closes: was the last reading after the open?
+        self.peak_power_w = 0
 
     @property
     def authorized(self):
         return self.authorized_ms is not None
+
+    @property
+    def energy_wh(self):
+        if self.meter_start_wh is None or self.meter_stop_wh is None:
+            return None
+        return self.meter_stop_wh - self.meter_start_wh
+
+    def note_meter(self, reading):
+        """A good reading while the record is open: the first one is the start value (energy
+        cannot flow before the first close, so one taken before plug-in is as good)."""
+        if self.ended_ms is not None:
+            return
+        if self.meter_start_wh is None:
+            self.meter_start_wh = reading.energy_wh
+        self.meter_stop_wh = reading.energy_wh
+        if reading.power_w is not None and reading.power_w > self.peak_power_w:
+            self.peak_power_w = reading.power_w
 
 
 class Charger:

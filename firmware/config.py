@@ -24,17 +24,23 @@ def _is_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _check(where, key, value, kind, low=None, high=None, choices=None):
     if kind == "bool":
         ok = isinstance(value, bool)
     elif kind == "int":
-        ok = isinstance(value, int) and not isinstance(value, bool)
+        ok = _is_int(value)
     elif kind == "number":
         ok = _is_number(value)
     elif kind == "str":
         ok = isinstance(value, str)
     elif kind == "pin":
-        ok = value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+        ok = value is None or (_is_int(value) and value >= 0)
+    elif kind == "address":
+        ok = value is None or isinstance(value, str) or _is_int(value)
     else:
         raise ConfigError("%s: %s: unknown kind %s" % (where, key, kind))
     if not ok:
@@ -52,6 +58,7 @@ _KIND_TEXT = {
     "number": "a number",
     "str": "a string",
     "pin": "a GPIO number or null",
+    "address": "a number (Modbus) or a string of 12 digits (DL/T 645)",
 }
 
 
@@ -64,6 +71,8 @@ def _validate(where, data, schema):
             raise ConfigError("%s: unknown key '%s'" % (where, key))
     values = {}
     for key, (kind, default, low, high, choices) in schema.items():
+        if kind == "section":
+            continue
         if key in data:
             values[key] = _check(where, key, data[key], kind, low, high, choices)
         elif default is REQUIRED:
@@ -88,6 +97,28 @@ CONFIG_SCHEMA = {
     # ESP32 WDT takes at least 1000 ms (evse-facts section 6).
     "wdt_timeout_ms": ("int", 2000, 1000, 10000, None),
     "control_period_ms": ("int", 5, 1, 20, None),
+    "meter": ("section", None, None, None, None),
+}
+
+METER_TYPES = ("none", "ddsu666", "sdm120", "sdm630", "dlt645", "s0")
+RS485_METERS = ("ddsu666", "sdm120", "sdm630", "dlt645")
+# Factory settings (evse-facts section 5): DDSU666 and SDM630 9600 8N1, SDM120 2400 8N1,
+# DL/T 645 2400 8E1.
+METER_DEFAULT_BAUD = {"ddsu666": 9600, "sdm120": 2400, "sdm630": 9600, "dlt645": 2400}
+METER_DEFAULT_PARITY = {"dlt645": "even"}
+METER_SCHEMA = {
+    "type": ("str", "none", None, None, METER_TYPES),
+    # Modbus: slave address 1..247; DL/T 645: the 12 nameplate digits, or absent to learn it
+    # with the broadcast read-address request (one meter on the bus).
+    "address": ("address", None, None, None, None),
+    "baud": ("int", None, 1200, 115200, None),
+    "parity": ("str", None, None, None, ("none", "even", "odd")),
+    "timeout_ms": ("int", None, 20, 2000, None),
+    "poll_interval_ms": ("int", None, 200, 60000, None),
+    # While charging, no good reading for this long stops the session (meter_failure).
+    "failure_timeout_s": ("int", 30, 2, 3600, None),
+    "imp_per_kwh": ("int", 1000, 1, 100000, None),  # S0 (IEC 62053-31): 1000 is typical
+    "s0_active_low": ("bool", True, None, None, None),
 }
 
 # board.json top level: key -> required?
@@ -111,6 +142,7 @@ PINS_SCHEMA = {
     "meter_tx": ("pin", None, None, None, None),
     "meter_rx": ("pin", None, None, None, None),
     "meter_de": ("pin", None, None, None, None),
+    "meter_uart": ("int", 2, 1, 2, None),  # ESP32 UART 1 or 2 (UART 0 is the REPL)
     "s0": ("pin", None, None, None, None),
     "status_led": ("pin", None, None, None, None),
 }
@@ -151,7 +183,34 @@ def _load_json(path):
 
 
 def parse_config(data, where="config.json"):
-    return Section(_validate(where, data, CONFIG_SCHEMA))
+    conf = Section(_validate(where, data, CONFIG_SCHEMA))
+    conf.meter = _parse_meter(where + ": meter", data.get("meter", {}))
+    return conf
+
+
+def _parse_meter(where, data):
+    meter = Section(_validate(where, data, METER_SCHEMA))
+    kind = meter.type
+    if kind in RS485_METERS:
+        if meter.baud is None:
+            meter.baud = METER_DEFAULT_BAUD[kind]
+        if meter.parity is None:
+            meter.parity = METER_DEFAULT_PARITY.get(kind, "none")
+    if meter.poll_interval_ms is None:
+        # DL/T 645 at 2400 baud needs ~1 s for its four reads: poll every 2 s, others every 1 s.
+        meter.poll_interval_ms = 2000 if kind == "dlt645" else 1000
+    address = meter.address
+    if kind == "dlt645":
+        if address is not None and not (isinstance(address, str) and len(address) == 12
+                                         and all("0" <= c <= "9" for c in address)):
+            raise ConfigError("%s: 'address' must be the meter's 12 digits, or absent to learn it"
+                              % where)
+    elif kind in RS485_METERS:
+        if address is None:
+            meter.address = 1
+        elif not _is_int(address) or not 1 <= address <= 247:
+            raise ConfigError("%s: 'address' must be a Modbus address 1 .. 247, not %r" % (where, address))
+    return meter
 
 
 def _sub(where, board, key, schema):
@@ -194,6 +253,17 @@ def parse_board(data, where="board.json"):
     if board.pins.pp_adc is not None and board.pp_adc is None:
         raise ConfigError("%s: missing key 'pp_adc' (calibration for pins.pp_adc)" % where)
     return board
+
+
+def check_together(board, conf):
+    """What config.json asks of the board must be on it."""
+    kind = conf.meter.type
+    pins = board.pins
+    if kind in RS485_METERS and (pins.meter_tx is None or pins.meter_rx is None):
+        raise ConfigError("config.json: meter: type '%s' needs pins.meter_tx and pins.meter_rx "
+                          "in board.json (%s)" % (kind, board.name))
+    if kind == "s0" and pins.s0 is None:
+        raise ConfigError("config.json: meter: type 's0' needs pins.s0 in board.json (%s)" % board.name)
 
 
 def load_config(path="config.json"):

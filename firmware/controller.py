@@ -21,11 +21,17 @@ OFFER_CHANGE_MIN_MS = const(5000)
 DIODE_SETTLE_MS = const(5)
 # Two bad bursts in a row make a diode fault; one can be a sampling glitch.
 DIODE_BAD_BURSTS = const(2)
+# A session's record closes with a meter reading taken at least this long after the contactor
+# opened (the contacts part within ~10 ms), so the last watt-hour is in it; without one (meter
+# silent), it closes with the last good reading after FINAL_READING_MAX_MS.
+METER_SETTLE_MS = const(50)
+FINAL_READING_MAX_MS = const(10000)
 
 
 class Controller:
     def __init__(self, sampler, output, contactor, rcd, charger, standard,
-                 proximity=None, tethered_cable_ma=0, report=None):
+                 proximity=None, tethered_cable_ma=0, report=None,
+                 meter=None, meter_failure_ms=30000, on_session_end=None):
         self.sampler = sampler
         self.output = output
         self.contactor = contactor
@@ -42,6 +48,13 @@ class Controller:
         self._offer_changed_ms = None
         self._bad_diode_bursts = 0
         self.diode_checked = False
+        self.meter = meter
+        self.meter_failure_ms = meter_failure_ms
+        self.on_session_end = on_session_end
+        self._closed_ms = 0
+        self._opened_ms = 0
+        self.record = None  # the session whose record is open (outlives charger.session on unplug)
+        self._meter_error = None
 
     def _emit(self, now_ms, what, text):
         if self._report is not None:
@@ -65,7 +78,7 @@ class Controller:
         stable = self.debouncer.state
 
         if self.rcd.poll(now_ms):
-            self.contactor.open()  # a trip opens at once, before anything else is decided
+            self._open(now_ms)  # a trip opens at once, before anything else is decided
             self._emit(now_ms, "rcd", "trip %d of %d" % (self.rcd.trips, self.rcd.max_trips))
         self._check_contactor(now_ms)
         self._check_diode(now_ms)
@@ -81,6 +94,9 @@ class Controller:
 
         events = charger.step(now_ms, stable, self.rcd.ready)
         if events & ch.EV_CAR_PLUGGED_IN:
+            if self.record is not None:  # replugged before the last record got its reading
+                self._close_record(now_ms, self.record, force=True)
+            self.record = charger.session
             self._read_cable(now_ms)
             self.rcd.start_self_test(now_ms)  # before every session, contactor open (IEC 62955)
         elif events & ch.EV_CAR_REQUESTED_POWER:
@@ -89,13 +105,61 @@ class Controller:
             self.rcd.session_ended()
             charger.cable_ma = 0
         self._apply(now_ms, stable)
+        # Everything below may take its time: the safety work of this tick is done.
+        self._meter_step(now_ms)
 
+    def _meter_step(self, now_ms):
+        session = self.record
+        meter = self.meter
+        if meter is not None:
+            meter.poll(now_ms)  # a non-blocking step of the meter's own state machine
+            if meter.last_error is not self._meter_error:
+                self._meter_error = meter.last_error
+                if self._meter_error is not None:
+                    self._emit(now_ms, "meter", self._meter_error)
+            reading = meter.reading
+            if session is not None and reading is not None:
+                session.note_meter(reading)
+            if self.contactor.closed and session is not None and session.stop_reason is None:
+                # No good reading for meter_failure_ms while energy flows: unknown energy, stop.
+                since = self._closed_ms
+                if reading is not None and time.ticks_diff(reading.taken_ms, since) > 0:
+                    since = reading.taken_ms
+                if time.ticks_diff(now_ms, since) > self.meter_failure_ms:
+                    self._emit(now_ms, "meter", "no good reading for %d s: %s" % (
+                        self.meter_failure_ms // 1000, meter.last_error))
+                    self.charger.stop_session(now_ms, "meter_failure")
+        if session is not None and session.stop_reason is not None and session.ended_ms is None \
+                and not self.contactor.closed:
+            self._close_record(now_ms, session)
+
+    def _close_record(self, now_ms, session, force=False):
+        meter = self.meter
+        fresh = False
+        if meter is not None:
+            reading = meter.reading
+            fresh = reading is not None and \
+                time.ticks_diff(reading.taken_ms, self._opened_ms) >= METER_SETTLE_MS
+            gave_up = time.ticks_diff(now_ms, self._opened_ms) >= FINAL_READING_MAX_MS
+            if not (fresh or force or gave_up or session.stop_reason == "meter_failure"):
+                return
+        session.ended_ms = now_ms
+        # False: closed on the last good reading, without one taken after the contactor opened.
+        session.meter_final = meter is None or fresh
+        self.record = None
+        energy = session.energy_wh
+        self._emit(now_ms, "session", "ended: %s, %s Wh, %d s%s" % (
+            session.stop_reason, "?" if energy is None else energy,
+            time.ticks_diff(now_ms, session.started_ms) // 1000,
+            "" if session.meter_final else " (last good reading before the stop)"))
+        if self.on_session_end is not None:
+            self.on_session_end(session)
     def _check_contactor(self, now_ms):
         problem = self.contactor.check(now_ms)
         if problem == relay.WELDED:
             self.charger.raise_fault(now_ms, ch.FAULT_WELDED)
         elif problem == relay.FAILED_TO_CLOSE:
-            self.contactor.open()
+            self._open(now_ms)
             self.charger.raise_fault(now_ms, ch.FAULT_CONTACTOR_FAILED_TO_CLOSE)
 
     def _check_diode(self, now_ms):
@@ -147,8 +211,7 @@ class Controller:
             else:
                 keep = False
             if not keep:
-                contactor.open()
-                self._emit(now_ms, "contactor", "open")
+                self._open(now_ms)
 
         # 2. The pilot.
         mode = charger.pilot_mode
@@ -176,7 +239,16 @@ class Controller:
             and not charger.faults
         ):
             contactor.close()
+            self._closed_ms = now_ms
             self._emit(now_ms, "contactor", "closed")
+
+    def _open(self, now_ms):
+        """Open at once; the time is kept for the session's final meter reading."""
+        was_closed = self.contactor.closed
+        self.contactor.open()
+        if was_closed:
+            self._opened_ms = now_ms
+            self._emit(now_ms, "contactor", "open")
 
     def _offer(self, now_ms, duty):
         out = self.output

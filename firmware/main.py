@@ -33,6 +33,7 @@ def load_settings():
     try:
         board = config.load_board()
         conf = config.load_config()
+        config.check_together(board, conf)
     except config.ConfigError as e:
         return board, None, str(e)
     finally:
@@ -83,7 +84,32 @@ def build(board, conf):
     )
     tethered_ma = int((board.ratings.tethered_cable_a or 0) * 1000)
     return controller.Controller(sampler, output, contactor, rcd, charger, conf.standard,
-                                 proximity, tethered_ma, report)
+                                 proximity, tethered_ma, report,
+                                 meter=build_meter(board, conf.meter),
+                                 meter_failure_ms=conf.meter.failure_timeout_s * 1000)
+
+
+_PARITY = {"none": None, "even": 0, "odd": 1}  # machine.UART: 0 even, 1 odd
+
+
+def build_meter(board, mconf):
+    if mconf.type == "none":
+        return None
+    import meter
+
+    Pin = machine.Pin
+    pins = board.pins
+    if mconf.type == "s0":
+        return meter.make_meter("s0", pulse_pin=Pin(pins.s0, Pin.IN), imp_per_kwh=mconf.imp_per_kwh,
+                                active_low=mconf.s0_active_low, poll_interval_ms=mconf.poll_interval_ms)
+    # timeout=0: reads never wait; the meter driver polls uart.any() from the control tick.
+    uart = machine.UART(pins.meter_uart, baudrate=mconf.baud, bits=8, parity=_PARITY[mconf.parity],
+                        stop=1, tx=pins.meter_tx, rx=pins.meter_rx, timeout=0, timeout_char=0)
+    de = None if pins.meter_de is None else Pin(pins.meter_de, Pin.OUT, value=0)
+    options = {"address": mconf.address, "baud": mconf.baud, "poll_interval_ms": mconf.poll_interval_ms}
+    if mconf.timeout_ms is not None:
+        options["timeout_ms"] = mconf.timeout_ms
+    return meter.make_meter(mconf.type, uart=uart, de=de, **options)
 
 
 def hold_unavailable(board, reason):

@@ -19,12 +19,13 @@ except FileNotFoundError:  # pragma: no cover - `make test` installs it
 _runs = {}
 
 
-def run(name):
-    if name not in _runs:
-        r = launch.run_scenario(name)
+def run(name, meter=None):
+    key = (name, meter)
+    if key not in _runs:
+        r = launch.run_scenario(name, config={"meter": {"type": meter}} if meter else None)
         assert r.returncode == 0 and r.result is not None, "\n".join(r.lines[-30:])
-        _runs[name] = r
-    return _runs[name]
+        _runs[key] = r
+    return _runs[key]
 
 
 def coil(r):
@@ -151,3 +152,57 @@ def test_broken_config_is_a_clear_error_and_pilot_f():
     errors = [text for _, text in r.firmware_events("config")]
     assert errors and "'max_current_a'" in errors[0]
     assert pilot_out(r)[-1] == "-12 V steady (F)"
+
+
+# -- meters (the default scenarios run with a DDSU666 on RS-485) ---------------------------------
+
+def session_energy(r):
+    """Energy (Wh) of the firmware's session-ended lines: 'ended: reason, N Wh, ...'."""
+    return [int(text.split(", ")[1].split()[0]) for _, text in r.firmware_events("session")
+            if text.startswith("ended:")]
+
+
+# What each meter's register can show of the energy delivered: the simulated meters count from
+# 0 here, so the session's delta is the register's value at the end.
+REGISTER_WH = {
+    "ddsu666": lambda wh: wh,  # float32 kWh: exact to the Wh at these values
+    "sdm120": lambda wh: wh,
+    "sdm630": lambda wh: wh,
+    "dlt645": lambda wh: wh // 10 * 10,  # XXXXXX.XX kWh: 10 Wh steps
+    "s0": lambda wh: wh // 1,  # 1000 imp/kWh: one pulse per Wh
+}
+
+
+@pytest.mark.parametrize("meter", sorted(REGISTER_WH))
+def test_session_energy_equals_the_meters_delta(meter):
+    r = run("long_session", meter)
+    assert_no_traceback(r)
+    delivered = r.result["energy_wh"]
+    assert delivered > 11  # six seconds at 7.36 kW
+    assert session_energy(r) == [int(REGISTER_WH[meter](delivered))] or \
+        abs(session_energy(r)[0] - delivered) < 1 and meter not in ("dlt645", "s0")
+    assert [t for t, _ in r.firmware_events("meter")] == []  # a healthy bus gives no errors
+
+
+def test_silent_meter_stops_the_session():
+    r = run("meter_silent")
+    stops = [text for _, text in r.firmware_events("session") if text.startswith("stopped")]
+    assert stops == ["stopped: meter_failure"]
+    silent = [t for t, text in r.sim_events("step") if text.startswith("meter_fault")][0]
+    opened = [t for t, on in coil(r) if not on and t > silent][0]
+    # failure_timeout_s = 2 from the last good reading (at most one 1 s poll before the
+    # silence), then C2->C1: the car drops to B 0.5 s after the PWM goes
+    assert 1000 <= opened - silent <= 3200
+    ended = [text for _, text in r.firmware_events("session") if text.startswith("ended")]
+    assert len(ended) == 1 and ended[0].endswith("(last good reading before the stop)")
+    assert ended[0].startswith("ended: meter_failure, ")
+    assert session_energy(r)[0] < r.result["energy_wh"]  # what came after the silence is unknown
+
+
+def test_a_misbehaving_bus_is_refused_counted_and_billed_right():
+    r = run("meter_misbehaves")
+    errors = " | ".join(text for _, text in r.firmware_events("meter"))
+    for expected in ("crc", "reply from address 2", "reply function", "went backwards", "jumped"):
+        assert expected in errors
+    assert abs(session_energy(r)[0] - r.result["energy_wh"]) < 1
+    assert not [text for _, text in r.firmware_events("session") if "meter_failure" in text]

@@ -48,6 +48,7 @@ class VirtualBoard:
         monkeypatch.setattr(main, "report", lambda now, what, text: self.reports.append((what, text)))
         conf = {"free_vend": True}
         conf.update(config or {})
+        self.world.fit_meter(conf.get("meter", {}))
         self.ctl = main.build(config_module.parse_board(self.board_data), config_module.parse_config(conf))
         self.period_ms = period_ms
 

@@ -1,7 +1,8 @@
 """Benchmark (MicroPython): time the control tick of the real firmware on the simulated hardware.
 
 Run by tools/bench.py as `micropython -m bench_tick N` in a prepared flash folder. Prints one
-JSON line: tick times in us while idle and while charging, and the pilot burst's share.
+JSON line: tick times in us while idle and while charging (meter polling included), and the
+pilot burst's share.
 """
 import json
 import sys
@@ -35,6 +36,8 @@ def start(n):
         board = json.load(f)
     sim = world.World(board, [(0, "plug"), (200, "request")], echo=False)
     world.WORLD = sim
+    with open("config.json") as f:
+        sim.fit_meter(json.load(f).get("meter", {}))
     import main
 
     board_s, conf, problem = main.load_settings()

@@ -32,6 +32,8 @@ def start():
         steps = [tuple(step) for step in json.load(f)["steps"]]
     sim = world.World(board, steps)
     world.WORLD = sim
+    with open("config.json") as f:
+        sim.fit_meter(json.load(f).get("meter", {}))
     del steps, board
     import machine  # noqa: F401  (loaded now so that its bytecode counts as the simulator's)
 

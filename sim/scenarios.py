@@ -6,14 +6,14 @@ read both by the ROM (MicroPython) and by the launcher (CPython).
 DEFAULT = "normal"
 
 # Every scenario starts from this config.json, then applies its own "config".
-BASE_CONFIG = {"free_vend": True, "standard": "iec", "max_current_a": 32}
+BASE_CONFIG = {"free_vend": True, "standard": "iec", "max_current_a": 32, "meter": {"type": "ddsu666"}}
 
 _CHARGE = [(300, "plug"), (1000, "request")]
 
 SCENARIOS = {
     "normal": {
         "doc": "plug in, charge, car stops requesting (C->B), unplug",
-        "steps": _CHARGE + [(3000, "stop_request"), (3500, "unplug"), (4000, "end")],
+        "steps": _CHARGE + [(3000, "stop_request"), (3500, "unplug"), (7000, "end")],
     },
     "c_to_b_mid_charge": {
         "doc": "car pauses (C->B) mid-charge and resumes twice: contactor open within 100 ms",
@@ -57,6 +57,26 @@ SCENARIOS = {
         "doc": "car asks for ventilation (D) on a pile without it: no power",
         "steps": [(0, "ventilation", True)] + _CHARGE + [(2500, "end")],
     },
+    "long_session": {
+        "doc": "six seconds of charging: enough energy for a DL/T 645 meter's 10 Wh steps",
+        "steps": _CHARGE + [(7000, "stop_request"), (7500, "unplug"), (9000, "end")],
+    },
+    "meter_silent": {
+        "doc": "the meter stops answering while charging: the session stops (meter_failure)",
+        "config": {"meter": {"type": "ddsu666", "failure_timeout_s": 2}},
+        "steps": _CHARGE + [(2000, "meter_fault", "silent"), (8000, "end")],
+    },
+    "meter_misbehaves": {
+        "doc": "bad CRC, wrong address, garbage, a backwards and a jumping register while "
+               "charging: each refused and counted, the session goes on and bills right",
+        # Each fault lasts 1.2 s, so that at least one 1 s poll meets it.
+        "steps": _CHARGE + [(1500, "meter_fault", "bad_crc"), (2700, "meter_fault", None),
+                            (3900, "meter_fault", "wrong_address"), (5100, "meter_fault", None),
+                            (6300, "meter_fault", "garbage"), (7500, "meter_fault", None),
+                            (8700, "meter_fault", "backwards"), (9900, "meter_fault", None),
+                            (11100, "meter_fault", "jump"), (12300, "meter_fault", None),
+                            (14000, "stop_request"), (14500, "unplug"), (16000, "end")],
+    },
     "broken_config": {
         "doc": "config.json with a bad value: clear error, pilot F, contactor never closes",
         "config": {"max_current_a": "lots"},
@@ -65,9 +85,10 @@ SCENARIOS = {
 }
 
 
-def latency_trials(trials=200):
+def latency_trials(trials=200, meter_fault=None):
     """C->B trials for the benchmark: charge, stop requesting at a varying phase, repeat."""
-    steps = [(300, "plug")]
+    steps = [(0, "meter_fault", meter_fault)] if meter_fault else []
+    steps.append((300, "plug"))
     t = 500
     for i in range(trials):
         steps.append((t, "request"))
@@ -75,11 +96,15 @@ def latency_trials(trials=200):
         steps.append((t, "stop_request"))
         t += 150
     steps.append((t + 200, "end"))
-    return {"doc": "benchmark: %d C->B trials" % trials, "steps": steps}
+    return {"doc": "benchmark: %d C->B trials%s" % (trials, ", meter " + meter_fault if meter_fault else ""),
+            # A silent meter must not stop the trials' sessions: only the latency is measured.
+            "config": {"meter": {"type": "ddsu666", "failure_timeout_s": 3600}},
+            "steps": steps}
 
 
 def get(name):
+    """A scenario by name; 'latency_trials:N[:FAULT]' builds the benchmark's trials."""
     if name.startswith("latency_trials"):
         parts = name.split(":")
-        return latency_trials(int(parts[1]) if len(parts) > 1 else 200)
+        return latency_trials(int(parts[1]) if len(parts) > 1 else 200, parts[2] if len(parts) > 2 else None)
     return SCENARIOS[name]

@@ -82,6 +82,7 @@ class World:
         self.pin_rcd_fault = pins["rcd_fault"]
         self.pin_rcd_test = pins["rcd_test"]
         self.pin_de = pins.get("meter_de")
+        self.meter_uart = pins.get("meter_uart", 2)
         self.pin_s0 = pins.get("s0")
         self.coil_on_level = levels.get("contactor_on", 1)
         self.feedback_closed_level = levels.get("contactor_feedback_closed", 0)
@@ -122,8 +123,9 @@ class World:
         self._stop_at = None  # when the car stopped drawing with the coil still on
         self._pwm_off_at = None
         self._noise = 12345
-        self.uarts = {}  # uart id -> UartChannel
+        self.uarts = {}  # uart id -> rs485.UartChannel
         self.s0 = None  # object with level(now_us)
+        self.meter = None  # the simulated meter (sim/meters.py), for fault injection
         self._energy_mj = 0
         self._energy_at = 0
         self.steps = sorted(steps, key=lambda s: s[0])
@@ -165,6 +167,30 @@ class World:
             t = self.now
             print("[%4d.%03d] sim %s: %s" % (t // 1000000, t // 1000 % 1000, kind, text))
 
+    def fit_meter(self, conf):
+        """Install the simulated meter that config.json's "meter" section says is fitted."""
+        kind = conf.get("type", "none")
+        if kind == "none":
+            return
+        import meters
+
+        if kind == "s0":
+            self.meter = self.s0 = meters.S0MeterSim(
+                self, imp_per_kwh=conf.get("imp_per_kwh", 1000), active_low=conf.get("s0_active_low", True))
+            return
+        import rs485
+
+        if kind == "dlt645":
+            digits = conf.get("address")  # nameplate order, A5 first; the wire sends A0 first
+            device = meters.Dlt645MeterSim(self) if digits is None else meters.Dlt645MeterSim(
+                self, address=bytes(int(digits[10 - 2 * i:12 - 2 * i], 16) for i in range(6)))
+            baud = conf.get("baud", 2400)
+        else:
+            device = meters.ModbusMeterSim(self, model=kind, address=conf.get("address", 1))
+            baud = conf.get("baud", 2400 if kind == "sdm120" else 9600)
+        self.meter = device
+        self.uarts[self.meter_uart] = rs485.UartChannel(self, device, baud)
+
     # -- scenario actions -------------------------------------------------------------------------
 
     def do(self, action, arg=None):
@@ -197,6 +223,8 @@ class World:
             self.rcd_leak = bool(arg)
         elif action == "rcd_broken":
             self.rcd_healthy = False
+        elif action == "meter_fault":
+            self.meter.fault = arg  # None: healthy again
         elif action == "inject_error":
             self.inject_error = arg or "injected fault in the control loop"
         elif action == "end":

@@ -2,8 +2,9 @@
 
 - control tick time (median, p99), idle and charging, and how much of it is the pilot burst;
 - C->B -> contactor-open latency over many trials (median, p99, max);
-- heap: the smallest -X heapsize that completes a full session, the simulator's share of it,
-  and the live heap after gc.collect() at the end.
+- the same latency with a meter that never answers;
+- heap per meter type: the smallest firmware heap that completes a full session, and the
+  firmware's live heap after gc.collect() at the end.
 """
 import json
 import os
@@ -33,12 +34,12 @@ def tick_times(n=2000):
     return json.loads(line[6:])
 
 
-def smallest_heap_kb():
+def smallest_heap_kb(meter):
     """Bisect the firmware budget (KiB) at which the normal scenario still completes."""
-    low, high = 16, 128
+    low, high = 16, 160
     while high - low > 1:
         mid = (low + high) // 2
-        r = launch.run_scenario("normal", heapsize="%dk" % mid)
+        r = launch.run_scenario("normal", heapsize="%dk" % mid, config={"meter": {"type": meter}})
         ok = r.returncode == 0 and r.result and not any("MemoryError" in x for x in r.lines)
         ok = ok and any("-> idle" in t for _, t in r.firmware_events("charger"))
         if ok:
@@ -57,22 +58,23 @@ def main():
         print("control tick, %-8s median %5d us, p99 %5d us (pilot burst %d us of it, median)" % (
             state, percentile(total, 50), percentile(total, 99), percentile(burst, 50)))
 
-    # A roomy heap: the trials' scripted steps are the simulator's, not the firmware's.
-    r = launch.run_scenario("latency_trials:%d" % trials, heapsize="256k", timeout=900)
-    if r.result is None:
-        raise SystemExit("latency run failed:\n" + "\n".join(r.lines[-20:]))
-    lat = r.result["latencies_ms"]
-    print("C->B -> contactor open, %d trials: median %.1f ms, p99 %.1f ms, max %.1f ms (limit 100 ms)" % (
-        len(lat), percentile(lat, 50), percentile(lat, 99), max(lat)))
+    for fault, label in ((None, "DDSU666 meter healthy"), ("silent", "meter silent")):
+        # A roomy heap: the trials' scripted steps are the simulator's, not the firmware's.
+        name = "latency_trials:%d" % trials + (":" + fault if fault else "")
+        r = launch.run_scenario(name, heapsize="256k", timeout=900)
+        if r.result is None:
+            raise SystemExit("latency run failed:\n" + "\n".join(r.lines[-20:]))
+        lat = r.result["latencies_ms"]
+        print("C->B -> contactor open, %d trials, %-21s median %.1f ms, p99 %.1f ms, max %.1f ms "
+              "(limit 100 ms)" % (len(lat), label + ":", percentile(lat, 50), percentile(lat, 99), max(lat)))
 
-    r = launch.run_scenario("normal")
-    sim_share = r.result["heap_simulator"]
-    live = r.result["heap_after_collect"]
-    smallest = smallest_heap_kb()
-    print("heap: a full session completes with -X heapsize=%dk: firmware %d KiB + simulator %d KiB "
-          "(%d B); live after gc.collect() at the end: %d B, firmware's part %d B" % (
-              smallest + launch.SIM_HEAP_ALLOWANCE_KB, smallest, launch.SIM_HEAP_ALLOWANCE_KB,
-              sim_share, live, live - sim_share))
+    for meter in ("none", "ddsu666", "dlt645", "s0"):
+        r = launch.run_scenario("normal", config={"meter": {"type": meter}})
+        sim_share = r.result["heap_simulator"]
+        live = r.result["heap_after_collect"]
+        print("heap, meter %-7s a full session needs a firmware heap of %d KiB; live after "
+              "gc.collect() at the end: firmware %d B (simulator %d B beside it)" % (
+                  meter + ":", smallest_heap_kb(meter), live - sim_share, sim_share))
 
 
 if __name__ == "__main__":

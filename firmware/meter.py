@@ -1,0 +1,291 @@
+"""Energy-meter readout, common part: errors, Reading, plausibility guard, RS-485 poller, factory.
+
+Protocols live in modbus_meter.py (Chint DDSU666, Eastron SDM120/SDM630), dlt645.py and
+s0_meter.py. Numbers are from docs evse-facts.md section 5 unless a comment says otherwise.
+"""
+from micropython import const
+import time
+
+# Every error kind has a counter in meter.errors.
+KINDS = (
+    "crc",              # checksum / CRC of a reply wrong
+    "timeout",          # no reply at all
+    "partial",          # reply started but was cut short
+    "garbage",          # bytes that are not a valid reply (bad header, length, BCD, NaN...)
+    "wrong_address",    # valid reply, but from another meter
+    "exception_reply",  # Modbus exception / DL/T 645 error reply (0xD1)
+    "backwards",        # energy register lower than the last good reading
+    "jump",             # energy register further ahead than max power x elapsed time allows
+    "reboot",           # registers read 0 after non-zero: the meter restarted
+    "glitch",           # S0: pulse shorter than the debounce time
+    "stuck",            # S0: output stuck at the active level
+)
+
+# Upper bound for a pile's power: GB/T 20234.2 mode 3 up to 440 V / 63 A three-phase
+# (facts section 2) = 3 x 254 V x 63 A = 48 kW.
+DEFAULT_MAX_POWER_W = const(50000)
+# Register resolution plus rounding: DL/T 645 counts 0.01 kWh = 10 Wh (facts section 5),
+# a float32 kWh register steps by up to 16 Wh below 131 MWh.
+DEFAULT_JUMP_SLACK_WH = const(20)
+
+# A reading older than this is dropped: ticks_diff() is only right up to 2**29 ms (6.2 days),
+# beyond that an old reading would look fresh again. 2**28 ms = 3.1 days.
+_MAX_AGE_MS = const(1 << 28)
+
+# Bits per character for the wire-time estimates: 1 start + 8 data + parity + 1 stop
+# (8E1, DL/T 645) = 11; Modbus RTU also counts 11 (8N2 or 8E1). Too long for 8N1 is safe:
+# DE is lowered a little late, and the slave waits >= 3.5 characters before replying.
+DEFAULT_BITS_PER_CHAR = const(11)
+# After the computed frame time: 1 ms rounding of ticks_ms + 1 ms for the driver to start
+# shifting out the first byte after write() returned.
+_DE_MARGIN_MS = const(2)
+
+
+class MeterError(Exception):
+    """The only exception the parsers raise. `kind` is one of KINDS, str(err) the message."""
+
+    def __init__(self, kind, message):
+        super().__init__(message)
+        self.kind = kind
+
+
+class Reading:
+    """One complete, checked set of values. voltage_v/current_a are None if the meter has none."""
+
+    def __init__(self, energy_wh, power_w, voltage_v, current_a, taken_ms):
+        self.energy_wh = energy_wh  # int, imported active energy, never decreases
+        self.power_w = power_w
+        self.voltage_v = voltage_v
+        self.current_a = current_a
+        self.taken_ms = taken_ms  # time.ticks_ms() when the last part was read
+
+    def __repr__(self):
+        return "Reading(%d Wh, %s W, %s V, %s A, at %d)" % (
+            self.energy_wh, self.power_w, self.voltage_v, self.current_a, self.taken_ms)
+
+
+def check_plausible(prev, new, max_power_w=DEFAULT_MAX_POWER_W,
+                    slack_wh=DEFAULT_JUMP_SLACK_WH, name="meter"):
+    """Raise MeterError if `new` cannot follow `prev` (the last good Reading, or None)."""
+    if new.energy_wh < 0:
+        raise MeterError("garbage", "%s: negative energy %d Wh" % (name, new.energy_wh))
+    if prev is None:
+        return
+    if new.energy_wh < prev.energy_wh:
+        if new.energy_wh == 0:
+            raise MeterError("reboot", "%s: energy reads 0 after %d Wh, meter restarted?" % (
+                name, prev.energy_wh))
+        raise MeterError("backwards", "%s: energy went backwards %d -> %d Wh" % (
+            name, prev.energy_wh, new.energy_wh))
+    elapsed_ms = time.ticks_diff(new.taken_ms, prev.taken_ms)
+    if elapsed_ms < 0:
+        elapsed_ms = 0
+    # Wh = W x ms / 3.6e6; integer maths so large elapsed times stay exact.
+    allowed_wh = max_power_w * elapsed_ms // 3600000 + slack_wh
+    if new.energy_wh - prev.energy_wh > allowed_wh:
+        raise MeterError("jump", "%s: energy jumped %d Wh in %d ms (max %d Wh)" % (
+            name, new.energy_wh - prev.energy_wh, elapsed_ms, allowed_wh))
+
+
+class MeterBase:
+    """Counters, last good reading and the guard shared by all meter kinds."""
+
+    name = "meter"
+
+    def __init__(self, max_power_w=DEFAULT_MAX_POWER_W, jump_slack_wh=DEFAULT_JUMP_SLACK_WH):
+        self.reading = None
+        self.last_error = None
+        self.errors = {}
+        for kind in KINDS:
+            self.errors[kind] = 0
+        self._max_power_w = max_power_w
+        self._slack_wh = jump_slack_wh
+
+    def age_ms(self, now_ms):
+        if self.reading is None:
+            return None
+        return time.ticks_diff(now_ms, self.reading.taken_ms)
+
+    def _expire(self, now_ms):
+        r = self.reading
+        if r is not None and time.ticks_diff(now_ms, r.taken_ms) > _MAX_AGE_MS:
+            self.reading = None  # and the guard starts afresh with the next reading
+
+    def _fail(self, err):
+        self.errors[err.kind] += 1
+        self.last_error = str(err)
+
+    def _publish(self, new):
+        """Guard, then publish `new`. Returns True if published; the old reading stays if not."""
+        try:
+            check_plausible(self.reading, new, self._max_power_w, self._slack_wh, self.name)
+        except MeterError as err:
+            self._fail(err)
+            return False
+        self.reading = new
+        self.last_error = None
+        return True
+
+
+def wire_ms(nbytes, baud, bits_per_char=DEFAULT_BITS_PER_CHAR):
+    """Time for nbytes to leave the wire, rounded up to whole ms."""
+    return (nbytes * bits_per_char * 1000 + baud - 1) // baud
+
+
+# Rs485Meter states
+_IDLE = const(0)  # waiting for the next cycle; bus must be silent
+_TX = const(1)  # DE high, request on the wire
+_RX = const(2)  # DE low, collecting the reply
+_GAP = const(3)  # between two requests of a cycle: wait for the inter-frame silence
+
+
+class Rs485Meter(MeterBase):
+    """Non-blocking request/reply poller on a half-duplex RS-485 bus.
+
+    A protocol subclass provides _request() -> the request to send (a buffer made once; it
+    also sets self._reply_max), _frame_len(buf, n) -> the reply's total length or 0 if not
+    known yet, and _take(buf, n) -> True when the cycle's last part is in. _take stores the
+    values in _e (Wh), _p (W), _v (V), _i (A) and counts self._step.
+    """
+
+    def __init__(self, uart, de, baud, timeout_ms, poll_interval_ms, rx_size,
+                 bits_per_char=DEFAULT_BITS_PER_CHAR, max_power_w=DEFAULT_MAX_POWER_W,
+                 jump_slack_wh=DEFAULT_JUMP_SLACK_WH):
+        super().__init__(max_power_w, jump_slack_wh)
+        if uart is None:
+            raise ValueError("%s: needs a uart" % self.name)
+        self._uart = uart
+        self._de = de  # None: transceiver switches direction by itself
+        self._baud = baud
+        self._bits = bits_per_char
+        self._timeout_ms = timeout_ms
+        self._interval_ms = poll_interval_ms
+        # Modbus RTU: frames separated by >= 3.5 character times (facts section 5); also kept on
+        # DL/T 645 so a late reply to an abandoned request never merges with the next one.
+        self._gap_ms = (35 * bits_per_char * 1000 + 10 * baud - 1) // (10 * baud)
+        self._rx = bytearray(rx_size)
+        self._chunk = bytearray(rx_size)
+        self._n = 0
+        self._reply_max = rx_size
+        self._state = _IDLE
+        self._cycle_at = None  # ticks of the last cycle start
+        self._quiet_at = None  # ticks of the last bus activity seen
+        self._t_end = 0  # TX: when the request has left the wire; RX: reply deadline
+        self._step = 0  # part of the cycle
+        self._e = self._v = self._i = self._p = None  # the cycle's values so far
+        if de is not None:
+            de.value(0)
+
+    def poll(self, now_ms):
+        """One small non-blocking step. Call every control tick."""
+        self._expire(now_ms)
+        state = self._state
+        if state == _TX:
+            if time.ticks_diff(now_ms, self._t_end) >= 0:
+                if self._de is not None:
+                    self._de.value(0)
+                self._quiet_at = self._t_end
+                self._n = 0
+                self._state = _RX
+                # The reply gets timeout_ms to start plus its own time on the wire.
+                self._t_end = time.ticks_add(
+                    self._t_end, self._timeout_ms + wire_ms(self._reply_max, self._baud, self._bits))
+            return
+        if state == _RX:
+            self._receive(now_ms)
+            return
+        # _IDLE or _GAP: throw away stray bytes and wait until the bus has been silent.
+        if self._drain(now_ms):
+            return
+        if self._quiet_at is not None and time.ticks_diff(now_ms, self._quiet_at) < self._gap_ms:
+            return
+        if state == _IDLE:
+            if self._cycle_at is not None and \
+                    time.ticks_diff(now_ms, self._cycle_at) < self._interval_ms:
+                return
+            self._cycle_at = now_ms
+            self._step = 0
+            self._e = self._v = self._i = self._p = None
+        self._send(now_ms)
+
+    def _send(self, now_ms):
+        frame = self._request()
+        if self._de is not None:
+            self._de.value(1)
+        self._uart.write(frame)
+        # No uart.flush(): it blocks until the last bit left (facts section 5). Lower DE later.
+        self._t_end = time.ticks_add(
+            now_ms, wire_ms(len(frame), self._baud, self._bits) + _DE_MARGIN_MS)
+        self._state = _TX
+
+    def _drain(self, now_ms):
+        uart = self._uart
+        n = uart.any()
+        if not n:
+            return False
+        if n > len(self._chunk):
+            n = len(self._chunk)
+        uart.readinto(self._chunk, n)  # n bytes are there: never waits for the UART timeout
+        self._quiet_at = now_ms
+        return True
+
+    def _receive(self, now_ms):
+        uart = self._uart
+        n = uart.any()
+        if n:
+            self._quiet_at = now_ms
+            space = len(self._rx) - self._n
+            if n > space:
+                self._drain(now_ms)
+                self._abort(MeterError("garbage", "%s: reply longer than %d bytes" % (
+                    self.name, len(self._rx))))
+                return
+            got = uart.readinto(self._chunk, n) or 0
+            rx = self._rx
+            chunk = self._chunk
+            pos = self._n
+            i = 0
+            while i < got:  # copy, not rx[pos:] = ...: a slice would allocate
+                rx[pos + i] = chunk[i]
+                i += 1
+            self._n = pos + got
+            try:
+                total = self._frame_len(rx, self._n)
+                if total and self._n >= total:
+                    if self._take(rx, total):
+                        self._state = _IDLE
+                        self._publish(Reading(self._e, self._p, self._v, self._i, now_ms))
+                    else:
+                        self._state = _GAP
+                    return
+            except MeterError as err:
+                self._abort(err)
+                return
+        if time.ticks_diff(now_ms, self._t_end) >= 0:
+            if self._n:
+                self._abort(MeterError("partial", "%s: reply cut short, %d bytes then silence" % (
+                    self.name, self._n)))
+            else:
+                self._abort(MeterError("timeout", "%s: no reply within %d ms" % (
+                    self.name, self._timeout_ms)))
+
+    def _abort(self, err):
+        """A failed part ends the cycle without publishing; retried at the next interval."""
+        self._fail(err)
+        self._state = _IDLE
+
+
+def make_meter(kind, uart=None, de=None, pulse_pin=None, **options):
+    """Build the meter driver for `kind`: ddsu666, sdm120, sdm630, dlt645 or s0."""
+    if kind in ("ddsu666", "sdm120", "sdm630"):
+        import modbus_meter
+        return modbus_meter.ModbusMeter(uart, de, model=kind, **options)
+    if kind == "dlt645":
+        import dlt645
+        return dlt645.Dlt645Meter(uart, de, **options)
+    if kind == "s0":
+        import s0_meter
+        if pulse_pin is None:
+            raise ValueError("s0: needs pulse_pin")
+        return s0_meter.S0Meter(pulse_pin, **options)
+    raise ValueError("unknown meter kind %r" % (kind,))

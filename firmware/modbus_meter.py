@@ -1,0 +1,197 @@
+"""Modbus RTU master for Chint DDSU666 and Eastron SDM120 / SDM630 (facts section 5).
+
+Function 0x04 (read input registers), IEEE-754 float32 big-endian, two registers per value.
+The UART (baud, parity) is built by the wiring code; `baud` here only times the wire.
+"""
+from micropython import const
+import struct
+
+from meter import MeterError, Rs485Meter, DEFAULT_BITS_PER_CHAR, \
+    DEFAULT_MAX_POWER_W, DEFAULT_JUMP_SLACK_WH
+
+_FN_READ_INPUT = const(0x04)
+_EXCEPTION_FLAG = const(0x80)  # exception reply: function code | 0x80, then the code
+_MAX_FLOATS = const(6)  # largest block read below (SDM630 V1..V3, I1..I3)
+_RX_SIZE = const(5 + 4 * _MAX_FLOATS)  # address, function, byte count, data, CRC (2)
+
+# Exception codes of the Modbus application protocol spec (only used in messages).
+_EXCEPTION_NAMES = {
+    1: "illegal function",
+    2: "illegal data address",
+    3: "illegal data value",
+    4: "server device failure",
+    5: "acknowledge",
+    6: "server busy",
+}
+
+# What each float of a block holds.
+_SKIP = const(0)
+_V = const(1)  # volts
+_I = const(2)  # amps; several in one block: the highest phase current is kept
+_P_W = const(3)  # watts
+_P_KW = const(4)  # kilowatts (DDSU666)
+_E_KWH = const(5)  # import active energy, kWh
+
+# model -> blocks of (first register, what each float holds); addresses from facts section 5.
+MODELS = {
+    # Chint DDSU666: V 0x2000, I 0x2002, P 0x2004 in kW, import energy 0x4000 kWh.
+    "ddsu666": ((0x2000, (_V, _I, _P_KW)), (0x4000, (_E_KWH,))),
+    # Eastron SDM120: V 0x0000, I 0x0006, P 0x000C, import 0x0048. The registers in between
+    # are not in the SDM120 map, so each value is read on its own (as Tasmota does).
+    "sdm120": ((0x0000, (_V,)), (0x0006, (_I,)), (0x000C, (_P_W,)), (0x0048, (_E_KWH,))),
+    # Eastron SDM630: V L1..L3 0x0000..0x0004, I L1..L3 0x0006..0x000A, total P 0x0034,
+    # import 0x0048. Reading voltage is L1, current the highest phase.
+    "sdm630": ((0x0000, (_V, _SKIP, _SKIP, _I, _I, _I)), (0x0034, (_P_W,)),
+               (0x0048, (_E_KWH,))),
+}
+
+# Factory defaults seen (facts section 5): SDM120 2400 baud, SDM630 and DDSU666 9600.
+DEFAULT_BAUD = {"ddsu666": 9600, "sdm120": 2400, "sdm630": 9600}
+
+
+def crc16(buf, n):
+    """CRC-16/MODBUS of buf[0:n]: reflected poly 0xA001, init 0xFFFF."""
+    crc = 0xFFFF
+    i = 0
+    while i < n:
+        crc ^= buf[i]
+        bit = 0
+        while bit < 8:
+            if crc & 1:
+                crc = (crc >> 1) ^ 0xA001
+            else:
+                crc >>= 1
+            bit += 1
+        i += 1
+    return crc
+
+
+def build_request(buf, address, register, count, function=_FN_READ_INPUT):
+    """Write a read request into buf[0:8]; returns 8."""
+    buf[0] = address
+    buf[1] = function
+    buf[2] = register >> 8
+    buf[3] = register & 0xFF
+    buf[4] = count >> 8
+    buf[5] = count & 0xFF
+    crc = crc16(buf, 6)
+    buf[6] = crc & 0xFF  # CRC goes low byte first
+    buf[7] = crc >> 8
+    return 8
+
+
+def reply_length(buf, n, registers, function=_FN_READ_INPUT):
+    """Total length of the reply in buf[0:n], 0 if not known yet. Raises MeterError."""
+    if n < 2:
+        return 0
+    fn = buf[1]
+    if fn == function | _EXCEPTION_FLAG:
+        return 5
+    if fn != function:
+        raise MeterError("garbage", "modbus: reply function 0x%02x, expected 0x%02x" % (
+            fn, function))
+    if n < 3:
+        return 0
+    if buf[2] != 2 * registers:
+        raise MeterError("garbage", "modbus: reply byte count %d, expected %d" % (
+            buf[2], 2 * registers))
+    return 5 + buf[2]
+
+
+def check_reply(buf, n, address, registers, function=_FN_READ_INPUT):
+    """Raise MeterError unless buf[0:n] is a good reply from `address` with `registers` regs."""
+    if n < 5:
+        raise MeterError("partial", "modbus: reply of %d bytes is too short" % n)
+    if buf[1] == function and n < 5 + buf[2]:
+        raise MeterError("partial", "modbus: reply of %d bytes, header says %d" % (n, 5 + buf[2]))
+    got = buf[n - 2] | (buf[n - 1] << 8)
+    crc = crc16(buf, n - 2)
+    if got != crc:
+        raise MeterError("crc", "modbus: crc 0x%04x != 0x%04x" % (got, crc))
+    if buf[0] != address:
+        raise MeterError("wrong_address", "modbus: reply from address %d, expected %d" % (
+            buf[0], address))
+    if buf[1] == function | _EXCEPTION_FLAG and n == 5:
+        code = buf[2]
+        raise MeterError("exception_reply", "modbus: exception 0x%02x (%s) from address %d" % (
+            code, _EXCEPTION_NAMES.get(code, "unknown"), address))
+    if buf[1] != function:
+        raise MeterError("garbage", "modbus: reply function 0x%02x, expected 0x%02x" % (
+            buf[1], function))
+    if buf[2] != 2 * registers or n != 5 + 2 * registers:
+        raise MeterError("garbage", "modbus: reply of %d bytes, byte count %d, expected %d" % (
+            n, buf[2], 2 * registers))
+
+
+def float_at(buf, index):
+    """The index-th float32 (big-endian) of a checked reply. Raises MeterError if not finite."""
+    value = struct.unpack_from(">f", buf, 3 + 4 * index)[0]
+    if value - value != 0:  # NaN or infinity: a meter never means that
+        raise MeterError("garbage", "modbus: value %d is not a number" % index)
+    return value
+
+
+def parse_reply(buf, n, address, count):
+    """Check buf[0:n] and return its `count` floats as a tuple. Raises MeterError only."""
+    check_reply(buf, n, address, 2 * count)
+    values = []
+    for i in range(count):
+        values.append(float_at(buf, i))
+    return tuple(values)
+
+
+class ModbusMeter(Rs485Meter):
+    """DDSU666 / SDM120 / SDM630 on Modbus RTU, polled by poll(now_ms)."""
+
+    def __init__(self, uart, de=None, model="ddsu666", address=1, baud=None, timeout_ms=200,
+                 poll_interval_ms=1000, bits_per_char=DEFAULT_BITS_PER_CHAR,
+                 max_power_w=DEFAULT_MAX_POWER_W, jump_slack_wh=DEFAULT_JUMP_SLACK_WH):
+        if model not in MODELS:
+            raise ValueError("modbus: unknown model %r" % (model,))
+        # timeout_ms: how long the meter may take to start answering; 200 ms is our choice
+        # (meters answer within tens of ms, sims after 30 ms), not from a datasheet.
+        if not 1 <= address <= 247:  # Modbus unicast addresses
+            raise ValueError("modbus: address %d not in 1..247" % address)
+        self.name = model
+        if baud is None:
+            baud = DEFAULT_BAUD[model]
+        super().__init__(uart, de, baud, timeout_ms, poll_interval_ms, _RX_SIZE,
+                         bits_per_char, max_power_w, jump_slack_wh)
+        self.address = address
+        self._blocks = MODELS[model]
+        self._tx = bytearray(8)
+
+    def _request(self):
+        register, fields = self._blocks[self._step]
+        build_request(self._tx, self.address, register, 2 * len(fields))
+        self._reply_max = 5 + 4 * len(fields)
+        return self._tx
+
+    def _frame_len(self, buf, n):
+        return reply_length(buf, n, 2 * len(self._blocks[self._step][1]))
+
+    def _take(self, buf, n):
+        fields = self._blocks[self._step][1]
+        check_reply(buf, n, self.address, 2 * len(fields))
+        i = 0
+        while i < len(fields):
+            what = fields[i]
+            if what != _SKIP:
+                x = float_at(buf, i)
+                if what == _V:
+                    self._v = x
+                elif what == _I:
+                    if self._i is None or x > self._i:
+                        self._i = x
+                elif what == _P_W:
+                    self._p = x
+                elif what == _P_KW:
+                    self._p = x * 1000
+                elif what == _E_KWH:
+                    if x < 0:
+                        raise MeterError("garbage", "%s: negative energy %s kWh" % (self.name, x))
+                    # float32 kWh already limits resolution to ~1 Wh below 8 MWh.
+                    self._e = int(x * 1000 + 0.5)
+            i += 1
+        self._step += 1
+        return self._step == len(self._blocks)

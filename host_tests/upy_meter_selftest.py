@@ -1,0 +1,210 @@
+"""Meter drivers against the simulated meters on the MicroPython unix port.
+
+    MICROPYPATH="firmware:sim:.frozen" micropython -X heapsize=64k host_tests/upy_meter_selftest.py
+
+Checks readings, energy deltas, faults, DE timing, that poll() allocates nothing while it waits
+or sends, and that many cycles do not grow the heap. Prints "upy meter selftest ok".
+"""
+import gc
+import sys
+
+# Compiling from source in 64 KiB: the biggest module first while the heap is empty, and each
+# protocol module unloaded after its case.
+from meters import ModbusMeterSim, Dlt645MeterSim, S0MeterSim
+import meter
+
+T = [0]  # fake time, ms
+
+
+def check(cond, what):
+    if not cond:
+        raise SystemExit("FAIL: " + what)
+
+
+class World:
+    energy_wh = 1234560.0
+    voltage_v = 230.0
+    current_a = 16.0
+    power_w = 3680.0
+
+
+class Wire:
+    """Fake UART and DE pin in one. write() only copies the request, so poll() is measured
+    alone; tick(), between polls, hands it to the sim once DE is low and lets the reply bytes
+    arrive one character time (8E1) apart."""
+
+    def __init__(self, sim, baud):
+        self.sim = sim
+        self.char_ms = 11000 / baud
+        self.tx = bytearray(64)
+        self.rx = bytearray(64)
+        self.tx_n = self.rx_n = self.rx_pos = self.sent = self.de = self.bad = 0
+        self.tx_end = self.reply_at = 0
+        self.reply = None
+
+    def write(self, buf):
+        self.bad += not self.de  # must transmit with DE high
+        self.tx_n = len(buf)
+        for i in range(self.tx_n):
+            self.tx[i] = buf[i]
+        self.sent += 1
+        return self.tx_n
+
+    def any(self):
+        return self.rx_n - self.rx_pos
+
+    def readinto(self, buf, nbytes):
+        n = min(nbytes, self.rx_n - self.rx_pos)
+        for i in range(n):
+            buf[i] = self.rx[self.rx_pos + i]
+        self.rx_pos += n
+        if self.rx_pos == self.rx_n:
+            self.rx_pos = self.rx_n = 0
+        return n
+
+    def value(self, v=None):  # the DE/RE pin
+        if v is None:
+            return self.de
+        self.bad += not v and self.tx_n and T[0] < self.tx_end  # low before the frame left
+        self.de = v
+
+    def tick(self, now):
+        if self.tx_n and self.reply is None and not self.de:
+            self.reply = self.sim.handle(bytes(self.tx[:self.tx_n])) or b""
+            self.reply_at = self.tx_end + self.sim.reply_delay_ms
+            self.tx_n = 0
+        while self.reply and now >= self.reply_at + self.char_ms:
+            self.rx[self.rx_n] = self.reply[0]
+            self.rx_n += 1
+            self.reply = self.reply[1:]
+            self.reply_at += self.char_ms
+        if self.reply == b"":
+            self.reply = None
+
+
+def run(m, wire, ms, alloc=None):
+    """poll() every 5 ms. alloc: [bytes by polls with nothing to read, largest other poll]."""
+    end = T[0] + ms
+    while T[0] < end:
+        T[0] += 5
+        wire.tick(T[0])
+        sent = wire.sent
+        idle = not wire.any()
+        before = m.reading
+        a = gc.mem_alloc()
+        m.poll(T[0])
+        used = gc.mem_alloc() - a
+        if wire.sent != sent:
+            wire.tx_end = T[0] + wire.tx_n * wire.char_ms
+        if alloc and used > 0:
+            if idle and m.reading is before:
+                alloc[0] += used
+            else:
+                alloc[1] = max(alloc[1], used)
+
+
+FAULTS = (("silent", "timeout"), ("bad_crc", "crc"), ("partial", "partial"),
+          ("wrong_address", "wrong_address"), ("exception", "exception_reply"),
+          ("reboot", "reboot"), ("backwards", "backwards"), ("jump", "jump"),
+          ("garbage", "garbage"))
+
+
+def rs485_case(kind, sim, baud, **options):
+    T[0] = 0
+    wire = Wire(sim, baud)
+    # one cycle per period: DL/T 645 at 2400 baud needs ~1 s for its four reads
+    period = 2000 if kind == "dlt645" else 1000
+    m = meter.make_meter(kind, uart=wire, de=wire, baud=baud, poll_interval_ms=period, **options)
+    run(m, wire, 2 * period)  # DL/T 645 may learn the address first
+    run(m, wire, period - T[0] % period)  # from here on, one whole cycle per period
+    r = m.reading
+    check(r is not None, kind + ": no reading, " + str(m.last_error))
+    check(r.energy_wh == 1234560 and abs(r.voltage_v - 230) < 0.01, kind + ": " + repr(r))
+    check(abs(r.current_a - 16) < 0.01 and abs(r.power_w - 3680) < 0.1, kind + ": " + repr(r))
+
+    for _ in range(20):  # energy delta, to the Wh
+        sim.world.energy_wh += 10
+        run(m, wire, period)
+    run(m, wire, period)
+    check(m.reading.energy_wh - r.energy_wh == 200, kind + ": delta " + repr(m.reading))
+
+    alloc = [0, 0]
+    gc.collect()
+    heap = gc.mem_alloc()
+    for _ in range(20):
+        run(m, wire, period, alloc)
+    gc.collect()
+    heap = gc.mem_alloc() - heap
+    check(alloc[0] == 0, kind + ": waiting/sending polls allocated %d bytes" % alloc[0])
+    check(alloc[1] < 1024, kind + ": a receiving poll allocated %d bytes" % alloc[1])
+    check(heap <= 512, kind + ": heap grew %d bytes in 20 cycles" % heap)
+
+    for fault, err in FAULTS:
+        good = m.reading
+        count = m.errors[err]
+        sim.fault = fault
+        run(m, wire, period)
+        check(m.errors[err] == count + 1, kind + " " + fault + ": " + repr(m.errors))
+        check(m.reading is good and m.last_error, kind + " " + fault + ": reading kept")
+        sim.fault = None
+        run(m, wire, period)
+        check(m.reading is not good and m.last_error is None, kind + " " + fault + ": recovered")
+    check(wire.bad == 0, kind + ": DE high/low at the wrong time")
+
+
+def s0_case():
+    world = World()
+    world.energy_wh = 0.0
+    sim = S0MeterSim(world, imp_per_kwh=1000, pulse_ms=50)
+
+    class Pin:
+        level = 1
+
+        def value(self):
+            return self.level
+
+    pin = Pin()
+    m = meter.make_meter("s0", pulse_pin=pin, imp_per_kwh=1000)
+    waste = 0
+    gc.collect()
+    heap = gc.mem_alloc()
+    for t in range(5, 62000, 5):  # 60 s at 7.2 kW = 120 Wh = 120 pulses, then 2 s idle
+        world.energy_wh = 7200 * min(t, 60000) / 3600000
+        pin.level = sim.level(t * 1000)  # the sim outside the measured poll()
+        before = m.reading
+        a = gc.mem_alloc()
+        m.poll(t)
+        used = gc.mem_alloc() - a
+        if m.reading is before and used > 0:
+            waste += used
+    gc.collect()
+    heap = gc.mem_alloc() - heap
+    check(m.pulses == 120 == sim.pulses_sent, "s0: %d pulses" % m.pulses)
+    check(m.reading.energy_wh == 120, "s0: " + repr(m.reading))
+    check(waste == 0, "s0: polls without a new reading allocated %d bytes" % waste)
+    check(heap <= 512, "s0: heap grew %d bytes" % heap)
+    check(not m.errors["glitch"] and not m.errors["stuck"], "s0: " + repr(m.errors))
+
+
+def load(name):
+    gc.collect()  # compile into a clean heap, before the case's objects exist
+    __import__(name)
+
+
+def unload(name):
+    del sys.modules[name]
+    gc.collect()
+
+
+load("modbus_meter")
+for model, baud in (("ddsu666", 9600), ("sdm120", 2400), ("sdm630", 9600)):
+    rs485_case(model, ModbusMeterSim(World(), model=model, address=3), baud, address=3)
+unload("modbus_meter")
+load("dlt645")
+rs485_case("dlt645", Dlt645MeterSim(World()), 2400)  # address learnt
+rs485_case("dlt645", Dlt645MeterSim(World(), address=b"\x21\x43\x65\x87\x09\x00"), 2400,
+           address="000987654321")
+unload("dlt645")
+load("s0_meter")
+s0_case()
+print("upy meter selftest ok")

@@ -1,0 +1,333 @@
+"""Behavioural simulated energy meters, shared by the host tests and the simulator.
+
+RS-485 sims: handle(request) -> reply bytes or None, reply_delay_ms for the channel. `world`
+has float attributes energy_wh, voltage_v, current_a, power_w, read at call time. Set
+`sim.fault` to one of FAULTS (S0: S0_FAULTS), None = healthy.
+"""
+# No code shared with firmware/ (own CRC, checksum, BCD): a sim that shared the code under
+# test would prove nothing. Runs on CPython and the MicroPython unix port.
+import struct
+import time
+
+FAULTS = ("silent", "garbage", "bad_crc", "partial", "wrong_address", "exception", "reboot",
+          "backwards", "jump")
+# S0 faults: "silent" (output dead, pulses lost), "stuck" (output stuck active),
+# "garbage" (5 ms spikes every 100 ms besides the real pulses).
+S0_FAULTS = ("silent", "stuck", "garbage")
+
+BACKWARDS_WH = 5  # "backwards": this much below the last energy shown while healthy (> 0 in short sessions)
+JUMP_WH = 1000000  # "jump": 1 MWh ahead
+
+
+# plain CPython (no test shims) has no ticks_diff: plain differences there
+_diff = getattr(time, "ticks_diff", None) or (lambda a, b: a - b)
+
+
+class _Rs485Sim:
+    """What both RS-485 sims share: the fault switch, a request counter, reply delay, garbage."""
+
+    reply_delay_ms = 30
+
+    def __init__(self, world, seed):
+        self.world = world
+        self.fault = None
+        self.requests = 0  # requests addressed to this meter
+        self._seed = seed or 1
+
+    def _garbage(self, most):
+        """3..most bytes from xorshift32: the same garbage on CPython and MicroPython."""
+        out = bytearray()
+        x = self._seed
+        while len(out) < 3 + self._seed % (most - 2):
+            x ^= (x << 13) & 0xFFFFFFFF
+            x ^= x >> 17
+            x ^= (x << 5) & 0xFFFFFFFF
+            out.append(x & 0xFF)
+        self._seed = x
+        return bytes(out)
+
+
+# ---------------------------------------------------------------------------- Modbus RTU
+
+def _crc_table():
+    # CRC-16/MODBUS, reflected polynomial 0xA001: one entry per byte value, low byte first
+    table = bytearray(512)  # bytes, not a list of ints: 0.5 KiB on a small heap
+    for value in range(256):
+        crc = value
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+        table[2 * value] = crc & 0xFF
+        table[2 * value + 1] = crc >> 8
+    return table
+
+
+_CRC_TABLE = _crc_table()
+
+
+def modbus_crc(data):
+    crc = 0xFFFF
+    for b in data:
+        k = 2 * ((crc ^ b) & 0xFF)
+        crc = (crc >> 8) ^ (_CRC_TABLE[k] | _CRC_TABLE[k + 1] << 8)
+    return crc
+
+
+def _with_crc(body):
+    crc = modbus_crc(body)
+    return bytes(body) + bytes([crc & 0xFF, crc >> 8])
+
+
+class ModbusMeterSim(_Rs485Sim):
+    """Chint DDSU666, Eastron SDM120 or SDM630 answering function 0x04 with float32 values."""
+
+    def __init__(self, world, model="ddsu666", address=1, phases=3):
+        if model not in ("ddsu666", "sdm120", "sdm630"):
+            raise ValueError("unknown model " + str(model))
+        super().__init__(world, address * 2654435761 & 0xFFFFFFFF)
+        self.model = model
+        self.address = address
+        self.phases = phases  # SDM630: lines carrying world.current_a
+        self.exception_code = 4  # server device failure
+        self._shown_wh = None  # energy shown by the last healthy reply
+
+    def registers(self):
+        """First register of each float32 -> value, as the meter would show it now."""
+        w = self.world
+        e_wh = w.energy_wh
+        if self.fault == "reboot":
+            v = i = p = e_wh = 0.0
+        else:
+            v, i, p = w.voltage_v, w.current_a, w.power_w
+            if self.fault == "backwards" and self._shown_wh is not None:
+                e_wh = max(0.0, self._shown_wh - BACKWARDS_WH)
+            elif self.fault == "jump":
+                e_wh = e_wh + JUMP_WH
+        kwh = e_wh / 1000.0
+        if self.model == "ddsu666":
+            # power in kW on this meter
+            return {0x2000: v, 0x2002: i, 0x2004: p / 1000.0, 0x4000: kwh, 0x400A: 0.0}
+        if self.model == "sdm120":
+            return {0x0000: v, 0x0006: i, 0x000C: p, 0x0048: kwh, 0x004A: 0.0, 0x0156: kwh}
+        n = self.phases
+        regs = {0x0034: p, 0x0048: kwh, 0x004A: 0.0, 0x0156: kwh}
+        for line in range(3):
+            on = line < n
+            regs[0x0000 + 2 * line] = v
+            regs[0x0006 + 2 * line] = i if on else 0.0
+            regs[0x000C + 2 * line] = p / n if on else 0.0
+        return regs
+
+    def _exception(self, function, code):
+        return _with_crc(bytes([self.address, function | 0x80, code]))
+
+    def handle(self, request):
+        req = bytes(request)
+        if len(req) != 8 or modbus_crc(req[:6]) != req[6] | (req[7] << 8):
+            return None  # a slave ignores a frame it cannot check
+        if req[0] != self.address:
+            return None
+        self.requests += 1
+        fault = self.fault
+        if fault == "silent":
+            return None
+        if fault == "garbage":
+            return self._garbage(24)
+        function = req[1]
+        start = (req[2] << 8) | req[3]
+        count = (req[4] << 8) | req[5]
+        if fault == "exception":
+            return self._exception(function, self.exception_code)
+        # DDSU666 answers 0x03 on the same map too (facts section 5); Eastron only 0x04 here.
+        if function != 0x04 and not (function == 0x03 and self.model == "ddsu666"):
+            return self._exception(function, 1)
+        if not 1 <= count <= 125:
+            return self._exception(function, 3)
+        regs = self.registers()
+        data = bytearray()
+        for reg in range(start, start + count):
+            if reg in regs:
+                data += struct.pack(">f", regs[reg])[:2]
+            elif reg - 1 in regs:
+                data += struct.pack(">f", regs[reg - 1])[2:]
+            else:
+                return self._exception(function, 2)
+        if fault is None and (0x4000 in regs or 0x0048 in regs):
+            energy_reg = 0x4000 if self.model == "ddsu666" else 0x0048
+            if start <= energy_reg < start + count:
+                self._shown_wh = self.world.energy_wh
+        address = self.address
+        if fault == "wrong_address":
+            address = self.address % 247 + 1
+        reply = _with_crc(bytes([address, function, 2 * count]) + data)
+        if fault == "bad_crc":
+            reply = reply[:-1] + bytes([reply[-1] ^ 0x5A])
+        elif fault == "partial":
+            reply = reply[:len(reply) // 2]
+        return reply
+
+
+# ---------------------------------------------------------------------------- DL/T 645-2007
+
+_DLT_BROADCAST = b"\xaa" * 6
+
+
+def _dlt_frame(address, control, data, wake):
+    body = bytearray(b"\x68" + address + b"\x68")
+    body.append(control)
+    body.append(len(data))
+    for b in data:
+        body.append((b + 0x33) & 0xFF)
+    return b"\xfe" * wake + body + bytes([sum(body) & 0xFF, 0x16])
+
+
+def _bcd(value, nbytes, signed=False):
+    """Little-endian BCD of abs(value), saturated; sign in the top bit if signed."""
+    mag = min(abs(int(value)), (8 if signed else 10) * 10 ** (2 * nbytes - 1) - 1)
+    out = bytearray(nbytes)
+    for k in range(nbytes):
+        out[k] = (mag // 10 % 10) * 16 + mag % 10
+        mag //= 100
+    if signed and value < 0:
+        out[nbytes - 1] |= 0x80
+    return bytes(out)
+
+
+class Dlt645MeterSim(_Rs485Sim):
+    """A single-phase DL/T 645-2007 meter: energy, phase A voltage/current, total power."""
+
+    def __init__(self, world, address=b"\x01\x00\x00\x00\x00\x00", wake=4):
+        if len(address) != 6:
+            raise ValueError("address must be 6 bytes, A0 first")
+        super().__init__(world, 645 * 2654435761 & 0xFFFFFFFF)
+        self.address = bytes(address)
+        self.wake = wake  # FE bytes before each reply, as many meters send
+        self.error_code = 0x01  # "exception" fault: error reply with "other error"
+        self._shown_units = None  # energy (0.01 kWh) shown by the last healthy reply
+
+    def _value(self, di):
+        """DI -> data bytes after the DI, or None for a DI this meter does not have."""
+        w = self.world
+        fault = self.fault
+        if di == 0x00010000 or di == 0x00000000:
+            units = int(w.energy_wh // 10)  # the register counts whole 0.01 kWh
+            if fault == "reboot":
+                units = 0
+            elif fault == "backwards" and self._shown_units is not None:
+                units = max(0, self._shown_units - max(1, BACKWARDS_WH // 10))  # whole 0.01 kWh
+            elif fault == "jump":
+                units += JUMP_WH // 10
+            elif fault is None:
+                self._shown_units = units
+            return _bcd(units, 4)
+        if fault == "reboot":
+            w_v = w_i = w_p = 0.0
+        else:
+            w_v, w_i, w_p = w.voltage_v, w.current_a, w.power_w
+        if di == 0x02010100:
+            return _bcd(round(w_v * 10), 2)  # XXX.X V
+        if di == 0x02020100:
+            return _bcd(round(w_i * 1000), 3, True)  # XXX.XXX A
+        if di == 0x02030000:
+            return _bcd(round(w_p * 10), 3, True)  # XX.XXXX kW = 0.1 W steps
+        return None
+
+    def handle(self, request):
+        req = bytes(request)
+        i = 0
+        while i < len(req) and req[i] == 0xFE:
+            i += 1
+        req = req[i:]
+        if len(req) < 12 or req[0] != 0x68 or req[7] != 0x68 or req[-1] != 0x16:
+            return None
+        if len(req) != 12 + req[9] or sum(req[:-2]) & 0xFF != req[-2]:
+            return None  # a meter ignores a frame it cannot check
+        target = req[1:7]
+        if target != self.address and target != _DLT_BROADCAST:
+            return None
+        self.requests += 1
+        fault = self.fault
+        if fault == "silent":
+            return None
+        if fault == "garbage":
+            return self._garbage(30)
+        control = req[8]
+        data = bytearray(req[10:-2])
+        for k in range(len(data)):
+            data[k] = (data[k] - 0x33) & 0xFF
+        address = self.address
+        if fault == "wrong_address":
+            address = bytes([address[0] ^ 0x11]) + address[1:]
+        if control == 0x13 and not data:
+            reply = _dlt_frame(address, 0x93, self.address, self.wake)
+        elif control == 0x11 and len(data) == 4:
+            di = data[0] | (data[1] << 8) | (data[2] << 16) | (data[3] << 24)
+            value = None if fault == "exception" else self._value(di)
+            if value is None:
+                code = self.error_code if fault == "exception" else 0x02  # no requested data
+                reply = _dlt_frame(address, 0xD1, bytes([code]), self.wake)
+            else:
+                reply = _dlt_frame(address, 0x91, data + value, self.wake)
+        else:
+            reply = _dlt_frame(address, (control | 0xC0) & 0xFF, b"\x01", self.wake)
+        if fault == "bad_crc":
+            reply = reply[:-2] + bytes([(reply[-2] + 1) & 0xFF, 0x16])
+        elif fault == "partial":
+            reply = reply[:len(reply) - 5]
+        return reply
+
+
+# ---------------------------------------------------------------------------- S0 pulses
+
+class S0MeterSim:
+    """An S0 output (IEC 62053-31): one pulse_ms pulse per 1/imp_per_kwh kWh.
+
+    Pulses the meter owes are sent one after another with pause_ms (default pulse_ms) between,
+    like a meter with a pulse buffer. level(now_us) must be called with non-decreasing times;
+    it returns the pin level: active_low (pulled-up pin, opto to GND) gives 0 during a pulse.
+    """
+
+    def __init__(self, world, imp_per_kwh=1000, pulse_ms=50, active_low=True, pause_ms=None):
+        self.world = world
+        self.imp_per_kwh = imp_per_kwh
+        self.pulse_ms = pulse_ms
+        self.pause_ms = pulse_ms if pause_ms is None else pause_ms
+        self.active_low = active_low
+        self.fault = None
+        self.pulses_sent = 0  # pulses that reached the output (not lost to "silent")
+        self._sent = self._due()  # energy before the meter was watched gives no pulses
+        self._on_since = None
+        self._off_since = None  # set while the pause after a pulse runs
+
+    def _due(self):
+        return int(self.world.energy_wh * self.imp_per_kwh // 1000)
+
+    def level(self, now_us):
+        on = self._pulse(now_us)
+        fault = self.fault
+        if fault == "stuck":
+            on = True
+        elif fault == "silent":
+            on = False
+        elif fault == "garbage" and not on and (now_us // 1000) % 100 < 5:
+            on = True
+        if self.active_low:
+            return 0 if on else 1
+        return 1 if on else 0
+
+    def _pulse(self, now_us):
+        if self._on_since is not None:
+            if _diff(now_us, self._on_since) < self.pulse_ms * 1000:
+                return True
+            self._on_since = None
+            self._off_since = now_us
+        if self._off_since is not None:
+            if _diff(now_us, self._off_since) < self.pause_ms * 1000:
+                return False
+            self._off_since = None
+        if self._sent < self._due():
+            self._sent += 1
+            if self.fault != "silent":
+                self.pulses_sent += 1
+            self._on_since = now_us
+            return True
+        return False
