@@ -9,8 +9,9 @@ BOARD ?= ref-esp32
 CONFIG ?= config.example.json
 SCENARIO ?= normal
 METER ?=
+BROKER ?= mqtt://127.0.0.1:1883
 
-.PHONY: help venv test sim scenarios mpy flash bench check clean
+.PHONY: help venv broker test sim scenarios mpy flash bench check monitor clean
 
 help:
 	@echo "make sim [SCENARIO=name] [METER=dlt645]   firmware on the unix port, simulated hardware"
@@ -20,6 +21,7 @@ help:
 	@echo "make mpy                   cross-compile firmware/ for the ESP32 (build/mpy)"
 	@echo "make flash PORT=/dev/ttyUSB0 [BOARD=ref-esp32] [CONFIG=config.example.json]"
 	@echo "make check                 ruff"
+	@echo "make monitor [BROKER=mqtt://host:1883]   live table of a fleet (tools/consumer.py)"
 
 $(STAMP): requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,7 +31,17 @@ $(STAMP): requirements-dev.txt
 
 venv: $(STAMP)
 
-test: $(STAMP)
+# The broker tests start their own mosquitto on a free loopback port: it must be installed.
+broker:
+	@test -x /usr/sbin/mosquitto || command -v mosquitto >/dev/null || { \
+		if [ "$$(id -u)" = 0 ]; then \
+			echo "installing mosquitto (Debian package) for the broker tests"; \
+			apt-get update -qq && apt-get install -y -qq mosquitto >/dev/null; \
+		else \
+			echo "the broker tests need mosquitto: sudo apt-get install mosquitto"; exit 1; \
+		fi; }
+
+test: $(STAMP) broker
 	$(BIN)/python -m pytest -n 2 host_tests
 
 sim: $(STAMP)
@@ -59,6 +71,9 @@ bench: $(STAMP)
 
 check: $(STAMP)
 	$(BIN)/ruff check .
+
+monitor: $(STAMP)
+	$(BIN)/python tools/consumer.py --broker $(BROKER) --monitor
 
 clean:
 	rm -rf build .pytest_cache .hypothesis
