@@ -1,0 +1,277 @@
+"""Remote commands: HMAC-SHA256 check, replay counter, argument validation. No networking.
+
+The MQTT link hands `CommandVerifier.verify()` the raw payload; it returns a `Command` or
+raises `CommandError(code, message)`, the only exception it raises for a bad payload, and
+changes nothing then. Wire format and codes: docs/commands.md.
+
+    payload = {"body": "<JSON text>", "sig": "<hex HMAC-SHA256 of the body's UTF-8 bytes>"}
+    body    = {"v": 1, "id": "<id>", "cmd": "<name>", "counter": <int>, "args": {...}}
+
+Signing the body text as sent means no JSON canonicalisation on either side. Messages never
+contain the secret nor echo the payload (they end up in logs).
+"""
+from micropython import const
+import binascii
+import hashlib
+import json
+
+_BLOCK = const(64)  # SHA-256 block size, RFC 2104 "B"
+_MAX_COUNTER = const(9007199254740991)  # 2**53 - 1: exact in every JSON implementation
+_MIN_SECRET = const(16)
+VERSION = const(1)
+
+AVAILABILITY = ("available", "unavailable_f", "unavailable_b1")
+# Faults a technician may clear remotely: the latched ones (charger.LATCHED_FAULTS).
+CLEARABLE_FAULTS = ("welded", "rcd_lockout")
+MAX_AMPS = const(80)  # config.py's max_current_a range; the charger clamps further
+
+_BODY_KEYS = ("args", "cmd", "counter", "id", "v")
+
+
+def _pads(key):
+    if len(key) > _BLOCK:  # RFC 2104: longer keys are hashed first
+        key = hashlib.sha256(key).digest()
+    ipad = bytearray(_BLOCK)
+    opad = bytearray(_BLOCK)
+    for i in range(_BLOCK):
+        k = key[i] if i < len(key) else 0
+        ipad[i] = k ^ 0x36
+        opad[i] = k ^ 0x5C
+    return bytes(ipad), bytes(opad)
+
+
+def _hmac(ipad, opad, msg):
+    h = hashlib.sha256(ipad)
+    h.update(msg)
+    inner = h.digest()
+    h = hashlib.sha256(opad)
+    h.update(inner)
+    return h.digest()
+
+
+def hmac_sha256(key, msg):
+    """HMAC-SHA256 (RFC 2104) on hashlib.sha256: MicroPython has no hmac module."""
+    ipad, opad = _pads(key)
+    return _hmac(ipad, opad, msg)
+
+
+def equal_ct(a, b):
+    """Compare two digests in time independent of where they differ."""
+    if len(a) != len(b):
+        return False
+    diff = 0
+    for i in range(len(a)):
+        diff |= a[i] ^ b[i]
+    return diff == 0
+
+
+def _printable(s, lo, hi):
+    if type(s) is not str or not lo <= len(s) <= hi:
+        return False
+    for c in s:
+        if not " " <= c <= "~":
+            return False
+    return True
+
+
+def _is_id(s):
+    """[A-Za-z0-9._:-]{1,64}: what cmd/ack can echo (docs/schemas/cmd_ack.v1.schema.json)."""
+    if type(s) is not str or not 0 < len(s) <= 64:
+        return False
+    for c in s:
+        if not ("a" <= c <= "z" or "A" <= c <= "Z" or "0" <= c <= "9" or c in "._:-"):
+            return False
+    return True
+
+
+def _is_name(s):
+    """[a-z][a-z0-9_]{0,31}, the cmd/ack pattern for a command name."""
+    if type(s) is not str or not 0 < len(s) <= 32 or not "a" <= s[0] <= "z":
+        return False
+    for c in s:
+        if not ("a" <= c <= "z" or "0" <= c <= "9" or c == "_"):
+            return False
+    return True
+
+
+def _claims(body):
+    """(id, cmd) an unauthenticated body claims, for the error ack; None where unreadable."""
+    try:
+        d = json.loads(body)
+    except (ValueError, RuntimeError):
+        return None, None
+    if type(d) is not dict:
+        return None, None
+    cmd_id = d.get("id")
+    name = d.get("cmd")
+    return (cmd_id if _is_id(cmd_id) else None), (name if _is_name(name) else None)
+
+
+class CommandError(Exception):
+    """code: too_large, malformed, bad_signature, replayed, unknown_command, bad_argument,
+    storage_error. command_id and cmd, for the error ack, when readable; `authentic` says
+    whether they come from a signed body or are only what a bad_signature payload claims."""
+
+    def __init__(self, code, message, command_id=None, cmd=None, authentic=False):
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+        self.command_id = command_id
+        self.cmd = cmd
+        self.authentic = authentic
+
+    def __str__(self):
+        return "%s: %s" % (self.code, self.message)
+
+
+class Command:
+    def __init__(self, cmd_id, cmd, counter, args):
+        self.id = cmd_id
+        self.cmd = cmd
+        self.counter = counter
+        self.args = args
+
+    def __repr__(self):
+        return "Command(%s %s #%d %r)" % (self.id, self.cmd, self.counter, self.args)
+
+
+class CommandVerifier:
+    """`secret` is the pile's key (bytes, >= 16). `last_counter` the last accepted counter
+    (CounterStore.load()). With `counter_store`, an accepted counter is saved before verify()
+    returns, so a reboot cannot reopen a replay window."""
+
+    def __init__(self, secret, max_bytes=512, last_counter=0, faults=CLEARABLE_FAULTS,
+                 counter_store=None):
+        if not isinstance(secret, (bytes, bytearray)) or len(secret) < _MIN_SECRET:
+            raise ValueError("secret must be at least %d bytes" % _MIN_SECRET)
+        if not 64 <= max_bytes <= 4096:
+            raise ValueError("max_bytes must be 64..4096")
+        if type(last_counter) is not int or last_counter < 0:
+            raise ValueError("last_counter must be an int >= 0")
+        self._ipad, self._opad = _pads(bytes(secret))
+        self.max_bytes = max_bytes
+        self.last_counter = last_counter
+        self.faults = tuple(faults)
+        self._store = counter_store
+
+    def verify(self, raw):
+        """Command, or CommandError. Nothing changes unless a Command is returned."""
+        if not isinstance(raw, (bytes, bytearray, memoryview)):
+            raise CommandError("malformed", "payload is not bytes")
+        if len(raw) > self.max_bytes:
+            raise CommandError("too_large", "payload over %d bytes" % self.max_bytes)
+        outer = self._json(bytes(raw))
+        if type(outer) is not dict or len(outer) != 2:
+            raise CommandError("malformed", "payload must be {body, sig}")
+        body = outer.get("body")
+        sig = outer.get("sig")
+        if type(body) is not str or type(sig) is not str:
+            raise CommandError("malformed", "body and sig must be strings")
+        try:
+            body_bytes = body.encode()
+        except ValueError:  # CPython: a lone surrogate escaped in the JSON
+            raise CommandError("malformed", "body is not UTF-8") from None
+        if len(sig) != 64:
+            raise CommandError("bad_signature", "sig must be 64 hex digits", *_claims(body))
+        try:
+            given = binascii.unhexlify(sig)
+        except ValueError:
+            raise CommandError("bad_signature", "sig must be 64 hex digits",
+                               *_claims(body)) from None
+        if not equal_ct(_hmac(self._ipad, self._opad, body_bytes), given):
+            raise CommandError("bad_signature", "signature does not match", *_claims(body))
+        # Authentic from here on.
+        cmd = self._json(body_bytes, True)
+        if type(cmd) is not dict:
+            raise CommandError("malformed", "body must be an object", authentic=True)
+        cmd_id = cmd.get("id")
+        if not _is_id(cmd_id):
+            raise CommandError("malformed", "id must be 1..64 of A-Z a-z 0-9 . _ : -",
+                               authentic=True)
+        name = cmd.get("cmd")
+        ack = (cmd_id, name if _is_name(name) else None, True)  # for the error ack
+        if sorted(cmd) != list(_BODY_KEYS):
+            raise CommandError("malformed", "body keys must be v, id, cmd, counter, args", *ack)
+        v = cmd["v"]
+        if type(v) is not int or v != VERSION:
+            raise CommandError("malformed", "unsupported version", *ack)
+        counter = cmd["counter"]
+        if type(counter) is not int or not 0 < counter <= _MAX_COUNTER:
+            raise CommandError("malformed", "counter must be an int 1..2**53-1", *ack)
+        if counter <= self.last_counter:
+            raise CommandError("replayed", "counter not above the last accepted one", *ack)
+        args = cmd["args"]
+        if type(args) is not dict:
+            raise CommandError("malformed", "args must be an object", *ack)
+        check = _COMMANDS.get(name) if type(name) is str else None
+        if check is None:
+            raise CommandError("unknown_command", "no such command", *ack)
+        args = check(self, args)
+        if args is None:
+            raise CommandError("bad_argument", _USAGE[name], *ack)
+        if self._store is not None:
+            try:
+                self._store.save(counter)
+            except OSError:
+                raise CommandError("storage_error", "counter not saved, not executed",
+                                   *ack) from None
+        self.last_counter = counter
+        return Command(cmd_id, name, counter, args)
+
+    @staticmethod
+    def _json(data, authentic=False):
+        try:
+            return json.loads(data)
+        except (ValueError, RuntimeError):  # RuntimeError: CPython's recursion limit
+            raise CommandError("malformed", "not valid JSON", authentic=authentic) from None
+
+    # -- arguments: each returns the checked args dict, or None -----------------------------
+
+    def _remote_start(self, args):
+        if list(args) == ["auth_id"] and _printable(args["auth_id"], 1, 64):
+            return {"auth_id": args["auth_id"]}
+        return None
+
+    def _set_current_limit(self, args):
+        if list(args) == ["amps"]:
+            amps = args["amps"]
+            if amps is None:  # remove the remote limit
+                return {"amps": None}
+            # type(): bool is an int on CPython; NaN fails every comparison.
+            if type(amps) in (int, float) and 0 <= amps <= MAX_AMPS:
+                return {"amps": amps}
+        return None
+
+    def _set_availability(self, args):
+        if list(args) == ["state"] and type(args["state"]) is str \
+                and args["state"] in AVAILABILITY:
+            return {"state": args["state"]}
+        return None
+
+    def _clear_fault(self, args):
+        if list(args) == ["fault"] and type(args["fault"]) is str and args["fault"] in self.faults:
+            return {"fault": args["fault"]}
+        return None
+
+    def _none(self, args):
+        return None if args else {}
+
+
+_COMMANDS = {
+    "remote_start": CommandVerifier._remote_start,
+    "remote_stop": CommandVerifier._none,
+    "set_current_limit": CommandVerifier._set_current_limit,
+    "set_availability": CommandVerifier._set_availability,
+    "clear_fault": CommandVerifier._clear_fault,
+    "request_status": CommandVerifier._none,
+    "reboot": CommandVerifier._none,
+}
+_USAGE = {
+    "remote_start": "needs auth_id: 1..64 printable characters",
+    "remote_stop": "takes no arguments",
+    "set_current_limit": "needs amps: 0..%d or null" % MAX_AMPS,
+    "set_availability": "needs state: " + " | ".join(AVAILABILITY),
+    "clear_fault": "needs fault: one of the clearable faults",
+    "request_status": "takes no arguments",
+    "reboot": "takes no arguments",
+}
