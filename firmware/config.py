@@ -39,6 +39,8 @@ def _check(where, key, value, kind, low=None, high=None, choices=None):
         ok = isinstance(value, str)
     elif kind == "pin":
         ok = value is None or (_is_int(value) and value >= 0)
+    elif kind == "pile_id":
+        ok = value is None or (isinstance(value, str) and _pile_id_ok(value))
     elif kind == "address":
         ok = value is None or isinstance(value, str) or _is_int(value)
     else:
@@ -59,7 +61,17 @@ _KIND_TEXT = {
     "str": "a string",
     "pin": "a GPIO number or null",
     "address": "a number (Modbus) or a string of 12 digits (DL/T 645)",
+    "pile_id": "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
 }
+
+
+def _pile_id_ok(text):
+    if not 1 <= len(text) <= 64 or not text[0].isalpha() and not text[0].isdigit():
+        return False
+    for c in text:
+        if not (c.isalpha() or c.isdigit() or c in "._-") or ord(c) > 127:
+            return False
+    return True
 
 
 def _validate(where, data, schema):
@@ -86,6 +98,11 @@ REQUIRED = object()
 
 # config.json: what the operator sets for this pile.
 CONFIG_SCHEMA = {
+    # The operator's id for this pile (docs/telemetry.md); without one no session is recorded.
+    "pile_id": ("pile_id", None, None, None, None),
+    "connector": ("int", 1, 1, 8, None),
+    # Snapshot of an open session every this many seconds (docs/durability.md: wear).
+    "checkpoint_s": ("int", 60, 10, 3600, None),
     "standard": ("str", pilot.IEC, None, None, pilot.STANDARDS),
     # Upper end: 80 A, the top of IEC 61851-1's duty range (GB/T caps at 63 A in pilot.py).
     "max_current_a": ("number", 32, 6, 80, None),

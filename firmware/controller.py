@@ -31,7 +31,7 @@ FINAL_READING_MAX_MS = const(10000)
 class Controller:
     def __init__(self, sampler, output, contactor, rcd, charger, standard,
                  proximity=None, tethered_cable_ma=0, report=None,
-                 meter=None, meter_failure_ms=30000, on_session_end=None):
+                 meter=None, meter_failure_ms=30000, session_log=None):
         self.sampler = sampler
         self.output = output
         self.contactor = contactor
@@ -50,7 +50,7 @@ class Controller:
         self.diode_checked = False
         self.meter = meter
         self.meter_failure_ms = meter_failure_ms
-        self.on_session_end = on_session_end
+        self.session_log = session_log
         self._closed_ms = 0
         self._opened_ms = 0
         self.record = None  # the session whose record is open (outlives charger.session on unplug)
@@ -129,6 +129,8 @@ class Controller:
                     self._emit(now_ms, "meter", "no good reading for %d s: %s" % (
                         self.meter_failure_ms // 1000, meter.last_error))
                     self.charger.stop_session(now_ms, "meter_failure")
+        if self.session_log is not None:
+            self.session_log.poll(now_ms, session, None if meter is None else meter.reading)
         if session is not None and session.stop_reason is not None and session.ended_ms is None \
                 and not self.contactor.closed:
             self._close_record(now_ms, session)
@@ -152,8 +154,8 @@ class Controller:
             session.stop_reason, "?" if energy is None else energy,
             time.ticks_diff(now_ms, session.started_ms) // 1000,
             "" if session.meter_final else " (last good reading before the stop)"))
-        if self.on_session_end is not None:
-            self.on_session_end(session)
+        if self.session_log is not None:
+            self.session_log.ended(now_ms, session)
     def _check_contactor(self, now_ms):
         problem = self.contactor.check(now_ms)
         if problem == relay.WELDED:

@@ -86,7 +86,41 @@ def build(board, conf):
     return controller.Controller(sampler, output, contactor, rcd, charger, conf.standard,
                                  proximity, tethered_ma, report,
                                  meter=build_meter(board, conf.meter),
-                                 meter_failure_ms=conf.meter.failure_timeout_s * 1000)
+                                 meter_failure_ms=conf.meter.failure_timeout_s * 1000,
+                                 session_log=build_session_log(conf))
+
+
+# Files on the board's flash (docs/durability.md).
+BOOT_COUNT_FILE = "boot_count.json"
+OUTBOX_FILE = "outbox.jrnl"
+SESSION_FILE = "session.json"
+
+
+def build_session_log(conf):
+    """Session records into the flash outbox; none without a pile id to name them by."""
+    if conf.pile_id is None:
+        report(time.ticks_ms(), "session", "no pile_id in config.json: sessions are not recorded")
+        return None
+    import journal
+    import session_log
+    import session_store
+
+    # The boot counter goes up and is written back before any session can start: a power cut
+    # can skip a number, never repeat one (session ids stay unique, docs/telemetry.md).
+    counter = session_store.CounterStore(BOOT_COUNT_FILE)
+    last = counter.load()
+    if last is None:
+        raise Unavailable("boot counter unreadable (%s): restore it above the cloud's last boot "
+                          "for this pile" % counter.error)
+    counter.save(last + 1)
+    return session_log.SessionLog(
+        conf.pile_id, last + 1, journal.Journal(OUTBOX_FILE), session_store.SessionStore(SESSION_FILE),
+        connector=conf.connector, metered=conf.meter.type != "none", checkpoint_s=conf.checkpoint_s,
+        report=report)
+
+
+class Unavailable(Exception):
+    """The pile cannot charge until a technician fixes something; a reboot would not help."""
 
 
 _PARITY = {"none": None, "even": 0, "odd": 1}  # machine.UART: 0 even, 1 odd
@@ -156,7 +190,10 @@ def run():
         board, conf, problem = load_settings()
         if problem:
             hold_unavailable(board, problem)
-        ctl = build(board, conf)
+        try:
+            ctl = build(board, conf)
+        except Unavailable as e:
+            hold_unavailable(board, str(e))
         wdt = machine.WDT(timeout=conf.wdt_timeout_ms)
         report(time.ticks_ms(), "main", "firmware %s, board %s, %s, max %s A%s" % (
             VERSION, board.name, conf.standard, conf.max_current_a,

@@ -1,11 +1,14 @@
 """The firmware on the real MicroPython unix port (64 KiB heap budget) against the simulated
 hardware: each scenario asserts what the contactor and the pilot did."""
+import json
 import os
 import sys
 
+import jsonschema
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sim"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "sim"))
 import launch  # noqa: E402
 
 # IEC 61851-1 Table A.6 seq. 8.1: C->B must open the contactor within 100 ms.
@@ -206,3 +209,55 @@ def test_a_misbehaving_bus_is_refused_counted_and_billed_right():
         assert expected in errors
     assert abs(session_energy(r)[0] - r.result["energy_wh"]) < 1
     assert not [text for _, text in r.firmware_events("session") if "meter_failure" in text]
+
+
+# -- session records in the flash outbox, and power cuts ------------------------------------------
+
+def outbox(flash):
+    """(kind, record) of every record in a board's flash outbox, read with the firmware's Journal."""
+    import journal
+
+    return [(journal.kind_name(kind), json.loads(payload))
+            for _seq, kind, payload in journal.Journal(os.path.join(flash, "outbox.jrnl")).pending()]
+
+
+def validate(kind, record):
+    with open(os.path.join(ROOT, "docs", "schemas", kind + ".v1.schema.json")) as f:
+        jsonschema.validate(record, json.load(f))
+
+
+def test_a_session_lands_in_the_outbox_once(tmp_path):
+    r = launch.run_scenario("normal", flash_dir=str(tmp_path))
+    assert r.returncode == 0 and r.result is not None
+    recs = outbox(str(tmp_path))
+    assert [k for k, _ in recs] == ["session_start", "session_end"]
+    validate("session_started", recs[0][1])
+    validate("session_ended", recs[1][1])
+    ended = recs[1][1]
+    assert ended["session_id"] == "sim-pile-1-1-1" and ended["stop_reason"] == "ev_disconnected"
+    assert ended["energy_wh"] == session_energy(r)[0]
+
+
+def test_power_cut_mid_session_is_closed_as_power_loss_once(tmp_path):
+    flash = str(tmp_path)
+    cut = launch.run_scenario("charging_until_cut", flash_dir=flash, kill_after_s=3.0)
+    assert cut.result is None  # no orderly end: the power went
+    assert any("contactor: closed" in line for line in cut.lines)
+    before = outbox(flash)
+    assert [k for k, _ in before] == ["session_start"]
+    assert os.path.exists(os.path.join(flash, "session.json"))  # the snapshot of the open session
+
+    r = launch.run_scenario("car_still_there", flash_dir=flash)
+    assert r.returncode == 0 and r.result is not None
+    recs = outbox(flash)
+    ended = [rec for k, rec in recs if k == "session_end"]
+    assert len(ended) == 1
+    validate("session_ended", ended[0])
+    assert ended[0]["session_id"] == "sim-pile-1-1-1" and ended[0]["stop_reason"] == "power_loss"
+    started = [rec["session_id"] for k, rec in recs if k == "session_start"]
+    assert started == ["sim-pile-1-1-1", "sim-pile-1-2-1"]  # the boot counter went up
+
+    again = launch.run_scenario("car_still_there", flash_dir=flash, kill_after_s=1.5)
+    assert again.result is None
+    ended = [rec["session_id"] for k, rec in outbox(flash) if k == "session_end"]
+    assert ended.count("sim-pile-1-1-1") == 1  # reported once, however often it boots

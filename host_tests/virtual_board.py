@@ -6,6 +6,7 @@ Deterministic and fast: a 6 s timeout takes milliseconds, with no wall-clock luc
 """
 import json
 import os
+import tempfile
 import time
 
 import mp_time
@@ -35,6 +36,7 @@ class VirtualBoard:
     def __init__(self, monkeypatch, steps=(), config=None, board=None, start_us=0, period_ms=5):
         import world
 
+        monkeypatch.chdir(tempfile.mkdtemp(prefix="pile-flash-"))  # the board's files go here
         self.clock = VirtualClock(start_us)
         monkeypatch.setattr(time, "ticks_us", self.clock.ticks_us)
         monkeypatch.setattr(time, "ticks_ms", self.clock.ticks_ms)

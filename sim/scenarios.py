@@ -6,7 +6,8 @@ read both by the ROM (MicroPython) and by the launcher (CPython).
 DEFAULT = "normal"
 
 # Every scenario starts from this config.json, then applies its own "config".
-BASE_CONFIG = {"free_vend": True, "standard": "iec", "max_current_a": 32, "meter": {"type": "ddsu666"}}
+BASE_CONFIG = {"pile_id": "sim-pile-1", "free_vend": True, "standard": "iec", "max_current_a": 32,
+               "meter": {"type": "ddsu666"}}
 
 _CHARGE = [(300, "plug"), (1000, "request")]
 
@@ -76,6 +77,14 @@ SCENARIOS = {
                             (8700, "meter_fault", "backwards"), (9900, "meter_fault", None),
                             (11100, "meter_fault", "jump"), (12300, "meter_fault", None),
                             (14000, "stop_request"), (14500, "unplug"), (16000, "end")],
+    },
+    "charging_until_cut": {
+        "doc": "charge for a long time (the tests cut the power with kill -9 part-way)",
+        "steps": _CHARGE + [(60000, "end")],
+    },
+    "car_still_there": {
+        "doc": "the board boots with a car plugged in and requesting (after a power cut)",
+        "steps": [(0, "plug"), (0, "request"), (4000, "end")],
     },
     "broken_config": {
         "doc": "config.json with a bad value: clear error, pilot F, contactor never closes",

@@ -1,0 +1,156 @@
+"""Session records into the flash outbox: ids, schema-valid payloads, power-loss recovery."""
+import json
+import os
+
+import jsonschema
+import pytest
+from virtual_board import ROOT
+
+import charger as ch
+import journal
+import session_log
+import session_store
+
+SCHEMAS = os.path.join(ROOT, "docs", "schemas")
+T_2026 = 1795000000  # 2026-11-18, a synced clock
+T_UNSYNCED = 41  # a board without NTP: 41 s after its epoch
+
+
+def validate(kind, record):
+    with open(os.path.join(SCHEMAS, kind + ".v1.schema.json")) as f:
+        jsonschema.validate(record, json.load(f))
+
+
+class Clock:
+    def __init__(self, t):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+class Reading:
+    def __init__(self, wh, w=7360):
+        self.energy_wh = wh
+        self.power_w = w
+
+
+def make_log(tmp_path, boot=7, wall=T_2026, metered=True):
+    log = session_log.SessionLog("pile-0042", boot, journal.Journal(str(tmp_path / "outbox")),
+                                 session_store.SessionStore(str(tmp_path / "session.json")),
+                                 metered=metered, checkpoint_s=60, wall=Clock(wall))
+    return log
+
+
+def records(tmp_path):
+    out = []
+    for _seq, kind, payload in journal.Journal(str(tmp_path / "outbox")).pending():
+        out.append((journal.kind_name(kind), json.loads(payload)))
+    return out
+
+
+def session(now=0, auth="free_vend", auth_id=None):
+    s = ch.Session(now)
+    s.auth_source, s.auth_id, s.authorized_ms = auth, auth_id, now
+    return s
+
+
+def test_a_session_gives_started_and_ended_records_that_match_the_schemas(tmp_path):
+    log = make_log(tmp_path)
+    s = session(auth="remote", auth_id="card-1")
+    log.poll(0, s, None)
+    assert getattr(s, "id", None) is None  # waits for the meter's start value
+    s.note_meter(Reading(1843210))
+    log.poll(10, s, None)
+    assert s.id == "pile-0042-7-1"
+    s.note_meter(Reading(1852911, w=7400))
+    s.stop_reason, s.ended_ms = "ev_disconnected", 4892000
+    log._wall.t += 4892
+    log.ended(4892000, s)
+    (k1, started), (k2, ended) = records(tmp_path)
+    assert (k1, k2) == ("session_start", "session_end")
+    validate("session_started", started)
+    validate("session_ended", ended)
+    assert ended["energy_wh"] == 9701 and ended["duration_s"] == 4892 and ended["peak_power_w"] == 7400
+    assert ended["clock_synced"] is True and ended["auth_id"] == "card-1"
+    assert session_store.SessionStore(str(tmp_path / "session.json")).load() is None
+
+
+def test_ids_count_sessions_within_a_boot(tmp_path):
+    log = make_log(tmp_path, boot=3, metered=False)
+    ids = []
+    for i in range(3):
+        s = session(i * 1000)
+        log.poll(i * 1000, s, None)
+        ids.append(s.id)
+    assert ids == ["pile-0042-3-1", "pile-0042-3-2", "pile-0042-3-3"]
+
+
+def test_unauthorised_sessions_are_not_recorded(tmp_path):
+    log = make_log(tmp_path)
+    s = ch.Session(0)
+    log.poll(0, s, Reading(5))
+    s.stop_reason = "ev_disconnected"
+    log.ended(100, s)
+    assert records(tmp_path) == []
+
+
+def test_unsynced_clock_is_flagged_and_fixed_when_synced_during_the_session(tmp_path):
+    log = make_log(tmp_path, wall=T_UNSYNCED, metered=False)
+    s = session()
+    log.poll(0, s, None)
+    log._wall.t = T_2026  # NTP answered mid-session
+    s.stop_reason = "remote"
+    log.ended(600000, s)
+    (_, started), (_, ended) = records(tmp_path)
+    # 41 s after the port's epoch (2000 on an ESP32, 1970 on CPython and the unix port)
+    assert started["clock_synced"] is False and started["start_time"].endswith("-01-01T00:00:41Z")
+    assert ended["clock_synced"] is True
+    assert ended["start_time"] == session_log.iso_utc(T_2026 - 600)
+    validate("session_started", started)
+    validate("session_ended", ended)
+
+
+def test_power_loss_closes_the_session_at_the_next_boot(tmp_path):
+    log = make_log(tmp_path)
+    s = session()
+    s.note_meter(Reading(1000))
+    log.poll(0, s, None)
+    s.note_meter(Reading(1050))
+    log.poll(61000, s, None)  # a checkpoint: 61 s, meter 1050
+    # power cut here; next boot:
+    log2 = make_log(tmp_path, boot=8)
+    log2.poll(0, None, None)
+    assert len(records(tmp_path)) == 1  # waits for the meter's first reading
+    log2.poll(500, None, Reading(1062))  # the meter counted on until the cut
+    recs = records(tmp_path)
+    assert [k for k, _ in recs] == ["session_start", "session_end"]
+    ended = recs[1][1]
+    validate("session_ended", ended)
+    assert ended["session_id"] == "pile-0042-7-1" and ended["stop_reason"] == "power_loss"
+    assert ended["meter_stop_wh"] == 1062 and ended["energy_wh"] == 62 and ended["duration_s"] == 61
+    log3 = make_log(tmp_path, boot=9)  # and only once
+    log3.poll(0, None, Reading(1062))
+    assert len(records(tmp_path)) == 2
+
+
+def test_power_loss_without_a_meter_reading_after_boot(tmp_path):
+    log = make_log(tmp_path)
+    s = session()
+    s.note_meter(Reading(1000))
+    log.poll(0, s, None)
+    log2 = make_log(tmp_path, boot=8)
+    log2.poll(0, None, None)
+    log2.poll(session_log.RECOVERY_WAIT_MS - 1, None, None)
+    assert len(records(tmp_path)) == 1
+    log2.poll(session_log.RECOVERY_WAIT_MS, None, None)
+    ended = records(tmp_path)[1][1]
+    assert ended["stop_reason"] == "power_loss" and ended["meter_stop_wh"] == 1000
+
+
+@pytest.mark.parametrize("garbage", [b"", b"{", b"[1,2]", b'{"id": 5}', b"\xff\xfe"])
+def test_a_garbled_snapshot_never_crashes_the_boot(tmp_path, garbage):
+    (tmp_path / "session.json").write_bytes(garbage)
+    log = make_log(tmp_path, metered=False)
+    log.poll(0, None, None)
+    assert [k for k, _ in records(tmp_path)] == []
