@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 import dlt645
 from meter import MeterError, make_meter
 from meters import Dlt645MeterSim
-from test_meter_common import Bus, Clock, World, run, no_sleeping  # noqa: F401 (fixture)
+from test_meter_common import Bus, Clock, ScriptedSim, World, run, no_sleeping  # noqa: F401 (fixture)
 
 ADDR = b"\x01\x00\x00\x00\x00\x00"  # nameplate 000000000001
 
@@ -149,16 +149,6 @@ def test_fuzz_any_corrupted_byte_is_caught(frame, data):
     # one changed byte always breaks the sum, the framing or the header check
     with pytest.raises(MeterError):
         dlt645.parse_reply(bad, len(bad), ADDR, di)
-
-
-class ScriptedSim:
-    reply_delay_ms = 20
-
-    def __init__(self, replies):
-        self.replies = list(replies)
-
-    def handle(self, request):
-        return self.replies.pop(0) if self.replies else None
 
 
 @settings(max_examples=60, deadline=None)

@@ -172,6 +172,18 @@ def no_sleeping(monkeypatch, request):
             monkeypatch.setattr(time, name, refuse)
 
 
+class ScriptedSim:
+    """A bus peer that answers each request with the next scripted reply (fuzzing drivers)."""
+
+    reply_delay_ms = 20
+
+    def __init__(self, replies):
+        self.replies = list(replies)
+
+    def handle(self, request):
+        return self.replies.pop(0) if self.replies else None
+
+
 # ----------------------------------------------------------------------------- Reading
 
 def test_age_uses_ticks_diff_across_wrap():

@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 import modbus_meter
 from meter import MeterError, make_meter
 from meters import ModbusMeterSim
-from test_meter_common import Bus, Clock, World, run, no_sleeping  # noqa: F401 (fixture)
+from test_meter_common import Bus, Clock, ScriptedSim, World, run, no_sleeping  # noqa: F401 (fixture)
 
 MODELS = ("ddsu666", "sdm120", "sdm630")
 
@@ -146,18 +146,6 @@ def test_fuzz_reply_length_raises_only_meter_error(frame):
     except MeterError:
         return
     assert n in (0, 5, 9)
-
-
-class ScriptedSim:
-    """Answers each request with the next scripted reply."""
-
-    reply_delay_ms = 20
-
-    def __init__(self, replies):
-        self.replies = list(replies)
-
-    def handle(self, request):
-        return self.replies.pop(0) if self.replies else None
 
 
 @settings(max_examples=60, deadline=None)
