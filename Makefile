@@ -11,7 +11,7 @@ SCENARIO ?= normal
 METER ?=
 BROKER ?= mqtt://127.0.0.1:1883
 
-.PHONY: help venv broker test sim scenarios mpy flash bench check monitor clean
+.PHONY: help venv deps broker test sim scenarios mpy flash bench check monitor clean
 
 help:
 	@echo "make sim [SCENARIO=name] [METER=dlt645]   firmware on the unix port, simulated hardware"
@@ -31,6 +31,13 @@ $(STAMP): requirements-dev.txt
 
 venv: $(STAMP)
 
+# Third-party MicroPython libraries (umqtt.simple), fetched by name from PyPI into lib/ (git-ignored).
+DEPS_STAMP := lib/.micropython-umqtt.simple-1.3.4
+$(DEPS_STAMP): tools/fetch_deps.py | $(STAMP)
+	$(BIN)/python tools/fetch_deps.py
+
+deps: $(DEPS_STAMP)
+
 # The broker tests start their own mosquitto on a free loopback port: it must be installed.
 broker:
 	@test -x /usr/sbin/mosquitto || command -v mosquitto >/dev/null || { \
@@ -41,11 +48,11 @@ broker:
 			echo "the broker tests need mosquitto: sudo apt-get install mosquitto"; exit 1; \
 		fi; }
 
-test: $(STAMP) broker
+test: $(STAMP) deps broker
 	$(BIN)/python -m pytest -n 2 host_tests
 
-sim: $(STAMP)
-	$(BIN)/python sim/launch.py $(SCENARIO) $(if $(METER),--meter $(METER))
+sim: $(STAMP) deps
+	$(BIN)/python sim/launch.py $(SCENARIO) $(if $(METER),--meter $(METER))$(if $(filter 1,$(BROKER)), --broker)
 
 scenarios: $(STAMP)
 	$(BIN)/python sim/launch.py --list
@@ -66,7 +73,7 @@ flash: mpy
 		fs cp boards/$(BOARD).json :board.json + \
 		fs cp $(CONFIG) :config.json
 
-bench: $(STAMP)
+bench: $(STAMP) deps
 	$(BIN)/python tools/bench.py
 
 check: $(STAMP)

@@ -115,6 +115,7 @@ CONFIG_SCHEMA = {
     "wdt_timeout_ms": ("int", 2000, 1000, 10000, None),
     "control_period_ms": ("int", 5, 1, 20, None),
     "meter": ("section", None, None, None, None),
+    "mqtt": ("section", None, None, None, None),
 }
 
 METER_TYPES = ("none", "ddsu666", "sdm120", "sdm630", "dlt645", "s0")
@@ -137,6 +138,21 @@ METER_SCHEMA = {
     "imp_per_kwh": ("int", 1000, 1, 100000, None),  # S0 (IEC 62053-31): 1000 is typical
     "s0_active_low": ("bool", True, None, None, None),
 }
+
+# The MQTT link (docs/telemetry.md); on when the section is there. `password` and `secret` are
+# checked apart: their values never appear in an error.
+MQTT_SCHEMA = {
+    # A numeric address never waits; a host name is looked up once at boot, which may block.
+    "host": ("str", REQUIRED, None, None, None),
+    "port": ("int", 1883, 1, 65535, None),
+    "username": ("str", None, None, None, None),
+    "tls_ca": ("str", None, None, None, None),
+    "keepalive_s": ("int", 60, 10, 3600, None),
+    "status_interval_s": ("int", 60, 10, 86400, None),
+    "meter_interval_s": ("int", 10, 10, 3600, None),  # docs/telemetry.md: 10-3600
+}
+_MQTT_SECRET_KEYS = ("password", "secret")
+_MIN_SECRET_BYTES = 16  # command_auth refuses shorter keys
 
 # board.json top level: key -> required?
 BOARD_KEYS = {
@@ -202,7 +218,40 @@ def _load_json(path):
 def parse_config(data, where="config.json"):
     conf = Section(_validate(where, data, CONFIG_SCHEMA))
     conf.meter = _parse_meter(where + ": meter", data.get("meter", {}))
+    conf.mqtt = None if data.get("mqtt") is None else _parse_mqtt(where + ": mqtt", data["mqtt"])
     return conf
+
+
+def _parse_mqtt(where, data):
+    if not isinstance(data, dict):
+        raise ConfigError("%s: must be a JSON object" % where)
+    plain = {k: v for k, v in data.items() if k not in _MQTT_SECRET_KEYS}
+    mqtt = Section(_validate(where, plain, MQTT_SCHEMA))
+    if not mqtt.host:
+        raise ConfigError("%s: 'host' must not be empty" % where)
+    password = data.get("password")
+    if password is not None and not isinstance(password, str):
+        raise ConfigError("%s: 'password' must be a string" % where)
+    if password is not None and mqtt.username is None:
+        raise ConfigError("%s: 'password' needs 'username'" % where)
+    mqtt.password = password
+    secret = data.get("secret")
+    if secret is not None and not _hex_secret_ok(secret):
+        raise ConfigError("%s: 'secret' must be the command key as hex, at least %d bytes (%d "
+                          "hex digits)" % (where, _MIN_SECRET_BYTES, 2 * _MIN_SECRET_BYTES))
+    mqtt.secret = secret
+    if mqtt.tls_ca is not None:
+        raise ConfigError("%s: 'tls_ca': tls not supported yet" % where)
+    return mqtt
+
+
+def _hex_secret_ok(text):
+    if not isinstance(text, str) or len(text) % 2 or len(text) < 2 * _MIN_SECRET_BYTES:
+        return False
+    for c in text:
+        if not ("0" <= c <= "9" or "a" <= c <= "f" or "A" <= c <= "F"):
+            return False
+    return True
 
 
 def _parse_meter(where, data):

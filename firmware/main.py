@@ -119,6 +119,45 @@ def build_session_log(conf):
         report=report)
 
 
+CMD_COUNTER_FILE = "cmd_counter.json"
+
+
+def build_link(board, conf, ctl):
+    """The MQTT link (docs/telemetry.md), when config.json has an mqtt section and a pile id."""
+    mconf = conf.mqtt
+    if mconf is None:
+        return None
+    now = time.ticks_ms()
+    if ctl.session_log is None:
+        report(now, "mqtt", "no pile_id in config.json: no MQTT link")
+        return None
+    import mqtt_link
+
+    return mqtt_link.MqttLink(mconf, ctl, ctl.session_log, report, build_verifier(mconf),
+                              fw=VERSION, board=board.name, reset=machine.reset, boot_ms=_boot_ms)
+
+
+def build_verifier(mconf):
+    """Remote commands need the key and a readable counter; otherwise they are refused (the
+    link then does not subscribe to them). The key is never printed."""
+    now = time.ticks_ms()
+    if mconf.secret is None:
+        report(now, "mqtt", "no secret in config.json: remote commands off")
+        return None
+    import binascii
+
+    import command_auth
+    import session_store
+
+    store = session_store.CounterStore(CMD_COUNTER_FILE)
+    last = store.load()
+    if last is None:  # docs/commands.md: from 0 again, every captured command would be accepted
+        report(now, "mqtt", "command counter unreadable (%s): remote commands refused" % store.error)
+        return None
+    return command_auth.CommandVerifier(binascii.unhexlify(mconf.secret), last_counter=last,
+                                        counter_store=store)
+
+
 class Unavailable(Exception):
     """The pile cannot charge until a technician fixes something; a reboot would not help."""
 
@@ -194,6 +233,7 @@ def run():
             ctl = build(board, conf)
         except Unavailable as e:
             hold_unavailable(board, str(e))
+        link = build_link(board, conf, ctl)
         wdt = machine.WDT(timeout=conf.wdt_timeout_ms)
         report(time.ticks_ms(), "main", "firmware %s, board %s, %s, max %s A%s" % (
             VERSION, board.name, conf.standard, conf.max_current_a,
@@ -202,6 +242,8 @@ def run():
         while True:
             start = time.ticks_ms()
             ctl.tick(start)
+            if link is not None:
+                link.poll(start)  # one non-blocking step; a hung link would starve the watchdog
             wdt.feed()  # only a loop that completed a tick feeds the watchdog
             spent = time.ticks_diff(time.ticks_ms(), start)
             if spent < period:

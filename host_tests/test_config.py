@@ -74,3 +74,44 @@ def test_board_errors_name_the_key():
     assert "'tethered_cable_a'" in _broken(lambda b: b["pins"].update(pp_adc=None))
     assert "'ratings'" in _broken(lambda b: b.pop("ratings"))
     assert "'colour'" in _broken(lambda b: b.update(colour="red"))
+
+
+SECRET_HEX = "0f" * 32
+
+
+def test_mqtt_section_defaults_and_absence():
+    assert config.parse_config({}).mqtt is None
+    m = config.parse_config({"mqtt": {"host": "192.0.2.7", "secret": SECRET_HEX}}).mqtt
+    assert (m.host, m.port, m.username, m.password, m.tls_ca) == ("192.0.2.7", 1883, None, None, None)
+    assert (m.keepalive_s, m.status_interval_s, m.meter_interval_s) == (60, 60, 10)
+    assert m.secret == SECRET_HEX
+
+
+@pytest.mark.parametrize("mqtt, key", [
+    ({}, "host"),
+    ({"host": ""}, "host"),
+    ({"host": "10.0.0.1", "port": 0}, "port"),
+    ({"host": "10.0.0.1", "keepalive_s": 5}, "keepalive_s"),
+    ({"host": "10.0.0.1", "meter_interval_s": 1}, "meter_interval_s"),
+    ({"host": "10.0.0.1", "color": "red"}, "color"),
+    ({"host": "10.0.0.1", "password": "pw"}, "password"),
+    ({"host": "10.0.0.1", "tls_ca": "ca.pem"}, "tls_ca"),
+])
+def test_mqtt_errors_name_the_key(mqtt, key):
+    with pytest.raises(config.ConfigError, match=key):
+        config.parse_config({"mqtt": mqtt})
+
+
+def test_tls_is_refused_clearly():
+    with pytest.raises(config.ConfigError, match="tls not supported yet"):
+        config.parse_config({"mqtt": {"host": "10.0.0.1", "tls_ca": "ca.pem"}})
+
+
+@pytest.mark.parametrize("secret", ["abc", "zz" * 32, "0f" * 15, 1234567890123456789012345678901234])
+def test_a_bad_secret_or_password_is_never_echoed(secret):
+    with pytest.raises(config.ConfigError) as e:
+        config.parse_config({"mqtt": {"host": "10.0.0.1", "secret": secret}})
+    assert str(secret) not in str(e.value) and "secret" in str(e.value)
+    with pytest.raises(config.ConfigError) as e:
+        config.parse_config({"mqtt": {"host": "10.0.0.1", "username": "u", "password": ["hunter2"]}})
+    assert "hunter2" not in str(e.value)

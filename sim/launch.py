@@ -58,21 +58,25 @@ _SOURCE_ONLY = ("boot.py", "main.py", "launch.py")
 
 
 def compile_for_unix():
-    """Precompile firmware/ and sim/ to .mpy: a board imports bytecode too, and compiling the
-    simulator from source would not fit beside the firmware in a 64 KiB heap."""
-    for sub in ("firmware", "sim"):
-        src_dir = os.path.join(ROOT, sub)
-        out_dir = os.path.join(UNIX_BUILD, sub)
-        os.makedirs(out_dir, exist_ok=True)
-        for name in sorted(os.listdir(src_dir)):
-            if not name.endswith(".py") or name in _SOURCE_ONLY:
-                continue
-            src = os.path.join(src_dir, name)
-            out = os.path.join(out_dir, name[:-3] + ".mpy")
-            if os.path.exists(out) and os.path.getmtime(out) >= os.path.getmtime(src):
-                continue
-            subprocess.run([mpy_cross_binary(), "-o", out, "-s", name, src], check=True)
-    return [os.path.join(UNIX_BUILD, "firmware"), os.path.join(UNIX_BUILD, "sim")]
+    """Precompile firmware/, sim/ and lib/ (`make deps`: umqtt) to .mpy: a board imports
+    bytecode too, and compiling the simulator from source would not fit beside the firmware in
+    a 64 KiB heap."""
+    for sub in ("firmware", "sim", "lib"):
+        src_root = os.path.join(ROOT, sub)
+        for src_dir, _dirs, files in os.walk(src_root):
+            rel = os.path.relpath(src_dir, src_root)
+            out_dir = os.path.normpath(os.path.join(UNIX_BUILD, sub, rel))
+            for name in sorted(files):
+                if not name.endswith(".py") or name in _SOURCE_ONLY:
+                    continue
+                os.makedirs(out_dir, exist_ok=True)
+                src = os.path.join(src_dir, name)
+                out = os.path.join(out_dir, name[:-3] + ".mpy")
+                if os.path.exists(out) and os.path.getmtime(out) >= os.path.getmtime(src):
+                    continue
+                source_name = name if rel == "." else rel + "/" + name
+                subprocess.run([mpy_cross_binary(), "-o", out, "-s", source_name, src], check=True)
+    return [os.path.join(UNIX_BUILD, d) for d in ("firmware", "sim", "lib")]
 
 
 def micropypath():
@@ -120,9 +124,10 @@ class SimRun:
 
 
 def run_scenario(name=scenarios.DEFAULT, board="ref-esp32", config=None, heapsize=DEFAULT_HEAP,
-                 echo=False, timeout=120, flash_dir=None, kill_after_s=None):
+                 echo=False, timeout=120, flash_dir=None, kill_after_s=None, on_line=None):
     """Run one scenario. flash_dir: keep the board's flash there (else a temporary folder);
-    kill_after_s: cut the power (SIGKILL) after this many seconds, leaving no result."""
+    kill_after_s: cut the power (SIGKILL) after this many seconds, leaving no result;
+    on_line: called with each output line as it comes (tests act on the firmware's reports)."""
     spec = scenarios.get(name)
     conf = dict(scenarios.BASE_CONFIG)
     conf.update(spec.get("config", {}))
@@ -151,6 +156,8 @@ def run_scenario(name=scenarios.DEFAULT, board="ref-esp32", config=None, heapsiz
                     result = json.loads(line[len(RESULT_PREFIX):])
                     continue
                 lines.append(line)
+                if on_line is not None:
+                    on_line(line)
                 if echo:
                     print(line, flush=True)
             proc.wait(timeout=timeout)
@@ -160,6 +167,76 @@ def run_scenario(name=scenarios.DEFAULT, board="ref-esp32", config=None, heapsiz
             if proc.poll() is None:
                 proc.kill()
     return SimRun(proc.returncode, lines, result)
+
+
+MQTT_HEAP = "168k"  # the firmware with the MQTT link (its bytecode lives in the unix port's heap)
+
+
+class LocalBroker:
+    """`make sim BROKER=1`: a mosquitto of its own on a free loopback port, and the reference
+    consumer (tools/consumer.py) in this process, storing into a temporary SQLite file."""
+
+    def __init__(self, directory):
+        import getpass
+        import socket
+        import time
+
+        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not os.access(exe, os.X_OK):
+            raise SystemExit("--broker needs mosquitto: apt-get install mosquitto")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        conf = os.path.join(directory, "mosquitto.conf")
+        with open(conf, "w") as f:
+            f.write("listener %d 127.0.0.1\npersistence false\nallow_anonymous true\nuser %s\n"
+                    % (self.port, getpass.getuser()))
+        self.proc = subprocess.Popen([exe, "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.proc.kill()
+                    raise SystemExit("mosquitto did not start") from None
+                time.sleep(0.05)
+        sys.path.insert(0, os.path.join(ROOT, "tools"))
+        import consumer
+
+        self.storage = consumer.open_storage("sqlite:///" + os.path.join(directory, "telemetry.db"))
+        self.storage.setup()
+        self.handler = consumer.Handler(consumer.Schemas(), self.storage)
+        self.consumer = consumer.Consumer("mqtt://127.0.0.1:%d" % self.port, self.handler)
+        self.consumer.start()
+        self.consumer.subscribed.wait(10)
+        print("broker: mosquitto on 127.0.0.1:%d, the reference consumer subscribed to evse/v1/#" % self.port)
+
+    def show(self):
+        import time
+
+        time.sleep(0.5)  # the last messages on their way
+        print("---- what the consumer stored:")
+        for table, columns in (("sessions", "session_id, stop_reason, energy_wh, duration_s"),
+                               ("session_starts", "session_id, auth_source"),
+                               ("piles", "pile_id, online, state, pilot, offer_a"),
+                               ("rejected", "topic, reason")):
+            rows = self.storage.query("SELECT %s FROM %s" % (columns, table))
+            print("%-15s %s" % (table + ":", "; ".join(", ".join(str(v) for v in r) for r in rows) or "none"))
+        print(consumer_summary(self.handler))
+
+    def stop(self):
+        self.consumer.stop()
+        self.storage.close()
+        self.proc.terminate()
+        self.proc.wait(5)
+
+
+def consumer_summary(handler):
+    import consumer
+
+    return consumer.summary(handler.stats)
 
 
 def main(argv=None):
@@ -172,6 +249,9 @@ def main(argv=None):
                         help="the meter fitted (default: the scenario's, else %s)"
                              % scenarios.BASE_CONFIG["meter"]["type"])
     parser.add_argument("--list", action="store_true", help="list the scenarios")
+    parser.add_argument("--broker", action="store_true",
+                        help="start a local mosquitto and the reference consumer; the firmware's "
+                             "MQTT link talks to it (needs mosquitto)")
     args = parser.parse_args(argv)
     if args.list:
         for name, spec in scenarios.SCENARIOS.items():
@@ -180,8 +260,21 @@ def main(argv=None):
     if args.scenario not in scenarios.SCENARIOS and not args.scenario.startswith("latency_trials"):
         parser.error("unknown scenario %r (see --list)" % args.scenario)
     print("scenario %s: %s" % (args.scenario, scenarios.get(args.scenario)["doc"]))
-    config = {"meter": {"type": args.meter}} if args.meter else None
-    run = run_scenario(args.scenario, args.board, config=config, heapsize=args.heap, echo=True)
+    config = {"meter": {"type": args.meter}} if args.meter else {}
+    broker = None
+    heap = args.heap
+    with tempfile.TemporaryDirectory(prefix="pile-broker-") as tmp:
+        if args.broker:
+            broker = LocalBroker(tmp)
+            config["mqtt"] = {"host": "127.0.0.1", "port": broker.port}
+            heap = MQTT_HEAP if heap == DEFAULT_HEAP else heap
+        try:
+            run = run_scenario(args.scenario, args.board, config=config or None, heapsize=heap, echo=True)
+            if broker is not None:
+                broker.show()
+        finally:
+            if broker is not None:
+                broker.stop()
     if run.result is None:
         print("simulation ended without a result (exit %s)" % run.returncode)
         return 1

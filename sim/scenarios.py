@@ -86,6 +86,15 @@ SCENARIOS = {
         "doc": "the board boots with a car plugged in and requesting (after a power cut)",
         "steps": [(0, "plug"), (0, "request"), (4000, "end")],
     },
+    "broker_outage": {
+        "doc": "the normal session, then time for the MQTT link's backoff (1-2-4-8 s) to find the "
+               "broker again: the tests keep the broker away until the session has ended",
+        "steps": _CHARGE + [(3000, "stop_request"), (3500, "unplug"), (18000, "end")],
+    },
+    "remote_commands": {
+        "doc": "charging with a car that never stops by itself: the tests send remote commands",
+        "steps": _CHARGE + [(14000, "end")],
+    },
     "broken_config": {
         "doc": "config.json with a bad value: clear error, pilot F, contactor never closes",
         "config": {"max_current_a": "lots"},

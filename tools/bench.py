@@ -2,15 +2,18 @@
 
 - control tick time (median, p99), idle and charging, and how much of it is the pilot burst;
 - C->B -> contactor-open latency over many trials (median, p99, max);
-- the same latency with a meter that never answers;
+- the same latency with a meter that never answers, and with the MQTT link's broker
+  black-holed (accepts TCP, never answers) or unreachable (nothing listens);
 - heap per meter type: the smallest firmware heap that completes a full session, and the
   firmware's live heap after gc.collect() at the end.
 """
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "sim"))
@@ -49,6 +52,40 @@ def smallest_heap_kb(meter):
     return high
 
 
+class BlackHole:
+    """A broker that accepts TCP connections and never reads nor answers."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                self.accepted.append(self.sock.accept()[0])
+            except OSError:
+                return
+
+    def close(self):
+        for s in self.accepted:
+            s.close()
+        self.sock.close()
+
+
+def unused_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mqtt_config(port):
+    return {"mqtt": {"host": "127.0.0.1", "port": port, "keepalive_s": 10}}
+
+
 def main():
     trials = int(os.environ.get("BENCH_TRIALS", "200"))
     print("Pile firmware benchmark on the MicroPython unix port (%s)" % launch.micropython_binary())
@@ -58,15 +95,22 @@ def main():
         print("control tick, %-8s median %5d us, p99 %5d us (pilot burst %d us of it, median)" % (
             state, percentile(total, 50), percentile(total, 99), percentile(burst, 50)))
 
-    for fault, label in ((None, "DDSU666 meter healthy"), ("silent", "meter silent")):
-        # A roomy heap: the trials' scripted steps are the simulator's, not the firmware's.
-        name = "latency_trials:%d" % trials + (":" + fault if fault else "")
-        r = launch.run_scenario(name, heapsize="256k", timeout=900)
-        if r.result is None:
-            raise SystemExit("latency run failed:\n" + "\n".join(r.lines[-20:]))
-        lat = r.result["latencies_ms"]
-        print("C->B -> contactor open, %d trials, %-21s median %.1f ms, p99 %.1f ms, max %.1f ms "
-              "(limit 100 ms)" % (len(lat), label + ":", percentile(lat, 50), percentile(lat, 99), max(lat)))
+    hole = BlackHole()
+    try:
+        for fault, label, config in ((None, "DDSU666 meter healthy", None), ("silent", "meter silent", None),
+                                     (None, "broker black-holed", mqtt_config(hole.port)),
+                                     (None, "broker unreachable", mqtt_config(unused_port()))):
+            # A roomy heap: the trials' scripted steps are the simulator's, not the firmware's.
+            name = "latency_trials:%d" % trials + (":" + fault if fault else "")
+            r = launch.run_scenario(name, heapsize="256k", timeout=900, config=config)
+            if r.result is None:
+                raise SystemExit("latency run failed:\n" + "\n".join(r.lines[-20:]))
+            lat = r.result["latencies_ms"]
+            print("C->B -> contactor open, %d trials, %-21s median %.1f ms, p99 %.1f ms, max %.1f ms "
+                  "(limit 100 ms)" % (len(lat), label + ":", percentile(lat, 50), percentile(lat, 99),
+                                      max(lat)))
+    finally:
+        hole.close()
 
     for meter in ("none", "ddsu666", "dlt645", "s0"):
         r = launch.run_scenario("normal", config={"meter": {"type": meter}})
