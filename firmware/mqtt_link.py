@@ -457,6 +457,7 @@ class MqttLink:
             if not self._acks and not self._pipe.pending():
                 self._reboot = False
                 self._emit(now_ms, "rebooting (remote command)")
+                self._ctl.safe_off()  # contactor open first: never rely on the reset's pin state
                 if self._reset is not None:
                     self._reset()
         if self._todo_online:
