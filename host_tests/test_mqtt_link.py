@@ -165,30 +165,6 @@ class Proxy:
         self.conns = []
 
 
-class BlackHole:
-    """Accepts TCP connections and never reads nor answers."""
-
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.port = self.sock.getsockname()[1]
-        self.accepted = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                self.accepted.append(self.sock.accept()[0])
-            except OSError:
-                return
-
-    def close(self):
-        for s in self.accepted:
-            s.close()
-        self.sock.close()
-
-
 # -- delivery ------------------------------------------------------------------------------------
 
 def test_normal_session_reaches_the_consumer_once(broker, store, watcher):
@@ -239,7 +215,7 @@ def test_broker_away_then_back_replays_the_outbox_once(broker, store):
 # -- the control loop never waits ---------------------------------------------------------------
 
 def test_black_holed_broker_never_delays_the_contactor():
-    hole = BlackHole()
+    hole = launch.BlackHole()
     try:
         r = run("c_to_b_mid_charge", hole.port)
     finally:

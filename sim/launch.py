@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -170,6 +171,30 @@ def run_scenario(name=scenarios.DEFAULT, board="ref-esp32", config=None, heapsiz
 
 
 MQTT_HEAP = "168k"  # the firmware with the MQTT link (its bytecode lives in the unix port's heap)
+
+
+class BlackHole:
+    """A broker that accepts TCP connections and never reads nor answers."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                self.accepted.append(self.sock.accept()[0])
+            except OSError:
+                return
+
+    def close(self):
+        for s in self.accepted:
+            s.close()
+        self.sock.close()
 
 
 class LocalBroker:

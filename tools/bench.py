@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "sim"))
@@ -52,30 +51,6 @@ def smallest_heap_kb(meter):
     return high
 
 
-class BlackHole:
-    """A broker that accepts TCP connections and never reads nor answers."""
-
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.port = self.sock.getsockname()[1]
-        self.accepted = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                self.accepted.append(self.sock.accept()[0])
-            except OSError:
-                return
-
-    def close(self):
-        for s in self.accepted:
-            s.close()
-        self.sock.close()
-
-
 def unused_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -95,7 +70,7 @@ def main():
         print("control tick, %-8s median %5d us, p99 %5d us (pilot burst %d us of it, median)" % (
             state, percentile(total, 50), percentile(total, 99), percentile(burst, 50)))
 
-    hole = BlackHole()
+    hole = launch.BlackHole()
     try:
         for fault, label, config in ((None, "DDSU666 meter healthy", None), ("silent", "meter silent", None),
                                      (None, "broker black-holed", mqtt_config(hole.port)),
