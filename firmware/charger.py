@@ -90,6 +90,8 @@ class Session:
     contactor is open, with a meter reading taken after the opening: no energy can follow."""
 
     def __init__(self, now_ms):
+        self.id = None  # given by session_log once authorised: <pile_id>-<boot>-<seq>
+        self.start_epoch = None  # wall-clock start, for the records
         self.started_ms = now_ms
         self.auth_source = None
         self.auth_id = None

@@ -106,9 +106,9 @@ class Controller:
             charger.cable_ma = 0
         self._apply(now_ms, stable)
         # Everything below may take its time: the safety work of this tick is done.
-        self._meter_step(now_ms)
+        self._meter_and_records(now_ms)
 
-    def _meter_step(self, now_ms):
+    def _meter_and_records(self, now_ms):
         session = self.record
         meter = self.meter
         if meter is not None:

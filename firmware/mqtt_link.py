@@ -529,7 +529,7 @@ class MqttLink:
 
     def _session(self):
         s = self._ctl.record or self._ctl.charger.session
-        return s if s is not None and getattr(s, "id", None) is not None else None
+        return s if s is not None and s.id is not None else None
 
     def _publish_status(self, now_ms):
         c = self._ctl.charger

@@ -65,7 +65,7 @@ class SessionLog:
             self._recover(now_ms, reading)
         if session is None or session.ended_ms is not None:
             return
-        if getattr(session, "id", None) is None:
+        if session.id is None:
             if session.authorized and (not self.metered or session.meter_start_wh is not None):
                 self._start(now_ms, session)
             return
@@ -95,7 +95,7 @@ class SessionLog:
 
     def ended(self, now_ms, session):
         """The controller closed the record: no energy can follow."""
-        if getattr(session, "id", None) is None:
+        if session.id is None:
             return  # never authorised: nothing was billed, nothing to report
         duration_s = time.ticks_diff(now_ms, session.authorized_ms) // 1000
         stop_epoch = self._wall()
