@@ -156,6 +156,7 @@ class Controller:
             "" if session.meter_final else " (last good reading before the stop)"))
         if self.session_log is not None:
             self.session_log.ended(now_ms, session)
+
     def _check_contactor(self, now_ms):
         problem = self.contactor.check(now_ms)
         if problem == relay.WELDED:
