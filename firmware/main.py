@@ -4,6 +4,7 @@ The only firmware module that touches `machine`. Any unhandled error opens the c
 drives the pilot to F and stops feeding the watchdog, which resets the board.
 """
 import gc
+import logging
 import sys
 import time
 
@@ -18,10 +19,36 @@ _HOLD_POLL_MS = 100
 _boot_ms = time.ticks_ms()
 
 
+# Sources whose lines say something is wrong; the rest are INFO.
+_WARNING_SOURCES = ("config", "fault", "meter", "outbox", "storage")
+
+
+class _Console(logging.Handler):
+    """micropython-logging hands each record here: one line per transition, stamped with the
+    control loop's time (seconds since boot), the source as the logger's name."""
+
+    now_ms = 0
+
+    def emit(self, record):
+        t = time.ticks_diff(_Console.now_ms, _boot_ms)
+        print("[%4d.%03d] %s: %s" % (t // 1000, t % 1000, record.name, record.msg % record.args))
+
+
+_console = _Console()
+_sources = set()  # loggers given the console handler
+
+
 def report(now_ms, what, text):
-    """Timestamped line per transition (seconds since boot)."""
-    t = time.ticks_diff(now_ms, _boot_ms)
-    print("[%4d.%03d] %s: %s" % (t // 1000, t % 1000, what, text))
+    """The modules' report callback: a record on the logger named after the source. Loggers
+    get the console handler here: micropython-logging does not propagate to the root."""
+    log = logging.getLogger(what)
+    if what not in _sources:
+        _sources.add(what)
+        log.addHandler(_console)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    _Console.now_ms = now_ms
+    log.log(logging.WARNING if what in _WARNING_SOURCES else logging.INFO, "%s", text)
 
 
 def load_settings():

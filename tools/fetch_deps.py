@@ -1,4 +1,4 @@
-"""`make deps`: the MicroPython libraries the firmware runs on, fetched by name from PyPI as upip
+"""`make deps`: the MicroPython libraries the firmware runs on (umqtt.simple, logging), fetched by name from PyPI as upip
 did (the JSON API -> the sdist), only their .py files unpacked into lib/ (git-ignored).
 
     python tools/fetch_deps.py [--dest lib]
@@ -15,8 +15,9 @@ import urllib.error
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# name -> version; the packages' own layout (umqtt/simple.py) is kept under lib/.
-DEPS = {"micropython-umqtt.simple": "1.3.4"}
+# name -> version; the packages' own layout (umqtt/simple.py, logging/__init__.py) is kept
+# under lib/. The Makefile's DEPS_STAMP names the last one: keep the two in step.
+DEPS = {"micropython-umqtt.simple": "1.3.4", "micropython-logging": "0.5.2"}
 PYPI = "https://pypi.org/pypi/%s/json"
 TIMEOUT_S = 60
 
