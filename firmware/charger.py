@@ -4,6 +4,11 @@ Layered as EVerest's EvseManager: this module knows nothing of pins or PWM. Each
 the stable pilot state and says what it wants: the pilot mode (offer / steady +12 V / F) and
 the power (on / hold / off). The controller turns that into hardware, re-checking before it
 ever closes the contactor.
+
+Out of service (`set_availability`, docs/commands.md) follows OCPP 1.6 ChangeAvailability: with
+a session running the change is scheduled and takes effect once the session's record is closed
+(contactor open, final meter reading taken); the remote settings go to flash through the
+injected store, only when a command changes them.
 """
 from micropython import const
 
@@ -17,6 +22,17 @@ SUSPENDED_EV = "suspended_ev"  # offered, car does not request (B2)
 SUSPENDED_EVSE = "suspended_evse"  # authorised, but the pile offers nothing or may not close yet
 FINISHING = "finishing"  # session stopped, waiting for the car to be unplugged
 FAULT = "fault"
+UNAVAILABLE = "unavailable"  # out of service (set_availability): no session, contactor open
+
+# Availability (docs/commands.md set_availability): in service, or out of service with the
+# pilot at F (-12 V) or at a steady +12 V without PWM (x1, "EVSE not ready").
+AVAILABLE = "available"
+UNAVAILABLE_F = "unavailable_f"
+UNAVAILABLE_B1 = "unavailable_b1"
+AVAILABILITIES = (AVAILABLE, UNAVAILABLE_F, UNAVAILABLE_B1)
+# docs/commands.md: set_current_limit takes 0-80 A; a saved limit outside that is garbage.
+MAX_REMOTE_LIMIT_MA = const(80000)
+SCHEDULED = "scheduled: takes effect when the running session has ended"
 
 # Pilot events (bit mask returned by step()), named as EVerest names them.
 EV_CAR_PLUGGED_IN = const(1)
@@ -77,6 +93,19 @@ def fault_list(mask):
     return [name for bit, name in FAULT_NAMES if mask & bit]
 
 
+def _latched_bits(names):
+    """The latched faults saved in settings.json; -1 if the list is garbled."""
+    if not isinstance(names, list):
+        return -1
+    bits = 0
+    for name in names:
+        bit = fault_bit(name) if isinstance(name, str) else 0
+        if not bit & LATCHED_FAULTS:
+            return -1
+        bits |= bit
+    return bits
+
+
 # What the charger asks of the contactor.
 POWER_OFF = "off"  # open now
 POWER_HOLD = "hold"  # never close; stay closed only while the car still draws after C2->C1
@@ -127,7 +156,9 @@ class Session:
 
 
 class Charger:
-    def __init__(self, max_current_ma, board_max_ma, free_vend, allow_ventilation, report=None):
+    def __init__(self, max_current_ma, board_max_ma, free_vend, allow_ventilation, report=None,
+                 settings=None):
+        """settings: a session_store.SettingsStore for the remote settings, or None (RAM only)."""
         self.max_current_ma = max_current_ma
         self.board_max_ma = board_max_ma
         self.free_vend = free_vend
@@ -140,6 +171,10 @@ class Charger:
         self.plugged = False
         self.session = None
         self.pilot = pilot.F
+        self.availability = AVAILABLE  # in effect
+        self.availability_wanted = AVAILABLE  # asked for; differs while a change is scheduled
+        self._settings = settings
+        self.settings_due = False  # a latched fault changed: save after the tick's safety work
 
     def _emit(self, now_ms, what, text):
         if self._report is not None:
@@ -150,7 +185,8 @@ class Charger:
     def authorize(self, now_ms, source, auth_id=None):
         """Authorise the plugged-in car's session; False when there is nothing to authorise."""
         s = self.session
-        if s is None or s.authorized or s.stop_reason is not None or self.faults & LATCHED_FAULTS:
+        if s is None or s.authorized or s.stop_reason is not None or self.faults & LATCHED_FAULTS \
+                or self.availability_wanted != AVAILABLE:
             return False
         s.auth_source = source
         s.auth_id = auth_id
@@ -171,7 +207,89 @@ class Charger:
         return True
 
     def set_remote_limit(self, current_ma):
+        """None: no remote limit. Returns None, or a note for the caller if it was not saved."""
         self.remote_limit_ma = current_ma
+        return self._save()
+
+    def set_availability(self, now_ms, wanted):
+        """In or out of service (AVAILABILITIES). Returns None when in effect now, else a note
+        for the caller: scheduled after the running session, or not saved to flash."""
+        if wanted not in AVAILABILITIES:
+            raise ValueError("unknown availability")
+        before = self.availability_wanted
+        self.availability_wanted = wanted
+        note = None
+        if wanted == self.availability:
+            if before != wanted:
+                self._emit(now_ms, "availability", "scheduled change cancelled")
+        elif self._running():
+            note = SCHEDULED
+            self._emit(now_ms, "availability", wanted + " " + SCHEDULED)
+        else:
+            self._enter(now_ms, wanted)
+        saved = self._save()
+        if saved is not None:
+            note = saved if note is None else note + "; " + saved
+        return note
+
+    def _running(self):
+        """OCPP 1.6 ChangeAvailability waits for a transaction in progress: here an authorised
+        session whose record the controller has not closed (contactor open, final reading)."""
+        s = self.session
+        return s is not None and s.authorized and s.ended_ms is None
+
+    def _enter(self, now_ms, availability):
+        self.availability = availability
+        self._emit(now_ms, "availability", availability)
+        s = self.session
+        if availability == AVAILABLE or s is None:
+            return  # a car still plugged in gets a new session in step(), as after a boot
+        if s.stop_reason is None:
+            # Never authorised, so no record goes out; "remote" all the same: the operator's.
+            self.stop_session(now_ms, "remote")
+        self.session = None
+
+    def _save(self):
+        """Flash, only if a value changed (the store skips an unchanged file). On an OSError the
+        setting holds until the next boot; the caller is told."""
+        if self._settings is None:
+            return None
+        try:
+            self._settings.save({"availability": self.availability_wanted,
+                                 "limit_ma": self.remote_limit_ma,
+                                 "latched": fault_list(self.faults & LATCHED_FAULTS)})
+        except OSError as e:
+            return "not saved to flash (%s): lost at the next boot" % str(e)[:60]
+        return None
+
+    def load_settings(self, now_ms):
+        """At boot: the availability and remote limit the last commands set. No file: the
+        config's defaults; a garbled or unreadable one is reported and ignored. The limit is
+        clamped again by offer_ma (config, cable, board)."""
+        store = self._settings
+        if store is None:
+            return False
+        saved = store.load()
+        problem = store.error
+        if saved is not None:
+            wanted = saved.get("availability")
+            limit = saved.get("limit_ma")
+            latched = _latched_bits(saved.get("latched", []))
+            if wanted in AVAILABILITIES and (limit is None or (
+                    type(limit) is int and 0 <= limit <= MAX_REMOTE_LIMIT_MA)) and latched >= 0:
+                self.availability = self.availability_wanted = wanted
+                self.remote_limit_ma = limit
+                self._emit(now_ms, "settings", "%s, remote limit %s" % (
+                    wanted, "none" if limit is None else "%d mA" % limit))
+                for bit, name in FAULT_NAMES:
+                    if latched & bit:  # a reboot does not end a lock-out or a weld: a technician does
+                        self.faults |= bit
+                        self._emit(now_ms, "fault", "raised " + name + " (kept across the reboot)")
+                return True
+            problem = "settings garbled (values), ignored"
+        if problem is not None:
+            self._emit(now_ms, "settings", problem + ": available, no remote limit")
+        return False
 
     @property
     def offer_ma(self):
@@ -188,6 +306,8 @@ class Charger:
             return
         self.faults |= bit
         self._emit(now_ms, "fault", "raised " + fault_name(bit))
+        if bit & LATCHED_FAULTS:
+            self.settings_due = True
         if bit & (UNPLUG_CLEARED_FAULTS | LATCHED_FAULTS):
             self.stop_session(now_ms, fault_name(bit))
 
@@ -210,12 +330,21 @@ class Charger:
         if not self.faults & bit & LATCHED_FAULTS:
             return False
         self._clear(now_ms, bit)
+        self.settings_due = True
         return True
+
+    def save_settings(self):
+        """The controller calls it after the tick's safety work: a flash write never comes
+        between a fault and the contactor opening. None, or why it could not be saved."""
+        self.settings_due = False
+        return self._save()
 
     # -- the tick -----------------------------------------------------------------------------------
 
     def step(self, now_ms, stable, rcd_ready):
-        """Consume the stable pilot state; returns the pilot events (EV_* bits) it raised."""
+        """Consume the stable pilot state; returns the pilot events (EV_* bits) it acted on.
+        CarPluggedIn means a session began for the car: at plug-in, or when the pile comes back
+        into service with a car there (never while out of service)."""
         old = self.pilot
         self.pilot = stable
         events = 0
@@ -232,24 +361,34 @@ class Charger:
                 events |= EV_PILOT_ERROR
         if events & EV_CAR_PLUGGED_IN:
             self.plugged = True
-            self.session = Session(now_ms)
-            self._emit(now_ms, "session", "started")
-            if self.free_vend:
-                self.authorize(now_ms, "free_vend")
+            events &= ~EV_CAR_PLUGGED_IN  # reported below, when its session begins
         if events & EV_CAR_UNPLUGGED:
             self.plugged = False
             self.stop_session(now_ms, "ev_disconnected")
             self.session = None
             self._clear(now_ms, UNPLUG_CLEARED_FAULTS)
+        if self.availability_wanted != self.availability and not self._running():
+            self._enter(now_ms, self.availability_wanted)
+        # At F the car cannot be seen: `plugged` keeps the last reading until the pilot is read
+        # again. A fault that only an unplug clears holds the next session back until then.
+        if self.plugged and self.session is None and self.availability == AVAILABLE \
+                and stable in (pilot.B, pilot.C, pilot.D) and not self.faults & UNPLUG_CLEARED_FAULTS:
+            events |= EV_CAR_PLUGGED_IN
+            self.session = Session(now_ms)
+            self._emit(now_ms, "session", "started")
+            if self.free_vend:
+                self.authorize(now_ms, "free_vend")
         self._set_state(now_ms, self._derive(stable, rcd_ready))
         return events
 
     def _derive(self, stable, rcd_ready):
         if self.faults:
             return FAULT
-        if not self.plugged:
-            return IDLE
+        if self.availability != AVAILABLE:
+            return UNAVAILABLE
         s = self.session
+        if not self.plugged or s is None:
+            return IDLE
         if not s.authorized:
             return WAITING_FOR_AUTH
         if s.stop_reason is not None:
@@ -272,7 +411,7 @@ class Charger:
     @property
     def pilot_mode(self):
         """MODE_F, MODE_OFFER or MODE_PLUS (pilot module's names for steady levels)."""
-        if self.faults & LATCHED_FAULTS:
+        if self.faults & LATCHED_FAULTS or self.availability == UNAVAILABLE_F:
             return pilot.MODE_F
         if self.state in (CHARGING, SUSPENDED_EV) or (
             self.state == SUSPENDED_EVSE and self.offer_ma
@@ -284,6 +423,6 @@ class Charger:
     def power(self):
         if self.state == CHARGING:
             return POWER_ON
-        if self.state in (FAULT, IDLE):
+        if self.state in (FAULT, IDLE, UNAVAILABLE):
             return POWER_OFF
         return POWER_HOLD

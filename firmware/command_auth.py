@@ -98,7 +98,7 @@ def _claims(body):
     """(id, cmd) an unauthenticated body claims, for the error ack; None where unreadable."""
     try:
         d = json.loads(body)
-    except (ValueError, RuntimeError):
+    except (ValueError, RuntimeError, MemoryError):  # MemoryError: see _json
         return None, None
     if type(d) is not dict:
         return None, None
@@ -208,7 +208,7 @@ class CommandVerifier:
             raise CommandError("unknown_command", "no such command", *ack)
         args = check(self, args)
         if args is None:
-            raise CommandError("bad_argument", _USAGE[name], *ack)
+            raise CommandError("bad_argument", _USAGE[name], *ack)  # type: ignore[index]  # str here
         if self._store is not None:
             try:
                 self._store.save(counter)
@@ -224,6 +224,8 @@ class CommandVerifier:
             return json.loads(data)
         except (ValueError, RuntimeError):  # RuntimeError: CPython's recursion limit
             raise CommandError("malformed", "not valid JSON", authentic=authentic) from None
+        except MemoryError:  # MicroPython: "[[[[..." within 512 bytes takes ~19 KB to parse
+            raise CommandError("malformed", "nested too deep to parse", authentic=authentic) from None
 
     # -- arguments: each returns the checked args dict, or None -----------------------------
 

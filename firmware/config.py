@@ -116,6 +116,8 @@ CONFIG_SCHEMA = {
     "control_period_ms": ("int", 5, 1, 20, None),
     "meter": ("section", None, None, None, None),
     "mqtt": ("section", None, None, None, None),
+    "wifi": ("section", None, None, None, None),
+    "ntp": ("section", None, None, None, None),
 }
 
 METER_TYPES = ("none", "ddsu666", "sdm120", "sdm630", "dlt645", "s0")
@@ -144,15 +146,35 @@ METER_SCHEMA = {
 MQTT_SCHEMA = {
     # A numeric address never waits; a host name is looked up once at boot, which may block.
     "host": ("str", REQUIRED, None, None, None),
-    "port": ("int", 1883, 1, 65535, None),
+    "port": ("int", None, 1, 65535, None),  # 8883 with TLS, else 1883 (IANA)
     "username": ("str", None, None, None, None),
+    # The broker's CA certificate file on the board (PEM or DER), read once at boot: TLS on.
     "tls_ca": ("str", None, None, None, None),
+    # The name checked in the broker's certificate, when it is not `host` (a numeric address).
+    "tls_server_name": ("str", None, None, None, None),
     "keepalive_s": ("int", 60, 10, 3600, None),
     "status_interval_s": ("int", 60, 10, 86400, None),
     "meter_interval_s": ("int", 10, 10, 3600, None),  # docs/telemetry.md: 10-3600
 }
 _MQTT_SECRET_KEYS = ("password", "secret")
 _MIN_SECRET_BYTES = 16  # command_auth refuses shorter keys
+
+# Wi-Fi station (docs/network.md); on when the section is there. The password is checked apart:
+# its value never appears in an error.
+WIFI_SCHEMA = {
+    "ssid": ("str", REQUIRED, None, None, None),
+}
+# NTP time (docs/network.md). RFC 4330 section 10: the resync interval never below 15 minutes;
+# the first request after start-up at a random moment, so that a fleet does not ask at once.
+NTP_SCHEMA = {
+    # A numeric address never waits; a host name is looked up once, which may block.
+    "host": ("str", REQUIRED, None, None, None),
+    "port": ("int", 123, 1, 65535, None),
+    "interval_s": ("int", 3600, 900, 604800, None),
+    "start_jitter_s": ("int", 60, 0, 300, None),
+}
+# ADC2 cannot be read while Wi-Fi is on (evse-facts section 6): the ADC inputs must be on ADC1.
+ADC1_PINS = (32, 33, 34, 35, 36, 37, 38, 39)
 
 # board.json top level: key -> required?
 BOARD_KEYS = {
@@ -219,7 +241,32 @@ def parse_config(data, where="config.json"):
     conf = Section(_validate(where, data, CONFIG_SCHEMA))
     conf.meter = _parse_meter(where + ": meter", data.get("meter", {}))
     conf.mqtt = None if data.get("mqtt") is None else _parse_mqtt(where + ": mqtt", data["mqtt"])
+    conf.wifi = None if data.get("wifi") is None else _parse_wifi(where + ": wifi", data["wifi"])
+    conf.ntp = None if data.get("ntp") is None else _parse_ntp(where + ": ntp", data["ntp"])
     return conf
+
+
+def _parse_wifi(where, data):
+    if not isinstance(data, dict):
+        raise ConfigError("%s: must be a JSON object" % where)
+    wifi = Section(_validate(where, {k: v for k, v in data.items() if k != "password"}, WIFI_SCHEMA))
+    if not 1 <= len(wifi.ssid.encode()) <= 32:  # IEEE 802.11: an SSID is 1-32 octets
+        raise ConfigError("%s: 'ssid' must be 1-32 bytes" % where)
+    password = data.get("password", "")
+    # WPA2-PSK: a passphrase of 8-63 characters or 64 hex digits; "" for an open network.
+    if not isinstance(password, str) or not (len(password) == 0 or 8 <= len(password) <= 63 or len(
+            password) == 64 and all(c in "0123456789abcdefABCDEF" for c in password)):
+        raise ConfigError("%s: 'password' must be a string of 8-63 characters, 64 hex digits, or "
+                          "empty for an open network" % where)
+    wifi.password = password
+    return wifi
+
+
+def _parse_ntp(where, data):
+    ntp = Section(_validate(where, data, NTP_SCHEMA))
+    if not ntp.host:
+        raise ConfigError("%s: 'host' must not be empty" % where)
+    return ntp
 
 
 def _parse_mqtt(where, data):
@@ -240,8 +287,13 @@ def _parse_mqtt(where, data):
         raise ConfigError("%s: 'secret' must be the command key as hex, at least %d bytes (%d "
                           "hex digits)" % (where, _MIN_SECRET_BYTES, 2 * _MIN_SECRET_BYTES))
     mqtt.secret = secret
-    if mqtt.tls_ca is not None:
-        raise ConfigError("%s: 'tls_ca': tls not supported yet" % where)
+    for key in ("tls_ca", "tls_server_name"):
+        if getattr(mqtt, key) == "":
+            raise ConfigError("%s: '%s' must not be empty" % (where, key))
+    if mqtt.tls_server_name is not None and mqtt.tls_ca is None:
+        raise ConfigError("%s: 'tls_server_name' needs 'tls_ca'" % where)
+    if mqtt.port is None:
+        mqtt.port = 1883 if mqtt.tls_ca is None else 8883
     return mqtt
 
 
@@ -330,6 +382,12 @@ def check_together(board, conf):
                           "in board.json (%s)" % (kind, board.name))
     if kind == "s0" and pins.s0 is None:
         raise ConfigError("config.json: meter: type 's0' needs pins.s0 in board.json (%s)" % board.name)
+    if conf.wifi is not None:
+        for key in ("pilot_adc", "pp_adc"):
+            pin = getattr(pins, key)
+            if pin is not None and pin not in ADC1_PINS:
+                raise ConfigError("config.json: wifi: board.json pins.%s = %d is on ADC2, which "
+                                  "cannot be read while Wi-Fi is on (%s)" % (key, pin, board.name))
 
 
 def load_config(path="config.json"):

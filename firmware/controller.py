@@ -107,6 +107,10 @@ class Controller:
         self._apply(now_ms, stable)
         # Everything below may take its time: the safety work of this tick is done.
         self._meter_and_records(now_ms)
+        if charger.settings_due:  # a latched fault raised or cleared: kept across reboots
+            problem = charger.save_settings()
+            if problem is not None:
+                self._emit(now_ms, "storage", "latched faults " + problem)
 
     def _meter_and_records(self, now_ms):
         session = self.record

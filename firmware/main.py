@@ -31,7 +31,10 @@ class _Console(logging.Handler):
 
     def emit(self, record):
         t = time.ticks_diff(_Console.now_ms, _boot_ms)
-        print("[%4d.%03d] %s: %s" % (t // 1000, t % 1000, record.name, record.msg % record.args))
+        # micropython-lib's logging (mip, manifest.py) hands the text formatted as record.message;
+        # PyPI's micropython-logging (make flash) and CPython keep msg and args.
+        text = record.message if hasattr(record, "message") else record.msg % record.args
+        print("[%4d.%03d] %s: %s" % (t // 1000, t % 1000, record.name, text))
 
 
 _console = _Console()
@@ -49,6 +52,14 @@ def report(now_ms, what, text):
         log.propagate = False
     _Console.now_ms = now_ms
     log.log(logging.WARNING if what in _WARNING_SOURCES else logging.INFO, "%s", text)
+    if what == "fault":  # the last few, for diag.py
+        if len(recent_faults) >= 8:
+            recent_faults.pop(0)
+        recent_faults.append((now_ms, text))
+
+
+recent_faults = []  # (ticks_ms, text)
+unavailable = None  # why hold_unavailable() holds the pile, for diag.py
 
 
 def load_settings():
@@ -74,6 +85,7 @@ def build(board, conf):
     import controller
     import pilot
     import relay
+    import session_store
 
     Pin = machine.Pin
     pins = board.pins
@@ -107,8 +119,10 @@ def build(board, conf):
     )
     charger = ch.Charger(
         int(conf.max_current_a * 1000), int(board.ratings.max_current_a * 1000),
-        conf.free_vend, conf.allow_ventilation, report,
+        conf.free_vend, conf.allow_ventilation, report, session_store.SettingsStore(SETTINGS_FILE),
     )
+    # What set_availability and set_current_limit last set (docs/commands.md); a bad file: defaults.
+    charger.load_settings(time.ticks_ms())
     tethered_ma = int((board.ratings.tethered_cable_a or 0) * 1000)
     return controller.Controller(sampler, output, contactor, rcd, charger, conf.standard,
                                  proximity, tethered_ma, report,
@@ -121,6 +135,7 @@ def build(board, conf):
 BOOT_COUNT_FILE = "boot_count.json"
 OUTBOX_FILE = "outbox.jrnl"
 SESSION_FILE = "session.json"
+SETTINGS_FILE = "settings.json"
 
 
 def build_session_log(conf):
@@ -160,8 +175,24 @@ def build_link(board, conf, ctl):
         return None
     import mqtt_link
 
+    tls = None if mconf.tls_ca is None else build_tls(mconf.tls_ca, mqtt_link)
     return mqtt_link.MqttLink(mconf, ctl, ctl.session_log, report, build_verifier(mconf),
-                              fw=VERSION, board=board.name, reset=machine.reset, boot_ms=_boot_ms)
+                              fw=VERSION, board=board.name, reset=machine.reset, boot_ms=_boot_ms,
+                              tls=tls)
+
+
+def build_tls(path, mqtt_link):
+    """The broker's CA, read once: a missing or bad file is a config error (pile unavailable)."""
+    where = "config.json: mqtt: 'tls_ca'"
+    try:
+        with open(path, "rb") as f:
+            ca = f.read()
+    except OSError as e:
+        raise Unavailable("%s: cannot read %s (%s)" % (where, path, e)) from None
+    try:
+        return mqtt_link.tls_context(ca)
+    except ValueError as e:
+        raise Unavailable("%s: %s is not a usable CA certificate (%s)" % (where, path, e)) from None
 
 
 def build_verifier(mconf):
@@ -183,6 +214,35 @@ def build_verifier(mconf):
         return None
     return command_auth.CommandVerifier(binascii.unhexlify(mconf.secret), last_counter=last,
                                         counter_store=store)
+
+
+def build_wifi(conf):
+    """The Wi-Fi station (docs/network.md), when config.json has a wifi section."""
+    wconf = conf.wifi
+    if wconf is None:
+        return None
+    import network
+    import wifi
+
+    try:
+        wlan = network.WLAN(network.STA_IF)
+    except OSError as e:  # a radio that will not initialise must not keep the pile from charging
+        report(time.ticks_ms(), "wifi", "no Wi-Fi driver (%s): no network until reboot" % e)
+        return None
+    station = wifi.Station(wlan, wconf.ssid, wconf.password, report)
+    station.start(time.ticks_ms())  # waits for the driver to start: before the watchdog and the loop
+    return station
+
+
+def build_clock(conf):
+    """NTP time into the RTC, which time.time() reads (docs/network.md): an ntp section."""
+    nconf = conf.ntp
+    if nconf is None:
+        return None
+    import sntp
+
+    return sntp.SntpClient(nconf.host, machine.RTC().datetime, report, port=nconf.port,
+                           interval_s=nconf.interval_s, start_jitter_s=nconf.start_jitter_s)
 
 
 class Unavailable(Exception):
@@ -214,6 +274,8 @@ def build_meter(board, mconf):
 
 def hold_unavailable(board, reason):
     """Config unusable: no charging until a technician fixes it. Rebooting would not help."""
+    global unavailable
+    unavailable = reason
     report(time.ticks_ms(), "config", reason)
     report(time.ticks_ms(), "main", "pile unavailable until the configuration is fixed")
     import pilot
@@ -251,16 +313,18 @@ def fail_safe(ctl, exc):
 
 
 def run():
-    ctl = None
+    ctl = link = wdt = board = conf = None
     try:
         board, conf, problem = load_settings()
         if problem:
             hold_unavailable(board, problem)
         try:
             ctl = build(board, conf)
+            link = build_link(board, conf, ctl)
         except Unavailable as e:
             hold_unavailable(board, str(e))
-        link = build_link(board, conf, ctl)
+        station = build_wifi(conf)
+        clock = build_clock(conf)
         wdt = machine.WDT(timeout=conf.wdt_timeout_ms)
         report(time.ticks_ms(), "main", "firmware %s, board %s, %s, max %s A%s" % (
             VERSION, board.name, conf.standard, conf.max_current_a,
@@ -269,16 +333,26 @@ def run():
         while True:
             start = time.ticks_ms()
             ctl.tick(start)
+            if station is not None:
+                station.poll(start)
+            if clock is not None:
+                clock.poll(start, station is None or station.connected)
             if link is not None:
                 link.poll(start)  # one non-blocking step; a hung link would starve the watchdog
             wdt.feed()  # only a loop that completed a tick feeds the watchdog
             spent = time.ticks_diff(time.ticks_ms(), start)
             if spent < period:
                 time.sleep_ms(period - spent)
+    except KeyboardInterrupt:  # Ctrl-C: mpremote, a technician at the REPL
+        if ctl is not None:
+            ctl.safe_off()  # first
+        import diag
+
+        diag.service_mode(machine, globals(), board, conf, ctl, link, wdt)
     except Exception as e:  # noqa: BLE001 - any error at all must end in the safe state
         fail_safe(ctl, e)
     finally:
-        # Also on Ctrl-C from mpremote (KeyboardInterrupt) and SystemExit: never leave power on.
+        # Also on SystemExit, and after service mode's own safe_off: never leave power on.
         if ctl is not None:
             ctl.safe_off()
 

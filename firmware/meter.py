@@ -176,6 +176,16 @@ class Rs485Meter(MeterBase):
         if de is not None:
             de.value(0)
 
+    # The protocol's part (see the class doc).
+    def _request(self):
+        raise NotImplementedError
+
+    def _frame_len(self, buf, n):
+        raise NotImplementedError
+
+    def _take(self, buf, n):
+        raise NotImplementedError
+
     def poll(self, now_ms):
         """One small non-blocking step. Call every control tick."""
         self._expire(now_ms)
@@ -188,7 +198,7 @@ class Rs485Meter(MeterBase):
                 self._n = 0
                 self._state = _RX
                 # The reply gets timeout_ms to start plus its own time on the wire.
-                self._t_end = time.ticks_add(
+                self._t_end = time.ticks_add(  # type: ignore[type-var]  # stub: ticks_ms() results only
                     self._t_end, self._timeout_ms + wire_ms(self._reply_max, self._baud, self._bits))
             return
         if state == _RX:

@@ -8,6 +8,15 @@ in publish(qos=1), SUBACK in subscribe()) end at once and this module waits for 
 itself, a poll at a time. The real socket is non-blocking: connect() in the background, then
 each poll writes what the socket takes, reads what has arrived and handles complete packets.
 
+TLS (config.json mqtt.tls_ca): after the TCP connect the socket is wrapped with an SSLContext
+that trusts only the configured CA (CERT_REQUIRED, the broker's name checked), without the
+handshake. Each poll then offers the CONNECT packet to the TLS socket: mbedTLS takes the
+handshake as far as the bytes that have arrived allow and accepts the packet once it is over.
+On an ESP32 one such call (certificate check, ECDHE) costs tens to hundreds of ms of CPU, more
+than the 100 ms in which C->B must open the contactor: a TLS connection is only attempted while
+the contactor is open, and one under way when it closes is given up (the outbox keeps the
+records). Once connected, records cost little (symmetric crypto). umqtt never sees the socket.
+
 A host name (not a numeric address) is looked up once with getaddrinfo, which may block on a
 board: use a numeric broker address on piles.
 """
@@ -29,7 +38,7 @@ from umqtt import simple as umqtt
 _OUT_SIZE = const(2048)  # unsent bytes; more than that and the connection is dropped
 _IN_SIZE = const(1024)  # a command is at most 512 bytes (docs/commands.md) plus its topic
 _ROOM = const(768)  # free out-buffer needed before building a publish (session/ended ~450 B)
-_CONNECT_MS = const(5000)  # TCP connect plus CONNACK
+_CONNECT_MS = const(5000)  # TCP connect plus CONNACK; with TLS, the handshake, then the CONNACK
 _STALL_MS = const(10000)  # out-buffer not draining
 _BACKOFF_MIN_MS = const(1000)
 _BACKOFF_MAX_MS = const(60000)
@@ -41,6 +50,7 @@ _DOWN = const(0)  # waiting for the next attempt
 _TCP = const(1)  # TCP connect under way
 _CONNACK = const(2)  # CONNECT sent
 _UP = const(3)
+_TLS = const(4)  # TLS handshake under way, CONNECT waiting in the pipe
 
 _EAGAIN = errno.EAGAIN
 _RESULT = {"unknown_command": "unknown_command", "storage_error": "failed"}  # others: invalid
@@ -62,6 +72,11 @@ class _Pipe:
         pass
 
     def setblocking(self, flag):
+        pass
+
+    def settimeout(self, seconds):
+        # umqtt.simple >= 1.4 calls it in connect(); the stock ESP32 image freezes that newer
+        # umqtt.simple (ports/esp32/boards/manifest.py), ahead of /lib on sys.path.
         pass
 
     def close(self):
@@ -123,7 +138,7 @@ class MqttLink:
     None to take no commands; reset: restarts the board (machine.reset)."""
 
     def __init__(self, conf, ctl, log, report=None, verifier=None, fw="0", board="",
-                 reset=None, boot_ms=None, wall=time.time):
+                 reset=None, boot_ms=None, wall=time.time, tls=None):
         self._ctl = ctl
         self._log = log
         self._outbox = log.outbox
@@ -135,6 +150,12 @@ class MqttLink:
         self._wall = wall
         self._host = conf.host
         self._port = conf.port
+        self._tls = tls  # tls_context()'s SSLContext, or None: plain TCP
+        self._tls_name = conf.tls_server_name or conf.host
+        self._raw = None  # the TCP socket under the TLS one
+        self._repeat = 0  # bytes of a write that would block: offered again, no more, no fewer
+        self._held = False  # a TLS connection waits for the contactor to open
+        self._step_us = 0  # longest handshake step of this attempt
         self._keepalive_ms = conf.keepalive_s * 1000
         self._status_ms = conf.status_interval_s * 1000
         self._meter_ms = conf.meter_interval_s * 1000
@@ -169,6 +190,7 @@ class MqttLink:
         self._sock = None
         self._poller = None
         self._state = _DOWN
+        self.last_error = None  # why the last connection attempt or connection ended (diag.py)
         self._retry_at = 0 if boot_ms is None else boot_ms
         self._backoff = _BACKOFF_MIN_MS
         self._since = 0
@@ -214,6 +236,9 @@ class MqttLink:
             if state == _TCP:
                 self._tcp_step(now_ms)
                 return
+            if state == _TLS:
+                self._tls_step(now_ms)
+                return
             self._flush(now_ms)
             self._receive(now_ms)
             if self._state == _CONNACK and time.ticks_diff(now_ms, self._since) > _CONNECT_MS:
@@ -227,12 +252,18 @@ class MqttLink:
     # -- connection ------------------------------------------------------------------------------
 
     def _open(self, now_ms):
+        if self._tls is not None and self._ctl.contactor.closed:
+            if not self._held:  # said once per wait
+                self._held = True
+                self._emit(now_ms, "TLS connection waits for the contactor to open")
+            return
+        self._held = False
         try:
             if self._addr is None:
                 self._addr = socket.getaddrinfo(self._host, self._port)[0][-1]
                 self._shim = _SocketModule(self._pipe, self._addr)
             sock = socket.socket()
-            self._sock = sock
+            self._sock = self._raw = sock
             sock.setblocking(False)
             try:
                 sock.connect(self._addr)
@@ -257,29 +288,78 @@ class MqttLink:
         if flags & (select.POLLERR | select.POLLHUP):
             self._drop(now_ms, "connection refused")
             return
-        self._poller.modify(self._sock, select.POLLIN)
         self._pipe.reset()
-        self._in_len = self._skip = 0
-        umqtt.socket = self._shim  # connect() "opens" the pipe and writes CONNECT into it
+        self._in_len = self._skip = self._repeat = 0
+        # connect() "opens" the pipe and writes CONNECT into it
+        umqtt.socket = self._shim  # type: ignore[assignment]  # the module doc's stand-in
         try:
             self._client.connect(True)  # clean session: a stale command must not run later
         except OSError as e:
             if not _would_block(e):
                 raise
-        self._state = _CONNACK
         self._last_rx = self._progress = now_ms
+        if self._tls is not None:
+            self._start_tls(now_ms)
+            return
+        self._poller.modify(self._sock, select.POLLIN)
+        self._state = _CONNACK
         self._flush(now_ms)
 
+    def _start_tls(self, now_ms):
+        if self._ctl.contactor.closed:
+            self._drop(now_ms, "TLS connection given up: the contactor closed")
+            return
+        try:
+            sock = self._tls.wrap_socket(self._raw, server_hostname=self._tls_name,
+                                         do_handshake_on_connect=False)
+        except OSError as e:  # no memory for mbedTLS's buffers
+            self._drop(now_ms, "TLS setup failed (%s)" % e)
+            return
+        self._sock = sock
+        self._poller = select.poll()
+        self._poller.register(sock, select.POLLIN)
+        self._state = _TLS
+        self._since = now_ms
+        self._step_us = 0
+
+    def _tls_step(self, now_ms):
+        """One handshake step: offer the CONNECT; taking it means the handshake is over."""
+        if self._ctl.contactor.closed:  # the next step could outlast the 100 ms C->B limit
+            self._drop(now_ms, "TLS handshake given up: the contactor closed")
+            return
+        pipe = self._pipe
+        waiting = pipe.pending()
+        t0 = time.ticks_us()
+        try:
+            self._flush(now_ms)
+        except ValueError as e:  # mbedTLS: the certificate check failed, its reasons as text
+            self._drop(now_ms, "TLS: broker certificate refused (%s)" % _one_line(e))
+            return
+        except OSError as e:
+            self._drop(now_ms, "TLS handshake failed (%s)" % e)
+            return
+        finally:
+            self._step_us = max(self._step_us, time.ticks_diff(time.ticks_us(), t0))
+        if pipe.pending() < waiting:
+            self._emit(now_ms, "TLS handshake done in %d ms, longest step %d.%d ms" % (
+                time.ticks_diff(now_ms, self._since), self._step_us // 1000, self._step_us % 1000 // 100))
+            self._state = _CONNACK
+            self._since = self._last_rx = now_ms
+        elif time.ticks_diff(now_ms, self._since) > _CONNECT_MS:
+            self._drop(now_ms, "TLS handshake not finished within %d s" % (_CONNECT_MS // 1000))
+
     def _drop(self, now_ms, why):
-        if self._sock is not None:
-            try:
-                self._sock.close()
-            except OSError:
-                pass
-        self._sock = self._poller = None
+        for sock in (self._sock, self._raw):  # a failed handshake leaves the TCP socket open
+            if sock is not None:
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+        self._sock = self._raw = self._poller = None
         self._state = _DOWN
+        self.last_error = why
         self._pipe.reset()
-        self._in_len = self._skip = 0
+        self._in_len = self._skip = self._repeat = 0
         self._acks = []  # answers for a dead connection: the sender has given up
         self._inflight = self._pending = self._drained_at = None
         delay = self._backoff
@@ -302,7 +382,11 @@ class MqttLink:
     def _flush(self, now_ms):
         pipe = self._pipe
         if pipe.pending():
-            sent = self._sock.write(pipe.mv[pipe.head:pipe.tail])
+            # mbedTLS may already hold the bytes of a write that would block: it wants the same
+            # call again (the same length), or it reports bytes it never sent.
+            n = self._repeat or pipe.pending()
+            sent = self._sock.write(pipe.mv[pipe.head:pipe.head + n])
+            self._repeat = 0 if sent else n
             if sent:
                 pipe.head += sent
                 self._progress = now_ms
@@ -580,6 +664,9 @@ class MqttLink:
             if e.command_id is not None and e.cmd is not None:
                 self._ack(now_ms, e.command_id, e.cmd, _RESULT.get(e.code, "invalid"), str(e))
             return
+        except MemoryError:  # a fragmented heap: refuse this one (nothing changed), keep running
+            self._emit(now_ms, "command refused: out of memory")
+            return
         result, reason = self._apply(now_ms, cmd)
         self._emit(now_ms, "command %s %s: %s%s" % (cmd.cmd, cmd.id, result,
                                                     "" if reason is None else ", " + reason))
@@ -593,6 +680,8 @@ class MqttLink:
         if name == "remote_start":
             if charger.authorize(now_ms, "remote", args["auth_id"]):
                 return "accepted", None
+            if charger.availability_wanted != ch.AVAILABLE:
+                return "rejected", "out of service"
             s = charger.session
             if s is None:
                 return "rejected", "no car plugged in"
@@ -605,9 +694,9 @@ class MqttLink:
             return "rejected", "no session"
         if name == "set_current_limit":
             amps = args["amps"]
-            charger.set_remote_limit(None if amps is None else int(amps * 1000))
+            note = charger.set_remote_limit(None if amps is None else int(amps * 1000))
             self._status_due = True
-            return "accepted", None
+            return "accepted", note  # None, or why it was not saved to flash
         if name == "clear_fault":
             text = self._ctl.clear_fault(now_ms, args["fault"])
             return ("accepted", None) if text == "cleared" else ("rejected", text)
@@ -617,15 +706,48 @@ class MqttLink:
         if name == "reboot":
             self._reboot = True
             return "accepted", None
-        # set_availability: needs an out-of-service state in the charger (pilot F or steady
-        # +12 V, ended sessions, refused starts); not written yet.
-        return "rejected", "not supported yet"
+        if name == "set_availability":
+            # OCPP 1.6 "Scheduled" has no result of its own: accepted, the reason says so.
+            return "accepted", charger.set_availability(now_ms, args["state"])
+        return "unknown_command", None
 
     def _ack(self, now_ms, cmd_id, cmd, result, reason):
         wall = self._wall()
         self._acks.append(json.dumps({
             "v": 1, "cmd_id": cmd_id, "cmd": cmd, "result": result, "reason": reason,
             "ts": iso_utc(wall), "clock_synced": clock_synced(wall)}).encode())
+
+
+def _one_line(e):
+    """mbedTLS's verification reasons come one per line."""
+    return "; ".join(line for line in str(e).split("\n") if line)
+
+
+_PEM_BEGIN = b"-----BEGIN CERTIFICATE-----"
+_PEM_END = b"-----END CERTIFICATE-----"
+
+
+def tls_context(ca):
+    """An SSLContext trusting only the certificates in `ca` (the bytes of the tls_ca file: PEM,
+    one certificate or several, or one DER certificate). ValueError if one is not usable."""
+    import binascii
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    # micropython-lib's ssl starts at CERT_NONE. The ESP32 has verify_mode; its stub lacks it.
+    ctx.verify_mode = ssl.CERT_REQUIRED  # type: ignore[attr-defined]
+    start = ca.find(_PEM_BEGIN)
+    if start < 0:
+        ctx.load_verify_locations(cadata=ca)
+        return ctx
+    while start >= 0:
+        end = ca.find(_PEM_END, start)
+        if end < 0:
+            raise ValueError("no END CERTIFICATE line")
+        # Decoded here: some builds' mbedTLS (the unix port's) parse DER only.
+        ctx.load_verify_locations(cadata=binascii.a2b_base64(ca[start + len(_PEM_BEGIN):end]))
+        start = ca.find(_PEM_BEGIN, end)
+    return ctx
 
 
 def _one_decimal(values):

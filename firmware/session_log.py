@@ -86,6 +86,10 @@ class SessionLog:
 
     def _checkpoint(self, now_ms, session):
         self._checkpoint_at = now_ms
+        if not clock_synced(session.start_epoch):
+            wall = self._wall()
+            if clock_synced(wall):  # NTP answered since the start: a power cut's record gets real times
+                session.start_epoch = wall - time.ticks_diff(now_ms, session.authorized_ms) // 1000
         self.store.save({
             "id": session.id, "t0": session.start_epoch, "as": session.auth_source,
             "ai": session.auth_id, "d": time.ticks_diff(now_ms, session.authorized_ms) // 1000,

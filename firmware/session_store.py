@@ -1,4 +1,5 @@
-"""Small state files that must survive a power cut: the open session, the command counter.
+"""Small state files that must survive a power cut: the open session, the command counter,
+the remote settings.
 
 Each is written whole to `<path>.tmp` and renamed over `<path>` (atomic on LittleFS), so a
 reader finds the old content or the new, never half. The file is the CRC-32 of the JSON text
@@ -151,5 +152,27 @@ class CounterStore(_Store):
             return 0
         if value is not None and (type(value) is not int or value < 0):
             self.error = "command counter garbled (not a count), ignored"
+            value = None
+        return value
+
+
+class SettingsStore(_Store):
+    """What remote commands set and a reboot must keep (docs/commands.md): availability and
+    the remote current limit, as a dict the charger fills. Written only when a command changes
+    a value, at most once per accepted command (the command counter is written then anyway):
+    ~60 bytes of JSON, stored inline, ~0.1 block erase a write (docs/durability.md)."""
+
+    def __init__(self, path="settings.json"):
+        super().__init__(path)
+
+    def save(self, settings):
+        """Atomic. False if unchanged (no flash write)."""
+        return self._save(settings)
+
+    def load(self):
+        """The saved dict, or None (no file, or garbled: then `error` says why)."""
+        found, value = self._load("settings")
+        if found and value is not None and not isinstance(value, dict):
+            self.error = "settings garbled (not an object), ignored"
             value = None
         return value

@@ -83,6 +83,7 @@ def test_mqtt_section_defaults_and_absence():
     assert config.parse_config({}).mqtt is None
     m = config.parse_config({"mqtt": {"host": "192.0.2.7", "secret": SECRET_HEX}}).mqtt
     assert (m.host, m.port, m.username, m.password, m.tls_ca) == ("192.0.2.7", 1883, None, None, None)
+    assert m.tls_server_name is None
     assert (m.keepalive_s, m.status_interval_s, m.meter_interval_s) == (60, 60, 10)
     assert m.secret == SECRET_HEX
 
@@ -95,16 +96,28 @@ def test_mqtt_section_defaults_and_absence():
     ({"host": "10.0.0.1", "meter_interval_s": 1}, "meter_interval_s"),
     ({"host": "10.0.0.1", "color": "red"}, "color"),
     ({"host": "10.0.0.1", "password": "pw"}, "password"),
-    ({"host": "10.0.0.1", "tls_ca": "ca.pem"}, "tls_ca"),
+    ({"host": "10.0.0.1", "tls_ca": ""}, "tls_ca"),
+    ({"host": "10.0.0.1", "tls_ca": True}, "tls_ca"),
+    ({"host": "10.0.0.1", "tls_ca": "ca.pem", "tls_server_name": ""}, "tls_server_name"),
+    ({"host": "10.0.0.1", "tls_server_name": "broker.example"}, "tls_server_name"),
 ])
 def test_mqtt_errors_name_the_key(mqtt, key):
     with pytest.raises(config.ConfigError, match=key):
         config.parse_config({"mqtt": mqtt})
 
 
-def test_tls_is_refused_clearly():
-    with pytest.raises(config.ConfigError, match="tls not supported yet"):
-        config.parse_config({"mqtt": {"host": "10.0.0.1", "tls_ca": "ca.pem"}})
+def test_tls_ca_turns_tls_on_with_its_port():
+    m = config.parse_config({"mqtt": {"host": "10.0.0.1", "tls_ca": "ca.pem"}}).mqtt
+    assert (m.tls_ca, m.port, m.tls_server_name) == ("ca.pem", 8883, None)  # IANA: secure-mqtt
+    m = config.parse_config({"mqtt": {"host": "10.0.0.1", "tls_ca": "ca.pem", "port": 1883,
+                                      "tls_server_name": "broker.example"}}).mqtt
+    assert (m.port, m.tls_server_name) == (1883, "broker.example")
+    assert config.parse_config({"mqtt": {"host": "10.0.0.1", "port": 8883}}).mqtt.tls_ca is None
+
+
+def test_tls_server_name_without_tls_ca_says_what_is_missing():
+    with pytest.raises(config.ConfigError, match="'tls_server_name' needs 'tls_ca'"):
+        config.parse_config({"mqtt": {"host": "10.0.0.1", "tls_server_name": "b.example"}})
 
 
 @pytest.mark.parametrize("secret", ["abc", "zz" * 32, "0f" * 15, 1234567890123456789012345678901234])

@@ -1,4 +1,7 @@
 """The wired firmware (main.build) on the simulated hardware, under a virtual clock."""
+import os
+import tempfile
+
 import pytest
 from virtual_board import VirtualBoard
 
@@ -97,7 +100,16 @@ def test_rcd_locks_out_after_repeated_trips(monkeypatch):
     vb.run_until(9000)
     assert vb.ctl.charger.faults & ch.FAULT_RCD_LOCKOUT and vb.ctl.output.mode == pilot.MODE_F
     assert not vb.world.coil
+    # A reboot (power cut, watchdog, the reboot command) does not end the lock-out.
+    flash = os.getcwd()
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda prefix=None: flash)  # the same board again
+    vb = VirtualBoard(monkeypatch, CHARGE)
+    vb.run_until(2000)
+    assert vb.ctl.charger.faults == ch.FAULT_RCD_LOCKOUT and vb.ctl.output.mode == pilot.MODE_F
+    assert not vb.world.coil
     assert vb.ctl.clear_fault(vb.clock.ticks_ms(), "rcd_lockout") == "cleared"
+    vb.run_until(4000)  # cleared, and saved so: the car charges
+    assert vb.world.coil and not vb.ctl.charger.faults
 
 
 def test_missing_diode_never_closes(monkeypatch):
@@ -138,3 +150,79 @@ def test_tethered_board_uses_its_cable_rating(monkeypatch):
     vb = VirtualBoard(monkeypatch, CHARGE, board=board)
     vb.run_until(1500)
     assert vb.world.coil and vb.ctl.output.duty == pilot.duty_for_current(16000, pilot.IEC)
+
+
+# -- availability (set_availability) and the remote settings on flash ---------------------------
+
+def test_unavailable_f_pilot_f_no_session_then_available_charges(monkeypatch):
+    vb = VirtualBoard(monkeypatch, CHARGE)
+    vb.run_until(50)
+    assert vb.ctl.charger.set_availability(vb.clock.ticks_ms(), ch.UNAVAILABLE_F) is None
+    vb.run_until(1500)  # the car plugged in at 100 ms and wants power since 600 ms
+    assert vb.ctl.output.mode == pilot.MODE_F and vb.world.pwm_duty == 0  # -12 V on the line
+    assert not vb.world.coil and vb.ctl.charger.session is None and vb.ctl.record is None
+    assert vb.ctl.charger.state == ch.UNAVAILABLE and vb.ctl.charger.pilot == pilot.F
+    assert vb.ctl.charger.set_availability(vb.clock.ticks_ms(), ch.AVAILABLE) is None
+    vb.run_until(2500)  # the pilot is read again, the car found: a new session, as after a boot
+    assert vb.world.coil and vb.ctl.charger.state == ch.CHARGING
+    assert vb.ctl.record is vb.ctl.charger.session
+
+
+def test_unavailable_b1_while_charging_waits_for_the_session_to_end(monkeypatch):
+    vb = charging(monkeypatch, config={"meter": {"type": "ddsu666"}})
+    charger = vb.ctl.charger
+    session = charger.session
+    assert charger.set_availability(vb.clock.ticks_ms(), ch.UNAVAILABLE_B1) == ch.SCHEDULED
+    vb.run_until(2000)
+    assert vb.world.coil and charger.state == ch.CHARGING
+    charger.remote_stop(vb.clock.ticks_ms())
+    vb.run_while(lambda: vb.world.coil, 2000)  # C2 -> C1: the car drops to B, then the open
+    vb.run_while(lambda: session.ended_ms is None, 3000)  # its final meter reading
+    vb.tick()
+    assert charger.state == ch.UNAVAILABLE and session.stop_reason == "remote"
+    assert vb.ctl.output.mode == pilot.MODE_PLUS and not vb.ctl.output.pwm_on
+    vb.run_until(vb.now_ms + 1000)
+    assert charger.pilot == pilot.B and charger.session is None and not vb.world.coil
+    charger.set_availability(vb.clock.ticks_ms(), ch.AVAILABLE)
+    vb.run_until(vb.now_ms + 1000)  # the car still there and wanting: a new session
+    assert vb.world.coil and charger.state == ch.CHARGING and charger.session is not session
+
+
+def test_settings_survive_a_reboot_on_the_same_flash(monkeypatch):
+    vb = VirtualBoard(monkeypatch, [])
+    flash = os.getcwd()
+    vb.ctl.charger.set_remote_limit(10000)
+    vb.ctl.charger.set_availability(0, ch.UNAVAILABLE_B1)
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda prefix=None: flash)  # the same board again
+    vb = VirtualBoard(monkeypatch, CHARGE)
+    assert ("settings", "unavailable_b1, remote limit 10000 mA") in vb.reports
+    vb.run_until(1000)
+    assert vb.ctl.charger.state == ch.UNAVAILABLE and not vb.world.coil
+    assert vb.ctl.output.mode == pilot.MODE_PLUS and vb.ctl.charger.pilot == pilot.B  # no offer: B1
+    vb.ctl.charger.set_availability(vb.clock.ticks_ms(), ch.AVAILABLE)
+    vb.run_until(2000)
+    assert vb.world.coil and vb.ctl.output.duty == pilot.duty_for_current(10000, pilot.IEC)
+
+
+def test_a_garbled_settings_file_boots_with_the_defaults(monkeypatch):
+    flash = tempfile.mkdtemp(prefix="pile-flash-")
+    with open(os.path.join(flash, "settings.json"), "wb") as f:
+        f.write(b"0badc0de\n{\"availability\": \"unavailable_f\"}")
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda prefix=None: flash)
+    vb = VirtualBoard(monkeypatch, CHARGE)
+    assert any(what == "settings" and "garbled" in text for what, text in vb.reports), vb.reports
+    vb.run_until(1500)
+    assert vb.world.coil and vb.ctl.charger.state == ch.CHARGING
+
+
+def test_a_latched_fault_wins_over_unavailable_b1(monkeypatch):
+    vb = VirtualBoard(monkeypatch, [])
+    vb.world.contacts = vb.world.welded = True
+    vb.ctl.charger.set_availability(0, ch.UNAVAILABLE_B1)
+    vb.run_until(1200)
+    assert vb.ctl.charger.state == ch.FAULT and vb.ctl.output.mode == pilot.MODE_F
+    vb.world.welded = False
+    vb.run_until(1300)
+    assert vb.ctl.clear_fault(vb.clock.ticks_ms(), "welded") == "cleared"
+    vb.run_until(1400)
+    assert vb.ctl.charger.state == ch.UNAVAILABLE and vb.ctl.output.mode == pilot.MODE_PLUS

@@ -158,7 +158,7 @@ def test_enums_cover_the_firmware():
     faults = set(schema("fault")["properties"]["code"]["enum"])
     assert {name for _, name in charger.FAULT_NAMES} <= faults
     states = {charger.IDLE, charger.WAITING_FOR_AUTH, charger.CHARGING, charger.SUSPENDED_EV,
-              charger.SUSPENDED_EVSE, charger.FINISHING, charger.FAULT}
+              charger.SUSPENDED_EVSE, charger.FINISHING, charger.FAULT, charger.UNAVAILABLE}
     assert states == set(schema("status")["properties"]["state"]["enum"])
 
 

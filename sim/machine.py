@@ -143,6 +143,23 @@ class WDT:
         _w().wdt_feed()
 
 
+class RTC:
+    """The board's clock, which time.time() reads (sim/sim_time.py): the host's clock until the
+    firmware sets it (NTP) or a scenario flattens it ("rtc_flat"); world.log records each set."""
+
+    def __init__(self, id=0):
+        pass
+
+    def datetime(self, datetimetuple=None):
+        if datetimetuple is None:
+            return _w().rtc_read()
+        _w().rtc_set(datetimetuple)
+        return None
+
+    def init(self, datetimetuple):
+        _w().rtc_set(datetimetuple)
+
+
 PWRON_RESET = 1
 HARD_RESET = 2
 WDT_RESET = 3

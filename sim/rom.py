@@ -33,9 +33,16 @@ def start():
     sim = world.World(board, steps)
     world.WORLD = sim
     with open("config.json") as f:
-        sim.fit_meter(json.load(f).get("meter", {}))
-    del steps, board
+        conf = json.load(f)
+    sim.fit_meter(conf.get("meter", {}))
+    sim.fit_wifi(conf.get("wifi"))
+    if sim.ap is not None:
+        import network  # noqa: F401  (built into an ESP32's image: the simulator's share)
+    del steps, board, conf
     import machine  # noqa: F401  (loaded now so that its bytecode counts as the simulator's)
+    import sim_time
+
+    sys.modules["time"] = sim_time  # the firmware's time.time() reads the simulated RTC
 
     preloaded = set(sys.modules)
     gc.collect()

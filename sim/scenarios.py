@@ -10,6 +10,10 @@ BASE_CONFIG = {"pile_id": "sim-pile-1", "free_vend": True, "standard": "iec", "m
                "meter": {"type": "ddsu666"}}
 
 _CHARGE = [(300, "plug"), (1000, "request")]
+# What Wi-Fi and NTP add on the unix port, on top of whatever else the run loads (launch.run_scenario
+# adds it): the station and the SNTP client (~11 KiB of bytecode and state) and the simulated
+# driver (~4 KiB, sim/network.py, past the simulator's allowance), with room for fragmentation.
+WIFI_HEAP_EXTRA_KB = 32
 
 SCENARIOS = {
     "normal": {
@@ -96,6 +100,22 @@ SCENARIOS = {
     "remote_commands": {
         "doc": "charging with a car that never stops by itself: the tests send remote commands",
         "steps": _CHARGE + [(14000, "end")],
+    },
+    "wifi_dropout": {
+        "doc": "the access point goes away mid-session for 2.5 s, a C->B pause meets the outage: "
+               "charging goes on, the station joins again",
+        "config": {"wifi": {"ssid": "depot", "password": "sim-passphrase"}},
+        "heap_extra_kb": WIFI_HEAP_EXTRA_KB,
+        "steps": _CHARGE + [(2000, "wifi_down"), (3500, "stop_request"), (4000, "request"),
+                            (4500, "wifi_up"), (6500, "stop_request"), (7000, "unplug"), (8000, "end")],
+    },
+    "ntp_sync": {
+        "doc": "a board whose clock starts at its epoch (2000) joins Wi-Fi and asks an NTP server on "
+               "127.0.0.1 (the tests run one and set ntp.port) for the time, mid-session",
+        "config": {"wifi": {"ssid": "depot", "password": "sim-passphrase"},
+                   "ntp": {"host": "127.0.0.1", "start_jitter_s": 0}},
+        "heap_extra_kb": WIFI_HEAP_EXTRA_KB,
+        "steps": [(0, "rtc_flat")] + _CHARGE + [(3000, "stop_request"), (3500, "unplug"), (5000, "end")],
     },
     "broken_config": {
         "doc": "config.json with a bad value: clear error, pilot F, contactor never closes",

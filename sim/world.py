@@ -25,6 +25,25 @@ def _parallel(a, b):
     return a * b // (a + b)
 
 
+_host_time = time.time  # the real clock; rom.py gives the firmware a `time` that reads the RTC
+UNIX_2000 = 946684800  # what an ESP32's RTC reads after power-on: its epoch, 2000-01-01
+
+
+def _days_from_civil(y, m, d):
+    """Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's days_from_civil)."""
+    y -= m <= 2
+    era = y // 400
+    yoe = y - era * 400
+    doy = (153 * (m + (-3 if m > 2 else 9)) + 2) // 5 + d - 1
+    return era * 146097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719468
+
+
+def iso_us(unix_us):
+    t = time.gmtime(unix_us // 1000000)
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ" % (t[0], t[1], t[2], t[3], t[4], t[5],
+                                                     unix_us // 1000 % 1000)
+
+
 class SimReset(BaseException):
     """The board resets (watchdog or machine.reset()); the ROM boots it again."""
 
@@ -128,6 +147,11 @@ class World:
         self.meter = None  # the simulated meter (sim/meters.py), for fault injection
         self._energy_mj = 0
         self._energy_at = 0
+        self.ap = None  # the site's access point (ssid, password): sim/network.py joins it
+        self.ap_up = True
+        self.ap_changed = 0  # when it last went down or came back
+        self.rtc_base_us = None  # the RTC read this (us since 1970; None: the host's clock) ...
+        self.rtc_at = 0  # ... at this world time
         self.steps = sorted(steps, key=lambda s: s[0])
         self._step = 0
         self._next_due = self.steps[0][0] * 1000 if self.steps else None
@@ -191,6 +215,33 @@ class World:
         self.meter = device
         self.uarts[self.meter_uart] = rs485.UartChannel(self, device, baud)
 
+    def fit_wifi(self, conf):
+        """The access point that config.json's "wifi" section names, with its password."""
+        if conf:
+            self.ap = (conf.get("ssid"), conf.get("password", ""))
+
+    # -- the RTC: time.time() on the board --------------------------------------------------------
+
+    def wall_us(self):
+        now = self.advance()
+        if self.rtc_base_us is None:
+            return int(_host_time() * 1000000)
+        return self.rtc_base_us + now - self.rtc_at
+
+    def rtc_set(self, dt):
+        """machine.RTC().datetime((year, month, day, weekday, hours, minutes, seconds, us)), in
+        UTC; the weekday is ignored, as on the ESP32."""
+        self.advance()
+        secs = _days_from_civil(dt[0], dt[1], dt[2]) * 86400 + dt[4] * 3600 + dt[5] * 60 + dt[6]
+        self.rtc_base_us = secs * 1000000 + dt[7]
+        self.rtc_at = self.now
+        self.log("rtc", "set to " + iso_us(self.rtc_base_us))
+
+    def rtc_read(self):
+        us = self.wall_us()
+        t = time.gmtime(us // 1000000)
+        return (t[0], t[1], t[2], t[6], t[3], t[4], t[5], us % 1000000)
+
     # -- scenario actions -------------------------------------------------------------------------
 
     def do(self, action, arg=None):
@@ -225,6 +276,15 @@ class World:
             self.rcd_healthy = False
         elif action == "meter_fault":
             self.meter.fault = arg  # None: healthy again
+        elif action == "wifi_down":  # the access point goes away (sim/network.py)
+            self.ap_up = False
+            self.ap_changed = self.now
+        elif action == "wifi_up":
+            self.ap_up = True
+            self.ap_changed = self.now
+        elif action == "rtc_flat":  # the RTC as an ESP32's after power-on: its epoch, unsynced
+            self.rtc_base_us = UNIX_2000 * 1000000
+            self.rtc_at = self.now
         elif action == "inject_error":
             self.inject_error = arg or "injected fault in the control loop"
         elif action == "end":

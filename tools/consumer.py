@@ -485,7 +485,8 @@ class Consumer:
     rejected for good), so with a persistent session (--client-id) nothing is lost when the
     consumer or its database stops."""
 
-    def __init__(self, broker, handler, group=None, client_id=None, tls_ca=None, keepalive=30):
+    def __init__(self, broker, handler, group=None, client_id=None, tls_ca=None, keepalive=30,
+                 protocol=mqtt.MQTTv5):
         self.broker = broker if isinstance(broker, BrokerUrl) else BrokerUrl(broker)
         self.handler = handler
         self.group = group
@@ -498,8 +499,10 @@ class Consumer:
         self.subscribed = threading.Event()
         self.connected_once = threading.Event()
         self._pending = set()
+        # protocol=mqtt.MQTTv311 for a broker without MQTT 5 (make sim's amqtt): no --group then
+        v3 = {} if protocol == mqtt.MQTTv5 else {"clean_session": not self.persistent}
         c = self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                                      protocol=mqtt.MQTTv5, manual_ack=True)
+                                      protocol=protocol, manual_ack=True, **v3)
         if self.broker.username is not None:
             c.username_pw_set(self.broker.username, self.broker.password)
         if self.broker.tls or tls_ca:
@@ -513,7 +516,7 @@ class Consumer:
 
     def start(self):
         props = None
-        if self.persistent:
+        if self.persistent and self.client.protocol == mqtt.MQTTv5:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = PERSISTENT_SESSION_S
         self.client.connect_async(self.broker.host, self.broker.port, keepalive=self.keepalive,
@@ -553,7 +556,7 @@ class Consumer:
             if sub_id is not None:
                 props = Properties(PacketTypes.SUBSCRIBE)
                 props.SubscriptionIdentifier = sub_id
-            result, mid = client.subscribe([(t, mqtt.SubscribeOptions(qos=1)) for t in topics],
+            result, mid = client.subscribe([(t, 1) for t in topics],  # QoS 1
                                            properties=props)
             if result == mqtt.MQTT_ERR_SUCCESS:
                 self._pending.add(mid)

@@ -1,5 +1,6 @@
-"""`make deps`: the MicroPython libraries the firmware runs on (umqtt.simple, logging), fetched by name from PyPI as upip
-did (the JSON API -> the sdist), only their .py files unpacked into lib/ (git-ignored).
+"""`make deps`: the MicroPython libraries the firmware runs on (umqtt.simple, logging), fetched
+by name from PyPI as upip did (the JSON API -> the sdist), only their .py files unpacked into lib/
+(git-ignored).
 
     python tools/fetch_deps.py [--dest lib]
 
