@@ -287,6 +287,11 @@ class Controller:
         if bit == ch.FAULT_RCD_LOCKOUT:
             self.rcd.clear_lockout()
         self.charger.clear_latched(now_ms, bit)
+        # Saved now, not after the next tick: in service mode (diag.clear_fault) no tick runs.
+        # Never inside a tick's safety work: this is called by the MQTT link or diag.
+        problem = self.charger.save_settings()
+        if problem is not None:
+            return "cleared, but " + problem
         return "cleared"
 
     def safe_off(self):

@@ -699,7 +699,9 @@ class MqttLink:
             return "accepted", note  # None, or why it was not saved to flash
         if name == "clear_fault":
             text = self._ctl.clear_fault(now_ms, args["fault"])
-            return ("accepted", None) if text == "cleared" else ("rejected", text)
+            if text.startswith("cleared"):  # "cleared, but not saved to flash ...": say so
+                return "accepted", None if text == "cleared" else text[len("cleared, but "):]
+            return "rejected", text
         if name == "request_status":
             self._todo_status = True
             return "accepted", None

@@ -235,3 +235,18 @@ def test_check_config_against_the_board(tmp_path):
     with pytest.raises(technician.ToolError) as e:
         technician.check_config(str(tmp_path / "broken.json"))
     assert "not valid JSON" in str(e.value) and SECRET_HEX not in str(e.value)
+
+
+def test_the_brokers_ca_is_found_beside_the_config_and_checked(tmp_path):
+    tls = {"host": "10.0.0.5", "secret": SECRET_HEX, "tls_ca": "ca.pem"}
+    path = str(write_config(tmp_path / "pile.json", mqtt=tls))
+    _, conf = technician.check_config(path)
+    with pytest.raises(technician.ToolError, match="'tls_ca'.*cannot read"):
+        technician.ca_file(path, conf)
+    (tmp_path / "ca.pem").write_text("not a certificate\n")
+    with pytest.raises(technician.ToolError, match="'tls_ca'.*not a certificate"):
+        technician.ca_file(path, conf)
+    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    assert technician.ca_file(path, conf) == (str(tmp_path / "ca.pem"), "ca.pem")
+    _, plain = technician.check_config(str(write_config(tmp_path / "plain.json")))
+    assert technician.ca_file(str(tmp_path / "plain.json"), plain) is None

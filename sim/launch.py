@@ -179,8 +179,9 @@ def run_scenario(name=scenarios.DEFAULT, board="ref-esp32", config=None, heapsiz
 
 # The firmware with the MQTT link: its bytecode lives in the unix port's heap (on a pile, frozen
 # into the image with manifest.py, it does not). 184k is the least the 1,000-command test
-# passed with; the rest is margin.
-MQTT_HEAP = "208k"
+# passed with here; at 208k a 1,280-byte allocation in command_auth still failed once on CI
+# (a fragmented heap: free room, no block that large), so the tests give it more.
+MQTT_HEAP = "256k"
 
 
 class BlackHole:

@@ -244,18 +244,44 @@ def check_config(config_path, board_data=None):
     return data, conf
 
 
+def ca_file(config_path, conf):
+    """(host path, board path) of mqtt.tls_ca, the host's copy beside the config file; None
+    without TLS. ToolError if it is missing or is not a certificate (PEM or DER)."""
+    if conf.mqtt is None or conf.mqtt.tls_ca is None:
+        return None
+    board_path = conf.mqtt.tls_ca.lstrip("/")
+    host_path = os.path.join(os.path.dirname(os.path.abspath(config_path)), board_path)
+    try:
+        with open(host_path, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        raise ToolError("mqtt: 'tls_ca': %s: cannot read (%s); put the broker's CA certificate "
+                        "beside the config" % (host_path, e.strerror)) from None
+    if b"-----BEGIN CERTIFICATE-----" not in head and head[:1] != b"\x30":
+        raise ToolError("mqtt: 'tls_ca': %s is not a certificate (PEM or DER)" % host_path)
+    return host_path, board_path
+
+
 def provision(port, config_path, board=None, reboot_after=True, out=sys.stdout):
     board_data = None
     if board is not None:
         with open(os.path.join(ROOT, "boards", board + ".json")) as f:
             board_data = json.load(f)
     data, conf = check_config(config_path, board_data)  # before anything touches the board
+    ca_file(config_path, conf)
     if board_data is None:
         board_data = board_json(port, "import json\ntry:\n    print(json.dumps(json.load(open("
                                       "'board.json'))))\nexcept Exception:\n    print('{}')")
         if not board_data:
             raise ToolError("the board has no usable board.json: `make flash` first, or give BOARD=")
         check_config(config_path, board_data)
+    ca = ca_file(config_path, conf)
+    if ca is not None:  # the broker's CA goes where mqtt.tls_ca says, before the config naming it
+        host_path, board_path = ca
+        mpremote(port, "fs", "cp", "-f", host_path, ":" + board_path)
+        if board_hashes(port, [board_path])["sha"][board_path] != sha256_file(host_path):
+            raise ToolError("%s on the board is not what was sent: provision again" % board_path)
+        out.write("%s on the board (sha256 ok): the broker's CA\n" % board_path)
     mpremote(port, "fs", "cp", "-f", config_path, ":config.json")
     sha = board_hashes(port, ["config.json"])["sha"]["config.json"]
     back = board_json(port, _READBACK_CODE)
