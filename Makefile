@@ -12,7 +12,7 @@ METER ?=
 BROKER ?= mqtt://127.0.0.1:1883
 
 .PHONY: help venv deps broker socat test sim scenarios mpy flash provision diag clear-fault reboot \
-	virtual-board bench check monitor clean
+	virtual-board bench soak check monitor clean
 
 help:
 	@echo "make sim [SCENARIO=name] [METER=dlt645]   firmware on the unix port, simulated hardware, a local"
@@ -20,13 +20,16 @@ help:
 	@echo "                           (BROKER=none: without; BROKER=amqtt: the pure-Python broker)"
 	@echo "make scenarios             list the simulator's scenarios"
 	@echo "make test                  pytest on CPython + scenario tests on the unix port"
-	@echo "make bench                 figures: tick time, C->B latency, heap"
+	@echo "make bench [QUICK=1] [WHAT=latency]   figures: tick time, C->B latency, .mpy sizes,"
+	@echo "                           MQTT bytes, heap (~12 min; QUICK=1 ~4 min)"
 	@echo "make mpy                   cross-compile firmware/ for the ESP32 (build/mpy)"
 	@echo "make flash PORT=/dev/ttyUSB0 [BOARD=ref-esp32] [SOURCE=1]   firmware + libs, changed files only"
 	@echo "make provision PORT=... CONFIG=pile.json [BOARD=name]   check, upload config.json, reboot"
 	@echo "make diag PORT=... [JSON=1]   version, state, faults, outbox, heap, meter, broker"
 	@echo "make clear-fault PORT=... FAULT=rcd_lockout      make reboot PORT=..."
 	@echo "make virtual-board [SCENARIO=normal]   a simulated board on a pty, with a local broker"
+	@echo "make soak [SESSIONS=1000] [SEED=n]   sessions with injected faults against mosquitto and the"
+	@echo "                           reference consumer; checks every session's energy, prints figures"
 	@echo "make check                 ruff + type check of firmware/ against the ESP32 API"
 	@echo "make monitor [BROKER=mqtt://host:1883]   live table of a fleet (tools/consumer.py)"
 
@@ -118,8 +121,14 @@ reboot: $(STAMP)
 virtual-board: $(STAMP) deps socat
 	$(TECH) virtual-board --scenario $(SCENARIO)$(if $(METER), --meter $(METER))
 
-bench: $(STAMP) deps
-	$(BIN)/python tools/bench.py
+# QUICK=1: 100 trials instead of 1,000; WHAT=latency (ticks mpy latency wire heap): only those.
+bench: $(STAMP) deps broker
+	$(BIN)/python tools/bench.py $(WHAT)
+
+# tools/soak.py: meter faults, RCD trips, remote stops, kill -9, broker restarts and black holes
+# (~4 s a session: the default 1,000 take about 70 min); SEED= replays a run.
+soak: $(STAMP) deps broker
+	$(BIN)/python tools/soak.py $(if $(SESSIONS),--sessions $(SESSIONS)) $(if $(SEED),--seed $(SEED))
 
 # ruff, then firmware/ type-checked against the ESP32's MicroPython API (micropython-esp32-stubs,
 # tools/typecheck.py); lib/ is read as the firmware imports it.

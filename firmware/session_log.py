@@ -76,13 +76,14 @@ class SessionLog:
         self._seq += 1
         session.id = "%s-%d-%d" % (self.pile_id, self.boot, self._seq)
         session.start_epoch = self._wall() - time.ticks_diff(now_ms, session.authorized_ms) // 1000
+        # The snapshot first: a power cut right after the started record must still end it at boot.
+        self._checkpoint(now_ms, session)
         self._append(now_ms, journal.KIND_SESSION_START, {
             "v": 1, "session_id": session.id, "pile_id": self.pile_id, "connector": self.connector,
             "auth_source": session.auth_source, "auth_id": session.auth_id,
             "start_time": iso_utc(session.start_epoch), "clock_synced": clock_synced(session.start_epoch),
             "meter_start_wh": session.meter_start_wh or 0,
         })
-        self._checkpoint(now_ms, session)
 
     def _checkpoint(self, now_ms, session):
         self._checkpoint_at = now_ms
@@ -135,6 +136,9 @@ class SessionLog:
         cut = self._cut
         self._cut = None
         try:
+            if self._already_ended(cut["id"]):  # cut after the ended record, before the clear
+                self.store.clear()
+                return
             meter_stop = cut["m1"]
             if reading is not None and reading.energy_wh >= meter_stop:
                 meter_stop = reading.energy_wh  # counted until the cut
@@ -146,6 +150,16 @@ class SessionLog:
             self._emit(now_ms, "session", "snapshot unusable, not reported: %r" % (e,))
         self.store.clear()
         self._emit(now_ms, "session", "closed %s after a power loss" % cut.get("id"))
+
+    def _already_ended(self, session_id):
+        """True if the outbox still holds the session's ended record: ended() appends it, then
+        clears the snapshot, and the power may go in between. Not yet sent: it was appended in
+        the same tick as the clear, before the link could send it."""
+        needle = ('"session_id": "%s"' % session_id).encode()
+        for _, kind, payload in self.outbox.pending():
+            if kind == journal.KIND_SESSION_END and needle in payload:
+                return True
+        return False
 
     def _append(self, now_ms, kind, record):
         payload = json.dumps(record)

@@ -31,7 +31,7 @@ except FileNotFoundError:  # pragma: no cover - `make test` installs it
     pytest.skip("MicroPython unix port not installed (make venv)", allow_module_level=True)
 
 C_TO_B_LIMIT_MS = 100  # IEC 61851-1 Table A.6 seq. 8.1
-# The firmware with the MQTT link needs more than the default 128 KiB on the unix port, where
+# The firmware with the MQTT link needs more than the default 160 KiB on the unix port, where
 # its bytecode lives in the heap (README, figures); `make sim` gives it the same.
 HEAP = launch.MQTT_HEAP
 PILE = "sim-pile-1"

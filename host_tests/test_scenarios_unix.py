@@ -1,4 +1,4 @@
-"""The firmware on the real MicroPython unix port (64 KiB heap budget) against the simulated
+"""The firmware on the real MicroPython unix port (sim/launch.py DEFAULT_HEAP) against the simulated
 hardware: each scenario asserts what the contactor and the pilot did."""
 import json
 import os

@@ -134,6 +134,57 @@ def test_power_loss_closes_the_session_at_the_next_boot(tmp_path):
     assert len(records(tmp_path)) == 2
 
 
+class PowerCut(Exception):
+    pass
+
+
+def test_power_cut_right_after_the_started_record_still_ends_the_session(tmp_path, monkeypatch):
+    """The power goes the moment the started record is on flash (tools/soak.py cuts at random):
+    the snapshot must already be there, or the cloud would hold a session that never ends."""
+    log = make_log(tmp_path)
+    real_append = journal.Journal.append
+
+    def append_then_cut(self, kind, payload):
+        real_append(self, kind, payload)
+        raise PowerCut()
+
+    monkeypatch.setattr(journal.Journal, "append", append_then_cut)
+    s = session()
+    s.note_meter(Reading(1000))
+    with pytest.raises(PowerCut):
+        log.poll(0, s, None)
+    monkeypatch.undo()
+    make_log(tmp_path, boot=8).poll(0, None, Reading(1000))
+    recs = records(tmp_path)
+    assert [k for k, _ in recs] == ["session_start", "session_end"]
+    assert recs[1][1]["session_id"] == "pile-0042-7-1" and recs[1][1]["stop_reason"] == "power_loss"
+
+
+def test_power_cut_between_the_ended_record_and_the_snapshot_clear_reports_it_once(tmp_path, monkeypatch):
+    """ended() appends the record, then clears the snapshot: a cut in between must not give the
+    cloud a second, power_loss copy of the session (a conflict in its table)."""
+    log = make_log(tmp_path)
+    s = session()
+    s.note_meter(Reading(1000))
+    log.poll(0, s, None)
+    s.note_meter(Reading(1500))
+    s.stop_reason, s.ended_ms = "ev_disconnected", 60000
+
+    def cut(self):
+        raise PowerCut()
+
+    monkeypatch.setattr(session_store.SessionStore, "clear", cut)
+    with pytest.raises(PowerCut):
+        log.ended(60000, s)
+    monkeypatch.undo()
+    booted = make_log(tmp_path, boot=8)
+    booted.poll(0, None, Reading(1500))
+    recs = records(tmp_path)
+    assert [k for k, _ in recs] == ["session_start", "session_end"]
+    assert recs[1][1]["stop_reason"] == "ev_disconnected" and recs[1][1]["energy_wh"] == 500
+    assert session_store.SessionStore(str(tmp_path / "session.json")).load() is None  # cleared now
+
+
 def test_power_loss_without_a_meter_reading_after_boot(tmp_path):
     log = make_log(tmp_path)
     s = session()

@@ -47,6 +47,7 @@ def start():
     preloaded = set(sys.modules)
     gc.collect()
     sim_heap = gc.mem_alloc()
+    sim.heap_base = sim_heap
     while sim.boots < _MAX_BOOTS:
         sim.boots += 1
         sim.log("board", "power-on" if sim.boots == 1 else "boot %d" % sim.boots)

@@ -132,9 +132,11 @@ def latency_trials(trials=200, meter_fault=None):
     t = 500
     for i in range(trials):
         steps.append((t, "request"))
-        t += 400 + (i * 37) % 97  # vary the phase against the control loop
+        # 100 ms B->C debounce and 15 ms of contacts closing, then a margin; the varying part
+        # moves the stop's phase against the 5 ms control loop.
+        t += 250 + (i * 37) % 23
         steps.append((t, "stop_request"))
-        t += 150
+        t += 120  # open within ~35 ms; then the next trial
     steps.append((t + 200, "end"))
     return {"doc": "benchmark: %d C->B trials%s" % (trials, ", meter " + meter_fault if meter_fault else ""),
             # A silent meter must not stop the trials' sessions: only the latency is measured.
@@ -142,9 +144,20 @@ def latency_trials(trials=200, meter_fault=None):
             "steps": steps}
 
 
+def metered_session(charge_s=30):
+    """One session with charge_s seconds of charging, for the benchmark's bytes on the wire."""
+    stop = 1000 + charge_s * 1000
+    return {"doc": "benchmark: one session, %d s of charging" % charge_s,
+            "steps": _CHARGE + [(stop, "stop_request"), (stop + 500, "unplug"), (stop + 4000, "end")]}
+
+
 def get(name):
-    """A scenario by name; 'latency_trials:N[:FAULT]' builds the benchmark's trials."""
+    """A scenario by name; 'latency_trials:N[:FAULT]' builds the benchmark's trials,
+    'metered_session:S' its session for the bytes on the wire."""
     if name.startswith("latency_trials"):
         parts = name.split(":")
         return latency_trials(int(parts[1]) if len(parts) > 1 else 200, parts[2] if len(parts) > 2 else None)
+    if name.startswith("metered_session"):
+        parts = name.split(":")
+        return metered_session(int(parts[1]) if len(parts) > 1 else 30)
     return SCENARIOS[name]

@@ -147,6 +147,8 @@ class World:
         self.meter = None  # the simulated meter (sim/meters.py), for fault injection
         self._energy_mj = 0
         self._energy_at = 0
+        self.state_file = None  # rom.py: the meter register and the car, kept across a kill -9
+        self.heap_base = 0  # rom.py: the simulator's own live heap, for the "heap" action
         self.ap = None  # the site's access point (ssid, password): sim/network.py joins it
         self.ap_up = True
         self.ap_changed = 0  # when it last went down or came back
@@ -166,8 +168,12 @@ class World:
         while self._next_due is not None and now >= self._next_due:
             step = self.steps[self._step]
             self._step += 1
+            due = self._next_due
             self._next_due = self.steps[self._step][0] * 1000 if self._step < len(self.steps) else None
             self.do(step[1], step[2] if len(step) > 2 else None)
+            if self._stop_at == now:
+                # The car let go at the step's time; the world only noticed at the next pin touch.
+                self._stop_at = due
         if self.coil != self.contacts:
             self._move_contacts(now)
         self._update_car(now)
@@ -247,10 +253,15 @@ class World:
     def do(self, action, arg=None):
         car = self.car
         if action == "plug":
+            if not car.plugged:  # the soak's ground truth (tools/soak.py): register in mJ
+                self.log("session", "begin %d" % self._energy_mj)
             car.plugged = True
             if arg:
                 car.cable_ohm = arg
         elif action == "unplug":
+            if car.plugged:
+                self._integrate(self.now)
+                self.log("session", "end %d" % self._energy_mj)
             car.plugged = car.wants = car.s2 = False
         elif action == "request":
             car.wants = True
@@ -287,6 +298,15 @@ class World:
             self.rtc_at = self.now
         elif action == "inject_error":
             self.inject_error = arg or "injected fault in the control loop"
+        elif action == "heap":  # the firmware's live heap after a collection (tools/soak.py)
+            import gc
+
+            gc.collect()
+            self.log("heap", "%d" % (gc.mem_alloc() - self.heap_base))
+        elif action == "cue":  # a mark for the driver on the CPython side (tools/soak.py)
+            pass
+        elif action == "persist":  # keep the register and the car in this file across kill -9
+            self.restore(arg)
         elif action == "end":
             self.log("sim", "scenario end")
             raise SimEnd()
@@ -294,6 +314,38 @@ class World:
             raise ValueError("unknown scenario action %r" % action)
         self.log("step", action if arg is None else "%s %r" % (action, arg))
         self._update_car(self.now)
+        self._save()
+
+    # -- what survives a power cut (tools/soak.py kills the process) --------------------------------
+
+    def restore(self, path):
+        """Continue where the world was at the cut: the meter register and the car. From then
+        on every change is written to `path` (a temporary file renamed over it: a kill mid-write
+        leaves the old one)."""
+        import os
+
+        try:
+            with open(path) as f:
+                energy, plugged, wants = (int(v) for v in f.read().split())
+        except OSError:
+            energy, plugged, wants = 0, 0, 0
+        self._energy_mj = energy
+        self.car.plugged = bool(plugged)
+        self.car.wants = bool(wants)
+        self.state_file = path
+        self._rename = os.rename
+        self.log("state", "register %d mJ, car %s" % (energy, "plugged" if plugged else "away"))
+        if plugged:
+            self.log("session", "begin %d" % energy)
+        self._update_car(self.now)
+
+    def _save(self):
+        if self.state_file is None:
+            return
+        tmp = self.state_file + ".tmp"
+        with open(tmp, "w") as f:
+            f.write("%d %d %d" % (self._energy_mj, self.car.plugged, self.car.wants))
+        self._rename(tmp, self.state_file)
 
     # -- the car and the pilot line ---------------------------------------------------------------
 
@@ -480,8 +532,11 @@ class World:
 
     def _integrate(self, now):
         power_mw = int(self.power_w * 1000)
-        self._energy_mj += power_mw * (now - self._energy_at) // 1000000
+        added = power_mw * (now - self._energy_at) // 1000000
         self._energy_at = now
+        if added:
+            self._energy_mj += added
+            self._save()  # before any meter reply can show it
 
     @property
     def energy_wh(self):
