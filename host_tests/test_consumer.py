@@ -21,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import consumer  # noqa: E402
 import fake_pile  # noqa: E402
+import launch  # noqa: E402  (sim/, on the path from conftest.py)
 from fake_pile import FakePile, Publisher, connect_pile  # noqa: E402
 
 CONSUMER = os.path.join(ROOT, "tools", "consumer.py")
@@ -104,13 +105,7 @@ class Broker:
         return "mqtt://%s127.0.0.1:%d" % (auth, self.port)
 
     def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        launch.end_process(self.proc)
 
 
 @pytest.fixture(scope="module")

@@ -185,6 +185,18 @@ def run_scenario(name=scenarios.DEFAULT, board="ref-esp32", config=None, heapsiz
 MQTT_HEAP = "256k"
 
 
+def end_process(proc, grace_s=5):
+    """Ask a child to stop (SIGTERM), then make it (SIGKILL) after grace_s. None: nothing to do."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(grace_s)
+
+
 class BlackHole:
     """A broker that accepts TCP connections and never reads nor answers."""
 
@@ -300,13 +312,7 @@ class LocalBroker:
         return False
 
     def _kill(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        end_process(self.proc)
 
     def show(self):
         import time

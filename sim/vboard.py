@@ -109,12 +109,7 @@ class VirtualBoard:
         """socat closes the pty: the hang-up ends the server and the unix port with it."""
         if self.proc is None:
             return
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        launch.end_process(self.proc)
         self.proc = None
         try:
             with open(os.path.join(self.dir, "serve.pid")) as f:

@@ -124,13 +124,7 @@ class Mosquitto:
         wait(self._listening, "mosquitto back")
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        launch.end_process(self.proc)
 
 
 class Relay:
