@@ -247,6 +247,7 @@ class Controller:
         ):
             contactor.close()
             self._closed_ms = now_ms
+            self.rcd.contactor_switched(now_ms)
             self._emit(now_ms, "contactor", "closed")
 
     def _open(self, now_ms):
@@ -255,6 +256,7 @@ class Controller:
         self.contactor.open()
         if was_closed:
             self._opened_ms = now_ms
+            self.rcd.contactor_switched(now_ms)
             self._emit(now_ms, "contactor", "open")
 
     def _offer(self, now_ms, duty):

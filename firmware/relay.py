@@ -66,6 +66,10 @@ LOCKED_OUT = "locked_out"
 # most 1.2 s for its module), then clear within 1 s of releasing TEST.
 SELF_TEST_TRIP_MS = const(500)
 SELF_TEST_RELEASE_MS = const(1000)
+# FAULT is not believed for ~1 s after the contactor switches (evse-facts section 3): switching
+# the load makes transients the module may read as leakage. A leak that is still there when the
+# window ends trips at once; IEC 62955 allows 10 s to break a 6 mA DC residual current.
+SWITCH_BLANK_MS = const(1000)
 
 
 class ResidualCurrentMonitor:
@@ -87,6 +91,7 @@ class ResidualCurrentMonitor:
         self.state = UNTESTED
         self._since = 0
         self._seen_once = False
+        self._switched_ms = None  # when the contactor last switched (None: not since boot)
         self._set_test(False)
 
     def _set_test(self, on):
@@ -117,6 +122,10 @@ class ResidualCurrentMonitor:
             self._set_test(False)
             self.state = UNTESTED
             self.trips = 0
+
+    def contactor_switched(self, now_ms):
+        """The controller tells each close and open: FAULT is not believed for SWITCH_BLANK_MS."""
+        self._switched_ms = now_ms
 
     def clear_lockout(self):
         if self.state == LOCKED_OUT:
@@ -149,7 +158,8 @@ class ResidualCurrentMonitor:
                 self._begin_test(now_ms)
             return False
         # UNTESTED or READY: watch for a trip.
-        if not self.fault_active():
+        if not self.fault_active() or (self._switched_ms is not None and time.ticks_diff(
+                now_ms, self._switched_ms) < SWITCH_BLANK_MS):
             self._seen_once = False
             return False
         if not self._seen_once:

@@ -92,12 +92,12 @@ def test_welded_at_power_up(monkeypatch):
 
 def test_rcd_locks_out_after_repeated_trips(monkeypatch):
     steps = []
-    for i in range(3):
-        steps += [(2000 + i * 3000, "rcd_leak", True), (2100 + i * 3000, "rcd_leak", False)]
+    for i in range(3):  # each more than 1 s after the contactor closed (relay.SWITCH_BLANK_MS)
+        steps += [(2500 + i * 3000, "rcd_leak", True), (2600 + i * 3000, "rcd_leak", False)]
     vb = charging(monkeypatch, steps, config={"rcd_retry_s": 1, "rcd_max_trips": 3})
-    vb.run_until(3900)
+    vb.run_until(4400)
     assert vb.world.coil  # retried after the first trip
-    vb.run_until(9000)
+    vb.run_until(9500)
     assert vb.ctl.charger.faults & ch.FAULT_RCD_LOCKOUT and vb.ctl.output.mode == pilot.MODE_F
     assert not vb.world.coil
     # A reboot (power cut, watchdog, the reboot command) does not end the lock-out.

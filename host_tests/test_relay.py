@@ -126,3 +126,24 @@ def test_a_spike_is_not_a_trip():
     r.poll(0)
     m.leak = False
     assert r.poll(5) is False and r.trips == 0
+
+
+def test_fault_is_not_believed_for_a_second_after_the_contactor_switches():
+    """evse-facts section 3: switching transients; a leak still there afterwards trips at once."""
+    m, r = make_rcd()
+    r.start_self_test(0)
+    r.poll(1)
+    r.poll(2)
+    r.contactor_switched(100)  # closed
+    m.leak = True
+    for t in range(105, 1100, 5):  # FAULT read on every poll of the window
+        assert r.poll(t) is False, t
+    assert r.poll(1100) is False  # the window is over: the first read
+    assert r.poll(1105) is True and r.state == relay.TRIPPED
+    # A transient inside the window leaves nothing behind.
+    m, r = make_rcd()
+    r.contactor_switched(0)
+    m.leak = True
+    r.poll(995)
+    m.leak = False
+    assert r.poll(1000) is False and r.poll(1005) is False and r.trips == 0

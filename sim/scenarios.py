@@ -48,7 +48,8 @@ SCENARIOS = {
     "rcd_trip": {
         "doc": "6 mA DC residual current while charging: open at once, retry after the wait",
         "config": {"rcd_retry_s": 1},
-        "steps": _CHARGE + [(2000, "rcd_leak", True), (2300, "rcd_leak", False), (5000, "end")],
+        # The leak comes more than 1 s after the contactor closed (relay.SWITCH_BLANK_MS).
+        "steps": _CHARGE + [(2500, "rcd_leak", True), (2800, "rcd_leak", False), (5500, "end")],
     },
     "rcd_self_test_fails": {
         "doc": "the residual-current module does not answer its TEST input: no charging",
