@@ -67,14 +67,9 @@ def broker(tmp_path_factory):
 @pytest.fixture
 def store(broker, tmp_path):
     """The reference consumer, in-process, SQLite in tmp."""
-    storage = consumer.open_storage("sqlite:///" + str(tmp_path / "telemetry.db"))
-    storage.setup()
-    c = consumer.Consumer(broker.url(), consumer.Handler(SCHEMAS, storage))
-    c.start()
-    assert c.subscribed.wait(TIMEOUT), "the consumer did not subscribe"
+    c = start_consumer(broker.url(), tmp_path / "telemetry.db")
     yield c
-    c.stop()
-    storage.close()
+    stop_consumer(c)
 
 
 def sessions(c, session_id=SESSION):
@@ -114,27 +109,6 @@ def watcher(broker):
     time.sleep(0.2)
     yield w
     w.close()
-
-
-def mqtt_packets(buf):
-    """Complete MQTT packets at the front of buf, and the bytes left (MQTT 3.1.1 section 2.2)."""
-    out = []
-    while len(buf) >= 2:
-        length = shift = 0
-        i = 1
-        while True:
-            if i >= len(buf):
-                return out, buf
-            length |= (buf[i] & 0x7F) << shift
-            i += 1
-            if not buf[i - 1] & 0x80:
-                break
-            shift += 7
-        if len(buf) < i + length:
-            break
-        out.append(buf[:i + length])
-        buf = buf[i + length:]
-    return out, buf
 
 
 def published_ended(packet):
@@ -215,7 +189,7 @@ class Proxy:
                 if not data:
                     break
                 if holding:
-                    packets, rest = mqtt_packets(rest + data)
+                    packets, rest = launch.mqtt_packets(rest + data)
                     data = b"".join(p for p in packets if self._pass(p, up))
                 dst.sendall(data)
         except OSError:

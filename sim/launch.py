@@ -185,6 +185,29 @@ def run_scenario(name=scenarios.DEFAULT, board="ref-esp32", config=None, heapsiz
 MQTT_HEAP = "256k"
 
 
+def mqtt_packets(buf):
+    """The complete MQTT packets at the front of buf, and the bytes left after them: for the
+    relays that look into the pile's traffic (MQTT 3.1.1 section 2.2: a fixed header byte, then
+    the remaining length in 1-4 bytes of 7 bits)."""
+    out = []
+    while len(buf) >= 2:
+        length = shift = 0
+        i = 1
+        while True:
+            if i >= len(buf) or i > 4:
+                return out, buf
+            length |= (buf[i] & 0x7F) << shift
+            i += 1
+            if not buf[i - 1] & 0x80:
+                break
+            shift += 7
+        if len(buf) < i + length:
+            break
+        out.append(buf[:i + length])
+        buf = buf[i + length:]
+    return out, buf
+
+
 def end_process(proc, grace_s=5):
     """Ask a child to stop (SIGTERM), then make it (SIGKILL) after grace_s. None: nothing to do."""
     if proc is None or proc.poll() is not None:

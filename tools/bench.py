@@ -246,22 +246,13 @@ class CountingRelay:
                 pass
 
     def _split(self, buf, direction, ids):
-        while len(buf) >= 2:
-            length, shift, i = 0, 0, 1
-            while i < len(buf) and i <= 4:  # remaining length: 1-4 bytes, 7 bits each
-                length |= (buf[i] & 0x7F) << shift
-                shift += 7
-                i += 1
-                if not buf[i - 1] & 0x80:
-                    break
-            else:
-                return buf
-            size = i + length
-            if len(buf) < size:
-                return buf
-            self._count(buf[:size], i, direction, ids)
-            buf = buf[size:]
-        return buf
+        packets, rest = launch.mqtt_packets(buf)
+        for packet in packets:
+            header = 2  # the fixed header byte and the remaining length: 1-4 bytes
+            while packet[header - 1] & 0x80:
+                header += 1
+            self._count(packet, header, direction, ids)
+        return rest
 
     def _count(self, packet, header, direction, ids):
         kind_code = packet[0] >> 4
