@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.join(ROOT, "sim"))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import journal  # noqa: E402  (firmware/, on the path by conftest)
 import launch  # noqa: E402
+import tcp_relay  # noqa: E402
 import paho.mqtt.client as mqtt  # noqa: E402
 import pilecmd  # noqa: E402
 from test_consumer import MOSQUITTO, SCHEMAS, TIMEOUT, Broker, consumer, free_port, wait_for  # noqa: E402
@@ -125,47 +126,21 @@ def published_ended(packet):
     return packet[i + 2 + n] << 8 | packet[i + 3 + n]
 
 
-class Proxy:
-    """A TCP relay between the pile and the broker that can be taken away: down, its port
-    refuses connections and the relayed ones are cut; the consumer stays connected to the broker
-    itself. hold="publish" keeps the pile's first session/ended PUBLISH (and what follows it on
-    that connection) from the broker, hold="puback" keeps the broker's PUBACK for it from the
-    pile; `held` is set then: the record is in flight, its PUBACK not in the pile's hands."""
+class Proxy(tcp_relay.TcpRelay):
+    """A relay between the pile and the broker that can be taken away (down/up); the consumer
+    stays connected to the broker itself. hold="publish" keeps the pile's first session/ended
+    PUBLISH (and what follows it on that connection) from the broker, hold="puback" keeps the
+    broker's PUBACK for it from the pile; `held` is set then: the record is in flight, its PUBACK
+    not in the pile's hands. After down(), everything goes through."""
 
     def __init__(self, target_port, hold=None):
-        self.target = target_port
-        self.port = free_port()
-        self.listener = None
-        self.conns = []
+        super().__init__(target_port)
         self.hold = hold
+        self.inspect = hold is not None  # else bytes pass as they come: TLS too
         self.held = threading.Event()
         self.pid = None
 
-    def up(self):
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", self.port))
-        s.listen(4)
-        self.listener = s
-        threading.Thread(target=self._accept, args=(s,), daemon=True).start()
-
-    def _accept(self, listener):
-        while True:
-            try:
-                a, _ = listener.accept()
-            except OSError:
-                return
-            try:
-                b = socket.create_connection(("127.0.0.1", self.target))
-            except OSError:  # broker down: the pile sees its connection closed
-                a.close()
-                continue
-            self.conns += [a, b]
-            for src, dst, up in ((a, b, True), (b, a, False)):
-                threading.Thread(target=self._pump, args=(src, dst, up), daemon=True).start()
-
-    def _pass(self, packet, up):
-        """Whether to relay this packet (only called while holding)."""
+    def packet(self, packet, up, conn):
         if self.held.is_set():
             return not up or self.hold != "publish"  # held: nothing more of the pile's
         if up:
@@ -180,42 +155,10 @@ class Proxy:
             return False
         return True
 
-    def _pump(self, src, dst, up):
-        holding = self.hold is not None
-        rest = b""
-        try:
-            while True:
-                data = src.recv(4096)
-                if not data:
-                    break
-                if holding:
-                    packets, rest = launch.mqtt_packets(rest + data)
-                    data = b"".join(p for p in packets if self._pass(p, up))
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
     def down(self):
-        if self.listener is not None:
-            try:  # Linux: wakes the blocked accept(); close() alone leaves it listening
-                self.listener.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self.listener.close()
-            self.listener = None
-        for s in self.conns:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-                s.close()
-            except OSError:
-                pass
-        self.conns = []
-        self.hold = None  # after the outage, everything goes through
+        super().down()
+        self.hold = None
+        self.inspect = False
 
 
 def start_consumer(url, db_path):

@@ -5,7 +5,10 @@ database must hold exactly the sessions the simulated car performed, once each, 
 SEED=N replays a run (the seed is in the failure message)."""
 import os
 import random
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -119,3 +122,50 @@ def test_soak_short(capsys):
     grew = soak.heap_growth(run.lifetimes)
     assert grew < HEAP_NOISE_B, "SEED=%d: heap grew %d B in a lifetime: %r" % (
         seed, grew, [life.heap for life in run.lifetimes])
+
+
+def mosquittos_under(directory):
+    """The pids of mosquitto processes whose config file lies below `directory`."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open("/proc/%s/cmdline" % pid, "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if argv[0].endswith(b"mosquitto") and any(a.startswith(os.fsencode(directory)) for a in argv):
+            pids.append(int(pid))
+    return pids
+
+
+def firmware_running(directory):
+    """Whether a MicroPython process runs with its flash folder below `directory`."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cwd = os.readlink("/proc/%s/cwd" % pid)
+        except OSError:
+            continue
+        if cwd.startswith(str(directory)) and pid != str(os.getpid()):
+            return True
+    return False
+
+
+@pytest.mark.skipif(launch.find_mosquitto() is None, reason="mosquitto is not installed (make broker)")
+def test_sigterm_stops_the_soaks_broker_and_firmware(tmp_path):
+    """kill (SIGTERM) ends the soak through its `finally`: mosquitto and the firmware go with it."""
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tools", "soak.py"), "--sessions", "5",
+                             "--seed", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not (mosquittos_under(tmp_path) and firmware_running(tmp_path)):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 128 + signal.SIGTERM
+    finally:
+        launch.end_process(proc)
+    deadline = time.monotonic() + 5
+    while mosquittos_under(tmp_path) or firmware_running(tmp_path):
+        assert time.monotonic() < deadline, "left running: %r" % mosquittos_under(tmp_path)
+        time.sleep(0.1)

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -208,6 +209,12 @@ def mqtt_packets(buf):
     return out, buf
 
 
+def stop_on_sigterm():
+    """SIGTERM (kill, a CI job's timeout) ends the program as Ctrl-C does, through its `finally`s,
+    which stop the firmware and the broker it started: else mosquitto outlives it."""
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+
+
 def end_process(proc, grace_s=5):
     """Ask a child to stop (SIGTERM), then make it (SIGKILL) after grace_s. None: nothing to do."""
     if proc is None or proc.poll() is not None:
@@ -387,6 +394,7 @@ def main(argv=None):
     parser.add_argument("--no-broker", action="store_true",
                         help="no broker and no MQTT link: the firmware and the simulated hardware alone")
     args = parser.parse_args(argv)
+    stop_on_sigterm()
     if args.list:
         for name, spec in scenarios.SCENARIOS.items():
             print("%-26s %s" % (name, spec["doc"]))

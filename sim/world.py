@@ -298,11 +298,12 @@ class World:
             self.rtc_at = self.now
         elif action == "inject_error":
             self.inject_error = arg or "injected fault in the control loop"
-        elif action == "heap":  # the firmware's live heap after a collection (tools/soak.py)
+        elif action == "heap":  # the firmware's heap in use, then live after a collection (tools/soak.py)
             import gc
 
+            used = gc.mem_alloc() - self.heap_base
             gc.collect()
-            self.log("heap", "%d" % (gc.mem_alloc() - self.heap_base))
+            self.log("heap", "in use %d, live %d" % (used, gc.mem_alloc() - self.heap_base))
         elif action == "cue":  # a mark for the driver on the CPython side (tools/soak.py)
             pass
         elif action == "persist":  # keep the register and the car in this file across kill -9

@@ -18,17 +18,16 @@ import concurrent.futures
 import itertools
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "sim"))
 import launch  # noqa: E402
 import scenarios  # noqa: E402
+import tcp_relay  # noqa: E402
 
 QUICK = os.environ.get("QUICK", "") not in ("", "0")
 TRIALS = int(os.environ.get("BENCH_TRIALS", "100" if QUICK else "1000"))
@@ -48,12 +47,6 @@ def percentile(values, p):
     """Nearest rank on the sorted values."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
-
-
-def unused_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def mqtt_config(port, pile_id, **extra):
@@ -168,7 +161,7 @@ def bench_latency(pool, broker, hole):
     conditions = (
         ("network healthy (mosquitto)", None, mqtt_config(broker.port, "bench-lat"), TRIALS_MQTT_HEAP),
         ("broker black-holed", None, mqtt_config(hole.port, "bench-hole"), TRIALS_MQTT_HEAP),
-        ("broker unreachable", None, mqtt_config(unused_port(), "bench-gone"), TRIALS_MQTT_HEAP),
+        ("broker unreachable", None, mqtt_config(tcp_relay.free_port(), "bench-gone"), TRIALS_MQTT_HEAP),
         ("meter silent (no MQTT link)", "silent", None, TRIALS_HEAP),
     )
     runs = [(label, trial_run(pool, TRIALS, fault, config, heap))
@@ -197,64 +190,20 @@ _PACKET_KIND = {_CONNECT: "connect", _CONNACK: "connect", _SUBSCRIBE: "connect",
 KINDS = ("connect", "status", "session records", "meter", "fault", "commands", "keep-alive", "other")
 
 
-class CountingRelay:
-    """A TCP relay between the pile and the broker: counts the bytes each way and splits them
-    into MQTT packets, each put under a kind (the PUBACK under its PUBLISH's kind). TCP/IP
-    headers are not counted."""
+class CountingRelay(tcp_relay.TcpRelay):
+    """A relay between the pile and the broker that puts each MQTT packet under a kind (the
+    PUBACK under its PUBLISH's kind). TCP/IP headers are not counted."""
 
     def __init__(self, upstream_port):
-        self.upstream = upstream_port
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(4)
-        self.port = self.sock.getsockname()[1]
-        self.lock = threading.Lock()
+        super().__init__(upstream_port)
         self.packets = []  # (direction "up" pile->broker or "down", kind, bytes)
-        self.connections = 0
-        threading.Thread(target=self._accept, daemon=True).start()
 
-    def _accept(self):
-        while True:
-            try:
-                pile, _ = self.sock.accept()
-            except OSError:
-                return
-            broker = socket.create_connection(("127.0.0.1", self.upstream))
-            self.connections += 1
-            ids = {}  # packet id -> kind of the PUBLISH it acknowledges, per connection
-            for src, dst, direction in ((pile, broker, "up"), (broker, pile, "down")):
-                threading.Thread(target=self._pump, args=(src, dst, direction, ids), daemon=True).start()
-
-    def _pump(self, src, dst, direction, ids):
-        buf = b""
-        while True:
-            try:
-                data = src.recv(4096)
-            except OSError:
-                data = b""
-            if not data:
-                break
-            buf = self._split(buf + data, direction, ids)
-            try:
-                dst.sendall(data)
-            except OSError:
-                break
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def _split(self, buf, direction, ids):
-        packets, rest = launch.mqtt_packets(buf)
-        for packet in packets:
-            header = 2  # the fixed header byte and the remaining length: 1-4 bytes
-            while packet[header - 1] & 0x80:
-                header += 1
-            self._count(packet, header, direction, ids)
-        return rest
-
-    def _count(self, packet, header, direction, ids):
+    def packet(self, packet, up, conn):
+        """conn maps a QoS 1 PUBLISH's (direction, packet id) to its kind, for the PUBACK."""
+        header = 2  # the fixed header byte and the remaining length: 1-4 bytes
+        while packet[header - 1] & 0x80:
+            header += 1
+        direction = "up" if up else "down"
         kind_code = packet[0] >> 4
         kind = _PACKET_KIND.get(kind_code, "other")
         if kind_code == _PUBLISH:
@@ -263,20 +212,18 @@ class CountingRelay:
             suffix = topic.split("/", 3)[3] if topic.count("/") >= 3 else topic
             kind = _TOPIC_KIND.get(suffix, "other")
             if (packet[0] >> 1) & 3:  # QoS 1: a packet id follows, its PUBACK comes back
-                ids[(direction, packet[header + 2 + n:header + 4 + n])] = kind
+                conn[(direction, packet[header + 2 + n:header + 4 + n])] = kind
         elif kind_code == _PUBACK:
-            kind = ids.get(("down" if direction == "up" else "up", packet[2:4]), "other")
-        with self.lock:
-            self.packets.append((direction, kind, len(packet)))
-
-    def close(self):
-        self.sock.close()
+            kind = conn.get(("down" if up else "up", packet[2:4]), "other")
+        self.packets.append((direction, kind, len(packet)))  # list.append: atomic under the GIL
+        return True
 
 
 def bench_wire(pool, broker):
     """One session with 30 s of charging, the meter every 10 s, the status heartbeat every 60 s
     (docs/telemetry.md), keep-alive 60 s: what goes over the pile's TCP connection."""
     relay = CountingRelay(broker.port)
+    relay.up()
     charge_s = 10 if QUICK else 30
     # With a command key the pile subscribes to its commands topic, as a pile in service does.
     config = mqtt_config(relay.port, "bench-wire", keepalive_s=60, meter_interval_s=10, secret="ab" * 16)
@@ -286,7 +233,7 @@ def bench_wire(pool, broker):
     def report():
         r = future.result()
         time.sleep(0.5)  # the relay's last bytes
-        relay.close()
+        relay.down()
         if r.result is None:
             raise RuntimeError("the session for the bytes on the wire failed:\n" + "\n".join(r.lines[-20:]))
         sums = {}
@@ -401,6 +348,7 @@ def main(argv):
     unknown = [a for a in asked if a not in SECTIONS]
     if unknown:
         raise SystemExit("unknown section %s; choose from %s" % (", ".join(unknown), " ".join(SECTIONS)))
+    launch.stop_on_sigterm()
     start = time.monotonic()
     print("Pile firmware benchmark on the MicroPython unix port (%s), %s; %s, %d CPUs, load %.2f" % (
         launch.micropython_binary(), time.strftime("%Y-%m-%d %H:%M"), cpu_model(), os.cpu_count(),

@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.join(ROOT, "sim"))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import launch  # noqa: E402
 import pilecmd  # noqa: E402
+import tcp_relay  # noqa: E402
 
 PILE = "sim-pile-1"
 SECRET = bytes(range(32))
@@ -64,12 +65,6 @@ def shown_wh(energy_mj):
 
 # -- the broker, the consumer, the relay ----------------------------------------------------------
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait(predicate, what, timeout=WAIT_S):
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -94,7 +89,7 @@ class Mosquitto:
         import getpass
 
         for _ in range(5):  # another process may take the free port first
-            self.port = free_port()
+            self.port = tcp_relay.free_port()
             with open(self.conf, "w") as f:
                 f.write("listener %d 127.0.0.1\npersistence false\nallow_anonymous true\nuser %s\n"
                         % (self.port, getpass.getuser()))
@@ -127,99 +122,6 @@ class Mosquitto:
         launch.end_process(self.proc)
 
 
-class Relay:
-    """TCP relay pile <-> broker. hole(): everything is swallowed (old and new connections)
-    until mend(), which cuts the swallowed connections, as a TCP timeout would. down()/up():
-    nothing listens. Counts the bytes relayed each way."""
-
-    def __init__(self, target_port):
-        self.target = target_port
-        self.port = free_port()
-        self.listener = None
-        self.conns = []
-        self.black = False
-        self.bytes_up = self.bytes_down = 0
-        self._lock = threading.Lock()
-
-    def up(self):
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", self.port))
-        s.listen(8)
-        self.listener = s
-        threading.Thread(target=self._accept, args=(s,), daemon=True).start()
-
-    def _accept(self, listener):
-        while True:
-            try:
-                a, _ = listener.accept()
-            except OSError:
-                return
-            if self.black:
-                with self._lock:
-                    self.conns.append(a)
-                threading.Thread(target=self._pump, args=(a, None, True), daemon=True).start()
-                continue
-            try:
-                b = socket.create_connection(("127.0.0.1", self.target))
-            except OSError:
-                a.close()
-                continue
-            with self._lock:
-                self.conns += [a, b]
-            for src, dst, up in ((a, b, True), (b, a, False)):
-                threading.Thread(target=self._pump, args=(src, dst, up), daemon=True).start()
-
-    def _pump(self, src, dst, up):
-        try:
-            while True:
-                data = src.recv(4096)
-                if not data:
-                    break
-                if self.black or dst is None:
-                    continue  # swallowed
-                dst.sendall(data)
-                if up:
-                    self.bytes_up += len(data)
-                else:
-                    self.bytes_down += len(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            if s is not None:
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def _cut(self):
-        with self._lock:
-            conns, self.conns = self.conns, []
-        for s in conns:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-
-    def hole(self):
-        self.black = True
-
-    def mend(self):
-        self._cut()
-        self.black = False
-
-    def down(self):
-        if self.listener is not None:
-            try:  # Linux: wakes the blocked accept(); close() alone leaves it listening
-                self.listener.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self.listener.close()
-            self.listener = None
-        self._cut()
-
-
 class Cloud:
     """mosquitto, the reference consumer (SQLite) and a command sender, all on the broker itself;
     the pile reaches the broker through the relay."""
@@ -241,7 +143,7 @@ class Cloud:
         self.sender.reconnect_delay_set(0.2, 2)
         self.sender.connect("127.0.0.1", self.broker.port)
         self.sender.loop_start()
-        self.relay = Relay(self.broker.port)
+        self.relay = tcp_relay.TcpRelay(self.broker.port)
         self.relay.up()
         self._counter = 0
 
@@ -353,7 +255,8 @@ class Lifetime:
 
     def __init__(self, lines, cut_register):
         self.sessions = []  # dicts: begin, end (mJ), cut, ids (firmware's started records)
-        self.heap = []
+        self.heap = []  # live after gc.collect() at each session's end
+        self.in_use = []  # in use just before that collection: garbage included
         self.boots = 0
         self.tracebacks = [t for t in lines if "Traceback" in t or "MemoryError" in t]
         current = None
@@ -364,8 +267,9 @@ class Lifetime:
             elif "] sim session: end " in line:
                 current["end"] = int(line.rsplit(" ", 1)[1])
                 current = None
-            elif "] sim heap: " in line:
+            elif "] sim heap: " in line:  # "in use N, live N"
                 self.heap.append(int(line.rsplit(" ", 1)[1]))
+                self.in_use.append(int(line.split("in use ", 1)[1].split(",")[0]))
             elif "] sim board: " in line and ("power-on" in line or "boot " in line):
                 self.boots += 1
             elif "] outbox: {" in line:
@@ -592,6 +496,10 @@ class Soak:
             lines.append("firmware heap live after gc.collect() at each session's end: first %d, last %d, "
                          "max %d B; within a lifetime, last minus first: max %+d B" % (
                              heap[0], heap[-1], max(heap), max(h[-1] - h[0] for h in per_life)))
+            in_use = [h for life in self.lifetimes for h in life.in_use]
+            lines.append("firmware heap in use before those collections (garbage included; no periodic "
+                         "collection runs, so it fills the heap before one): median %d, max %d B of %s" % (
+                             sorted(in_use)[len(in_use) // 2], max(in_use), self.heap))
             lines.append("heap growth within a lifetime (least of its later half minus least of its "
                          "earlier half): max %+d B" % heap_growth(self.lifetimes))
         if hasattr(self, "bytes"):
@@ -615,6 +523,7 @@ def main(argv=None):
     parser.add_argument("--per-life", type=int, default=12, help="most sessions in one lifetime")
     parser.add_argument("--echo", action="store_true", help="print the firmware's lines")
     args = parser.parse_args(argv)
+    launch.stop_on_sigterm()
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 2 ** 31)
     print("soak: %d sessions, seed %d" % (args.sessions, seed), flush=True)
     soak = Soak(args.sessions, seed, kills=not args.no_kills, broker_faults=not args.no_broker_faults,
