@@ -341,10 +341,11 @@ class Charger:
 
     # -- the tick -----------------------------------------------------------------------------------
 
-    def step(self, now_ms, stable, rcd_ready):
+    def step(self, now_ms, stable, may_close):
         """Consume the stable pilot state; returns the pilot events (EV_* bits) it acted on.
         CarPluggedIn means a session began for the car: at plug-in, or when the pile comes back
-        into service with a car there (never while out of service)."""
+        into service with a car there (never while out of service). may_close: the controller's
+        own conditions (RCD self-tested, the session's meter start known); else SUSPENDED_EVSE."""
         old = self.pilot
         self.pilot = stable
         events = 0
@@ -378,10 +379,10 @@ class Charger:
             self._emit(now_ms, "session", "started")
             if self.free_vend:
                 self.authorize(now_ms, "free_vend")
-        self._set_state(now_ms, self._derive(stable, rcd_ready))
+        self._set_state(now_ms, self._derive(stable, may_close))
         return events
 
-    def _derive(self, stable, rcd_ready):
+    def _derive(self, stable, may_close):
         if self.faults:
             return FAULT
         if self.availability != AVAILABLE:
@@ -393,7 +394,7 @@ class Charger:
             return WAITING_FOR_AUTH
         if s.stop_reason is not None:
             return FINISHING
-        if self.offer_ma == 0 or not rcd_ready:
+        if self.offer_ma == 0 or not may_close:
             return SUSPENDED_EVSE
         if stable == pilot.C or (stable == pilot.D and self.allow_ventilation):
             return CHARGING

@@ -92,7 +92,7 @@ class Controller:
         elif rcd_state == relay.LOCKED_OUT:
             charger.raise_fault(now_ms, ch.FAULT_RCD_LOCKOUT)
 
-        events = charger.step(now_ms, stable, self.rcd.ready)
+        events = charger.step(now_ms, stable, self.rcd.ready and self._meter_start_known())
         if events & ch.EV_CAR_PLUGGED_IN:
             if self.record is not None:  # replugged before the last record got its reading
                 self._close_record(now_ms, self.record, force=True)
@@ -124,20 +124,35 @@ class Controller:
             reading = meter.reading
             if session is not None and reading is not None:
                 session.note_meter(reading)
-            if self.contactor.closed and session is not None and session.stop_reason is None:
-                # No good reading for meter_failure_ms while energy flows: unknown energy, stop.
-                since = self._closed_ms
-                if reading is not None and time.ticks_diff(reading.taken_ms, since) > 0:
-                    since = reading.taken_ms
-                if time.ticks_diff(now_ms, since) > self.meter_failure_ms:
-                    self._emit(now_ms, "meter", "no good reading for %d s: %s" % (
-                        self.meter_failure_ms // 1000, meter.last_error))
-                    self.charger.stop_session(now_ms, "meter_failure")
+            since = self._unmetered_since(session, reading)
+            if since is not None and time.ticks_diff(now_ms, since) > self.meter_failure_ms:
+                self._emit(now_ms, "meter", "no good reading for %d s: %s" % (
+                    self.meter_failure_ms // 1000, meter.last_error))
+                self.charger.stop_session(now_ms, "meter_failure")
         if self.session_log is not None:
             self.session_log.poll(now_ms, session, None if meter is None else meter.reading)
         if session is not None and session.stop_reason is not None and session.ended_ms is None \
                 and not self.contactor.closed:
             self._close_record(now_ms, session)
+
+    def _meter_start_known(self):
+        """The open session's meter start value is known, or no meter is fitted: only then may
+        the contactor close. Energy from the close on is billed; a first reading taken after the
+        close would miss what flowed before it."""
+        return self.meter is None or self.record is None or self.record.meter_start_wh is not None
+
+    def _unmetered_since(self, session, reading):
+        """Since when the open session has lacked the reading it needs; None: it lacks none."""
+        if session is None or session.stop_reason is not None:
+            return None
+        if self.contactor.closed:  # energy flows: a good reading every meter_failure_ms
+            since = self._closed_ms
+            if reading is not None and time.ticks_diff(reading.taken_ms, since) > 0:
+                since = reading.taken_ms
+            return since
+        if session.authorized and session.meter_start_wh is None:
+            return session.authorized_ms  # no start value: _apply keeps the contactor open
+        return None
 
     def _close_record(self, now_ms, session, force=False):
         meter = self.meter

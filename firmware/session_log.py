@@ -51,6 +51,11 @@ class SessionLog:
         self._cut = store.load()  # a snapshot left by a session the power cut
         if store.error:
             self._emit(0, "session", "snapshot ignored: " + store.error)
+        # Now, at boot, before the link can send anything: once sent and acknowledged the ended
+        # record is no longer in the outbox, and a power_loss copy would follow it to the cloud.
+        if self._cut is not None and self._already_ended(self._cut.get("id")):
+            self._cut = None
+            store.clear()
         self._boot_ms = None
 
     def _emit(self, now_ms, what, text):
@@ -112,8 +117,7 @@ class SessionLog:
         self._append(now_ms, journal.KIND_SESSION_END, self._ended_record(
             session.id, session.auth_source, session.auth_id, start_epoch, stop_epoch,
             clock_synced(start_epoch) and clock_synced(stop_epoch), meter_start, meter_stop,
-            duration_s, session.peak_power_w, session.stop_reason))
-        self.store.clear()
+            duration_s, session.peak_power_w, session.stop_reason), self.store.clear)
 
     def _ended_record(self, session_id, auth_source, auth_id, start_epoch, stop_epoch, synced,
                       meter_start, meter_stop, duration_s, peak_w, stop_reason):
@@ -136,34 +140,38 @@ class SessionLog:
         cut = self._cut
         self._cut = None
         try:
-            if self._already_ended(cut["id"]):  # cut after the ended record, before the clear
-                self.store.clear()
-                return
             meter_stop = cut["m1"]
             if reading is not None and reading.energy_wh >= meter_stop:
                 meter_stop = reading.energy_wh  # counted until the cut
             start = cut["t0"]
             self._append(now_ms, journal.KIND_SESSION_END, self._ended_record(
                 cut["id"], cut["as"], cut["ai"], start, start + cut["d"],
-                clock_synced(start), cut["m0"], meter_stop, cut["d"], cut["pk"], "power_loss"))
+                clock_synced(start), cut["m0"], meter_stop, cut["d"], cut["pk"], "power_loss"),
+                self.store.clear)
         except (KeyError, TypeError) as e:
+            self.store.clear()
             self._emit(now_ms, "session", "snapshot unusable, not reported: %r" % (e,))
-        self.store.clear()
         self._emit(now_ms, "session", "closed %s after a power loss" % cut.get("id"))
 
     def _already_ended(self, session_id):
         """True if the outbox still holds the session's ended record: ended() appends it, then
-        clears the snapshot, and the power may go in between. Not yet sent: it was appended in
-        the same tick as the clear, before the link could send it."""
+        clears the snapshot, and the power may go in between. Not yet sent at boot: it was
+        appended in the same tick as the clear, before the link could send it."""
         needle = ('"session_id": "%s"' % session_id).encode()
         for _, kind, payload in self.outbox.pending():
             if kind == journal.KIND_SESSION_END and needle in payload:
                 return True
         return False
 
-    def _append(self, now_ms, kind, record):
+    def _append(self, now_ms, kind, record, then=None):
+        """Into the outbox, then `then()` (the snapshot's clear after an ended record), and only
+        then the report line: an error in reporting (a MemoryError in a full heap) must not come
+        between the record and the clear, or the next boot would close the session again."""
         payload = json.dumps(record)
-        if self.outbox.append(kind, payload.encode()) is None:
-            self._emit(now_ms, "outbox", "full: %s record dropped (reported)" % journal.kind_name(kind))
-        else:
+        appended = self.outbox.append(kind, payload.encode()) is not None
+        if then is not None:
+            then()
+        if appended:
             self._emit(now_ms, "outbox", payload)
+        else:
+            self._emit(now_ms, "outbox", "full: %s record dropped (reported)" % journal.kind_name(kind))

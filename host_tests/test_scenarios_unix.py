@@ -202,6 +202,24 @@ def test_silent_meter_stops_the_session():
     assert session_energy(r)[0] < r.result["energy_wh"]  # what came after the silence is unknown
 
 
+def test_a_meter_silent_at_the_start_holds_the_contactor_open_until_it_answers():
+    r = run("meter_silent_at_start")
+    back = [t for t, text in r.sim_events("step") if text == "meter_fault"][0]
+    closed = [t for t, on in coil(r) if on]
+    assert closed and closed[0] > back  # not while the start value was unknown
+    states = [text for _, text in r.firmware_events("charger")]
+    assert states[:2] == ["idle -> suspended_evse", "suspended_evse -> charging"]
+    assert not [text for _, text in r.firmware_events("session") if "meter_failure" in text]
+    assert abs(session_energy(r)[0] - r.result["energy_wh"]) < 1  # billed from the first Wh
+
+
+def test_a_meter_dead_at_the_start_never_lets_power_flow():
+    r = run("meter_dead_at_start")
+    assert not [t for t, on in coil(r) if on] and r.result["energy_wh"] == 0  # never closed
+    stops = [text for _, text in r.firmware_events("session") if text.startswith("stopped")]
+    assert stops == ["stopped: meter_failure"]
+
+
 def test_a_misbehaving_bus_is_refused_counted_and_billed_right():
     r = run("meter_misbehaves")
     errors = " | ".join(text for _, text in r.firmware_events("meter"))

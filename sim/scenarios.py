@@ -74,6 +74,19 @@ SCENARIOS = {
         "config": {"meter": {"type": "ddsu666", "failure_timeout_s": 2}},
         "steps": _CHARGE + [(2000, "meter_fault", "silent"), (8000, "end")],
     },
+    "meter_silent_at_start": {
+        "doc": "the meter does not answer when the car asks for power: the contactor waits for "
+               "the session's start value, closes once the meter answers, the session bills in full",
+        "config": {"meter": {"type": "ddsu666", "failure_timeout_s": 5}},
+        "steps": [(0, "meter_fault", "silent")] + _CHARGE + [
+            (3000, "meter_fault", None), (6000, "stop_request"), (6500, "unplug"), (9000, "end")],
+    },
+    "meter_dead_at_start": {
+        "doc": "the meter never answers: no power without a start value; after failure_timeout_s "
+               "the session stops (meter_failure), nothing was delivered or billed",
+        "config": {"meter": {"type": "ddsu666", "failure_timeout_s": 2}},
+        "steps": [(0, "meter_fault", "silent")] + _CHARGE + [(6000, "end")],
+    },
     "meter_misbehaves": {
         "doc": "bad CRC, wrong address, garbage, a backwards and a jumping register while "
                "charging: each refused and counted, the session goes on and bills right",
@@ -127,9 +140,12 @@ SCENARIOS = {
 
 
 def latency_trials(trials=200, meter_fault=None):
-    """C->B trials for the benchmark: charge, stop requesting at a varying phase, repeat."""
-    steps = [(0, "meter_fault", meter_fault)] if meter_fault else []
-    steps.append((300, "plug"))
+    """C->B trials for the benchmark: charge, stop requesting at a varying phase, repeat. A
+    meter fault comes after the session's start value (at boot, before 300 ms): without one the
+    contactor would never close."""
+    steps = [(300, "plug")]
+    if meter_fault:
+        steps.append((400, "meter_fault", meter_fault))
     t = 500
     for i in range(trials):
         steps.append((t, "request"))
