@@ -42,8 +42,27 @@ _sources = set()  # loggers given the console handler
 
 
 def report(now_ms, what, text):
-    """The modules' report callback: a record on the logger named after the source. Loggers
-    get the console handler here: micropython-logging does not propagate to the root."""
+    """The modules' report callback: a record on the logger named after the source."""
+    global lines_lost
+    try:
+        if lines_lost:
+            _log(now_ms, "main", "%d line(s) lost before this one: the heap was full" % lines_lost)
+            lines_lost = 0
+        _log(now_ms, what, text)
+    except MemoryError:
+        # A full or fragmented heap (the collector has already run): the line is lost, not the
+        # session. Building it is the commonest allocation, so a MemoryError lands here most
+        # often, and an internal error would reset the pile under a charging car for a log
+        # line. What the line says (a record, a fault) is kept elsewhere.
+        lines_lost += 1
+    if what == "fault":  # the last few, for diag.py
+        if len(recent_faults) >= 8:
+            recent_faults.pop(0)
+        recent_faults.append((now_ms, text))
+
+
+def _log(now_ms, what, text):
+    """Loggers get the console handler here: micropython-logging does not propagate to the root."""
     log = logging.getLogger(what)
     if what not in _sources:
         _sources.add(what)
@@ -52,13 +71,10 @@ def report(now_ms, what, text):
         log.propagate = False
     _Console.now_ms = now_ms
     log.log(logging.WARNING if what in _WARNING_SOURCES else logging.INFO, "%s", text)
-    if what == "fault":  # the last few, for diag.py
-        if len(recent_faults) >= 8:
-            recent_faults.pop(0)
-        recent_faults.append((now_ms, text))
 
 
 recent_faults = []  # (ticks_ms, text)
+lines_lost = 0  # report() lines a full heap kept from being printed, said with the next one
 unavailable = None  # why hold_unavailable() holds the pile, for diag.py
 
 

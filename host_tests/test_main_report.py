@@ -40,3 +40,24 @@ def test_ordinary_transitions_are_info():
     finally:
         logging.getLogger("charger").removeHandler(catch)
     assert catch.records == [("charger", logging.INFO, "idle -> charging")]
+
+
+def test_a_full_heap_loses_the_line_not_the_pile(capsys, monkeypatch):
+    """A MemoryError building a line (the commonest allocation; a soak in a tight heap met it
+    there) is not an internal error: the line is lost and said so with the next one."""
+    now = time.ticks_add(main._boot_ms, 2000)
+    real_emit = main._Console.emit
+
+    def heap_full(self, record):
+        raise MemoryError("memory allocation failed, allocating 376 bytes")
+
+    monkeypatch.setattr(main._Console, "emit", heap_full)
+    main.report(now, "fault", "raised rcd_trip")  # no exception
+    main.report(now, "outbox", "a record")
+    monkeypatch.setattr(main._Console, "emit", real_emit)
+    assert main.recent_faults[-1] == (now, "raised rcd_trip")  # what diag shows is kept
+    main.report(now, "pilot", "C -> B")
+    assert capsys.readouterr().out.splitlines() == [
+        "[   2.000] main: 2 line(s) lost before this one: the heap was full", "[   2.000] pilot: C -> B"]
+    main.report(now, "pilot", "B -> A")
+    assert capsys.readouterr().out == "[   2.000] pilot: B -> A\n"

@@ -48,10 +48,13 @@ class FakeCloud:
 def lifetime(*sessions, cut_register=None):
     """Output lines of a lifetime: (begin mJ, end mJ or None for a cut, firmware id or None)."""
     lines = []
-    for begin, end, sid in sessions:
+    for begin, end, sid, *closed_by in sessions:  # closed_by: the record's stop reason, before the end
         lines.append("[   1.000] sim session: begin %d" % begin)
         if sid is not None:
             lines.append('[   0.900] outbox: {"v": 1, "session_id": "%s", "meter_start_wh": 0}' % sid)
+        if closed_by:
+            lines.append('[   2.000] outbox: {"v": 1, "session_id": "%s", "stop_time": "2026-11-24T02:00Z",'
+                         ' "stop_reason": "%s"}' % (sid, closed_by[0]))
         if end is not None:
             lines.append("[   3.000] sim session: end %d" % end)
     life = soak.Lifetime(lines, cut_register)
@@ -66,24 +69,30 @@ def test_comparison_names_every_kind_of_mismatch():
     s = soak.Soak(1, seed=1)
     s.lifetimes = [lifetime((0, 10 * WH, "p-1-1"), (10 * WH, 25 * WH, "p-1-2"), (25 * WH, 30 * WH, "p-1-3")),
                    lifetime((30 * WH, None, "p-2-1"), cut_register=34 * WH),
-                   lifetime((34 * WH, None, None), cut_register=34 * WH)]  # cut before its record: 0 Wh
+                   lifetime((34 * WH, None, None), cut_register=34 * WH),  # cut before its record: 0 Wh
+                   # stopped remotely, its record closed, then the cut with the car still plugged in
+                   lifetime((34 * WH, None, "p-4-1", "remote"), cut_register=36 * WH)]
     good = {"p-1-1": (10, "ev_disconnected", 0, 10), "p-1-2": (15, "remote", 10, 25),
-            "p-1-3": (5, "ev_disconnected", 25, 30), "p-2-1": (4, "power_loss", 30, 34)}
+            "p-1-3": (5, "ev_disconnected", 25, 30), "p-2-1": (4, "power_loss", 30, 34),
+            "p-4-1": (2, "remote", 34, 36)}
     s._compare(FakeCloud(dict(good)))
     assert s.failures == [] and s.unnamed == 1
 
     bad = dict(good, **{"p-1-2": (14, "remote", 10, 24), "p-2-1": (4, "ev_disconnected", 30, 34),
-                        "p-9-1": (0, "ev_disconnected", 0, 0)})
+                        "p-4-1": (2, "power_loss", 34, 36), "p-9-1": (0, "ev_disconnected", 0, 0)})
     del bad["p-1-3"]
     s.failures = []
     s._compare(FakeCloud(bad, conflicts=1))
     text = "\n".join(s.failures)
     assert "p-1-2 (lifetime 1): energy_wh 14 in the database, the meter counted 15" in text
     assert "p-1-3 (lifetime 1, 5 Wh by the meter) is not in the database" in text
-    assert "p-2-1 (lifetime 2): stop_reason ev_disconnected, but the world lost power" in text
+    assert "p-2-1 (lifetime 2): stop_reason ev_disconnected, but the world lost power with the record open" \
+        in text
+    assert "p-4-1 (lifetime 4): stop_reason power_loss, but the world lost power after the record closed" \
+        in text
     assert "sessions the car never performed: p-9-1" in text
     assert "1 conflicting session/ended records" in text
-    assert len(s.failures) == 5
+    assert len(s.failures) == 6
 
     s.failures = []  # energy flowed in a session the firmware never named: a failure too
     s.lifetimes = [lifetime((0, None, None), cut_register=3 * WH)]

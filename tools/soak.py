@@ -254,7 +254,9 @@ class Lifetime:
     paired with the session ids the firmware gave them, heap figures, the injected faults."""
 
     def __init__(self, lines, cut_register):
-        self.sessions = []  # dicts: begin, end (mJ), cut, ids (firmware's started records)
+        # dicts: begin, end (mJ), cut (the power went with the car plugged in), ids (firmware's
+        # started records), closed (its ended record was on flash before the end or the cut)
+        self.sessions = []
         self.heap = []  # live after gc.collect() at each session's end
         self.in_use = []  # in use just before that collection: garbage included
         self.boots = 0
@@ -262,7 +264,8 @@ class Lifetime:
         current = None
         for line in lines:
             if "] sim session: begin " in line:
-                current = {"begin": int(line.rsplit(" ", 1)[1]), "end": None, "cut": False, "ids": []}
+                current = {"begin": int(line.rsplit(" ", 1)[1]), "end": None, "cut": False, "ids": [],
+                           "closed": False}
                 self.sessions.append(current)
             elif "] sim session: end " in line:
                 current["end"] = int(line.rsplit(" ", 1)[1])
@@ -274,8 +277,12 @@ class Lifetime:
                 self.boots += 1
             elif "] outbox: {" in line:
                 record = json.loads(line.split("] outbox: ", 1)[1])
-                if "stop_time" not in record and current is not None:
+                if current is None:
+                    pass
+                elif "stop_time" not in record:
                     current["ids"].append(record["session_id"])
+                elif record["session_id"] in current["ids"]:
+                    current["closed"] = True  # a remote stop, say, with the car still plugged in
         if current is not None:  # the power went with the car plugged in
             current["end"] = cut_register
             current["cut"] = True
@@ -457,9 +464,12 @@ class Soak:
                                      "(register %d -> %d Wh; record %d -> %d, %s)" % (
                                          sid, n, energy, wh, shown_wh(s["begin"]), shown_wh(s["end"]),
                                          start, stop, reason))
-            if s["cut"] != (reason == "power_loss"):
+            cut_open = s["cut"] and not s["closed"]  # a record closed before the cut keeps its reason
+            if cut_open != (reason == "power_loss"):
+                world = ("lost power with the record open" if cut_open else
+                         "lost power after the record closed" if s["cut"] else "did not lose power")
                 self.failures.append("%s (lifetime %d): stop_reason %s, but the world %s" % (
-                    sid, n, reason, "lost power" if s["cut"] else "did not lose power"))
+                    sid, n, reason, world))
         extra = sorted(set(have) - set(expected))
         if extra:
             self.failures.append("the database holds sessions the car never performed: %s" % ", ".join(extra))
