@@ -151,7 +151,7 @@ class Controller:
                 since = reading.taken_ms
             return since
         if session.authorized and session.meter_start_wh is None:
-            return session.authorized_ms  # no start value: _apply keeps the contactor open
+            return session.authorized_ms  # no start value: the contactor may not close yet
         return None
 
     def _close_record(self, now_ms, session, force=False):

@@ -164,20 +164,24 @@ def test_power_cut_right_after_the_started_record_still_ends_the_session(tmp_pat
     assert recs[1][1]["session_id"] == "pile-0042-7-1" and recs[1][1]["stop_reason"] == "power_loss"
 
 
-def test_power_cut_between_the_ended_record_and_the_snapshot_clear_reports_it_once(tmp_path, monkeypatch):
-    """ended() appends the record, then clears the snapshot: a cut in between must not give the
-    cloud a second, power_loss copy of the session (a conflict in its table)."""
+def cut_between_the_ended_record_and_the_clear(tmp_path, monkeypatch):
+    """A 500 Wh session of boot 7 whose ended() is cut after its record, before the clear."""
     log = make_log(tmp_path)
     s = session()
     s.note_meter(Reading(1000))
     log.poll(0, s, None)
     s.note_meter(Reading(1500))
     s.stop_reason, s.ended_ms = "ev_disconnected", 60000
-
     monkeypatch.setattr(session_store.SessionStore, "clear", cut_power)
     with pytest.raises(PowerCut):
         log.ended(60000, s)
     monkeypatch.undo()
+
+
+def test_power_cut_between_the_ended_record_and_the_snapshot_clear_reports_it_once(tmp_path, monkeypatch):
+    """ended() appends the record, then clears the snapshot: a cut in between must not give the
+    cloud a second, power_loss copy of the session (a conflict in its table)."""
+    cut_between_the_ended_record_and_the_clear(tmp_path, monkeypatch)
     booted = make_log(tmp_path, boot=8)
     booted.poll(0, None, Reading(1500))
     recs = records(tmp_path)
@@ -191,16 +195,7 @@ def test_an_ended_record_sent_before_the_recovery_ran_is_not_followed_by_a_power
     """Cut between the ended record and the clear; at the next boot the link sends the record
     (and has it acknowledged) while the recovery still waits for the meter: the check belongs to
     the boot, before anything is sent (found by a soak in a tight heap: four conflicts)."""
-    log = make_log(tmp_path)
-    s = session()
-    s.note_meter(Reading(1000))
-    log.poll(0, s, None)
-    s.note_meter(Reading(1500))
-    s.stop_reason, s.ended_ms = "ev_disconnected", 60000
-    monkeypatch.setattr(session_store.SessionStore, "clear", cut_power)
-    with pytest.raises(PowerCut):
-        log.ended(60000, s)
-    monkeypatch.undo()
+    cut_between_the_ended_record_and_the_clear(tmp_path, monkeypatch)
     booted = make_log(tmp_path, boot=8)
     booted.poll(0, None, None)  # the meter has not answered yet
     outbox = booted.outbox  # the link's too
