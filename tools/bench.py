@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.join(ROOT, "sim"))
 import launch  # noqa: E402
 import scenarios  # noqa: E402
 import tcp_relay  # noqa: E402
+import technician  # noqa: E402
 
 QUICK = os.environ.get("QUICK", "") not in ("", "0")
 TRIALS = int(os.environ.get("BENCH_TRIALS", "100" if QUICK else "1000"))
@@ -89,8 +90,7 @@ def bench_mpy():
     with tempfile.TemporaryDirectory(prefix="pile-mpy-") as out_dir:
         for rel in sources:
             out = os.path.join(out_dir, rel.replace(os.sep, "_") + ".mpy")
-            subprocess.run([launch.mpy_cross_binary(), "-march=xtensawin", "-o", out,
-                            os.path.join(ROOT, rel)], check=True)
+            technician.cross_compile(os.path.join(ROOT, rel), out)
             sizes.append((rel, os.path.getsize(os.path.join(ROOT, rel)), os.path.getsize(out)))
     for rel, src, mpy in sizes:
         note = " (flashed as source)" if os.path.basename(rel) in ("boot.py", "main.py") else ""

@@ -129,6 +129,13 @@ def sha256_file(path):
 # -- flash ---------------------------------------------------------------------------------------
 
 
+def board_source_name(src):
+    """The name a module's .mpy carries for tracebacks: its path on the board (firmware/x.py is
+    /x.mpy there, lib/ stays lib/), never this checkout's path, which would also change its size."""
+    rel = os.path.relpath(src, ROOT).replace(os.sep, "/")
+    return rel[len("firmware/"):] if rel.startswith("firmware/") else rel
+
+
 def cross_compile(src, out):
     """src -> out (.mpy for the ESP32, as `make mpy` builds it), unless out is newer."""
     if os.path.exists(out) and os.path.getmtime(out) >= os.path.getmtime(src):
@@ -137,8 +144,8 @@ def cross_compile(src, out):
     import launch
 
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    r = subprocess.run([launch.mpy_cross_binary(), "-march=xtensawin", "-o", out, src],
-                       capture_output=True, text=True)
+    r = subprocess.run([launch.mpy_cross_binary(), "-march=xtensawin", "-s", board_source_name(src),
+                        "-o", out, src], capture_output=True, text=True)
     if r.returncode:
         raise ToolError("mpy-cross %s: %s" % (os.path.relpath(src, ROOT), r.stderr.strip()))
 
