@@ -48,15 +48,18 @@ class FakeCloud:
 def lifetime(*sessions, cut_register=None):
     """Output lines of a lifetime: (begin mJ, end mJ or None for a cut, firmware id or None)."""
     lines = []
-    for begin, end, sid, *closed_by in sessions:  # closed_by: the record's stop reason, before the end
+    for begin, end, sid, *closed_by in sessions:
+        # closed_by: the reason of the record's closing (its ended record on flash); "" if it had
+        # not closed when the power went. Default: closed with the end, open at a cut.
+        reason = closed_by[0] if closed_by else ("ev_disconnected" if end is not None else "")
         lines.append("[   1.000] sim session: begin %d" % begin)
         if sid is not None:
             lines.append('[   0.900] outbox: {"v": 1, "session_id": "%s", "meter_start_wh": 0}' % sid)
-        if closed_by:
-            lines.append('[   2.000] outbox: {"v": 1, "session_id": "%s", "stop_time": "2026-11-24T02:00Z",'
-                         ' "stop_reason": "%s"}' % (sid, closed_by[0]))
         if end is not None:
             lines.append("[   3.000] sim session: end %d" % end)
+        if sid is not None and reason:
+            lines.append('[   2.000] outbox: {"v": 1, "session_id": "%s", "stop_time": "2026-11-24T02:00Z",'
+                         ' "stop_reason": "%s"}' % (sid, reason))
     life = soak.Lifetime(lines, cut_register)
     life.killed = cut_register is not None
     return life
@@ -71,10 +74,12 @@ def test_comparison_names_every_kind_of_mismatch():
                    lifetime((30 * WH, None, "p-2-1"), cut_register=34 * WH),
                    lifetime((34 * WH, None, None), cut_register=34 * WH),  # cut before its record: 0 Wh
                    # stopped remotely, its record closed, then the cut with the car still plugged in
-                   lifetime((34 * WH, None, "p-4-1", "remote"), cut_register=36 * WH)]
+                   lifetime((34 * WH, None, "p-4-1", "remote"), cut_register=36 * WH),
+                   # unplugged, then the cut before the record's closing reading
+                   lifetime((36 * WH, 38 * WH, "p-5-1", ""), cut_register=38 * WH)]
     good = {"p-1-1": (10, "ev_disconnected", 0, 10), "p-1-2": (15, "remote", 10, 25),
             "p-1-3": (5, "ev_disconnected", 25, 30), "p-2-1": (4, "power_loss", 30, 34),
-            "p-4-1": (2, "remote", 34, 36)}
+            "p-4-1": (2, "remote", 34, 36), "p-5-1": (2, "power_loss", 36, 38)}
     s._compare(FakeCloud(dict(good)))
     assert s.failures == [] and s.unnamed == 1
 

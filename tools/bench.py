@@ -295,6 +295,8 @@ def heap_figures(meter, mqtt_port, records):
             high = mid
         else:
             low = mid
+    if mqtt_port:  # not the last bisection step's: the consumer would see a conflicting session
+        config["pile_id"] = "bench-heap-%s-default" % meter
     r = launch.run_scenario("normal", heapsize=default, config=config)
     if not run_ok(r):
         raise RuntimeError("normal session, meter %s, failed:\n%s" % (meter, "\n".join(r.lines[-20:])))
