@@ -154,7 +154,10 @@ class World:
         self.ap_changed = 0  # when it last went down or came back
         self.rtc_base_us = None  # the RTC read this (us since 1970; None: the host's clock) ...
         self.rtc_at = 0  # ... at this world time
-        self.steps = sorted(steps, key=lambda s: s[0])
+        # Steps due at the same time keep their order (MicroPython's sort is not stable).
+        order = sorted(range(len(steps)), key=lambda i: (steps[i][0], i))
+        self.steps = [steps[i] for i in order]
+        del order
         self._step = 0
         self._next_due = self.steps[0][0] * 1000 if self.steps else None
 
