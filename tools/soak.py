@@ -414,6 +414,10 @@ class Soak:
         self.lifetimes.append(life)
         if life.tracebacks:
             self.failures.append("lifetime %d: %s" % (len(self.lifetimes), "\n".join(r.lines[-40:])))
+        elif life.boots > 1:  # nothing here resets the board: the watchdog did, or the firmware
+            at = [i for i, line in enumerate(r.lines) if "] sim board: reset" in line][0]
+            self.failures.append("lifetime %d: the board reset (%d boots), unasked:\n%s" % (
+                len(self.lifetimes), life.boots, "\n".join(r.lines[max(0, at - 40):at + 3])))
         elif not cut and r.result is None:
             self.failures.append("lifetime %d ended without a result (exit %s):\n%s" % (
                 len(self.lifetimes), r.returncode, "\n".join(r.lines[-40:])))
