@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 import consumer  # noqa: E402
 import fake_pile  # noqa: E402
 import launch  # noqa: E402  (sim/, on the path from conftest.py)
+from launch import free_port  # noqa: E402  (test_mqtt_link and test_mqtt_tls take it from here)
 from fake_pile import FakePile, Publisher, connect_pile  # noqa: E402
 
 CONSUMER = os.path.join(ROOT, "tools", "consumer.py")
@@ -40,12 +41,6 @@ def find_tool(name):
 
 MOSQUITTO = find_tool("mosquitto")
 MOSQUITTO_PASSWD = find_tool("mosquitto_passwd")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate, what, timeout=TIMEOUT):

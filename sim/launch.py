@@ -209,6 +209,13 @@ def mqtt_packets(buf):
     return out, buf
 
 
+def free_port():
+    """A loopback TCP port nothing listens on now (another process may still take it first)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def stop_on_sigterm():
     """SIGTERM (kill, a CI job's timeout) ends the program as Ctrl-C does, through its `finally`s,
     which stop the firmware and the broker it started: else mosquitto outlives it."""
@@ -281,9 +288,7 @@ class LocalBroker:
         self.log = os.path.join(directory, "broker.log")
         self.proc = None
         for _ in range(5):  # another process may take the free port before the broker binds it
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                self.port = s.getsockname()[1]
+            self.port = free_port()
             self._start(directory, mosquitto)
             if self._ready():
                 break

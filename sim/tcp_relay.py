@@ -8,12 +8,6 @@ import threading
 import launch
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _shut(sock):
     try:
         sock.shutdown(socket.SHUT_RDWR)
@@ -30,7 +24,7 @@ class TcpRelay:
 
     def __init__(self, target_port):
         self.target = target_port
-        self.port = free_port()
+        self.port = launch.free_port()
         self.listener = None
         self.black = False
         self.connections = 0

@@ -161,7 +161,7 @@ def bench_latency(pool, broker, hole):
     conditions = (
         ("network healthy (mosquitto)", None, mqtt_config(broker.port, "bench-lat"), TRIALS_MQTT_HEAP),
         ("broker black-holed", None, mqtt_config(hole.port, "bench-hole"), TRIALS_MQTT_HEAP),
-        ("broker unreachable", None, mqtt_config(tcp_relay.free_port(), "bench-gone"), TRIALS_MQTT_HEAP),
+        ("broker unreachable", None, mqtt_config(launch.free_port(), "bench-gone"), TRIALS_MQTT_HEAP),
         ("meter silent (no MQTT link)", "silent", None, TRIALS_HEAP),
     )
     runs = [(label, trial_run(pool, TRIALS, fault, config, heap))

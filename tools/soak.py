@@ -93,7 +93,7 @@ class Mosquitto:
         import getpass
 
         for _ in range(5):  # another process may take the free port first
-            self.port = tcp_relay.free_port()
+            self.port = launch.free_port()
             with open(self.conf, "w") as f:
                 f.write("listener %d 127.0.0.1\npersistence false\nallow_anonymous true\nuser %s\n"
                         % (self.port, getpass.getuser()))
