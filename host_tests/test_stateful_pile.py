@@ -1,0 +1,522 @@
+"""The wired controller in a hostile world: random sequences, invariants in the standard's terms.
+
+A hypothesis RuleBasedStateMachine drives the firmware (main.build on the simulated hardware,
+virtual clock) with car states, pilot interference, a frozen or saturated ADC, a missing diode,
+RCD leaks and chatter, S2 chatter, cable coding changes, loop stalls, meter faults and extreme
+values, flash write errors and remote commands with hostile arguments. After every control tick
+it checks what IEC 61851-1 / IEC 62955 ask of the pile, judged from what the world did and what
+the firmware read, never from the firmware's own bookkeeping:
+
+- the coil is off within 20 ms + one control period of the last burst that read C or D;
+- the coil never goes on without a diode seen on the last burst that had a minus phase, a
+  passed RCD self-test since the plug-in, the PWM on and an offer within the cable's rating;
+- with the PWM on at a duty that leaves a minus phase, a run of bursts without one (a stuck ADC)
+  opens the coil;
+- a residual-current leak present with the coil on is cut within 100 ms plus one period
+  (IEC 62955: 0.1 s for a 200 mA leak; FAULT does not say how large a leak is);
+- latched faults never disappear without a technician's clear;
+- no exception escapes the tick;
+- every session/ended record bills what the car received, to the meter's resolution, unless the
+  record itself says its stop reading is stale or estimated; never more.
+
+`make test` runs it with a fixed seed and a bounded number of examples; `make fuzz` runs it
+longer with a fresh seed (PILE_FUZZ_EXAMPLES, PILE_FUZZ_STEPS).
+"""
+import json
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from virtual_board import VirtualBoard
+
+import charger as ch
+
+EXAMPLES = int(os.environ.get("PILE_FUZZ_EXAMPLES", "25"))
+STEPS = int(os.environ.get("PILE_FUZZ_STEPS", "40"))
+FIXED_SEED = os.environ.get("PILE_FUZZ_RANDOM") != "1"
+
+PERIOD_MS = 5
+# The test's own reading of IEC 61851-1 Table A.4 (evse-facts section 1), independent of pilot.py.
+BANDS_MV = (("A", 11400, 12600), ("B", 8360, 9560), ("C", 5480, 6490), ("D", 2620, 3250),
+            ("E", -1500, 1500))
+DIODE_MV = (-12600, -11400)
+# Plus levels a disturbance can put a burst at: one per band, and between bands (X).
+LEVELS_MV = (12000, 9000, 6000, 3000, 0, 10500, 7500, 4500, -6000, 14000)
+# IEC 62196 PP resistor -> cable rating in A (evse-facts section 2); others: no valid cable.
+CABLES = {100: 63, 220: 32, 680: 20, 1500: 13, None: 0, 5000: 0, 40: 0}
+# C/D read -> coil off: 20 ms of no C/D (IEC 61851-1 Table A.6 seq. 8.1 asks 100 ms; the
+# firmware aims at 20 ms) plus one period, plus the burst itself and the reads around it.
+CD_TO_OFF_MS = 20 + PERIOD_MS + 3
+# A stuck ADC: bursts in a row with the PWM on and no minus phase before the coil must be off.
+NO_MINUS_BURSTS_MAX = 20
+# IEC 62955 Table: 0.1 s for 200 mA (the largest leak FAULT may mean), plus one period.
+LEAK_TO_OFF_MS = 100 + PERIOD_MS
+RESOLUTION_WH = 2  # DDSU666 float32 kWh at these registers, plus rounding at each end
+
+
+def band(mv):
+    for name, low, high in BANDS_MV:
+        if low <= mv <= high:
+            return name
+    return "X"
+
+
+def offered_a(duty):
+    """What a car reads from a duty_u16 (IEC 61851-1 Table A.8), whole amps rounded up."""
+    if duty is None or duty <= 0 or duty >= 65535:
+        return 0
+    d = duty * 100 / 65535
+    if d < 8:
+        return 0
+    if d < 10:
+        return 6
+    if d <= 85:
+        return d * 0.6
+    return (d - 64) * 2.5
+
+
+class Disturbance:
+    """What the test does to the pilot ADC on top of the simulated circuit, and what it saw."""
+
+    def __init__(self, world):
+        self.world = world
+        self._real = world.adc_uv
+        world.adc_uv = self.read
+        self.mode = None  # None, "levels", "frozen", "saturated"
+        self.until_us = 0
+        self.levels = ()  # "levels": bursts alternate through these plus levels (mV)
+        self.burst_index = 0
+        self.frozen_uv = 0
+        self.samples = []  # mV of this tick's pilot reads
+
+    def uv(self, mv):
+        w = self.world
+        return w.uv_m12 + (mv + 12000) * w.uv_span // 24000
+
+    def mv(self, uv):
+        w = self.world
+        return (uv - w.uv_m12) * 24000 // w.uv_span - 12000
+
+    def new_burst(self):
+        self.samples = []
+        self.burst_index += 1
+
+    def read(self, pin):
+        uv = self._real(pin)
+        w = self.world
+        if pin != w.pin_pilot_adc:
+            return uv
+        if self.mode is not None and w.now < self.until_us:
+            if self.mode == "frozen":
+                uv = self.frozen_uv
+            elif self.mode == "saturated":
+                uv = 3300000  # the ADC's top, above +12 V after the divider
+            elif self.mode == "levels":
+                level = self.levels[self.burst_index % len(self.levels)]
+                if level is not None:
+                    uv = self.uv(level)
+        self.samples.append(self.mv(uv))
+        return uv
+
+
+class PileMachine(RuleBasedStateMachine):
+    """One pile, one car, one meter (DDSU666 on the simulated RS-485 bus)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mp = pytest.MonkeyPatch()
+        self.vb = None
+
+    def teardown(self):
+        self.mp.undo()
+
+    @initialize(standard=st.just("iec"))
+    def boot(self, standard):
+        config = {"free_vend": True, "pile_id": "fuzz-1", "standard": standard,
+                  "meter": {"type": "ddsu666", "failure_timeout_s": 5}}
+        self.vb = VirtualBoard(self.mp, config=config, period_ms=PERIOD_MS)
+        w = self.vb.world
+        self.world = w
+        self.ctl = self.vb.ctl
+        self.dist = Disturbance(w)
+        self.last_cd_us = None
+        self.last_minus_ok = None  # did the last burst with a minus phase read -12 V
+        self.no_minus_bursts = 0
+        self.rcd_test_ok = False  # since the plug-in: TEST asserted while the module was healthy
+        self._rcd_test_was = False
+        self.leak_since_us = None
+        self.latched = 0
+        self.s2_chatter = None  # (period_us, until_us, next_flip_us)
+        self.rcd_chatter = None
+        self.meter_fault = None
+        self.meter_fault_until = None
+        self.extreme_until = None
+        self.flash_fault_until = None
+        self.stall_next_us = 0
+        self.coil_was = False
+        self.delivered_at_start = {}  # session id -> world energy when its started record went out
+        self.records = []  # (kind, record, world energy at the append)
+        self.faulted_sessions = set()  # meter or flash faults overlapped these sessions
+        self._wrap_outbox()
+        self._wrap_registers()
+        self._wrap_flash()
+        self.run_ms(300)
+
+    # -- hooks into the world and the firmware's flash -------------------------------------------
+
+    def _wrap_outbox(self):
+        log = self.ctl.session_log
+        outbox = log.outbox
+        real = outbox.append
+
+        def append(kind, payload):
+            record = json.loads(bytes(payload))
+            self.records.append((kind, record, self.world.energy_wh))
+            return real(kind, payload)
+
+        outbox.append = append
+
+    def _wrap_registers(self):
+        meter = self.world.meter
+        real = meter.registers
+
+        def registers():
+            regs = real()
+            if self.extreme_until is not None and self.world.now < self.extreme_until:
+                regs[0x2004] = 3.4e38  # power, kW: a float32 near its largest
+            return regs
+
+        meter.registers = registers
+
+    def _wrap_flash(self):
+        import builtins
+        import sys
+
+        real_open = builtins.open
+
+        def failing_open(path, mode="r", *args, **kwargs):
+            if self.flash_fault_until is not None and self.world.now < self.flash_fault_until \
+                    and ("w" in mode or "a" in mode or "+" in mode):
+                raise OSError(28, "ENOSPC (injected)")
+            return real_open(path, mode, *args, **kwargs)
+
+        for name in ("session_store", "journal", "durable", "session_log"):
+            module = sys.modules.get(name)
+            if module is not None:
+                self.mp.setattr(module, "open", failing_open, raising=False)
+
+    # -- time ------------------------------------------------------------------------------------
+
+    def run_ms(self, ms):
+        end = self.world.now + ms * 1000
+        while self.world.now < end:
+            self.tick()
+
+    def tick(self):
+        w = self.world
+        vb = self.vb
+        if self.stall_next_us:
+            vb.clock.t += self.stall_next_us
+            self.stall_next_us = 0
+        w.advance()
+        self._chatter(w.now)
+        w.meter.fault = self.meter_fault if self.meter_fault_until is not None and \
+            w.now < self.meter_fault_until else None
+        self.dist.new_burst()
+        was_closed = w.coil
+        self.ctl.tick(vb.clock.ticks_ms())  # an exception here fails the test
+        self._after_tick(was_closed)
+        vb.clock.t += PERIOD_MS * 1000
+
+    def _chatter(self, now):
+        if self.s2_chatter is not None:
+            period, until, flip = self.s2_chatter
+            if now >= until:
+                self.s2_chatter = None
+            elif now >= flip:
+                self.world.do("stop_request" if self.world.car.wants else "request")
+                self.s2_chatter = (period, until, now + period)
+        if self.rcd_chatter is not None:
+            period, until, flip = self.rcd_chatter
+            if now >= until:
+                self.rcd_chatter = None
+                self.world.rcd_leak = False
+            elif now >= flip:
+                self.world.rcd_leak = not self.world.rcd_leak
+                self.rcd_chatter = (period, until, now + period)
+
+    # -- the invariants, after every tick --------------------------------------------------------
+
+    def _after_tick(self, was_closed):
+        w = self.world
+        now = w.now
+        samples = self.dist.samples
+        if samples:
+            plus = max(samples)
+            minus = min(samples)
+            if band(plus) in ("C", "D"):
+                self.last_cd_us = now
+            pwm = w.pwm_duty
+            leaves_minus = pwm is not None and 0 < pwm < 65535 * 90 // 100
+            if minus < -1500:  # a minus phase was caught
+                self.last_minus_ok = DIODE_MV[0] <= minus <= DIODE_MV[1]
+                self.no_minus_bursts = 0
+            elif leaves_minus:
+                self.no_minus_bursts += 1
+            else:
+                self.no_minus_bursts = 0
+        if not w.car.plugged:
+            self.rcd_test_ok = False
+            self.last_minus_ok = None
+        test_on = w.pins.get(w.pin_rcd_test) == w.rcd_test_level
+        if test_on and not self._rcd_test_was:
+            self.rcd_test_ok = w.rcd_healthy and not w.rcd_leak
+        self._rcd_test_was = test_on
+        if w.rcd_leak:
+            if self.leak_since_us is None:
+                self.leak_since_us = now
+        else:
+            self.leak_since_us = None
+
+        coil = w.coil
+        t_ms = now // 1000
+        if coil:
+            since_cd = None if self.last_cd_us is None else (now - self.last_cd_us) // 1000
+            assert since_cd is not None and since_cd <= CD_TO_OFF_MS, \
+                "coil on %s ms after the last C/D reading (t=%d ms)" % (since_cd, t_ms)
+            assert self.no_minus_bursts < NO_MINUS_BURSTS_MAX, \
+                "coil on after %d bursts with no minus phase (t=%d ms)" % (self.no_minus_bursts, t_ms)
+            if self.leak_since_us is not None:
+                leak_ms = (now - self.leak_since_us) // 1000
+                assert leak_ms <= LEAK_TO_OFF_MS, "coil on %d ms into a leak (t=%d ms)" % (leak_ms, t_ms)
+            if w.pwm_present():
+                rating = CABLES.get(w.car.cable_ohm, 0)
+                assert offered_a(w.pwm_duty) <= rating + 0.5 or not was_closed or \
+                    self._cable_changed_recently(), \
+                    "offer %.1f A through a %d A cable (t=%d ms)" % (offered_a(w.pwm_duty), rating, t_ms)
+        if coil and not was_closed:  # it closed in this tick
+            assert w.car.plugged and w.pwm_present(), "closed without PWM (t=%d ms)" % t_ms
+            assert self.last_minus_ok is True and w.car.diode, "closed without a diode (t=%d ms)" % t_ms
+            assert self.rcd_test_ok, "closed without a passed RCD self-test (t=%d ms)" % t_ms
+            rating = CABLES.get(w.car.cable_ohm, 0)
+            assert offered_a(w.pwm_duty) <= rating + 0.5, \
+                "closed offering %.1f A through a %d A cable (t=%d ms)" % (
+                    offered_a(w.pwm_duty), rating, t_ms)
+        latched = self.ctl.charger.faults & ch.LATCHED_FAULTS
+        assert latched & self.latched == self.latched, "a latched fault went without a clear"
+        self.latched = latched
+        self._note_faults()
+
+    def _cable_changed_recently(self):
+        return self.world.now - getattr(self, "cable_changed_us", -10 ** 9) <= CD_TO_OFF_MS * 1000
+
+    def _note_faults(self):
+        w = self.world
+        faulty = (self.meter_fault_until is not None and w.now < self.meter_fault_until + 1000000) or \
+            (self.extreme_until is not None and w.now < self.extreme_until + 1000000) or \
+            (self.flash_fault_until is not None and w.now < self.flash_fault_until + 1000000)
+        record = self.ctl.record
+        if faulty and record is not None and record.id is not None:
+            self.faulted_sessions.add(record.id)
+
+    @invariant()
+    def sessions_bill_what_was_delivered(self):
+        if self.vb is None:
+            return
+        started = {}
+        for kind, record, energy in self.records:
+            sid = record.get("session_id")
+            if "stop_reason" not in record:
+                started[sid] = energy
+                continue
+            if sid not in started or record.get("stop_reason") == "power_loss":
+                continue
+            delivered = energy - started[sid]
+            billed = record["energy_wh"]
+            assert billed <= delivered + RESOLUTION_WH, \
+                "session %s billed %s Wh of %.1f delivered" % (sid, billed, delivered)
+            flagged = any(v for k, v in record.items() if "stale" in k or "estimat" in k) or \
+                record.get("meter_restarts")
+            if sid not in self.faulted_sessions and not flagged:
+                assert billed >= delivered - RESOLUTION_WH, \
+                    "session %s billed %s Wh of %.1f delivered, not flagged" % (sid, billed, delivered)
+
+    # -- the car ---------------------------------------------------------------------------------
+
+    @rule(ms=st.integers(1200, 4000))
+    def charge(self, ms):
+        """The common case, to reach charging often: a 32 A cable plugged in, the car requests."""
+        if not self.world.car.plugged:
+            self.world.car.cable_ohm = 220
+            self.cable_changed_us = self.world.now
+            self.world.do("plug")
+        self.world.do("request")
+        self.run_ms(ms)
+
+    @rule(cable=st.sampled_from(sorted(CABLES, key=str)), ms=st.integers(5, 600))
+    def plug(self, cable, ms):
+        if not self.world.car.plugged:
+            self.world.car.cable_ohm = cable
+            self.cable_changed_us = self.world.now
+            self.world.do("plug")
+        self.run_ms(ms)
+
+    @rule(ms=st.integers(5, 600))
+    def unplug(self, ms):
+        self.world.do("unplug")
+        self.run_ms(ms)
+
+    @rule(ms=st.integers(5, 3000))
+    def request(self, ms):
+        self.world.do("request")
+        self.run_ms(ms)
+
+    @rule(ms=st.integers(5, 600))
+    def stop_request(self, ms):
+        self.world.do("stop_request")
+        self.run_ms(ms)
+
+    @rule(on=st.booleans(), ms=st.integers(5, 300))
+    def ventilation(self, on, ms):
+        self.world.do("ventilation", on)
+        self.run_ms(ms)
+
+    @rule(present=st.booleans(), ms=st.integers(5, 300))
+    def diode(self, present, ms):
+        self.world.car.diode = present
+        self.run_ms(ms)
+
+    @rule(on=st.booleans(), ms=st.integers(5, 300))
+    def short_cp(self, on, ms):
+        self.world.do("short_cp", on)
+        self.run_ms(ms)
+
+    @rule(cable=st.sampled_from(sorted(CABLES, key=str)), ms=st.integers(5, 600))
+    def cable_coding(self, cable, ms):
+        self.world.car.cable_ohm = cable
+        self.cable_changed_us = self.world.now
+        self.run_ms(ms)
+
+    @rule(period=st.integers(5, 400), duration=st.integers(50, 20000), ms=st.integers(0, 3000))
+    def s2_chatter(self, period, duration, ms):
+        now = self.world.now
+        self.s2_chatter = (period * 1000, now + duration * 1000, now)
+        self.run_ms(ms)
+
+    # -- the pilot line --------------------------------------------------------------------------
+
+    # A disturbance lasts `duration` ms from now; the rule runs `ms` of it, so that the next
+    # rules (the car going to B, an unplug, a stall) can land inside it.
+
+    @rule(levels=st.lists(st.one_of(st.none(), st.sampled_from(LEVELS_MV)), min_size=1, max_size=4),
+          duration=st.integers(5, 3000), ms=st.integers(0, 300))
+    def interference(self, levels, duration, ms):
+        """Bursts cycle through these plus levels (None: the real one): alternating X, spikes
+        into any band, a ground shift."""
+        d = self.dist
+        d.mode, d.levels, d.until_us = "levels", tuple(levels), self.world.now + duration * 1000
+        self.run_ms(ms)
+
+    @rule(level=st.sampled_from(LEVELS_MV), duration=st.integers(5, 5000), ms=st.integers(0, 300))
+    def frozen_adc(self, level, duration, ms):
+        d = self.dist
+        d.mode, d.frozen_uv, d.until_us = "frozen", d.uv(level), self.world.now + duration * 1000
+        self.run_ms(ms)
+
+    @rule(duration=st.integers(5, 1000), ms=st.integers(0, 300))
+    def saturated_adc(self, duration, ms):
+        d = self.dist
+        d.mode, d.until_us = "saturated", self.world.now + duration * 1000
+        self.run_ms(ms)
+
+    # -- RCD, contactor, loop ----------------------------------------------------------------------
+
+    @rule(on=st.booleans(), ms=st.integers(0, 1500))
+    def rcd_leak(self, on, ms):
+        self.world.rcd_leak = on
+        self.run_ms(ms)
+
+    @rule(period=st.integers(5, 300), duration=st.integers(50, 5000), ms=st.integers(0, 2000))
+    def rcd_chatter(self, period, duration, ms):
+        now = self.world.now
+        self.rcd_chatter = (period * 1000, now + duration * 1000, now)
+        self.run_ms(ms)
+
+    @rule(healthy=st.booleans(), ms=st.integers(5, 600))
+    def rcd_module(self, healthy, ms):
+        self.world.rcd_healthy = healthy
+        self.run_ms(ms)
+
+    @rule(stall=st.integers(0, 200), during=st.sampled_from((None, "stop_request", "unplug")),
+          ms=st.integers(5, 300))
+    def loop_stall(self, stall, during, ms):
+        """The loop stalls (a flash erase, a collection); the car may act while it does."""
+        self.stall_next_us = stall * 1000
+        if during is not None:
+            self.world.do(during)
+        self.run_ms(ms)
+
+    @rule(ms=st.integers(5, 5000))
+    def wait(self, ms):
+        self.run_ms(ms)
+
+    # -- meter and flash ---------------------------------------------------------------------------
+
+    @rule(fault=st.sampled_from(("silent", "garbage", "bad_crc", "partial", "wrong_address",
+                                 "exception", "reboot", "backwards", "jump")),
+          duration=st.integers(5, 8000), ms=st.integers(0, 3000))
+    def meter_fault(self, fault, duration, ms):
+        self.meter_fault = fault
+        self.meter_fault_until = self.world.now + duration * 1000
+        self._note_faults()
+        self.run_ms(ms)
+
+    @rule(duration=st.integers(5, 3000), ms=st.integers(0, 3000))
+    def meter_extreme_power(self, duration, ms):
+        self.extreme_until = self.world.now + duration * 1000
+        self._note_faults()
+        self.run_ms(ms)
+
+    @rule(duration=st.integers(5, 3000), ms=st.integers(0, 3000))
+    def flash_write_errors(self, duration, ms):
+        self.flash_fault_until = self.world.now + duration * 1000
+        self._note_faults()
+        self.run_ms(ms)
+
+    # -- commands (after command_auth has checked them) -----------------------------------------
+
+    @rule(amps=st.one_of(st.none(), st.integers(-10, 200), st.floats(allow_nan=False, width=32)),
+          ms=st.integers(5, 600))
+    def set_current_limit(self, amps, ms):
+        charger = self.ctl.charger
+        if amps is not None and not 0 <= amps <= 80:
+            return  # command_auth refuses it (test_command_auth.py)
+        charger.set_remote_limit(None if amps is None else int(amps * 1000))
+        self.run_ms(ms)
+
+    @rule(ms=st.integers(5, 600))
+    def remote_stop(self, ms):
+        self.ctl.charger.remote_stop(self.vb.clock.ticks_ms())
+        self.run_ms(ms)
+
+    @rule(state=st.sampled_from(ch.AVAILABILITIES), ms=st.integers(5, 600))
+    def set_availability(self, state, ms):
+        self.ctl.charger.set_availability(self.vb.clock.ticks_ms(), state)
+        self.run_ms(ms)
+
+    @rule(ms=st.integers(5, 600))
+    def technician_clears(self, ms):
+        """A technician clears what can be cleared; the invariant's baseline follows."""
+        for bit, name in ch.FAULT_NAMES:
+            if bit & ch.LATCHED_FAULTS & self.ctl.charger.faults:
+                self.ctl.clear_fault(self.vb.clock.ticks_ms(), name)
+        self.latched = self.ctl.charger.faults & ch.LATCHED_FAULTS
+        self.run_ms(ms)
+
+
+PileMachine.TestCase.settings = settings(
+    max_examples=EXAMPLES, stateful_step_count=STEPS, derandomize=FIXED_SEED, deadline=None,
+    suppress_health_check=list(HealthCheck), database=None if FIXED_SEED else settings().database)
+test_pile_in_a_hostile_world = PileMachine.TestCase
