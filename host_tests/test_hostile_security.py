@@ -12,7 +12,7 @@ import time
 import types
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +28,8 @@ def _load_umqtt():
         sys.modules.setdefault(mp_name, importlib.import_module(name))
     package = types.ModuleType("umqtt")
     package.__path__ = []
-    spec = importlib.util.spec_from_file_location("umqtt.simple", os.path.join(ROOT, "lib", "umqtt", "simple.py"))
+    path = os.path.join(ROOT, "lib", "umqtt", "simple.py")
+    spec = importlib.util.spec_from_file_location("umqtt.simple", path)
     simple = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(simple)
     package.simple = simple
@@ -235,20 +236,33 @@ def test_item17_pile_b_can_neither_publish_as_a_nor_take_over_its_connection(tmp
                   for m in b.normal_session(auth_source="remote", auth_id="forged")]
         forged.append(fake_pile.message("pile-A", "online", {"v": 1, "online": False, "boot": 1}))
         pub_b.send(forged)
+        pub_b.close()
+        # B leaves a last will on A's online topic and drops the line: the will is a publish too.
+        dropper = Publisher(broker.pile_url("pile-B"), "pile-B", will=a.online(False))
+        dropper.client.loop_stop()
+        dropper.client.socket().shutdown(socket.SHUT_RDWR)
+        dropper.client.socket().close()
         # B connects with A's client id: the broker names it after its user, A stays connected.
         thief = Publisher(broker.pile_url("pile-B"), "pile-A")
-        made.append(thief)
         thief.send([m._replace(topic=m.topic.replace("/pile-B/", "/pile-A/")) for m in b.normal_session()])
-        pub_a.send(a.normal_session(auth_source="remote", auth_id="card-A"))
-        pub_b.send(b.normal_session())  # B's own traffic flows
+        thief.close()
+        genuine = a.normal_session(auth_source="remote", auth_id="card-A")
+        pub_a.send(genuine)
+        pub_b = Publisher(broker.pile_url("pile-B"), "pile-B")
+        made.append(pub_b)
+        own = b.normal_session()
+        pub_b.send(own)  # B's own traffic flows
         handler = broker.handler
-        wait_for(lambda: len(broker.storage.query("SELECT session_id FROM sessions")) == 2, "A's and B's sessions")
+        wait_for(lambda: len(broker.storage.query("SELECT session_id FROM sessions")) == 2,
+                 "A's and B's sessions")
         time.sleep(0.3)
         rows = broker.storage.query("SELECT session_id, pile_id, auth_id FROM sessions ORDER BY session_id")
-        assert rows == [("pile-A-1-1", "pile-A", "card-A"), ("pile-B-1-2", "pile-B", None)]
+        assert rows == [("pile-A-1-1", "pile-A", "card-A"), ("pile-B-1-3", "pile-B", None)]
         assert broker.storage.query("SELECT count(*) FROM rejected") == [(0,)]
         assert handler.stats.snapshot()[0].get("session_ended_conflict", 0) == 0
         assert pub_a.client.is_connected() and not disconnects
+        # Nothing B sent on A's topics reached the consumer at all.
+        assert handler.stats.snapshot()[0]["received"] == len(genuine) + len(own)
         online = broker.storage.query("SELECT online FROM piles WHERE pile_id = 'pile-A'")
         assert online != [(0,)], "B's forged last-will-like message reached the consumer"
     finally:
