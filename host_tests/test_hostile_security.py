@@ -420,3 +420,24 @@ def test_item19_sntp_looks_up_no_name_while_the_contactor_is_closed(resolves):
     for now in range(600050, 600050 + 8 * 3600 * 1000, 1000):  # resyncs while charging: the cache
         client.poll(now)
     assert net.lookups == ["ntp.example"] and client.requests >= 3
+
+
+UPY32 = "/work/shared/tools/micropython-unix32/micropython"
+
+
+@pytest.mark.parametrize("binary", [UPY32, os.path.join(ROOT, ".venv", "bin", "micropython")],
+                         ids=["unix32", "unix"])
+def test_item14_the_board_applies_the_rule_as_cpython_does(binary):
+    """The rule on MicroPython itself (its str compares code points as CPython does)."""
+    if not os.path.exists(binary):
+        pytest.skip("no %s" % binary)
+    import subprocess
+
+    samples = ["card 1", "abc\n", "", "a" * 64, "a" * 65, "é", "\x7f", "!~", "04A2B7C91F6E80",
+               "\U0001F600", "a\x00", "\t", "x" * 63 + "é"]
+    code = "import json, command_auth\nfor s in json.loads(%r): print(int(command_auth.valid_auth_id(s)))" % (
+        json.dumps(samples))
+    out = subprocess.run([binary, "-c", code], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, MICROPYPATH=os.path.join(ROOT, "firmware")))
+    assert out.returncode == 0, out.stderr
+    assert [bool(int(x)) for x in out.stdout.split()] == [schema_accepts(s) for s in samples]
