@@ -65,11 +65,14 @@ def equal_ct(a, b):
     return diff == 0
 
 
-def _printable(s, lo, hi):
-    if type(s) is not str or not lo <= len(s) <= hi:
+def valid_auth_id(s):
+    """The auth_id rule of docs/schemas/session_*.v1.schema.json, which states it: 1..64
+    characters from '!' to '~' (printable ASCII, no space). A loop, not `re`: MicroPython's is
+    limited. What the pile takes, the cloud stores (host_tests/test_hostile_security.py)."""
+    if type(s) is not str or not 0 < len(s) <= 64:
         return False
     for c in s:
-        if not " " <= c <= "~":
+        if not "!" <= c <= "~":
             return False
     return True
 
@@ -230,7 +233,7 @@ class CommandVerifier:
     # -- arguments: each returns the checked args dict, or None -----------------------------
 
     def _remote_start(self, args):
-        if list(args) == ["auth_id"] and _printable(args["auth_id"], 1, 64):
+        if list(args) == ["auth_id"] and valid_auth_id(args["auth_id"]):
             return {"auth_id": args["auth_id"]}
         return None
 
@@ -269,7 +272,7 @@ _COMMANDS = {
     "reboot": CommandVerifier._none,
 }
 _USAGE = {
-    "remote_start": "needs auth_id: 1..64 printable characters",
+    "remote_start": "needs auth_id: 1..64 of ! to ~ (printable ASCII, no space)",
     "remote_stop": "takes no arguments",
     "set_current_limit": "needs amps: 0..%d or null" % MAX_AMPS,
     "set_availability": "needs state: " + " | ".join(AVAILABILITY),

@@ -250,15 +250,18 @@ def build_wifi(conf):
     return station
 
 
-def build_clock(conf):
-    """NTP time into the RTC, which time.time() reads (docs/network.md): an ntp section."""
+def build_clock(conf, ctl):
+    """NTP time into the RTC, which time.time() reads (docs/network.md): an ntp section. A name
+    lookup blocks on the board: only with the contactor open (issue 10, item 19)."""
     nconf = conf.ntp
     if nconf is None:
         return None
     import sntp
 
+    contactor = ctl.contactor
     return sntp.SntpClient(nconf.host, machine.RTC().datetime, report, port=nconf.port,
-                           interval_s=nconf.interval_s, start_jitter_s=nconf.start_jitter_s)
+                           interval_s=nconf.interval_s, start_jitter_s=nconf.start_jitter_s,
+                           may_block=lambda: not contactor.closed)
 
 
 class Unavailable(Exception):
@@ -340,7 +343,7 @@ def run():
         except Unavailable as e:
             hold_unavailable(board, str(e))
         station = build_wifi(conf)
-        clock = build_clock(conf)
+        clock = build_clock(conf, ctl)
         wdt = machine.WDT(timeout=conf.wdt_timeout_ms)
         report(time.ticks_ms(), "main", "firmware %s, board %s, %s, max %s A%s" % (
             VERSION, board.name, conf.standard, conf.max_current_a,

@@ -17,8 +17,10 @@ than the 100 ms in which C->B must open the contactor: a TLS connection is only 
 the contactor is open, and one under way when it closes is given up (the outbox keeps the
 records). Once connected, records cost little (symmetric crypto). umqtt never sees the socket.
 
-A host name (not a numeric address) is looked up once with getaddrinfo, which may block on a
-board: use a numeric broker address on piles.
+A host name (not a numeric address) is looked up with getaddrinfo, which blocks on a board:
+only while the contactor is open (docs/network.md). The address is kept; after a failed
+connection it is looked up again, with the contactor open; while it is closed the kept one
+serves. A numeric address needs no lookup: use one on piles.
 """
 import errno
 import json
@@ -128,6 +130,23 @@ class _SocketModule:
         return [(None, None, None, None, self.addr)]
 
 
+def numeric_host(host):
+    """A dotted IPv4 or an IPv6 address: getaddrinfo answers it without the network.
+    (sntp.numeric_host is the same: neither module loads the other.)"""
+    if ":" in host:
+        return True
+    parts = host.split(".")
+    if len(parts) != 4:
+        return False
+    for p in parts:
+        if not 0 < len(p) <= 3:
+            return False
+        for c in p:
+            if not "0" <= c <= "9":
+                return False
+    return True
+
+
 def _would_block(e):
     return e.args and e.args[0] == _EAGAIN
 
@@ -186,6 +205,9 @@ class MqttLink:
         c.set_callback(self._on_message)
         self._message = None
         self._addr = None
+        self._stale = False  # the kept address failed to connect: look it up again when allowed
+        self._lookup_held = False  # a lookup waits for the contactor to open (said once)
+        self._numeric = numeric_host(self._host)
         self._shim = None
         self._sock = None
         self._poller = None
@@ -258,9 +280,18 @@ class MqttLink:
                 self._emit(now_ms, "TLS connection waits for the contactor to open")
             return
         self._held = False
+        # getaddrinfo blocks on a board (DNS): never with the contactor closed (issue 10, item 19).
+        may_look_up = self._numeric or not self._ctl.contactor.closed
+        if self._addr is None and not may_look_up:
+            if not self._lookup_held:  # said once per wait
+                self._lookup_held = True
+                self._emit(now_ms, "%s: name lookup waits for the contactor to open" % self._host)
+            return
+        self._lookup_held = False
         try:
-            if self._addr is None:
+            if self._addr is None or self._stale and may_look_up:
                 self._addr = socket.getaddrinfo(self._host, self._port)[0][-1]
+                self._stale = False
                 self._shim = _SocketModule(self._pipe, self._addr)
             sock = socket.socket()
             self._sock = self._raw = sock
@@ -349,6 +380,8 @@ class MqttLink:
             self._drop(now_ms, "TLS handshake not finished within %d s" % (_CONNECT_MS // 1000))
 
     def _drop(self, now_ms, why):
+        if self._state in (_DOWN, _TCP):  # no TCP connection: the address may have changed
+            self._stale = True
         for sock in (self._sock, self._raw):  # a failed handshake leaves the TCP socket open
             if sock is not None:
                 try:

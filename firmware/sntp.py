@@ -8,8 +8,10 @@ attempt: the next comes after a pause that doubles from one minute up to `interv
 good one the clock is set again every `interval_s`. micropython-lib's ntptime.settime() is not
 used: it blocks for up to a second.
 
-A host name (not a numeric address) is looked up once with getaddrinfo, which may block on a
-board: use a numeric NTP server address on piles.
+A host name (not a numeric address) is looked up with getaddrinfo, which blocks on a board:
+only while `may_block()` says so (main.py: the contactor open; docs/network.md). The address is
+kept; after a failed attempt it is looked up again when allowed, else the kept one serves. A
+numeric address needs no lookup: use one on piles.
 """
 import random
 import select
@@ -38,6 +40,23 @@ MAX_UNIX = 4102444800  # 2100-01-01
 
 _IDLE = const(0)
 _WAITING = const(1)  # request sent
+
+
+def numeric_host(host):
+    """A dotted IPv4 or an IPv6 address: getaddrinfo answers it without the network.
+    (mqtt_link.numeric_host is the same: neither module loads the other.)"""
+    if ":" in host:
+        return True
+    parts = host.split(".")
+    if len(parts) != 4:
+        return False
+    for p in parts:
+        if not 0 < len(p) <= 3:
+            return False
+        for c in p:
+            if not "0" <= c <= "9":
+                return False
+    return True
 
 
 class SntpError(Exception):
@@ -108,11 +127,16 @@ def iso(unix_s, offset):
 
 class SntpClient:
     """set_clock: takes an RTC datetime tuple (machine.RTC().datetime); report(now_ms, "ntp",
-    text) gets every result. Polls only while `online` (the Wi-Fi up)."""
+    text) gets every result. Polls only while `online` (the Wi-Fi up). may_block: a callable,
+    True when a name lookup may block (main.py: the contactor is open); None: always."""
 
     def __init__(self, host, set_clock, report=None, port=NTP_PORT, interval_s=3600,
-                 start_jitter_s=60, wall=time.time, sock_module=socket):
+                 start_jitter_s=60, wall=time.time, sock_module=socket, may_block=None):
         self._host = host
+        self._may_block = may_block
+        self._numeric = numeric_host(host)
+        self._stale = False  # the kept address gave no reply: look it up again when allowed
+        self._held = False  # a lookup waits (said once)
         self._port = port
         self._set_clock = set_clock
         self._report = report
@@ -152,10 +176,20 @@ class SntpClient:
             self._send(now_ms)
 
     def _send(self, now_ms):
+        lookup = self._addr is None or self._stale
+        if lookup and not (self._numeric or self._may_block is None or self._may_block()):
+            if self._addr is None:  # nothing to send to: wait for the contactor (issue 10, item 19)
+                if not self._held:
+                    self._held = True
+                    self._emit(now_ms, "%s: name lookup waits for the contactor to open" % self._host)
+                return
+            lookup = False  # the kept address serves until a lookup may block
+        self._held = False
         self.requests += 1
         try:
-            if self._addr is None:
+            if lookup:
                 self._addr = self._socket.getaddrinfo(self._host, self._port)[0][-1]
+                self._stale = False
             sock = self._sock = self._socket.socket(self._socket.AF_INET, self._socket.SOCK_DGRAM)
             sock.setblocking(False)
             sock.connect(self._addr)  # replies from any other address or port are not ours
@@ -218,6 +252,7 @@ class SntpClient:
 
     def _failed(self, now_ms, why):
         self._close()
+        self._stale = True
         delay = self._backoff
         self._backoff = min(self._backoff * 2, max(self._interval_ms, _RETRY_MIN_MS))
         self._next_at = time.ticks_add(now_ms, delay)

@@ -278,17 +278,37 @@ def broker_kind(asked, mosquitto):
 class LocalBroker:
     """`make sim`'s broker on a free loopback port (mosquitto, or amqtt: broker_kind), and the
     reference consumer (tools/consumer.py) in this process, storing into a temporary SQLite
-    file. amqtt speaks MQTT 3.1.1 only: the consumer uses that with it (no shared groups)."""
+    file. amqtt speaks MQTT 3.1.1 only: the consumer uses that with it (no shared groups).
 
-    def __init__(self, directory, asked="auto"):
+    piles: with mosquitto, the shipped configuration (broker/, docs/cloud-broker.md): one user
+    per pile id given (`passwords`, `pile_url()`), the pile ACL, the client id bound to the user
+    on `port`; the consumer on a cloud listener of its own (`cloud_port`). None: one anonymous
+    listener, as before (amqtt always: it has no such ACL)."""
+
+    def __init__(self, directory, asked="auto", piles=None):
         mosquitto = find_mosquitto()
         self.kind = broker_kind(asked, mosquitto)
         if self.kind == "amqtt" and importlib.util.find_spec("amqtt") is None:
             raise SystemExit("no MQTT broker: install mosquitto, or amqtt into the venv (make venv)")
+        self.directory = directory
         self.log = os.path.join(directory, "broker.log")
         self.proc = None
+        self.secure = self.kind == "mosquitto" and piles is not None
+        self.passwords = {}
+        self.cloud_port = None
+        self.cloud_url = None
+        if self.secure:
+            sys.path.insert(0, os.path.join(ROOT, "tools"))
+            import broker_users
+
+            for pile_id in piles:
+                self.passwords[pile_id] = broker_users.add_pile(directory, pile_id)
+            password = broker_users.add_cloud_user(directory, "evse-cloud")
         for _ in range(5):  # another process may take the free port before the broker binds it
             self.port = free_port()
+            if self.secure:
+                self.cloud_port = free_port()
+                self.cloud_url = "mqtt://evse-cloud:%s@127.0.0.1:%d" % (password, self.cloud_port)
             self._start(directory, mosquitto)
             if self._ready():
                 break
@@ -303,13 +323,15 @@ class LocalBroker:
         self.storage = consumer.open_storage("sqlite:///" + os.path.join(directory, "telemetry.db"))
         self.storage.setup()
         self.handler = consumer.Handler(consumer.Schemas(), self.storage)
-        self.consumer = consumer.Consumer("mqtt://127.0.0.1:%d" % self.port, self.handler,
+        self.consumer = consumer.Consumer(self.cloud_url or "mqtt://127.0.0.1:%d" % self.port, self.handler,
                                           protocol=mqtt.MQTTv5 if self.kind == "mosquitto" else mqtt.MQTTv311)
         self.consumer.start()
         if not self.consumer.subscribed.wait(10):
             self.stop()
             raise SystemExit("the reference consumer could not subscribe to %s" % self.kind)
         label = self.kind
+        if self.secure:
+            label += " (a user per pile, broker/)"
         if self.kind == "amqtt":
             label += " (pure Python%s)" % ("; mosquitto is not installed" if asked == "auto" else "")
         print("broker: %s on 127.0.0.1:%d, the reference consumer subscribed to evse/v1/#"
@@ -318,7 +340,13 @@ class LocalBroker:
     def _start(self, directory, mosquitto):
         import getpass
 
-        if self.kind == "mosquitto":
+        if self.secure:
+            import broker_users
+
+            conf = broker_users.write_conf(directory, self.port, self.cloud_port, "127.0.0.1", "127.0.0.1",
+                                           extra="user %s" % getpass.getuser())
+            cmd = [mosquitto, "-c", conf]
+        elif self.kind == "mosquitto":
             conf = os.path.join(directory, "mosquitto.conf")
             with open(conf, "w") as f:
                 f.write("listener %d 127.0.0.1\npersistence false\nallow_anonymous true\nuser %s\n"
@@ -348,6 +376,19 @@ class LocalBroker:
 
     def _kill(self):
         end_process(self.proc)
+
+    def pile_url(self, pile_id, password=None):
+        """mqtt://<pile_id>:<password>@127.0.0.1:<port>: what the pile's config.json says."""
+        if password is None:
+            password = self.passwords[pile_id]
+        return "mqtt://%s:%s@127.0.0.1:%d" % (pile_id, password, self.port)
+
+    def mqtt_config(self, pile_id):
+        """The pile's config.json mqtt section for this broker."""
+        conf = {"host": "127.0.0.1", "port": self.port}
+        if self.secure:
+            conf.update(username=pile_id, password=self.passwords[pile_id])
+        return conf
 
     def show(self):
         import time
@@ -412,8 +453,9 @@ def main(argv=None):
     heap = args.heap
     with tempfile.TemporaryDirectory(prefix="pile-broker-") as tmp:
         if not args.no_broker:
-            broker = LocalBroker(tmp, args.broker)
-            config["mqtt"] = {"host": "127.0.0.1", "port": broker.port}
+            pile_id = scenarios.BASE_CONFIG["pile_id"]
+            broker = LocalBroker(tmp, args.broker, piles=(pile_id,))  # its own user (broker/)
+            config["mqtt"] = broker.mqtt_config(pile_id)
             heap = MQTT_HEAP if heap == DEFAULT_HEAP else heap
         try:
             run = run_scenario(args.scenario, args.board, config=config or None, heapsize=heap, echo=True)

@@ -159,14 +159,39 @@ def _no_constant(name):
     raise ValueError("%s is not JSON" % name)
 
 
+# <boot> and <seq> of a session id <pile_id>-<boot>-<seq> (an event id: <pile_id>-<boot>-f<seq>),
+# read from the right: pile ids may hold '-' and digits themselves.
+_COUNTER_RE = re.compile(r"[1-9][0-9]{0,9}")
+
+
+def id_owner(value, event=False):
+    """The pile id a session (or fault event) id names, or None if it is not one."""
+    if not isinstance(value, str):
+        return None
+    head, _, seq = value.rpartition("-")
+    owner, _, boot = head.rpartition("-")
+    if event:
+        if not seq.startswith("f"):
+            return None
+        seq = seq[1:]
+    if not (_COUNTER_RE.fullmatch(boot) and _COUNTER_RE.fullmatch(seq) and PILE_ID_RE.fullmatch(owner)):
+        return None
+    return owner
+
+
 def check_ids(pile_id, obj):
-    """What a schema cannot say: the ids in the payload belong to the pile in the topic."""
+    """What a schema cannot say: the topic's pile id, the payload's and the one each id names are
+    the same, whole (pile A must not store A-1's session A-1-5-3). Rejected with the reason."""
     if "pile_id" in obj and obj["pile_id"] != pile_id:
-        raise Rejected("pile_mismatch", "payload pile_id %r" % obj["pile_id"])
+        raise Rejected("pile_mismatch", "payload pile_id %r, topic pile id %r" % (obj["pile_id"], pile_id))
     for key in ("session_id", "event_id"):
         value = obj.get(key)
-        if value is not None and not value.startswith(pile_id + "-"):
-            raise Rejected("pile_mismatch", "%s %r is not %s's" % (key, value, pile_id))
+        if value is None:
+            continue
+        owner = id_owner(value, event=key == "event_id")
+        if owner != pile_id:
+            raise Rejected("pile_mismatch", "%s %r is not <pile_id>-<boot>-<seq> of pile %r" % (
+                key, value, pile_id))
 
 
 # --- storage --------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -27,6 +28,15 @@ COMMANDS = {
     "request_status": {},
     "reboot": {},
 }
+
+# The auth_id rule is the session schemas' (the cloud stores what they accept): read, not copied.
+SESSION_SCHEMA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                              "schemas", "session_started.v1.schema.json")
+
+
+def auth_id_pattern():
+    with open(SESSION_SCHEMA, encoding="utf-8") as f:
+        return json.load(f)["properties"]["auth_id"]["pattern"]
 
 
 def read_secret(path):
@@ -71,6 +81,9 @@ def parse_args(cmd, pairs):
                     raise ValueError("%s must be a finite number" % key)
                 args[key] = int(number) if number.is_integer() else number
         else:
+            if key == "auth_id" and not re.search(auth_id_pattern(), value):
+                raise ValueError("auth_id must be 1..64 of ! to ~ (printable ASCII, no space), as "
+                                 "docs/schemas/session_started.v1.schema.json says")
             args[key] = value
     missing = [k for k in spec if k not in args]
     if missing:
