@@ -85,7 +85,7 @@ class S0Meter(MeterBase):
         if nxt == self._tail:
             self._overrun = True
             return
-        self._ring_t[head] = time.ticks_ms()
+        self._ring_t[head] = time.ticks_ms()  # type: ignore[call-overload]  # stub: ticks type
         self._ring_v[head] = pin.value()
         self._head = nxt
 

@@ -256,7 +256,7 @@ def test_item8_property_any_history_then_steady_counting_is_published(history, r
         published.append(m.reading)
     m._expire(t + 1)
     assert m.reading.energy_wh == restart + n - 1
-    for a, b in zip(published, published[1:]):
+    for a, b in zip(published, published[1:], strict=False):
         if a is not None and b is not None and a.epoch == b.epoch:
             assert b.energy_wh >= a.energy_wh
 
@@ -460,7 +460,7 @@ def test_item15_a_stalled_loop_loses_no_pulse(s0_world, phase_ms, stall_ms):
     for _ in range(40):
         clock.t += 5000
         m.poll(clock.ticks_ms())
-    for k in range(10):
+    for _k in range(10):
         clock.t += phase_ms * 1000
         _add_wh(w, 1)
         pin.value()  # the rest of the loop touches the hardware: the pulse starts
