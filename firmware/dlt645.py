@@ -177,8 +177,9 @@ class Dlt645Meter(Rs485Meter):
 
     name = "dlt645"
 
-    # One cycle: total energy, phase A voltage, phase A current, total power.
-    _DIS = (DI_ENERGY, DI_VOLTAGE_A, DI_CURRENT_A, DI_POWER)
+    # One cycle: phase A voltage, phase A current, total power, total energy. Energy last: the
+    # reading is stamped when its request goes out, the freshest the cycle can give.
+    _DIS = (DI_VOLTAGE_A, DI_CURRENT_A, DI_POWER, DI_ENERGY)
 
     def __init__(self, uart, de=None, address=None, baud=2400, timeout_ms=500,
                  poll_interval_ms=1000, wake=4, bits_per_char=DEFAULT_BITS_PER_CHAR,
@@ -201,6 +202,7 @@ class Dlt645Meter(Rs485Meter):
         self._reply_max = _RX_SIZE - _MAX_WAKE + 4  # a reply with 4 wake-up bytes
         # no address yet: learn it first, the reads follow in the same cycle
         self._di = None if self.address is None else self._DIS[self._step]
+        self._asks_energy = self._di == DI_ENERGY
         build_request(self._tx, self.address, self._di, self._wake)
         return self._tx_learn if self._di is None else self._tx_read
 

@@ -279,8 +279,10 @@ def build_meter(board, mconf):
     Pin = machine.Pin
     pins = board.pins
     if mconf.type == "s0":
+        # use_irq: counted from pin-interrupt edge times, so a stalled loop loses no pulse
         return meter.make_meter("s0", pulse_pin=Pin(pins.s0, Pin.IN), imp_per_kwh=mconf.imp_per_kwh,
-                                active_low=mconf.s0_active_low, poll_interval_ms=mconf.poll_interval_ms)
+                                active_low=mconf.s0_active_low, poll_interval_ms=mconf.poll_interval_ms,
+                                use_irq=True)
     # timeout=0: reads never wait; the meter driver polls uart.any() from the control tick.
     uart = machine.UART(pins.meter_uart, baudrate=mconf.baud, bits=8, parity=_PARITY[mconf.parity],
                         stop=1, tx=pins.meter_tx, rx=pins.meter_rx, timeout=0, timeout_char=0)

@@ -11,12 +11,13 @@ KINDS = (
     "crc",              # checksum / CRC of a reply wrong
     "timeout",          # no reply at all
     "partial",          # reply started but was cut short
-    "garbage",          # bytes that are not a valid reply (bad header, length, BCD, NaN...)
+    "garbage",          # bytes that are not a valid reply (bad header, length, BCD, NaN, inf...)
     "wrong_address",    # valid reply, but from another meter
     "exception_reply",  # Modbus exception / DL/T 645 error reply (0xD1)
     "backwards",        # energy register lower than the last good reading
     "jump",             # energy register further ahead than max power x elapsed time allows
-    "reboot",           # registers read 0 after non-zero: the meter restarted
+    "reboot",           # register restarted: a jump or drop confirmed by the next reading
+    "implausible",      # a finite value no pile can show (power above max_power_w, 2 kV...)
     "glitch",           # S0: pulse shorter than the debounce time
     "stuck",            # S0: output stuck at the active level
 )
@@ -27,6 +28,16 @@ DEFAULT_MAX_POWER_W = const(50000)
 # Register resolution plus rounding: DL/T 645 counts 0.01 kWh = 10 Wh (facts section 5),
 # a float32 kWh register steps by up to 16 Wh below 131 MWh.
 DEFAULT_JUMP_SLACK_WH = const(20)
+
+# Power above max_power_w by more than this fraction is not a pile's: IEC 60038 lets the mains
+# run 10 % high (power rises with it at a constant current), plus a class 2 meter's 2 %.
+_POWER_MARGIN_DIV = const(8)  # max_power_w / 8 = 12.5 %
+# Voltage and current: the meter.v1 schema's maximum (docs/schemas); mains is <= 440 V and a
+# mode 3 pile <= 63 A (facts section 2), so anything above is not a measurement.
+_MAX_V = const(1000)
+_MAX_A = const(1000)
+# Energy register: the meter.v1 schema's maximum for meter_wh (1 TWh); DL/T 645 tops at 1 GWh.
+MAX_WH = 999999999999
 
 # A reading older than this is dropped: ticks_diff() is only right up to 2**29 ms (6.2 days),
 # beyond that an old reading would look fresh again. 2**28 ms = 3.1 days.
@@ -52,29 +63,61 @@ class MeterError(Exception):
 class Reading:
     """One complete, checked set of values. voltage_v/current_a are None if the meter has none."""
 
-    def __init__(self, energy_wh, power_w, voltage_v, current_a, taken_ms):
+    def __init__(self, energy_wh, power_w, voltage_v, current_a, taken_ms, epoch=0):
         self.energy_wh = energy_wh  # int, imported active energy, never decreases
         self.power_w = power_w
         self.voltage_v = voltage_v
         self.current_a = current_a
         self.taken_ms = taken_ms  # time.ticks_ms() when the last part was read
+        self.epoch = epoch  # meter restarts seen before this reading: a new epoch, a new baseline
 
     def __repr__(self):
         return "Reading(%d Wh, %s W, %s V, %s A, at %d)" % (
             self.energy_wh, self.power_w, self.voltage_v, self.current_a, self.taken_ms)
 
 
+def check_values(new, max_power_w=DEFAULT_MAX_POWER_W, name="meter"):
+    """Raise MeterError unless every value of `new` is a number a pile's meter can show.
+
+    NaN, or energy out of the register's range, is garbage (parsers already refuse a NaN or
+    inf on the wire); a number beyond the limits above is implausible, inf included: 3.4e38 kW
+    x 1000 is inf on the ESP32 and 3.4e41 on a PC, the same verdict on both. Power is signed,
+    bounded both ways: a meter wired backwards or a car's standby can read a little negative;
+    it is never billed (energy is) and peak/telemetry clamp it at 0."""
+    e = new.energy_wh
+    if e < 0 or e > MAX_WH:
+        raise MeterError("garbage", "%s: energy %d Wh out of range" % (name, e))
+    p = new.power_w
+    if p is not None:
+        if p != p:  # NaN
+            raise MeterError("garbage", "%s: power is not a number" % name)
+        limit = max_power_w + max_power_w // _POWER_MARGIN_DIV
+        if p > limit or p < -limit:  # never int(p) here: int(inf) raises OverflowError
+            raise MeterError("implausible", "%s: power %s W beyond +-%d W" % (name, p, limit))
+    _check_range(new.voltage_v, 0, _MAX_V, "voltage", name)
+    _check_range(new.current_a, -_MAX_A, _MAX_A, "current", name)
+
+
+def _check_range(x, low, high, what, name):
+    if x is None:
+        return
+    if x != x:
+        raise MeterError("garbage", "%s: %s is not a number" % (name, what))
+    if x < low or x > high:
+        raise MeterError("implausible", "%s: %s %s out of %d..%d" % (name, what, x, low, high))
+
+
 def check_plausible(prev, new, max_power_w=DEFAULT_MAX_POWER_W,
                     slack_wh=DEFAULT_JUMP_SLACK_WH, name="meter"):
-    """Raise MeterError if `new` cannot follow `prev` (the last good Reading, or None)."""
+    """Raise MeterError if `new` cannot follow `prev` (the last good Reading, or None).
+
+    A lower value is "backwards" (0 too): whether it was a restart, the next reading tells
+    (MeterBase._publish)."""
     if new.energy_wh < 0:
         raise MeterError("garbage", "%s: negative energy %d Wh" % (name, new.energy_wh))
     if prev is None:
         return
     if new.energy_wh < prev.energy_wh:
-        if new.energy_wh == 0:
-            raise MeterError("reboot", "%s: energy reads 0 after %d Wh, meter restarted?" % (
-                name, prev.energy_wh))
         raise MeterError("backwards", "%s: energy went backwards %d -> %d Wh" % (
             name, prev.energy_wh, new.energy_wh))
     elapsed_ms = time.ticks_diff(new.taken_ms, prev.taken_ms)
@@ -88,7 +131,14 @@ def check_plausible(prev, new, max_power_w=DEFAULT_MAX_POWER_W,
 
 
 class MeterBase:
-    """Counters, last good reading and the guard shared by all meter kinds."""
+    """Counters, last good reading and the guard shared by all meter kinds.
+
+    Restarts (docs/meters.md): a reading that goes backwards or jumps is refused and kept as a
+    suspect; if the next reading follows the suspect (passes the guard against it), the
+    register really restarted (or came back from a restart): counted as "reboot", `epoch`
+    goes up, the suspect is published as the new epoch's baseline and the confirming reading
+    at the next poll. Energy is only ever a difference within one epoch.
+    """
 
     name = "meter"
 
@@ -100,6 +150,9 @@ class MeterBase:
             self.errors[kind] = 0
         self._max_power_w = max_power_w
         self._slack_wh = jump_slack_wh
+        self.epoch = 0  # restarts of the meter's register seen (Reading.epoch)
+        self._suspect = None  # the last refused backwards/jump reading: a restart if confirmed
+        self._pending = None  # the reading that confirmed a restart, published at the next poll
 
     def age_ms(self, now_ms):
         if self.reading is None:
@@ -107,9 +160,16 @@ class MeterBase:
         return time.ticks_diff(now_ms, self.reading.taken_ms)
 
     def _expire(self, now_ms):
+        """First thing of every poll: drop a too old reading, publish a pending one."""
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            self.reading = pending  # checked against the baseline when the restart was confirmed
+            self.last_error = None
         r = self.reading
         if r is not None and time.ticks_diff(now_ms, r.taken_ms) > _MAX_AGE_MS:
             self.reading = None  # and the guard starts afresh with the next reading
+            self._suspect = None
 
     def _fail(self, err):
         self.errors[err.kind] += 1
@@ -117,14 +177,40 @@ class MeterBase:
 
     def _publish(self, new):
         """Guard, then publish `new`. Returns True if published; the old reading stays if not."""
+        new.epoch = self.epoch
+        suspect = self._suspect
+        self._suspect = None
         try:
+            check_values(new, self._max_power_w, self.name)
             check_plausible(self.reading, new, self._max_power_w, self._slack_wh, self.name)
         except MeterError as err:
+            if err.kind == "backwards" or err.kind == "jump":
+                if suspect is not None and self._follows(suspect, new):
+                    self._restart(suspect, new)
+                    return True
+                self._suspect = new
             self._fail(err)
             return False
         self.reading = new
         self.last_error = None
         return True
+
+    def _follows(self, prev, new):
+        try:
+            check_plausible(prev, new, self._max_power_w, self._slack_wh, self.name)
+        except MeterError:
+            return False
+        return True
+
+    def _restart(self, baseline, new):
+        self.epoch += 1
+        baseline.epoch = new.epoch = self.epoch
+        self._fail(MeterError("reboot", "%s: meter register restarted: %d Wh after %d Wh, "
+                              "then %d Wh; new baseline (epoch %d)" % (
+                                  self.name, baseline.energy_wh, self.reading.energy_wh,
+                                  new.energy_wh, self.epoch)))
+        self.reading = baseline
+        self._pending = new
 
 
 def wire_ms(nbytes, baud, bits_per_char=DEFAULT_BITS_PER_CHAR):
@@ -143,9 +229,13 @@ class Rs485Meter(MeterBase):
     """Non-blocking request/reply poller on a half-duplex RS-485 bus.
 
     A protocol subclass provides _request() -> the request to send (a buffer made once; it
-    also sets self._reply_max), _frame_len(buf, n) -> the reply's total length or 0 if not
+    also sets self._reply_max, and self._asks_energy True if it reads the energy register),
+    _frame_len(buf, n) -> the reply's total length or 0 if not
     known yet, and _take(buf, n) -> True when the cycle's last part is in. _take stores the
     values in _e (Wh), _p (W), _v (V), _i (A) and counts self._step.
+
+    A Reading's taken_ms is when the energy request went out: the meter read its register no
+    earlier, so a reading stamped after the contactor opened holds no energy from before.
     """
 
     def __init__(self, uart, de, baud, timeout_ms, poll_interval_ms, rx_size,
@@ -173,6 +263,8 @@ class Rs485Meter(MeterBase):
         self._t_end = 0  # TX: when the request has left the wire; RX: reply deadline
         self._step = 0  # part of the cycle
         self._e = self._v = self._i = self._p = None  # the cycle's values so far
+        self._asks_energy = False  # set by _request()
+        self._e_at = 0  # ticks when this cycle's energy request went out
         if de is not None:
             de.value(0)
 
@@ -220,6 +312,8 @@ class Rs485Meter(MeterBase):
 
     def _send(self, now_ms):
         frame = self._request()
+        if self._asks_energy:
+            self._e_at = now_ms
         if self._de is not None:
             self._de.value(1)
         self._uart.write(frame)
@@ -264,7 +358,7 @@ class Rs485Meter(MeterBase):
                 if total and self._n >= total:
                     if self._take(rx, total):
                         self._state = _IDLE
-                        self._publish(Reading(self._e, self._p, self._v, self._i, now_ms))
+                        self._publish(Reading(self._e, self._p, self._v, self._i, self._e_at))
                     else:
                         self._state = _GAP
                     return

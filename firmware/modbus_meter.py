@@ -7,12 +7,14 @@ from micropython import const
 import struct
 
 from meter import MeterError, Rs485Meter, DEFAULT_BITS_PER_CHAR, \
-    DEFAULT_MAX_POWER_W, DEFAULT_JUMP_SLACK_WH
+    DEFAULT_MAX_POWER_W, DEFAULT_JUMP_SLACK_WH, MAX_WH
 
 _FN_READ_INPUT = const(0x04)
 _EXCEPTION_FLAG = const(0x80)  # exception reply: function code | 0x80, then the code
 _MAX_FLOATS = const(6)  # largest block read below (SDM630 V1..V3, I1..I3)
 _RX_SIZE = const(5 + 4 * _MAX_FLOATS)  # address, function, byte count, data, CRC (2)
+# Largest float32 exponent (biased) of an energy register: 2**30 kWh > MAX_WH; above: garbage.
+_MAX_EXP = const(127 + 30)
 
 # Exception codes of the Modbus application protocol spec (only used in messages).
 _EXCEPTION_NAMES = {
@@ -131,6 +133,37 @@ def float_at(buf, index):
     return value
 
 
+def kwh_to_wh(buf, at):
+    """The float32 (big-endian) kWh at buf[at:at+4] as whole Wh, rounded half up, from its bits
+    with integer arithmetic: the same on the ESP32 (single-precision floats) as on a PC.
+    Raises MeterError: not finite, negative or beyond meter.MAX_WH is garbage."""
+    b0 = buf[at]
+    b1 = buf[at + 1]
+    exp = (b0 & 0x7F) << 1 | b1 >> 7
+    mant = (b1 & 0x7F) << 16 | buf[at + 2] << 8 | buf[at + 3]
+    if exp == 0xFF:
+        raise MeterError("garbage", "modbus: energy is not a number")
+    if b0 & 0x80 and (exp or mant):
+        raise MeterError("garbage", "modbus: negative energy")
+    if exp == 0:
+        return 0  # zero or subnormal: below 1e-38 kWh
+    if exp > _MAX_EXP:
+        raise MeterError("garbage", "modbus: energy register beyond %d Wh" % MAX_WH)
+    # value = (2**23 + mant) x 2**(exp - 150) kWh; Wh = value x 1000, + 1/2, floored.
+    # Ints above 2**30 are heap objects on the ESP32: fine once a second, not in a loop.
+    mant = (mant | 0x800000) * 1000
+    shift = exp - 150
+    if shift >= 0:
+        wh = mant << shift
+    elif shift < -35:
+        return 0  # mant < 2**34: value x 1000 < 1/2
+    else:
+        wh = (mant + (1 << (-shift - 1))) >> -shift
+    if wh > MAX_WH:
+        raise MeterError("garbage", "modbus: energy register beyond %d Wh" % MAX_WH)
+    return wh
+
+
 def parse_reply(buf, n, address, count):
     """Check buf[0:n] and return its `count` floats as a tuple. Raises MeterError only."""
     check_reply(buf, n, address, 2 * count)
@@ -165,6 +198,7 @@ class ModbusMeter(Rs485Meter):
         register, fields = self._blocks[self._step]
         build_request(self._tx, self.address, register, 2 * len(fields))
         self._reply_max = 5 + 4 * len(fields)
+        self._asks_energy = _E_KWH in fields
         return self._tx
 
     def _frame_len(self, buf, n):
@@ -186,12 +220,9 @@ class ModbusMeter(Rs485Meter):
                 elif what == _P_W:
                     self._p = x
                 elif what == _P_KW:
-                    self._p = x * 1000
+                    self._p = x * 1000  # may overflow to inf on the ESP32: check_values() says garbage
                 elif what == _E_KWH:
-                    if x < 0:
-                        raise MeterError("garbage", "%s: negative energy %s kWh" % (self.name, x))
-                    # float32 kWh already limits resolution to ~1 Wh below 8 MWh.
-                    self._e = int(x * 1000 + 0.5)
+                    self._e = kwh_to_wh(buf, 3 + 4 * i)
             i += 1
         self._step += 1
         return self._step == len(self._blocks)

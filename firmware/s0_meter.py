@@ -1,16 +1,22 @@
-"""S0 pulse meter (IEC 62053-31, facts section 5), read by polling the pin every control tick.
+"""S0 pulse meter (IEC 62053-31, facts section 5), counted from pin-interrupt edge times.
 
-Polled, not IRQ-driven: the pulses are >= 30 ms and poll() runs every <= 10 ms, so each pulse
-is seen several times, and debouncing happens in one place with no ISR state to share.
+The pin's IRQ handler (hard on the ESP32: it runs at the edge, allocation-free) only stores
+ticks_ms and the level of each edge in a ring; poll() debounces from those edge times, so a
+stalled control loop loses no pulse. A pin without irq() (test fakes) is sampled by poll()
+instead, each change taking the poll's time. The S0 output counts itself: it has no register
+that could restart, so its readings are always epoch 0. docs/meters.md has the reasoning.
 """
 from micropython import const
 import time
 
 from meter import MeterBase, MeterError, Reading, DEFAULT_MAX_POWER_W, DEFAULT_JUMP_SLACK_WH
 
-# A pulse is >= 30 ms (IEC 62053-31, facts section 5). With poll() <= 10 ms apart the first
-# and last samples of a 30 ms pulse are >= 20 ms apart, so 20 ms of active level counts.
-_DEBOUNCE_MS = const(20)
+# A pulse is >= 30 ms (IEC 62053-31, facts section 5). From edge times: 30 ms less 2 ms of
+# ticks_ms rounding at the two edges, less 3 ms margin for the interrupt's latency.
+_DEBOUNCE_IRQ_MS = const(25)
+# Sampled by poll() every <= 10 ms, the first and last samples of a 30 ms pulse are >= 20 ms
+# apart, so 20 ms of active level counts.
+_DEBOUNCE_POLL_MS = const(20)
 # Inactive this long before the next pulse may count: a bounce inside a pulse is not a pulse.
 _REARM_MS = const(10)
 # Active longer than this is a stuck output, not a pulse. Engineering choice: S0 pulses are
@@ -21,65 +27,132 @@ _STUCK_MS = const(1000)
 _FORGET_MS = const(3600000)
 # P [W] = 3.6e6 / (imp_per_kWh x dt [s]) = 3.6e9 / (imp_per_kWh x dt [ms]) (facts section 5)
 _W_MS_PER_IMP_KWH = 3.6e9
+# Edges the ring holds between two polls: a 200 ms stall sees ~14 edges of 30 ms pulses with
+# 30 ms pauses (IEC 62053-31's fastest); a power of two, for the index mask.
+_RING = const(32)
 
 
 class S0Meter(MeterBase):
-    """Counts S0 pulses on `pin` (pin.value()); energy counts from start_wh at construction."""
+    """Counts S0 pulses on `pin`; energy counts from start_wh at construction.
+
+    use_irq: None = if the pin has irq(), True = must (the board), False = sample in poll().
+    """
 
     name = "s0"
 
-    def __init__(self, pin, imp_per_kwh=1000, active_low=True, debounce_ms=_DEBOUNCE_MS,
+    def __init__(self, pin, imp_per_kwh=1000, active_low=True, debounce_ms=None,
                  rearm_ms=_REARM_MS, stuck_ms=_STUCK_MS, poll_interval_ms=1000, start_wh=0,
-                 max_power_w=DEFAULT_MAX_POWER_W, jump_slack_wh=DEFAULT_JUMP_SLACK_WH):
+                 max_power_w=DEFAULT_MAX_POWER_W, jump_slack_wh=DEFAULT_JUMP_SLACK_WH,
+                 use_irq=None):
         super().__init__(max_power_w, jump_slack_wh)
         if imp_per_kwh <= 0:
             raise ValueError("s0: imp_per_kwh must be > 0")
+        if use_irq is None:
+            use_irq = hasattr(pin, "irq")
         self._pin = pin
         # Opto output between the pin (pulled up) and GND: conducting = pulse = low level.
         self._active = 0 if active_low else 1
         self.imp_per_kwh = imp_per_kwh
+        if debounce_ms is None:
+            debounce_ms = _DEBOUNCE_IRQ_MS if use_irq else _DEBOUNCE_POLL_MS
         self._debounce_ms = debounce_ms
         self._rearm_ms = rearm_ms
         self._stuck_ms = stuck_ms
         self._interval_ms = poll_interval_ms
         self._start_wh = start_wh
         self.pulses = 0
-        self._level_active = None  # unknown until the first poll
-        self._since = 0  # ticks when the present level was first seen
+        self._level_active = None  # unknown until the first edge or poll
+        self._since = 0  # ticks when the present level began
         self._armed = False  # a pulse seen at start-up may be half over: wait for idle first
         self._stuck = False
         self._edge_at = None  # ticks of the last counted pulse's leading edge
         self._pulse_ms = 0  # interval between the last two counted pulses, 0 = unknown
         self._published_at = None
+        # The ring the IRQ handler fills: made once, the handler only stores small ints.
+        self._ring_t = [0] * _RING
+        self._ring_v = bytearray(_RING)
+        self._head = 0  # written by the handler only
+        self._tail = 0  # written by poll() only
+        self._overrun = False
+        self._irq = use_irq
+        if use_irq:
+            pin.irq(self._on_edge, pin.IRQ_RISING | pin.IRQ_FALLING, hard=True)
+
+    def _on_edge(self, pin):
+        """The pin's IRQ handler: no allocation, no float, no exception (hard IRQ on the ESP32)."""
+        head = self._head
+        nxt = (head + 1) & (_RING - 1)
+        if nxt == self._tail:
+            self._overrun = True
+            return
+        self._ring_t[head] = time.ticks_ms()  # type: ignore[call-overload]  # stub: ticks type
+        self._ring_v[head] = pin.value()
+        self._head = nxt
+
+    def _drain(self):
+        """Apply the edges the handler stored; returns how many."""
+        n = 0
+        while self._tail != self._head:
+            i = self._tail
+            self._change(self._ring_v[i] == self._active, self._ring_t[i])
+            self._tail = (i + 1) & (_RING - 1)
+            n += 1
+        return n
 
     def poll(self, now_ms):
-        """One non-blocking step: sample the pin, count a debounced pulse, publish at intervals."""
+        """One non-blocking step: apply edges (or sample the pin), count, publish at intervals."""
         self._expire(now_ms)
-        active = self._pin.value() == self._active
-        if active != self._level_active:
-            was_active = self._level_active
-            self._level_active = active
-            self._since = now_ms
-            if was_active and not active and self._armed:
-                self._fail(MeterError("glitch", "s0: pulse shorter than %d ms ignored" % (
-                    self._debounce_ms)))
-            self._stuck = False
+        if self._irq:
+            self._drain()
+            active = self._pin.value() == self._active
+            # An edge in between reading the ring and the pin is applied by the next drain; only
+            # a change no edge explains (ring overrun, level before irq() was set) is taken here.
+            if not self._drain() and active != self._level_active:
+                self._change(active, now_ms, False)
+            if self._overrun:
+                self._overrun = False
+                self._fail(MeterError("garbage", "s0: more than %d edges between two polls" % (
+                    _RING - 1)))
+            self._settle(now_ms)  # edges are all in: the level has held until now
         else:
-            held = time.ticks_diff(now_ms, self._since)
-            if active:
-                if self._armed and held >= self._debounce_ms:
-                    self._count(self._since)
-                elif not self._stuck and held >= self._stuck_ms:
-                    self._stuck = True
-                    self._fail(MeterError("stuck", "s0: output stuck active for %d ms" % held))
-            elif not self._armed and held >= self._rearm_ms:
-                self._armed = True
+            active = self._pin.value() == self._active
+            if active == self._level_active:
+                self._settle(now_ms)
+            else:  # sampled: when it changed since the last poll is unknown
+                self._change(active, now_ms, False)
         if self._stuck:
             return  # nothing can be counted: let the reading age, keep last_error
         if self._published_at is None or \
                 time.ticks_diff(now_ms, self._published_at) >= self._interval_ms:
             self._published_at = now_ms
             self._publish(Reading(self.energy_wh(), self.power_w(now_ms), None, None, now_ms))
+
+    def _change(self, active, at_ms, held=True):
+        """The level became `active` at at_ms; held: the old one lasted until then (an edge)."""
+        if active == self._level_active:
+            return
+        if held:
+            self._settle(at_ms)
+        if self._level_active and self._armed:  # the active level ended before the debounce
+            self._fail(MeterError("glitch", "s0: pulse shorter than %d ms ignored" % (
+                self._debounce_ms)))
+        self._level_active = active
+        self._since = at_ms
+        self._stuck = False
+
+    def _settle(self, at_ms):
+        """What the present level, held since self._since, means at at_ms."""
+        if self._level_active is None:
+            return
+        held = time.ticks_diff(at_ms, self._since)
+        if self._level_active:
+            if self._armed and held >= self._debounce_ms:
+                self._count(self._since)
+            elif not self._stuck and held >= self._stuck_ms:
+                self._stuck = True
+                self._fail(MeterError("stuck", "s0: output stuck active for %d ms" % held))
+        elif not self._armed and held >= self._rearm_ms:
+            self._armed = True
 
     def _count(self, edge_ms):
         self._armed = False

@@ -1,6 +1,8 @@
 """Meter drivers against the simulated meters on the MicroPython unix port.
 
-    MICROPYPATH="firmware:sim:.frozen" micropython -X heapsize=64k host_tests/upy_meter_selftest.py
+    MICROPYPATH="firmware:sim:.frozen" micropython -X heapsize=96k host_tests/upy_meter_selftest.py
+
+(64k on a 32-bit build such as /work/shared/tools/micropython-unix32, float32 like the ESP32.)
 
 Checks readings, energy deltas, faults, DE timing, that poll() allocates nothing while it waits
 or sends, and that many cycles do not grow the heap. Prints "upy meter selftest ok".
@@ -105,7 +107,7 @@ def run(m, wire, ms, alloc=None):
 
 FAULTS = (("silent", "timeout"), ("bad_crc", "crc"), ("partial", "partial"),
           ("wrong_address", "wrong_address"), ("exception", "exception_reply"),
-          ("reboot", "reboot"), ("backwards", "backwards"), ("jump", "jump"),
+          ("backwards", "backwards"), ("jump", "jump"), ("huge", "implausible"),
           ("garbage", "garbage"))
 
 
@@ -150,6 +152,69 @@ def rs485_case(kind, sim, baud, **options):
         run(m, wire, period)
         check(m.reading is not good and m.last_error is None, kind + " " + fault + ": recovered")
     check(wire.bad == 0, kind + ": DE high/low at the wrong time")
+
+    # issue 10 item 8: the register restarts from 0 and counts on: the first low value is
+    # refused, the next confirms it, a new epoch starts and nothing is refused for ever
+    sim.fault = "reboot"
+    for _ in range(3):
+        sim.world.energy_wh += 10
+        run(m, wire, period)
+    sim.fault = None
+    r = m.reading
+    check(m.errors["reboot"] == 1 and m.epoch == 1 and r.epoch == 1, kind + " restart: " + repr(
+        m.errors))
+    check(r.energy_wh == 20 and m.last_error is None, kind + " restart: " + repr(r))
+
+
+class RawSim(ModbusMeterSim):
+    """A DDSU666 with some registers set to raw float32 values."""
+    raw = {}
+
+    def registers(self, read_energy=False):
+        regs = ModbusMeterSim.registers(self, read_energy)
+        for k in self.raw:
+            regs[k] = self.raw[k]
+        return regs
+
+
+# issue 10 item 13: float32 kWh bits -> Wh, half up; from fractions.Fraction (test_hostile_meters)
+VECTORS = (
+    (0x47800000, 65536000), (0x47800001, 65536008), (0x47800002, 65536016),
+    (0x47800003, 65536023), (0x47800008, 65536063), (0x47FFFFFF, 131071992),
+    (0x47C00000, 98304000), (0x47923456, 74856672), (0x47E54321, 117382258),
+    (0x47C923B8, 102983438), (0x47842BBF, 67671492), (0x47B6E5D6, 93643672),
+    (0x47BDC494, 97161156), (0x47C9FEE5, 103421789), (0x4781E607, 66508055),
+    (0x3F800000, 1000), (0x3A83126F, 1), (0x3A03126F, 1), (0x00000001, 0), (0x80000000, 0),
+)
+
+
+def hostile_case():
+    import struct
+    # items 11, 12: extreme registers are counted errors, never an exception (OverflowError
+    # on a float32 port) nor a published reading
+    for reg, kind in ((0x2004, "implausible"), (0x4000, "garbage"), (0x2000, "implausible"),
+                      (0x2002, "implausible")):
+        T[0] = 0
+        sim = RawSim(World(), model="ddsu666")
+        sim.raw = {reg: 3.4e38}
+        wire = Wire(sim, 9600)
+        m = meter.make_meter("ddsu666", uart=wire, de=wire)
+        run(m, wire, 2000)
+        check(m.reading is None and m.errors[kind] == 2, "extreme 0x%04x: %r" % (reg, m.errors))
+    # item 13: the same Wh on every port, from the register's bits
+    import modbus_meter
+    for bits, wh in VECTORS:
+        raw = struct.pack(">I", bits)
+        got = modbus_meter.kwh_to_wh(raw, 0)
+        check(got == wh, "kwh_to_wh(0x%08x) = %d, not %d" % (bits, got, wh))
+        if bits >> 23 == 127 + 16:  # and read by the driver
+            T[0] = 0
+            sim = RawSim(World(), model="ddsu666")
+            sim.raw = {0x4000: struct.unpack(">f", raw)[0]}
+            wire = Wire(sim, 9600)
+            m = meter.make_meter("ddsu666", uart=wire, de=wire)
+            run(m, wire, 500)
+            check(m.reading.energy_wh == wh, "driver 0x%08x: %r" % (bits, m.reading))
 
 
 def s0_case():
@@ -199,6 +264,7 @@ def unload(name):
 load("modbus_meter")
 for model, baud in (("ddsu666", 9600), ("sdm120", 2400), ("sdm630", 9600)):
     rs485_case(model, ModbusMeterSim(World(), model=model, address=3), baud, address=3)
+hostile_case()
 unload("modbus_meter")
 load("dlt645")
 rs485_case("dlt645", Dlt645MeterSim(World()), 2400)  # address learnt

@@ -41,8 +41,11 @@ class Pin:
     def off(self):
         _w().pin_write(self.id, 0)
 
-    def irq(self, handler=None, trigger=3):
-        raise NotImplementedError("sim: pin IRQs are not simulated; poll the pin")
+    def irq(self, handler=None, trigger=IRQ_FALLING | IRQ_RISING, *, priority=1, wake=None, hard=False):
+        """The handler runs inside the world's next touch, once per edge, with time.ticks_ms()
+        reading the edge's time: like a hard IRQ (only the S0 input has edges here)."""
+        _w().pin_irq(self, handler, trigger)
+        return None
 
 
 def _pin_id(pin):

@@ -10,12 +10,18 @@ import struct
 import time
 
 FAULTS = ("silent", "garbage", "bad_crc", "partial", "wrong_address", "exception", "reboot",
-          "backwards", "jump")
+          "backwards", "jump", "zeros", "huge")
+# Register faults: "reboot": the meter restarted, its register counts on from 0 (and stays
+# restarted when the fault is cleared); "zeros": every value reads 0 while it lasts, then the
+# register is back (a meter answering before it loaded its registers); "backwards": each
+# reply BACKWARDS_WH lower than the one before; "jump": each reply JUMP_WH further ahead;
+# "huge": power at its format's maximum (float32 3.4e38 W or kW, DL/T 645 79.9999 kW).
 # S0 faults: "silent" (output dead, pulses lost), "stuck" (output stuck active),
 # "garbage" (5 ms spikes every 100 ms besides the real pulses).
 S0_FAULTS = ("silent", "stuck", "garbage")
 
-BACKWARDS_WH = 5  # "backwards": this much below the last energy shown while healthy (> 0 in short sessions)
+BACKWARDS_WH = 5  # "backwards": this much lower at each reply (> 0 in short sessions)
+HUGE = 3.4e38  # "huge": a float32 just below its maximum (3.4028235e38)
 JUMP_WH = 1000000  # "jump": 1 MWh ahead
 
 
@@ -89,23 +95,47 @@ class ModbusMeterSim(_Rs485Sim):
         self.phases = phases  # SDM630: lines carrying world.current_a
         self.exception_code = 4  # server device failure
         self._shown_wh = None  # energy shown by the last healthy reply
+        self._zero_wh = None  # "reboot": world energy when the register restarted from 0
+        self._off_wh = 0  # "backwards" (< 0) / "jump" (> 0): offset of the next reply
 
-    def registers(self):
+    def _energy_wh(self, read):
+        """The register as shown now; read: a reply shows it (the faults move on)."""
+        w = self.world
+        fault = self.fault
+        if fault == "reboot" and self._zero_wh is None:
+            self._zero_wh = w.energy_wh
+        e_wh = w.energy_wh if self._zero_wh is None else w.energy_wh - self._zero_wh
+        if fault == "zeros":
+            return 0.0
+        if fault == "backwards" and self._shown_wh is not None:
+            if read:
+                self._off_wh -= BACKWARDS_WH
+            return max(0.0, self._shown_wh + self._off_wh)
+        if fault == "jump":
+            if read:
+                self._off_wh += JUMP_WH
+            return e_wh + self._off_wh
+        if read:
+            self._off_wh = 0
+            if fault is None:
+                self._shown_wh = e_wh
+        return e_wh
+
+    def registers(self, read_energy=False):
         """First register of each float32 -> value, as the meter would show it now."""
         w = self.world
-        e_wh = w.energy_wh
-        if self.fault == "reboot":
-            v = i = p = e_wh = 0.0
+        e_wh = self._energy_wh(read_energy)
+        if self.fault == "zeros":
+            v = i = p = 0.0
         else:
             v, i, p = w.voltage_v, w.current_a, w.power_w
-            if self.fault == "backwards" and self._shown_wh is not None:
-                e_wh = max(0.0, self._shown_wh - BACKWARDS_WH)
-            elif self.fault == "jump":
-                e_wh = e_wh + JUMP_WH
+        p_kw = HUGE if self.fault == "huge" else p / 1000.0
+        if self.fault == "huge":
+            p = HUGE
         kwh = e_wh / 1000.0
         if self.model == "ddsu666":
             # power in kW on this meter
-            return {0x2000: v, 0x2002: i, 0x2004: p / 1000.0, 0x4000: kwh, 0x400A: 0.0}
+            return {0x2000: v, 0x2002: i, 0x2004: p_kw, 0x4000: kwh, 0x400A: 0.0}
         if self.model == "sdm120":
             return {0x0000: v, 0x0006: i, 0x000C: p, 0x0048: kwh, 0x004A: 0.0, 0x0156: kwh}
         n = self.phases
@@ -142,7 +172,8 @@ class ModbusMeterSim(_Rs485Sim):
             return self._exception(function, 1)
         if not 1 <= count <= 125:
             return self._exception(function, 3)
-        regs = self.registers()
+        energy_reg = 0x4000 if self.model == "ddsu666" else 0x0048
+        regs = self.registers(start <= energy_reg < start + count)
         data = bytearray()
         for reg in range(start, start + count):
             if reg in regs:
@@ -151,10 +182,6 @@ class ModbusMeterSim(_Rs485Sim):
                 data += struct.pack(">f", regs[reg - 1])[2:]
             else:
                 return self._exception(function, 2)
-        if fault is None and (0x4000 in regs or 0x0048 in regs):
-            energy_reg = 0x4000 if self.model == "ddsu666" else 0x0048
-            if start <= energy_reg < start + count:
-                self._shown_wh = self.world.energy_wh
         address = self.address
         if fault == "wrong_address":
             address = self.address % 247 + 1
@@ -203,26 +230,37 @@ class Dlt645MeterSim(_Rs485Sim):
         self.wake = wake  # FE bytes before each reply, as many meters send
         self.error_code = 0x01  # "exception" fault: error reply with "other error"
         self._shown_units = None  # energy (0.01 kWh) shown by the last healthy reply
+        self._zero_wh = None  # "reboot": world energy when the register restarted from 0
+        self._off_units = 0  # "backwards" (< 0) / "jump" (> 0): offset of the next reply
 
     def _value(self, di):
         """DI -> data bytes after the DI, or None for a DI this meter does not have."""
         w = self.world
         fault = self.fault
         if di == 0x00010000 or di == 0x00000000:
-            units = int(w.energy_wh // 10)  # the register counts whole 0.01 kWh
-            if fault == "reboot":
+            if fault == "reboot" and self._zero_wh is None:
+                self._zero_wh = w.energy_wh
+            e_wh = w.energy_wh if self._zero_wh is None else w.energy_wh - self._zero_wh
+            units = int(e_wh // 10)  # the register counts whole 0.01 kWh
+            if fault == "zeros":
                 units = 0
             elif fault == "backwards" and self._shown_units is not None:
-                units = max(0, self._shown_units - max(1, BACKWARDS_WH // 10))  # whole 0.01 kWh
+                self._off_units -= max(1, BACKWARDS_WH // 10)  # whole 0.01 kWh
+                units = max(0, self._shown_units + self._off_units)
             elif fault == "jump":
-                units += JUMP_WH // 10
-            elif fault is None:
-                self._shown_units = units
+                self._off_units += JUMP_WH // 10
+                units += self._off_units
+            else:
+                self._off_units = 0
+                if fault is None:
+                    self._shown_units = units
             return _bcd(units, 4)
-        if fault == "reboot":
+        if fault == "zeros":
             w_v = w_i = w_p = 0.0
         else:
             w_v, w_i, w_p = w.voltage_v, w.current_a, w.power_w
+            if fault == "huge":
+                w_p = 1e8  # beyond the 3-byte BCD, which saturates at 79.9999 kW
         if di == 0x02010100:
             return _bcd(round(w_v * 10), 2)  # XXX.X V
         if di == 0x02020100:
@@ -297,11 +335,54 @@ class S0MeterSim:
         self._sent = self._due()  # energy before the meter was watched gives no pulses
         self._on_since = None
         self._off_since = None  # set while the pause after a pulse runs
+        self._t = None  # when level() was last evaluated, and what it gave
+        self._shown = None
 
     def _due(self):
         return int(self.world.energy_wh * self.imp_per_kwh // 1000)
 
+    def changes(self, now_us):
+        """[(t_us, level)] of each change of the output since the last evaluation, up to now_us,
+        each at the time it happens (a pulse's or pause's end, a garbage spike), for pin
+        interrupts. The world's energy is taken as it is now for the whole interval."""
+        out = []
+        t = self._t
+        if t is not None:
+            while True:
+                nxt = self._next_change(t)
+                if nxt is None or nxt >= now_us:
+                    break
+                t = nxt
+                before = self._shown
+                if self.level(t) != before:
+                    out.append((t, self._shown))
+        before = self._shown
+        if self.level(now_us) != before and before is not None:
+            out.append((now_us, self._shown))
+        return out
+
+    def _next_change(self, t):
+        if self.fault in ("stuck", "silent"):
+            return None  # the output does not move (pulses owed are lost or wait)
+        nxt = None
+        if self._on_since is not None:
+            nxt = self._on_since + self.pulse_ms * 1000
+        elif self._off_since is not None:
+            nxt = self._off_since + self.pause_ms * 1000
+        if self.fault == "garbage" and self._on_since is None:
+            ms = t // 1000
+            phase = ms % 100
+            spike = (ms - phase + (5 if phase < 5 else 100)) * 1000
+            if nxt is None or spike < nxt:
+                nxt = spike
+        return nxt
+
     def level(self, now_us):
+        self._t = now_us
+        self._shown = self._level(now_us)
+        return self._shown
+
+    def _level(self, now_us):
         on = self._pulse(now_us)
         fault = self.fault
         if fault == "stuck":

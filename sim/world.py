@@ -143,7 +143,10 @@ class World:
         self._pwm_off_at = None
         self._noise = 12345
         self.uarts = {}  # uart id -> rs485.UartChannel
-        self.s0 = None  # object with level(now_us)
+        self.s0 = None  # object with level(now_us) and changes(now_us)
+        self._s0_irq = None  # (handler, trigger, pin) set by machine.Pin.irq() on the S0 input
+        self._in_irq = False  # an S0 IRQ handler runs: pin reads give the edge's level
+        self._irq_level = 0
         self.meter = None  # the simulated meter (sim/meters.py), for fault injection
         self._energy_mj = 0
         self._energy_at = 0
@@ -182,6 +185,8 @@ class World:
         self._update_car(now)
         if now - self._energy_at >= 10000:
             self._integrate(now)
+        if self._s0_irq is not None and self.s0 is not None and not self._in_irq:
+            self._s0_edges(now)
         if self.wdt_timeout_us is not None and now - self.wdt_fed > self.wdt_timeout_us:
             self.wdt_timeout_us = None
             self.log("wdt", "watchdog timeout: board resets")
@@ -438,6 +443,8 @@ class World:
             self.log("pilot", "+12 V steady" if value != self.pilot_inverted else "-12 V steady")
 
     def pin_read(self, pin):
+        if self._in_irq and pin == self.pin_s0:
+            return self._irq_level
         now = self.advance()
         if pin == self.pin_feedback:
             return self.feedback_closed_level if self.contacts else 1 - self.feedback_closed_level
@@ -446,6 +453,46 @@ class World:
         if pin == self.pin_s0 and self.s0 is not None:
             return self.s0.level(now)
         return self.pins.get(pin, 0)
+
+    # -- S0 pulse edges as pin interrupts (machine.Pin.irq) -------------------------------------
+
+    def pin_irq(self, pin, handler, trigger):
+        if pin.id != self.pin_s0:
+            raise NotImplementedError("sim: only the S0 input has pin interrupts")
+        self._s0_irq = None if handler is None else (handler, trigger, pin)
+        if self.s0 is not None:
+            self.s0.changes(self.now)  # edges from here on
+
+    def _s0_edges(self, now):
+        """Run the S0 IRQ handler for each edge of the output since the last touch, with the
+        firmware's time.ticks_ms() reading the edge's time (ms before now, as the firmware
+        counts them), as a hard IRQ at the edge would see it."""
+        changes = self.s0.changes(now)
+        if not changes:
+            return
+        import sys
+
+        handler, trigger, pin = self._s0_irq
+        tm = sys.modules.get("time")  # the firmware's time (CPython's, or rom.py's sim_time)
+        saved = None if tm is None else getattr(tm, "ticks_ms", None)
+        now_ms = saved() if saved is not None else time.ticks_ms()
+        self._in_irq = True
+        try:
+            for t_us, level in changes:
+                if not trigger & (1 if level else 2):  # IRQ_RISING 1, IRQ_FALLING 2
+                    continue
+                edge_ms = time.ticks_add(now_ms, -((now - t_us + 500) // 1000))
+                self._irq_level = level
+                if saved is not None:
+                    try:
+                        tm.ticks_ms = lambda e=edge_ms: e
+                    except (AttributeError, TypeError):  # a built-in module: the late time
+                        saved = None
+                handler(pin)
+        finally:
+            self._in_irq = False
+            if saved is not None:
+                tm.ticks_ms = saved
 
     def _rcd_fault(self, now):
         if self.rcd_leak:
