@@ -12,7 +12,7 @@ METER ?=
 BROKER ?= mqtt://127.0.0.1:1883
 
 .PHONY: help venv deps broker socat test sim scenarios mpy flash provision diag clear-fault reboot \
-	virtual-board bench soak check monitor clean
+	virtual-board bench soak fuzz check monitor clean
 
 help:
 	@echo "make sim [SCENARIO=name] [METER=dlt645]   firmware on the unix port, simulated hardware, a local"
@@ -30,6 +30,7 @@ help:
 	@echo "make virtual-board [SCENARIO=normal]   a simulated board on a pty, with a local broker"
 	@echo "make soak [SESSIONS=1000] [SEED=n]   sessions with injected faults against mosquitto and the"
 	@echo "                           reference consumer; checks every session's energy, prints figures"
+	@echo "make fuzz [EXAMPLES=2000] [STEPS=60]   the hostile-world stateful test, longer, fresh seed"
 	@echo "make check                 ruff + type check of firmware/ against the ESP32 API"
 	@echo "make monitor [BROKER=mqtt://host:1883]   live table of a fleet (tools/consumer.py)"
 
@@ -129,6 +130,14 @@ bench: $(STAMP) deps broker
 # (~4 s a session: the default 1,000 take about 70 min); SEED= replays a run.
 soak: $(STAMP) deps broker
 	$(BIN)/python tools/soak.py $(if $(SESSIONS),--sessions $(SESSIONS)) $(if $(SEED),--seed $(SEED))
+
+# host_tests/test_stateful_pile.py with a fresh random seed and many more examples than make test
+# runs (25 with a fixed seed); a failure prints the shortest sequence of steps that breaks a rule.
+EXAMPLES ?= 2000
+STEPS ?= 60
+fuzz: $(STAMP) deps
+	PILE_FUZZ_RANDOM=1 PILE_FUZZ_EXAMPLES=$(EXAMPLES) PILE_FUZZ_STEPS=$(STEPS) \
+		$(BIN)/python -m pytest -p no:xdist host_tests/test_stateful_pile.py
 
 # ruff, then firmware/ type-checked against the ESP32's MicroPython API (micropython-esp32-stubs,
 # tools/typecheck.py); lib/ is read as the firmware imports it.

@@ -32,6 +32,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from virtual_board import VirtualBoard
 
 import charger as ch
+import meters
 
 EXAMPLES = int(os.environ.get("PILE_FUZZ_EXAMPLES", "25"))
 STEPS = int(os.environ.get("PILE_FUZZ_STEPS", "40"))
@@ -152,7 +153,6 @@ class PileMachine(RuleBasedStateMachine):
         self.rcd_chatter = None
         self.meter_fault = None
         self.meter_fault_until = None
-        self.extreme_until = None
         self.flash_fault_until = None
         self.stall_next_us = 0
         self.coil_was = False
@@ -160,7 +160,6 @@ class PileMachine(RuleBasedStateMachine):
         self.records = []  # (kind, record, world energy at the append)
         self.faulted_sessions = set()  # meter or flash faults overlapped these sessions
         self._wrap_outbox()
-        self._wrap_registers()
         self._wrap_flash()
         self.run_ms(300)
 
@@ -177,18 +176,6 @@ class PileMachine(RuleBasedStateMachine):
             return real(kind, payload)
 
         outbox.append = append
-
-    def _wrap_registers(self):
-        meter = self.world.meter
-        real = meter.registers
-
-        def registers():
-            regs = real()
-            if self.extreme_until is not None and self.world.now < self.extreme_until:
-                regs[0x2004] = 3.4e38  # power, kW: a float32 near its largest
-            return regs
-
-        meter.registers = registers
 
     def _wrap_flash(self):
         import builtins
@@ -315,7 +302,6 @@ class PileMachine(RuleBasedStateMachine):
     def _note_faults(self):
         w = self.world
         faulty = (self.meter_fault_until is not None and w.now < self.meter_fault_until + 1000000) or \
-            (self.extreme_until is not None and w.now < self.extreme_until + 1000000) or \
             (self.flash_fault_until is not None and w.now < self.flash_fault_until + 1000000)
         record = self.ctl.record
         if faulty and record is not None and record.id is not None:
@@ -464,18 +450,11 @@ class PileMachine(RuleBasedStateMachine):
 
     # -- meter and flash ---------------------------------------------------------------------------
 
-    @rule(fault=st.sampled_from(("silent", "garbage", "bad_crc", "partial", "wrong_address",
-                                 "exception", "reboot", "backwards", "jump")),
+    @rule(fault=st.sampled_from(meters.FAULTS),  # "huge": power at float32's largest, 3.4e38
           duration=st.integers(5, 8000), ms=st.integers(0, 3000))
     def meter_fault(self, fault, duration, ms):
         self.meter_fault = fault
         self.meter_fault_until = self.world.now + duration * 1000
-        self._note_faults()
-        self.run_ms(ms)
-
-    @rule(duration=st.integers(5, 3000), ms=st.integers(0, 3000))
-    def meter_extreme_power(self, duration, ms):
-        self.extreme_until = self.world.now + duration * 1000
         self._note_faults()
         self.run_ms(ms)
 
