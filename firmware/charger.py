@@ -302,7 +302,7 @@ class Charger:
             wanted, "none" if limit is None else "%d mA" % limit))
         if bad:
             self._emit(now_ms, "settings", "settings garbled (%s): default used" % ", ".join(bad))
-        for bit, name in FAULT_NAMES:
+        for bit, _name in FAULT_NAMES:
             if latched & bit:  # a reboot does not end a lock-out or a weld: a technician does
                 self._latch(now_ms, bit)
         return not bad
