@@ -112,7 +112,7 @@ diag: $(STAMP)
 
 clear-fault: $(STAMP)
 	$(call need_port,FAULT=rcd_lockout)
-	@test -n "$(FAULT)" || { echo "usage: make clear-fault PORT=$(PORT) FAULT=welded|rcd_lockout"; exit 2; }
+	@test -n "$(FAULT)" || { echo "usage: make clear-fault PORT=$(PORT) FAULT=welded|rcd_lockout|latch_state_lost"; exit 2; }
 	$(TECH) clear-fault $(PORT) $(FAULT)
 
 reboot: $(STAMP)

@@ -57,6 +57,8 @@ FAULT_RCD_SELF_TEST = const(16)
 FAULT_CONTACTOR_FAILED_TO_CLOSE = const(32)
 FAULT_WELDED = const(64)
 FAULT_RCD_LOCKOUT = const(128)
+FAULT_PILOT_STUCK = const(256)  # PWM on, yet bursts in a row saw no minus phase: ADC frozen
+FAULT_LATCH_STATE_LOST = const(512)  # settings.json's latched faults unreadable: assume latched
 FAULT_NAMES = (
     (FAULT_PILOT_SHORT, "pilot_short"),
     (FAULT_PILOT_INVALID, "pilot_invalid"),
@@ -66,13 +68,16 @@ FAULT_NAMES = (
     (FAULT_CONTACTOR_FAILED_TO_CLOSE, "contactor_failed_to_close"),
     (FAULT_WELDED, "welded"),
     (FAULT_RCD_LOCKOUT, "rcd_lockout"),
+    (FAULT_PILOT_STUCK, "pilot_stuck"),
+    (FAULT_LATCH_STATE_LOST, "latch_state_lost"),
 )
 # Set and cleared by the controller from what it reads, tick by tick.
 CONDITION_FAULTS = const(FAULT_PILOT_SHORT | FAULT_PILOT_INVALID | FAULT_RCD_TRIP)
 # Stay until the car is unplugged: the next car starts clean.
-UNPLUG_CLEARED_FAULTS = const(FAULT_DIODE | FAULT_RCD_SELF_TEST | FAULT_CONTACTOR_FAILED_TO_CLOSE)
+UNPLUG_CLEARED_FAULTS = const(FAULT_DIODE | FAULT_RCD_SELF_TEST | FAULT_CONTACTOR_FAILED_TO_CLOSE
+                              | FAULT_PILOT_STUCK)
 # Stay until a technician clears them; the pilot shows F meanwhile (evse-facts section 4).
-LATCHED_FAULTS = const(FAULT_WELDED | FAULT_RCD_LOCKOUT)
+LATCHED_FAULTS = const(FAULT_WELDED | FAULT_RCD_LOCKOUT | FAULT_LATCH_STATE_LOST)
 
 
 def fault_name(bit):
@@ -94,15 +99,14 @@ def fault_list(mask):
 
 
 def _latched_bits(names):
-    """The latched faults saved in settings.json; -1 if the list is garbled."""
+    """The latched faults saved in settings.json. What cannot be read is FAULT_LATCH_STATE_LOST
+    (fail closed): a list that is not one, or a name that is not a latched fault's."""
     if not isinstance(names, list):
-        return -1
+        return FAULT_LATCH_STATE_LOST
     bits = 0
     for name in names:
         bit = fault_bit(name) if isinstance(name, str) else 0
-        if not bit & LATCHED_FAULTS:
-            return -1
-        bits |= bit
+        bits |= bit if bit & LATCHED_FAULTS else FAULT_LATCH_STATE_LOST
     return bits
 
 
@@ -263,38 +267,63 @@ class Charger:
         return None
 
     def load_settings(self, now_ms):
-        """At boot: the availability and remote limit the last commands set. No file: the
-        config's defaults; a garbled or unreadable one is reported and ignored. The limit is
-        clamped again by offer_ma (config, cable, board)."""
+        """At boot: the availability and remote limit the last commands set, and the latched
+        faults. Each field on its own: a bad one is reported and takes its default, the others
+        stand. The latched faults fail closed (docs/safety.md): no file (first boot) means none;
+        a file that is unreadable or garbled, or a latched list that cannot be read, raises
+        FAULT_LATCH_STATE_LOST until a technician clears it. The limit is clamped again by
+        offer_ma (config, cable, board). True when the file was read whole."""
         store = self._settings
         if store is None:
             return False
         saved = store.load()
         problem = store.error
-        if saved is not None:
-            wanted = saved.get("availability")
-            limit = saved.get("limit_ma")
-            latched = _latched_bits(saved.get("latched", []))
-            if wanted in AVAILABILITIES and (limit is None or (
-                    type(limit) is int and 0 <= limit <= MAX_REMOTE_LIMIT_MA)) and latched >= 0:
-                self.availability = self.availability_wanted = wanted
-                self.remote_limit_ma = limit
-                self._emit(now_ms, "settings", "%s, remote limit %s" % (
-                    wanted, "none" if limit is None else "%d mA" % limit))
-                for bit, name in FAULT_NAMES:
-                    if latched & bit:  # a reboot does not end a lock-out or a weld: a technician does
-                        self.faults |= bit
-                        self._emit(now_ms, "fault", "raised " + name + " (kept across the reboot)")
-                return True
-            problem = "settings garbled (values), ignored"
-        if problem is not None:
+        if saved is None:
+            if problem is None:
+                return False  # no file: first boot
             self._emit(now_ms, "settings", problem + ": available, no remote limit")
-        return False
+            self._latch(now_ms, FAULT_LATCH_STATE_LOST)
+            return False
+        wanted = saved.get("availability")
+        limit = saved.get("limit_ma")
+        bad = []
+        if wanted not in AVAILABILITIES:
+            bad.append("availability")
+            wanted = AVAILABLE
+        if not (limit is None or (type(limit) is int and 0 <= limit <= MAX_REMOTE_LIMIT_MA)):
+            bad.append("limit_ma")
+            limit = None
+        latched = _latched_bits(saved.get("latched", []))
+        if latched & FAULT_LATCH_STATE_LOST:
+            bad.append("latched")
+        self.availability = self.availability_wanted = wanted
+        self.remote_limit_ma = limit
+        self._emit(now_ms, "settings", "%s, remote limit %s" % (
+            wanted, "none" if limit is None else "%d mA" % limit))
+        if bad:
+            self._emit(now_ms, "settings", "settings garbled (%s): default used" % ", ".join(bad))
+        for bit, _name in FAULT_NAMES:
+            if latched & bit:  # a reboot does not end a lock-out or a weld: a technician does
+                self._latch(now_ms, bit)
+        return not bad
+
+    def _latch(self, now_ms, bit):
+        self.faults |= bit
+        self.settings_due = True  # written back at the first tick: a lost state stays latched
+        self._emit(now_ms, "fault", "raised " + fault_name(bit) + (
+            " (settings.json unreadable: a technician clears it)" if bit == FAULT_LATCH_STATE_LOST
+            else " (kept across the reboot)"))
+
+    @property
+    def safety_ma(self):
+        """What the installation may carry: min(configured maximum, cable, board). A decrease
+        of it goes out at once, never behind the 5 s offer-change rule."""
+        return min(self.max_current_ma, self.cable_ma, self.board_max_ma)
 
     @property
     def offer_ma(self):
         """IEC 61851-1: min(configured maximum, cable, board, remote limit); 0 if below 6 A."""
-        ma = min(self.max_current_ma, self.cable_ma, self.board_max_ma)
+        ma = self.safety_ma
         if self.remote_limit_ma is not None:
             ma = min(ma, self.remote_limit_ma)
         return ma if ma >= pilot.MIN_CURRENT_MA else 0

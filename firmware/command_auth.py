@@ -22,7 +22,7 @@ VERSION = const(1)
 
 AVAILABILITY = ("available", "unavailable_f", "unavailable_b1")
 # Faults a technician may clear remotely: the latched ones (charger.LATCHED_FAULTS).
-CLEARABLE_FAULTS = ("welded", "rcd_lockout")
+CLEARABLE_FAULTS = ("welded", "rcd_lockout", "latch_state_lost")
 MAX_AMPS = const(80)  # config.py's max_current_a range; the charger clamps further
 
 _BODY_KEYS = ("args", "cmd", "counter", "id", "v")

@@ -21,6 +21,19 @@ OFFER_CHANGE_MIN_MS = const(5000)
 DIODE_SETTLE_MS = const(5)
 # Two bad bursts in a row make a diode fault; one can be a sampling glitch.
 DIODE_BAD_BURSTS = const(2)
+# A stuck pilot ADC (issue 10 item 2). A 1.1 ms burst spans a whole PWM period, so it holds the
+# minus phase; at duty <= 90 % (up to 65 A) the longest piece of it inside a burst is >= 100 us,
+# about 3 ESP32 ADC reads of ~35 us (evse-facts section 6). Above 90 % it can fall between two
+# reads (96 %: ~40 us): not judged there (pilot.diode_check says None).
+MINUS_PHASE_MAX_DUTY = const(58981)  # 90 % of 65535
+# Bursts in a row with no minus phase at all that make a pilot fault. One burst can lose it to a
+# stall inside the burst (GC, a flash write, an interrupt), the reason DIODE_BAD_BURSTS is 2; two
+# such stalls in a row are still conceivable, three are not. 3 bursts at the 5 ms default period
+# take 10-15 ms, inside DEBOUNCE_POWER_OFF_MS: a frozen ADC hiding a C->B is caught as fast as a
+# real C->B (at the longest period, 20 ms, 60 ms: still inside Table A.6's 100 ms).
+NO_MINUS_BURSTS = const(3)
+# While plugged, PP (CC) is read again this often: a lower rating goes out at once.
+PP_REREAD_MS = const(100)
 # A session's record closes with a meter reading taken at least this long after the contactor
 # opened (the contacts part within ~10 ms), so the last watt-hour is in it; without one (meter
 # silent), it closes with the last good reading after FINAL_READING_MAX_MS.
@@ -47,7 +60,10 @@ class Controller:
         self._pwm_changed_ms = 0
         self._offer_changed_ms = None
         self._bad_diode_bursts = 0
+        self._no_minus_bursts = 0
         self.diode_checked = False
+        self._last_open_ms = None  # when the contactor last opened, until MIN_OPEN_MS passed
+        self._pp_read_ms = 0
         self.meter = meter
         self.meter_failure_ms = meter_failure_ms
         self.session_log = session_log
@@ -82,6 +98,10 @@ class Controller:
             self._emit(now_ms, "rcd", "trip %d of %d" % (self.rcd.trips, self.rcd.max_trips))
         self._check_contactor(now_ms)
         self._check_diode(now_ms)
+
+        if charger.plugged and self.proximity is not None and \
+                abs(time.ticks_diff(now_ms, self._pp_read_ms)) >= PP_REREAD_MS:
+            self._read_cable(now_ms, lower_only=True)
 
         charger.set_condition(now_ms, ch.FAULT_PILOT_SHORT, stable == pilot.E)
         charger.set_condition(now_ms, ch.FAULT_PILOT_INVALID, stable == pilot.X)
@@ -188,12 +208,19 @@ class Controller:
         """IEC 61851-1: the diode is checked before the contactor closes. Judged on every burst
         taken with PWM running on a B/C/D plus level."""
         self.diode_checked = False
-        if not self.output.pwm_on or self.raw not in (pilot.B, pilot.C, pilot.D):
+        out = self.output
+        if not out.pwm_on or self.raw == pilot.F:
             return
         if time.ticks_diff(now_ms, self._pwm_changed_ms) < DIODE_SETTLE_MS:
             return
         seen = pilot.diode_check(self.sampler.minus_mv, self.standard)
-        if seen is None:
+        if seen is None and self.raw != pilot.E and out.duty <= MINUS_PHASE_MAX_DUTY:
+            self._no_minus_bursts += 1  # the ADC does not follow the PWM (E: both phases ~0 V)
+            if self._no_minus_bursts >= NO_MINUS_BURSTS:
+                self.charger.raise_fault(now_ms, ch.FAULT_PILOT_STUCK)
+            return
+        self._no_minus_bursts = 0
+        if seen is None or self.raw not in (pilot.B, pilot.C, pilot.D):
             return
         if seen:
             self._bad_diode_bursts = 0
@@ -203,13 +230,16 @@ class Controller:
         if self._bad_diode_bursts >= DIODE_BAD_BURSTS:
             self.charger.raise_fault(now_ms, ch.FAULT_DIODE)
 
-    def _read_cable(self, now_ms):
+    def _read_cable(self, now_ms, lower_only=False):
+        """At plug-in and at C: the rating read. In between (lower_only) only a lower one is
+        taken: a cable does not get stronger while plugged, a flicker up is noise."""
         if self.proximity is None:
             self.charger.cable_ma = self.tethered_cable_ma
             return
+        self._pp_read_ms = now_ms
         ohms = self.proximity.ohms()
         amps = pilot.cable_rating_a(ohms, self.standard)
-        if amps * 1000 != self.charger.cable_ma:
+        if amps * 1000 != self.charger.cable_ma and not (lower_only and amps * 1000 > self.charger.cable_ma):
             self.charger.cable_ma = amps * 1000
             self._emit(now_ms, "cable", "%s ohm -> %d A" % (ohms, amps) if amps else
                        "not recognised (%s ohm): nothing offered" % ohms)
@@ -250,12 +280,17 @@ class Controller:
             self._emit(now_ms, "pwm", "off (+12 V)")
 
         # 3. Power on last: only what the state machine allows, re-checked against this tick.
+        if self._last_open_ms is not None and \
+                time.ticks_diff(now_ms, self._last_open_ms) >= relay.MIN_OPEN_MS:
+            self._last_open_ms = None  # never compared again across the tick wrap
         if (
             not contactor.closed
             and power == ch.POWER_ON
             and self.raw == stable
             and car_draws
             and out.pwm_on
+            and out.duty <= self._safe_duty()
+            and self._last_open_ms is None
             and self.diode_checked
             and self.rcd.ready
             and not charger.faults
@@ -271,20 +306,28 @@ class Controller:
         self.contactor.open()
         if was_closed:
             self._opened_ms = now_ms
+            self._last_open_ms = now_ms
             self.rcd.contactor_switched(now_ms)
             self._emit(now_ms, "contactor", "open")
+
+    def _safe_duty(self):
+        """The highest duty the cable, the board and the config allow (0: none)."""
+        duty = pilot.duty_for_current(self.charger.safety_ma, self.standard)
+        return 0 if duty is None else duty
 
     def _offer(self, now_ms, duty):
         out = self.output
         if out.duty == duty:
             return
-        if out.pwm_on:
+        if out.pwm_on and out.duty <= self._safe_duty():
+            # The 5 s rule, except for a decrease the cable, board or config demand: at once.
             last = self._offer_changed_ms
-            if last is not None and time.ticks_diff(now_ms, last) < OFFER_CHANGE_MIN_MS:
+            if last is not None and 0 <= time.ticks_diff(now_ms, last) < OFFER_CHANGE_MIN_MS:
                 return  # the new offer goes out when the 5 s are over
-        else:
+        if not out.pwm_on:
             self._pwm_changed_ms = now_ms
             self._bad_diode_bursts = 0
+            self._no_minus_bursts = 0
         out.offer(duty)
         self._offer_changed_ms = now_ms
         self._emit(now_ms, "pwm", "offer %d.%d%% duty" % (duty * 1000 // 65535 // 10,
@@ -299,7 +342,7 @@ class Controller:
             return "not active"
         if not bit & ch.LATCHED_FAULTS:
             return "clears by itself"
-        if bit == ch.FAULT_WELDED and self.contactor.feedback_closed():
+        if bit & (ch.FAULT_WELDED | ch.FAULT_LATCH_STATE_LOST) and self.contactor.feedback_closed():
             return "contactor still reads closed"
         if bit == ch.FAULT_RCD_LOCKOUT:
             self.rcd.clear_lockout()

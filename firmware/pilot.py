@@ -55,9 +55,13 @@ def diode_check(minus_mv, standard):
 
 
 # Debounce: a new state must be read without interruption this long before it is accepted.
-# Towards less power (to A, C/D->B, E, X) it stays short so that C->B opens the contactor well
-# inside 100 ms (IEC 61851-1 Table A.6 seq. 8.1; EVerest filters at most 50 ms, OpenEVSE takes
-# 25 ms for A). Towards power (B->C) it is longer: closing may take up to 3 s (Table A.6 seq. 4).
+# Towards more power (B->C) it is long: closing may take up to 3 s (IEC 61851-1 Table A.6
+# seq. 4). Towards A, E or X from B it is short (OpenEVSE takes 25 ms for A).
+# Leaving C/D is a rule of its own, about C/D only: the stable state leaves C/D once no burst has
+# read C or D for DEBOUNCE_POWER_OFF_MS, counted from the last C/D reading, whatever was read
+# since (B, A, X, E, interleaved or not). The first non-C/D read after a loop stall longer than
+# that leaves at once. C->B must open the contactor within 100 ms (Table A.6 seq. 8.1); EVerest
+# filters at most 50 ms.
 DEBOUNCE_POWER_OFF_MS = const(20)
 DEBOUNCE_DEFAULT_MS = const(100)
 
@@ -78,13 +82,29 @@ class PilotDebouncer:
         self.state = state
         self._candidate = state
         self._since = 0
+        self._last_cd = None  # when a burst last read C or D; None: none since the reset
 
     def update(self, raw, now_ms):
         """Feed one raw state; True when the stable state changed."""
+        drawing = raw == C or raw == D
+        if drawing:
+            self._last_cd = now_ms
         if raw != self._candidate:
             self._candidate = raw
             self._since = now_ms
-        if raw != self.state and time.ticks_diff(now_ms, self._since) >= debounce_ms(self.state, raw):
+        if raw == self.state:
+            return False
+        if self.state == C or self.state == D:
+            if drawing:  # C <-> D: the usual debounce
+                if time.ticks_diff(now_ms, self._since) < DEBOUNCE_DEFAULT_MS:
+                    return False
+            else:
+                last = self._since if self._last_cd is None else self._last_cd
+                if time.ticks_diff(now_ms, last) < DEBOUNCE_POWER_OFF_MS:
+                    return False
+            self.state = raw
+            return True
+        if time.ticks_diff(now_ms, self._since) >= debounce_ms(self.state, raw):
             self.state = raw
             return True
         return False

@@ -322,40 +322,56 @@ def test_settings_are_written_only_when_a_command_changes_them(tmp_path, monkeyp
     assert len(writes) == 3 and all(len(w) <= 128 for w in writes)  # inline in LittleFS
 
 
+# Issue 10 item 6 changed these: what cannot be read of the latched faults is latched
+# (latch_state_lost, fail closed), and each field is parsed on its own.
 @pytest.mark.parametrize("content", [
     b"", b"garbage", b"00000000\n{}", b"\xff" * 40,
     b"%08x\n" % 0 + b'{"availability":"unavailable_f","limit_ma":16000}',  # bad checksum
 ])
-def test_a_garbled_settings_file_is_reported_and_ignored(tmp_path, content):
+def test_a_garbled_settings_file_is_reported_and_latched(tmp_path, content):
     path = tmp_path / "settings.json"
     path.write_bytes(content)
     c, log = with_store(path)
     assert not c.load_settings(0)
     assert c.availability == ch.AVAILABLE and c.remote_limit_ma is None
-    assert [what for what, _ in log] == ["settings"]
+    assert c.faults == ch.FAULT_LATCH_STATE_LOST and c.pilot_mode == pilot.MODE_F
+    assert [what for what, _ in log] == ["settings", "fault"]
     assert log[0][1].endswith("ignored: available, no remote limit"), log
 
 
-@pytest.mark.parametrize("settings", [
-    {"availability": "out", "limit_ma": None}, {"availability": "unavailable_f", "limit_ma": -1},
-    {"availability": "unavailable_f", "limit_ma": 80001}, {"availability": "available", "limit_ma": 6.5},
-    {"availability": "available", "limit_ma": True}, {"limit_ma": 16000}, [1, 2],
+@pytest.mark.parametrize("settings, availability, limit", [
+    ({"availability": "out", "limit_ma": None}, ch.AVAILABLE, None),
+    ({"availability": "unavailable_f", "limit_ma": -1}, ch.UNAVAILABLE_F, None),
+    ({"availability": "unavailable_f", "limit_ma": 80001}, ch.UNAVAILABLE_F, None),
+    ({"availability": "available", "limit_ma": 6.5}, ch.AVAILABLE, None),
+    ({"availability": "available", "limit_ma": True}, ch.AVAILABLE, None),
+    ({"limit_ma": 16000}, ch.AVAILABLE, 16000),
 ])
-def test_settings_with_values_out_of_range_are_ignored(tmp_path, settings):
+def test_settings_with_values_out_of_range_take_their_default_alone(tmp_path, settings, availability,
+                                                                   limit):
     path = tmp_path / "settings.json"
     session_store.write_atomic(str(path), session_store._encode(settings))
     c, log = with_store(path)
     assert not c.load_settings(0)
-    assert c.availability == ch.AVAILABLE and c.remote_limit_ma is None
-    assert [what for what, _ in log] == ["settings"]
+    assert c.availability == availability and c.remote_limit_ma == limit and c.faults == 0
+    assert any(what == "settings" and "garbled" in text for what, text in log), log
 
 
-def test_an_unreadable_settings_file_is_reported_and_ignored(tmp_path):
+def test_settings_not_an_object_are_latched(tmp_path):
+    path = tmp_path / "settings.json"
+    session_store.write_atomic(str(path), session_store._encode([1, 2]))
+    c, log = with_store(path)
+    assert not c.load_settings(0)
+    assert c.availability == ch.AVAILABLE and c.faults == ch.FAULT_LATCH_STATE_LOST
+
+
+def test_an_unreadable_settings_file_is_reported_and_latched(tmp_path):
     path = tmp_path / "settings.json"
     path.mkdir()  # opening it fails with an error other than "no such file"
     c, log = with_store(path)
     assert not c.load_settings(0) and c.availability == ch.AVAILABLE
-    assert [what for what, _ in log] == ["settings"]
+    assert c.faults == ch.FAULT_LATCH_STATE_LOST
+    assert [what for what, _ in log] == ["settings", "fault"]
 
 
 def test_no_settings_file_means_the_defaults_silently(tmp_path):
@@ -393,11 +409,16 @@ def test_a_latched_fault_is_saved_after_the_tick_and_raised_again_at_boot(tmp_pa
     assert again.faults == 0
 
 
-@pytest.mark.parametrize("latched", ["welded", ["diode"], ["welded", "nonsense"], [3]])
-def test_a_garbled_latched_list_makes_the_file_ignored(tmp_path, latched):
+@pytest.mark.parametrize("latched, faults", [
+    ("welded", ch.FAULT_LATCH_STATE_LOST), (["diode"], ch.FAULT_LATCH_STATE_LOST),
+    (["welded", "nonsense"], ch.FAULT_WELDED | ch.FAULT_LATCH_STATE_LOST),
+    ([3], ch.FAULT_LATCH_STATE_LOST)])
+def test_a_garbled_latched_list_is_latched(tmp_path, latched, faults):
+    """Issue 10 item 6 (was: the whole file ignored, no latched faults)."""
     path = tmp_path / "settings.json"
     session_store.write_atomic(str(path), session_store._encode(
-        {"availability": "available", "limit_ma": None, "latched": latched}))
+        {"availability": "unavailable_b1", "limit_ma": None, "latched": latched}))
     c, log = with_store(path)
-    assert not c.load_settings(0) and c.faults == 0
-    assert [what for what, _ in log] == ["settings"]
+    assert not c.load_settings(0) and c.faults == faults
+    assert c.availability == ch.UNAVAILABLE_B1  # the other fields stand
+    assert any(what == "settings" and "latched" in text for what, text in log), log

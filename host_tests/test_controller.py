@@ -92,7 +92,7 @@ def test_welded_at_power_up(monkeypatch):
 
 def test_rcd_locks_out_after_repeated_trips(monkeypatch):
     steps = []
-    for i in range(3):  # each more than 1 s after the contactor closed (relay.SWITCH_BLANK_MS)
+    for i in range(3):  # each 100 ms, longer than relay.FAULT_DEBOUNCE_MS
         steps += [(2500 + i * 3000, "rcd_leak", True), (2600 + i * 3000, "rcd_leak", False)]
     vb = charging(monkeypatch, steps, config={"rcd_retry_s": 1, "rcd_max_trips": 3})
     vb.run_until(4400)
@@ -204,7 +204,9 @@ def test_settings_survive_a_reboot_on_the_same_flash(monkeypatch):
     assert vb.world.coil and vb.ctl.output.duty == pilot.duty_for_current(10000, pilot.IEC)
 
 
-def test_a_garbled_settings_file_boots_with_the_defaults(monkeypatch):
+def test_a_garbled_settings_file_boots_with_the_defaults_and_latched(monkeypatch):
+    """Issue 10 item 6: the latched faults in it cannot be read, so the pile stays latched
+    (latch_state_lost) until a technician clears it; availability and limit take the defaults."""
     flash = tempfile.mkdtemp(prefix="pile-flash-")
     with open(os.path.join(flash, "settings.json"), "wb") as f:
         f.write(b"0badc0de\n{\"availability\": \"unavailable_f\"}")
@@ -212,6 +214,10 @@ def test_a_garbled_settings_file_boots_with_the_defaults(monkeypatch):
     vb = VirtualBoard(monkeypatch, CHARGE)
     assert any(what == "settings" and "garbled" in text for what, text in vb.reports), vb.reports
     vb.run_until(1500)
+    assert not vb.world.coil and vb.ctl.charger.faults == ch.FAULT_LATCH_STATE_LOST
+    assert vb.ctl.charger.availability == ch.AVAILABLE and vb.ctl.output.mode == pilot.MODE_F
+    assert vb.ctl.clear_fault(vb.clock.ticks_ms(), "latch_state_lost") == "cleared"
+    vb.run_until(3000)
     assert vb.world.coil and vb.ctl.charger.state == ch.CHARGING
 
 

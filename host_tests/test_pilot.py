@@ -37,18 +37,19 @@ def test_debounce_c_to_b_is_short_b_to_c_is_long():
     assert not d.update(pilot.C, 1000)
     assert not d.update(pilot.C, 1099)
     assert d.update(pilot.C, 1100) and d.state == pilot.C
+    assert not d.update(pilot.C, 1990)  # the last C reading: the 20 ms count from it (issue 10)
     assert not d.update(pilot.B, 2000)
-    assert not d.update(pilot.B, 2019)
-    assert d.update(pilot.B, 2020) and d.state == pilot.B
+    assert not d.update(pilot.B, 2009)
+    assert d.update(pilot.B, 2010) and d.state == pilot.B
 
 
 def test_debounce_restarts_on_interruption():
     d = pilot.PilotDebouncer(pilot.C)
     d.update(pilot.B, 0)
-    d.update(pilot.C, 10)  # a glitch back to C restarts the count
-    d.update(pilot.B, 15)
-    assert not d.update(pilot.B, 30)
-    assert d.update(pilot.B, 35)
+    d.update(pilot.C, 10)  # a reading back to C restarts the count, from that reading
+    assert not d.update(pilot.B, 15)
+    assert not d.update(pilot.B, 29)
+    assert d.update(pilot.B, 30)
 
 
 def test_debounce_across_tick_wrap():

@@ -138,6 +138,10 @@ class World:
         self.wdt_timeout_us = None
         self.wdt_fed = 0
         self.inject_error = None
+        # Pilot-circuit faults (tests, the stateful test): the ADC frozen at a CP level (mV), and
+        # interference, a function (now_us, cp_mv) -> the mV the ADC sees.
+        self.pilot_adc_stuck_mv = None
+        self.pilot_interference = None
         self._car_letter = "A"
         self._stop_at = None  # when the car stopped drawing with the coil still on
         self._pwm_off_at = None
@@ -291,6 +295,8 @@ class World:
             self.dead_coil = True
         elif action == "rcd_leak":
             self.rcd_leak = bool(arg)
+        elif action == "adc_stuck":  # the pilot ADC reads this CP level (mV) whatever the line; None: healthy
+            self.pilot_adc_stuck_mv = arg
         elif action == "rcd_broken":
             self.rcd_healthy = False
         elif action == "meter_fault":
@@ -418,7 +424,12 @@ class World:
             self.inject_error = None
             raise RuntimeError(text)
         if pin == self.pin_pilot_adc:
-            uv = self.uv_m12 + (self.cp_mv(now) + 12000) * self.uv_span // 24000
+            mv = self.pilot_adc_stuck_mv
+            if mv is None:
+                mv = self.cp_mv(now)
+                if self.pilot_interference is not None:
+                    mv = self.pilot_interference(now, mv)
+            uv = self.uv_m12 + (mv + 12000) * self.uv_span // 24000
             return uv + self._noise_uv()
         if pin == self.pin_pp_adc:
             if not self.car.plugged or self.car.cable_ohm is None:
