@@ -17,7 +17,8 @@ _DEBOUNCE_IRQ_MS = const(25)
 # Sampled by poll() every <= 10 ms, the first and last samples of a 30 ms pulse are >= 20 ms
 # apart, so 20 ms of active level counts.
 _DEBOUNCE_POLL_MS = const(20)
-# Inactive this long before the next pulse may count: a bounce inside a pulse is not a pulse.
+# Inactive this long before the next pulse may count: a bounce inside a pulse is not a pulse,
+# and a shorter inactive gap inside a pulse (a spike on the line) does not end it.
 _REARM_MS = const(10)
 # Active longer than this is a stuck output, not a pulse. Engineering choice: S0 pulses are
 # tens of ms (30 ms minimum above); 1 s is far beyond any pulse width.
@@ -63,6 +64,9 @@ class S0Meter(MeterBase):
         self.pulses = 0
         self._level_active = None  # unknown until the first edge or poll
         self._since = 0  # ticks when the present level began
+        # Start of an active level that ended before the debounce: if it resumes within
+        # _REARM_MS the gap was a spike and the pulse goes on from here (else a glitch).
+        self._bridge = None
         self._armed = False  # a pulse seen at start-up may be half over: wait for idle first
         self._stuck = False
         self._edge_at = None  # ticks of the last counted pulse's leading edge
@@ -133,9 +137,16 @@ class S0Meter(MeterBase):
             return
         if held:
             self._settle(at_ms)
-        if self._level_active and self._armed:  # the active level ended before the debounce
-            self._fail(MeterError("glitch", "s0: pulse shorter than %d ms ignored" % (
-                self._debounce_ms)))
+        bridge = self._bridge
+        if bridge is not None:  # active again after a gap in a pulse shorter than the debounce
+            self._bridge = None
+            if time.ticks_diff(at_ms, self._since) < self._rearm_ms:
+                self._level_active = True  # a spike (EMI) inside the pulse: the pulse goes on
+                self._since = bridge
+                return
+            self._glitch()
+        if self._level_active and self._armed:  # the active level ended before the debounce:
+            self._bridge = self._since  # a glitch, unless it resumes within _REARM_MS
         self._level_active = active
         self._since = at_ms
         self._stuck = False
@@ -151,8 +162,14 @@ class S0Meter(MeterBase):
             elif not self._stuck and held >= self._stuck_ms:
                 self._stuck = True
                 self._fail(MeterError("stuck", "s0: output stuck active for %d ms" % held))
-        elif not self._armed and held >= self._rearm_ms:
+        elif held >= self._rearm_ms:
             self._armed = True
+            if self._bridge is not None:  # the pulse did not resume: it was a glitch
+                self._bridge = None
+                self._glitch()
+
+    def _glitch(self):
+        self._fail(MeterError("glitch", "s0: pulse shorter than %d ms ignored" % self._debounce_ms))
 
     def _count(self, edge_ms):
         self._armed = False

@@ -45,7 +45,12 @@ _WAITING = const(1)  # request sent
 def numeric_host(host):
     """A dotted IPv4 or an IPv6 address: getaddrinfo answers it without the network.
     (mqtt_link.numeric_host is the same: neither module loads the other.)"""
-    if ":" in host:
+    if ":" in host:  # IPv6: hex digits, ':' and '.' only ("host:port" is a name for DNS)
+        if host.count(":") < 2:
+            return False
+        for c in host:
+            if not ("0" <= c <= "9" or "a" <= c <= "f" or "A" <= c <= "F" or c in ":."):
+                return False
         return True
     parts = host.split(".")
     if len(parts) != 4:
@@ -56,6 +61,8 @@ def numeric_host(host):
         for c in p:
             if not "0" <= c <= "9":
                 return False
+        if int(p) > 255:  # 192.168.1.300 is no address: getaddrinfo would ask DNS
+            return False
     return True
 
 
