@@ -2,14 +2,11 @@
 matched whole to their pile; one broker identity per pile (mosquitto users, ACL, client id bound
 to the user); no host name lookup while the contactor is closed."""
 import errno
-import importlib
-import importlib.util
 import json
 import os
 import socket
 import sys
 import time
-import types
 
 import pytest
 from hypothesis import example, given, settings
@@ -20,23 +17,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 sys.path.insert(0, os.path.join(ROOT, "sim"))
 
 
-def _load_umqtt():
-    """umqtt.simple by its path (lib/ on sys.path would hand CPython MicroPython's logging)."""
-    if "umqtt.simple" in sys.modules:
-        return
-    for mp_name, name in (("usocket", "socket"), ("ustruct", "struct"), ("ubinascii", "binascii")):
-        sys.modules.setdefault(mp_name, importlib.import_module(name))
-    package = types.ModuleType("umqtt")
-    package.__path__ = []
-    path = os.path.join(ROOT, "lib", "umqtt", "simple.py")
-    spec = importlib.util.spec_from_file_location("umqtt.simple", path)
-    simple = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(simple)
-    package.simple = simple
-    sys.modules["umqtt"], sys.modules["umqtt.simple"] = package, simple
-
-
-_load_umqtt()
+# umqtt.simple: loaded by conftest.py
 
 import command_auth  # noqa: E402  (firmware/)
 import consumer  # noqa: E402  (tools/)

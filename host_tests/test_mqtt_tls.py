@@ -7,16 +7,12 @@ block is repeated byte for byte, no TLS step while the contactor is closed, the 
 import datetime
 import errno
 import getpass
-import importlib
-import importlib.util
 import ipaddress
 import json
 import os
 import re
 import shutil
 import subprocess
-import sys
-import types
 
 import pytest
 from cryptography import x509
@@ -27,24 +23,7 @@ from cryptography.x509.oid import NameOID
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_umqtt():
-    """umqtt.simple (make deps) for the CPython cases with fakes, by its path: lib/ on sys.path
-    would hand CPython MicroPython's logging too. It imports MicroPython's module names."""
-    if "umqtt.simple" in sys.modules:
-        return
-    for mp_name, name in (("usocket", "socket"), ("ustruct", "struct"), ("ubinascii", "binascii")):
-        sys.modules.setdefault(mp_name, importlib.import_module(name))
-    package = types.ModuleType("umqtt")
-    package.__path__ = []
-    path = os.path.join(ROOT, "lib", "umqtt", "simple.py")
-    spec = importlib.util.spec_from_file_location("umqtt.simple", path)
-    simple = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(simple)
-    package.simple = simple
-    sys.modules["umqtt"], sys.modules["umqtt.simple"] = package, simple
-
-
-_load_umqtt()
+# umqtt.simple: loaded by conftest.py
 import journal  # noqa: E402
 import launch  # noqa: E402  (sim/, on the path from test_mqtt_link)
 import mqtt_link  # noqa: E402

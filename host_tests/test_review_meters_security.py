@@ -2,13 +2,9 @@
 own tests did not try. Each test names the item it attacks. Fakes are local: tests import no
 other test file."""
 import errno
-import importlib
-import importlib.util
 import json
 import os
-import sys
 import time
-import types
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -18,23 +14,7 @@ from meter import make_meter
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_umqtt():
-    """umqtt.simple by its path (lib/ on sys.path would hand CPython MicroPython's logging)."""
-    if "umqtt.simple" in sys.modules:
-        return
-    for mp_name, name in (("usocket", "socket"), ("ustruct", "struct"), ("ubinascii", "binascii")):
-        sys.modules.setdefault(mp_name, importlib.import_module(name))
-    package = types.ModuleType("umqtt")
-    package.__path__ = []
-    path = os.path.join(ROOT, "lib", "umqtt", "simple.py")
-    spec = importlib.util.spec_from_file_location("umqtt.simple", path)
-    simple = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(simple)
-    package.simple = simple
-    sys.modules["umqtt"], sys.modules["umqtt.simple"] = package, simple
-
-
-_load_umqtt()
+# umqtt.simple: loaded by conftest.py
 
 import mqtt_link  # noqa: E402  (firmware/)
 import sntp  # noqa: E402
