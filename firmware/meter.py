@@ -52,12 +52,13 @@ class MeterError(Exception):
 class Reading:
     """One complete, checked set of values. voltage_v/current_a are None if the meter has none."""
 
-    def __init__(self, energy_wh, power_w, voltage_v, current_a, taken_ms):
+    def __init__(self, energy_wh, power_w, voltage_v, current_a, taken_ms, epoch=0):
         self.energy_wh = energy_wh  # int, imported active energy, never decreases
         self.power_w = power_w
         self.voltage_v = voltage_v
         self.current_a = current_a
         self.taken_ms = taken_ms  # time.ticks_ms() when the last part was read
+        self.epoch = epoch  # meter restarts seen before this reading: a new epoch, a new baseline
 
     def __repr__(self):
         return "Reading(%d Wh, %s W, %s V, %s A, at %d)" % (
