@@ -10,6 +10,8 @@ a session running the change is scheduled and takes effect once the session's re
 (contactor open, final meter reading taken); the remote settings go to flash through the
 injected store, only when a command changes them.
 """
+import time
+
 from micropython import const
 
 import pilot
@@ -106,6 +108,13 @@ def _latched_bits(names):
     return bits
 
 
+# A meter's register after a restart at most this far above 0 (the power of meter.py's guard,
+# DEFAULT_MAX_POWER_W, over the time since the last reading, plus its slack): it restarted from 0
+# and counted all of it in the session.
+_RESTART_MAX_POWER_W = const(50000)
+_RESTART_SLACK_WH = const(20)
+
+
 # What the charger asks of the contactor.
 POWER_OFF = "off"  # open now
 POWER_HOLD = "hold"  # never close; stay closed only while the car still draws after C2->C1
@@ -141,6 +150,7 @@ class Session:
         self._epoch = 0  # the meter epoch of the current segment
         self._segment_wh = None  # register at the start of the current segment
         self._carried_wh = 0  # energy of the segments before the current one
+        self._stop_taken_ms = None  # when the last reading was taken
 
     @property
     def authorized(self):
@@ -164,14 +174,26 @@ class Session:
             self._epoch = epoch
         elif epoch != self._epoch:
             # The meter restarted: what it counted before is kept, the new register is a new
-            # baseline. Only the Wh between the two readings around the restart go unmeasured.
+            # baseline: 0 if it restarted from 0 (no more than it could count since the last
+            # reading), else the first reading. Only what no reading showed goes unbilled.
             self._carried_wh += self.meter_stop_wh - self._segment_wh
-            self._segment_wh = wh
+            self._segment_wh = wh if wh > self._restart_max_wh(reading) else 0
             self.meter_restarts += epoch - self._epoch if epoch > self._epoch else 1
             self._epoch = epoch
         self.meter_stop_wh = wh
+        self._stop_taken_ms = getattr(reading, "taken_ms", None)
         if reading.power_w is not None and reading.power_w > self.peak_power_w:
             self.peak_power_w = reading.power_w
+
+    def _restart_max_wh(self, reading):
+        """The most a meter that restarted from 0 can show in `reading`; -1: not known."""
+        taken = getattr(reading, "taken_ms", None)
+        if taken is None or self._stop_taken_ms is None:
+            return -1
+        elapsed = time.ticks_diff(taken, self._stop_taken_ms)
+        if elapsed < 0:
+            return -1
+        return _RESTART_MAX_POWER_W * elapsed // 3600000 + _RESTART_SLACK_WH
 
     def segments(self):
         """(energy of the closed segments, register at the current segment's start): what a
