@@ -176,7 +176,7 @@ class Session:
             # The meter restarted: what it counted before is kept, the new register is a new
             # baseline: 0 if it restarted from 0 (no more than it could count since the last
             # reading), else the first reading. Only what no reading showed goes unbilled.
-            self._carried_wh += self.meter_stop_wh - self._segment_wh
+            self._carried_wh += self.meter_stop_wh - self._segment_wh  # type: ignore[operator]  # set with the start
             self._segment_wh = wh if wh > self._restart_max_wh(reading) else 0
             self.meter_restarts += epoch - self._epoch if epoch > self._epoch else 1
             self._epoch = epoch

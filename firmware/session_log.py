@@ -271,14 +271,14 @@ class SessionLog:
             lost = self._unsent.pop(0)
             self._emit(now_ms, "storage", "LOST (not written, no room to hold it): " + lost[1].decode())
         self._unsent.append((kind, payload, then))
-        self._retry_at = time.ticks_add(now_ms, RETRY_MS)  # type: ignore[type-var]
+        self._retry_at = time.ticks_add(now_ms, RETRY_MS)
         self._emit(now_ms, "storage", "held for a retry: " + payload.decode())
 
     def _retry(self, now_ms):
         while self._unsent:
             kind, payload, then = self._unsent[0]
             if not self._write(now_ms, kind, payload, then):
-                self._retry_at = time.ticks_add(now_ms, RETRY_MS)  # type: ignore[type-var]
+                self._retry_at = time.ticks_add(now_ms, RETRY_MS)
                 return
             self._unsent.pop(0)
         self._emit(now_ms, "storage", "held records written: flash working again")

@@ -93,8 +93,8 @@ def consumer_takes(record):
 
 # -- item 8: a meter that restarts -----------------------------------------------------------------
 
-@given(st.lists(st.tuples(st.one_of(st.integers(0, 40), st.integers(0, 10 ** 9)), st.lists(st.integers(0, 5000), min_size=1, max_size=6)),
-                min_size=1, max_size=5))
+@given(st.lists(st.tuples(st.one_of(st.integers(0, 40), st.integers(0, 10 ** 9)),
+                          st.lists(st.integers(0, 5000), min_size=1, max_size=6)), min_size=1, max_size=5))
 @settings(max_examples=200, deadline=None)
 def test_item8_energy_is_the_sum_of_the_epochs_deltas(segments):
     """Each segment: the register where the meter (re)started, then increments; a new segment is
@@ -272,7 +272,8 @@ def reported_lost(vb, session_id):
 @given(save_fail=st.sets(st.integers(0, 8), max_size=4), append_fail=st.sets(st.integers(0, 6), max_size=4),
        clear_fail=st.booleans(), settings_fail=st.booleans(), code=st.sampled_from([errno.ENOSPC, errno.EIO]),
        stop_at=st.integers(3000, 70000))
-@settings(max_examples=int(os.environ.get("HOSTILE_EXAMPLES", "30")), deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
+@settings(max_examples=int(os.environ.get("HOSTILE_EXAMPLES", "30")), deadline=None, derandomize=True,
+          phases=[Phase.explicit, Phase.generate],  # a failure is shown as found: shrinking is slow here
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 def test_item18_flash_errors_never_escape_the_tick_nor_lose_a_session(
         monkeypatch, save_fail, append_fail, clear_fail, settings_fail, code, stop_at):
