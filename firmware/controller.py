@@ -39,6 +39,12 @@ PP_REREAD_MS = const(100)
 # silent), it closes with the last good reading after FINAL_READING_MAX_MS.
 METER_SETTLE_MS = const(50)
 FINAL_READING_MAX_MS = const(10000)
+# After a meter_failure stop the meter had been silent for meter_failure_ms already: wait this
+# long (three polls at the default 1 s) for it to answer again before closing on a stale reading.
+METER_FAILURE_FINAL_WAIT_MS = const(3000)
+# A session's meter start is a reading taken after its plug-in, or at most this old: one or two
+# lost replies at the default poll (1 s, DL/T 645 2 s). An older one may predate a meter restart.
+START_READING_MAX_AGE_MS = const(5000)
 
 
 class Controller:
@@ -135,6 +141,8 @@ class Controller:
     def _meter_and_records(self, now_ms):
         session = self.record
         meter = self.meter
+        if session is not None and self.contactor.closed:
+            session.energized = True
         if meter is not None:
             meter.poll(now_ms)  # a non-blocking step of the meter's own state machine
             if meter.last_error is not self._meter_error:
@@ -142,23 +150,47 @@ class Controller:
                 if self._meter_error is not None:
                     self._emit(now_ms, "meter", self._meter_error)
             reading = meter.reading
-            if session is not None and reading is not None:
+            if session is not None and reading is not None and (
+                    session.meter_start_wh is not None or self._current_reading(session, reading, now_ms)):
                 session.note_meter(reading)
             since = self._unmetered_since(session, reading)
             if since is not None and time.ticks_diff(now_ms, since) > self.meter_failure_ms:
                 self._emit(now_ms, "meter", "no good reading for %d s: %s" % (
                     self.meter_failure_ms // 1000, meter.last_error))
                 self.charger.stop_session(now_ms, "meter_failure")
-        if self.session_log is not None:
-            self.session_log.poll(now_ms, session, None if meter is None else meter.reading)
+        log = self.session_log
+        if log is not None:
+            log.poll(now_ms, session, None if meter is None else meter.reading)
+            if log.failed is not None:
+                self._records_failed(now_ms)
         if session is not None and session.stop_reason is not None and session.ended_ms is None \
                 and not self.contactor.closed:
             self._close_record(now_ms, session)
 
+    def _records_failed(self, now_ms):
+        """The flash took no record or snapshot (session_log.failed): no session may deliver
+        energy it could not bill. Stopped the normal way (the contactor opens as after a remote
+        stop); the pile stays up and retries the writes; the reason is in the log."""
+        s = self.charger.session
+        if s is not None and s.authorized and self.charger.stop_session(now_ms, "internal_error"):
+            self._emit(now_ms, "storage", "session stopped: " + self.session_log.failed)
+
+    def _current_reading(self, session, reading, now_ms):
+        """May `reading` be the session's meter start? Taken after the plug-in, or at most
+        START_READING_MAX_AGE_MS old, and of the meter's current epoch: a reading the meter's
+        guard refused to replace for long (a restart it did not see) is never a start."""
+        epoch = getattr(self.meter, "epoch", None)
+        if epoch is not None and epoch != getattr(reading, "epoch", 0):
+            return False
+        return time.ticks_diff(reading.taken_ms, session.started_ms) >= 0 or \
+            time.ticks_diff(now_ms, reading.taken_ms) <= START_READING_MAX_AGE_MS
+
     def _meter_start_known(self):
-        """The open session's meter start value is known, or no meter is fitted: only then may
-        the contactor close. Energy from the close on is billed; a first reading taken after the
-        close would miss what flowed before it."""
+        """The open session's meter start value is known, or no meter is fitted, and the flash
+        takes the records: only then may the contactor close. Energy from the close on is billed;
+        a first reading taken after the close would miss what flowed before it."""
+        if self.session_log is not None and self.session_log.failed is not None:
+            return False
         return self.meter is None or self.record is None or self.record.meter_start_wh is not None
 
     def _unmetered_since(self, session, reading):
@@ -171,7 +203,7 @@ class Controller:
                 since = reading.taken_ms
             return since
         if session.authorized and session.meter_start_wh is None:
-            return session.authorized_ms  # no start value: the contactor may not close yet
+            return session.authorized_ms  # no current start value: the contactor may not close yet
         return None
 
     def _close_record(self, now_ms, session, force=False):
@@ -181,12 +213,18 @@ class Controller:
             reading = meter.reading
             fresh = reading is not None and \
                 time.ticks_diff(reading.taken_ms, self._opened_ms) >= METER_SETTLE_MS
-            gave_up = time.ticks_diff(now_ms, self._opened_ms) >= FINAL_READING_MAX_MS
-            if not (fresh or force or gave_up or session.stop_reason == "meter_failure"):
+            if session.stop_reason == "meter_failure":
+                # Nothing flowed without a close: no reading to wait for. Else the meter may be back.
+                gave_up = not session.energized or \
+                    time.ticks_diff(now_ms, self._opened_ms) >= METER_FAILURE_FINAL_WAIT_MS
+            else:
+                gave_up = time.ticks_diff(now_ms, self._opened_ms) >= FINAL_READING_MAX_MS
+            if not (fresh or force or gave_up):
                 return
         session.ended_ms = now_ms
         # False: closed on the last good reading, without one taken after the contactor opened.
-        session.meter_final = meter is None or fresh
+        session.meter_final = meter is None or fresh or (
+            session.stop_reason == "meter_failure" and not session.energized)
         self.record = None
         energy = session.energy_wh
         self._emit(now_ms, "session", "ended: %s, %s Wh, %d s%s" % (

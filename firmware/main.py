@@ -170,9 +170,20 @@ def build_session_log(conf):
     if last is None:
         raise Unavailable("boot counter unreadable (%s): restore it above the cloud's last boot "
                           "for this pile" % counter.error)
-    counter.save(last + 1)
+    # A flash that takes no write now would fail again after a reset: hold the pile unavailable
+    # (no reboot loop), never charge with ids that could repeat or records that cannot be kept.
+    try:
+        counter.save(last + 1)
+    except OSError as e:
+        raise Unavailable("boot counter not written to flash (%s): no session could be recorded; "
+                          "free or replace the flash" % e) from None
+    try:
+        outbox = journal.Journal(OUTBOX_FILE)
+    except OSError as e:
+        raise Unavailable("outbox %s unreadable (%s): no session could be recorded" % (OUTBOX_FILE, e)) \
+            from None
     return session_log.SessionLog(
-        conf.pile_id, last + 1, journal.Journal(OUTBOX_FILE), session_store.SessionStore(SESSION_FILE),
+        conf.pile_id, last + 1, outbox, session_store.SessionStore(SESSION_FILE),
         connector=conf.connector, metered=conf.meter.type != "none", checkpoint_s=conf.checkpoint_s,
         report=report)
 

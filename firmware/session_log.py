@@ -21,6 +21,15 @@ import journal
 DEFAULT_CHECKPOINT_S = const(60)
 # At boot, wait this long for the meter's first reading before closing a cut session without it.
 RECOVERY_WAIT_MS = const(10000)
+# Extra snapshots for a power cut's record (docs/durability.md, "Write rate"): one when the
+# first power is seen, then when the peak has risen by a quarter, not within 10 s of the last.
+_PEAK_CHECKPOINT_GAP_MS = const(10000)
+# A record the flash refused is kept in RAM and tried again this often; at most this many.
+RETRY_MS = const(10000)
+_MAX_UNSENT = const(4)
+# Power no meter may show (meter.DEFAULT_MAX_POWER_W, its jump guard): a power cut's duration is
+# at least the energy after the last snapshot at this power.
+_MAX_POWER_W = const(50000)
 # Until NTP has set it the ESP32 clock starts at 2000-01-01 at boot: a year before this is not UTC.
 _SYNCED_FROM_YEAR = const(2024)
 
@@ -48,6 +57,12 @@ class SessionLog:
         self._report = report
         self._seq = 0
         self._checkpoint_at = 0
+        self._checkpoint_pk = 0  # the peak power in the last snapshot
+        # Flash errors (docs/durability.md, "When the flash fails"): records not yet written,
+        # (kind, payload, then), oldest first; the snapshot's last error.
+        self._unsent = []
+        self._retry_at = 0
+        self._snapshot_error = None
         self._cut = store.load()  # a snapshot left by a session the power cut
         if store.error:
             self._emit(0, "session", "snapshot ignored: " + store.error)
@@ -55,17 +70,27 @@ class SessionLog:
         # record is no longer in the outbox, and a power_loss copy would follow it to the cloud.
         if self._cut is not None and self._already_ended(self._cut.get("id")):
             self._cut = None
-            store.clear()
+            self._clear(0)
         self._boot_ms = None
 
     def _emit(self, now_ms, what, text):
         if self._report is not None:
             self._report(now_ms, what, text)
 
+    @property
+    def failed(self):
+        """None, or why the flash did not take a record or the open session's snapshot: the
+        controller then lets no session deliver energy (a record could be lost)."""
+        if self._unsent:
+            return "%d record(s) not written to flash" % len(self._unsent)
+        return self._snapshot_error
+
     # -- every tick ---------------------------------------------------------------------------------
 
     def poll(self, now_ms, session, reading):
         """session: the controller's open record (or None); reading: the meter's last good one."""
+        if self._unsent and time.ticks_diff(now_ms, self._retry_at) >= 0:
+            self._retry(now_ms)
         if self._cut is not None:
             self._recover(now_ms, reading)
         if session is None or session.ended_ms is not None:
@@ -74,7 +99,10 @@ class SessionLog:
             if session.authorized and (not self.metered or session.meter_start_wh is not None):
                 self._start(now_ms, session)
             return
-        if time.ticks_diff(now_ms, self._checkpoint_at) >= self.checkpoint_ms:
+        since = time.ticks_diff(now_ms, self._checkpoint_at)
+        pk = session.peak_power_w
+        if since >= self.checkpoint_ms or (pk > 0 and self._checkpoint_pk == 0) or (
+                pk > self._checkpoint_pk * 5 // 4 and since >= _PEAK_CHECKPOINT_GAP_MS):
             self._checkpoint(now_ms, session)
 
     def _start(self, now_ms, session):
@@ -96,12 +124,26 @@ class SessionLog:
             wall = self._wall()
             if clock_synced(wall):  # NTP answered since the start: a power cut's record gets real times
                 session.start_epoch = wall - time.ticks_diff(now_ms, session.authorized_ms) // 1000
-        self.store.save({
+        pk = int(session.peak_power_w)
+        self._checkpoint_pk = pk  # also on a failed save: a failing flash is not tried every tick
+        snapshot = {
             "id": session.id, "t0": session.start_epoch, "as": session.auth_source,
             "ai": session.auth_id, "d": time.ticks_diff(now_ms, session.authorized_ms) // 1000,
-            "m0": session.meter_start_wh or 0, "m1": session.meter_stop_wh or 0,
-            "pk": int(session.peak_power_w),
-        })
+            "m0": session.meter_start_wh or 0, "m1": session.meter_stop_wh or 0, "pk": pk,
+        }
+        if session.meter_restarts:  # rare: the common snapshot keeps its size (durability.md)
+            carried, segment = session.segments()
+            snapshot["mr"] = session.meter_restarts
+            snapshot["mc"] = carried
+            snapshot["ms"] = segment
+        try:
+            self.store.save(snapshot)
+        except OSError as e:
+            # Without a snapshot a power cut would lose the session: the controller stops it.
+            self._snapshot_error = "session snapshot not written (%s)" % (e,)
+            self._emit(now_ms, "storage", self._snapshot_error)
+            return
+        self._snapshot_error = None
 
     def ended(self, now_ms, session):
         """The controller closed the record: no energy can follow."""
@@ -113,25 +155,33 @@ class SessionLog:
         if clock_synced(stop_epoch) and not clock_synced(start_epoch):
             start_epoch = stop_epoch - duration_s  # synced during the session (telemetry.md)
         meter_start = session.meter_start_wh or 0
-        meter_stop = session.meter_stop_wh or meter_start
+        meter_stop = session.meter_stop_wh
+        if meter_stop is None:
+            meter_stop = meter_start
+        energy = session.energy_wh
         self._append(now_ms, journal.KIND_SESSION_END, self._ended_record(
             session.id, session.auth_source, session.auth_id, start_epoch, stop_epoch,
             clock_synced(start_epoch) and clock_synced(stop_epoch), meter_start, meter_stop,
-            duration_s, session.peak_power_w, session.stop_reason), self.store.clear)
+            0 if energy is None else energy, duration_s, session.peak_power_w, session.stop_reason,
+            session.meter_restarts, self.metered and session.meter_final is False, ()), self._clear)
 
     def _ended_record(self, session_id, auth_source, auth_id, start_epoch, stop_epoch, synced,
-                      meter_start, meter_stop, duration_s, peak_w, stop_reason):
+                      meter_start, meter_stop, energy, duration_s, peak_w, stop_reason,
+                      restarts, stale, estimated):
         return {
             "v": 1, "session_id": session_id, "pile_id": self.pile_id, "connector": self.connector,
             "auth_source": auth_source, "auth_id": auth_id,
             "start_time": iso_utc(start_epoch), "stop_time": iso_utc(stop_epoch), "clock_synced": synced,
             "meter_start_wh": meter_start, "meter_stop_wh": meter_stop,
-            "energy_wh": max(0, meter_stop - meter_start), "duration_s": max(0, duration_s),
+            "energy_wh": max(0, energy), "duration_s": max(0, duration_s),
             "peak_power_w": int(peak_w), "stop_reason": stop_reason,
+            "meter_restarts": restarts, "meter_stop_stale": stale, "estimated": list(estimated),
         }
 
     def _recover(self, now_ms, reading):
-        """Close the session the power cut, once the meter has been read (or it stays silent)."""
+        """Close the session the power cut, once the meter has been read (or it stays silent).
+        The cut's time is not known: stop_time and duration_s are the best bound the snapshot
+        and the meter give, flagged in `estimated` (docs/telemetry.md)."""
         if self._boot_ms is None:
             self._boot_ms = now_ms
         if self.metered and reading is None and \
@@ -140,17 +190,30 @@ class SessionLog:
         cut = self._cut
         self._cut = None
         try:
-            meter_stop = cut["m1"]
-            if reading is not None and reading.energy_wh >= meter_stop:
+            m1 = cut["m1"]
+            meter_stop = m1
+            stale = self.metered
+            if reading is not None and reading.energy_wh >= m1:
                 meter_stop = reading.energy_wh  # counted until the cut
+                stale = False
+            duration = cut["d"]
+            pk = cut["pk"]
+            estimated = ["stop_time", "duration_s"]
+            after = meter_stop - m1  # Wh after the last snapshot: at least this long at the peak
+            if after > 0:
+                duration += after * 3600 // (pk if 0 < pk < _MAX_POWER_W else _MAX_POWER_W)
+                estimated.append("peak_power_w")  # what the snapshot saw; more may have come after
+            energy = cut.get("mc", 0) + meter_stop - cut.get("ms", cut["m0"])
             start = cut["t0"]
-            self._append(now_ms, journal.KIND_SESSION_END, self._ended_record(
-                cut["id"], cut["as"], cut["ai"], start, start + cut["d"],
-                clock_synced(start), cut["m0"], meter_stop, cut["d"], cut["pk"], "power_loss"),
-                self.store.clear)
-        except (KeyError, TypeError) as e:
-            self.store.clear()
+            record = self._ended_record(
+                cut["id"], cut["as"], cut["ai"], start, start + duration,
+                clock_synced(start), cut["m0"], meter_stop, energy, duration, pk, "power_loss",
+                cut.get("mr", 0), stale, estimated)
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            self._clear(now_ms)
             self._emit(now_ms, "session", "snapshot unusable, not reported: %r" % (e,))
+            return
+        self._append(now_ms, journal.KIND_SESSION_END, record, self._clear)
         self._emit(now_ms, "session", "closed %s after a power loss" % cut.get("id"))
 
     def _already_ended(self, session_id):
@@ -158,20 +221,64 @@ class SessionLog:
         clears the snapshot, and the power may go in between. Not yet sent at boot: it was
         appended in the same tick as the clear, before the link could send it."""
         needle = ('"session_id": "%s"' % session_id).encode()
-        for _, kind, payload in self.outbox.pending():
-            if kind == journal.KIND_SESSION_END and needle in payload:
-                return True
+        try:
+            for _, kind, payload in self.outbox.pending():
+                if kind == journal.KIND_SESSION_END and needle in payload:
+                    return True
+        except OSError as e:  # unreadable: a power_loss copy (a conflict the cloud shows) beats a loss
+            self._emit(0, "storage", "outbox unreadable at boot (%s)" % (e,))
         return False
+
+    def _clear(self, now_ms=0):
+        """The snapshot's clear; a failure leaves it for the next boot, which finds the ended
+        record in the outbox and clears it then (never reported twice)."""
+        self._snapshot_error = None
+        try:
+            self.store.clear()
+        except OSError as e:
+            self._emit(now_ms, "storage", "session snapshot not cleared (%s)" % (e,))
 
     def _append(self, now_ms, kind, record, then=None):
         """Into the outbox, then `then()` (the snapshot's clear after an ended record), and only
         then the report line: an error in reporting (a MemoryError in a full heap) must not come
-        between the record and the clear, or the next boot would close the session again."""
-        payload = json.dumps(record)
-        appended = self.outbox.append(kind, payload.encode()) is not None
+        between the record and the clear, or the next boot would close the session again.
+        A flash error keeps the record in RAM for another try (in order, behind the others)."""
+        payload = json.dumps(record).encode()
+        if self._unsent or not self._write(now_ms, kind, payload, then):
+            self._keep(now_ms, kind, payload, then)
+
+    def _write(self, now_ms, kind, payload, then):
+        """True if the outbox took the record or dropped it for lack of room (reported); False
+        on a flash error."""
+        try:
+            appended = self.outbox.append(kind, payload) is not None
+        except OSError as e:
+            self._emit(now_ms, "storage", "%s record not written to flash (%s)" % (
+                journal.kind_name(kind), e))
+            return False
         if then is not None:
-            then()
+            then(now_ms)
         if appended:
-            self._emit(now_ms, "outbox", payload)
+            self._emit(now_ms, "outbox", payload.decode())
         else:
             self._emit(now_ms, "outbox", "full: %s record dropped (reported)" % journal.kind_name(kind))
+        return True
+
+    def _keep(self, now_ms, kind, payload, then):
+        """Hold an unwritten record for a retry; the whole record goes to the log now, so that
+        nothing is lost silently if the power goes before the flash takes it."""
+        if len(self._unsent) >= _MAX_UNSENT:
+            lost = self._unsent.pop(0)
+            self._emit(now_ms, "storage", "LOST (not written, no room to hold it): " + lost[1].decode())
+        self._unsent.append((kind, payload, then))
+        self._retry_at = time.ticks_add(now_ms, RETRY_MS)
+        self._emit(now_ms, "storage", "held for a retry: " + payload.decode())
+
+    def _retry(self, now_ms):
+        while self._unsent:
+            kind, payload, then = self._unsent[0]
+            if not self._write(now_ms, kind, payload, then):
+                self._retry_at = time.ticks_add(now_ms, RETRY_MS)
+                return
+            self._unsent.pop(0)
+        self._emit(now_ms, "storage", "held records written: flash working again")

@@ -203,7 +203,8 @@ TABLES = (
         auth_source TEXT NOT NULL, auth_id TEXT, start_time TEXT NOT NULL, stop_time TEXT NOT NULL,
         clock_synced BOOLEAN NOT NULL, meter_start_wh BIGINT NOT NULL, meter_stop_wh BIGINT NOT NULL,
         energy_wh BIGINT NOT NULL, duration_s BIGINT NOT NULL, peak_power_w BIGINT NOT NULL,
-        stop_reason TEXT NOT NULL, v BIGINT NOT NULL, payload TEXT NOT NULL, received_at TEXT NOT NULL)""",
+        stop_reason TEXT NOT NULL, meter_restarts BIGINT NOT NULL, meter_stop_stale BOOLEAN NOT NULL,
+        v BIGINT NOT NULL, payload TEXT NOT NULL, received_at TEXT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS session_starts (
         session_id TEXT PRIMARY KEY, pile_id TEXT NOT NULL, connector BIGINT NOT NULL,
         auth_source TEXT NOT NULL, auth_id TEXT, start_time TEXT NOT NULL, clock_synced BOOLEAN NOT NULL,
@@ -224,7 +225,8 @@ TABLES = (
 )
 SESSION_ENDED_COLUMNS = ("session_id", "pile_id", "connector", "auth_source", "auth_id", "start_time",
                          "stop_time", "clock_synced", "meter_start_wh", "meter_stop_wh", "energy_wh",
-                         "duration_s", "peak_power_w", "stop_reason", "v")
+                         "duration_s", "peak_power_w", "stop_reason", "meter_restarts", "meter_stop_stale",
+                         "v")  # `estimated` (a list) only in payload
 SESSION_STARTED_COLUMNS = ("session_id", "pile_id", "connector", "auth_source", "auth_id", "start_time",
                            "clock_synced", "meter_start_wh", "v")
 FAULT_COLUMNS = ("event_id", "pile_id", "code", "action", "ts", "clock_synced", "session_id", "v")

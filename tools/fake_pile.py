@@ -105,7 +105,7 @@ class FakePile:
         s = self.session
         ended = dict(s, stop_time=self.now(), meter_stop_wh=self.meter_wh, energy_wh=self.session_energy_wh(),
                      duration_s=self.uptime_s - self.session_start_uptime, peak_power_w=self.peak_power_w,
-                     stop_reason=stop_reason)
+                     stop_reason=stop_reason, meter_restarts=0, meter_stop_stale=False, estimated=[])
         ended["clock_synced"] = s["clock_synced"] and self.clock_synced
         self.session = None
         self.state, self.pilot, self.offer_a, self.power_w = "idle", "A", 0, 0
