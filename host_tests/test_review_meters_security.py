@@ -216,12 +216,10 @@ def test_item19_sntp_with_a_port_in_the_host_waits_for_the_contactor():
 
 # ----------------------------------------------------------------------------- item 8 (billing)
 
-@pytest.mark.xfail(reason="item 8's billing side is charger.py's (Session.note_meter ignores "
-                          "Reading.epoch): not this branch's file", strict=False)
 def test_item8_a_meter_restart_mid_session_loses_no_wh(monkeypatch):
-    """The meter driver detects the restart (epoch 1), but the session record subtracts the new
-    epoch's register from the old epoch's start: 41 Wh billed of ~81 Wh delivered here; with a
-    register that stood high before the restart, energy_wh goes negative (schema: record lost)."""
+    """The meter driver detects the restart (epoch 1) and the session sums the epochs. Before
+    the billing side knew epochs, the record subtracted the new epoch's register from the old
+    epoch's start: 41 Wh billed of ~81 Wh delivered here."""
     from virtual_board import VirtualBoard
 
     config = {"free_vend": True, "pile_id": "p-1", "meter": {"type": "ddsu666"}}
