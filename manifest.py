@@ -31,6 +31,7 @@ for _name in (
     "meter",
     "modbus_meter",
     "mqtt_link",
+    "netaddr",
     "pilot",
     "relay",
     "s0_meter",

@@ -34,6 +34,7 @@ from micropython import const
 import charger as ch
 import command_auth
 import journal
+from netaddr import numeric_host
 from session_log import clock_synced, iso_utc
 from umqtt import simple as umqtt
 
@@ -128,30 +129,6 @@ class _SocketModule:
 
     def getaddrinfo(self, *args):
         return [(None, None, None, None, self.addr)]
-
-
-def numeric_host(host):
-    """A dotted IPv4 or an IPv6 address: getaddrinfo answers it without the network.
-    (sntp.numeric_host is the same: neither module loads the other.)"""
-    if ":" in host:  # IPv6: hex digits, ':' and '.' only ("host:port" is a name for DNS)
-        if host.count(":") < 2:
-            return False
-        for c in host:
-            if not ("0" <= c <= "9" or "a" <= c <= "f" or "A" <= c <= "F" or c in ":."):
-                return False
-        return True
-    parts = host.split(".")
-    if len(parts) != 4:
-        return False
-    for p in parts:
-        if not 0 < len(p) <= 3:
-            return False
-        for c in p:
-            if not "0" <= c <= "9":
-                return False
-        if int(p) > 255:  # 192.168.1.300 is no address: getaddrinfo would ask DNS
-            return False
-    return True
 
 
 def _would_block(e):

@@ -21,6 +21,8 @@ import time
 
 from micropython import const
 
+from netaddr import numeric_host
+
 NTP_PORT = const(123)
 _PACKET = const(48)
 _REPLY_MS = const(2000)  # a LAN or Internet server answers in well under a second
@@ -40,30 +42,6 @@ MAX_UNIX = 4102444800  # 2100-01-01
 
 _IDLE = const(0)
 _WAITING = const(1)  # request sent
-
-
-def numeric_host(host):
-    """A dotted IPv4 or an IPv6 address: getaddrinfo answers it without the network.
-    (mqtt_link.numeric_host is the same: neither module loads the other.)"""
-    if ":" in host:  # IPv6: hex digits, ':' and '.' only ("host:port" is a name for DNS)
-        if host.count(":") < 2:
-            return False
-        for c in host:
-            if not ("0" <= c <= "9" or "a" <= c <= "f" or "A" <= c <= "F" or c in ":."):
-                return False
-        return True
-    parts = host.split(".")
-    if len(parts) != 4:
-        return False
-    for p in parts:
-        if not 0 < len(p) <= 3:
-            return False
-        for c in p:
-            if not "0" <= c <= "9":
-                return False
-        if int(p) > 255:  # 192.168.1.300 is no address: getaddrinfo would ask DNS
-            return False
-    return True
 
 
 class SntpError(Exception):
