@@ -12,7 +12,7 @@ METER ?=
 BROKER ?= mqtt://127.0.0.1:1883
 
 .PHONY: help venv deps broker socat test sim scenarios mpy flash provision diag clear-fault reboot \
-	virtual-board bench soak fuzz check monitor clean
+	virtual-board bench soak fuzz check monitor postgres clean
 
 help:
 	@echo "make sim [SCENARIO=name] [METER=dlt645]   firmware on the unix port, simulated hardware, a local"
@@ -70,8 +70,17 @@ socat:
 			echo "the virtual board needs socat: sudo apt-get install socat"; exit 1; \
 		fi; }
 
-test: $(STAMP) deps broker socat
-	$(BIN)/python -m pytest -n 2 host_tests
+# The consumer's PostgreSQL cases: PILE_TEST_POSTGRES_URL when set; as root, Debian's PostgreSQL
+# started on loopback by tools/postgres_up.sh; otherwise they are skipped (SQLite runs either way).
+PG_URL_FILE := build/postgres.url
+postgres:
+	@mkdir -p build; rm -f $(PG_URL_FILE); \
+	if [ -n "$$PILE_TEST_POSTGRES_URL" ]; then echo "$$PILE_TEST_POSTGRES_URL" > $(PG_URL_FILE); \
+	elif [ "$$(id -u)" = 0 ]; then bash tools/postgres_up.sh > $(PG_URL_FILE).tmp && mv $(PG_URL_FILE).tmp $(PG_URL_FILE); \
+	else echo "no PostgreSQL: its consumer cases are skipped (as root, make test starts one)"; fi
+
+test: $(STAMP) deps broker socat postgres
+	PILE_TEST_POSTGRES_URL=$$(cat $(PG_URL_FILE) 2>/dev/null) $(BIN)/python -m pytest -n 2 host_tests
 
 # A local broker by default: mosquitto when installed, else amqtt from the venv (no root needed).
 # BROKER=none runs without one, BROKER=amqtt or mosquitto picks it (any other value: the default).
