@@ -67,6 +67,7 @@ class Controller:
         self._offer_changed_ms = None
         self._bad_diode_bursts = 0
         self._no_minus_bursts = 0
+        self._pwm_settling_ms = None  # when the PWM went on, until DIODE_SETTLE_MS passed
         self.diode_checked = False
         self._last_open_ms = None  # when the contactor last opened, until MIN_OPEN_MS passed
         self._pp_read_ms = 0
@@ -249,8 +250,10 @@ class Controller:
         out = self.output
         if not out.pwm_on or self.raw == pilot.F:
             return
-        if time.ticks_diff(now_ms, self._pwm_changed_ms) < DIODE_SETTLE_MS:
-            return
+        if self._pwm_settling_ms is not None:
+            if time.ticks_diff(now_ms, self._pwm_settling_ms) < DIODE_SETTLE_MS:
+                return
+            self._pwm_settling_ms = None  # never compared again across the tick wrap (2^29 ms on)
         seen = pilot.diode_check(self.sampler.minus_mv, self.standard)
         if seen is None and self.raw != pilot.E and out.duty <= MINUS_PHASE_MAX_DUTY:
             self._no_minus_bursts += 1  # the ADC does not follow the PWM (E: both phases ~0 V)
@@ -363,7 +366,7 @@ class Controller:
             if last is not None and 0 <= time.ticks_diff(now_ms, last) < OFFER_CHANGE_MIN_MS:
                 return  # the new offer goes out when the 5 s are over
         if not out.pwm_on:
-            self._pwm_changed_ms = now_ms
+            self._pwm_changed_ms = self._pwm_settling_ms = now_ms
             self._bad_diode_bursts = 0
             self._no_minus_bursts = 0
         out.offer(duty)

@@ -73,9 +73,11 @@ SELF_TEST_RELEASE_MS = const(1000)
 # (evse-facts section 4), and it caps a chattering car at about one close a second.
 MIN_OPEN_MS = const(1000)
 
-# Residual-current FAULT (docs/safety.md, "RCD timing"). A trip is FAULT read active on every poll
-# for FAULT_DEBOUNCE_MS, measured in time, not in polls (evse-facts section 3: ~50 ms, a re-read
-# rejects spikes): the same at any control period, and a loop stall cannot stretch it.
+# Residual-current FAULT (docs/safety.md, "RCD timing"). A trip is FAULT active for
+# FAULT_DEBOUNCE_MS, measured in time, not in polls (evse-facts section 3: ~50 ms, a re-read
+# rejects spikes): the same at any control period, and a loop stall cannot stretch it. The time
+# is integrated: active polls add their interval, inactive ones take it off, so a FAULT that
+# chatters (active more than inactive, never 50 ms unbroken) still trips, and a spike does not.
 FAULT_DEBOUNCE_MS = const(50)
 # After the contactor switches FAULT may show switching transients (evse-facts section 3 says
 # ~1 s). IEC 62955 wants 0.1 s at 200 mA and FAULT does not say how large a leak is, so a leak
@@ -105,7 +107,9 @@ class ResidualCurrentMonitor:
         self.trips = 0
         self.state = UNTESTED
         self._since = 0
-        self._fault_since = None  # first poll of the FAULT reading now active, while watching
+        self._fault_ms = 0  # FAULT active time, integrated (see FAULT_DEBOUNCE_MS), while watching
+        self._fault_poll = None  # the last poll counted into it; None: FAULT quiet
+        self._test_on = False  # TEST driven (TESTING): only once FAULT read inactive
         self._switched_ms = None  # start of the running blanking window; None: none runs
         self._set_test(False)
 
@@ -127,7 +131,9 @@ class ResidualCurrentMonitor:
         self._begin_test(now_ms)
 
     def _begin_test(self, now_ms):
-        self._set_test(True)
+        # FAULT already active proves nothing about TEST: drive TEST once it reads inactive.
+        self._test_on = not self.fault_active()
+        self._set_test(self._test_on)
         self.state = TESTING
         self._since = now_ms
 
@@ -160,8 +166,16 @@ class ResidualCurrentMonitor:
             else:
                 self._switched_ms = None  # over (and never compared again across the tick wrap)
         if state != UNTESTED and state != READY:
-            self._fault_since = None
+            self._fault_poll = None
         if state == TESTING:
+            if not self._test_on:
+                if not self.fault_active():
+                    self._test_on = True
+                    self._set_test(True)
+                    self._since = now_ms
+                elif elapsed > SELF_TEST_TRIP_MS:
+                    self.state = TEST_FAILED
+                return False
             if self.fault_active():
                 self._set_test(False)
                 self.state = RELEASING
@@ -183,15 +197,19 @@ class ResidualCurrentMonitor:
                 self._begin_test(now_ms)
             return False
         # UNTESTED or READY: watch for a trip.
+        last = self._fault_poll
+        step = 0 if last is None else max(0, time.ticks_diff(now_ms, last))
         if not self.fault_active():
-            self._fault_since = None
+            if last is not None:
+                self._fault_ms -= step
+                self._fault_poll = now_ms if self._fault_ms > 0 else None
             return False
-        if self._fault_since is None:
-            self._fault_since = now_ms
-        active = time.ticks_diff(now_ms, self._fault_since)
+        self._fault_ms = step + (0 if last is None else self._fault_ms)
+        self._fault_poll = now_ms
+        active = self._fault_ms
         if active < FAULT_DEBOUNCE_MS or (blanking and active < SWITCH_BLANK_MS + FAULT_DEBOUNCE_MS):
             return False
-        self._fault_since = None
+        self._fault_poll = None
         self.trips += 1
         self.state = LOCKED_OUT if self.trips >= self.max_trips else TRIPPED
         self._since = now_ms

@@ -275,7 +275,9 @@ def test_item4_fault_debounce_is_in_time_not_polls(monkeypatch, period_ms):
     vb.run_until(2900)
     assert vb.ctl.rcd.trips == 0 and vb.world.coil
     off = vb.run_while(lambda: vb.world.coil, 200)
-    assert relay.FAULT_DEBOUNCE_MS <= off - 3000 <= relay.FAULT_DEBOUNCE_MS + period_ms + 3
+    # Up to one period to see FAULT, the debounce, up to one period to confirm (docs/safety.md,
+    # "Budget"); one period only held by luck of the tick phase.
+    assert relay.FAULT_DEBOUNCE_MS <= off - 3000 <= relay.FAULT_DEBOUNCE_MS + 2 * period_ms + 3
     assert vb.ctl.rcd.trips == 1
 
 
