@@ -34,6 +34,10 @@ MINUS_PHASE_MAX_DUTY = const(58981)  # 90 % of 65535
 NO_MINUS_BURSTS = const(3)
 # While plugged, PP (CC) is read again this often: a lower rating goes out at once.
 PP_REREAD_MS = const(100)
+# A higher rating read while plugged is taken back only once read steadily this long: a flicker
+# up is noise, but one bad reading (which took the offer away) must not end the session until
+# the car is unplugged. Our choice; the 5 s offer rule still paces the duty going up.
+PP_RAISE_MS = const(1000)
 # A session's record closes with a meter reading taken at least this long after the contactor
 # opened (the contacts part within ~10 ms), so the last watt-hour is in it; without one (meter
 # silent), it closes with the last good reading after FINAL_READING_MAX_MS.
@@ -71,6 +75,7 @@ class Controller:
         self.diode_checked = False
         self._last_open_ms = None  # when the contactor last opened, until MIN_OPEN_MS passed
         self._pp_read_ms = 0
+        self._pp_higher_ms = None  # since when a higher rating than cable_ma has been read
         self.meter = meter
         self.meter_failure_ms = meter_failure_ms
         self.session_log = session_log
@@ -280,7 +285,14 @@ class Controller:
         self._pp_read_ms = now_ms
         ohms = self.proximity.ohms()
         amps = pilot.cable_rating_a(ohms, self.standard)
-        if amps * 1000 != self.charger.cable_ma and not (lower_only and amps * 1000 > self.charger.cable_ma):
+        higher = amps * 1000 > self.charger.cable_ma
+        if lower_only and higher:
+            if self._pp_higher_ms is None:
+                self._pp_higher_ms = now_ms
+            if time.ticks_diff(now_ms, self._pp_higher_ms) < PP_RAISE_MS:
+                return
+        self._pp_higher_ms = None
+        if amps * 1000 != self.charger.cable_ma:
             self.charger.cable_ma = amps * 1000
             self._emit(now_ms, "cable", "%s ohm -> %d A" % (ohms, amps) if amps else
                        "not recognised (%s ohm): nothing offered" % ohms)
@@ -298,8 +310,10 @@ class Controller:
         if contactor.closed:
             if power == ch.POWER_ON and car_draws:
                 keep = True
-            elif power == ch.POWER_HOLD and car_draws and charger.pilot_mode != ch.MODE_OFFER:
+            elif power == ch.POWER_HOLD and car_draws and charger.pilot_mode != ch.MODE_OFFER \
+                    and charger.cable_ma:
                 # C2 -> C1: the PWM goes (later in this tick) or went; the car gets its time.
+                # Not without a valid cable read: 0 A through it, the plug may be coming out.
                 keep = out.pwm_on or time.ticks_diff(now_ms, self._pwm_changed_ms) < self._c1_force_open_ms
             else:
                 keep = False

@@ -135,3 +135,48 @@ def test_item2_stuck_adc_still_seen_after_a_week_of_pwm(monkeypatch):
     off = vb.run_while(lambda: vb.world.coil, 200)
     assert off - (t + 1000) <= pilot.DEBOUNCE_POWER_OFF_MS + 10
     assert vb.ctl.charger.faults & ch.FAULT_PILOT_STUCK
+
+
+# -- item 5: the cable read while charging (second review round) -----------------------------------
+
+
+def charging_board(monkeypatch):
+    vb = VirtualBoard(monkeypatch, CHARGE)
+    vb.run_until(1500)
+    assert vb.world.coil
+    return vb
+
+
+def test_item5_pp_lost_while_charging_opens_at_once(monkeypatch):
+    """No valid cable read (the plug is coming out, or its coding is broken) with the contactor
+    closed: nothing may flow through it, not even for the 6 s the C1 rule gives a car."""
+    vb = charging_board(monkeypatch)
+    lost = vb.now_ms
+    vb.world.car.cable_ohm = None  # PP open
+    opened = vb.run_while(lambda: vb.world.coil, 1000)
+    assert opened - lost <= 100 + 2 * vb.period_ms  # one PP re-read, then this tick
+
+
+def test_item5_a_pp_glitch_does_not_end_the_session(monkeypatch):
+    """A single bad PP reading takes the offer away at once (safe); the cable read steadily
+    again for 1 s is taken back, and the car charges again without being unplugged."""
+    vb = charging_board(monkeypatch)
+    vb.world.car.cable_ohm = 5000  # not a coding: 0 A
+    vb.run_until(vb.now_ms + 150)
+    assert not vb.ctl.output.pwm_on
+    vb.world.car.cable_ohm = 220
+    vb.run_while(lambda: not vb.world.coil, 10000)
+    assert vb.ctl.charger.cable_ma == 32000
+
+
+def test_item5_a_flicker_up_is_not_taken(monkeypatch):
+    """A cable read higher for less than 1 s stays at the lower rating."""
+    vb = VirtualBoard(monkeypatch, [(100, "plug")])
+    vb.world.car.cable_ohm = 680  # 20 A
+    vb.run_until(1000)
+    assert vb.ctl.charger.cable_ma == 20000
+    vb.world.car.cable_ohm = 220
+    vb.run_until(1500)
+    vb.world.car.cable_ohm = 680
+    vb.run_until(3000)
+    assert vb.ctl.charger.cable_ma == 20000
