@@ -23,12 +23,10 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "sim"))
-import launch  # noqa: E402
-import scenarios  # noqa: E402
-import tcp_relay  # noqa: E402
-import technician  # noqa: E402
+from pilehost import ROOT, cloud, mqtt_wire, procs, unix_port
+from pilehost.broker import BlackHole
+
+scenarios = unix_port.scenarios
 
 QUICK = os.environ.get("QUICK", "") not in ("", "0")
 TRIALS = int(os.environ.get("BENCH_TRIALS", "100" if QUICK else "1000"))
@@ -36,7 +34,7 @@ JOBS = int(os.environ.get("BENCH_JOBS", "3"))
 CHUNK = 250  # trials per run: ~90 s each, so that the runs share the CPUs evenly
 C_TO_B_LIMIT_MS = 100  # IEC 61851-1 Table A.6 seq. 8.1 (evse-facts section 1)
 # Room for the trials' scripted steps (the simulator's, not the firmware's) on top of the
-# firmware's budget: launch.DEFAULT_HEAP without the MQTT link, launch.MQTT_HEAP with it.
+# firmware's budget: unix_port.DEFAULT_HEAP without the MQTT link, unix_port.MQTT_HEAP with it.
 TRIALS_HEAP = "320k"
 TRIALS_MQTT_HEAP = "400k"  # at 320k one run's result (json.dumps) found no 2 KiB block once
 BENCH_LOGS = os.path.join(ROOT, "build", "bench")  # runs that went wrong, to look at
@@ -60,10 +58,11 @@ def mqtt_config(port, pile_id, **extra):
 
 def tick_times(n):
     with tempfile.TemporaryDirectory(prefix="pile-bench-") as flash:
-        launch.prepare_flash(flash, config=scenarios.BASE_CONFIG)
+        unix_port.prepare_flash(flash, config=scenarios.BASE_CONFIG)
         out = subprocess.run(
-            [launch.micropython_binary(), "-X", "heapsize=512k", "-m", "bench_tick",  # room for the timings
-             str(n)], cwd=flash, env=dict(os.environ, MICROPYPATH=launch.micropypath()),
+            # 512k: room for the timings
+            [unix_port.micropython_binary(), "-X", "heapsize=512k", "-m", "bench_tick", str(n)],
+            cwd=flash, env=dict(os.environ, MICROPYPATH=unix_port.micropypath()),
             capture_output=True, text=True, check=True).stdout
     line = [x for x in out.splitlines() if x.startswith("BENCH ")][0]
     return json.loads(line[6:])
@@ -90,7 +89,7 @@ def bench_mpy():
     with tempfile.TemporaryDirectory(prefix="pile-mpy-") as out_dir:
         for rel in sources:
             out = os.path.join(out_dir, rel.replace(os.sep, "_") + ".mpy")
-            technician.cross_compile(os.path.join(ROOT, rel), out)
+            unix_port.cross_compile(os.path.join(ROOT, rel), out)
             sizes.append((rel, os.path.getsize(os.path.join(ROOT, rel)), os.path.getsize(out)))
     for rel, src, mpy in sizes:
         note = " (flashed as source)" if os.path.basename(rel) in ("boot.py", "main.py") else ""
@@ -120,7 +119,7 @@ def trial_run(pool, trials, fault, config, heap):
 def one_trial_run(name, n, config, heap):
     """The run's latencies, and what went wrong in it: a reset, or trials in which the contactor
     never closed (no latency to measure); their lines are kept in build/bench/ to look at."""
-    r = launch.run_scenario(name, heapsize=heap, timeout=900, config=config)
+    r = unix_port.run_scenario(name, heapsize=heap, timeout=900, config=config)
     lat = r.result["latencies_ms"] if r.result else []
     problems = []
     if r.result is None:
@@ -161,7 +160,7 @@ def bench_latency(pool, broker, hole):
     conditions = (
         ("network healthy (mosquitto)", None, mqtt_config(broker.port, "bench-lat"), TRIALS_MQTT_HEAP),
         ("broker black-holed", None, mqtt_config(hole.port, "bench-hole"), TRIALS_MQTT_HEAP),
-        ("broker unreachable", None, mqtt_config(launch.free_port(), "bench-gone"), TRIALS_MQTT_HEAP),
+        ("broker unreachable", None, mqtt_config(procs.free_port(), "bench-gone"), TRIALS_MQTT_HEAP),
         ("meter silent (no MQTT link)", "silent", None, TRIALS_HEAP),
     )
     runs = [(label, trial_run(pool, TRIALS, fault, config, heap))
@@ -190,7 +189,7 @@ _PACKET_KIND = {_CONNECT: "connect", _CONNACK: "connect", _SUBSCRIBE: "connect",
 KINDS = ("connect", "status", "session records", "meter", "fault", "commands", "keep-alive", "other")
 
 
-class CountingRelay(tcp_relay.TcpRelay):
+class CountingRelay(mqtt_wire.TcpRelay):
     """A relay between the pile and the broker that puts each MQTT packet under a kind (the
     PUBACK under its PUBLISH's kind). TCP/IP headers are not counted."""
 
@@ -227,8 +226,8 @@ def bench_wire(pool, broker):
     charge_s = 10 if QUICK else 30
     # With a command key the pile subscribes to its commands topic, as a pile in service does.
     config = mqtt_config(relay.port, "bench-wire", keepalive_s=60, meter_interval_s=10, secret="ab" * 16)
-    future = pool.submit(launch.run_scenario, "metered_session:%d" % charge_s, heapsize=launch.MQTT_HEAP,
-                         config=config)
+    future = pool.submit(unix_port.run_scenario, "metered_session:%d" % charge_s,
+                         heapsize=unix_port.MQTT_HEAP, config=config)
 
     def report():
         r = future.result()
@@ -281,23 +280,23 @@ def heap_figures(meter, mqtt_port, records):
     if not records:  # without a pile id no session is recorded: no outbox, no journal
         config["pile_id"] = None
     high = 160
-    default = launch.DEFAULT_HEAP
+    default = unix_port.DEFAULT_HEAP
     if mqtt_port:
         config.update(mqtt_config(mqtt_port, "bench-heap-" + meter))
-        high, default = 320, launch.MQTT_HEAP
+        high, default = 320, unix_port.MQTT_HEAP
     low = 16
     step = 4 if QUICK else 1
     while high - low > step:
         mid = (low + high) // 2
         if mqtt_port:  # each run's session id is new to the broker's consumer
             config["pile_id"] = "bench-heap-%s-%d" % (meter, mid)
-        if run_ok(launch.run_scenario("normal", heapsize="%dk" % mid, config=config)):
+        if run_ok(unix_port.run_scenario("normal", heapsize="%dk" % mid, config=config)):
             high = mid
         else:
             low = mid
     if mqtt_port:  # not the last bisection step's: the consumer would see a conflicting session
         config["pile_id"] = "bench-heap-%s-default" % meter
-    r = launch.run_scenario("normal", heapsize=default, config=config)
+    r = unix_port.run_scenario("normal", heapsize=default, config=config)
     if not run_ok(r):
         raise RuntimeError("normal session, meter %s, failed:\n%s" % (meter, "\n".join(r.lines[-20:])))
     return high, r.result["heap_after_collect"] - r.result["heap_simulator"], r.result["heap_simulator"]
@@ -350,12 +349,12 @@ def main(argv):
     unknown = [a for a in asked if a not in SECTIONS]
     if unknown:
         raise SystemExit("unknown section %s; choose from %s" % (", ".join(unknown), " ".join(SECTIONS)))
-    launch.stop_on_sigterm()
+    procs.stop_on_sigterm()
     start = time.monotonic()
     print("Pile firmware benchmark on the MicroPython unix port (%s), %s; %s, %d CPUs, load %.2f" % (
-        launch.micropython_binary(), time.strftime("%Y-%m-%d %H:%M"), cpu_model(), os.cpu_count(),
+        unix_port.micropython_binary(), time.strftime("%Y-%m-%d %H:%M"), cpu_model(), os.cpu_count(),
         os.getloadavg()[0]))
-    launch.micropypath()  # compile the bytecode once, before runs start in parallel
+    unix_port.micropypath()  # compile the bytecode once, before runs start in parallel
     if "ticks" in asked:  # alone: the other runs would share its CPU
         bench_ticks()
     if "mpy" in asked:
@@ -368,8 +367,8 @@ def main(argv):
 
 def run_parallel(sections, start):
     with tempfile.TemporaryDirectory(prefix="pile-bench-broker-") as tmp:
-        broker = launch.LocalBroker(tmp, "mosquitto")
-        hole = launch.BlackHole()
+        broker = cloud.LocalBroker(tmp, "mosquitto")
+        hole = BlackHole()
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=JOBS)
         try:
             reports = []

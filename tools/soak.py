@@ -4,7 +4,7 @@ simulated car performed, each once, with the simulated meter's energy to the Wh.
 
     python tools/soak.py [--sessions 1000] [--seed N] [--no-kills] [--no-broker-faults]
 
-The firmware runs on the MicroPython unix port (sim/launch.py) for many sessions per process
+The firmware runs on the MicroPython unix port (pilehost/unix_port.py) for many sessions per process
 ("lifetime"); a lifetime ends at its last step or with kill -9 at a random moment (a power cut),
 and the next one starts on the same flash folder, where the world (sim/world.py "persist") kept
 the meter register and the car. Between the pile and mosquitto sits a TCP relay that can swallow
@@ -15,35 +15,29 @@ load, signed remote stops (docs/commands.md). Seeded: the seed is printed, --see
 import argparse
 import collections
 import json
-import logging
 import os
 import random
 import signal
-import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "sim"))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import launch  # noqa: E402
-import pilecmd  # noqa: E402
-import tcp_relay  # noqa: E402
+import paho.mqtt.client as mqtt
+
+from pilehost import broker, cloud, mqtt_wire, pilecmd, procs, unix_port
 
 PILE = "sim-pile-1"
 SECRET = bytes(range(32))
 STATE_FILE = "sim_state.json"
 SCENARIO = "soak_lifetime"
-# The firmware's heap budget on the unix port (launch.heap_option adds the simulator's 40 KiB;
+# The firmware's heap budget on the unix port (unix_port.heap_option adds the simulator's 40 KiB;
 # the scenario's steps get their own allowance on top): the tests' budget for the MQTT link.
 # 176k fails at boot; 184k ran 188 sessions, then a boot found no 1,280-byte block importing
 # mqtt_link (a fragmented heap). The bytecode lives in this heap on the unix port; on a pile it
 # is frozen into the image (manifest.py; the README's frozen figures).
-SOAK_HEAP = launch.MQTT_HEAP
+SOAK_HEAP = unix_port.MQTT_HEAP
 CONFIG = {
     # rcd_retry_s 1 (config.py's least): a trip is retried within the session
     "pile_id": PILE, "free_vend": True, "rcd_retry_s": 1,
@@ -69,61 +63,12 @@ def shown_wh(energy_mj):
 
 # -- the broker, the consumer, the relay ----------------------------------------------------------
 
-def wait(predicate, what, timeout=WAIT_S):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise SoakError("timed out after %.0f s waiting for %s" % (timeout, what))
-        time.sleep(0.02)
-
-
 class SoakError(Exception):
     pass
 
 
-class Mosquitto:
-    """mosquitto on a free loopback port, no persistence; restart() keeps the port."""
-
-    def __init__(self, directory):
-        self.binary = launch.find_mosquitto()
-        if self.binary is None:
-            raise SoakError("mosquitto is not installed (apt-get install mosquitto)")
-        self.conf = os.path.join(directory, "mosquitto.conf")
-        self.log = os.path.join(directory, "mosquitto.log")
-        import getpass
-
-        for _ in range(5):  # another process may take the free port first
-            self.port = launch.free_port()
-            with open(self.conf, "w") as f:
-                f.write("listener %d 127.0.0.1\npersistence false\nallow_anonymous true\nuser %s\n"
-                        % (self.port, getpass.getuser()))
-            self._start()
-            try:
-                wait(self._listening, "mosquitto", 5)
-                return
-            except SoakError:
-                self.stop()
-        raise SoakError("mosquitto did not start (%s)" % self.log)
-
-    def _start(self):
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([self.binary, "-c", self.conf], stdout=log, stderr=subprocess.STDOUT)
-
-    def _listening(self):
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-            return True
-        except OSError:
-            return False
-
-    def restart(self, how):
-        self.proc.send_signal(how)
-        self.proc.wait(WAIT_S)
-        self._start()
-        wait(self._listening, "mosquitto back")
-
-    def stop(self):
-        launch.end_process(self.proc)
+def wait(predicate, what, timeout=WAIT_S):
+    procs.wait_for(predicate, what, timeout, error=SoakError)
 
 
 class Cloud:
@@ -131,23 +76,18 @@ class Cloud:
     the pile reaches the broker through the relay."""
 
     def __init__(self, directory):
-        import consumer
-        import paho.mqtt.client as mqtt
-
-        self.broker = Mosquitto(directory)
-        url = "mqtt://127.0.0.1:%d" % self.broker.port
-        self.storage = consumer.open_storage("sqlite:///" + os.path.join(directory, "telemetry.db"))
-        self.storage.setup()
-        self.handler = consumer.Handler(consumer.Schemas(), self.storage)
-        self.consumer = consumer.Consumer(url, self.handler)
-        logging.getLogger("consumer").setLevel(logging.ERROR)  # its reconnects are the point here
-        self.consumer.start()
-        wait(self.consumer.subscribed.is_set, "the consumer to subscribe")
+        try:
+            self.broker = broker.Broker(directory)
+            self.store = cloud.Store(self.broker.url(), os.path.join(directory, "telemetry.db"), quiet=True)
+        except broker.BrokerError as e:
+            raise SoakError(str(e)) from None
+        self.storage, self.handler = self.store.storage, self.store.handler
+        self.consumer = self.store.consumer
         self.sender = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
         self.sender.reconnect_delay_set(0.2, 2)
         self.sender.connect("127.0.0.1", self.broker.port)
         self.sender.loop_start()
-        self.relay = tcp_relay.TcpRelay(self.broker.port)
+        self.relay = mqtt_wire.TcpRelay(self.broker.port)
         self.relay.up()
         self._counter = 0
 
@@ -162,7 +102,10 @@ class Cloud:
         """The pile is kept away until the consumer has subscribed again: the broker keeps no
         sessions (persistence false), so a record acknowledged before would reach no one."""
         self.relay.down()
-        self.broker.restart(how)
+        try:
+            self.broker.restart(how)
+        except broker.BrokerError as e:
+            raise SoakError(str(e)) from None
         wait(self.consumer.subscribed.is_set, "the consumer to subscribe again", 40)
         self.relay.up()
 
@@ -174,8 +117,7 @@ class Cloud:
         self.relay.down()
         self.sender.loop_stop()
         self.sender.disconnect()
-        self.consumer.stop()
-        self.storage.close()
+        self.store.stop()
         self.broker.stop()
 
 
@@ -297,7 +239,7 @@ class Lifetime:
 
 def run_lifetime(cloud, flash, steps, heap, kill_after_s, on_cue, timeout):
     # The steps live in the same heap, ~87 B each (measured): on top of the firmware's budget.
-    launch.scenarios.SCENARIOS[SCENARIO] = {"doc": "soak lifetime", "steps": steps,
+    unix_port.scenarios.SCENARIOS[SCENARIO] = {"doc": "soak lifetime", "steps": steps,
                                             "heap_extra_kb": len(steps) * STEP_BYTES // 1024 + 1}
     config = json.loads(json.dumps(CONFIG))
     config["mqtt"]["port"] = cloud.relay.port
@@ -306,7 +248,7 @@ def run_lifetime(cloud, flash, steps, heap, kill_after_s, on_cue, timeout):
         if "] sim step: cue " in line:
             on_cue(line.split("cue ", 1)[1].strip("'\""))
 
-    r = launch.run_scenario(SCENARIO, config=config, heapsize=heap, flash_dir=flash,
+    r = unix_port.run_scenario(SCENARIO, config=config, heapsize=heap, flash_dir=flash,
                             kill_after_s=kill_after_s, on_line=on_line, timeout=timeout)
     return r
 
@@ -502,8 +444,8 @@ class Soak:
         unnamed = getattr(self, "unnamed", 0)
         lines = [
             "seed %d (SEED=%d replays it), heap -X heapsize=%s and more (firmware %s + simulator %d KiB "
-            "+ %d B per scenario step)" % (self.seed, self.seed, launch.heap_option(self.heap), self.heap,
-                                          launch.SIM_HEAP_ALLOWANCE_KB, STEP_BYTES),
+            "+ %d B per scenario step)" % (self.seed, self.seed, unix_port.heap_option(self.heap), self.heap,
+                                          unix_port.SIM_HEAP_ALLOWANCE_KB, STEP_BYTES),
             "sessions: %d performed by the car in %d lifetimes (%d power cuts), %d in the database%s" % (
                 sessions, len(self.lifetimes), sum(life.killed for life in self.lifetimes),
                 getattr(self, "stored", 0),
@@ -539,13 +481,14 @@ def main(argv=None):
     parser.add_argument("--sessions", type=int, default=int(os.environ.get("SESSIONS") or 1000))
     seed = os.environ.get("SEED")
     parser.add_argument("--seed", type=int, default=int(seed) if seed else None)
-    parser.add_argument("--heap", default=SOAK_HEAP, help="the firmware's heap budget (launch.heap_option)")
+    parser.add_argument("--heap", default=SOAK_HEAP,
+                        help="the firmware's heap budget (unix_port.heap_option)")
     parser.add_argument("--no-kills", action="store_true")
     parser.add_argument("--no-broker-faults", action="store_true")
     parser.add_argument("--per-life", type=int, default=12, help="most sessions in one lifetime")
     parser.add_argument("--echo", action="store_true", help="print the firmware's lines")
     args = parser.parse_args(argv)
-    launch.stop_on_sigterm()
+    procs.stop_on_sigterm()
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 2 ** 31)
     print("soak: %d sessions, seed %d" % (args.sessions, seed), flush=True)
     soak = Soak(args.sessions, seed, kills=not args.no_kills, broker_faults=not args.no_broker_faults,

@@ -1,12 +1,12 @@
 """The technician's commands, one per step, through mpremote on the board's USB serial port
-(or a virtual board's pty: sim/vboard.py). The Makefile targets of the same names call these.
+(or a virtual board's pty: pilehost/vboard.py). The Makefile targets of the same names call these.
 
     python tools/technician.py flash PORT [--board ref-esp32] [--source]
     python tools/technician.py provision PORT CONFIG [--board NAME] [--no-reboot]
     python tools/technician.py diag PORT [--json]
     python tools/technician.py clear-fault PORT FAULT
     python tools/technician.py reboot PORT
-    python tools/technician.py virtual-board [sim/vboard.py's options]
+    python tools/technician.py virtual-board [pilehost/vboard.py's options]
 
 The first connection interrupts main.py (Ctrl-C): the pile goes to service mode (contactor
 open, pilot F, the watchdog fed by a timer) until `reboot`, or by itself after 30 min
@@ -19,9 +19,9 @@ import json
 import os
 import subprocess
 import sys
-import types
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from pilehost import ROOT, firmware_module, unix_port
+
 FIRMWARE = os.path.join(ROOT, "firmware")
 MPY_OUT = os.path.join(ROOT, "build", "mpy")
 # Third-party MicroPython code (tools/fetch_deps.py, `make deps`) -> /lib on the board.
@@ -35,23 +35,6 @@ EXEC_TIMEOUT_S = 30  # a short script; a board that reset under it never answers
 
 class ToolError(Exception):
     pass
-
-
-# -- the firmware's own validation, on the host ------------------------------------------------------
-
-
-def _firmware(name):
-    """A firmware module on CPython (config, charger): `micropython.const` is all they need."""
-    if "micropython" not in sys.modules:
-        try:
-            import micropython  # noqa: F401  (host_tests/shims under pytest)
-        except ImportError:
-            shim = types.ModuleType("micropython")
-            shim.const = lambda value: value
-            sys.modules["micropython"] = shim
-    if FIRMWARE not in sys.path:
-        sys.path.insert(0, FIRMWARE)
-    return __import__(name)
 
 
 # -- mpremote ------------------------------------------------------------------------------------
@@ -129,25 +112,12 @@ def sha256_file(path):
 # -- flash ---------------------------------------------------------------------------------------
 
 
-def board_source_name(src):
-    """The name a module's .mpy carries for tracebacks: its path on the board (firmware/x.py is
-    /x.mpy there, lib/ stays lib/), never this checkout's path, which would also change its size."""
-    rel = os.path.relpath(src, ROOT).replace(os.sep, "/")
-    return rel[len("firmware/"):] if rel.startswith("firmware/") else rel
-
-
 def cross_compile(src, out):
     """src -> out (.mpy for the ESP32, as `make mpy` builds it), unless out is newer."""
-    if os.path.exists(out) and os.path.getmtime(out) >= os.path.getmtime(src):
-        return
-    sys.path.insert(0, os.path.join(ROOT, "sim"))
-    import launch
-
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    r = subprocess.run([launch.mpy_cross_binary(), "-march=xtensawin", "-s", board_source_name(src),
-                        "-o", out, src], capture_output=True, text=True)
-    if r.returncode:
-        raise ToolError("mpy-cross %s: %s" % (os.path.relpath(src, ROOT), r.stderr.strip()))
+    try:
+        unix_port.cross_compile(src, out)
+    except RuntimeError as e:
+        raise ToolError(str(e)) from None
 
 
 def flash_plan(board, source=False):
@@ -233,7 +203,7 @@ print(json.dumps({'pile_id': pid, 'diag': _has('diag.mpy') or _has('diag.py')}))
 
 def check_config(config_path, board_data=None):
     """The config as the firmware will read it: (raw dict, parsed); ToolError naming the key."""
-    config = _firmware("config")
+    config = firmware_module("config")
     name = os.path.basename(config_path)
     try:
         with open(config_path) as f:
@@ -359,7 +329,7 @@ def format_diag(d):
 
 
 def clear_fault(port, fault):
-    charger = _firmware("charger")
+    charger = firmware_module("charger")
     names = [n for _, n in charger.FAULT_NAMES]
     if fault not in names:
         raise ToolError("unknown fault %r: one of %s" % (fault, ", ".join(names)))
@@ -381,8 +351,7 @@ def reboot(port, out=sys.stdout):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["virtual-board"]:
-        sys.path.insert(0, os.path.join(ROOT, "sim"))
-        import vboard
+        from pilehost import vboard
 
         return vboard.main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -404,7 +373,7 @@ def main(argv=None):
     p.add_argument("fault")
     p = sub.add_parser("reboot", help="contactor open, pilot F, reset: the pile charges again")
     p.add_argument("port")
-    sub.add_parser("virtual-board", help="a virtual board on a pty (sim/vboard.py --help)")
+    sub.add_parser("virtual-board", help="a virtual board on a pty (virtual-board --help)")
     args = parser.parse_args(argv)
     try:
         if args.command == "flash":
