@@ -13,7 +13,7 @@ import time
 import pytest
 
 from pilehost import ROOT, broker, procs, unix_port
-from tools import soak
+from pilehost import soak
 
 SESSIONS = 50
 CI_SEED = 960164343  # passed when the soak was written; every fault kind comes up in it

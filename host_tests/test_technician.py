@@ -21,7 +21,7 @@ from pilehost import ROOT, unix_port, vboard
 from pilehost.cloud import Store
 from pilehost.procs import wait_for
 from pilehost.virtual_board import VirtualBoard as ClockedBoard
-from tools import technician
+from pilehost import technician
 
 TOOL = os.path.join(ROOT, "tools", "technician.py")
 PILE = "vb-pile-1"

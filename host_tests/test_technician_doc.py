@@ -8,7 +8,7 @@ import charger as ch
 import pytest
 
 from pilehost import ROOT
-from tools import pin_table
+from pilehost import pin_table
 
 DOC = os.path.join(ROOT, "docs", "technician.md")
 BOARD = os.path.join(ROOT, "boards", "ref-esp32.json")

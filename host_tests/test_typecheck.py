@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from tools import typecheck
+from pilehost import typecheck
 
 # Each fails for the reason given: (source, what mypy must say).
 NOT_ON_ESP32 = {

@@ -11,6 +11,8 @@ link_rig      the firmware's MQTT link against a broker: config, signed commands
 fake_pile, pilecmd   a pile's telemetry played over MQTT; signed commands (docs/commands.md)
 vboard        the technician's virtual board: the unix port behind a pty (`make virtual-board`)
 virtual_board the wired firmware on the simulated world under a virtual clock, in this process
+meter_rig     the meter drivers' bench: fake clock, sim/rs485.py's line behind UART and DE objects
+technician, soak, bench, pin_table, typecheck   the code of the tools/ of the same names
 
 sim/ (the simulated hardware) runs on MicroPython; the package reads its CPython-safe modules
 (scenarios) with `sim_module`, never by editing sys.path. tools/ are the command lines.

@@ -165,7 +165,3 @@ def main(argv=None):
         print("broker_users: %s" % e, file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -799,7 +799,3 @@ def main(argv=None):
         print("consumer: never connected to %s" % broker.text, file=sys.stderr)
         return 5
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,7 +13,6 @@ import collections
 import datetime
 import json
 import signal
-import sys
 import threading
 import time
 import urllib.parse
@@ -299,7 +298,3 @@ def main(argv=None):
     publisher.close()
     print("%s: %d messages (%s)" % (pile.pile_id, len(msgs), args.scenario))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -112,7 +112,3 @@ def main(argv=None):
     body = make_body(opts.command, args, counter, opts.cmd_id)
     sys.stdout.write(sign(secret, body).decode("utf-8") + "\n")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

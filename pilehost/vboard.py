@@ -222,5 +222,5 @@ def main(argv=None):
     return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # socat runs `python -m pilehost.vboard --serve DIR`
     sys.exit(main())
