@@ -1,6 +1,6 @@
 """`make bench`: figures, not a test. Runs the firmware on the MicroPython unix port.
 
-    python tools/bench.py [ticks] [mpy] [latency] [wire] [heap]   (default: all of them)
+Its command line, with the usage: tools/bench.py.
 
 - ticks: control tick time (median, p99, max), idle and charging, and the pilot burst's share;
 - mpy: the size of each module cross-compiled for the ESP32 (-march=xtensawin, as `make mpy`);

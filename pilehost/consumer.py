@@ -1,8 +1,6 @@
 """Reference consumer of the piles' telemetry (docs/telemetry.md): validate, store once, show.
 
-    python tools/consumer.py --broker mqtt://user:pass@host:1883 [--tls-ca ca.pem]
-        [--db sqlite:///evse.db | postgresql://...] [--group NAME] [--client-id ID]
-        [--monitor] [--once-for SECONDS]
+Its command line, with the usage: tools/consumer.py.
 
 Layers, each usable alone: `Schemas` (which schema a topic and payload need), `Storage` (one SQL
 for SQLite and PostgreSQL; one row per session_id), `Handler` (one message -> checks -> storage

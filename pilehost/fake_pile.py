@@ -2,9 +2,7 @@
 normal sessions, replays and duplicates, garbage. Used by host_tests/test_consumer.py, and handy
 to commission a consumer without a pile.
 
-    python tools/fake_pile.py --broker mqtt://127.0.0.1:1883 [--pile pile-0042] [--boot 17]
-        [--scenario normal|replay|garbage|fleet|live] [--sessions N] [--repeat N] [--piles N]
-        [--unsynced] [--pace SECONDS] [--meter-interval SECONDS]
+Its command line, with the usage: tools/fake_pile.py.
 
 `FakePile` only builds messages (its clock is a counter: no sleeping); `Publisher` sends them.
 """

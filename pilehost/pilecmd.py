@@ -1,8 +1,7 @@
 #!/usr/bin/env python3
 """Build and sign a remote command for a pile (docs/commands.md). CPython, stdlib only.
 
-    python tools/pilecmd.py --secret-file s.key --counter 5 remote_start auth_id=card-1
-    python tools/pilecmd.py --secret-file s.key set_current_limit amps=16
+Its command line, with the usage: tools/pilecmd.py.
 
 Prints the MQTT payload on stdout. The secret file holds the pile's key as hex (e.g.
 `openssl rand -hex 32 > s.key`). Without --counter the counter is the current Unix time in

@@ -1,6 +1,6 @@
 """A board file -> the technician's wiring table (markdown), as docs/technician.md shows it.
 
-    python tools/pin_table.py boards/ref-esp32.json
+Its command line, with the usage: tools/pin_table.py.
 
 docs/technician.md carries this output for boards/ref-esp32.json between its pin-table markers;
 host_tests/test_technician_doc.py checks that the two agree.

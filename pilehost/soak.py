@@ -2,7 +2,7 @@
 reference consumer; at the end the consumer's database must hold exactly the sessions the
 simulated car performed, each once, with the simulated meter's energy to the Wh.
 
-    python tools/soak.py [--sessions 1000] [--seed N] [--no-kills] [--no-broker-faults]
+Its command line, with the usage: tools/soak.py.
 
 The firmware runs on the MicroPython unix port (pilehost/unix_port.py) for many sessions per process
 ("lifetime"); a lifetime ends at its last step or with kill -9 at a random moment (a power cut),

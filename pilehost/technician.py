@@ -1,12 +1,7 @@
 """The technician's commands, one per step, through mpremote on the board's USB serial port
 (or a virtual board's pty: pilehost/vboard.py). The Makefile targets of the same names call these.
 
-    python tools/technician.py flash PORT [--board ref-esp32] [--source]
-    python tools/technician.py provision PORT CONFIG [--board NAME] [--no-reboot]
-    python tools/technician.py diag PORT [--json]
-    python tools/technician.py clear-fault PORT FAULT
-    python tools/technician.py reboot PORT
-    python tools/technician.py virtual-board [pilehost/vboard.py's options]
+Its command line, with the usage: tools/technician.py.
 
 The first connection interrupts main.py (Ctrl-C): the pile goes to service mode (contactor
 open, pilot F, the watchdog fed by a timer) until `reboot`, or by itself after 30 min

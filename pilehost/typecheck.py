@@ -2,7 +2,7 @@
 something the board does not have (`time.monotonic_ns()`, `import threading`, a `machine.Pin`
 method of another port) fails here rather than on a pile.
 
-    python tools/typecheck.py [PATH ...]      (default: firmware/)
+Its command line, with the usage: tools/typecheck.py.
 
 mypy with micropython-esp32-stubs (pinned in requirements-dev.txt) as its whole standard
 library: the stubs are assembled into a typeshed folder under build/ (once per stub version),

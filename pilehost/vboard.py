@@ -1,19 +1,17 @@
 """A virtual board for the technician's tools (tools/technician.py): the MicroPython unix port
 behind a pty, a folder as its flash, the simulated hardware around it (CPython side).
 
-    python tools/technician.py virtual-board [--dir DIR] [--scenario normal]
-        [--board ref-esp32] [--meter ddsu666] [--no-broker]
+`tools/technician.py virtual-board` (`make virtual-board`) prints the PORT for `make flash /
+provision / diag`, runs until Ctrl-C, and with a broker shows what the reference consumer
+stored. DIR holds flash/ (the board's files), hardware.json (its pins, meter and the car's
+script, read by sim/vboard_rom.py), console.log (everything the board printed) and dev, the
+serial port.
 
-prints the PORT for `make flash / provision / diag`, runs until Ctrl-C, and with a broker
-shows what the reference consumer stored. DIR holds flash/ (the board's files), hardware.json
-(its pins, meter and the car's script, read by sim/vboard_rom.py), console.log (everything
-the board printed) and dev, the serial port.
-
-socat makes `dev` and runs `python -m pilehost.vboard --serve DIR` on a pty of its own: raw, but with ISIG on,
-so mpremote's Ctrl-C reaches the unix port as SIGINT, a KeyboardInterrupt, as an ESP32's UART
-driver raises it. The server starts the unix port again whenever it ends (a reset) and copies
-its output to the pty without ever waiting for a reader: with nobody on the line the bytes are
-lost, as a UART's are, and the firmware never blocks on print.
+socat makes `dev` and runs `python -m pilehost.vboard --serve DIR` on a pty of its own: raw,
+but with ISIG on, so mpremote's Ctrl-C reaches the unix port as SIGINT, a KeyboardInterrupt, as
+an ESP32's UART driver raises it. The server starts the unix port again whenever it ends (a
+reset) and copies its output to the pty without ever waiting for a reader: with nobody on the
+line the bytes are lost, as a UART's are, and the firmware never blocks on print.
 """
 import argparse
 import json

@@ -7,7 +7,8 @@
     python tools/technician.py diag PORT [--json]
     python tools/technician.py clear-fault PORT FAULT
     python tools/technician.py reboot PORT
-    python tools/technician.py virtual-board [pilehost/vboard.py's options]
+    python tools/technician.py virtual-board [--dir DIR] [--scenario normal] [--board ref-esp32]
+        [--meter ddsu666] [--no-broker]
 
 The code: pilehost/technician.py.
 """
