@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cksum < requirements-dev.txt | cut -d' ' -f1)
+# requirements-dev.txt installs the host package too (-e .: pilehost/, described by pyproject.toml).
+STAMP := $(VENV)/.installed-$(shell cat requirements-dev.txt pyproject.toml | cksum | cut -d' ' -f1)
 MPY_OUT := build/mpy
 FIRMWARE := $(wildcard firmware/*.py)
 BOARD ?= ref-esp32
@@ -10,6 +11,9 @@ CONFIG ?= config.example.json
 SCENARIO ?= normal
 METER ?=
 BROKER ?= mqtt://127.0.0.1:1883
+
+# The host package from this checkout, installed in the venv or not (a venv shared by checkouts).
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .PHONY: help venv deps broker socat test sim scenarios mpy flash provision diag clear-fault reboot \
 	virtual-board bench soak fuzz check monitor postgres clean
@@ -34,7 +38,7 @@ help:
 	@echo "make check                 ruff + type check of firmware/ against the ESP32 API"
 	@echo "make monitor [BROKER=mqtt://host:1883]   live table of a fleet (tools/consumer.py)"
 
-$(STAMP): requirements-dev.txt
+$(STAMP): requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	rm -f $(VENV)/.installed-*
@@ -50,25 +54,24 @@ $(DEPS_STAMP): tools/fetch_deps.py | $(STAMP)
 
 deps: $(DEPS_STAMP)
 
+# $(call debian_package,PROGRAM,WHAT NEEDS IT): install it as root, else say how.
+define debian_package
+	@test -x /usr/sbin/$(1) || command -v $(1) >/dev/null || { \
+		if [ "$$(id -u)" = 0 ]; then \
+			echo "installing $(1) (Debian package) for $(2)"; \
+			apt-get update -qq && apt-get install -y -qq $(1) >/dev/null; \
+		else \
+			echo "$(2) need $(1): sudo apt-get install $(1)"; exit 1; \
+		fi; }
+endef
+
 # The broker tests start their own mosquitto on a free loopback port: it must be installed.
 broker:
-	@test -x /usr/sbin/mosquitto || command -v mosquitto >/dev/null || { \
-		if [ "$$(id -u)" = 0 ]; then \
-			echo "installing mosquitto (Debian package) for the broker tests"; \
-			apt-get update -qq && apt-get install -y -qq mosquitto >/dev/null; \
-		else \
-			echo "the broker tests need mosquitto: sudo apt-get install mosquitto"; exit 1; \
-		fi; }
+	$(call debian_package,mosquitto,the broker tests)
 
-# The virtual board (sim/vboard.py) puts the unix port behind a pty with socat.
+# The virtual board (pilehost/vboard.py) puts the unix port behind a pty with socat.
 socat:
-	@command -v socat >/dev/null || { \
-		if [ "$$(id -u)" = 0 ]; then \
-			echo "installing socat (Debian package) for the virtual board"; \
-			apt-get update -qq && apt-get install -y -qq socat >/dev/null; \
-		else \
-			echo "the virtual board needs socat: sudo apt-get install socat"; exit 1; \
-		fi; }
+	$(call debian_package,socat,the virtual board tests)
 
 # The consumer's PostgreSQL cases: PILE_TEST_POSTGRES_URL when set; as root, Debian's PostgreSQL
 # started on loopback by tools/postgres_up.sh; otherwise they are skipped (SQLite runs either way).
@@ -86,10 +89,10 @@ test: $(STAMP) deps broker socat postgres
 # BROKER=none runs without one, BROKER=amqtt or mosquitto picks it (any other value: the default).
 SIM_BROKER = $(if $(filter none 0 off,$(BROKER)),--no-broker,$(if $(filter mosquitto amqtt,$(BROKER)),--broker $(BROKER)))
 sim: $(STAMP) deps
-	$(BIN)/python sim/launch.py $(SCENARIO) $(if $(METER),--meter $(METER)) $(SIM_BROKER)
+	$(BIN)/python tools/sim.py $(SCENARIO) $(if $(METER),--meter $(METER)) $(SIM_BROKER)
 
 scenarios: $(STAMP)
-	$(BIN)/python sim/launch.py --list
+	$(BIN)/python tools/sim.py --list
 
 mpy: $(STAMP) deps
 	@mkdir -p $(MPY_OUT)/lib/umqtt $(MPY_OUT)/lib/logging

@@ -1,20 +1,29 @@
-"""Host test set-up: firmware/ and sim/ on the path, MicroPython shims for CPython, and
-umqtt.simple (make deps) loadable, so that CPython tests can import mqtt_link."""
+"""Host test set-up and the shared fixtures.
+
+pyproject.toml's pytest `pythonpath` puts sim/, firmware/ and host_tests/shims on the path (the
+MicroPython side, imported by bare name as on the board) and the checkout's root (pilehost, the
+host package, and tools/). Here: the MicroPython shims installed, umqtt.simple (make deps)
+loadable so that CPython tests can import mqtt_link, and the fixtures several test files share:
+a mosquitto of our own, the reference consumer in-process, a subscriber to the pile's topics."""
 import importlib
 import importlib.util
 import os
 import sys
+import time
 import types
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for sub in ("host_tests/shims", "firmware", "sim"):
-    path = os.path.join(ROOT, sub)
-    if path not in sys.path:
-        sys.path.insert(0, path)
+import mp_time
+import pytest
 
-import mp_time  # noqa: E402
+from pilehost import ROOT
+from pilehost.broker import Broker, BrokerError
+from pilehost.cloud import Store
+from pilehost.link_rig import Watcher
+from pilehost.meter_rig import refuse_sleeping
 
 mp_time.install()
+# The tools the tests start as programs import the package from this checkout, installed or not.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
 
 
 def load_umqtt():
@@ -44,3 +53,67 @@ LONGEST_FIRST = ("test_soak.py::test_soak_short",)
 
 def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: not item.nodeid.endswith(LONGEST_FIRST))
+
+
+# -- the meter drivers' tests ------------------------------------------------------------------------
+
+# These run a subprocess (mpy-cross, micropython), whose timeout wait may sleep in CPython.
+_RUN_SUBPROCESSES = ("test_firmware_compiles_for_esp32", "test_selftest_on_micropython_unix_port")
+
+
+@pytest.fixture
+def no_sleeping(monkeypatch, request):
+    """poll() must never sleep: any sleep during a meter test fails it (pytestmark of the meter
+    test files)."""
+    if request.node.originalname not in _RUN_SUBPROCESSES:
+        refuse_sleeping(monkeypatch)
+
+
+# -- brokers, the reference consumer, a subscriber ----------------------------------------------------
+
+@pytest.fixture
+def new_broker():
+    """new_broker(directory, **options): a pilehost.broker.Broker, stopped after the test; the
+    test fails at once, saying why, if mosquitto is not installed or does not start."""
+    made = []
+
+    def make(directory, **options):
+        os.makedirs(str(directory), exist_ok=True)
+        try:
+            b = Broker(directory, **options)
+        except BrokerError as e:
+            pytest.fail(str(e), pytrace=False)
+        made.append(b)
+        return b
+
+    yield make
+    for b in made:
+        b.stop()
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    """One mosquitto per test module: loopback, a free port, no persistence, anonymous."""
+    try:
+        b = Broker(tmp_path_factory.mktemp("mosquitto"))
+    except BrokerError as e:
+        pytest.fail(str(e), pytrace=False)
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def store(broker, tmp_path):
+    """The reference consumer, in-process, on `broker`'s plain listener, SQLite in tmp."""
+    s = Store(broker.url(), tmp_path / "telemetry.db")
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def watcher(broker):
+    """Every message the pile (link_rig.PILE) sends through `broker`."""
+    w = Watcher(broker)
+    time.sleep(0.2)
+    yield w
+    w.close()

@@ -1,8 +1,7 @@
 """command_auth.py: HMAC-SHA256 (RFC 4231), signed commands, replays, bad input of every kind;
-tools/pilecmd.py output verifies."""
+pilehost/pilecmd.py output verifies."""
 import hashlib
 import hmac
-import importlib.util
 import json
 import os
 import re
@@ -15,14 +14,11 @@ from hypothesis import strategies as st
 
 import command_auth as C
 import session_store
+from pilehost import ROOT, pilecmd
 
 REASON = r"[^\x00-\x1f\x7f]{1,200}"  # docs/schemas/cmd_ack.v1.schema.json "reason"
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECRET = bytes.fromhex("6b1f0e4c9a2d3b8e7f60514233241506f7e8d9cabbac9d8e7f6051423324150a")
 
-_spec = importlib.util.spec_from_file_location("pilecmd", os.path.join(ROOT, "tools", "pilecmd.py"))
-pilecmd = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(pilecmd)
 
 
 def signed(cmd, args, counter, cmd_id=None, secret=SECRET, **kw):

@@ -4,7 +4,7 @@ import json
 import os
 
 import pytest
-from virtual_board import ROOT, board_dict
+from pilehost.virtual_board import ROOT, board_dict
 
 import config
 

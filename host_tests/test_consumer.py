@@ -2,12 +2,9 @@
 tools/fake_pile.py: one row per session whatever the replays, shared load, garbage, retained
 status and last wills. PostgreSQL cases run when PILE_TEST_POSTGRES_URL is set."""
 import collections
-import getpass
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,97 +14,19 @@ import uuid
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import consumer  # noqa: E402
-import fake_pile  # noqa: E402
-import launch  # noqa: E402  (sim/, on the path from conftest.py)
-from launch import free_port  # noqa: E402  (test_mqtt_link and test_mqtt_tls take it from here)
-from fake_pile import FakePile, Publisher, connect_pile  # noqa: E402
+from pilehost import ROOT, consumer, fake_pile
+from pilehost.cloud import schemas
+from pilehost.fake_pile import FakePile, Publisher, connect_pile
+from pilehost.procs import TIMEOUT, find_tool, wait_for
 
 CONSUMER = os.path.join(ROOT, "tools", "consumer.py")
 FAKE_PILE = os.path.join(ROOT, "tools", "fake_pile.py")
-SCHEMAS = consumer.Schemas()
-TIMEOUT = 15.0  # any single wait; loopback is fast, this only bounds a failure
-
-
-def find_tool(name):
-    found = shutil.which(name)
-    for path in ("/usr/sbin/" + name, "/usr/local/sbin/" + name):
-        if found is None and os.access(path, os.X_OK):
-            found = path
-    return found
-
-
-MOSQUITTO = find_tool("mosquitto")
+SCHEMAS = schemas()
 MOSQUITTO_PASSWD = find_tool("mosquitto_passwd")
-
-
-def wait_for(predicate, what, timeout=TIMEOUT):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    pytest.fail("timed out after %.0f s waiting for %s" % (timeout, what))
 
 
 def uid(prefix):
     return "%s-%s" % (prefix, uuid.uuid4().hex[:8])
-
-
-class Broker:
-    """A mosquitto of our own: loopback only, a free port, no persistence, killed at the end."""
-
-    def __init__(self, directory, password_file=None):
-        if MOSQUITTO is None:
-            pytest.fail("mosquitto is not installed: `apt-get install mosquitto mosquitto-clients` "
-                        "(CI installs it); the consumer tests need a real broker", pytrace=False)
-        self.directory = str(directory)
-        self.log = os.path.join(self.directory, "mosquitto.log")
-        self.proc = None
-        for _ in range(5):  # another process may take the free port before mosquitto binds it
-            self.port = free_port()
-            conf = os.path.join(self.directory, "mosquitto.conf")
-            with open(conf, "w") as f:
-                f.write("listener %d 127.0.0.1\n" % self.port)
-                f.write("persistence false\n")
-                f.write("user %s\n" % getpass.getuser())  # as root it would switch to `mosquitto`
-                if password_file:
-                    f.write("allow_anonymous false\npassword_file %s\n" % password_file)
-                else:
-                    f.write("allow_anonymous true\n")
-            with open(self.log, "ab") as log:
-                self.proc = subprocess.Popen([MOSQUITTO, "-c", conf], stdout=log, stderr=subprocess.STDOUT)
-            if self._ready():
-                return
-            self.stop()
-        with open(self.log, errors="replace") as f:
-            raise RuntimeError("mosquitto did not start:\n" + f.read()[-2000:])
-
-    def _ready(self):
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return True
-            except OSError:
-                time.sleep(0.02)
-        return False
-
-    def url(self, user=None, password=None):
-        auth = "" if user is None else "%s:%s@" % (urllib.parse.quote(user), urllib.parse.quote(password))
-        return "mqtt://%s127.0.0.1:%d" % (auth, self.port)
-
-    def stop(self):
-        launch.end_process(self.proc)
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    b = Broker(tmp_path_factory.mktemp("mosquitto"))
-    yield b
-    b.stop()
 
 
 def with_search_path(url, schema):
@@ -428,13 +347,13 @@ def test_last_will_marks_a_dead_pile_offline(broker, run_consumer, sqlite_url):
     assert query(sqlite_url, "SELECT online FROM piles WHERE pile_id = ?", (pile_id,)) == [(0,)]
 
 
-def test_command_line_with_a_password(tmp_path, sqlite_url):
+def test_command_line_with_a_password(tmp_path, sqlite_url, new_broker):
     if MOSQUITTO_PASSWD is None:
         pytest.skip("mosquitto_passwd is not installed (package mosquitto)")
     password_file = tmp_path / "passwd"
     subprocess.run([MOSQUITTO_PASSWD, "-b", "-c", str(password_file), "evse", "s3cr:t"], check=True,
                    capture_output=True, timeout=TIMEOUT)
-    b = Broker(tmp_path, password_file=password_file)
+    b = new_broker(tmp_path, password_file=password_file)
     proc = None
     try:
         wrong = subprocess.run([sys.executable, CONSUMER, "--broker", b.url("evse", "nope"),

@@ -3,7 +3,7 @@ import os
 import tempfile
 
 import pytest
-from virtual_board import VirtualBoard
+from pilehost.virtual_board import VirtualBoard
 
 import charger as ch
 import pilot
@@ -141,7 +141,7 @@ def test_runs_across_the_tick_wrap(monkeypatch):
 
 
 def test_tethered_board_uses_its_cable_rating(monkeypatch):
-    from virtual_board import board_dict
+    from pilehost.virtual_board import board_dict
 
     board = board_dict()
     board["pins"]["pp_adc"] = None

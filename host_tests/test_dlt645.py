@@ -6,7 +6,9 @@ from hypothesis import given, settings, strategies as st
 import dlt645
 from meter import MeterError, make_meter
 from meters import Dlt645MeterSim
-from test_meter_common import Bus, Clock, ScriptedSim, World, run, no_sleeping  # noqa: F401 (fixture)
+from pilehost.meter_rig import Bus, Clock, ScriptedSim, World, run
+
+pytestmark = pytest.mark.usefixtures("no_sleeping")  # conftest.py
 
 ADDR = b"\x01\x00\x00\x00\x00\x00"  # nameplate 000000000001
 

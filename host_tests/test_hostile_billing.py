@@ -4,14 +4,13 @@ the meter (item 9), power-loss records with bounds flagged (item 10), flash writ
 import errno
 import json
 import os
-import sys
 import tempfile
 
 import jsonschema
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from virtual_board import ROOT, VirtualBoard
+from pilehost.virtual_board import ROOT, VirtualBoard
 
 import charger as ch
 import journal
@@ -20,8 +19,7 @@ import meter
 import session_log
 import session_store
 
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import consumer  # noqa: E402
+from pilehost import consumer
 
 SCHEMAS = os.path.join(ROOT, "docs", "schemas")
 CHARGE = [(100, "plug"), (600, "request")]

@@ -16,6 +16,7 @@ import meter
 from meter import MeterBase, Reading, make_meter
 from meters import Dlt645MeterSim, ModbusMeterSim
 import modbus_meter
+from pilehost import meter_rig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PERIOD = 1 << 30
@@ -26,56 +27,31 @@ CYCLE_MS = {"ddsu666": 1000, "sdm120": 1000, "sdm630": 1000, "dlt645": 2000}
 
 # ----------------------------------------------------------------------------- fakes
 
-class World:
-    def __init__(self, energy_wh=1234500.0, voltage_v=230.0, current_a=16.0, power_w=3680.0):
-        self.energy_wh = energy_wh
-        self.voltage_v = voltage_v
-        self.current_a = current_a
-        self.power_w = power_w
+def World(energy_wh=1234500.0, **values):
+    return meter_rig.World(energy_wh, **values)
 
 
-class Bus:
-    """The meter's UART and DE pin: the sim answers when the request is written (so it reads
-    its registers no earlier than the write), reply bytes arrive one character time apart."""
+class Bus(meter_rig.Bus):
+    """The one RS-485 fake (sim/rs485.py via pilehost/meter_rig.py) with its own clock: `t` in ms,
+    `ticks()`, and `writes`: (ms, request bytes) of each request sent."""
 
     def __init__(self, sim, baud):
-        self.sim = sim
-        self.t = 0.0
-        self.char_ms = 11000.0 / baud
-        self.rx = bytearray()
-        self.pending = []
-        self.writes = []  # (ms, request bytes)
+        super().__init__(meter_rig.Clock(), sim, baud)
+
+    @property
+    def t(self):
+        return self.clock.t
+
+    @t.setter
+    def t(self, value):
+        self.clock.t = value
 
     def ticks(self):
         return int(self.t) % PERIOD
 
-    def write(self, buf):
-        data = bytes(buf)
-        self.writes.append((self.t, data))
-        reply = self.sim.handle(data)
-        if reply:
-            at = self.t + len(data) * self.char_ms + self.sim.reply_delay_ms
-            for k, b in enumerate(reply):
-                self.pending.append((at + (k + 1) * self.char_ms, b))
-        return len(data)
-
-    def _deliver(self):
-        while self.pending and self.pending[0][0] <= self.t:
-            self.rx.append(self.pending.pop(0)[1])
-
-    def any(self):
-        self._deliver()
-        return len(self.rx)
-
-    def readinto(self, buf, n=None):
-        self._deliver()
-        n = min(len(buf), len(self.rx), len(buf) if n is None else n)
-        buf[:n] = self.rx[:n]
-        del self.rx[:n]
-        return n or None
-
-    def value(self, v=None):  # the DE pin
-        return 0 if v is None else None
+    @property
+    def writes(self):
+        return [(start, data) for start, _end, data in self.frames]
 
 
 def make(kind, world=None, **options):
@@ -86,7 +62,7 @@ def make(kind, world=None, **options):
     else:
         sim = ModbusMeterSim(world, model=kind)
     bus = Bus(sim, BAUD[kind])
-    m = make_meter(kind, uart=bus, de=bus, baud=BAUD[kind], poll_interval_ms=CYCLE_MS[kind],
+    m = make_meter(kind, uart=bus.uart, de=bus.de, baud=BAUD[kind], poll_interval_ms=CYCLE_MS[kind],
                    **options)
     return world, sim, bus, m
 
@@ -327,7 +303,7 @@ def test_item12_extreme_registers_are_errors_not_exceptions(raw, kind):
     world = World()
     sim = RawSim(world, raw)
     bus = Bus(sim, 9600)
-    m = make_meter("ddsu666", uart=bus, de=bus)
+    m = make_meter("ddsu666", uart=bus.uart, de=bus.de)
     run(m, bus, 3000)
     assert m.reading is None and m.errors[kind] == 3, m.errors
 
@@ -389,7 +365,7 @@ def test_item13_driver_bills_the_vectors():
         kwh = struct.unpack(">f", struct.pack(">I", bits))[0]
         sim = RawSim(World(), {0x4000: kwh})
         bus = Bus(sim, 9600)
-        m = make_meter("ddsu666", uart=bus, de=bus)
+        m = make_meter("ddsu666", uart=bus.uart, de=bus.de)
         run(m, bus, 300)
         assert m.reading.energy_wh == wh
 
@@ -419,7 +395,7 @@ def s0_world(monkeypatch):
     virtual clock that only the test moves."""
     import machine
     import world
-    from virtual_board import VirtualClock, board_dict
+    from pilehost.virtual_board import VirtualClock, board_dict
 
     clock = VirtualClock(start_us=(PERIOD - 3000) * 1000, read_cost_us=0)  # ticks wrap early
     monkeypatch.setattr(time, "ticks_us", clock.ticks_us)

@@ -10,7 +10,8 @@ import tempfile
 
 import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
-from virtual_board import VirtualBoard, board_dict
+from pilehost.meter_rig import Pin
+from pilehost.virtual_board import VirtualBoard, board_dict
 
 import charger as ch
 import pilot
@@ -221,17 +222,6 @@ def test_item4_s2_chatter_with_a_leak_trips(monkeypatch):
     watch.run_until(20000)
     assert vb.ctl.rcd.trips >= 1 and vb.reported("rcd")
     assert len(watch.closes()) <= 1  # retry after rcd_retry_s (300 s): no second close
-
-
-class Pin:
-    def __init__(self, v=0):
-        self.v = v
-
-    def value(self, v=None):
-        if v is None:
-            return self.v
-        self.v = v
-        return None
 
 
 @pytest.mark.parametrize("every_ms", [10, 20, 49, 50, 51, 100])

@@ -5,41 +5,23 @@ import errno
 import json
 import os
 import socket
-import sys
 import time
 
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-sys.path.insert(0, os.path.join(ROOT, "sim"))
+import command_auth  # firmware/
+import mqtt_link  # umqtt.simple: loaded by conftest.py
+import sntp
+from pilehost import ROOT, consumer, fake_pile, pilecmd
+from pilehost.broker import find_mosquitto
+from pilehost.cloud import LocalBroker, schemas
+from pilehost.fake_pile import FakePile, Publisher
+from pilehost.procs import wait_for
 
-
-# umqtt.simple: loaded by conftest.py
-
-import command_auth  # noqa: E402  (firmware/)
-import consumer  # noqa: E402  (tools/)
-import fake_pile  # noqa: E402
-import launch  # noqa: E402  (sim/)
-import mqtt_link  # noqa: E402
-import pilecmd  # noqa: E402
-import sntp  # noqa: E402
-from fake_pile import FakePile, Publisher  # noqa: E402
-
-SCHEMAS = consumer.Schemas()
-TIMEOUT = 15.0
+SCHEMAS = schemas()
 SECRET = b"k" * 32
-
-
-def wait_for(predicate, what, timeout=TIMEOUT):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    pytest.fail("timed out after %.0f s waiting for %s" % (timeout, what))
 
 
 # -- item 14: one auth_id rule --------------------------------------------------------------------
@@ -189,12 +171,12 @@ def test_item16_a_session_id_belongs_to_exactly_one_pile(topic_pile, owner, boot
 
 # -- item 17: one broker identity per pile ----------------------------------------------------------
 
-needs_mosquitto = pytest.mark.skipif(launch.find_mosquitto() is None, reason="mosquitto is not installed")
+needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
 
 
 @needs_mosquitto
 def test_item17_pile_b_can_neither_publish_as_a_nor_take_over_its_connection(tmp_path):
-    broker = launch.LocalBroker(str(tmp_path), "mosquitto", piles=("pile-A", "pile-B"))
+    broker = LocalBroker(str(tmp_path), "mosquitto", piles=("pile-A", "pile-B"))
     made = []
     try:
         assert broker.secure
@@ -254,7 +236,7 @@ def test_item17_pile_b_can_neither_publish_as_a_nor_take_over_its_connection(tmp
 
 @needs_mosquitto
 def test_item17_the_tool_makes_a_pile_user_the_broker_takes(tmp_path):
-    import broker_users
+    from pilehost import broker_users
 
     state = str(tmp_path / "broker")
     password = broker_users.add_pile(state, "pile-0042")

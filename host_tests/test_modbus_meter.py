@@ -8,7 +8,9 @@ from hypothesis import given, settings, strategies as st
 import modbus_meter
 from meter import MeterError, make_meter
 from meters import ModbusMeterSim
-from test_meter_common import Bus, Clock, ScriptedSim, World, run, no_sleeping  # noqa: F401 (fixture)
+from pilehost.meter_rig import Bus, Clock, ScriptedSim, World, run
+
+pytestmark = pytest.mark.usefixtures("no_sleeping")  # conftest.py
 
 MODELS = ("ddsu666", "sdm120", "sdm630")
 

@@ -7,27 +7,21 @@ import threading
 import time
 
 import pytest
-from test_consumer import SCHEMAS, TIMEOUT, Broker
-from test_mqtt_link import C_TO_B_LIMIT_MS, HEAP, Watcher, launch, mqtt_config, signed
+
+from pilehost import unix_port
+from pilehost.cloud import schemas
+from pilehost.link_rig import C_TO_B_LIMIT_MS, HEAP, mqtt_config, signed
+from pilehost.procs import TIMEOUT
+
+SCHEMAS = schemas()
 
 SCHEDULED = "scheduled: takes effect when the running session has ended"  # charger.SCHEDULED
 
 
 @pytest.fixture
-def broker(tmp_path):
-    """One per test: no retained status of an earlier test's pile."""
-    (tmp_path / "mosquitto").mkdir()
-    b = Broker(tmp_path / "mosquitto")
-    yield b
-    b.stop()
-
-
-@pytest.fixture
-def watcher(broker):
-    w = Watcher(broker)
-    time.sleep(0.2)
-    yield w
-    w.close()
+def broker(tmp_path, new_broker):
+    """One per test: no retained status of an earlier test's pile (conftest's `watcher` uses it)."""
+    return new_broker(tmp_path / "mosquitto")
 
 
 class Pile:
@@ -35,15 +29,16 @@ class Pile:
 
     def __init__(self, monkeypatch, name, steps, port, flash):
         flash.mkdir(exist_ok=True)
-        monkeypatch.setitem(launch.scenarios.SCENARIOS, name, {"doc": "test_mqtt_commands", "steps": steps})
+        monkeypatch.setitem(unix_port.scenarios.SCENARIOS, name,
+                            {"doc": "test_mqtt_commands", "steps": steps})
         self.lines = []
         self.run = None
         self.thread = threading.Thread(target=self._run, args=(name, port, str(flash)))
         self.thread.start()
 
     def _run(self, name, port, flash):
-        self.run = launch.run_scenario(name, config=mqtt_config(port), heapsize=HEAP, flash_dir=flash,
-                                       on_line=self.lines.append)
+        self.run = unix_port.run_scenario(name, config=mqtt_config(port), heapsize=HEAP, flash_dir=flash,
+                                          on_line=self.lines.append)
 
     def wait(self, predicate, what, timeout=TIMEOUT):
         deadline = time.monotonic() + timeout

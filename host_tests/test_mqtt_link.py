@@ -8,172 +8,32 @@ import os
 import random
 import re
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "sim"))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import journal  # noqa: E402  (firmware/, on the path by conftest)
-import launch  # noqa: E402
-import tcp_relay  # noqa: E402
-import paho.mqtt.client as mqtt  # noqa: E402
-import pilecmd  # noqa: E402
-from test_consumer import MOSQUITTO, SCHEMAS, TIMEOUT, Broker, consumer, free_port, wait_for  # noqa: E402
+import journal  # firmware/
+from pilehost import pilecmd, unix_port
+from pilehost.broker import BlackHole
+from pilehost.cloud import Store, schemas
+from pilehost.link_rig import (C_TO_B_LIMIT_MS, HEAP, PILE, SECRET, SESSION, Proxy, Watcher, ended_idle,
+                               mqtt_config, sessions, signed)
+from pilehost.procs import TIMEOUT, free_port, wait_for
+
+SCHEMAS = schemas()
 
 try:
-    launch.micropython_binary()
+    unix_port.micropython_binary()
 except FileNotFoundError:  # pragma: no cover - `make test` installs it
     pytest.skip("MicroPython unix port not installed (make venv)", allow_module_level=True)
 
-C_TO_B_LIMIT_MS = 100  # IEC 61851-1 Table A.6 seq. 8.1
-# The firmware with the MQTT link needs more than the default 160 KiB on the unix port, where
-# its bytecode lives in the heap (README, figures); `make sim` gives it the same.
-HEAP = launch.MQTT_HEAP
-PILE = "sim-pile-1"
-SESSION = PILE + "-1-1"
-SECRET = bytes(range(32))
-ROOT_TOPIC = "evse/v1/%s/" % PILE
-
-
-def mqtt_config(port, **extra):
-    conf = {"host": "127.0.0.1", "port": port, "secret": SECRET.hex(), "keepalive_s": 10}
-    conf.update(extra)
-    return {"mqtt": conf}
-
 
 def run(scenario, port, **kwargs):
-    r = launch.run_scenario(scenario, config=mqtt_config(port), heapsize=HEAP, **kwargs)
+    r = unix_port.run_scenario(scenario, config=mqtt_config(port), heapsize=HEAP, **kwargs)
     assert r.returncode == 0 and r.result is not None, "\n".join(r.lines[-30:])
     assert not any("Traceback" in line or "MemoryError" in line for line in r.lines), "\n".join(r.lines)
     return r
-
-
-def ended_idle(r):
-    return r.firmware_events("charger")[-1][1].endswith("-> idle")
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    b = Broker(tmp_path_factory.mktemp("mosquitto"))
-    yield b
-    b.stop()
-
-
-@pytest.fixture
-def store(broker, tmp_path):
-    """The reference consumer, in-process, SQLite in tmp."""
-    c = start_consumer(broker.url(), tmp_path / "telemetry.db")
-    yield c
-    stop_consumer(c)
-
-
-def sessions(c, session_id=SESSION):
-    return c.handler.storage.query("SELECT stop_reason FROM sessions WHERE session_id = ?", (session_id,))
-
-
-class Watcher:
-    """A plain subscriber: every message the pile sends, in order, with its retain flag."""
-
-    def __init__(self, broker):
-        self.messages = []
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
-        self.client.on_message = lambda _c, _u, m: self.messages.append(
-            (m.topic[len(ROOT_TOPIC):], m.payload, m.retain))
-        self.client.connect("127.0.0.1", broker.port)
-        self.client.subscribe(ROOT_TOPIC + "#", 1)
-        self.client.loop_start()
-
-    def of(self, kind):
-        return [json.loads(p) for t, p, _ in list(self.messages) if t == kind]
-
-    def live(self, kind):
-        """Only what was published while subscribed: not what an earlier test left retained."""
-        return [json.loads(p) for t, p, retained in list(self.messages) if t == kind and not retained]
-
-    def publish(self, payload):
-        self.client.publish(ROOT_TOPIC + "cmd", payload, qos=1).wait_for_publish(TIMEOUT)
-
-    def close(self):
-        self.client.loop_stop()
-        self.client.disconnect()
-
-
-@pytest.fixture
-def watcher(broker):
-    w = Watcher(broker)
-    time.sleep(0.2)
-    yield w
-    w.close()
-
-
-def published_ended(packet):
-    """The packet id of a QoS 1 PUBLISH of a session/ended record, else None."""
-    if packet[0] & 0xF0 != 0x30 or packet[0] & 6 != 2:
-        return None
-    i = 1
-    while packet[i] & 0x80:
-        i += 1
-    i += 1
-    n = packet[i] << 8 | packet[i + 1]
-    if not packet[i + 2:i + 2 + n].endswith(b"/session/ended"):
-        return None
-    return packet[i + 2 + n] << 8 | packet[i + 3 + n]
-
-
-class Proxy(tcp_relay.TcpRelay):
-    """A relay between the pile and the broker that can be taken away (down/up); the consumer
-    stays connected to the broker itself. hold="publish" keeps the pile's first session/ended
-    PUBLISH (and what follows it on that connection) from the broker, hold="puback" keeps the
-    broker's PUBACK for it from the pile; `held` is set then: the record is in flight, its PUBACK
-    not in the pile's hands. After down(), everything goes through."""
-
-    def __init__(self, target_port, hold=None):
-        super().__init__(target_port)
-        self.hold = hold
-        self.inspect = hold is not None  # else bytes pass as they come: TLS too
-        self.held = threading.Event()
-        self.pid = None
-
-    def packet(self, packet, up, conn):
-        if self.held.is_set():
-            return not up or self.hold != "publish"  # held: nothing more of the pile's
-        if up:
-            pid = published_ended(packet)
-            if pid is not None:
-                self.pid = pid
-                if self.hold == "publish":
-                    self.held.set()
-                    return False
-        elif packet[0] == 0x40 and self.pid == (packet[2] << 8 | packet[3]):
-            self.held.set()
-            return False
-        return True
-
-    def down(self):
-        super().down()
-        self.hold = None
-        self.inspect = False
-
-
-def start_consumer(url, db_path):
-    """The reference consumer, in-process, on its own SQLite file."""
-    storage = consumer.open_storage("sqlite:///" + str(db_path))
-    storage.setup()
-    c = consumer.Consumer(url, consumer.Handler(SCHEMAS, storage))
-    c.start()
-    assert c.subscribed.wait(TIMEOUT), "the consumer did not subscribe"
-    return c
-
-
-def stop_consumer(c):
-    c.stop()
-    c.handler.storage.close()
 
 
 def count(c, key):
@@ -189,7 +49,7 @@ def pending_records(flash):
 def in_background(scenario, port, **kwargs):
     """Run a scenario in a thread: (thread, box); box["run"] is the SimRun once it ends."""
     box = {}
-    thread = threading.Thread(target=lambda: box.setdefault("run", launch.run_scenario(
+    thread = threading.Thread(target=lambda: box.setdefault("run", unix_port.run_scenario(
         scenario, config=mqtt_config(port), heapsize=HEAP, **kwargs)))
     thread.start()
     return thread, box
@@ -252,40 +112,23 @@ def test_broker_away_then_back_replays_the_outbox_once(broker, store):
     assert ended_idle(r)
 
 
-def restart(b, how):
-    """Stop mosquitto (SIGKILL: a crash; SIGTERM: a clean shutdown) and start it again on the
-    same port, with the same configuration (no persistence: it comes back empty)."""
-    b.proc.send_signal(how)
-    b.proc.wait(TIMEOUT)
-    with open(b.log, "ab") as log:
-        b.proc = subprocess.Popen([MOSQUITTO, "-c", os.path.join(b.directory, "mosquitto.conf")],
-                                  stdout=log, stderr=subprocess.STDOUT)
-
-    def listening():
-        try:
-            socket.create_connection(("127.0.0.1", b.port), timeout=0.5).close()
-            return True
-        except OSError:
-            return False
-    wait_for(listening, "mosquitto back on port %d" % b.port)
-
-
 @pytest.mark.parametrize("how, hold", [(signal.SIGKILL, "puback"), (signal.SIGTERM, "publish")],
                          ids=["killed-after-passing-it-on", "restarted-before-receiving-it"])
-def test_broker_restarted_mid_publish_stores_the_session_once(tmp_path, monkeypatch, how, hold):
+def test_broker_restarted_mid_publish_stores_the_session_once(tmp_path, monkeypatch, new_broker, how, hold):
     """The broker goes while the pile's session/ended is in flight, before its PUBACK: killed
     after it passed the record on (the PUBACK is held back on the way), or shut down before it
     got it (the PUBLISH is held back). It comes back empty on the same port; the pile sends the
     record again after reconnecting: stored once, nothing left in the pile's outbox."""
-    b = Broker(tmp_path)
-    c = start_consumer(b.url(), tmp_path / "telemetry.db")
+    b = new_broker(tmp_path)
+    c = Store(b.url(), tmp_path / "telemetry.db")
     proxy = Proxy(b.port, hold=hold)
     proxy.up()
     flash = tmp_path / "flash"
     flash.mkdir()
     lines = []
     steps = [(300, "plug"), (1000, "request"), (3000, "stop_request"), (3500, "unplug"), (15000, "end")]
-    monkeypatch.setitem(launch.scenarios.SCENARIOS, "session_then_wait", {"doc": "a session", "steps": steps})
+    monkeypatch.setitem(unix_port.scenarios.SCENARIOS, "session_then_wait",
+                        {"doc": "a session", "steps": steps})
     thread, box = in_background("session_then_wait", proxy.port, flash_dir=str(flash), on_line=lines.append)
     try:
         until(proxy.held.is_set, "session/ended in flight", thread, lines)
@@ -294,9 +137,9 @@ def test_broker_restarted_mid_publish_stores_the_session_once(tmp_path, monkeypa
         else:
             assert count(c, "session_ended_new") == 0
         proxy.down()
-        restart(b, how)
-        wait_for(lambda: not c.subscribed.is_set(), "the consumer to lose the broker")
-        wait_for(c.subscribed.is_set, "the consumer to subscribe again", timeout=40)
+        b.restart(how)
+        wait_for(lambda: not c.consumer.subscribed.is_set(), "the consumer to lose the broker")
+        wait_for(c.consumer.subscribed.is_set, "the consumer to subscribe again", timeout=40)
         proxy.up()  # only now: a record sent before the consumer is back would reach no one
         wait_for(lambda: count(c, "session_ended_new") + count(c, "session_ended_duplicate") == (
             2 if hold == "puback" else 1), "the record sent again")
@@ -308,7 +151,7 @@ def test_broker_restarted_mid_publish_stores_the_session_once(tmp_path, monkeypa
     finally:
         proxy.down()
         thread.join(60)
-        stop_consumer(c)
+        c.stop()
         b.stop()
     r = box["run"]
     assert r.returncode == 0 and r.result is not None and r.result["boots"] == 1, "\n".join(r.lines[-30:])
@@ -327,7 +170,7 @@ def test_power_cut_mid_session_reaches_the_consumer_as_power_loss_once(broker, s
     and its started record once; a further boot sends neither again."""
     flash = str(tmp_path)
     config = mqtt_config(broker.port)
-    cut = launch.run_scenario("charging_until_cut", config=config, heapsize=HEAP, flash_dir=flash,
+    cut = unix_port.run_scenario("charging_until_cut", config=config, heapsize=HEAP, flash_dir=flash,
                               kill_after_s=4.0)
     assert cut.result is None and any("contactor: closed" in t for t in cut.lines), "\n".join(cut.lines)
     wait_for(lambda: store.handler.storage.query("SELECT 1 FROM session_starts"), "the started record")
@@ -337,13 +180,13 @@ def test_power_cut_mid_session_reaches_the_consumer_as_power_loss_once(broker, s
     assert pending_records(flash) == []  # the started record was acknowledged before the cut
     assert os.path.exists(os.path.join(flash, "session.json"))
 
-    again = launch.run_scenario("car_still_there", config=config, heapsize=HEAP, flash_dir=flash)
+    again = unix_port.run_scenario("car_still_there", config=config, heapsize=HEAP, flash_dir=flash)
     assert again.returncode == 0 and again.result is not None, "\n".join(again.lines[-30:])
     wait_for(lambda: sessions(store), "the power_loss record")
     assert sessions(store) == [("power_loss",)]
     # Boot 2 ended with its own session open (the scenario stops the world): boot 3 closes
     # that one; by the time it is stored, a copy of boot 1's record would have come first.
-    third = launch.run_scenario("car_still_there", config=config, heapsize=HEAP, flash_dir=flash,
+    third = unix_port.run_scenario("car_still_there", config=config, heapsize=HEAP, flash_dir=flash,
                                 kill_after_s=3.0)
     assert not any("Traceback" in t for t in third.lines + again.lines)
     wait_for(lambda: sessions(store, PILE + "-2-1"), "boot 2's session, closed by boot 3")
@@ -361,7 +204,7 @@ def test_power_cut_mid_session_reaches_the_consumer_as_power_loss_once(broker, s
 # -- the control loop never waits ---------------------------------------------------------------
 
 def test_black_holed_broker_never_delays_the_contactor():
-    hole = launch.BlackHole()
+    hole = BlackHole()
     try:
         r = run("c_to_b_mid_charge", hole.port)
     finally:
@@ -413,10 +256,6 @@ BAD_NAMES = ["Remote_stop", "remote-stop", "", 5, None, "a" * 33, "x" * 40]  # n
 OUTER_JUNK = [b"", b"{}", b"null", b"[]", b"42", b'"text"', b"true", b'{"body": "x"}',
               b'{"body": 1, "sig": 2}', b'{"body": "x", "sig": null}', b'{"Body": "x", "sig": "00"}',
               b'{"body": ["x"], "sig": "y"}', b"{", b"\xff\xfe\xfd"]
-
-
-def signed(cmd, args, counter, cmd_id=None, secret=SECRET):
-    return pilecmd.sign(secret, pilecmd.make_body(cmd, args, counter, cmd_id))
 
 
 def fuzzed_commands(base, first):
@@ -541,7 +380,7 @@ def test_fuzzed_commands_change_nothing_then_signed_ones_work(broker, store, wat
     # ~130 commands a second get through (one per control loop, the acks in between): 1000 take
     # ~8 s, and the scenario leaves room for twice that on a busy machine.
     steps = [(300, "plug"), (1000, "request"), (25000, "end")]
-    monkeypatch.setitem(launch.scenarios.SCENARIOS, "fuzz_commands", {"doc": "charging", "steps": steps})
+    monkeypatch.setitem(unix_port.scenarios.SCENARIOS, "fuzz_commands", {"doc": "charging", "steps": steps})
     base = int(time.time() * 1000) + 60000  # above any counter "now" while the pile starts
     first = signed("request_status", {}, base, "first")
     fuzz = fuzzed_commands(base, first)

@@ -5,13 +5,10 @@ ports/esp32/boards/manifest.py, ahead of /lib on sys.path). A missing method is 
 AttributeError in connect(), past `except OSError`: the fail-safe, a reset, again and again."""
 import os
 import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "sim"))
-import launch  # noqa: E402
+from pilehost import unix_port
 
 # In the order umqtt.simple 1.8.0's connect() calls them (1.3.4 calls a subset): close the old
 # socket, settimeout, connect, write the CONNECT, read the CONNACK (not there yet: EAGAIN).
@@ -36,10 +33,10 @@ print("pending", pipe.pending(), bytes(pipe.mv[pipe.head:pipe.tail]))
 
 def test_the_pipe_takes_every_call_umqtt_simple_makes_on_its_socket(tmp_path):
     try:
-        exe = launch.micropython_binary()
+        exe = unix_port.micropython_binary()
     except FileNotFoundError:  # pragma: no cover - `make test` installs it
         pytest.skip("MicroPython unix port not installed (make venv)")
-    env = dict(os.environ, MICROPYPATH=launch.micropypath())
+    env = dict(os.environ, MICROPYPATH=unix_port.micropypath())
     proc = subprocess.run([exe, "-c", SCRIPT], cwd=str(tmp_path), env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr

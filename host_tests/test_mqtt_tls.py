@@ -6,7 +6,6 @@ rules on CPython with fakes that behave like MicroPython's mbedTLS socket: a wri
 block is repeated byte for byte, no TLS step while the contactor is closed, the timeouts."""
 import datetime
 import errno
-import getpass
 import ipaddress
 import json
 import os
@@ -20,17 +19,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-# umqtt.simple: loaded by conftest.py
-import journal  # noqa: E402
-import launch  # noqa: E402  (sim/, on the path from test_mqtt_link)
-import mqtt_link  # noqa: E402
-from test_consumer import MOSQUITTO, TIMEOUT, Broker, consumer, free_port, wait_for  # noqa: E402
-from test_mqtt_link import HEAP as LINK_HEAP  # noqa: E402
-from test_mqtt_link import (C_TO_B_LIMIT_MS, PILE, SESSION, Proxy, Watcher, ended_idle,  # noqa: E402
-                            mqtt_config, sessions)
+import journal  # firmware/
+import mqtt_link  # firmware/; umqtt.simple: loaded by conftest.py
+from pilehost import ROOT, unix_port
+from pilehost.broker import Broker, BrokerError
+from pilehost.link_rig import HEAP as LINK_HEAP
+from pilehost.link_rig import (C_TO_B_LIMIT_MS, PILE, SESSION, Proxy, Watcher, ended_idle, mqtt_config,
+                               sessions)
+from pilehost.procs import free_port, wait_for
 
 BROKER_NAME = "broker.test"
 # The SSLContext (mbedTLS's config, entropy and CA structures inside it) takes ~5 KiB of the
@@ -96,39 +92,6 @@ class Pki:
                 f.write(data)
 
 
-class TlsBroker(Broker):
-    """mosquitto with a TLS listener for the pile and a plain one for the consumer, loopback."""
-
-    def __init__(self, directory, pki):  # not Broker.__init__: it writes a plain-only config
-        if MOSQUITTO is None:
-            pytest.fail("mosquitto is not installed: `apt-get install mosquitto`", pytrace=False)
-        self.directory = str(directory)
-        self.log = os.path.join(self.directory, "mosquitto.log")
-        self.proc = None
-        for _ in range(5):  # another process may take a free port before mosquitto binds it
-            self.port, self.tls_port = free_port(), free_port()
-            conf = os.path.join(self.directory, "mosquitto.conf")
-            with open(conf, "w") as f:
-                f.write("persistence false\nallow_anonymous true\nuser %s\n" % getpass.getuser())
-                f.write("listener %d 127.0.0.1\n" % self.port)
-                f.write("listener %d 127.0.0.1\ncafile %s\ncertfile %s\nkeyfile %s\n"
-                        % (self.tls_port, pki.ca, pki.cert, pki.key))
-            with open(self.log, "ab") as log:
-                self.proc = subprocess.Popen([MOSQUITTO, "-c", conf], stdout=log, stderr=subprocess.STDOUT)
-            if self._ready() and self._ready_port(self.tls_port):
-                return
-            self.stop()
-        with open(self.log, errors="replace") as f:
-            raise RuntimeError("mosquitto did not start:\n" + f.read()[-2000:])
-
-    def _ready_port(self, port):
-        saved, self.port = self.port, port
-        try:
-            return self._ready()
-        finally:
-            self.port = saved
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     return Pki(str(tmp_path_factory.mktemp("pki")))
@@ -136,29 +99,14 @@ def pki(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory, pki):
-    b = TlsBroker(tmp_path_factory.mktemp("mosquitto-tls"), pki)
+    """mosquitto with a TLS listener for the pile (tls_port) and a plain one for the consumer
+    (conftest's `store`) and the `watcher`, loopback."""
+    try:
+        b = Broker(tmp_path_factory.mktemp("mosquitto-tls"), tls=(pki.ca, pki.cert, pki.key))
+    except BrokerError as e:
+        pytest.fail(str(e), pytrace=False)
     yield b
     b.stop()
-
-
-@pytest.fixture
-def store(broker, tmp_path):
-    """The reference consumer on the plain listener, SQLite in tmp."""
-    storage = consumer.open_storage("sqlite:///" + str(tmp_path / "telemetry.db"))
-    storage.setup()
-    c = consumer.Consumer(broker.url(), consumer.Handler(consumer.Schemas(), storage))
-    c.start()
-    assert c.subscribed.wait(TIMEOUT), "the consumer did not subscribe"
-    yield c
-    c.stop()
-    storage.close()
-
-
-@pytest.fixture
-def watcher(broker):
-    w = Watcher(broker)
-    yield w
-    w.close()
 
 
 def run_pile(scenario, port, flash, ca_file=None, **mqtt):
@@ -168,7 +116,7 @@ def run_pile(scenario, port, flash, ca_file=None, **mqtt):
         shutil.copy(ca_file, os.path.join(flash, "ca.pem"))
     on_line = mqtt.pop("on_line", None)
     conf = mqtt_config(port, tls_ca="ca.pem", **mqtt)
-    r = launch.run_scenario(scenario, config=conf, heapsize=HEAP, flash_dir=flash, on_line=on_line)
+    r = unix_port.run_scenario(scenario, config=conf, heapsize=HEAP, flash_dir=flash, on_line=on_line)
     assert r.returncode == 0 and r.result is not None, "\n".join(r.lines[-30:])
     assert not any("Traceback" in line or "MemoryError" in line for line in r.lines), "\n".join(r.lines)
     assert max(r.result["latencies_ms"] or [0]) < C_TO_B_LIMIT_MS  # IEC 61851-1 Table A.6 seq. 8.1
@@ -177,12 +125,6 @@ def run_pile(scenario, port, flash, ca_file=None, **mqtt):
 
 def mqtt_lines(r):
     return [text for _, text in r.firmware_events("mqtt")]
-
-
-def live(watcher, kind=None):
-    """What the pile published while `watcher` listened (retained copies of earlier runs left out)."""
-    return [json.loads(p) for t, p, retained in list(watcher.messages)
-            if not retained and (kind is None or t == kind)]
 
 
 def outbox_kinds(flash):
@@ -202,7 +144,7 @@ def test_a_session_reaches_the_consumer_over_tls_once(broker, store, watcher, pk
     assert sessions(store) == [("ev_disconnected",)]
     assert store.handler.stats.snapshot()[0].get("session_ended_new") == 1
     assert not store.handler.storage.query("SELECT reason FROM rejected")
-    assert live(watcher, "online")[0]["online"] is True
+    assert watcher.live("online")[0]["online"] is True
     assert outbox_kinds(tmp_path) == []
 
 
@@ -224,7 +166,7 @@ def test_another_ca_is_refused_and_the_session_waits_in_flash_for_the_right_one(
     assert not any(t.startswith("connected") or t.startswith("TLS handshake done") for t in lines)
     assert ended_idle(r)
     assert outbox_kinds(tmp_path) == ["session_start", "session_end"]
-    assert live(watcher) == [] and sessions(store) == []  # not a byte of MQTT got through
+    assert watcher.live() == [] and sessions(store) == []  # not a byte of MQTT got through
     # The right CA on the same flash: the next boot delivers the first boot's session, once.
     again = run_pile("normal", broker.tls_port, tmp_path, pki.ca)
     assert any(t.startswith("connected") for t in mqtt_lines(again)), mqtt_lines(again)
@@ -237,9 +179,8 @@ def test_another_ca_is_refused_and_the_session_waits_in_flash_for_the_right_one(
     assert outbox_kinds(tmp_path) == []
 
 
-def test_a_plain_broker_on_the_tls_port_is_refused(tmp_path, pki):
-    (tmp_path / "plain").mkdir()
-    plain = Broker(tmp_path / "plain")
+def test_a_plain_broker_on_the_tls_port_is_refused(tmp_path, pki, new_broker):
+    plain = new_broker(tmp_path / "plain")
     w = Watcher(plain)
     try:
         r = run_pile(QUICK, plain.port, tmp_path, pki.ca)
@@ -249,7 +190,7 @@ def test_a_plain_broker_on_the_tls_port_is_refused(tmp_path, pki):
     lines = mqtt_lines(r)
     assert any(t.startswith("TLS handshake failed") for t in lines), lines
     assert not any(t.startswith("connected") for t in lines)
-    assert live(w) == []  # the pile said nothing in clear
+    assert w.live() == []  # the pile said nothing in clear
 
 
 def test_no_tls_while_the_contactor_is_closed(broker, store, pki, tmp_path):
@@ -283,7 +224,7 @@ def test_no_tls_while_the_contactor_is_closed(broker, store, pki, tmp_path):
 def test_a_missing_or_bad_ca_file_keeps_the_pile_unavailable(tmp_path, content, error):
     if content is not None:
         (tmp_path / "ca.pem").write_bytes(content)
-    r = launch.run_scenario("normal", config=mqtt_config(free_port(), tls_ca="ca.pem"),
+    r = unix_port.run_scenario("normal", config=mqtt_config(free_port(), tls_ca="ca.pem"),
                             heapsize=HEAP, flash_dir=str(tmp_path))
     assert r.returncode == 0 and r.result is not None, "\n".join(r.lines[-30:])
     config = [text for _, text in r.firmware_events("config")]
@@ -295,10 +236,10 @@ def test_a_missing_or_bad_ca_file_keeps_the_pile_unavailable(tmp_path, content, 
 
 def test_longest_poll_while_connecting_over_tls(broker, pki):
     """A figure for the README, not a timed assertion: on an ESP32 it is many times larger."""
-    env = dict(os.environ, MICROPYPATH=launch.micropypath())
-    proc = subprocess.run([launch.micropython_binary(), os.path.join(ROOT, "host_tests", "upy_tls_poll.py"),
-                           str(broker.tls_port), pki.ca], env=env, capture_output=True, text=True,
-                          timeout=60)
+    env = dict(os.environ, MICROPYPATH=unix_port.micropypath())
+    script = os.path.join(ROOT, "host_tests", "upy_tls_poll.py")
+    proc = subprocess.run([unix_port.micropython_binary(), script, str(broker.tls_port), pki.ca], env=env,
+                          capture_output=True, text=True, timeout=60)
     out = proc.stdout + proc.stderr
     print(out)
     found = re.search(r"longest poll\(\) (\d+\.\d) ms", out)
@@ -601,8 +542,9 @@ def test_tls_context_on_the_unix_port_takes_pem_bundles_and_der(pki, tmp_path):
     }
     for name, (data, _) in cases.items():
         (tmp_path / name).write_bytes(data)
-    env = dict(os.environ, MICROPYPATH=launch.micropypath())
-    proc = subprocess.run([launch.micropython_binary(), "-c", _CA_CHECK] + [str(tmp_path / n) for n in cases],
+    env = dict(os.environ, MICROPYPATH=unix_port.micropypath())
+    files = [str(tmp_path / n) for n in cases]
+    proc = subprocess.run([unix_port.micropython_binary(), "-c", _CA_CHECK] + files,
                           env=env, capture_output=True, text=True, timeout=60)
     results = proc.stdout.splitlines()
     assert proc.returncode == 0 and len(results) == len(cases), proc.stdout + proc.stderr

@@ -5,14 +5,12 @@ import glob
 import json
 import logging
 import os
-import sys
 
 import mpremote.mip
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import fetch_deps  # noqa: E402
+from pilehost import ROOT
+from tools import fetch_deps
 
 FIRMWARE = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "firmware", "*.py")))
 # Run by MicroPython from the filesystem at every boot; never frozen (manifest.py says why).

@@ -3,7 +3,7 @@ import pytest
 import world
 from hypothesis import given
 from hypothesis import strategies as st
-from virtual_board import VirtualClock, board_dict
+from pilehost.virtual_board import VirtualClock, board_dict
 
 import pilot
 

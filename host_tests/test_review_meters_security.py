@@ -220,7 +220,7 @@ def test_item8_a_meter_restart_mid_session_loses_no_wh(monkeypatch):
     """The meter driver detects the restart (epoch 1) and the session sums the epochs. Before
     the billing side knew epochs, the record subtracted the new epoch's register from the old
     epoch's start: 41 Wh billed of ~81 Wh delivered here."""
-    from virtual_board import VirtualBoard
+    from pilehost.virtual_board import VirtualBoard
 
     config = {"free_vend": True, "pile_id": "p-1", "meter": {"type": "ddsu666"}}
     vb = VirtualBoard(monkeypatch, config=config, period_ms=5)

@@ -4,7 +4,9 @@ import pytest
 
 from meter import make_meter
 from meters import S0MeterSim
-from test_meter_common import Clock, World, no_sleeping  # noqa: F401 (fixture)
+from pilehost.meter_rig import Clock, World
+
+pytestmark = pytest.mark.usefixtures("no_sleeping")  # conftest.py
 
 
 class SimPin:

@@ -1,21 +1,18 @@
-"""The firmware on the real MicroPython unix port (sim/launch.py DEFAULT_HEAP) against the simulated
-hardware: each scenario asserts what the contactor and the pilot did."""
+"""The firmware on the real MicroPython unix port (pilehost/unix_port.py DEFAULT_HEAP) against the
+simulated hardware: each scenario asserts what the contactor and the pilot did."""
 import json
 import os
-import sys
 
 import jsonschema
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "sim"))
-import launch  # noqa: E402
+from pilehost import ROOT, unix_port
 
 # IEC 61851-1 Table A.6 seq. 8.1: C->B must open the contactor within 100 ms.
 C_TO_B_LIMIT_MS = 100
 
 try:
-    launch.micropython_binary()
+    unix_port.micropython_binary()
 except FileNotFoundError:  # pragma: no cover - `make test` installs it
     pytest.skip("MicroPython unix port not installed (make venv)", allow_module_level=True)
 
@@ -25,7 +22,7 @@ _runs = {}
 def run(name, meter=None):
     key = (name, meter)
     if key not in _runs:
-        r = launch.run_scenario(name, config={"meter": {"type": meter}} if meter else None)
+        r = unix_port.run_scenario(name, config={"meter": {"type": meter}} if meter else None)
         assert r.returncode == 0 and r.result is not None, "\n".join(r.lines[-30:])
         _runs[key] = r
     return _runs[key]
@@ -246,7 +243,7 @@ def validate(kind, record):
 
 
 def test_a_session_lands_in_the_outbox_once(tmp_path):
-    r = launch.run_scenario("normal", flash_dir=str(tmp_path))
+    r = unix_port.run_scenario("normal", flash_dir=str(tmp_path))
     assert r.returncode == 0 and r.result is not None
     recs = outbox(str(tmp_path))
     assert [k for k, _ in recs] == ["session_start", "session_end"]
@@ -259,14 +256,14 @@ def test_a_session_lands_in_the_outbox_once(tmp_path):
 
 def test_power_cut_mid_session_is_closed_as_power_loss_once(tmp_path):
     flash = str(tmp_path)
-    cut = launch.run_scenario("charging_until_cut", flash_dir=flash, kill_after_s=3.0)
+    cut = unix_port.run_scenario("charging_until_cut", flash_dir=flash, kill_after_s=3.0)
     assert cut.result is None  # no orderly end: the power went
     assert any("contactor: closed" in line for line in cut.lines)
     before = outbox(flash)
     assert [k for k, _ in before] == ["session_start"]
     assert os.path.exists(os.path.join(flash, "session.json"))  # the snapshot of the open session
 
-    r = launch.run_scenario("car_still_there", flash_dir=flash)
+    r = unix_port.run_scenario("car_still_there", flash_dir=flash)
     assert r.returncode == 0 and r.result is not None
     recs = outbox(flash)
     ended = [rec for k, rec in recs if k == "session_end"]
@@ -276,7 +273,7 @@ def test_power_cut_mid_session_is_closed_as_power_loss_once(tmp_path):
     started = [rec["session_id"] for k, rec in recs if k == "session_start"]
     assert started == ["sim-pile-1-1-1", "sim-pile-1-2-1"]  # the boot counter went up
 
-    again = launch.run_scenario("car_still_there", flash_dir=flash, kill_after_s=1.5)
+    again = unix_port.run_scenario("car_still_there", flash_dir=flash, kill_after_s=1.5)
     assert again.result is None
     ended = [rec["session_id"] for k, rec in outbox(flash) if k == "session_end"]
     assert ended.count("sim-pile-1-1-1") == 1  # reported once, however often it boots

@@ -4,7 +4,7 @@ import os
 
 import jsonschema
 import pytest
-from virtual_board import ROOT
+from pilehost.virtual_board import ROOT
 
 import charger as ch
 import journal

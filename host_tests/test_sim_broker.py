@@ -1,4 +1,4 @@
-"""`make sim` talks MQTT to a local broker by default (sim/launch.py): mosquitto when installed,
+"""`make sim` talks MQTT to a local broker by default (tools/sim.py): mosquitto when installed,
 else amqtt, the pure-Python broker pinned in requirements-dev.txt (a fresh machine without root
 has no mosquitto), and prints what the reference consumer received."""
 import os
@@ -7,12 +7,10 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "sim"))
-import launch  # noqa: E402
+from pilehost import ROOT, broker, unix_port
 
 try:
-    launch.micropython_binary()
+    unix_port.micropython_binary()
 except FileNotFoundError:  # pragma: no cover - `make test` installs it
     pytest.skip("MicroPython unix port not installed (make venv)", allow_module_level=True)
 
@@ -20,7 +18,7 @@ RECEIVED = "---- what the consumer received:"
 
 
 def sim(*args):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "sim", "launch.py"), *args], cwd=ROOT,
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "sim.py"), *args], cwd=ROOT,
                        capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     return r.stdout
@@ -33,17 +31,17 @@ def received(out):
 
 
 def test_the_broker_is_mosquitto_when_installed_else_amqtt():
-    assert launch.broker_kind("auto", "/usr/sbin/mosquitto") == "mosquitto"
-    assert launch.broker_kind("auto", None) == "amqtt"  # a fresh machine, no root to install it
-    assert launch.broker_kind("amqtt", "/usr/sbin/mosquitto") == "amqtt"
+    assert broker.broker_kind("auto", "/usr/sbin/mosquitto") == "mosquitto"
+    assert broker.broker_kind("auto", None) == "amqtt"  # a fresh machine, no root to install it
+    assert broker.broker_kind("amqtt", "/usr/sbin/mosquitto") == "amqtt"
     with pytest.raises(SystemExit, match="apt-get install mosquitto"):
-        launch.broker_kind("mosquitto", None)
+        broker.broker_kind("mosquitto", None)
 
 
 @pytest.mark.parametrize("asked", ["auto", "amqtt"])
 def test_sim_session_reaches_the_consumer_through_the_broker(asked):
     out = sim("normal", *(["--broker", asked] if asked != "auto" else []))
-    kind = launch.broker_kind(asked, launch.find_mosquitto())
+    kind = broker.broker_kind(asked, broker.find_mosquitto())
     assert ("broker: %s" % kind) in out
     assert "mqtt: connected to 127.0.0.1:" in out
     got = received(out)
@@ -70,5 +68,5 @@ def test_make_sim_broker_variable(broker, flags):
     r = subprocess.run(["make", "-n", "sim", "SCENARIO=normal"] + ([broker] if broker else []), cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    line = [t for t in r.stdout.splitlines() if "sim/launch.py" in t][-1]
-    assert line.split("sim/launch.py", 1)[1].split() == ["normal"] + flags.split()
+    line = [t for t in r.stdout.splitlines() if "tools/sim.py" in t][-1]
+    assert line.split("tools/sim.py", 1)[1].split() == ["normal"] + flags.split()

@@ -5,13 +5,12 @@ import json
 import os
 import socket
 import struct
-import sys
 import threading
 import time
 
 import jsonschema
 import pytest
-from virtual_board import ROOT
+from pilehost.virtual_board import ROOT
 
 import config
 import sntp
@@ -360,20 +359,19 @@ def test_ntp_config_defaults_and_bounds():
 
 # -- the firmware on the unix port ------------------------------------------------------------------
 
-sys.path.insert(0, os.path.join(ROOT, "sim"))
-import launch  # noqa: E402
+from pilehost import unix_port  # noqa: E402
 
 C_TO_B_LIMIT_MS = 100  # IEC 61851-1 Table A.6 seq. 8.1
 
 try:
-    HAVE_UNIX_PORT = bool(launch.micropython_binary())
+    HAVE_UNIX_PORT = bool(unix_port.micropython_binary())
 except FileNotFoundError:  # pragma: no cover - `make test` installs it
     HAVE_UNIX_PORT = False
 unix = pytest.mark.skipif(not HAVE_UNIX_PORT, reason="MicroPython unix port not installed (make venv)")
 
 
 def run_with(server, flash):
-    r = launch.run_scenario("ntp_sync", flash_dir=flash, config={
+    r = unix_port.run_scenario("ntp_sync", flash_dir=flash, config={
         "ntp": {"host": "127.0.0.1", "port": server.port, "start_jitter_s": 0}})
     assert r.returncode == 0 and r.result is not None, "\n".join(r.lines[-30:])
     assert not any("Traceback" in line or "MemoryError" in line for line in r.lines), "\n".join(r.lines)

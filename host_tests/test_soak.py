@@ -12,11 +12,8 @@ import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "sim"))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import launch  # noqa: E402
-import soak  # noqa: E402
+from pilehost import ROOT, broker, procs, unix_port
+from pilehost import soak
 
 SESSIONS = 50
 CI_SEED = 960164343  # passed when the soak was written; every fault kind comes up in it
@@ -112,10 +109,10 @@ def test_shown_wh_is_the_float32_kwh_rounded_as_the_firmware_reads_it():
     assert soak.shown_wh(WH * 1499 + WH // 2 - 1000) == 1499
 
 
-@pytest.mark.skipif(launch.find_mosquitto() is None, reason="mosquitto is not installed (make broker)")
+@pytest.mark.skipif(broker.find_mosquitto() is None, reason="mosquitto is not installed (make broker)")
 def test_soak_short(capsys):
     try:
-        launch.micropython_binary()
+        unix_port.micropython_binary()
     except FileNotFoundError:
         pytest.skip("MicroPython unix port not installed (make venv)")
     # A fixed seed by default: `make test` must give the same answer twice; `make soak` draws a
@@ -164,7 +161,7 @@ def firmware_running(directory):
     return False
 
 
-@pytest.mark.skipif(launch.find_mosquitto() is None, reason="mosquitto is not installed (make broker)")
+@pytest.mark.skipif(broker.find_mosquitto() is None, reason="mosquitto is not installed (make broker)")
 def test_sigterm_stops_the_soaks_broker_and_firmware(tmp_path):
     """kill (SIGTERM) ends the soak through its `finally`: mosquitto and the firmware go with it."""
     env = dict(os.environ, TMPDIR=str(tmp_path))
@@ -178,7 +175,7 @@ def test_sigterm_stops_the_soaks_broker_and_firmware(tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 128 + signal.SIGTERM
     finally:
-        launch.end_process(proc)
+        procs.end_process(proc)
     deadline = time.monotonic() + 5
     while mosquittos_under(tmp_path) or firmware_running(tmp_path):
         assert time.monotonic() < deadline, "left running: %r" % mosquittos_under(tmp_path)
@@ -190,12 +187,12 @@ def test_a_drain_lifetime_takes_the_car_away_before_the_firmware_sees_it(tmp_pat
     car goes at once (steps due at the same time run in their order on MicroPython too, whose
     sort is not stable), so no session starts that no lifetime would count."""
     try:
-        launch.micropython_binary()
+        unix_port.micropython_binary()
     except FileNotFoundError:
         pytest.skip("MicroPython unix port not installed (make venv)")
     (tmp_path / soak.STATE_FILE).write_text("%d 1 1" % (7 * WH))  # the car plugged in, asking
-    launch.scenarios.SCENARIOS["drain_test"] = {"doc": "a drain lifetime", "steps": soak.DRAIN_STEPS}
-    r = launch.run_scenario("drain_test", config={"pile_id": "p", "meter": {"type": "ddsu666"}},
+    unix_port.scenarios.SCENARIOS["drain_test"] = {"doc": "a drain lifetime", "steps": soak.DRAIN_STEPS}
+    r = unix_port.run_scenario("drain_test", config={"pile_id": "p", "meter": {"type": "ddsu666"}},
                             flash_dir=str(tmp_path))
     assert r.returncode == 0 and r.result is not None
     assert [text.split()[0] for _, text in r.sim_events("step")][:2] == ["persist", "unplug"]

@@ -31,7 +31,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
-from virtual_board import VirtualBoard
+from pilehost.virtual_board import VirtualBoard
 
 import charger as ch
 import meters

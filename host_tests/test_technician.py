@@ -1,4 +1,4 @@
-"""The technician's path (tools/technician.py) on a virtual board (sim/vboard.py): flash twice,
+"""The technician's path (tools/technician.py) on a virtual board (pilehost/vboard.py): flash twice,
 provision (a bad config first), the firmware's session reaching the reference consumer exactly
 once, diag, clear-fault and reboot; all through mpremote on a pty, as on a pile. Also service
 mode's watchdog timer (main.service_mode) on the virtual clock and diag.py on CPython."""
@@ -12,19 +12,16 @@ import types
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "sim"))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import charger as ch  # noqa: E402
-import launch  # noqa: E402
-import machine  # noqa: E402  (sim/machine.py)
-import main  # noqa: E402
-import technician  # noqa: E402
-import vboard  # noqa: E402
-import vboard_hw  # noqa: E402
-import world  # noqa: E402
-from test_consumer import SCHEMAS, TIMEOUT, Broker, consumer, wait_for  # noqa: E402
-from virtual_board import VirtualBoard as ClockedBoard  # noqa: E402
+import charger as ch  # firmware/
+import machine  # sim/machine.py
+import main
+import vboard_hw
+import world
+from pilehost import ROOT, unix_port, vboard
+from pilehost.cloud import Store
+from pilehost.procs import wait_for
+from pilehost.virtual_board import VirtualBoard as ClockedBoard
+from pilehost import technician
 
 TOOL = os.path.join(ROOT, "tools", "technician.py")
 PILE = "vb-pile-1"
@@ -54,7 +51,7 @@ def board(tmp_path):
         pytest.fail("the virtual board needs socat: `make test` installs it as root "
                     "(apt-get install socat)", pytrace=False)
     try:
-        launch.micropython_binary()
+        unix_port.micropython_binary()
     except FileNotFoundError:  # pragma: no cover - `make test` installs it
         pytest.skip("MicroPython unix port not installed (make venv)")
     vb = vboard.VirtualBoard(str(tmp_path / "vb"), meter={"type": "ddsu666"}, steps=STEPS).start()
@@ -63,19 +60,12 @@ def board(tmp_path):
 
 
 @pytest.fixture
-def store(tmp_path):
-    (tmp_path / "mosquitto").mkdir()
-    b = Broker(tmp_path / "mosquitto")
-    storage = consumer.open_storage("sqlite:///" + str(tmp_path / "telemetry.db"))
-    storage.setup()
-    c = consumer.Consumer(b.url(), consumer.Handler(SCHEMAS, storage))
-    c.start()
-    assert c.subscribed.wait(TIMEOUT), "the consumer did not subscribe"
-    c.port = b.port
-    yield c
-    c.stop()
-    storage.close()
-    b.stop()
+def store(tmp_path, new_broker):
+    b = new_broker(tmp_path / "mosquitto")
+    s = Store(b.url(), tmp_path / "telemetry.db")
+    s.port = b.port
+    yield s
+    s.stop()
 
 
 def write_config(path, **changes):

@@ -3,14 +3,12 @@ for boards/ref-esp32.json, and its fault table explains every code the pile can 
 import json
 import os
 import re
-import sys
 
 import charger as ch
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import pin_table  # noqa: E402
+from pilehost import ROOT
+from pilehost import pin_table
 
 DOC = os.path.join(ROOT, "docs", "technician.md")
 BOARD = os.path.join(ROOT, "boards", "ref-esp32.json")

@@ -1,13 +1,10 @@
 """tools/typecheck.py (`make check`): code the ESP32 cannot run fails the check, code it can run
 passes. Each case is a small module checked exactly as firmware/ is."""
 import os
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import typecheck  # noqa: E402
+from pilehost import typecheck
 
 # Each fails for the reason given: (source, what mypy must say).
 NOT_ON_ESP32 = {

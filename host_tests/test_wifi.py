@@ -1,11 +1,9 @@
 """Wi-Fi station (firmware/wifi.py) on CPython against the simulated ESP32 driver (sim/network.py)
 on a virtual clock: joining, a lost access point, attempts called off and backed off with
 jitter, the password never printed; then the firmware on the unix port losing Wi-Fi mid-session."""
-import os
-import sys
 
 import pytest
-from virtual_board import ROOT, VirtualClock, board_dict
+from pilehost.virtual_board import VirtualClock, board_dict
 
 import config
 import network
@@ -219,20 +217,19 @@ def test_wifi_needs_the_pilot_adc_on_adc1():
 
 # -- the firmware on the unix port ------------------------------------------------------------------
 
-sys.path.insert(0, os.path.join(ROOT, "sim"))
-import launch  # noqa: E402
+from pilehost import unix_port  # noqa: E402
 
 C_TO_B_LIMIT_MS = 100  # IEC 61851-1 Table A.6 seq. 8.1
 
 try:
-    HAVE_UNIX_PORT = bool(launch.micropython_binary())
+    HAVE_UNIX_PORT = bool(unix_port.micropython_binary())
 except FileNotFoundError:  # pragma: no cover - `make test` installs it
     HAVE_UNIX_PORT = False
 
 
 @pytest.mark.skipif(not HAVE_UNIX_PORT, reason="MicroPython unix port not installed (make venv)")
 def test_wifi_drops_mid_session_charging_goes_on_and_the_link_comes_back():
-    r = launch.run_scenario("wifi_dropout")
+    r = unix_port.run_scenario("wifi_dropout")
     assert r.returncode == 0 and r.result is not None, "\n".join(r.lines[-30:])
     assert not any("Traceback" in line or "MemoryError" in line for line in r.lines), "\n".join(r.lines)
     steps = {}

@@ -2,7 +2,7 @@
 as an ESP32 does, boot again after a reset, and print the world's record at the end.
 
 Usage (cwd = the board's flash folder, holding board.json, config.json and the scenario's
-steps in sim_scenario.json, written by sim/launch.py):
+steps in sim_scenario.json, written by pilehost/unix_port.py):
     micropython -m rom   (rom.mpy, the other modules and firmware/'s boot.py and main.py
                           on MICROPYPATH)
 """

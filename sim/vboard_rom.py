@@ -1,13 +1,13 @@
 """The virtual board's ROM (MicroPython unix port): what an ESP32 does at power-on, on a folder
 that stands for its flash, then its REPL (the port runs this with -i) for mpremote.
 
-Started by sim/vboard.py, cwd = the flash folder, VBOARD_DIR = the board's own folder. The
+Started by pilehost/vboard.py, cwd = the flash folder, VBOARD_DIR = the board's own folder. The
 simulated hardware is built from VBOARD_DIR/hardware.json, not from the flash: the pins are
 soldered whatever board.json says. The car's script (hardware.json "steps") plays once, at the
 first boot that finds main.py and config.json; later boots find the car where it left it.
 boot.py and main.py then run from source in the REPL's globals, as the ESP32 port runs them
 (diag.py finds main's objects there). A reset (machine.reset, the watchdog) ends the process
-at once, like a power cut; sim/vboard.py starts it again.
+at once, like a power cut; pilehost/vboard.py starts it again.
 """
 import json
 import os

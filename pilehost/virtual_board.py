@@ -9,9 +9,9 @@ import os
 import tempfile
 import time
 
-import mp_time
+import mp_time  # host_tests/shims: on the path under pytest, as firmware/ and sim/ are
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from . import ROOT
 
 
 def board_dict(name="ref-esp32"):

@@ -1,11 +1,34 @@
-"""A TCP relay on 127.0.0.1 between the pile and the broker, for the tests, the soak and the bench
-(CPython side): it can be taken away (down/up), swallow everything (hole/mend), count the bytes
-and look at each MQTT packet on its way (a subclass's `packet()`).
+"""MQTT on the wire (mqtt_packets), and a TCP relay on 127.0.0.1 between the pile and the broker,
+for the tests, the soak and the bench: it can be taken away (down/up), swallow everything
+(hole/mend), count the bytes and look at each MQTT packet on its way (a subclass's `packet()`).
 """
 import socket
 import threading
 
-import launch
+from .procs import free_port
+
+
+def mqtt_packets(buf):
+    """The complete MQTT packets at the front of buf, and the bytes left after them: for the
+    relays that look into the pile's traffic (MQTT 3.1.1 section 2.2: a fixed header byte, then
+    the remaining length in 1-4 bytes of 7 bits)."""
+    out = []
+    while len(buf) >= 2:
+        length = shift = 0
+        i = 1
+        while True:
+            if i >= len(buf) or i > 4:
+                return out, buf
+            length |= (buf[i] & 0x7F) << shift
+            i += 1
+            if not buf[i - 1] & 0x80:
+                break
+            shift += 7
+        if len(buf) < i + length:
+            break
+        out.append(buf[:i + length])
+        buf = buf[i + length:]
+    return out, buf
 
 
 def _shut(sock):
@@ -24,7 +47,7 @@ class TcpRelay:
 
     def __init__(self, target_port):
         self.target = target_port
-        self.port = launch.free_port()
+        self.port = free_port()
         self.listener = None
         self.black = False
         self.connections = 0
@@ -82,7 +105,7 @@ class TcpRelay:
                 if self.black or dst is None:
                     continue  # swallowed
                 if inspect:
-                    packets, rest = launch.mqtt_packets(rest + data)
+                    packets, rest = mqtt_packets(rest + data)
                     data = b"".join(p for p in packets if self.packet(p, up, conn))
                 dst.sendall(data)
                 with self._lock:

@@ -1,19 +1,17 @@
 """A virtual board for the technician's tools (tools/technician.py): the MicroPython unix port
 behind a pty, a folder as its flash, the simulated hardware around it (CPython side).
 
-    python sim/vboard.py [--dir DIR] [--scenario normal] [--board ref-esp32] [--meter ddsu666]
-                         [--no-broker]
+`tools/technician.py virtual-board` (`make virtual-board`) prints the PORT for `make flash /
+provision / diag`, runs until Ctrl-C, and with a broker shows what the reference consumer
+stored. DIR holds flash/ (the board's files), hardware.json (its pins, meter and the car's
+script, read by sim/vboard_rom.py), console.log (everything the board printed) and dev, the
+serial port.
 
-prints the PORT for `make flash / provision / diag`, runs until Ctrl-C, and with a broker
-shows what the reference consumer stored. DIR holds flash/ (the board's files), hardware.json
-(its pins, meter and the car's script, read by sim/vboard_rom.py), console.log (everything
-the board printed) and dev, the serial port.
-
-socat makes `dev` and runs `vboard.py --serve DIR` on a pty of its own: raw, but with ISIG on,
-so mpremote's Ctrl-C reaches the unix port as SIGINT, a KeyboardInterrupt, as an ESP32's UART
-driver raises it. The server starts the unix port again whenever it ends (a reset) and copies
-its output to the pty without ever waiting for a reader: with nobody on the line the bytes are
-lost, as a UART's are, and the firmware never blocks on print.
+socat makes `dev` and runs `python -m pilehost.vboard --serve DIR` on a pty of its own: raw,
+but with ISIG on, so mpremote's Ctrl-C reaches the unix port as SIGINT, a KeyboardInterrupt, as
+an ESP32's UART driver raises it. The server starts the unix port again whenever it ends (a
+reset) and copies its output to the pty without ever waiting for a reader: with nobody on the
+line the bytes are lost, as a UART's are, and the firmware never blocks on print.
 """
 import argparse
 import json
@@ -27,13 +25,13 @@ import tempfile
 import termios
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "sim"))
-import launch  # noqa: E402
-import scenarios  # noqa: E402
+from . import ROOT, cloud, unix_port
+from .procs import end_process
+
+scenarios = unix_port.scenarios
 
 ROM = os.path.join(ROOT, "sim", "vboard_rom.py")
-# The firmware's budget: the MQTT link's (launch.MQTT_HEAP) plus room for mpremote's file
+# The firmware's budget: the MQTT link's (unix_port.MQTT_HEAP) plus room for mpremote's file
 # transfers at the REPL; its bytecode (.mpy from the flash) lives in the heap on the unix port.
 HEAP = "256k"
 POWER_ON = "sim board: power-on"  # vboard_rom.py's first line at every boot
@@ -74,12 +72,14 @@ class VirtualBoard:
         with open(os.path.join(self.dir, "hardware.json"), "w") as f:
             json.dump(self.hardware, f, indent=1)
         open(self.log_path, "ab").close()
-        serve = "%s %s --serve %s" % (_check_path(sys.executable), _check_path(os.path.abspath(__file__)),
-                                      self.dir)
+        serve = "%s -m pilehost.vboard --serve %s" % (_check_path(sys.executable), self.dir)
+        # The package from this checkout, installed (make venv) or not.
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            p for p in (_check_path(ROOT), os.environ.get("PYTHONPATH")) if p))
         self.proc = subprocess.Popen(
             [_socat(), "PTY,link=%s,raw,echo=0" % self.port,
              "EXEC:%s,pty,raw,echo=0,isig=1,setsid,ctty" % serve],
-            stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.dir, "socat.log"), "ab"))
+            stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.dir, "socat.log"), "ab"), env=env)
         try:
             self.wait_for(POWER_ON, _START_S)
         except TimeoutError:
@@ -109,7 +109,7 @@ class VirtualBoard:
         """socat closes the pty: the hang-up ends the server and the unix port with it."""
         if self.proc is None:
             return
-        launch.end_process(self.proc)
+        end_process(self.proc)
         self.proc = None
         try:
             with open(os.path.join(self.dir, "serve.pid")) as f:
@@ -156,7 +156,7 @@ def serve(directory):
                # The script's folder (sim/: machine, world) comes first, then the flash as an
                # ESP32 has it: its root, .frozen, lib.
                MICROPYPATH="::.frozen:lib")
-    cmd = [launch.micropython_binary(), "-X", "heapsize=" + launch.heap_option(heap), "-i", ROM]
+    cmd = [unix_port.micropython_binary(), "-X", "heapsize=" + unix_port.heap_option(heap), "-i", ROM]
     log = open(os.path.join(directory, "console.log"), "ab")
     sys.stderr = log  # not onto the line
     line = termios.tcgetattr(0)  # socat's: raw, ISIG on
@@ -179,7 +179,7 @@ def main(argv=None):
     parser.add_argument("--dir", help="the board's folder (default: a new temporary one)")
     parser.add_argument("--scenario", default=scenarios.DEFAULT,
                         help="the car's script, played once the firmware boots provisioned "
-                             "(sim/launch.py --list)")
+                             "(make scenarios)")
     parser.add_argument("--board", default="ref-esp32", help="the board's hardware (boards/NAME.json)")
     parser.add_argument("--meter", help="the meter fitted (default: the scenario's)")
     parser.add_argument("--no-broker", action="store_true", help="no local mosquitto and consumer")
@@ -195,7 +195,7 @@ def main(argv=None):
     directory = args.dir or tempfile.mkdtemp(prefix="vboard-")
     broker = None
     if not args.no_broker:
-        broker = launch.LocalBroker(directory)
+        broker = cloud.LocalBroker(directory)
         conf["mqtt"] = {"host": "127.0.0.1", "port": broker.port}
     config_path = os.path.join(directory, "pile.json")
     with open(config_path, "w") as f:
@@ -220,5 +220,5 @@ def main(argv=None):
     return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # socat runs `python -m pilehost.vboard --serve DIR`
     sys.exit(main())

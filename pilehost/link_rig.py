@@ -1,0 +1,116 @@
+"""The firmware's MQTT link on the unix port against a broker of our own, shared by the link's
+tests: the pile's config, signed commands, a subscriber that sees what the pile sends, and a
+relay that holds back one packet of a session/ended exchange."""
+import json
+import threading
+
+import paho.mqtt.client as mqtt
+
+from . import pilecmd, unix_port
+from .mqtt_wire import TcpRelay
+from .procs import TIMEOUT
+
+C_TO_B_LIMIT_MS = 100  # IEC 61851-1 Table A.6 seq. 8.1
+# The firmware with the MQTT link needs more than the default 160 KiB on the unix port, where
+# its bytecode lives in the heap (README, figures); `make sim` gives it the same.
+HEAP = unix_port.MQTT_HEAP
+PILE = "sim-pile-1"
+SESSION = PILE + "-1-1"
+SECRET = bytes(range(32))
+ROOT_TOPIC = "evse/v1/%s/" % PILE
+
+
+def mqtt_config(port, **extra):
+    conf = {"host": "127.0.0.1", "port": port, "secret": SECRET.hex(), "keepalive_s": 10}
+    conf.update(extra)
+    return {"mqtt": conf}
+
+
+def signed(cmd, args, counter, cmd_id=None, secret=SECRET):
+    return pilecmd.sign(secret, pilecmd.make_body(cmd, args, counter, cmd_id))
+
+
+def ended_idle(r):
+    return r.firmware_events("charger")[-1][1].endswith("-> idle")
+
+
+def sessions(store, session_id=SESSION):
+    """The consumer's stored rows of one session (its stop reason)."""
+    return store.handler.storage.query("SELECT stop_reason FROM sessions WHERE session_id = ?", (session_id,))
+
+
+class Watcher:
+    """A plain subscriber: every message the pile sends, in order, with its retain flag."""
+
+    def __init__(self, broker):
+        self.messages = []
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+        self.client.on_message = lambda _c, _u, m: self.messages.append(
+            (m.topic[len(ROOT_TOPIC):], m.payload, m.retain))
+        self.client.connect("127.0.0.1", broker.port)
+        self.client.subscribe(ROOT_TOPIC + "#", 1)
+        self.client.loop_start()
+
+    def of(self, kind):
+        return [json.loads(p) for t, p, _ in list(self.messages) if t == kind]
+
+    def live(self, kind=None):
+        """Only what was published while subscribed: not what an earlier test left retained."""
+        return [json.loads(p) for t, p, retained in list(self.messages)
+                if not retained and (kind is None or t == kind)]
+
+    def publish(self, payload):
+        self.client.publish(ROOT_TOPIC + "cmd", payload, qos=1).wait_for_publish(TIMEOUT)
+
+    def close(self):
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def published_ended(packet):
+    """The packet id of a QoS 1 PUBLISH of a session/ended record, else None."""
+    if packet[0] & 0xF0 != 0x30 or packet[0] & 6 != 2:
+        return None
+    i = 1
+    while packet[i] & 0x80:
+        i += 1
+    i += 1
+    n = packet[i] << 8 | packet[i + 1]
+    if not packet[i + 2:i + 2 + n].endswith(b"/session/ended"):
+        return None
+    return packet[i + 2 + n] << 8 | packet[i + 3 + n]
+
+
+class Proxy(TcpRelay):
+    """A relay between the pile and the broker that can be taken away (down/up); the consumer
+    stays connected to the broker itself. hold="publish" keeps the pile's first session/ended
+    PUBLISH (and what follows it on that connection) from the broker, hold="puback" keeps the
+    broker's PUBACK for it from the pile; `held` is set then: the record is in flight, its PUBACK
+    not in the pile's hands. After down(), everything goes through."""
+
+    def __init__(self, target_port, hold=None):
+        super().__init__(target_port)
+        self.hold = hold
+        self.inspect = hold is not None  # else bytes pass as they come: TLS too
+        self.held = threading.Event()
+        self.pid = None
+
+    def packet(self, packet, up, conn):
+        if self.held.is_set():
+            return not up or self.hold != "publish"  # held: nothing more of the pile's
+        if up:
+            pid = published_ended(packet)
+            if pid is not None:
+                self.pid = pid
+                if self.hold == "publish":
+                    self.held.set()
+                    return False
+        elif packet[0] == 0x40 and self.pid == (packet[2] << 8 | packet[3]):
+            self.held.set()
+            return False
+        return True
+
+    def down(self):
+        super().down()
+        self.hold = None
+        self.inspect = False
