@@ -4,7 +4,7 @@ Each test failed on the firmware as merged (main after issue 10) and names the i
 The wired firmware (main.build) runs on the simulated world under a virtual clock.
 """
 import pytest
-from virtual_board import VirtualBoard
+from pilehost.virtual_board import VirtualBoard
 
 import charger as ch
 import mp_time
