@@ -21,6 +21,7 @@ require("umqtt.simple")
 require("logging")
 
 for _name in (
+    "backoff",
     "charger",
     "command_auth",
     "config",
