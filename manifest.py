@@ -23,6 +23,7 @@ require("logging")
 for _name in (
     "backoff",
     "charger",
+    "commands",
     "command_auth",
     "config",
     "controller",
@@ -31,6 +32,7 @@ for _name in (
     "journal",
     "meter",
     "modbus_meter",
+    "mqtt_conn",
     "mqtt_link",
     "netaddr",
     "pilot",
@@ -39,6 +41,7 @@ for _name in (
     "session_log",
     "session_store",
     "sntp",
+    "telemetry",
     "wifi",
 ):
     module(_name + ".py", base_path="firmware")

@@ -23,6 +23,7 @@ import command_auth  # noqa: E402  (firmware/)
 import consumer  # noqa: E402  (tools/)
 import fake_pile  # noqa: E402
 import launch  # noqa: E402  (sim/)
+import mqtt_conn  # noqa: E402
 import mqtt_link  # noqa: E402
 import pilecmd  # noqa: E402
 import sntp  # noqa: E402
@@ -329,8 +330,9 @@ class Net:
 
 
 def make_link(monkeypatch, net, host="broker.example"):
-    monkeypatch.setattr(mqtt_link, "socket", net)
-    monkeypatch.setattr(mqtt_link, "select", net)
+    monkeypatch.setattr(mqtt_link, "socket", net)  # getaddrinfo
+    monkeypatch.setattr(mqtt_conn, "socket", net)
+    monkeypatch.setattr(mqtt_conn, "select", net)
     contactor = Record(closed=True)
     charger = Record(state="charging", pilot="C", faults=0, offer_ma=16000, session=None)
     ctl = Record(contactor=contactor, charger=charger, output=Record(pwm_on=True), meter=None, record=None)
