@@ -123,10 +123,6 @@ class MqttConn:
         self._ping_at = 0
         self._progress = 0
 
-    @property
-    def connected(self):
-        return self.state == UP
-
     # -- opening ---------------------------------------------------------------------------------
 
     def open(self, addr, now_ms):
