@@ -21,7 +21,9 @@ require("umqtt.simple")
 require("logging")
 
 for _name in (
+    "backoff",
     "charger",
+    "commands",
     "command_auth",
     "config",
     "controller",
@@ -30,6 +32,7 @@ for _name in (
     "journal",
     "meter",
     "modbus_meter",
+    "mqtt_conn",
     "mqtt_link",
     "netaddr",
     "pilot",
@@ -38,6 +41,7 @@ for _name in (
     "session_log",
     "session_store",
     "sntp",
+    "telemetry",
     "wifi",
 ):
     module(_name + ".py", base_path="firmware")

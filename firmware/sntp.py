@@ -21,6 +21,7 @@ import time
 
 from micropython import const
 
+from backoff import Backoff
 from netaddr import numeric_host
 
 NTP_PORT = const(123)
@@ -136,7 +137,7 @@ class SntpClient:
         self._poller = None
         self._state = _IDLE
         self._next_at = None  # None: the first request is not planned yet
-        self._backoff = _RETRY_MIN_MS
+        self._backoff = Backoff(_RETRY_MIN_MS, max(self._interval_ms, _RETRY_MIN_MS), spread=False)
         self._sent_at = 0
         self._nonce = (0, 0)
         self._bad = None  # why the last datagram of this attempt was refused
@@ -229,7 +230,7 @@ class SntpClient:
         before = self._wall() + self._offset
         self._set_clock(rtc_datetime(unix_s, now_us % 1000000, self._offset))
         self.synced += 1
-        self._backoff = _RETRY_MIN_MS
+        self._backoff.reset()
         self._next_at = time.ticks_add(now_ms, self._interval_ms)
         self._emit(now_ms, "clock set to %s from %s (was %s, step %+d s, round trip %d ms)" % (
             iso(unix_s, self._offset), self._host, iso(before, self._offset), unix_s - before,
@@ -238,8 +239,7 @@ class SntpClient:
     def _failed(self, now_ms, why):
         self._close()
         self._stale = True
-        delay = self._backoff
-        self._backoff = min(self._backoff * 2, max(self._interval_ms, _RETRY_MIN_MS))
+        delay = self._backoff.next_ms()
         self._next_at = time.ticks_add(now_ms, delay)
         self._emit(now_ms, "%s; next try in %d s" % (why, delay // 1000))
 

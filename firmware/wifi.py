@@ -14,10 +14,11 @@ status() only says why: on the ESP32 it keeps the last failure's reason until an
 obtained, even while a new attempt runs, so it cannot tell a running attempt from a failed one.
 The password is never printed.
 """
-import random
 import time
 
 from micropython import const
+
+from backoff import Backoff
 
 # Scan, association, WPA2 handshake and DHCP normally take a few seconds.
 _ATTEMPT_MS = const(20000)
@@ -38,12 +39,6 @@ _REASONS = {
 }
 
 
-def jitter(delay_ms):
-    """Somewhere in the second half of the delay."""
-    half = delay_ms // 2
-    return half + random.getrandbits(24) % (half + 1)
-
-
 class Station:
     """wlan: a network.WLAN(STA_IF); report(now_ms, "wifi", text) gets every change."""
 
@@ -56,7 +51,7 @@ class Station:
         self._since = 0  # when the attempt or the outage began
         self._down_since = None  # when the link was last lost (None: never up yet)
         self._retry_at = 0
-        self._backoff = _BACKOFF_MIN_MS
+        self._backoff = Backoff(_BACKOFF_MIN_MS, _BACKOFF_MAX_MS)
         self.attempts = 0
         self.losses = 0
 
@@ -109,7 +104,7 @@ class Station:
 
     def _up(self, now_ms):
         self._state = _UP
-        self._backoff = _BACKOFF_MIN_MS
+        self._backoff.reset()
         after = ""
         if self._down_since is not None:
             gone = time.ticks_diff(now_ms, self._down_since)
@@ -135,8 +130,7 @@ class Station:
             self._ssid, _ATTEMPT_MS // 1000, why))
 
     def _pause(self, now_ms, why):
-        delay = jitter(self._backoff)
-        self._backoff = min(self._backoff * 2, _BACKOFF_MAX_MS)
+        delay = self._backoff.next_ms()
         self._retry_at = time.ticks_add(now_ms, delay)
         self._state = _PAUSE
         self._emit(now_ms, "%s; next try in %d.%d s" % (why, delay // 1000, delay % 1000 // 100))

@@ -12,6 +12,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import command_auth  # firmware/
+import mqtt_conn
 import mqtt_link  # umqtt.simple: loaded by conftest.py
 import sntp
 from pilehost import ROOT, consumer, fake_pile, pilecmd
@@ -311,8 +312,9 @@ class Net:
 
 
 def make_link(monkeypatch, net, host="broker.example"):
-    monkeypatch.setattr(mqtt_link, "socket", net)
-    monkeypatch.setattr(mqtt_link, "select", net)
+    monkeypatch.setattr(mqtt_link, "socket", net)  # getaddrinfo
+    monkeypatch.setattr(mqtt_conn, "socket", net)
+    monkeypatch.setattr(mqtt_conn, "select", net)
     contactor = Record(closed=True)
     charger = Record(state="charging", pilot="C", faults=0, offer_ma=16000, session=None)
     ctl = Record(contactor=contactor, charger=charger, output=Record(pwm_on=True), meter=None, record=None)

@@ -1,8 +1,10 @@
-"""mqtt_link._Pipe is what umqtt.simple takes for its socket. It must offer every socket method
+"""mqtt_conn._Pipe is what umqtt.simple takes for its socket. It must offer every socket method
 the umqtt.simple versions a pile may load call on it: 1.3.4 (PyPI, what `make deps` fetches into
 lib/) and 1.8.0 (micropython-lib; frozen into the stock ESP32 image by
 ports/esp32/boards/manifest.py, ahead of /lib on sys.path). A missing method is an
-AttributeError in connect(), past `except OSError`: the fail-safe, a reset, again and again."""
+AttributeError past `except OSError`: the fail-safe, a reset, again and again. (umqtt's
+connect(), which also called settimeout() and connect(), is no longer used: mqtt_conn.py builds
+the CONNECT itself; test_mqtt_conn.py checks it is the same bytes.)"""
 import os
 import subprocess
 
@@ -10,15 +12,13 @@ import pytest
 
 from pilehost import unix_port
 
-# In the order umqtt.simple 1.8.0's connect() calls them (1.3.4 calls a subset): close the old
-# socket, settimeout, connect, write the CONNECT, read the CONNACK (not there yet: EAGAIN).
+# What umqtt.simple's publish(), subscribe(), ping(), wait_msg() and disconnect() call: write a
+# packet (in pieces), read the answer (not there yet: EAGAIN), setblocking, close.
 SCRIPT = """
 import errno
-import mqtt_link
-pipe = mqtt_link._Pipe(64)
+import mqtt_conn
+pipe = mqtt_conn._Pipe(64)
 pipe.close()
-pipe.settimeout(None)
-pipe.connect(("127.0.0.1", 1883))
 pipe.setblocking(True)
 pipe.write(b"\\x10\\x0c\\x00\\x04MQTT", 8)
 pipe.write(b"\\x04\\x02")

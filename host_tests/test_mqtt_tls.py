@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 import journal  # firmware/
+import mqtt_conn  # firmware/
 import mqtt_link  # firmware/; umqtt.simple: loaded by conftest.py
 from pilehost import ROOT, unix_port
 from pilehost.broker import Broker, BrokerError
@@ -425,8 +426,9 @@ class Context:
 class Rig:
     def __init__(self, monkeypatch, payloads=(), **behaviour):
         self.net = Net()
-        monkeypatch.setattr(mqtt_link, "socket", self.net)
-        monkeypatch.setattr(mqtt_link, "select", self.net)
+        monkeypatch.setattr(mqtt_link, "socket", self.net)  # getaddrinfo
+        monkeypatch.setattr(mqtt_conn, "socket", self.net)
+        monkeypatch.setattr(mqtt_conn, "select", self.net)
         self.contactor = Record(closed=False)
         charger = Record(state="idle", pilot="A", faults=0, offer_ma=0, session=None)
         ctl = Record(contactor=self.contactor, charger=charger, output=Record(pwm_on=False),
@@ -453,14 +455,14 @@ class Rig:
 def test_a_tls_write_that_would_block_is_repeated_byte_for_byte(monkeypatch):
     records = [json.dumps({"record": i, "pad": "x" * (50 * i)}).encode() for i in range(1, 6)]
     produced = bytearray()  # every byte umqtt and the link put into the pipe
-    pipe_write = mqtt_link._Pipe.write
+    pipe_write = mqtt_conn._Pipe.write
 
     def spy(pipe, data, n=None):
         n = pipe_write(pipe, data, n)
         produced.extend(bytes(memoryview(data)[:n]))
         return n
 
-    monkeypatch.setattr(mqtt_link._Pipe, "write", spy)
+    monkeypatch.setattr(mqtt_conn._Pipe, "write", spy)
     # Two in a row: the link adds a packet to the pipe between them (one poll).
     rig = Rig(monkeypatch, records, blocks=lambda n: n % 4 in (2, 3))
     rig.run(3000)
@@ -516,12 +518,12 @@ def test_a_refused_certificate_is_one_clear_line(monkeypatch):
 
 
 _CA_CHECK = """
-import sys, mqtt_link
+import sys, mqtt_conn
 for path in sys.argv[1:]:
     with open(path, "rb") as f:
         data = f.read()
     try:
-        mqtt_link.tls_context(data)
+        mqtt_conn.tls_context(data)
         print("ok")
     except ValueError as e:
         print("ValueError", e)

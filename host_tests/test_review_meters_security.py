@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # umqtt.simple: loaded by conftest.py
 
+import mqtt_conn  # noqa: E402
 import mqtt_link  # noqa: E402  (firmware/)
 import sntp  # noqa: E402
 
@@ -190,8 +191,9 @@ def test_item19_a_host_with_a_port_in_it_is_not_looked_up_while_charging(monkeyp
     """config.json's mqtt.host written as "host:port": the link took it for numeric and looked
     it up (DNS, blocking on the board) at every reconnect with the contactor closed."""
     net = Net()
-    monkeypatch.setattr(mqtt_link, "socket", net)
-    monkeypatch.setattr(mqtt_link, "select", net)
+    monkeypatch.setattr(mqtt_link, "socket", net)  # getaddrinfo
+    monkeypatch.setattr(mqtt_conn, "socket", net)
+    monkeypatch.setattr(mqtt_conn, "select", net)
     contactor = Record(closed=True)
     charger = Record(state="charging", pilot="C", faults=0, offer_ma=16000, session=None)
     ctl = Record(contactor=contactor, charger=charger, output=Record(pwm_on=True), meter=None, record=None)

@@ -1,0 +1,71 @@
+"""Every message the pile publishes and its topic, built here from plain values (docs/telemetry.md,
+docs/schemas/). The session records are built by session_log.py and kept in the outbox."""
+import json
+
+import charger as ch
+import journal
+from session_log import clock_synced, iso_utc
+
+# A meter message goes out only in these states (docs/telemetry.md, `meter`).
+RUNNING = (ch.CHARGING, ch.SUSPENDED_EV, ch.SUSPENDED_EVSE)
+
+
+class Topics:
+    """evse/v1/<pile_id>/... as bytes, made once."""
+
+    def __init__(self, pile_id):
+        root = "evse/v1/%s/" % pile_id
+        self.online = (root + "online").encode()
+        self.status = (root + "status").encode()
+        self.meter = (root + "meter").encode()
+        self.ack = (root + "cmd/ack").encode()
+        self.cmd = (root + "cmd").encode()
+        fault = (root + "fault").encode()
+        self.outbox = {  # journal kind -> topic; a kind not here is not published
+            journal.KIND_SESSION_START: (root + "session/started").encode(),
+            journal.KIND_SESSION_END: (root + "session/ended").encode(),
+            journal.KIND_FAULT: fault,
+            # No schema of its own yet: the cloud keeps it in its `rejected` table.
+            journal.KIND_JOURNAL_FAULT: fault,
+        }
+
+
+def online(is_online, boot):
+    return json.dumps({"v": 1, "online": is_online, "boot": boot}).encode()
+
+
+def status(wall, boot, uptime_s, state, pilot, offer_ma, power_w, session_id, energy_wh, faults,
+           fw, board):
+    """power_w: None without a reading; session_id None: no session; faults: the charger's mask."""
+    return json.dumps({
+        "v": 1, "ts": iso_utc(wall), "clock_synced": clock_synced(wall), "boot": boot,
+        "uptime_s": uptime_s, "state": state, "pilot": pilot,
+        "offer_a": round(offer_ma / 100) / 10 if offer_ma else 0,
+        "power_w": None if power_w is None else max(0, int(power_w)),
+        "session_id": session_id, "session_energy_wh": max(0, energy_wh or 0),
+        "faults": ch.fault_list(faults), "fw": fw, "board": board,
+    }).encode()
+
+
+def meter(wall, session_id, energy_wh, reading):
+    """reading: the meter's last Reading (meter.py)."""
+    return json.dumps({
+        "v": 1, "session_id": session_id, "ts": iso_utc(wall), "clock_synced": clock_synced(wall),
+        "meter_wh": reading.energy_wh, "session_energy_wh": max(0, energy_wh or 0),
+        "power_w": max(0, int(reading.power_w or 0)),
+        "current_a": _one_decimal(reading.current_a), "voltage_v": _one_decimal(reading.voltage_v),
+    }).encode()
+
+
+def cmd_ack(wall, cmd_id, cmd, result, reason):
+    return json.dumps({
+        "v": 1, "cmd_id": cmd_id, "cmd": cmd, "result": result, "reason": reason,
+        "ts": iso_utc(wall), "clock_synced": clock_synced(wall)}).encode()
+
+
+def _one_decimal(values):
+    if values is None:
+        return None
+    if not isinstance(values, (list, tuple)):
+        values = (values,)
+    return [round(max(0, v) * 10) / 10 for v in values]
