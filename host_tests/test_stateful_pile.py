@@ -58,10 +58,18 @@ NO_MINUS_BURSTS_MAX = 20
 LEAK_TO_OFF_MS = 100 + PERIOD_MS
 # A cable read lower while charging lowers the offer this soon: PP is re-read every 100 ms.
 PP_TO_OFFER_MS = 100 + 2 * PERIOD_MS
+# The car unplugged, whatever the pilot ADC says (frozen at C, say): the pilot reads A, or the
+# stuck-ADC rule or the PP read (every 100 ms; no cable: open at once) opens.
+UNPLUG_TO_OFF_MS = 100 + 2 * PERIOD_MS + 5
 RESOLUTION_WH = 2  # DDSU666 float32 kWh at these registers, plus rounding at each end
 SECRET = bytes(range(32))
+SETTINGS = "settings.json"  # on the virtual board's flash (the test runs in its folder)
 COMMANDS = ("remote_start", "remote_stop", "set_current_limit", "set_availability", "clear_fault",
             "request_status", "reboot", "start", "")
+# Where a disturbance lands: as things are, once the car charges, or once it charges after the
+# world was made healthy (a new plug-in, the technician's clears): most sequences would otherwise
+# never reach a closed contactor, where the rules matter most.
+PREPARE = st.sampled_from(("as_is", "charging", "healed"))
 # Argument values a cloud, a bug or an attacker holding the key could send.
 ARG_VALUES = st.one_of(
     st.none(), st.booleans(), st.integers(-2 ** 64, 2 ** 64), st.floats(width=32),
@@ -127,8 +135,10 @@ class Disturbance:
             elif self.mode == "saturated":
                 uv = 3300000  # the ADC's top, above +12 V after the divider
             elif self.mode == "levels":
+                # Interference moves what the burst sees of the plus phase; the minus phase
+                # (-12 V or the car's diode-less level) stays what it is.
                 level = self.levels[self.burst_index % len(self.levels)]
-                if level is not None:
+                if level is not None and self.mv(uv) > -1500:
                     uv = self.uv(level)
         self.samples.append(self.mv(uv))
         return uv
@@ -154,13 +164,10 @@ class PileMachine(RuleBasedStateMachine):
         w = self.vb.world
         self.world = w
         self.ctl = self.vb.ctl
-        import config as config_module
-        import main
-
         # The link is built as on the board but never polled: commands reach it as from MQTT.
-        self.link = main.build_link(config_module.parse_board(self.vb.board_data),
-                                    config_module.parse_config(config), self.ctl)
+        self.link = self.vb.build_link()
         self.counter = 0
+        self.unplugged_us = 0
         self.dist = Disturbance(w)
         self.last_cd_us = None
         self.last_minus_ok = None  # did the last burst with a minus phase read -12 V
@@ -212,6 +219,39 @@ class PileMachine(RuleBasedStateMachine):
             module = sys.modules.get(name)
             if module is not None:
                 self.mp.setattr(module, "open", failing_open, raising=False)
+
+    def _prepare(self, how):
+        """Where the next disturbance lands (PREPARE): as things are, or once the car charges,
+        after the world was made healthy again for "healed"."""
+        if how == "as_is":
+            return
+        w = self.world
+        now = self.vb.clock.ticks_ms()
+        if how == "healed":
+            w.car.diode, w.car.short, w.car.ventilation = True, False, False
+            w.rcd_healthy, w.rcd_leak = True, False
+            self.rcd_chatter = self.s2_chatter = None
+            self.dist.mode = None
+            self.meter_fault_until = self.flash_fault_until = None
+            w.do("unplug")  # a new plug-in: what an unplug clears, a fresh RCD self-test
+            self.run_ms(100)
+            self.ctl.charger.set_availability(now, ch.AVAILABLE)
+            self.ctl.charger.set_remote_limit(None)
+            self._technician_clears()
+        if not w.car.plugged:
+            w.car.cable_ohm = 220
+            self.cable_changed_us = w.now
+            w.do("plug")
+        w.do("request")
+        end = w.now + 4000000  # RCD self-test, meter start, 1 s re-close limit, B->C debounce
+        while not w.coil and w.now < end:
+            self.tick()
+
+    def _technician_clears(self):
+        for bit, name in ch.FAULT_NAMES:
+            if bit & ch.LATCHED_FAULTS & self.ctl.charger.faults:
+                self.ctl.clear_fault(self.vb.clock.ticks_ms(), name)
+        self.latched = self.ctl.charger.faults & ch.LATCHED_FAULTS
 
     # -- time ------------------------------------------------------------------------------------
 
@@ -288,6 +328,14 @@ class PileMachine(RuleBasedStateMachine):
 
         coil = w.coil
         t_ms = now // 1000
+        if w.car.plugged:
+            self.unplugged_us = None
+        elif self.unplugged_us is None:
+            self.unplugged_us = now
+        if coil and self.unplugged_us is not None:
+            gone_ms = (now - self.unplugged_us) // 1000
+            assert gone_ms <= UNPLUG_TO_OFF_MS, "coil on %d ms after the car was unplugged (t=%d ms)" % (
+                gone_ms, t_ms)
         if coil:
             since_cd = None if self.last_cd_us is None else (now - self.last_cd_us) // 1000
             assert since_cd is not None and since_cd <= CD_TO_OFF_MS, \
@@ -358,8 +406,9 @@ class PileMachine(RuleBasedStateMachine):
             self.world.do("plug")
         self.run_ms(ms)
 
-    @rule(ms=st.integers(5, 600))
-    def unplug(self, ms):
+    @rule(prepare=PREPARE, ms=st.integers(5, 600))
+    def unplug(self, prepare, ms):
+        self._prepare(prepare)
         self.world.do("unplug")
         self.run_ms(ms)
 
@@ -368,34 +417,41 @@ class PileMachine(RuleBasedStateMachine):
         self.world.do("request")
         self.run_ms(ms)
 
-    @rule(ms=st.integers(5, 600))
-    def stop_request(self, ms):
+    @rule(prepare=PREPARE, ms=st.integers(5, 600))
+    def stop_request(self, prepare, ms):
+        self._prepare(prepare)
         self.world.do("stop_request")
         self.run_ms(ms)
 
-    @rule(on=st.booleans(), ms=st.integers(5, 300))
-    def ventilation(self, on, ms):
+    @rule(prepare=PREPARE, on=st.booleans(), ms=st.integers(5, 300))
+    def ventilation(self, prepare, on, ms):
+        self._prepare(prepare)
         self.world.do("ventilation", on)
         self.run_ms(ms)
 
-    @rule(present=st.booleans(), ms=st.integers(5, 300))
-    def diode(self, present, ms):
+    @rule(prepare=PREPARE, present=st.booleans(), ms=st.integers(5, 300))
+    def diode(self, prepare, present, ms):
+        self._prepare(prepare)
         self.world.car.diode = present
         self.run_ms(ms)
 
-    @rule(on=st.booleans(), ms=st.integers(5, 300))
-    def short_cp(self, on, ms):
+    @rule(prepare=PREPARE, on=st.booleans(), ms=st.integers(5, 300))
+    def short_cp(self, prepare, on, ms):
+        self._prepare(prepare)
         self.world.do("short_cp", on)
         self.run_ms(ms)
 
-    @rule(cable=st.sampled_from(sorted(CABLES, key=str)), ms=st.integers(5, 600))
-    def cable_coding(self, cable, ms):
+    @rule(prepare=PREPARE, cable=st.sampled_from(sorted(CABLES, key=str)), ms=st.integers(5, 600))
+    def cable_coding(self, prepare, cable, ms):
+        self._prepare(prepare)
         self.world.car.cable_ohm = cable
         self.cable_changed_us = self.world.now
         self.run_ms(ms)
 
-    @rule(period=st.integers(5, 400), duration=st.integers(50, 20000), ms=st.integers(0, 3000))
-    def s2_chatter(self, period, duration, ms):
+    @rule(prepare=PREPARE,
+          period=st.integers(5, 400), duration=st.integers(50, 20000), ms=st.integers(0, 3000))
+    def s2_chatter(self, prepare, period, duration, ms):
+        self._prepare(prepare)
         now = self.world.now
         self.s2_chatter = (period * 1000, now + duration * 1000, now)
         self.run_ms(ms)
@@ -405,49 +461,60 @@ class PileMachine(RuleBasedStateMachine):
     # A disturbance lasts `duration` ms from now; the rule runs `ms` of it, so that the next
     # rules (the car going to B, an unplug, a stall) can land inside it.
 
-    @rule(levels=st.lists(st.one_of(st.none(), st.sampled_from(LEVELS_MV)), min_size=1, max_size=4),
+    @rule(prepare=PREPARE,
+          levels=st.lists(st.one_of(st.none(), st.sampled_from(LEVELS_MV)), min_size=1, max_size=4),
           duration=st.integers(5, 3000), ms=st.integers(0, 300))
-    def interference(self, levels, duration, ms):
+    def interference(self, prepare, levels, duration, ms):
         """Bursts cycle through these plus levels (None: the real one): alternating X, spikes
         into any band, a ground shift."""
+        self._prepare(prepare)
         d = self.dist
         d.mode, d.levels, d.until_us = "levels", tuple(levels), self.world.now + duration * 1000
         self.run_ms(ms)
 
-    @rule(level=st.sampled_from(LEVELS_MV), duration=st.integers(5, 5000), ms=st.integers(0, 300))
-    def frozen_adc(self, level, duration, ms):
+    @rule(prepare=PREPARE,
+          level=st.sampled_from(LEVELS_MV), duration=st.integers(5, 5000), ms=st.integers(0, 300))
+    def frozen_adc(self, prepare, level, duration, ms):
+        self._prepare(prepare)
         d = self.dist
         d.mode, d.frozen_uv, d.until_us = "frozen", d.uv(level), self.world.now + duration * 1000
         self.run_ms(ms)
 
-    @rule(duration=st.integers(5, 1000), ms=st.integers(0, 300))
-    def saturated_adc(self, duration, ms):
+    @rule(prepare=PREPARE, duration=st.integers(5, 1000), ms=st.integers(0, 300))
+    def saturated_adc(self, prepare, duration, ms):
+        self._prepare(prepare)
         d = self.dist
         d.mode, d.until_us = "saturated", self.world.now + duration * 1000
         self.run_ms(ms)
 
     # -- RCD, contactor, loop ----------------------------------------------------------------------
 
-    @rule(on=st.booleans(), ms=st.integers(0, 1500))
-    def rcd_leak(self, on, ms):
+    @rule(prepare=PREPARE, on=st.booleans(), ms=st.integers(0, 1500))
+    def rcd_leak(self, prepare, on, ms):
+        self._prepare(prepare)
         self.world.rcd_leak = on
         self.run_ms(ms)
 
-    @rule(period=st.integers(5, 300), duration=st.integers(50, 5000), ms=st.integers(0, 2000))
-    def rcd_chatter(self, period, duration, ms):
+    @rule(prepare=PREPARE,
+          period=st.integers(5, 300), duration=st.integers(50, 5000), ms=st.integers(0, 2000))
+    def rcd_chatter(self, prepare, period, duration, ms):
+        self._prepare(prepare)
         now = self.world.now
         self.rcd_chatter = (period * 1000, now + duration * 1000, now)
         self.run_ms(ms)
 
-    @rule(healthy=st.booleans(), ms=st.integers(5, 600))
-    def rcd_module(self, healthy, ms):
+    @rule(prepare=PREPARE, healthy=st.booleans(), ms=st.integers(5, 600))
+    def rcd_module(self, prepare, healthy, ms):
+        self._prepare(prepare)
         self.world.rcd_healthy = healthy
         self.run_ms(ms)
 
-    @rule(stall=st.integers(0, 200), during=st.sampled_from((None, "stop_request", "unplug")),
+    @rule(prepare=PREPARE,
+          stall=st.integers(0, 200), during=st.sampled_from((None, "stop_request", "unplug")),
           ms=st.integers(5, 300))
-    def loop_stall(self, stall, during, ms):
+    def loop_stall(self, prepare, stall, during, ms):
         """The loop stalls (a flash erase, a collection); the car may act while it does."""
+        self._prepare(prepare)
         self.stall_next_us = stall * 1000
         if during is not None:
             self.world.do(during)
@@ -459,45 +526,52 @@ class PileMachine(RuleBasedStateMachine):
 
     # -- meter and flash ---------------------------------------------------------------------------
 
-    @rule(fault=st.sampled_from(meters.FAULTS),  # "huge": power at float32's largest, 3.4e38
+    @rule(prepare=PREPARE, fault=st.sampled_from(meters.FAULTS),  # "huge": power at float32's largest, 3.4e38
           duration=st.integers(5, 8000), ms=st.integers(0, 3000))
-    def meter_fault(self, fault, duration, ms):
+    def meter_fault(self, prepare, fault, duration, ms):
+        self._prepare(prepare)
         self.meter_fault = fault
         self.meter_fault_until = self.world.now + duration * 1000
         self.run_ms(ms)
 
-    @rule(duration=st.integers(5, 3000), ms=st.integers(0, 3000))
-    def flash_write_errors(self, duration, ms):
+    @rule(prepare=PREPARE, duration=st.integers(5, 3000), ms=st.integers(0, 3000))
+    def flash_write_errors(self, prepare, duration, ms):
+        self._prepare(prepare)
         self.flash_fault_until = self.world.now + duration * 1000
         self.run_ms(ms)
 
     # -- commands -----------------------------------------
 
-    @rule(amps=st.one_of(st.none(), st.integers(-10, 200), st.floats(allow_nan=False, width=32)),
+    @rule(prepare=PREPARE,
+          amps=st.one_of(st.none(), st.integers(-10, 200), st.floats(allow_nan=False, width=32)),
           ms=st.integers(5, 600))
-    def set_current_limit(self, amps, ms):
+    def set_current_limit(self, prepare, amps, ms):
+        self._prepare(prepare)
         charger = self.ctl.charger
         if amps is not None and not 0 <= amps <= 80:
             return  # command_auth refuses it (test_command_auth.py)
         charger.set_remote_limit(None if amps is None else int(amps * 1000))
         self.run_ms(ms)
 
-    @rule(ms=st.integers(5, 600))
-    def remote_stop(self, ms):
+    @rule(prepare=PREPARE, ms=st.integers(5, 600))
+    def remote_stop(self, prepare, ms):
+        self._prepare(prepare)
         self.ctl.charger.remote_stop(self.vb.clock.ticks_ms())
         self.run_ms(ms)
 
-    @rule(state=st.sampled_from(ch.AVAILABILITIES), ms=st.integers(5, 600))
-    def set_availability(self, state, ms):
+    @rule(prepare=PREPARE, state=st.sampled_from(ch.AVAILABILITIES), ms=st.integers(5, 600))
+    def set_availability(self, prepare, state, ms):
+        self._prepare(prepare)
         self.ctl.charger.set_availability(self.vb.clock.ticks_ms(), state)
         self.run_ms(ms)
 
-    @rule(name=st.sampled_from(COMMANDS),
+    @rule(prepare=PREPARE, name=st.sampled_from(COMMANDS),
           args=st.dictionaries(st.sampled_from(("auth_id", "amps", "state", "fault", "x")),
                                ARG_VALUES, max_size=3),
           ms=st.integers(5, 600))
-    def signed_command(self, name, args, ms):
+    def signed_command(self, prepare, name, args, ms):
         """Authentic (signed with the pile's key), with any arguments: only the rules stop it."""
+        self._prepare(prepare)
         self.counter += 1
         body = json.dumps({"v": 1, "id": "c%d" % self.counter, "cmd": name,
                            "counter": self.counter, "args": args})
@@ -510,10 +584,40 @@ class PileMachine(RuleBasedStateMachine):
     @rule(ms=st.integers(5, 600))
     def technician_clears(self, ms):
         """A technician clears what can be cleared; the invariant's baseline follows."""
-        for bit, name in ch.FAULT_NAMES:
-            if bit & ch.LATCHED_FAULTS & self.ctl.charger.faults:
-                self.ctl.clear_fault(self.vb.clock.ticks_ms(), name)
-        self.latched = self.ctl.charger.faults & ch.LATCHED_FAULTS
+        self._technician_clears()
+        self.run_ms(ms)
+
+    # -- the pile itself ---------------------------------------------------------------------------
+
+    @rule(prepare=PREPARE, garble=st.sampled_from((None, "flip", "truncate")),
+          at=st.integers(0, 10 ** 6), ms=st.integers(5, 3000))
+    def reboot(self, prepare, garble, at, ms):
+        """A reset (power cut, watchdog), perhaps with settings.json garbled on the flash: the
+        latched faults survive it, and a garbled file leaves the pile latched (fail closed)."""
+        self._prepare(prepare)
+        before = self.ctl.charger.faults & ch.LATCHED_FAULTS
+        garbled = False
+        if garble is not None and os.path.exists(SETTINGS):
+            with open(SETTINGS, "rb") as f:
+                data = bytearray(f.read())
+            if garble == "flip" and data:
+                bit = at % (len(data) * 8)
+                data[bit // 8] ^= 1 << (bit % 8)  # CRC-32 sees every single-bit error
+            else:
+                data = data[:at % max(1, len(data))]
+            with open(SETTINGS, "wb") as f:
+                f.write(data)
+            garbled = True
+        self.ctl = self.vb.reboot()
+        self.link = self.vb.build_link()
+        self._wrap_outbox()
+        self.run_ms(PERIOD_MS)
+        faults = self.ctl.charger.faults
+        if garbled:
+            assert faults & ch.fault_bit("latch_state_lost"), "a garbled settings.json lifted the latch"
+        else:
+            assert faults & before == before, "a reboot lifted a latched fault"
+        self.latched = faults & ch.LATCHED_FAULTS
         self.run_ms(ms)
 
 

@@ -51,8 +51,28 @@ class VirtualBoard:
         conf = {"free_vend": True}
         conf.update(config or {})
         self.world.fit_meter(conf.get("meter", {}))
-        self.ctl = main.build(config_module.parse_board(self.board_data), config_module.parse_config(conf))
+        self.board = config_module.parse_board(self.board_data)
+        self.conf = config_module.parse_config(conf)
         self.period_ms = period_ms
+        self.ctl = None
+        self.reboot()
+
+    def reboot(self):
+        """The firmware built again from the same flash, the world carrying on: a reset (power
+        cut or watchdog) as the pile would see it, minus boot.py's first line (the old objects'
+        contactor is opened first, as the board's pull-downs would)."""
+        import main
+
+        if self.ctl is not None:
+            self.ctl.contactor.open()
+        self.ctl = main.build(self.board, self.conf)
+        return self.ctl
+
+    def build_link(self):
+        """The MQTT link as main wires it (config.json's mqtt section), not polled: no network."""
+        import main
+
+        return main.build_link(self.board, self.conf, self.ctl)
 
     @property
     def now_ms(self):
