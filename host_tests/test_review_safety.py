@@ -4,6 +4,7 @@ Each test failed on the firmware as merged (main after issue 10) and names the i
 The wired firmware (main.build) runs on the simulated world under a virtual clock.
 """
 import pytest
+from pilehost.meter_rig import Pin
 from pilehost.virtual_board import VirtualBoard
 
 import charger as ch
@@ -13,17 +14,6 @@ import relay
 
 CHARGE = [(100, "plug"), (600, "request")]
 C_LEVEL_MV = 5992  # the simulated car's C plus level (sim/world.py)
-
-
-class Pin:
-    def __init__(self, v=0):
-        self.v = v
-
-    def value(self, v=None):
-        if v is None:
-            return self.v
-        self.v = v
-        return None
 
 
 def watching_rcd():
