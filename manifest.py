@@ -13,7 +13,7 @@
 # to a board running this image: a module's .py or .mpy on the filesystem comes first on
 # sys.path and would shadow the frozen one.
 #
-# The version is firmware/main.py's VERSION (host_tests/test_packaging.py checks it).
+# The version is firmware/version.py's VERSION (host_tests/test_packaging.py checks it).
 metadata(description="AC charging pile controller (IEC 61851-1 / GB/T 18487.1)", version="0.1.0")
 
 # From micropython-lib; `make flash` copies PyPI's releases instead (tools/fetch_deps.py).
@@ -26,9 +26,12 @@ for _name in (
     "commands",
     "command_auth",
     "config",
+    "console",
     "controller",
     "diag",
     "dlt645",
+    "durable",
+    "files",
     "journal",
     "meter",
     "modbus_meter",
@@ -42,6 +45,8 @@ for _name in (
     "session_store",
     "sntp",
     "telemetry",
+    "version",
     "wifi",
+    "wiring",
 ):
     module(_name + ".py", base_path="firmware")

@@ -390,9 +390,9 @@ def check_together(board, conf):
                                   "cannot be read while Wi-Fi is on (%s)" % (key, pin, board.name))
 
 
-def load_config(path="config.json"):
+def load_config(path):
     return parse_config(_load_json(path), path)
 
 
-def load_board(path="board.json"):
+def load_board(path):
     return parse_board(_load_json(path), path)

@@ -1,18 +1,17 @@
-"""Service mode and the technician's view of the pile at the REPL; tools/technician.py runs
-these through mpremote. Imported only after Ctrl-C or by the technician, never at boot.
+"""Service mode and the technician's view of the pile at the REPL (docs/technician.md); tools/
+technician.py runs these through mpremote. Imported only after Ctrl-C or by the technician.
 
     import diag; diag.show()         one JSON object: what the pile is doing, and why not
     diag.clear_fault("rcd_lockout")  the controller's clear_fault (it checks the cause is gone)
     diag.reboot()                    contactor open, pilot F, then the reset
 
-mpremote's Ctrl-C ends main.run()'s loop with the contactor open and the pilot at F; run()
-then calls service_mode(), which keeps its objects here for show() and clear_fault(). Without
-them (main.py never ran) the files on flash say what they can. Secrets (mqtt password, command
-key, Wi-Fi password) are never read here.
+Reads the console module for the firmware's own account; secrets are never read here.
 """
 import gc
 import json
 import time
+
+import files
 
 # Service mode ends with a reset after this long; the pile then charges again. The ESP32's
 # watchdog cannot be stopped (evse-facts section 6), so a timer feeds it meanwhile. 30 min: a
@@ -22,22 +21,17 @@ SERVICE_MS = 30 * 60 * 1000
 # Soft timer callbacks can be late (GC, a flash write): feed at a quarter of the timeout.
 _FEED_MS = 250
 
-# Files on flash (main.py's names).
-_BOOT_COUNT_FILE = "boot_count.json"
-_OUTBOX_FILE = "outbox.jrnl"
-
 
 class _Service:
     """What main.run() had built when Ctrl-C came."""
 
-    def __init__(self, machine, main, board, conf, ctl, link, wdt, until_ms):
-        self.machine = machine
-        self.main = main  # main.py's globals: VERSION, _boot_ms, recent_faults, unavailable
+    def __init__(self, board, conf, ctl, link, wdt, reset, until_ms):
         self.board = board
         self.conf = conf
         self.ctl = ctl
         self.link = link
         self.wdt = wdt
+        self.reset = reset
         self.until_ms = until_ms
         self.timer = None
 
@@ -45,16 +39,18 @@ class _Service:
 _service = None
 
 
-def service_mode(machine, main, board, conf, ctl, link, wdt, limit_ms=SERVICE_MS):
+def service_mode(board, conf, ctl, link, wdt, start_timer, reset, limit_ms=SERVICE_MS):
     """From main.run() on Ctrl-C, after ctl.safe_off(): the watchdog fed and the contactor held
-    open by a timer, until the reset at limit_ms; the REPL is the technician's meanwhile."""
+    open by a timer (start_timer(period_ms, callback), wiring's), until reset() at limit_ms;
+    the REPL is the technician's meanwhile."""
     global _service
+    import console
+
     now = time.ticks_ms()
-    s = _service = _Service(machine, main, board, conf, ctl, link, wdt, time.ticks_add(now, limit_ms))
+    s = _service = _Service(board, conf, ctl, link, wdt, reset, time.ticks_add(now, limit_ms))
     period = _FEED_MS if conf is None else min(_FEED_MS, conf.wdt_timeout_ms // 4)
-    s.timer = machine.Timer(0)
-    s.timer.init(mode=machine.Timer.PERIODIC, period=period, callback=_tick)
-    main["report"](now, "main", "service mode (Ctrl-C): contactor open, pilot F; reset in %d s"
+    s.timer = start_timer(period, _tick)
+    console.report(now, "main", "service mode (Ctrl-C): contactor open, pilot F; reset in %d s"
                    % (limit_ms // 1000))
 
 
@@ -73,13 +69,13 @@ def reboot():
     """Contactor open and pilot F, then the reset."""
     s = _service
     if s is None:  # main.py never ran: nothing was driven but by boot.py
-        import main  # loads main.py's definitions (and `machine`), does not run the pile
+        import wiring  # the firmware's one way to `machine`; builds nothing on import
 
-        main.machine.reset()
+        wiring.reset()
         return
     if s.ctl is not None:
         s.ctl.safe_off()
-    s.machine.reset()
+    s.reset()
 
 
 def clear_fault(name):
@@ -108,28 +104,26 @@ def _json_file(path):
         return None
 
 
-def _version_on_flash():
-    """VERSION = "..." from main.py's source, without running it."""
+def _version():
+    """The firmware's version (version.py), or None if that module is missing or broken."""
     try:
-        with open("main.py") as f:
-            for line in f:
-                if line.startswith("VERSION = "):
-                    return line.split("=", 1)[1].strip().strip("\"'")
-    except OSError:
-        pass
-    return None
+        import version
+
+        return version.VERSION
+    except Exception:  # noqa: BLE001 - ImportError, SyntaxError, a bad .mpy (ValueError): unknown
+        return None
 
 
 def _backlog(outbox):
     """Records (and bytes) in the outbox not yet acknowledged by the broker."""
     if outbox is None:
         try:
-            open(_OUTBOX_FILE).close()
+            open(files.OUTBOX_FILE).close()
         except OSError:
             return {"records": 0, "bytes": 0}
         import journal
 
-        outbox = journal.Journal(_OUTBOX_FILE)
+        outbox = journal.Journal(files.OUTBOX_FILE)
     n, size = outbox.backlog()
     return {"records": n, "bytes": size}
 
@@ -146,8 +140,8 @@ def _meter(ctl, now):
     return out
 
 
-def _since_boot(main, t):
-    ms = time.ticks_diff(t, main["_boot_ms"])
+def _since_boot(console, t):
+    ms = time.ticks_diff(t, console.boot_ms)
     return "%d.%03d s" % (ms // 1000, ms % 1000)
 
 
@@ -160,13 +154,14 @@ def state():
     charger_state = pilot = contactor = faults = journal = meter = broker = None
     recent = []
     if s is not None:
-        main = s.main
+        import console
+
         now = time.ticks_ms()
-        fw = main["VERSION"]
+        fw = _version()
         left_s = max(0, time.ticks_diff(s.until_ms, now) // 1000)
-        uptime_s = time.ticks_diff(now, main["_boot_ms"]) // 1000
-        problem = main.get("unavailable")
-        recent = [_since_boot(main, t) + ": " + text for t, text in main["recent_faults"]]
+        uptime_s = time.ticks_diff(now, console.boot_ms) // 1000
+        problem = console.unavailable
+        recent = [_since_boot(console, t) + ": " + text for t, text in console.recent_faults]
         board = None if s.board is None else s.board.name
         if s.conf is not None:
             pile_id = s.conf.pile_id
@@ -193,14 +188,14 @@ def state():
         journal = _backlog(None if log is None else log.outbox)
     else:
         # The control objects never came to be: what the files on flash say.
-        board_file = _json_file("board.json") or {}
-        conf = _json_file("config.json") or {}
-        fw = fw or _version_on_flash()
+        board_file = _json_file(files.BOARD_FILE) or {}
+        conf = _json_file(files.CONFIG_FILE) or {}
+        fw = fw or _version()
         board = board or board_file.get("name")
         pile_id = pile_id or conf.get("pile_id")
         import session_store
 
-        boot = session_store.CounterStore(_BOOT_COUNT_FILE).load()  # the last boot; None: garbled
+        boot = session_store.CounterStore(files.BOOT_COUNT_FILE).load()  # the last boot; None: garbled
         journal = _backlog(None)
         mqtt = conf.get("mqtt")
         if broker is None and isinstance(mqtt, dict):

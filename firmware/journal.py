@@ -17,6 +17,8 @@ import binascii
 import os
 import struct
 
+import durable
+
 KIND_SESSION_END = const(1)
 KIND_FAULT = const(2)
 KIND_JOURNAL_FAULT = const(3)  # written by the journal: records lost (full) or flash corrupt
@@ -51,29 +53,8 @@ DEFAULT_MAX_PAYLOAD = const(512)
 DEFAULT_TIERS = ((KIND_METER, KIND_STATUS), (KIND_FAULT,), (KIND_SESSION_START,),
                  (KIND_SESSION_END,))
 
-_fsync = getattr(os, "fsync", None)
-_sync = getattr(os, "sync", None)
-
-
 def kind_name(kind):
     return KIND_NAMES[kind] if kind < len(KIND_NAMES) else "kind%d" % kind
-
-
-def _close_durably(f):
-    # LittleFS commits on close (an unclosed file may lose its tail); hosts need fsync.
-    f.flush()
-    if _fsync is not None:
-        _fsync(f.fileno())
-    f.close()
-    if _fsync is None and _sync is not None:
-        _sync()
-
-
-def _remove(path):
-    try:
-        os.remove(path)
-    except OSError:
-        pass
 
 
 class Journal:
@@ -194,7 +175,7 @@ class Journal:
         try:
             f.write(buf)
         finally:
-            _close_durably(f)
+            durable.close(f)
         os.rename(self._ack_tmp, self._ack_path)  # atomic: the old watermark or the new
         self._acked = seq
         self._backlog = None
@@ -287,8 +268,8 @@ class Journal:
 
     def _load(self):
         """Scan the file; cut a torn or damaged end off by rewriting the good records."""
-        _remove(self._tmp)  # a rewrite cut short by a power cut; the old file is whole
-        _remove(self._ack_tmp)
+        durable.remove(self._tmp)  # a rewrite cut short by a power cut; the old file is whole
+        durable.remove(self._ack_tmp)
         self._load_ack()
         self._repair = False
         self._backlog = None
@@ -423,7 +404,7 @@ class Journal:
             try:
                 self._write_record(f, kind, seq, payload, n)
             finally:
-                _close_durably(f)
+                durable.close(f)
         except OSError:
             self._repair = True  # part of the record may be on flash
             raise
@@ -506,10 +487,8 @@ class Journal:
         finally:
             if src is not None:
                 src.close()
-            _close_durably(out)
-        os.rename(self._tmp, self.path)  # atomic on LittleFS: old file or new, never half
-        if _fsync is None and _sync is not None:
-            _sync()
+            durable.close(out)
+        durable.replace(self._tmp, self.path)  # atomic on LittleFS: old file or new, never half
         self._dropped = dropped
         self._next_seq = next_seq
         self._size = size

@@ -1,4 +1,4 @@
-"""Energy-meter readout, common part: errors, Reading, plausibility guard, RS-485 poller, factory.
+"""Energy-meter readout, common part: errors, Reading, plausibility guard, RS-485 poller.
 
 Protocols live in modbus_meter.py (Chint DDSU666, Eastron SDM120/SDM630), dlt645.py and
 s0_meter.py. Numbers are from docs evse-facts.md section 5 unless a comment says otherwise.
@@ -378,18 +378,3 @@ class Rs485Meter(MeterBase):
         self._fail(err)
         self._state = _IDLE
 
-
-def make_meter(kind, uart=None, de=None, pulse_pin=None, **options):
-    """Build the meter driver for `kind`: ddsu666, sdm120, sdm630, dlt645 or s0."""
-    if kind in ("ddsu666", "sdm120", "sdm630"):
-        import modbus_meter
-        return modbus_meter.ModbusMeter(uart, de, model=kind, **options)
-    if kind == "dlt645":
-        import dlt645
-        return dlt645.Dlt645Meter(uart, de, **options)
-    if kind == "s0":
-        import s0_meter
-        if pulse_pin is None:
-            raise ValueError("s0: needs pulse_pin")
-        return s0_meter.S0Meter(pulse_pin, **options)
-    raise ValueError("unknown meter kind %r" % (kind,))

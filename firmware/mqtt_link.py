@@ -15,7 +15,7 @@ import commands
 import telemetry
 from backoff import Backoff
 from mqtt_conn import DOWN, TCP, TLS, UP, WRAP, MqttConn
-from mqtt_conn import tls_context  # noqa: F401  (main.py's build_tls takes it from here)
+from mqtt_conn import tls_context  # noqa: F401  (wiring.py's build_tls takes it from here)
 from netaddr import numeric_host
 
 _ROOM = const(768)  # free out-buffer needed before building a publish (session/ended ~450 B)

@@ -15,30 +15,12 @@ years at 10k cycles, 22 at 100k; 2 MB (384 free): 6.5 / >50 years; inline: 17 / 
 from micropython import const
 import binascii
 import json
-import os
+
+import durable
+from durable import write_atomic
 
 MAX_BYTES = const(1024)  # a snapshot is ~200 bytes; more is a caller's bug
 _ENOENT = const(2)  # errno.ENOENT, the same on LittleFS (MicroPython) and POSIX
-
-_fsync = getattr(os, "fsync", None)
-_sync = getattr(os, "sync", None)
-
-
-def write_atomic(path, data):
-    """Write `data` to `path` so that a power cut leaves the old content or the new."""
-    tmp = path + ".tmp"
-    f = open(tmp, "wb")
-    try:
-        f.write(data)
-        f.flush()
-        if _fsync is not None:
-            _fsync(f.fileno())
-    finally:
-        f.close()  # LittleFS commits the file here
-    os.rename(tmp, path)
-    if _fsync is None and _sync is not None:
-        _sync()
-
 
 def _encode(value):
     text = json.dumps(value, separators=(",", ":")).encode()
@@ -103,10 +85,7 @@ class _Store:
 
     def clear(self):
         for p in (self.path, self.path + ".tmp"):
-            try:
-                os.remove(p)
-            except OSError:
-                pass
+            durable.remove(p)
         self._last = None
 
 
@@ -114,9 +93,6 @@ class SessionStore(_Store):
     """Snapshot of the open session: save(dict) while it runs, load() at boot, clear() when
     it is reported closed. What goes in the dict is the caller's (session id, start meter
     value, last meter value, state...); it must be JSON and at most MAX_BYTES."""
-
-    def __init__(self, path="session.json"):
-        super().__init__(path)
 
     def save(self, snapshot):
         """Atomic. False if it equals the last one written (no flash write)."""
@@ -138,9 +114,6 @@ class CounterStore(_Store):
     when the file does not exist, None when it is garbled: the caller should then refuse
     remote commands (fail closed) and report it, never restart from 0."""
 
-    def __init__(self, path="cmd_counter.json"):
-        super().__init__(path)
-
     def save(self, counter):
         if type(counter) is not int or counter < 0:
             raise ValueError("counter must be an int >= 0")
@@ -161,9 +134,6 @@ class SettingsStore(_Store):
     the remote current limit, as a dict the charger fills. Written only when a command changes
     a value, at most once per accepted command (the command counter is written then anyway):
     ~60 bytes of JSON, stored inline, ~0.1 block erase a write (docs/durability.md)."""
-
-    def __init__(self, path="settings.json"):
-        super().__init__(path)
 
     def save(self, settings):
         """Atomic. False if unchanged (no flash write)."""

@@ -4,7 +4,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import dlt645
-from meter import MeterError, make_meter
+from meter import MeterError
+from wiring import make_meter
 from meters import Dlt645MeterSim
 from pilehost.meter_rig import Bus, Clock, ScriptedSim, World, run
 

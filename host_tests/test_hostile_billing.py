@@ -14,7 +14,9 @@ from pilehost.virtual_board import ROOT, VirtualBoard
 
 import charger as ch
 import journal
-import main
+import console
+import files
+import wiring
 import meter
 import session_log
 import session_store
@@ -75,7 +77,7 @@ def board(monkeypatch, steps, failure_s=30, register_wh=1234500, charge=True, **
 
 def outbox(kind=journal.KIND_SESSION_END):
     """The records of that kind in the board's flash outbox (cwd: the board's flash)."""
-    return [json.loads(p) for _, k, p in journal.Journal(main.OUTBOX_FILE).pending() if k == kind]
+    return [json.loads(p) for _, k, p in journal.Journal(files.OUTBOX_FILE).pending() if k == kind]
 
 
 def consumer_takes(record):
@@ -376,7 +378,7 @@ def test_item18_a_boot_counter_that_cannot_be_written_holds_the_pile_unavailable
     def full(self, value):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(session_store.CounterStore, "save", full)
-    monkeypatch.setattr(main, "report", lambda *a: None)
+    monkeypatch.setattr(console, "report", lambda *a: None)
     conf = config.parse_config({"pile_id": PILE, "free_vend": True})
-    with pytest.raises(main.Unavailable, match="boot counter not written"):
-        main.build_session_log(conf)
+    with pytest.raises(wiring.Unavailable, match="boot counter not written"):
+        wiring.build_session_log(conf)

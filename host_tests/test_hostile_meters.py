@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import meter
-from meter import MeterBase, Reading, make_meter
+from meter import MeterBase, Reading
+from wiring import make_meter
 from meters import Dlt645MeterSim, ModbusMeterSim
 import modbus_meter
 from pilehost import meter_rig

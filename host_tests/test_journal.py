@@ -515,7 +515,7 @@ def _tool(name):
     return None
 
 
-STORAGE_MODULES = ("journal", "session_store", "command_auth")
+STORAGE_MODULES = ("durable", "journal", "session_store", "command_auth")
 
 
 def test_storage_selftest_on_micropython_unix_port(tmp_path):
@@ -539,7 +539,7 @@ def test_storage_selftest_on_micropython_unix_port(tmp_path):
     assert "upy storage selftest ok" in proc.stdout
 
 
-@pytest.mark.parametrize("name", ["journal.py", "session_store.py", "command_auth.py"])
+@pytest.mark.parametrize("name", [m + ".py" for m in STORAGE_MODULES])
 def test_compiles_for_esp32(tmp_path, name):
     exe = _tool("mpy-cross")
     if exe is None:

@@ -6,7 +6,8 @@ import subprocess
 import pytest
 
 import meter
-from meter import MeterError, Reading, check_plausible, make_meter
+from meter import MeterError, Reading, check_plausible
+from wiring import make_meter
 
 from pilehost import ROOT, unix_port
 from pilehost.meter_rig import TICKS_PERIOD, Bus, Clock, Pin

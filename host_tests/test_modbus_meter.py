@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import modbus_meter
-from meter import MeterError, make_meter
+from meter import MeterError
+from wiring import make_meter
 from meters import ModbusMeterSim
 from pilehost.meter_rig import Bus, Clock, ScriptedSim, World, run
 

@@ -1,5 +1,5 @@
 """package.json (mip) and manifest.py (a frozen image) carry every firmware module, at the paths
-the firmware expects, with firmware/main.py's VERSION."""
+the firmware expects, with firmware/version.py's VERSION."""
 import ast
 import glob
 import json
@@ -18,12 +18,12 @@ FILES_ON_BOARD = {"boot.py", "main.py"}
 
 
 def firmware_version():
-    with open(os.path.join(ROOT, "firmware", "main.py")) as f:
+    with open(os.path.join(ROOT, "firmware", "version.py")) as f:
         tree = ast.parse(f.read())
     for node in tree.body:
         if isinstance(node, ast.Assign) and [t.id for t in node.targets] == ["VERSION"]:
             return node.value.value
-    raise AssertionError("no VERSION in firmware/main.py")
+    raise AssertionError("no VERSION in firmware/version.py")
 
 
 def shipped_libraries():
@@ -150,10 +150,10 @@ class MicropythonLibRecord:
 
 
 def test_the_console_prints_micropython_lib_records_and_cpython_records(capsys):
-    import main
+    import console as console_module
 
-    console = main._Console()
-    main._Console.now_ms = main._boot_ms
+    console = console_module._Console()
+    console_module._Console.now_ms = console_module.boot_ms
     console.emit(MicropythonLibRecord("meter", logging.WARNING, "100% no reply"))
     console.emit(logging.LogRecord("pilot", logging.INFO, __file__, 1, "%s", ("B -> C",), None))
     assert capsys.readouterr().out.splitlines() == ["[   0.000] meter: 100% no reply",

@@ -9,7 +9,7 @@ import time
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from meter import make_meter
+from wiring import make_meter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -2,7 +2,7 @@
 against the simulated S0 output."""
 import pytest
 
-from meter import make_meter
+from wiring import make_meter
 from meters import S0MeterSim
 from pilehost.meter_rig import Clock, World
 

@@ -1,7 +1,7 @@
 """The technician's path (tools/technician.py) on a virtual board (pilehost/vboard.py): flash twice,
 provision (a bad config first), the firmware's session reaching the reference consumer exactly
 once, diag, clear-fault and reboot; all through mpremote on a pty, as on a pile. Also service
-mode's watchdog timer (main.service_mode) on the virtual clock and diag.py on CPython."""
+mode's watchdog timer (diag.service_mode) on the virtual clock and diag.py on CPython."""
 import json
 import os
 import shutil
@@ -14,7 +14,8 @@ import pytest
 
 import charger as ch  # firmware/
 import machine  # sim/machine.py
-import main
+import version
+import wiring
 import vboard_hw
 import world
 from pilehost import ROOT, unix_port, vboard
@@ -87,7 +88,7 @@ def test_flash_provision_diag_clear_reboot(board, store, tmp_path):
     assert on_board == {dest: technician.sha256_file(src) for src, dest in plan}
     d = diag(port)  # main.py was not on the flash at power-on: diag reads the files
     assert (d["firmware"], d["fw"], d["board"], d["pile_id"], d["state"]) == (
-        "not running", main.VERSION, "ref-esp32", None, None)
+        "not running", version.VERSION, "ref-esp32", None, None)
 
     # A bad config: refused on the host, naming the key, the secret never echoed, nothing sent.
     mqtt = {"host": "127.0.0.1", "port": store.port, "secret": SECRET_HEX, "keepalive_s": 10}
@@ -116,7 +117,7 @@ def test_flash_provision_diag_clear_reboot(board, store, tmp_path):
 
     d = diag(port)  # interrupts main.py: service mode
     assert d["firmware"] == "service mode" and 0 < d["service_left_s"] <= 1800
-    assert (d["fw"], d["board"], d["pile_id"], d["boot"]) == (main.VERSION, "ref-esp32", PILE, 1)
+    assert (d["fw"], d["board"], d["pile_id"], d["boot"]) == (version.VERSION, "ref-esp32", PILE, 1)
     assert d["state"] == ch.FAULT and d["pilot"] == "F" and d["faults"] == ["rcd_lockout"]
     assert d["contactor"] == {"commanded": "open", "feedback": "open"}
     assert any("raised rcd_lockout" in line for line in d["recent_faults"]), d["recent_faults"]
@@ -158,8 +159,8 @@ def test_service_mode_feeds_the_watchdog_then_resets(monkeypatch):
     wdt = machine.WDT(timeout=wdt_ms)
     limit_ms = 60000
     vb.ctl.safe_off()  # main.run() on Ctrl-C, then:
-    diag.service_mode(machine, vars(main), None, types.SimpleNamespace(wdt_timeout_ms=wdt_ms),
-                      vb.ctl, None, wdt, limit_ms=limit_ms)
+    diag.service_mode(None, types.SimpleNamespace(wdt_timeout_ms=wdt_ms), vb.ctl, None, wdt,
+                      wiring.service_timer, wiring.reset, limit_ms=limit_ms)
     assert "service mode (Ctrl-C): contactor open, pilot F; reset in 60 s" in vb.reported("main")
     start = vb.now_ms
     with pytest.raises(world.SimReset):
@@ -193,7 +194,9 @@ def test_diag_reads_the_flash_when_main_never_ran(monkeypatch, tmp_path):
     monkeypatch.setattr(gc, "mem_free", lambda: 1234, raising=False)  # MicroPython's
     monkeypatch.setattr(diag, "_service", None)  # no Ctrl-C came: main.py never ran
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "main.py").write_text('import machine\nVERSION = "9.8.7"\n')
+    (tmp_path / "version.py").write_text('VERSION = "9.8.7"\n')  # what is on this flash
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "version", raising=False)
     shutil.copy(os.path.join(ROOT, "boards", "ref-esp32.json"), tmp_path / "board.json")
     write_config(tmp_path / "config.json", mqtt={"host": "10.0.0.5", "port": 1883, "username": "u",
                                                   "password": "pw-" + SECRET_HEX, "secret": SECRET_HEX})

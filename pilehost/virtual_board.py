@@ -1,4 +1,4 @@
-"""The firmware, wired by main.build(), on the simulated world under a virtual clock (CPython).
+"""The firmware, wired by wiring.build(), on the simulated world under a virtual clock (CPython).
 
 Every clock read advances time a little (like the ~35 us an ESP32 ADC read takes), so the
 pilot sampler's bursts see the PWM waveform; between ticks the clock jumps one control period.
@@ -45,9 +45,9 @@ class VirtualBoard:
         monkeypatch.setattr(world, "WORLD", self.world, raising=False)
         self.reports = []
         import config as config_module
-        import main
+        import console
 
-        monkeypatch.setattr(main, "report", lambda now, what, text: self.reports.append((what, text)))
+        monkeypatch.setattr(console, "report", lambda now, what, text: self.reports.append((what, text)))
         conf = {"free_vend": True}
         conf.update(config or {})
         self.world.fit_meter(conf.get("meter", {}))
@@ -61,18 +61,18 @@ class VirtualBoard:
         """The firmware built again from the same flash, the world carrying on: a reset (power
         cut or watchdog) as the pile would see it, minus boot.py's first line (the old objects'
         contactor is opened first, as the board's pull-downs would)."""
-        import main
+        import wiring
 
         if self.ctl is not None:
             self.ctl.contactor.open()
-        self.ctl = main.build(self.board, self.conf)
+        self.ctl = wiring.build(self.board, self.conf)
         return self.ctl
 
     def build_link(self):
-        """The MQTT link as main wires it (config.json's mqtt section), not polled: no network."""
-        import main
+        """The MQTT link as wired on the board (config.json's mqtt section), not polled: no network."""
+        import wiring
 
-        return main.build_link(self.board, self.conf, self.ctl)
+        return wiring.build_link(self.board, self.conf, self.ctl)
 
     @property
     def now_ms(self):

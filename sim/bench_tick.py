@@ -38,13 +38,14 @@ def start(n):
     world.WORLD = sim
     with open("config.json") as f:
         sim.fit_meter(json.load(f).get("meter", {}))
-    import main
+    import console
+    import wiring
 
-    board_s, conf, problem = main.load_settings()
+    board_s, conf, problem = wiring.load_settings()
     if problem:
         raise SystemExit(problem)
-    main.report = lambda now, what, text: None
-    ctl = main.build(board_s, conf)
+    console.report = lambda now, what, text: None
+    ctl = wiring.build(board_s, conf)
     out = {}
     while ctl.charger.state != "charging":
         ctl.tick(time.ticks_ms())

@@ -1,9 +1,9 @@
-"""main.report: every line the firmware prints goes through `logging` (micropython-logging on the
+"""console.report: every line the firmware prints goes through `logging` (micropython-logging on the
 board), so a technician can add a handler (a file, a socket) without touching the modules."""
 import logging
 import time
 
-import main
+import console
 
 
 class Catch(logging.Handler):
@@ -16,14 +16,14 @@ class Catch(logging.Handler):
 
 
 def test_a_line_is_a_record_on_the_sources_logger_and_printed_with_the_loops_time(capsys):
-    now = time.ticks_add(main._boot_ms, 12345)
-    main.report(now, "pilot", "B -> C")
+    now = time.ticks_add(console.boot_ms, 12345)
+    console.report(now, "pilot", "B -> C")
     assert capsys.readouterr().out == "[  12.345] pilot: B -> C\n"
     catch = Catch()
     logging.getLogger("meter").addHandler(catch)
     try:
-        main.report(now, "meter", "no reply")
-        main.report(now, "meter", "100% odd text %s")  # the text is an argument, never a format
+        console.report(now, "meter", "no reply")
+        console.report(now, "meter", "100% odd text %s")  # the text is an argument, never a format
     finally:
         logging.getLogger("meter").removeHandler(catch)
     assert catch.records == [("meter", logging.WARNING, "no reply"),
@@ -36,7 +36,7 @@ def test_ordinary_transitions_are_info():
     catch = Catch()
     logging.getLogger("charger").addHandler(catch)
     try:
-        main.report(main._boot_ms, "charger", "idle -> charging")
+        console.report(console.boot_ms, "charger", "idle -> charging")
     finally:
         logging.getLogger("charger").removeHandler(catch)
     assert catch.records == [("charger", logging.INFO, "idle -> charging")]
@@ -45,19 +45,19 @@ def test_ordinary_transitions_are_info():
 def test_a_full_heap_loses_the_line_not_the_pile(capsys, monkeypatch):
     """A MemoryError building a line (the commonest allocation; a soak in a tight heap met it
     there) is not an internal error: the line is lost and said so with the next one."""
-    now = time.ticks_add(main._boot_ms, 2000)
-    real_emit = main._Console.emit
+    now = time.ticks_add(console.boot_ms, 2000)
+    real_emit = console._Console.emit
 
     def heap_full(self, record):
         raise MemoryError("memory allocation failed, allocating 376 bytes")
 
-    monkeypatch.setattr(main._Console, "emit", heap_full)
-    main.report(now, "fault", "raised rcd_trip")  # no exception
-    main.report(now, "outbox", "a record")
-    monkeypatch.setattr(main._Console, "emit", real_emit)
-    assert main.recent_faults[-1] == (now, "raised rcd_trip")  # what diag shows is kept
-    main.report(now, "pilot", "C -> B")
+    monkeypatch.setattr(console._Console, "emit", heap_full)
+    console.report(now, "fault", "raised rcd_trip")  # no exception
+    console.report(now, "outbox", "a record")
+    monkeypatch.setattr(console._Console, "emit", real_emit)
+    assert console.recent_faults[-1] == (now, "raised rcd_trip")  # what diag shows is kept
+    console.report(now, "pilot", "C -> B")
     assert capsys.readouterr().out.splitlines() == [
         "[   2.000] main: 2 line(s) lost before this one: the heap was full", "[   2.000] pilot: C -> B"]
-    main.report(now, "pilot", "B -> A")
+    console.report(now, "pilot", "B -> A")
     assert capsys.readouterr().out == "[   2.000] pilot: B -> A\n"

@@ -1,0 +1,48 @@
+"""Flash writes that survive a power cut: closed (and fsynced) before a rename makes them live.
+
+LittleFS commits a file on close and renames atomically; a host needs `os.fsync`, a port
+without it gets `os.sync()` (docs/durability.md).
+"""
+import os
+
+_fsync = getattr(os, "fsync", None)
+_sync = getattr(os, "sync", None)
+
+
+def close(f):
+    """Flush and close `f` so its bytes are on flash (an unclosed file may lose its tail)."""
+    f.flush()
+    if _fsync is not None:
+        _fsync(f.fileno())
+    f.close()
+    if _fsync is None and _sync is not None:
+        _sync()
+
+
+def replace(tmp, path):
+    """Rename the closed `tmp` over `path`: a reader finds the old file or the new, never half."""
+    os.rename(tmp, path)
+    if _fsync is None and _sync is not None:
+        _sync()
+
+
+def write_atomic(path, data):
+    """Write `data` to `path` so that a power cut leaves the old content or the new."""
+    tmp = path + ".tmp"
+    f = open(tmp, "wb")
+    try:
+        f.write(data)
+        f.flush()
+        if _fsync is not None:
+            _fsync(f.fileno())
+    finally:
+        f.close()  # LittleFS commits the file here
+    replace(tmp, path)
+
+
+def remove(path):
+    """Remove `path` if it is there."""
+    try:
+        os.remove(path)
+    except OSError:
+        pass
