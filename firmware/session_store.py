@@ -83,6 +83,13 @@ class _Store:
         self._last = data
         return True, value
 
+    def _load_dict(self, what):
+        found, value = self._load(what)
+        if found and value is not None and not isinstance(value, dict):
+            self.error = "%s garbled (not an object), ignored" % what
+            value = None
+        return value
+
     def clear(self):
         for p in (self.path, self.path + ".tmp"):
             durable.remove(p)
@@ -102,11 +109,7 @@ class SessionStore(_Store):
 
     def load(self):
         """The saved dict, or None (no file, or garbled: then `error` says why)."""
-        found, value = self._load("session snapshot")
-        if found and value is not None and not isinstance(value, dict):
-            self.error = "session snapshot garbled (not an object), ignored"
-            value = None
-        return value
+        return self._load_dict("session snapshot")
 
 
 class CounterStore(_Store):
@@ -141,8 +144,4 @@ class SettingsStore(_Store):
 
     def load(self):
         """The saved dict, or None (no file, or garbled: then `error` says why)."""
-        found, value = self._load("settings")
-        if found and value is not None and not isinstance(value, dict):
-            self.error = "settings garbled (not an object), ignored"
-            value = None
-        return value
+        return self._load_dict("settings")

@@ -1,4 +1,4 @@
-"""The wired firmware (main.build) on the simulated hardware, under a virtual clock."""
+"""The wired firmware (wiring.build) on the simulated hardware, under a virtual clock."""
 import os
 import tempfile
 

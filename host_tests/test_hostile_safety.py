@@ -1,6 +1,6 @@
 """Issue 10, items 1-6: the pilot / contactor / RCD safety core against a hostile world.
 
-The wired firmware (main.build) on the simulated world under a virtual clock (virtual_board).
+The wired firmware (wiring.build) on the simulated world under a virtual clock (virtual_board).
 Each test names the item it covers; each failed on the firmware before the fix.
 """
 import errno

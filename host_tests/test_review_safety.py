@@ -1,7 +1,7 @@
 """Independent review of issue 10's safety items 1-6: faults the first round left open.
 
 Each test failed on the firmware as merged (main after issue 10) and names the item it extends.
-The wired firmware (main.build) runs on the simulated world under a virtual clock.
+The wired firmware (wiring.build) runs on the simulated world under a virtual clock.
 """
 import pytest
 from pilehost.meter_rig import Pin

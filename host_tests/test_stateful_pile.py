@@ -1,6 +1,6 @@
 """The wired controller in a hostile world: random sequences, invariants in the standard's terms.
 
-A hypothesis RuleBasedStateMachine drives the firmware (main.build on the simulated hardware,
+A hypothesis RuleBasedStateMachine drives the firmware (wiring.build on the simulated hardware,
 virtual clock) with car states, pilot interference, a frozen or saturated ADC, a missing diode,
 RCD leaks and chatter, S2 chatter, cable coding changes, loop stalls, meter faults and extreme
 values, flash write errors and remote commands with hostile arguments. After every control tick

@@ -25,14 +25,13 @@ NOT_ON_ESP32 = {
                      'Unused "type: ignore"'),
 }
 
-# What the firmware does on the board (main.py, meter.py, mqtt_link.py), written the same way.
+# What the firmware does on the board (wiring.py, meter.py, mqtt_link.py), written the same way.
 ESP32_OK = """\
 import json
 import select
 import socket
 import time
 
-import __main__
 import logging
 import machine
 import network
@@ -67,7 +66,6 @@ poller.register(sock, select.POLLOUT)
 text = json.dumps({"v": 1}, separators=(",", ":"))
 client = simple.MQTTClient(b"pile-1", "192.0.2.1")
 logging.getLogger("pilot").info("%s", text)
-live = getattr(__main__, "live", None)  # diag.py reads main.py's globals there
 """
 
 

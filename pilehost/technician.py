@@ -5,7 +5,7 @@ Its command line, with the usage: tools/technician.py.
 
 The first connection interrupts main.py (Ctrl-C): the pile goes to service mode (contactor
 open, pilot F, the watchdog fed by a timer) until `reboot`, or by itself after 30 min
-(main.SERVICE_MS). Nothing here soft-resets the board (`resume`): a reset is a reboot.
+(diag.SERVICE_MS). Nothing here soft-resets the board (`resume`): a reset is a reboot.
 """
 import argparse
 import glob

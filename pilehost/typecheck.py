@@ -28,8 +28,9 @@ LIB = os.path.join(ROOT, "lib")
 STUB_DISTS = ("micropython-stdlib-stubs", "micropython-esp32-stubs")
 
 CONFIG = os.path.join(ROOT, "tools", "typecheck.ini")  # mypy's settings, with their reasons
-# Modules the ESP32 has that the stubs lack. __main__: the REPL's globals, where main.py runs.
-EXTRA_STUBS = {"__main__": "from typing import Any\n\ndef __getattr__(name: str) -> Any: ...\n"}
+# Modules the ESP32 has that the stubs lack, as {name: stub text}. None today: no firmware module
+# reads the REPL's globals (__main__, where main.py runs) any more.
+EXTRA_STUBS: dict[str, str] = {}
 
 
 def _shipped():

@@ -20,7 +20,7 @@ def _run_boot_files():
     read into one string). Imported, so main.py's `if __name__ == "__main__"` is ours to do."""
     import boot  # noqa: F401  (runs on import)
     gc.collect()
-    import main
+    import main  # the board itself: nothing else imports main (test_firmware_layout.py)
 
     main.run()
 

@@ -2,7 +2,7 @@
 installs it; the scenario runs of sim/rom.py do without it, and their heap with them):
 
 - machine.Timer: ESP32 hardware timers, whose callbacks are soft (scheduled, evse-facts
-  section 6). main.py's service mode feeds the watchdog from one. Here the callbacks that fell
+  section 6). diag.py's service mode feeds the watchdog from one. Here the callbacks that fell
   due run when the firmware, or the REPL, next touches the hardware, before the watchdog is
   judged: periods missed meanwhile are coalesced, as a late scheduler coalesces them.
 - power_cut: called when the board resets (the watchdog, machine.reset), instead of sim/rom.py's

@@ -6,7 +6,7 @@ simulated hardware is built from VBOARD_DIR/hardware.json, not from the flash: t
 soldered whatever board.json says. The car's script (hardware.json "steps") plays once, at the
 first boot that finds main.py and config.json; later boots find the car where it left it.
 boot.py and main.py then run from source in the REPL's globals, as the ESP32 port runs them
-(diag.py finds main's objects there). A reset (machine.reset, the watchdog) ends the process
+(on Ctrl-C main.py hands its objects to diag.py). A reset (machine.reset, the watchdog) ends the process
 at once, like a power cut; pilehost/vboard.py starts it again.
 """
 import json
