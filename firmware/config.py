@@ -5,6 +5,7 @@ keys are errors too: a misspelt limit must not silently fall back to a default.
 """
 import json
 
+import files
 import pilot
 
 
@@ -237,7 +238,7 @@ def _load_json(path):
         raise ConfigError("%s: not valid JSON (%s)" % (path, e)) from None
 
 
-def parse_config(data, where="config.json"):
+def parse_config(data, where=files.CONFIG_FILE):
     conf = Section(_validate(where, data, CONFIG_SCHEMA))
     conf.meter = _parse_meter(where + ": meter", data.get("meter", {}))
     conf.mqtt = None if data.get("mqtt") is None else _parse_mqtt(where + ": mqtt", data["mqtt"])
@@ -340,7 +341,7 @@ def _sub(where, board, key, schema):
     return Section(_validate(where + ": " + key, part, schema))
 
 
-def parse_board(data, where="board.json"):
+def parse_board(data, where=files.BOARD_FILE):
     if not isinstance(data, dict):
         raise ConfigError("%s: must be a JSON object" % where)
     for key in data:

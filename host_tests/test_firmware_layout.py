@@ -106,3 +106,23 @@ def test_main_is_the_loop_only():
     assert graph["main"] <= {"console", "wiring", "version", "diag"}
     for name in ("console", "files", "durable", "version"):  # leaves: they import no firmware
         assert graph[name] == set(), name
+
+
+def test_the_flash_file_names_are_spelled_in_files_py_only():
+    """A name the firmware opens is a constant of files.py; boot.py, which runs before any
+    module can be loaded, reads board.json by its own literal."""
+    import files
+
+    names = {v for k, v in vars(files).items() if k.endswith("_FILE")}
+    assert {"outbox.jrnl", "session.json", "boot_count.json"} <= names
+    spelled = {}
+    for name in module_graph(FIRMWARE):
+        if name in ("files", "boot"):
+            continue
+        with open(os.path.join(FIRMWARE, name + ".py")) as f:
+            tree = ast.parse(f.read())
+        found = {node.value for node in ast.walk(tree)
+                 if isinstance(node, ast.Constant) and node.value in names}
+        if found:
+            spelled[name] = sorted(found)
+    assert spelled == {}
