@@ -179,7 +179,7 @@ def test_a_missing_sqlite_file_is_not_created(tmp_path):
 
 
 def test_a_store_without_meter_samples_shows_no_curve(tmp_path):
-    """A store written by a consumer older than pilehost/power_curve.py: the page still works."""
+    """A store written by a consumer older than pilehost/ops_store.py: the page still works."""
     url = "sqlite:///" + str(tmp_path / "old.db")
     f = Filled(url)
     p = pile("pile-old")
