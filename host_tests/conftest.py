@@ -55,6 +55,25 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: not item.nodeid.endswith(LONGEST_FIRST))
 
 
+# Files the tests leave for a person to look at (the operations page's screenshots): their paths
+# at the end of the run, also from xdist's workers, whose prints are not shown.
+TEST_OUTPUT = os.path.join(ROOT, "build", "test-output")
+_STARTED = []
+
+
+def pytest_sessionstart(session):
+    _STARTED.append(time.time())
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _STARTED or not os.path.isdir(TEST_OUTPUT):
+        return
+    made = sorted(os.path.join(TEST_OUTPUT, name) for name in os.listdir(TEST_OUTPUT)
+                  if os.path.getmtime(os.path.join(TEST_OUTPUT, name)) >= _STARTED[0] - 1)
+    for path in made:
+        terminalreporter.write_line("test output: %s" % path)
+
+
 # -- the meter drivers' tests ------------------------------------------------------------------------
 
 # These run a subprocess (mpy-cross, micropython), whose timeout wait may sleep in CPython.

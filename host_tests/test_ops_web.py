@@ -64,13 +64,39 @@ def wait_page(driver, predicate, what):
     wait_for(lambda: predicate(driver), what)
 
 
-def text(driver, css):
+def on_element(driver, css, action):
+    """action(element), or None: the page redraws its parts on every update, so an element found
+    a moment ago may be gone (stale) by now; the waits ask again."""
     from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 
     try:
-        return driver.find_element("css selector", css).text
+        return action(driver.find_element("css selector", css))
     except (NoSuchElementException, StaleElementReferenceException):
         return None
+
+
+def text(driver, css):
+    return on_element(driver, css, lambda e: e.text)
+
+
+def read(driver, css):
+    """The element's text, once it holds still long enough to be read."""
+    found = []
+    wait_for(lambda: found.append(text(driver, css)) or found[-1] is not None, "%s on the page" % css)
+    return found[-1]
+
+
+def attr(driver, css, name):
+    return on_element(driver, css, lambda e: e.get_attribute(name))
+
+
+def click(driver, css):
+    return on_element(driver, css, lambda e: e.click() or True)
+
+
+def live_state(driver):
+    """The header's dot: "live" while answers come, "lost" when one failed."""
+    return attr(driver, "#live", "data-state")
 
 
 def screenshot(driver, name):
@@ -127,8 +153,8 @@ def test_the_page_follows_a_session_as_it_charges(broker, store, page, browser, 
     browser.get(page.url + "#/pile/pile-0042")
     energy = "%.2f" % (pile.session_energy_wh() / 1000)
     wait_page(browser, lambda d: (text(d, "#session-energy") or "").startswith(energy), "the energy")
-    assert text(browser, "#pile-title") == "pile-0042"
-    assert browser.find_element("css selector", "#power-chart").get_attribute("data-points") == "24"
+    assert read(browser, "#pile-title") == "pile-0042"
+    assert attr(browser, "#power-chart", "data-points") == "24"
     browser.execute_script("window.__sameDocument = 42")
 
     # the pile charges on: the page shows it without being reloaded
@@ -138,20 +164,19 @@ def test_the_page_follows_a_session_as_it_charges(broker, store, page, browser, 
         link.send([pile.meter(), pile.status()])
     energy = "%.2f" % (pile.session_energy_wh() / 1000)
     wait_page(browser, lambda d: (text(d, "#session-energy") or "").startswith(energy), "the new energy")
-    wait_page(browser, lambda d: d.find_element("css selector", "#power-chart").get_attribute("data-points")
-              == "27", "the new samples on the curve")
+    wait_page(browser, lambda d: attr(d, "#power-chart", "data-points") == "27", "the new samples")
     wait_page(browser, lambda d: (text(d, "#session-power") or "").startswith("4.2"), "the new power")
     assert browser.execute_script("return window.__sameDocument") == 42, "the page was reloaded"
-    assert "Charging" in text(browser, ".title-row")
-    assert browser.find_element("css selector", "#live").get_attribute("data-state") == "live"
+    assert "Charging" in read(browser, ".title-row")
+    assert live_state(browser) == "live"
     screenshot(browser, "ops-page.png")
 
     # the fleet: counts and the row of the charging pile
     browser.get(page.url + "#/fleet")
     wait_page(browser, lambda d: text(d, "#kpi-piles .value") == "7", "the fleet's counts")
-    assert text(browser, "#kpi-charging .value") == "1" and text(browser, "#kpi-offline .value") == "1"
-    assert text(browser, "#kpi-faulted .value") == "1"
-    row = browser.find_element("css selector", 'tr[data-pile="pile-0042"]').text
+    assert read(browser, "#kpi-charging .value") == "1" and read(browser, "#kpi-offline .value") == "1"
+    assert read(browser, "#kpi-faulted .value") == "1"
+    row = read(browser, 'tr[data-pile="pile-0042"]')
     assert "Charging" in row and "Online" in row and "1.4.1" in row
     screenshot(browser, "ops-fleet.png")
 
@@ -159,7 +184,7 @@ def test_the_page_follows_a_session_as_it_charges(broker, store, page, browser, 
     browser.get(page.url + "#/sessions?pile=pile-0012")
     wait_page(browser, lambda d: len(d.find_elements("css selector", "#session-rows tr[data-session]")) == 1,
               "the filtered sessions")
-    assert "pile-0012-1-1" in text(browser, "#session-rows")
+    assert "pile-0012-1-1" in read(browser, "#session-rows")
     browser.get(page.url + "#/sessions?stop_reason=rcd_trip")
     wait_page(browser, lambda d: "No session." in (text(d, "#session-rows") or ""), "no rcd_trip session")
     browser.get(page.url + "#/sessions")
@@ -183,15 +208,38 @@ def test_field_data_is_shown_as_text_never_run(broker, store, page, browser, pub
     browser.get(page.url + "#/fleet")
     row = 'tr[data-pile="%s"] td.id a' % HOSTILE  # the attribute holds the id as it is
     wait_page(browser, lambda d: text(d, row) == HOSTILE, "the hostile pile listed, as text")
-    browser.find_element("css selector", row).click()
+    wait_page(browser, lambda d: click(d, row), "a click on its link")
     wait_page(browser, lambda d: text(d, "#pile-title") == HOSTILE, "the hostile pile's own page")
-    assert HOSTILE in text(browser, "#status-card")  # its fw, as text too
+    assert HOSTILE in read(browser, "#status-card")  # its fw, as text too
     browser.get(page.url + "#/sessions")
     wait_page(browser, lambda d: HOSTILE_TAG in (text(d, "#session-rows") or ""), "the auth id as text")
     browser.get(page.url + "#/pile/pile-0007")
     wait_page(browser, lambda d: HOSTILE_TAG in (text(d, "#pile-sessions") or ""), "the auth id, pile page")
     assert browser.find_elements("css selector", "#view img") == []
     assert browser.execute_script("return window.__xss") is None
+
+
+def test_the_page_says_when_the_store_is_gone_and_recovers(tmp_path, browser):
+    """No store yet (the consumer not started): the page says so, then shows the fleet by itself
+    once the consumer has written, without a reload."""
+    url = "sqlite:///" + str(tmp_path / "telemetry.db")
+    server = Server(url, refresh_s=0.3)
+    try:
+        browser.get(server.url + "#/fleet")
+        wait_page(browser, lambda d: live_state(d) == "lost", "the page to say it cannot update")
+        banner = browser.find_element("css selector", "#banner")
+        assert banner.is_displayed() and "cannot be read" in banner.text
+        storage = consumer.open_storage(url)
+        storage.setup()
+        p = FakePile("pile-late")
+        for m in (p.online(True), p.status()):
+            consumer.Handler(schemas(), storage).handle(m.topic, encode(m.payload))
+        storage.close()
+        wait_page(browser, lambda d: text(d, 'tr[data-pile="pile-late"] td.id') == "pile-late", "the fleet")
+        assert live_state(browser) == "live"
+        assert not browser.find_element("css selector", "#banner").is_displayed()
+    finally:
+        server.stop()
 
 
 def request(url, method="GET"):

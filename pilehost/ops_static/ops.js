@@ -330,7 +330,9 @@
           fill(sessionCard, el("h2", {text: "Session"}), el("p", {class: "muted", text: "No session yet."}));
         } else {
           // the pile's clock on both sides: its last status against its start time
-          const elapsed = s.running ? (ms(p.status_ts) - ms(s.start_time)) / 1000 : s.duration_s;
+          const [lastTs, startTs] = [ms(p.status_ts), ms(s.start_time)];
+          const elapsed = !s.running ? s.duration_s
+            : (lastTs !== null && startTs !== null ? (lastTs - startTs) / 1000 : null);
           const started = when(s.start_time);
           const lastPower = s.running ? p.power_w : s.peak_power_w;
           fill(sessionCard,
