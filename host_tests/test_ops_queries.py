@@ -223,3 +223,21 @@ def test_answers_are_json(filled):
     charge(f, p, 1)
     for answer in (f.q.fleet(), f.q.pile("pile-j"), f.q.sessions(), f.q.choices()):
         json.dumps(answer)
+
+
+def test_counts_stop_at_the_cap(filled, monkeypatch):
+    """A filter matching more than COUNT_CAP sessions says so instead of scanning them all."""
+    from pilehost import ops_queries
+
+    monkeypatch.setattr(ops_queries, "COUNT_CAP", 2)
+    p = pile("pile-cap")
+    for _ in range(3):
+        filled.send(p.normal_session(duration_s=60))
+    d = filled.q.sessions()
+    assert (d["matching"], d["capped"], d["energy_wh"], len(d["rows"])) == (2, True, None, 3)
+    d = filled.q.sessions(limit=1, offset=2)
+    assert d["capped"] and [r["session_id"] for r in d["rows"]] == ["pile-cap-1-1"]
+    monkeypatch.setattr(ops_queries, "COUNT_CAP", 3)
+    d = filled.q.sessions()
+    assert (d["matching"], d["capped"]) == (3, False)
+    assert d["energy_wh"] == sum(r["energy_wh"] for r in d["rows"])

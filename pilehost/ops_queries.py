@@ -17,6 +17,7 @@ DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 MAX_ROWS = 1000  # one answer's rows at most (the fleet list, a sessions page)
 CURVE_POINTS = 2000  # samples of one session's curve at most (a 10 h session at 18 s intervals)
 RECENT_SESSIONS = 15
+COUNT_CAP = 100_000  # sessions counted (and their energy summed) at most for one filter
 RECENT_FAULTS = 30
 STOP_REASONS = ("ev_disconnected", "remote", "power_loss", "meter_failure", "pilot_short", "pilot_invalid",
                 "diode", "rcd_trip", "rcd_self_test", "contactor_failed_to_close", "welded", "rcd_lockout",
@@ -337,9 +338,13 @@ class OpsQueries:
         for r in rows:
             r["clock_synced"] = _flag(r["clock_synced"])
             r["meter_stop_stale"] = _flag(r["meter_stop_stale"])
-        total = self._rows("SELECT COUNT(*) AS n, SUM(energy_wh) AS wh FROM sessions" + clause, params)[0]
-        return {"now": self._now(), "rows": rows, "matching": int(total["n"] or 0),
-                "energy_wh": int(total["wh"] or 0), "offset": offset, "limit": limit}
+        # counted up to COUNT_CAP: a year of a large fleet is tens of millions of rows
+        total = self._rows("SELECT COUNT(*) AS n, SUM(energy_wh) AS wh FROM (SELECT energy_wh FROM sessions%s"
+                           " LIMIT %d) AS matching" % (clause, COUNT_CAP + 1), params)[0]
+        capped = total["n"] > COUNT_CAP
+        return {"now": self._now(), "rows": rows, "matching": min(int(total["n"] or 0), COUNT_CAP),
+                "capped": capped, "energy_wh": None if capped else int(total["wh"] or 0), "offset": offset,
+                "limit": limit}
 
     def choices(self):
         """The filters' fixed lists."""

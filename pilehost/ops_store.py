@@ -12,6 +12,7 @@ TABLES = (
     # sessions newest first, of the fleet or of one pile; a pile's fault events newest first
     "CREATE INDEX IF NOT EXISTS sessions_by_start ON sessions (start_time)",
     "CREATE INDEX IF NOT EXISTS sessions_by_pile ON sessions (pile_id, start_time)",
+    "CREATE INDEX IF NOT EXISTS sessions_by_stop ON sessions (stop_time)",  # the energy of today
     "CREATE INDEX IF NOT EXISTS faults_by_pile ON faults (pile_id, received_at)",
 )
 

@@ -429,11 +429,13 @@
       async update(fresh) {
         const d = await getJson("/api/sessions" + query(Object.assign(values(), {limit: limit, offset: offset})));
         if (!fresh()) return;
-        document.getElementById("session-total").textContent =
-          nf0.format(d.matching) + " sessions · " + kwh(d.energy_wh) + " kWh";
-        count.textContent = d.matching ? (offset + 1) + "–" + (offset + d.rows.length) + " of " + nf0.format(d.matching) : "";
+        const total = nf0.format(d.matching) + (d.capped ? "+" : "");
+        document.getElementById("session-total").textContent = d.capped
+          ? "more than " + total.slice(0, -1) + " sessions: narrow the filter for totals"
+          : total + (d.matching === 1 ? " session · " : " sessions · ") + kwh(d.energy_wh) + " kWh";
+        count.textContent = d.rows.length ? (offset + 1) + "–" + (offset + d.rows.length) + " of " + total : "";
         newer.disabled = offset === 0;
-        older.disabled = offset + d.rows.length >= d.matching;
+        older.disabled = d.rows.length < limit || (!d.capped && offset + d.rows.length >= d.matching);
         fill(body, sessionRows(d.rows, true));
       },
     };
