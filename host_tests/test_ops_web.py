@@ -150,6 +150,7 @@ def test_the_page_follows_a_session_as_it_charges(broker, store, page, browser, 
     wait_for(lambda: stored(store, "SELECT COUNT(*) FROM meter_samples WHERE session_id = ?",
                             (pile.session_id(),)) == 24, "the meter values stored")
 
+    browser.get_log("browser")  # drop what earlier tests left in the console
     browser.get(page.url + "#/pile/pile-0042")
     energy = "%.2f" % (pile.session_energy_wh() / 1000)
     wait_page(browser, lambda d: (text(d, "#session-energy") or "").startswith(energy), "the energy")
@@ -192,6 +193,8 @@ def test_the_page_follows_a_session_as_it_charges(broker, store, page, browser, 
               "every ended session")
     screenshot(browser, "ops-sessions.png")
     assert browser.execute_script("return window.__xss") is None
+    # no error in the console: no script error, nothing the Content-Security-Policy refused
+    assert [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
 
 
 def test_field_data_is_shown_as_text_never_run(broker, store, page, browser, publishers):
