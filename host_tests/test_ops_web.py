@@ -138,7 +138,10 @@ def test_the_page_follows_a_session_as_it_charges(broker, store, page, browser, 
     link = connect_pile(broker.url(), pile)
     publishers.append(link)
     link.send(pile.normal_session(power_w=11000, duration_s=2400, meter_interval_s=300))
-    pile.advance(600)
+    pile.advance(240)
+    link.send([pile.fault("meter_failure"), pile.status()])  # a history on the page: raised, cleared
+    pile.advance(360)
+    link.send([pile.fault("meter_failure", "cleared"), pile.status()])
     link.send([pile.start_session(), ])
     pile.draw(10800)
     link.send([pile.status()])
