@@ -16,7 +16,7 @@ BROKER ?= mqtt://127.0.0.1:1883
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .PHONY: help venv deps broker socat test sim scenarios mpy flash provision diag clear-fault reboot \
-	virtual-board bench soak fuzz check monitor postgres clean
+	virtual-board bench soak fuzz check monitor postgres browser ops-web clean
 
 help:
 	@echo "make sim [SCENARIO=name] [METER=dlt645]   firmware on the unix port, simulated hardware, a local"
@@ -37,6 +37,8 @@ help:
 	@echo "make fuzz [EXAMPLES=2000] [STEPS=60]   the hostile-world stateful test, longer, fresh seed"
 	@echo "make check                 ruff + type check of firmware/ against the ESP32 API"
 	@echo "make monitor [BROKER=mqtt://host:1883]   live table of a fleet (tools/consumer.py)"
+	@echo "make ops-web [DB=sqlite:///evse-telemetry.db] [OPS_PORT=8080]   the operations page: fleet,"
+	@echo "                           piles, sessions, live, read-only (docs/ops-page.md)"
 
 $(STAMP): requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,14 +56,15 @@ $(DEPS_STAMP): tools/fetch_deps.py | $(STAMP)
 
 deps: $(DEPS_STAMP)
 
-# $(call debian_package,PROGRAM,WHAT NEEDS IT): install it as root, else say how.
+# $(call debian_package,PROGRAM,WHAT NEEDS IT[,PACKAGE]): install it as root, else say how.
+# PACKAGE: the Debian package's name when it is not the program's.
 define debian_package
 	@test -x /usr/sbin/$(1) || command -v $(1) >/dev/null || { \
 		if [ "$$(id -u)" = 0 ]; then \
-			echo "installing $(1) (Debian package) for $(2)"; \
-			apt-get update -qq && apt-get install -y -qq $(1) >/dev/null; \
+			echo "installing $(or $(3),$(1)) (Debian package) for $(2)"; \
+			apt-get update -qq && apt-get install -y -qq $(or $(3),$(1)) >/dev/null; \
 		else \
-			echo "$(2) need $(1): sudo apt-get install $(1)"; exit 1; \
+			echo "$(2) need $(1): sudo apt-get install $(or $(3),$(1))"; exit 1; \
 		fi; }
 endef
 
@@ -73,6 +76,12 @@ broker:
 socat:
 	$(call debian_package,socat,the virtual board tests)
 
+# The operations page's tests (host_tests/test_ops_web.py) drive Debian's Chromium through its
+# chromedriver: no browser is ever downloaded.
+browser:
+	$(call debian_package,chromium,the operations page tests)
+	$(call debian_package,chromedriver,the operations page tests,chromium-driver)
+
 # The consumer's PostgreSQL cases: PILE_TEST_POSTGRES_URL when set; as root, Debian's PostgreSQL
 # started on loopback by tools/postgres_up.sh; otherwise they are skipped (SQLite runs either way).
 PG_URL_FILE := build/postgres.url
@@ -82,7 +91,7 @@ postgres:
 	elif [ "$$(id -u)" = 0 ]; then bash tools/postgres_up.sh > $(PG_URL_FILE).tmp && mv $(PG_URL_FILE).tmp $(PG_URL_FILE); \
 	else echo "no PostgreSQL: its consumer cases are skipped (as root, make test starts one)"; fi
 
-test: $(STAMP) deps broker socat postgres
+test: $(STAMP) deps broker socat browser postgres
 	PILE_TEST_POSTGRES_URL=$$(cat $(PG_URL_FILE) 2>/dev/null) $(BIN)/python -m pytest -n 2 host_tests
 
 # A local broker by default: mosquitto when installed, else amqtt from the venv (no root needed).
@@ -159,6 +168,12 @@ check: $(STAMP) deps
 
 monitor: $(STAMP)
 	$(BIN)/python tools/consumer.py --broker $(BROKER) --monitor
+
+# The operations page (docs/ops-page.md) over the consumer's store, read-only.
+DB ?= sqlite:///evse-telemetry.db
+OPS_PORT ?= 8080
+ops-web: $(STAMP)
+	$(BIN)/python tools/ops_web.py --db $(DB) --port $(OPS_PORT)
 
 clean:
 	rm -rf build .pytest_cache .hypothesis

@@ -55,6 +55,25 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: not item.nodeid.endswith(LONGEST_FIRST))
 
 
+# Files the tests leave for a person to look at (the operations page's screenshots): their paths
+# at the end of the run, also from xdist's workers, whose prints are not shown.
+TEST_OUTPUT = os.path.join(ROOT, "build", "test-output")
+_STARTED = []
+
+
+def pytest_sessionstart(session):
+    _STARTED.append(time.time())
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _STARTED or not os.path.isdir(TEST_OUTPUT):
+        return
+    made = sorted(os.path.join(TEST_OUTPUT, name) for name in os.listdir(TEST_OUTPUT)
+                  if os.path.getmtime(os.path.join(TEST_OUTPUT, name)) >= _STARTED[0] - 1)
+    for path in made:
+        terminalreporter.write_line("test output: %s" % path)
+
+
 # -- the meter drivers' tests ------------------------------------------------------------------------
 
 # These run a subprocess (mpy-cross, micropython), whose timeout wait may sleep in CPython.
@@ -117,3 +136,31 @@ def watcher(broker):
     time.sleep(0.2)
     yield w
     w.close()
+
+
+# -- the store: SQLite, and PostgreSQL when PILE_TEST_POSTGRES_URL names a server -----------------------
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """A fresh store URL: a SQLite file in tmp, then a PostgreSQL schema of its own (dropped after)."""
+    if request.param == "sqlite":
+        yield "sqlite:///" + str(tmp_path / "telemetry.db")
+        return
+    url = os.environ.get("PILE_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("PILE_TEST_POSTGRES_URL is not set: no PostgreSQL server to test against")
+    import urllib.parse
+    import uuid
+
+    import psycopg
+
+    schema = "evse_test_%s" % uuid.uuid4().hex[:8]
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA %s" % schema)
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qsl(parts.query) + [("options", "-csearch_path=%s" % schema)]
+    try:
+        yield urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("DROP SCHEMA %s CASCADE" % schema)

@@ -33,6 +33,8 @@ from jsonschema.exceptions import best_match
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from . import ops_store
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMA_DIR = os.path.join(ROOT, "docs", "schemas")
 TOPIC_ROOT = "evse/v1"
@@ -220,6 +222,7 @@ TABLES = (
     """CREATE TABLE IF NOT EXISTS rejected (
         received_at TEXT NOT NULL, topic TEXT NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL,
         size BIGINT NOT NULL, payload TEXT NOT NULL)""",
+    *ops_store.TABLES,  # the operations page's power curves and indexes (pilehost/ops_store.py)
 )
 SESSION_ENDED_COLUMNS = ("session_id", "pile_id", "connector", "auth_source", "auth_id", "start_time",
                          "stop_time", "clock_synced", "meter_start_wh", "meter_stop_wh", "energy_wh",
@@ -464,7 +467,9 @@ class Handler:
             self.storage.put_status(pile_id, obj, received_at)
         elif kind == "online":
             self.storage.put_online(pile_id, obj, received_at)
-        return "stored"  # meter values and acks: live view and log only
+        elif kind == "meter":
+            ops_store.put(self.storage, pile_id, obj, received_at)
+        return "stored"  # acks: live view and log only
 
     def _insert(self, table, key, columns, obj, received_at):
         row = {c: obj[c] for c in columns}
