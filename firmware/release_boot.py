@@ -89,9 +89,10 @@ def releases_on_flash():
 
 
 def _cause_text(machine):
-    if machine is None:
+    try:
+        cause = machine.reset_cause()
+    except Exception:  # noqa: BLE001 - no machine, or a port without it: the trial failed all the same
         return "reset"
-    cause = machine.reset_cause()
     if cause == machine.WDT_RESET:
         return "watchdog reset"
     if cause == machine.PWRON_RESET:
@@ -162,17 +163,15 @@ def selected():
 
 def run_main(own_run, machine):
     """The root main.py's last line: the selected release's main.run(), else own_run(). A
-    release that cannot even be imported resets the board (then rolled back), rather than
-    leaving it at the REPL."""
+    release that cannot even be imported, or whose run() raises, resets the board (then it is
+    rolled back), rather than leaving it at the REPL."""
     if not selected():
         own_run()
         return
     try:
         import main  # the release's: its directory is first on sys.path
 
-        run = main.run
+        main.run()
     except Exception as e:  # noqa: BLE001 - whatever a broken release raises
-        print("boot: the release cannot start:", repr(e))
+        print("boot: the release failed:", repr(e))
         machine.reset()
-        return
-    run()
