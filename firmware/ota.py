@@ -205,7 +205,7 @@ class Updater:
         self._phase = IDLE
         self._release = 0  # being downloaded
         self._cmd = None  # the update command's id, answered when the download ends
-        self._manifest = None
+        self._manifest = {}
         self._file = 0  # index into the manifest's files
         self._off = 0
         self._sha = None
@@ -295,7 +295,7 @@ class Updater:
         self._release = release
         self._cmd = cmd_id
         self._phase = MANIFEST_PHASE
-        self._manifest = None
+        self._manifest = {}
         self._file = self._off = self._done = self._total = 0
         self._sha = None
         self._stalls = 0
@@ -559,7 +559,7 @@ class Updater:
         if self._cmd is not None:
             self._ack = (self._cmd, e.result, e.text)
         self._phase = IDLE
-        self._manifest = None
+        self._manifest = {}
         self._sha = None
         self.state = "refused"
         self.reason = e.text
@@ -613,7 +613,7 @@ class Updater:
         state = self._store.load()
         t = self._trial
         self._trial = None
-        self._say(now_ms, "release %d: %s, rolling back" % (t, why))
+        self._say(now_ms, "release %s: %s, rolling back" % (t, why))
         if state is not None and state["trial"] == t:
             state["trial"] = None
             state["tries"] = 0
