@@ -338,3 +338,40 @@ def test_the_verification_costs(flash, capsys):
     print("RSA-2048 PKCS#1 v1.5 verify on CPython: %.2f ms" % ((time.perf_counter() - t0) / 20 * 1000))
     assert not k.verify(sig, bytes(32))
     assert json.loads(manifest[nl + 1:])["release"] == 1
+
+
+def test_a_garbled_state_boots_the_factory_firmware_and_keeps_the_floor(flash):
+    broker = Broker()
+    broker.put(published(1)[2])
+    b = board()
+    b.boot(broker)
+    update(b, broker, 1)
+    with pytest.raises(Reset):
+        ota_rig.run(b, 10)
+    b.boot(broker)
+    ota_rig.run(b, 3000)
+    data = bytearray((flash / "release.json").read_bytes())
+    data[-3] ^= 0x01  # a bit flip: never a torn write (temp + rename)
+    (flash / "release.json").write_bytes(bytes(data))
+    assert b.boot(broker) == 0
+    assert b.state()["floor"] == 1  # release 1 cannot be replayed onto it
+    assert b.updater.start(0, "c-x", 1)[0] == "rejected"
+
+
+def test_a_release_that_cannot_even_be_imported_resets_the_board(flash, monkeypatch):
+    import sys
+
+    rb = Board(release.public_hex(key())).rb
+    (flash / "rel" / "3").mkdir(parents=True)
+    (flash / "rel" / "3" / "main.py").write_text("raise ImportError('broken release')\n")
+    monkeypatch.setattr(sys, "path", ["rel/3"] + sys.path)
+    monkeypatch.delitem(sys.modules, "main", raising=False)
+    resets = []
+
+    class M:
+        def reset(self):
+            resets.append(1)
+
+    rb.run_main(lambda: resets.append("factory"), M())
+    assert resets == [1]
+    sys.modules.pop("main", None)
