@@ -367,14 +367,17 @@ class Updater:
                 self._good(now_ms)
                 return True
             return False
-        if self._phase not in (MANIFEST_PHASE, FILES) or not self.idle():
-            return False
         want = self._want()
-        if self._sub is not None and self._sub != want:
+        if self._sub is not None and self._sub != want:  # done with it, or refused, or staged
             conn.unsubscribe(self._sub)
             self._sub = None
             return True
-        if want is not None and self._sub is None:
+        if want is None:
+            return False
+        if not self.idle():
+            self._since = now_ms  # a session is no stall
+            return False
+        if self._sub is None:
             conn.subscribe(want)
             self._sub = want
             self._got = False
@@ -393,6 +396,7 @@ class Updater:
         return False
 
     def _want(self):
+        """The chunk topic the download needs next, or None."""
         if self._verify is not None:
             return None
         if self._phase == MANIFEST_PHASE:

@@ -375,3 +375,19 @@ def test_a_release_that_cannot_even_be_imported_resets_the_board(flash, monkeypa
     rb.run_main(lambda: resets.append("factory"), M())
     assert resets == [1]
     sys.modules.pop("main", None)
+
+
+def test_config_takes_only_an_rsa_modulus_as_the_release_key():
+    import config
+
+    good = release.public_hex(key())
+    conf = config.parse_config({"ota": {"key": good}})
+    assert (conf.ota.key, conf.ota.trial_s) == (good, 300)
+    assert config.parse_config({}).ota is None
+    for bad in ("", good[:-2], good + "00", "0" + good[1:], good[:-1] + "g", 1234):
+        with pytest.raises(config.ConfigError, match="'key'"):
+            config.parse_config({"ota": {"key": bad}})
+    with pytest.raises(config.ConfigError, match="trial_s"):
+        config.parse_config({"ota": {"key": good, "trial_s": 5}})
+    with pytest.raises(config.ConfigError, match="unknown key 'private'"):
+        config.parse_config({"ota": {"key": good, "private": "x"}})
