@@ -128,6 +128,8 @@ def parse_manifest(data, key, board, release):
         raise OtaError("rejected", "the manifest is of release %r, not %d" % (m.get("release"), release))
     if type(version) is not str or not 0 < len(version) <= 32:
         raise OtaError("invalid", "malformed: version")
+    if m.get("chunk") != CHUNK:  # the chunks on the broker are cut at this size
+        raise OtaError("invalid", "malformed: chunk size is not %d" % CHUNK)
     if type(boards) is not list or board not in boards:
         raise OtaError("rejected", "release %d is not for board %s" % (release, board))
     if type(files) is not list or not 0 < len(files) <= MAX_FILES:
