@@ -474,6 +474,9 @@ class Updater:
         self._file = 0
         self._done = 0
         self._next_file(now_ms)
+        if self._phase == FILES:  # resumed: what is on flash already counts
+            self._shown = self._done * 100 // max(1, self._total) // _PROGRESS_STEP * _PROGRESS_STEP
+            self._due = True
 
     # -- the files -------------------------------------------------------------------------------------
 

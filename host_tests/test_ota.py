@@ -23,6 +23,17 @@ def key():
     return ota_rig.release_key()
 
 
+def valid(b):
+    """Every ota message and ack the board sent validates against its schema."""
+    from pilehost.cloud import schemas
+
+    s = schemas()
+    for kind, messages in (("ota", b.ota_messages()), ("cmd_ack", b.acks())):
+        for m in messages:
+            s.check(kind, m)
+    return True
+
+
 def published(n, version="0.2.0", files=None, boards=("ref-esp32",), signer=None, body=None):
     files = files or ota_rig.fake_files(version)
     manifest = release.sign_manifest(signer or key(), n, version, list(boards), files, body=body)
@@ -64,6 +75,7 @@ def test_a_good_release_is_staged_switched_tried_and_marked_good(flash):
     st_ = b.state()
     assert (st_["good"], st_["trial"], st_["floor"]) == (1, None, 1)
     assert b.ota_messages()[-1]["state"] == "running"
+    assert valid(b)
     assert b.boot(broker) == 1  # and stays
 
 
@@ -319,6 +331,7 @@ def test_power_cut_at_any_byte_of_download_or_switch_boots_a_good_release(
     assert b.running == 2
     ota_rig.run(b, 3000)
     assert b.state()["good"] == 2
+    assert valid(b)
 
 
 def test_the_verification_costs(flash, capsys):

@@ -84,3 +84,34 @@ def test_a_release_that_crashes_at_boot_is_rolled_back_on_its_cohort_and_the_rol
     # each pile of the cohort said on the console why it went back
     for pile in fleet.piles[:2]:
         assert any("release 2 failed its trial, back to 1" in line for line in pile.lines)
+
+
+def test_a_power_cut_mid_download_resumes_where_it_stopped(fleet):
+    """kill -9 of a pile while its download is under way: powered up again on the same flash, it
+    resumes the download from what is on flash (not from the start) and ends good."""
+    fleet.publish(3, "0.4.0")
+    i = 2
+    p = fleet.ids[i]
+    counter = time.time_ns() // 1_000_000
+    body = pilecmd.make_body("update", {"release": 3}, counter, "upd-cut")
+    fleet.watch.send(p, pilecmd.sign(fleet.secrets[p], body))
+    end = time.time() + 120
+    while time.time() < end:
+        o = ota(fleet, p)
+        if o["state"] == "downloading" and (o["progress"] or 0) >= 30:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("no progress: %r" % ota(fleet, p))
+    fleet.piles[i] = fleet.piles[i].power_cut()
+    end = time.time() + 180
+    while time.time() < end:
+        o = ota(fleet, p)
+        if o["release"] == 3 and o["state"] == "running":
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError("not good after the cut: %r" % ota(fleet, p))
+    lines = fleet.piles[i].lines
+    assert any("resuming the download of release 3" in line for line in lines), lines[:20]
+    assert wait_ack(fleet, p, "upd-cut")["result"] == "accepted"  # answered after the cut

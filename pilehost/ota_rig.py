@@ -72,11 +72,11 @@ class Broker:
 class Conn:
     """mqtt_conn.MqttConn as ota.Updater uses it: a subscription delivers the retained message."""
 
-    def __init__(self, broker):
+    def __init__(self, broker, out=None):
         self.broker = broker
         self.subs = set()
         self.inbox = []  # (topic bytes, payload) to deliver
-        self.out = []  # (topic, payload, retain)
+        self.out = [] if out is None else out  # (topic, payload, retain)
 
     def subscribe(self, topic):
         self.subs.add(topic)
@@ -144,6 +144,7 @@ class Board:
         self.boots = 0
         self.updater = None
         self.running = None
+        self.sent = []  # everything published, over all boots
 
     def boot(self, broker, cause=Machine.PWRON_RESET):
         """Stage one, then the running release's updater bound to a fresh connection."""
@@ -153,7 +154,7 @@ class Board:
             self.running = self.rb.select(self.machine)
             version = self.versions.get(self.running, "0.0.%d" % self.running)
             self.updater = self.ota.Updater(self.key, BOARD, self.trial_s, version, self._reset)
-        self.conn = Conn(broker)
+        self.conn = Conn(broker, self.sent)
         self.pile.closed = False
         self.updater.bind(self.pile, Topics(), self.boots,
                           lambda now, what, text: self.reports.append(text), wall=lambda: 0)

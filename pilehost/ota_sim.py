@@ -43,6 +43,7 @@ class Pile:
     """One virtual pile: `micropython -m rom` on its flash folder; its output lines kept."""
 
     def __init__(self, pile_id, flash, config, echo=None):
+        self.config = config
         self.pile_id = pile_id
         self.flash = flash
         self.lines = []
@@ -66,6 +67,13 @@ class Pile:
     def stop(self):
         end_process(self.proc)
         self.reader.join(5)
+
+    def power_cut(self):
+        """kill -9, then the same flash powered up again: a new Pile."""
+        self.proc.kill()
+        self.proc.wait()
+        self.reader.join(5)
+        return Pile(self.pile_id, self.flash, self.config, self._echo)
 
 
 class Fleet:
