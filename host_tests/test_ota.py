@@ -2,6 +2,7 @@
 release_boot.py on a flash folder, chunks from a fake broker (pilehost.ota_rig). The real chain
 on the unix port and mosquitto is test_ota_fleet.py."""
 import json
+import os
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -242,24 +243,25 @@ def test_no_step_while_a_session_is_open(flash):
         ota_rig.run(b, 10)
 
 
-def _cut_write(monkeypatch, budget):
-    """Power cut after `budget` more bytes reach the flash: the write in progress is torn (a
-    host file system may keep a partial tail; LittleFS would keep none), then Reset."""
+def _cut_write(monkeypatch, nth, at):
+    """Power cut during the nth write to the flash from now on, after `at` of its bytes (a host
+    file system may keep a torn tail; LittleFS would keep none): Reset."""
     import builtins
 
     real_open = builtins.open
-    left = [budget]
+    count = [0]
 
     class Torn:
         def __init__(self, f):
             self.f = f
 
         def write(self, data):
-            if left[0] < len(data):
-                self.f.write(bytes(data[:max(0, left[0])]))
+            count[0] += 1
+            if count[0] > nth:
+                self.f.write(bytes(data[:min(at, len(data))]))
                 self.f.close()
+                CUTS.append(os.path.basename(self.f.name))
                 raise Reset()
-            left[0] -= len(data)
             return self.f.write(data)
 
         def __getattr__(self, name):
@@ -279,13 +281,17 @@ def _cut_write(monkeypatch, budget):
     return lambda: monkeypatch.setattr(builtins, "open", real_open)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(cuts=st.lists(st.integers(0, 12000), min_size=1, max_size=4), good_first=st.booleans())
+CUTS = []  # where the cuts fell (the test below checks the switch is among them)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cuts=st.lists(st.tuples(st.integers(0, 14), st.integers(0, 800)), min_size=1, max_size=4),
+       good_first=st.booleans())
 def test_power_cut_at_any_byte_of_download_or_switch_boots_a_good_release(
         tmp_path_factory, monkeypatch, cuts, good_first):
-    """Cut the power after a random number of bytes written, several times over the download
-    and the switch: every boot runs a good release (the old one, or the new one in trial, all of
-    whose files match); the download resumes and ends in release 2 good."""
+    """Cut the power in the middle of a write, several times over the download and the switch:
+    every boot runs a good release (the old one, or the new one in trial, all of whose files
+    match); the download resumes and ends in release 2 good."""
     monkeypatch.chdir(tmp_path_factory.mktemp("flash"))
     broker = Broker()
     manifest1, files1, items1 = published(1, version="0.2.0")
@@ -304,8 +310,8 @@ def test_power_cut_at_any_byte_of_download_or_switch_boots_a_good_release(
     good = b.state()["good"]
     b.updater.start(0, CMD, 2)
     expected = {good: files1 if good else None, 2: files2}
-    for budget in cuts + [None]:
-        restore = _cut_write(monkeypatch, budget) if budget is not None else (lambda: None)
+    for nth, at in cuts + [(None, None)]:
+        restore = _cut_write(monkeypatch, nth, at) if nth is not None else (lambda: None)
         try:
             ota_rig.run(b, 6000)
         except Reset:
@@ -332,6 +338,31 @@ def test_power_cut_at_any_byte_of_download_or_switch_boots_a_good_release(
     ota_rig.run(b, 3000)
     assert b.state()["good"] == 2
     assert valid(b)
+
+
+def test_the_power_cuts_fell_on_the_switch_too():
+    """The test above (same process, run before) cut the release.json write of the switch."""
+    if not CUTS:
+        pytest.skip("run with the test above")
+    assert "release.json.tmp" in CUTS and "main.mpy.part" in CUTS and "manifest.part" in CUTS
+
+
+@pytest.mark.parametrize("at", range(0, 120, 7))
+def test_power_cut_at_each_byte_of_the_switch(flash, monkeypatch, at):
+    broker = Broker()
+    broker.put(published(1)[2])
+    b = board()
+    b.boot(broker)
+    update(b, broker, 1)
+    restore = _cut_write(monkeypatch, 0, at)  # the next write is the switch's release.json.tmp
+    with pytest.raises(Reset):
+        ota_rig.run(b, 10)
+    restore()
+    assert CUTS[-1] == "release.json.tmp"
+    assert b.boot(broker) == 0  # the old state: the good (factory) release
+    with pytest.raises(Reset):  # the job resumes from flash: all verified, staged, switched
+        ota_rig.run(b, 5000)
+    assert b.boot(broker) == 1
 
 
 def test_the_verification_costs(flash, capsys):
