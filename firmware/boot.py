@@ -15,3 +15,16 @@ try:
                 value=0 if _levels.get("pilot_pwm_inverted", False) else 1)
 except Exception as e:  # noqa: BLE001 - nothing more can be done before main.py reports it
     print("boot: board.json unusable, outputs left at their reset state:", repr(e))
+
+# Which release runs (docs/ota.md): the good one, a new one on trial, or back after a failed
+# trial. Its modules are dropped again, so the release imports its own.
+import sys  # noqa: E402
+
+try:
+    import release_boot
+
+    release_boot.select(machine)
+except Exception as e:  # noqa: BLE001 - the factory firmware at the root runs then
+    print("boot: release selection failed, the factory firmware runs:", repr(e))
+for _m in ("release_boot", "session_store"):
+    sys.modules.pop(_m, None)

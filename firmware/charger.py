@@ -489,9 +489,9 @@ class Charger:
         """MODE_F, MODE_OFFER or MODE_PLUS (pilot module's names for steady levels)."""
         if self.faults & LATCHED_FAULTS or self.availability == UNAVAILABLE_F:
             return pilot.MODE_F
-        if self.state in (CHARGING, SUSPENDED_EV) or (
-            self.state == SUSPENDED_EVSE and self.offer_ma
-        ):
+        # Nothing to offer (below 6 A: an invalid cable read while charging, a limit): no PWM,
+        # never a PWM of no duty (the controller's tick raised TypeError then).
+        if self.state in (CHARGING, SUSPENDED_EV, SUSPENDED_EVSE) and self.offer_ma:
             return MODE_OFFER
         return pilot.MODE_PLUS
 

@@ -258,6 +258,11 @@ class CommandVerifier:
             return {"fault": args["fault"]}
         return None
 
+    def _update(self, args):
+        if list(args) == ["release"] and type(args["release"]) is int and 0 < args["release"] < 0x80000000:
+            return {"release": args["release"]}
+        return None
+
     def _none(self, args):
         return None if args else {}
 
@@ -270,6 +275,7 @@ _COMMANDS = {
     "clear_fault": CommandVerifier._clear_fault,
     "request_status": CommandVerifier._none,
     "reboot": CommandVerifier._none,
+    "update": CommandVerifier._update,
 }
 _USAGE = {
     "remote_start": "needs auth_id: 1..64 of ! to ~ (printable ASCII, no space)",
@@ -279,4 +285,5 @@ _USAGE = {
     "clear_fault": "needs fault: one of the clearable faults",
     "request_status": "takes no arguments",
     "reboot": "takes no arguments",
+    "update": "needs release: 1..2**31-1",
 }

@@ -21,8 +21,9 @@ def refused_result(code):
 class Commands:
     """ctl: the Controller; its charger and clear_fault() are what commands act on."""
 
-    def __init__(self, ctl):
+    def __init__(self, ctl, ota=None):
         self._ctl = ctl
+        self._ota = ota  # ota.Updater, or None: updates off
 
     def apply(self, now_ms, cmd):
         """(result, reason, then) of an authentic command, per the cmd_ack schema."""
@@ -60,4 +61,9 @@ class Commands:
         if name == "set_availability":
             # OCPP 1.6 "Scheduled" has no result of its own: accepted, the reason says so.
             return "accepted", charger.set_availability(now_ms, args["state"]), THEN_NOTHING
+        if name == "update":  # docs/ota.md; result None: answered when the download has ended
+            if self._ota is None:
+                return "rejected", "no release key in config.json: updates off", THEN_NOTHING
+            result, reason = self._ota.start(now_ms, cmd.id, args["release"])
+            return result, reason, THEN_NOTHING
         return "unknown_command", None, THEN_NOTHING

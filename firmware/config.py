@@ -119,6 +119,7 @@ CONFIG_SCHEMA = {
     "mqtt": ("section", None, None, None, None),
     "wifi": ("section", None, None, None, None),
     "ntp": ("section", None, None, None, None),
+    "ota": ("section", None, None, None, None),
 }
 
 METER_TYPES = ("none", "ddsu666", "sdm120", "sdm630", "dlt645", "s0")
@@ -174,6 +175,15 @@ NTP_SCHEMA = {
     "interval_s": ("int", 3600, 900, 604800, None),
     "start_jitter_s": ("int", 60, 0, 300, None),
 }
+# Over-the-air updates (docs/ota.md); on when the section is there. `key`: the release key's
+# public half, the RSA modulus as hex (e = 65537), from provisioning; never a private key.
+OTA_SCHEMA = {
+    "key": ("str", REQUIRED, None, None, None),
+    # A release on trial must tick, reach the broker and report within this; else it goes back.
+    "trial_s": ("int", 300, 30, 3600, None),
+}
+_OTA_KEY_BITS = (2048, 3072, 4096)
+
 # ADC2 cannot be read while Wi-Fi is on (evse-facts section 6): the ADC inputs must be on ADC1.
 ADC1_PINS = (32, 33, 34, 35, 36, 37, 38, 39)
 
@@ -244,7 +254,17 @@ def parse_config(data, where=files.CONFIG_FILE):
     conf.mqtt = None if data.get("mqtt") is None else _parse_mqtt(where + ": mqtt", data["mqtt"])
     conf.wifi = None if data.get("wifi") is None else _parse_wifi(where + ": wifi", data["wifi"])
     conf.ntp = None if data.get("ntp") is None else _parse_ntp(where + ": ntp", data["ntp"])
+    conf.ota = None if data.get("ota") is None else _parse_ota(where + ": ota", data["ota"])
     return conf
+
+
+def _parse_ota(where, data):
+    ota = Section(_validate(where, data, OTA_SCHEMA))
+    key = ota.key
+    if len(key) * 4 not in _OTA_KEY_BITS or not _hex_secret_ok(key) or key[0] in "01234567":
+        raise ConfigError("%s: 'key' must be the release key's RSA modulus as hex, 2048, 3072 or "
+                          "4096 bits (tools/release.py pubkey prints it)" % where)
+    return ota
 
 
 def _parse_wifi(where, data):

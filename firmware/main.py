@@ -91,4 +91,6 @@ def run():
 
 
 if __name__ == "__main__":
-    run()
+    import release_boot  # the release boot.py selected, or this one (docs/ota.md)
+
+    release_boot.run_main(run, wiring.reset)

@@ -299,6 +299,15 @@ class MqttConn:
             if not _would_block(e):
                 raise
 
+    def unsubscribe(self, topic):
+        """UNSUBSCRIBE (MQTT 3.1.1 section 3.10): umqtt.simple has none. Its UNSUBACK is only a
+        sign of life here."""
+        c = self._client
+        c.pid = c.pid % 0xFFFF + 1
+        size = 4 + len(topic)
+        self._pipe.write(bytes((0xA2, size, c.pid >> 8, c.pid & 0xFF, len(topic) >> 8, len(topic) & 0xFF)))
+        self._pipe.write(topic)
+
     def flush(self, now_ms):
         pipe = self._pipe
         if pipe.pending():

@@ -69,9 +69,10 @@ class MqttLink:
     (machine.reset); tls: tls_context()'s SSLContext, or None: plain TCP."""
 
     def __init__(self, conf, ctl, log, report=None, verifier=None, fw="0", board="",
-                 reset=None, boot_ms=None, wall=time.time, tls=None):
+                 reset=None, boot_ms=None, wall=time.time, tls=None, ota=None):
         self._pile = PileView(ctl)
-        self._commands = commands.Commands(ctl)
+        self._ota = ota  # ota.Updater (docs/ota.md), or None
+        self._commands = commands.Commands(ctl, ota)
         self._log = log
         self._outbox = log.outbox
         self._report = report
@@ -111,6 +112,8 @@ class MqttLink:
         self._status_at = 0
         self._status_due = True
         self._meter_at = 0
+        if ota is not None:
+            ota.bind(self._pile, t, log.boot, report, wall)
 
     def _emit(self, now_ms, text):
         if self._report is not None:
@@ -128,6 +131,8 @@ class MqttLink:
             self._uptime_ms += time.ticks_diff(now_ms, self._last_now)
         self._last_now = now_ms
         self._watch(now_ms)
+        if self._ota is not None:
+            self._ota.poll(now_ms)
         conn = self._conn
         state = conn.state
         if state == DOWN:
@@ -203,6 +208,8 @@ class MqttLink:
         # docs/telemetry.md order: online, status, subscribe, the outbox, then live messages.
         self._todo_online = self._todo_status = True
         self._todo_subscribe = self._verifier is not None
+        if self._ota is not None:
+            self._ota.conn_up()
         self._emit(now_ms, "connected to %s:%d" % (self._host, self._port))
 
     def conn_puback(self, now_ms, pid):
@@ -224,6 +231,8 @@ class MqttLink:
     def conn_publish(self, now_ms, topic, msg):
         if topic == self._topics.cmd:
             self._command(now_ms, msg)
+        elif self._ota is not None:
+            self._ota.message(now_ms, topic, msg)  # a release chunk (docs/ota.md)
 
     def conn_too_large(self, now_ms, size):
         # `too_large` has no id to answer: the command was skipped unread.
@@ -258,6 +267,8 @@ class MqttLink:
         elif self._acks:
             conn.publish(t.ack, self._acks.pop(0))
         elif self._inflight is None and self._send_record():
+            pass
+        elif self._ota is not None and self._ota.work(now_ms, conn):
             pass
         elif self._status_due and time.ticks_diff(now_ms, self._status_at) >= _STATUS_MIN_GAP_MS \
                 or time.ticks_diff(now_ms, self._status_at) >= self._status_ms:
@@ -334,6 +345,8 @@ class MqttLink:
             self._status_due = True
         elif then == commands.THEN_REBOOT:
             self._reboot = True
+        if result is None:  # an update: answered when its download has ended (ota.py)
+            return
         self._emit(now_ms, "command %s %s: %s%s" % (cmd.cmd, cmd.id, result,
                                                     "" if reason is None else ", " + reason))
         self._ack(now_ms, cmd.id, cmd.cmd, result, reason)

@@ -20,6 +20,7 @@ class Topics:
         self.meter = (root + "meter").encode()
         self.ack = (root + "cmd/ack").encode()
         self.cmd = (root + "cmd").encode()
+        self.ota = (root + "ota").encode()
         fault = (root + "fault").encode()
         self.outbox = {  # journal kind -> topic; a kind not here is not published
             journal.KIND_SESSION_START: (root + "session/started").encode(),
@@ -61,6 +62,15 @@ def cmd_ack(wall, cmd_id, cmd, result, reason):
     return json.dumps({
         "v": 1, "cmd_id": cmd_id, "cmd": cmd, "result": result, "reason": reason,
         "ts": iso_utc(wall), "clock_synced": clock_synced(wall)}).encode()
+
+
+def ota(wall, boot, release, version, state, target, progress, reason, rolled_back):
+    """The over-the-air update's state (docs/ota.md), retained. rolled_back: None or
+    {"release": n, "reason": text}."""
+    return json.dumps({
+        "v": 1, "ts": iso_utc(wall), "clock_synced": clock_synced(wall), "boot": boot,
+        "release": release, "version": version, "state": state, "target": target,
+        "progress": progress, "reason": reason, "rolled_back": rolled_back}).encode()
 
 
 def _one_decimal(values):

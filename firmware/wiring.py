@@ -137,9 +137,14 @@ def build_link(board, conf, ctl):
     import mqtt_link
 
     tls = None if mconf.tls_ca is None else build_tls(mconf.tls_ca, mqtt_link)
+    updater = None
+    if conf.ota is not None:  # over-the-air updates (docs/ota.md)
+        import ota
+
+        updater = ota.build(conf.ota, board.name, VERSION, machine.reset)
     return mqtt_link.MqttLink(mconf, ctl, ctl.session_log, console.report, build_verifier(mconf),
                               fw=VERSION, board=board.name, reset=machine.reset, boot_ms=console.boot_ms,
-                              tls=tls)
+                              tls=tls, ota=updater)
 
 
 def build_tls(path, mqtt_link):

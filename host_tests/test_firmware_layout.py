@@ -13,7 +13,9 @@ FIRMWARE = os.path.join(ROOT, "firmware")
 HARDWARE = {"machine", "network"}
 HARDWARE_OK = {"wiring", "boot"}
 # sim/rom.py is the simulated board itself: it runs main.py as the ESP32 does at power-on.
-RUNS_MAIN = {os.path.join("sim", "rom.py")}
+# firmware/release_boot.py hands the root main.py's run over to the selected release's main
+# (docs/ota.md): the same act, for a release installed over the air.
+RUNS_MAIN = {os.path.join("sim", "rom.py"), os.path.join("firmware", "release_boot.py")}
 
 
 def imports(path):

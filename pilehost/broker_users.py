@@ -28,7 +28,9 @@ CONF = "mosquitto.conf"
 PILE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # A cloud user: no ':' (the password file's separator), no '+' or '#' (topic wildcards).
 CLOUD_USER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-CLOUD_RIGHTS = ("topic read evse/v1/#", "topic write evse/v1/+/cmd")
+# evse/v1/release/#: the release tool's retained chunks (docs/ota.md); signed, so the right to
+# write them is not the power to change a pile's firmware.
+CLOUD_RIGHTS = ("topic read evse/v1/#", "topic write evse/v1/+/cmd", "topic write evse/v1/release/#")
 
 
 def find_passwd():
@@ -61,7 +63,8 @@ def add_pile(directory, pile_id, password=None):
 
 
 def add_cloud_user(directory, name, password=None):
-    """A cloud listener user: reads evse/v1/#, writes evse/v1/+/cmd; returns the password."""
+    """A cloud listener user: reads evse/v1/#, writes evse/v1/+/cmd and evse/v1/release/#;
+    returns the password."""
     if not CLOUD_USER_RE.fullmatch(name):
         raise ValueError("cloud user name must be 1..64 of A-Z a-z 0-9 . _ -")
     password = password or new_password()

@@ -39,6 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMA_DIR = os.path.join(ROOT, "docs", "schemas")
 TOPIC_ROOT = "evse/v1"
 COMMAND_TOPIC = "cmd"  # commands to the piles (docs/commands.md): not telemetry, not ours
+RELEASE_TOPIC = "release"  # evse/v1/release/...: release chunks (docs/ota.md), not a pile id
 PILE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_PAYLOAD = 64 * 1024  # far above any v1 message; bigger is garbage, rejected unparsed
 KEPT_REJECTED = 8 * 1024  # bytes of a rejected payload kept in the `rejected` table
@@ -118,6 +119,8 @@ class Schemas:
         if len(parts) < 4 or "/".join(parts[:2]) != TOPIC_ROOT:
             raise Rejected("unknown_topic")
         pile_id, suffix = parts[2], parts[3]
+        if pile_id == RELEASE_TOPIC:  # a release's chunks for the piles (docs/ota.md)
+            return None, None
         if not PILE_ID_RE.fullmatch(pile_id):
             raise Rejected("bad_pile_id", "not a valid pile id in the topic")
         if suffix == COMMAND_TOPIC:

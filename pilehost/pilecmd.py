@@ -26,6 +26,7 @@ COMMANDS = {
     "clear_fault": {"fault": "str"},
     "request_status": {},
     "reboot": {},
+    "update": {"release": "int"},  # docs/ota.md
 }
 
 # The auth_id rule is the session schemas' (the cloud stores what they accept): read, not copied.
@@ -71,7 +72,11 @@ def parse_args(cmd, pairs):
         key, sep, value = pair.partition("=")
         if not sep or key not in spec:
             raise ValueError("%s takes %s" % (cmd, ", ".join(spec) or "no arguments"))
-        if spec[key] == "number_or_null":
+        if spec[key] == "int":
+            if not value.isdigit():
+                raise ValueError("%s must be a whole number" % key)
+            args[key] = int(value)
+        elif spec[key] == "number_or_null":
             if value in ("null", "none", ""):
                 args[key] = None
             else:

@@ -171,6 +171,7 @@ SOFT_RESET = 5
 
 
 def reset():
+    _w().reset_cause = HARD_RESET
     raise world.SimReset()
 
 

@@ -131,6 +131,12 @@ SCENARIOS = {
         "heap_extra_kb": WIFI_HEAP_EXTRA_KB,
         "steps": [(0, "rtc_flat")] + _CHARGE + [(3000, "stop_request"), (3500, "unplug"), (5000, "end")],
     },
+    "ota": {
+        "doc": "a fleet of virtual piles gets a good release, then one that crashes at boot, in "
+               "cohorts: the bad one is rolled back and the rollout halts; what the cloud saw",
+        # pilehost/ota_sim.py runs several piles on these steps and stops them when it is over.
+        "steps": [(900000, "end")],
+    },
     "broken_config": {
         "doc": "config.json with a bad value: clear error, pilot F, contactor never closes",
         "config": {"max_current_a": "lots"},

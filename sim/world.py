@@ -122,6 +122,7 @@ class World:
         self.echo = echo
         self.latencies_ms = []
         self.boots = 0
+        self.reset_cause = 1  # machine.PWRON_RESET; the cause of the last reset after one
 
         self.car = Car()
         self.pins = {}  # output levels the firmware drives
@@ -194,6 +195,7 @@ class World:
         if self.wdt_timeout_us is not None and now - self.wdt_fed > self.wdt_timeout_us:
             self.wdt_timeout_us = None
             self.log("wdt", "watchdog timeout: board resets")
+            self.reset_cause = 3  # machine.WDT_RESET
             raise SimReset()
         for ch in self.uarts.values():
             if ch.pending:

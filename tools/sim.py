@@ -41,6 +41,10 @@ def main(argv=None):
         return 0
     if args.scenario not in scenarios.SCENARIOS and not args.scenario.startswith("latency_trials"):
         parser.error("unknown scenario %r (see --list)" % args.scenario)
+    if args.scenario == "ota":  # a fleet and its rollouts, not one pile (docs/ota.md)
+        from pilehost import ota_sim
+
+        return ota_sim.main()
     print("scenario %s: %s" % (args.scenario, scenarios.get(args.scenario)["doc"]))
     config = {"meter": {"type": args.meter}} if args.meter else {}
     broker = None

@@ -1,0 +1,177 @@
+"""Stage one of every boot (docs/ota.md): which release runs, its trial, and the way back.
+
+Factory-installed beside boot.py and never replaced over the air (a release's copy is not run
+by boot.py), so a broken release cannot break the way back. boot.py calls select(), which puts
+the release to run first on sys.path; the root main.py hands over with run_main().
+
+The state is one small file, release.json, in session_store's format (CRC + JSON, written to a
+temp file and renamed: a power cut leaves the old state or the new, never half):
+
+    {"good": g, "trial": t or null, "tries": k, "floor": f, "rolled": null or {"release": t, "why": "..."}}
+
+g = 0 is the factory firmware at the root; a release n lives in rel/<n>/ (its lib/ inside).
+`floor`: the highest release ever switched to; a manifest at or below it is a replay.
+"""
+import os
+import sys
+
+from micropython import const
+
+import session_store
+
+STATE_FILE = "release.json"
+REL_DIR = "rel"
+TRIAL_TRIES = const(1)  # boots a trial release gets; the next boot goes back
+# A trial boot runs under this watchdog until main.py sets its own: a release that hangs, or
+# holds the pile unavailable before its control loop, is reset and then rolled back.
+TRIAL_WDT_MS = const(60000)
+ENTRY = "main.mpy"  # a release without it is not a release
+
+
+def rel_path(n):
+    return "%s/%d" % (REL_DIR, n)
+
+
+def fresh():
+    return {"good": 0, "trial": None, "tries": 0, "floor": 0, "rolled": None}
+
+
+class StateStore(session_store._Store):
+    """release.json: load() -> the state dict (fresh() when there is none), or None if garbled."""
+
+    def __init__(self, path=STATE_FILE):
+        super().__init__(path)
+
+    def load(self):
+        found, value = self._load("release state")
+        if not found:
+            return fresh()
+        if value is None:
+            return None
+        state = fresh()
+        for key in state:
+            if key in value:
+                state[key] = value[key]
+        if not _state_ok(state):
+            self.error = "release state garbled (bad values), ignored"
+            return None
+        return state
+
+    def save(self, state):
+        return self._save(state)
+
+
+def _is_n(v):
+    return type(v) is int and 0 <= v < 0x80000000
+
+
+def _state_ok(s):
+    return _is_n(s["good"]) and _is_n(s["floor"]) and _is_n(s["tries"]) and (
+        s["trial"] is None or _is_n(s["trial"]) and s["trial"] > 0) and (
+        s["rolled"] is None or type(s["rolled"]) is dict)
+
+
+def present(n):
+    """The release's entry module is on flash (cheap; its files were verified before the switch)."""
+    try:
+        os.stat(rel_path(n) + "/" + ENTRY)
+        return True
+    except OSError:
+        return False
+
+
+def releases_on_flash():
+    try:
+        names = os.listdir(REL_DIR)
+    except OSError:
+        return []
+    return [int(name) for name in names if name.isdigit()]
+
+
+def _cause_text(machine):
+    try:
+        cause = machine.reset_cause()
+    except Exception:  # noqa: BLE001 - no machine, or a port without it: the trial failed all the same
+        return "reset"
+    if cause == machine.WDT_RESET:
+        return "watchdog reset"
+    if cause == machine.PWRON_RESET:
+        return "power cut"
+    return "crash or reset"
+
+
+def select(machine=None, store=None):
+    """Puts the release to run first on sys.path (its lib/ second); returns its number, 0 for
+    the factory firmware. A trial release gets TRIAL_TRIES boots, counted on flash before it
+    runs; after that the good release runs again and the state says why."""
+    for p in [p for p in sys.path if p.startswith(REL_DIR + "/")]:
+        sys.path.remove(p)  # a soft reset keeps sys.path
+    store = store or StateStore()
+    state = store.load()
+    if state is None:
+        # Never written half (temp + rename): a bit flip. The factory firmware is good by
+        # definition; the floor stays above every release on flash (no replay window).
+        print("boot: %s: the factory firmware runs" % store.error)
+        state = fresh()
+        state["floor"] = max([0] + releases_on_flash())
+        try:
+            store.save(state)
+        except OSError:
+            pass
+        return 0
+    run = state["good"]
+    trial = state["trial"]
+    if trial is not None:
+        if state["tries"] >= TRIAL_TRIES:
+            state["rolled"] = {"release": trial, "why": "%s during the trial" % _cause_text(machine)}
+            state["trial"] = None
+            state["tries"] = 0
+            _save(store, state)
+            print("boot: release %d failed its trial, back to %d" % (trial, run))
+        else:
+            state["tries"] += 1
+            # Counted before it runs: if this write fails, the trial does not run at all.
+            if _save(store, state) and present(trial):
+                run = trial
+                if machine is not None:
+                    machine.WDT(timeout=TRIAL_WDT_MS)
+    if run and not present(run):
+        print("boot: release %d not on flash: the factory firmware runs" % run)
+        run = 0
+    if run:
+        sys.path.insert(0, rel_path(run) + "/lib")
+        sys.path.insert(0, rel_path(run))
+    return run
+
+
+def _save(store, state):
+    try:
+        store.save(state)
+        return True
+    except OSError as e:
+        print("boot: release state not written (%s)" % e)
+        return False
+
+
+def selected():
+    """The release on sys.path (select() put it there), or 0."""
+    for p in sys.path:
+        if p.startswith(REL_DIR + "/") and not p.endswith("/lib"):
+            return int(p[len(REL_DIR) + 1:])
+    return 0
+
+
+def run_main(own_run, reset):
+    """The root main.py's last line: the selected release's main.run(), else own_run(). A
+    release that cannot even be imported, or whose run() raises, resets the board (then it is
+    rolled back), rather than leaving it at the REPL."""
+    if not selected():
+        own_run()
+        return
+    try:
+        import main  # the release's: its directory is first on sys.path
+
+        main.run()
+    except Exception as e:  # noqa: BLE001 - whatever a broken release raises
+        print("boot: the release failed:", repr(e))
+        reset()
