@@ -284,7 +284,8 @@ def _cut_write(monkeypatch, nth, at):
 CUTS = []  # where the cuts fell (the test below checks the switch is among them)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cuts=st.lists(st.tuples(st.integers(0, 14), st.integers(0, 800)), min_size=1, max_size=4),
        good_first=st.booleans())
 def test_power_cut_at_any_byte_of_download_or_switch_boots_a_good_release(
