@@ -419,9 +419,10 @@ class Charger:
             if left_s is not None:
                 self.limit_until_ms = time.ticks_add(now_ms, left_s * 1000)
                 self._limit_cmd = (limit, saved["ttl"], saved["until"])
-            self._emit(now_ms, "settings", "%s, remote limit %s%s" % (
-                wanted, "none" if limit is None else "%d mA" % limit,
-                "" if left_s is None else " for %d s more" % left_s))
+            self._emit(now_ms, "settings", "%s, remote limit %s" % (
+                wanted, "none" if limit is None else "%d mA" % limit))
+            if left_s is not None:
+                self._emit(now_ms, "limit", "runs out in %d s (expiry saved in UTC)" % left_s)
         if bad:
             self._emit(now_ms, "settings", "settings garbled (%s): default used" % ", ".join(bad))
         for bit, _name in FAULT_NAMES:

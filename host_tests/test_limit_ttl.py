@@ -128,7 +128,8 @@ def test_a_synced_clock_keeps_what_was_left(tmp_path):
     booted, log = reboot(path, wall, now_ms=7)
     assert booted.remote_limit_ma == 20000 and booted.limit_source == ch.LIMIT_REMOTE
     assert booted.limit_expires_in_ms(7) == 500000
-    assert ("settings", "available, remote limit 20000 mA for 500 s more") in log
+    assert ("settings", "available, remote limit 20000 mA") in log
+    assert ("limit", "runs out in 500 s (expiry saved in UTC)") in log
 
 
 @pytest.mark.parametrize("at_set, at_boot, why", [
@@ -300,3 +301,16 @@ def test_expiry_lowers_the_offer_through_the_5_s_rule(monkeypatch):
     vb.run_while(lambda: vb.ctl.output.duty != pilot.duty_for_current(10000, pilot.IEC), 6000)
     assert vb.now_ms - ran_out < 5100 and vb.ctl._offer_changed_ms - changed >= 5000
     assert vb.world.coil and charger.state == ch.CHARGING
+
+
+def test_pilecmd_signs_a_ttl():
+    from pilehost import pilecmd
+
+    args = pilecmd.parse_args("set_current_limit", ["amps=16", "ttl_s=120"])
+    assert args == {"amps": 16, "ttl_s": 120}
+    got = command_auth.CommandVerifier(SECRET).verify(
+        pilecmd.sign(SECRET, pilecmd.make_body("set_current_limit", args, 3)))
+    assert got.args == {"amps": 16, "ttl_s": 120}
+    for bad in (["amps=16", "ttl_s=1.5"], ["amps=16", "ttl_s=-1"], ["ttl_s=60"]):
+        with pytest.raises(ValueError):
+            pilecmd.parse_args("set_current_limit", bad)
