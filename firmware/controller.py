@@ -228,8 +228,9 @@ class Controller:
             if not (fresh or force or gave_up):
                 return
         session.ended_ms = now_ms
-        if meter is not None:  # who measured it, for session/ended (DL/T 645: learnt on the bus)
-            session.meter_identity = meter.identity()
+        identity = getattr(meter, "identity", None)
+        if identity is not None:  # who measured it, for session/ended (DL/T 645: learnt on the bus)
+            session.meter_identity = identity()
         # False: closed on the last good reading, without one taken after the contactor opened.
         session.meter_final = meter is None or fresh or (
             session.stop_reason == "meter_failure" and not session.energized)

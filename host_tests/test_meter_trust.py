@@ -204,3 +204,66 @@ def test_identity():
     run(d, clock, 5000)
     assert d.identity() == {"protocol": "dlt645", "model": None, "address": "000012345678",
                             "serial": "000012345678"}
+
+
+# -- on the wired firmware: status and meter messages, session/ended ------------------------------------
+
+CHARGE = [(100, "plug"), (600, "request")]
+
+
+def _board(monkeypatch, steps, meter_conf):
+    from pilehost.virtual_board import VirtualBoard
+
+    conf = {"pile_id": "pile-7", "meter": meter_conf}
+    return VirtualBoard(monkeypatch, CHARGE + list(steps), config=conf)
+
+
+def test_telemetry_stops_showing_power_once_the_reading_is_stale(monkeypatch):
+    import json
+
+    import mqtt_link
+    import telemetry
+    from pilehost.cloud import schemas
+
+    checker = schemas()
+    vb = _board(monkeypatch, [(20000, "meter_fault", "silent")], {"type": "ddsu666"})
+    pile = mqtt_link.PileView(vb.ctl)
+    vb.run_until(19000)
+    now = vb.clock.ticks_ms()
+    fresh = pile.fresh_reading(now)
+    assert fresh is not None and fresh.power_w > 1000
+    status = json.loads(telemetry.status(1790000000, 1, 19, "charging", "C", 32000, fresh.power_w, None,
+                                         0, 0, "0.1.0", "ref-esp32", pile.limit(now), pile.meter_age_ms(now)))
+    checker.check("status", status)
+    assert status["power_w"] > 1000 and status["meter_age_ms"] < 3000
+    vb.run_until(20000 + vb.ctl.meter.stale_ms + 1500)
+    now = vb.clock.ticks_ms()
+    assert pile.fresh_reading(now) is None and pile.reading() is not None
+    reading = pile.reading()
+    msg = json.loads(telemetry.meter(1790000000, "pile-7-1-1", 100, reading, pile.meter_age_ms(now),
+                                     pile.fresh_reading(now) is not None))
+    checker.check("meter", msg)
+    assert msg["power_w"] is None and msg["current_a"] is None and msg["age_ms"] > 3000
+    assert msg["meter_wh"] == reading.energy_wh  # the register, with its age
+
+
+@pytest.mark.parametrize("meter_conf, identity", [
+    ({"type": "ddsu666", "address": 3}, "modbus:ddsu666@3"),
+    ({"type": "dlt645"}, "dlt645:000000000001"),  # learnt by broadcast: sim's address 01 00..00
+    ({"type": "s0"}, "s0"),
+])
+def test_session_ended_names_its_meter(monkeypatch, meter_conf, identity):
+    import json
+
+    import journal
+    import main
+    from pilehost.cloud import schemas
+
+    vb = _board(monkeypatch, [(12000, "stop_request"), (13000, "unplug")], meter_conf)
+    vb.run_until(30000)
+    ended = [json.loads(p) for _, k, p in journal.Journal(main.OUTBOX_FILE).pending()
+             if k == journal.KIND_SESSION_END]
+    assert len(ended) == 1, vb.reports[-20:]
+    schemas().check("session_ended", ended[0])
+    assert ended[0]["meter"] == identity
+    assert len(json.dumps(ended[0])) <= 512  # the outbox's payload limit
