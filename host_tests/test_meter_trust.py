@@ -198,12 +198,11 @@ def test_a_gap_is_not_integrated():
 
 def test_identity():
     m, _, _, clock = modbus("sdm630", address=7)
-    assert m.identity() == {"protocol": "modbus", "model": "sdm630", "address": 7, "serial": None}
+    assert m.identity() == "modbus:sdm630@7"
     d, _, _, clock = dlt()
-    assert d.identity()["address"] is None  # not learnt yet
+    assert d.identity() == "dlt645"  # not learnt yet
     run(d, clock, 5000)
-    assert d.identity() == {"protocol": "dlt645", "model": None, "address": "000012345678",
-                            "serial": "000012345678"}
+    assert d.identity() == "dlt645:000012345678"  # the nameplate number, A5 first
 
 
 # -- on the wired firmware: status and meter messages, session/ended ------------------------------------
@@ -267,3 +266,31 @@ def test_session_ended_names_its_meter(monkeypatch, meter_conf, identity):
     schemas().check("session_ended", ended[0])
     assert ended[0]["meter"] == identity
     assert len(json.dumps(ended[0])) <= 512  # the outbox's payload limit
+
+
+def test_the_meter_name_never_makes_a_record_too_large(tmp_path):
+    """Long pile and auth ids: the meter goes as null rather than the record overflowing the
+    outbox's 512-byte payload (which the meter name alone must never cause)."""
+    import json
+
+    import charger as ch
+    import journal
+    import session_log
+    import session_store
+
+    pile = "p" * 40
+    outbox = journal.Journal(str(tmp_path / "outbox.jrnl"))
+    log = session_log.SessionLog(pile, 3, outbox, session_store.SessionStore(str(tmp_path / "s.json")),
+                                 wall=lambda: 1790000000)
+    s = ch.Session(0)
+    s.authorized_ms, s.auth_source, s.auth_id = 0, "remote", "xx"
+    s.id, s.start_epoch, s.stop_reason = pile + "-3-1", 1790000000, "ev_disconnected"
+    s.meter_start_wh, s.meter_stop_wh, s._segment_wh = 1000, 2000, 1000
+    s.meter_identity = "dlt645:000012345678"
+    log.ended(5000, s)
+    ended = [json.loads(p) for _, k, p in outbox.pending() if k == journal.KIND_SESSION_END]
+    assert len(ended) == 1 and ended[0]["meter"] is None
+    s.id, s.auth_id = pile + "-3-2", "x"
+    log.ended(6000, s)
+    ended = [json.loads(p) for _, k, p in outbox.pending() if k == journal.KIND_SESSION_END]
+    assert ended[1]["meter"] == "dlt645:000012345678"
