@@ -411,6 +411,9 @@ class Charger:
             bad.append("latched")
         self.availability = self.availability_wanted = wanted
         if left_s == 0:
+            # Saved again as a limit that ran out (no UTC expiry): a later write (another
+            # command, a latched fault) must not turn the fallback into no limit at the next boot.
+            self._limit_cmd = (limit, 1, None)
             self._emit(now_ms, "settings", wanted)
             self._fall_back(now_ms, "remote limit ran out or its expiry is not known after the reboot")
         else:

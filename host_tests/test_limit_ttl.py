@@ -314,3 +314,20 @@ def test_pilecmd_signs_a_ttl():
     for bad in (["amps=16", "ttl_s=1.5"], ["amps=16", "ttl_s=-1"], ["ttl_s=60"]):
         with pytest.raises(ValueError):
             pilecmd.parse_args("set_current_limit", bad)
+
+
+def test_a_fallback_stays_a_fallback_through_later_writes(tmp_path):
+    """Booted on the fallback, then another command writes settings.json: the next boot must
+    come up on the fallback again, never on no limit (the pile's maximum)."""
+    path = tmp_path / "settings.json"
+    wall = Wall(SYNCED)
+    c, _ = make(session_store.SettingsStore(str(path)), wall)
+    c.set_remote_limit(0, 0, 60)
+    wall.t = UNSYNCED  # a power cut
+    booted, _ = reboot(path, wall)
+    assert booted.limit_source == ch.LIMIT_FALLBACK
+    booted.set_availability(0, ch.UNAVAILABLE_B1)
+    wall.t = SYNCED + 10
+    again, _ = reboot(path, wall)
+    assert (again.limit_source, again.remote_limit_ma) == (ch.LIMIT_FALLBACK, 6000)
+    assert again.availability == ch.UNAVAILABLE_B1
