@@ -331,3 +331,23 @@ def test_a_fallback_stays_a_fallback_through_later_writes(tmp_path):
     again, _ = reboot(path, wall)
     assert (again.limit_source, again.remote_limit_ma) == (ch.LIMIT_FALLBACK, 6000)
     assert again.availability == ch.UNAVAILABLE_B1
+
+
+def test_a_cable_read_bad_at_b_to_c_offers_nothing(monkeypatch):
+    """Found by test_stateful_pile on this branch (a pre-existing path): the full PP read at
+    B->C comes after the charger's step; a bad coding read just then (the periodic re-read saw
+    it good) left the state `charging` with no offer, and the controller asked for the duty of
+    0 A (None): a TypeError in the control tick. Now nothing is offered and nothing closes."""
+    vb = VirtualBoard(monkeypatch, [(100, "plug"), (600, "request")])
+    real = vb.ctl._read_cable
+
+    def pp(now_ms, lower_only=False):
+        if not lower_only:  # only the read at plug-in and at B->C sees a broken PP contact
+            vb.world.car.cable_ohm = 40
+        real(now_ms, lower_only)
+        vb.world.car.cable_ohm = 220
+
+    monkeypatch.setattr(vb.ctl, "_read_cable", pp)
+    vb.run_until(3000)
+    assert not vb.world.coil and vb.ctl.charger.offer_ma == 0
+    assert vb.ctl.charger.state == ch.SUSPENDED_EVSE and not vb.ctl.output.pwm_on
