@@ -34,6 +34,13 @@ UNAVAILABLE_B1 = "unavailable_b1"
 AVAILABILITIES = (AVAILABLE, UNAVAILABLE_F, UNAVAILABLE_B1)
 # docs/commands.md: set_current_limit takes 0-80 A; a saved limit outside that is garbage.
 MAX_REMOTE_LIMIT_MA = const(80000)
+# Limits that expire (docs/commands.md): what is in force, remote_limit_ma's source.
+LIMIT_REMOTE = "remote"  # a set_current_limit, until its time to live runs out
+LIMIT_FALLBACK = "fallback"  # config.json limit_fallback_a: a limit ran out or could not be kept
+MAX_LIMIT_TTL_S = const(86400)  # config.py / command_auth.py: a day at most
+# Until NTP has set it the ESP32 clock starts at 2000-01-01 at boot: a year before this is not
+# UTC (session_log.clock_synced, the same rule).
+_SYNCED_FROM_YEAR = const(2024)
 SCHEDULED = "scheduled: takes effect when the running session has ended"
 
 # Pilot events (bit mask returned by step()), named as EVerest names them.
@@ -151,6 +158,7 @@ class Session:
         self.meter_restarts = 0  # meter epochs crossed during the session
         self.energized = False  # the contactor closed at least once for this session
         self.peak_power_w = 0
+        self.meter_identity = None  # the meter's identity() for the record, set when it closes
         self._epoch = 0  # the meter epoch of the current segment
         self._segment_wh = None  # register at the start of the current segment
         self._carried_wh = 0  # energy of the segments before the current one
@@ -207,15 +215,27 @@ class Session:
 
 class Charger:
     def __init__(self, max_current_ma, board_max_ma, free_vend, allow_ventilation, report=None,
-                 settings=None):
-        """settings: a session_store.SettingsStore for the remote settings, or None (RAM only)."""
+                 settings=None, fallback_ma=None, wall=None, limit_ttl_s=None):
+        """settings: a session_store.SettingsStore for the remote settings, or None (RAM only).
+        fallback_ma: what a remote limit falls back to when its time to live runs out (config
+        limit_fallback_a); None: the limit is removed. wall: time.time, for a limit's expiry
+        across a reboot; None: a limit with a time to live never outlives a reboot.
+        limit_ttl_s: the time to live of a set_current_limit that names none (config
+        limit_ttl_s); None: such a limit never runs out."""
         self.max_current_ma = max_current_ma
         self.board_max_ma = board_max_ma
         self.free_vend = free_vend
         self.allow_ventilation = allow_ventilation
         self._report = report
         self.cable_ma = 0
-        self.remote_limit_ma = None
+        self.remote_limit_ma = None  # the remote limit in force (None: none)
+        self.limit_source = None  # None, LIMIT_REMOTE or LIMIT_FALLBACK
+        self.limit_until_ms = None  # ticks_ms when a remote limit runs out; None: it does not
+        self.fallback_ma = fallback_ma
+        self.limit_ttl_s = limit_ttl_s
+        self._wall = wall
+        # The last set_current_limit as saved: (mA, time to live s or None, UTC expiry or None).
+        self._limit_cmd = (None, None, None)
         self.state = IDLE
         self.faults = 0
         self.plugged = False
@@ -256,10 +276,52 @@ class Charger:
         self._emit(now_ms, "session", "stopped: " + reason)
         return True
 
-    def set_remote_limit(self, current_ma):
-        """None: no remote limit. Returns None, or a note for the caller if it was not saved."""
+    def set_remote_limit(self, current_ma, now_ms=None, ttl_s=None):
+        """None: no remote limit. ttl_s: it runs out that long after now_ms, then fallback_ma is
+        in force (docs/commands.md, "Limits that expire"); None: it never runs out. Returns
+        None, or a note for the caller if it was not saved."""
         self.remote_limit_ma = current_ma
+        self.limit_source = None if current_ma is None else LIMIT_REMOTE
+        expiry = None
+        if current_ma is None or ttl_s is None:
+            self.limit_until_ms = None
+            ttl_s = None
+        else:
+            self.limit_until_ms = time.ticks_add(now_ms, ttl_s * 1000)
+            wall = self._utc()
+            if wall is not None:
+                expiry = wall + ttl_s
+        self._limit_cmd = (current_ma, ttl_s, expiry)
         return self._save()
+
+    def _utc(self):
+        """The wall clock in UTC seconds if it is set (NTP), else None."""
+        if self._wall is None:
+            return None
+        now = int(self._wall())
+        return now if time.gmtime(now)[0] >= _SYNCED_FROM_YEAR else None
+
+    def limit_expires_in_ms(self, now_ms):
+        """Time left of the remote limit in force; None: it does not run out."""
+        if self.limit_until_ms is None:
+            return None
+        return max(0, time.ticks_diff(self.limit_until_ms, now_ms))
+
+    def _expire_limit(self, now_ms):
+        """A remote limit whose time ran out: the fallback is in force (no flash write: at boot
+        the saved limit has run out too). Lowering the offer goes through the controller's
+        rules like any other change (IEC 61851-1: one change per 5 s)."""
+        until = self.limit_until_ms
+        if until is None or time.ticks_diff(now_ms, until) < 0:
+            return
+        self._fall_back(now_ms, "remote limit ran out")
+
+    def _fall_back(self, now_ms, why):
+        self.limit_until_ms = None
+        self.remote_limit_ma = self.fallback_ma
+        self.limit_source = None if self.fallback_ma is None else LIMIT_FALLBACK
+        self._emit(now_ms, "limit", "%s: %s" % (why, "no remote limit" if self.fallback_ma is None
+                                                else "fallback %d mA" % self.fallback_ma))
 
     def set_availability(self, now_ms, wanted):
         """In or out of service (AVAILABILITIES). Returns None when in effect now, else a note
@@ -305,9 +367,13 @@ class Charger:
         if self._settings is None:
             return None
         try:
-            self._settings.save({"availability": self.availability_wanted,
-                                 "limit_ma": self.remote_limit_ma,
-                                 "latched": fault_list(self.faults & LATCHED_FAULTS)})
+            settings = {"availability": self.availability_wanted,
+                        "limit_ma": self._limit_cmd[0],
+                        "latched": fault_list(self.faults & LATCHED_FAULTS)}
+            if self._limit_cmd[1] is not None:  # short keys: the file stays inline (<= 128 B)
+                settings["ttl"] = self._limit_cmd[1]
+                settings["until"] = self._limit_cmd[2]
+            self._settings.save(settings)
         except OSError as e:
             return "not saved to flash (%s): lost at the next boot" % str(e)[:60]
         return None
@@ -339,19 +405,52 @@ class Charger:
         if not (limit is None or (type(limit) is int and 0 <= limit <= MAX_REMOTE_LIMIT_MA)):
             bad.append("limit_ma")
             limit = None
+        left_s = self._limit_left_s(limit, saved, bad)
         latched = _latched_bits(saved.get("latched", []))
         if latched & FAULT_LATCH_STATE_LOST:
             bad.append("latched")
         self.availability = self.availability_wanted = wanted
-        self.remote_limit_ma = limit
-        self._emit(now_ms, "settings", "%s, remote limit %s" % (
-            wanted, "none" if limit is None else "%d mA" % limit))
+        if left_s == 0:
+            # Saved again as a limit that ran out (no UTC expiry): a later write (another
+            # command, a latched fault) must not turn the fallback into no limit at the next boot.
+            self._limit_cmd = (limit, 1, None)
+            self._emit(now_ms, "settings", wanted)
+            self._fall_back(now_ms, "remote limit ran out or its expiry is not known after the reboot")
+        else:
+            self.remote_limit_ma = limit
+            self.limit_source = None if limit is None else LIMIT_REMOTE
+            if left_s is not None:
+                self.limit_until_ms = time.ticks_add(now_ms, left_s * 1000)
+                self._limit_cmd = (limit, saved["ttl"], saved["until"])
+            self._emit(now_ms, "settings", "%s, remote limit %s" % (
+                wanted, "none" if limit is None else "%d mA" % limit))
+            if left_s is not None:
+                self._emit(now_ms, "limit", "runs out in %d s (expiry saved in UTC)" % left_s)
         if bad:
             self._emit(now_ms, "settings", "settings garbled (%s): default used" % ", ".join(bad))
         for bit, _name in FAULT_NAMES:
             if latched & bit:  # a reboot does not end a lock-out or a weld: a technician does
                 self._latch(now_ms, bit)
         return not bad
+
+    def _limit_left_s(self, limit, saved, bad):
+        """Seconds left of a saved limit with a time to live, by the rule of docs/commands.md
+        ("Limits that expire"): kept only if the expiry was saved in UTC and the clock is set
+        now and says it is still ahead, by no more than the time to live; 0: ran out (or not
+        known: the time spent off cannot be measured, so it may have). None: a limit without
+        one (none, or set by a call that gave no time to live)."""
+        ttl = saved.get("ttl")
+        if limit is None or (ttl is None and "until" not in saved):
+            return None
+        until = saved.get("until")
+        if not (type(ttl) is int and 0 < ttl <= MAX_LIMIT_TTL_S) or not (
+                until is None or type(until) is int):
+            bad.append("ttl")
+            return 0
+        now = self._utc()
+        if until is None or now is None or not 0 < until - now <= ttl:
+            return 0
+        return until - now
 
     def _latch(self, now_ms, bit):
         self.faults |= bit
@@ -421,6 +520,7 @@ class Charger:
         CarPluggedIn means a session began for the car: at plug-in, or when the pile comes back
         into service with a car there (never while out of service). may_close: the controller's
         own conditions (RCD self-tested, the session's meter start known); else SUSPENDED_EVSE."""
+        self._expire_limit(now_ms)
         old = self.pilot
         self.pilot = stable
         events = 0

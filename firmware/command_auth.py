@@ -24,6 +24,7 @@ AVAILABILITY = ("available", "unavailable_f", "unavailable_b1")
 # Faults a technician may clear remotely: the latched ones (charger.LATCHED_FAULTS).
 CLEARABLE_FAULTS = ("welded", "rcd_lockout", "latch_state_lost")
 MAX_AMPS = const(80)  # config.py's max_current_a range; the charger clamps further
+MAX_TTL_S = const(86400)  # set_current_limit's time to live: a day at most (charger.MAX_LIMIT_TTL_S)
 
 _BODY_KEYS = ("args", "cmd", "counter", "id", "v")
 
@@ -238,13 +239,19 @@ class CommandVerifier:
         return None
 
     def _set_current_limit(self, args):
-        if list(args) == ["amps"]:
+        keys = sorted(args)
+        if keys == ["amps"] or keys == ["amps", "ttl_s"]:
             amps = args["amps"]
-            if amps is None:  # remove the remote limit
-                return {"amps": None}
-            # type(): bool is an int on CPython; NaN fails every comparison.
-            if type(amps) in (int, float) and 0 <= amps <= MAX_AMPS:
-                return {"amps": amps}
+            if len(keys) == 1:  # no ttl_s: the pile's limit_ttl_s applies; null: no limit
+                if amps is None or type(amps) in (int, float) and 0 <= amps <= MAX_AMPS:
+                    return {"amps": amps}
+                return None
+            ttl = args["ttl_s"]
+            # type(): bool is an int on CPython; NaN fails every comparison. A null amps takes
+            # no ttl_s: there is no limit to run out.
+            if type(amps) in (int, float) and 0 <= amps <= MAX_AMPS \
+                    and type(ttl) is int and 1 <= ttl <= MAX_TTL_S:
+                return {"amps": amps, "ttl_s": ttl}
         return None
 
     def _set_availability(self, args):
@@ -280,7 +287,8 @@ _COMMANDS = {
 _USAGE = {
     "remote_start": "needs auth_id: 1..64 of ! to ~ (printable ASCII, no space)",
     "remote_stop": "takes no arguments",
-    "set_current_limit": "needs amps: 0..%d or null" % MAX_AMPS,
+    "set_current_limit": "needs amps: 0..%d or null; ttl_s: 1..%d s, only with amps" % (
+        MAX_AMPS, MAX_TTL_S),
     "set_availability": "needs state: " + " | ".join(AVAILABILITY),
     "clear_fault": "needs fault: one of the clearable faults",
     "request_status": "takes no arguments",

@@ -47,7 +47,8 @@ class Commands:
             return "rejected", "no session", THEN_NOTHING
         if name == "set_current_limit":
             amps = args["amps"]
-            note = charger.set_remote_limit(None if amps is None else int(amps * 1000))
+            note = charger.set_remote_limit(None if amps is None else int(amps * 1000), now_ms,
+                                            args.get("ttl_s") or charger.limit_ttl_s)
             return "accepted", note, THEN_STATUS_DUE  # note: None, or why it was not saved to flash
         if name == "clear_fault":
             text = self._ctl.clear_fault(now_ms, args["fault"])

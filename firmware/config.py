@@ -115,6 +115,11 @@ CONFIG_SCHEMA = {
     # ESP32 WDT takes at least 1000 ms (evse-facts section 6).
     "wdt_timeout_ms": ("int", 2000, 1000, 10000, None),
     "control_period_ms": ("int", 5, 1, 20, None),
+    # Limits that expire (docs/commands.md): the time to live of a set_current_limit that names
+    # none, and what a limit falls back to when it runs out. Never below 6 A, the least offer
+    # of IEC 61851-1: a silent cloud cannot hold a pile at zero for ever.
+    "limit_ttl_s": ("int", 900, 10, 86400, None),
+    "limit_fallback_a": ("number", 6, 6, 80, None),
     "meter": ("section", None, None, None, None),
     "mqtt": ("section", None, None, None, None),
     "wifi": ("section", None, None, None, None),

@@ -228,6 +228,9 @@ class Controller:
             if not (fresh or force or gave_up):
                 return
         session.ended_ms = now_ms
+        identity = getattr(meter, "identity", None)
+        if identity is not None:  # who measured it, for session/ended (DL/T 645: learnt on the bus)
+            session.meter_identity = identity()
         # False: closed on the last good reading, without one taken after the contactor opened.
         session.meter_final = meter is None or fresh or (
             session.stop_reason == "meter_failure" and not session.energized)
@@ -322,13 +325,20 @@ class Controller:
 
         # 2. The pilot.
         mode = charger.pilot_mode
+        duty = None
+        if mode == ch.MODE_OFFER:
+            duty = pilot.duty_for_current(charger.offer_ma, self.standard)
+            if duty is None:
+                # The cable read at this tick's plug-in or B->C came after the charger's step and
+                # took the offer below 6 A: nothing is offered (the next step says so too).
+                mode = pilot.MODE_PLUS
         if mode == pilot.MODE_F:
             if out.mode != pilot.MODE_F:
                 out.state_f()
                 self._pwm_changed_ms = now_ms
                 self._emit(now_ms, "pwm", "F (-12 V)")
         elif mode == ch.MODE_OFFER:
-            self._offer(now_ms, pilot.duty_for_current(charger.offer_ma, self.standard))
+            self._offer(now_ms, duty)
         elif out.mode != pilot.MODE_PLUS:
             out.steady_plus()
             self._pwm_changed_ms = now_ms

@@ -198,6 +198,11 @@ class Dlt645Meter(Rs485Meter):
         self._tx_learn = memoryview(self._tx)[:wake + _OVERHEAD]
         self._di = None
 
+    def identity(self):
+        """DL/T 645: the address is the meter number on the nameplate (A5 first), its serial;
+        "dlt645" alone while it is not learnt."""
+        return "dlt645" if self.address is None else "dlt645:" + _nameplate(self.address, 0)
+
     def _request(self):
         self._reply_max = _RX_SIZE - _MAX_WAKE + 4  # a reply with 4 wake-up bytes
         # no address yet: learn it first, the reads follow in the same cycle

@@ -43,6 +43,27 @@ MAX_WH = 999999999999
 # beyond that an old reading would look fresh again. 2**28 ms = 3.1 days.
 _MAX_AGE_MS = const(1 << 28)
 
+# A reading not refreshed for this many poll intervals (and at least _STALE_MIN_MS) is stale:
+# never shown as the power now (docs/meters.md, "Values that age"). Three: one lost reply is
+# common on RS-485, two in a row happen, three mean the meter is not being read.
+_STALE_POLLS = const(3)
+_STALE_MIN_MS = const(3000)
+
+# Energy against power (docs/meters.md, "Energy against power"): over a window of readings the
+# energy register's delta must match the integral of power (trapezoids between readings).
+# A window closes once either holds _EP_MIN_WH; it is dropped without a verdict after
+# _EP_MAX_MS with less (a pile at rest), or at a gap longer than stale_ms (what the power did
+# in a gap is not known). Tolerance: the register's resolution twice (the slack below), plus
+# _EP_PCT % of the energy (two measurements, energy and power, each class 2 at worst: IEC
+# 62053-21 +-2 %, plus 1 % for the power being read ~0.1 s before the energy in a cycle), plus
+# half of each interval's power change x its length (the trapezoid's worst error when power
+# moves monotonically between two readings). _EP_BAD_WINDOWS windows in a row outside it
+# count one `implausible` error.
+_EP_MIN_WH = const(100)
+_EP_MAX_MS = const(3600000)
+_EP_PCT = const(5)
+_EP_BAD_WINDOWS = const(2)
+
 # Bits per character for the wire-time estimates: 1 start + 8 data + parity + 1 stop
 # (8E1, DL/T 645) = 11; Modbus RTU also counts 11 (8N2 or 8E1). Too long for 8N1 is safe:
 # DE is lowered a little late, and the slave waits >= 3.5 characters before replying.
@@ -153,11 +174,77 @@ class MeterBase:
         self.epoch = 0  # restarts of the meter's register seen (Reading.epoch)
         self._suspect = None  # the last refused backwards/jump reading: a restart if confirmed
         self._pending = None  # the reading that confirmed a restart, published at the next poll
+        self._ep_bad = 0  # energy-against-power windows in a row outside the tolerance
+        self._ep_reset()
+
+    # Power is measured on its own (False: S0, whose power is derived from the pulses).
+    checks_power = True
+
+    def identity(self):
+        """What names the meter in a session record (docs/telemetry.md, session/ended `meter`):
+        "<protocol>[:<model>@<address> | :<meter number>]", short: the record must stay within
+        the outbox's 512-byte payload."""
+        return self.name
+
+    def _ep_reset(self):
+        self._ep_wh = 0  # register delta over the window
+        self._ep_wms = 0.0  # integral of power, W x ms
+        self._ep_ramp_wms = 0.0  # trapezoid error budget, W x ms
+        self._ep_ms = 0
+
+    def _energy_vs_power(self, prev, new):
+        """Add the interval prev -> new to the window; judge the window once it is big enough."""
+        if not self.checks_power or prev is None or prev.power_w is None or new.power_w is None \
+                or prev.epoch != new.epoch:
+            self._ep_reset()
+            return
+        dt = time.ticks_diff(new.taken_ms, prev.taken_ms)
+        if dt <= 0 or dt > self.stale_ms:
+            self._ep_reset()
+            return
+        p0 = prev.power_w if prev.power_w > 0 else 0  # the import register counts no export
+        p1 = new.power_w if new.power_w > 0 else 0
+        self._ep_wh += new.energy_wh - prev.energy_wh
+        self._ep_wms += (p0 + p1) * dt / 2
+        self._ep_ramp_wms += abs(p1 - p0) * dt / 2
+        self._ep_ms += dt
+        integral_wh = self._ep_wms / 3600000
+        big = max(self._ep_wh, integral_wh)
+        if big < _EP_MIN_WH:
+            if self._ep_ms > _EP_MAX_MS:
+                self._ep_reset()
+            return
+        tolerance = 2 * self._slack_wh + big * _EP_PCT / 100 + self._ep_ramp_wms / 3600000
+        wh = self._ep_wh
+        off = wh - integral_wh
+        seconds = self._ep_ms // 1000
+        self._ep_reset()
+        if -tolerance <= off <= tolerance:
+            self._ep_bad = 0
+            return
+        self._ep_bad += 1
+        if self._ep_bad >= _EP_BAD_WINDOWS:
+            self._ep_bad = 0
+            self._fail(MeterError("implausible", "%s: energy %d Wh in %d s, power says %d Wh "
+                                  "(+-%d): energy and power disagree" % (
+                                      self.name, wh, seconds, int(integral_wh), int(tolerance))))
 
     def age_ms(self, now_ms):
         if self.reading is None:
             return None
         return time.ticks_diff(now_ms, self.reading.taken_ms)
+
+    @property
+    def stale_ms(self):
+        """Older than this, the reading is stale (its values are not what the meter shows now)."""
+        return max(_STALE_MIN_MS, _STALE_POLLS * getattr(self, "_interval_ms", 1000))
+
+    def fresh(self, now_ms):
+        """The reading, if it is recent enough to be shown as now; else None."""
+        r = self.reading
+        if r is None or time.ticks_diff(now_ms, r.taken_ms) > self.stale_ms:
+            return None
+        return r
 
     def _expire(self, now_ms):
         """First thing of every poll: drop a too old reading, publish a pending one."""
@@ -191,8 +278,10 @@ class MeterBase:
                 self._suspect = new
             self._fail(err)
             return False
+        prev = self.reading
         self.reading = new
         self.last_error = None
+        self._energy_vs_power(prev, new)
         return True
 
     def _follows(self, prev, new):

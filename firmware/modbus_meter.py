@@ -1,6 +1,7 @@
 """Modbus RTU master for Chint DDSU666 and Eastron SDM120 / SDM630 (facts section 5).
 
-Function 0x04 (read input registers), IEEE-754 float32 big-endian, two registers per value.
+Function 0x04 (read input registers; DDSU666: 0x04 or 0x03, whichever the meter answers),
+IEEE-754 float32 big-endian, two registers per value.
 The UART (baud, parity) is built by the wiring code; `baud` here only times the wire.
 """
 from micropython import const
@@ -10,6 +11,12 @@ from meter import MeterError, Rs485Meter, DEFAULT_BITS_PER_CHAR, \
     DEFAULT_MAX_POWER_W, DEFAULT_JUMP_SLACK_WH, MAX_WH
 
 _FN_READ_INPUT = const(0x04)
+_FN_READ_HOLDING = const(0x03)  # DDSU666: some answer only this one on the same map
+# DDSU666 answers function 0x04 or 0x03, depending on the unit (installers report both; Tasmota
+# reads 0x04, other tools 0x03). Until one gave a whole reading, the other is tried after an
+# "illegal function" exception or after this many cycles in a row without a reply.
+_SWITCH_AFTER_TIMEOUTS = const(2)
+_EX_WRONG_SPACE = (1, 2)  # exception codes: illegal function, illegal data address
 _EXCEPTION_FLAG = const(0x80)  # exception reply: function code | 0x80, then the code
 _MAX_FLOATS = const(6)  # largest block read below (SDM630 V1..V3, I1..I3)
 _RX_SIZE = const(5 + 4 * _MAX_FLOATS)  # address, function, byte count, data, CRC (2)
@@ -193,20 +200,47 @@ class ModbusMeter(Rs485Meter):
         self.address = address
         self._blocks = MODELS[model]
         self._tx = bytearray(8)
+        self.function = _FN_READ_INPUT  # what the meter is asked with
+        # DDSU666: 0x04 or 0x03, found out on the bus (docs/meters.md); the others: 0x04 only.
+        self._function_known = model != "ddsu666"
+        self._silent_cycles = 0
+
+    def identity(self):
+        """The model and slave address: the Modbus models read here give no serial number."""
+        return "modbus:%s@%d" % (self.name, self.address)
 
     def _request(self):
         register, fields = self._blocks[self._step]
-        build_request(self._tx, self.address, register, 2 * len(fields))
+        build_request(self._tx, self.address, register, 2 * len(fields), self.function)
         self._reply_max = 5 + 4 * len(fields)
         self._asks_energy = _E_KWH in fields
         return self._tx
 
     def _frame_len(self, buf, n):
-        return reply_length(buf, n, 2 * len(self._blocks[self._step][1]))
+        return reply_length(buf, n, 2 * len(self._blocks[self._step][1]), self.function)
+
+    def _fail(self, err):
+        super()._fail(err)
+        if self._function_known:
+            return
+        if err.kind == "timeout":
+            self._silent_cycles += 1
+            switch = self._silent_cycles >= _SWITCH_AFTER_TIMEOUTS
+        else:
+            # Illegal function, or illegal data address: this map is not in that register space.
+            switch = err.kind == "exception_reply" and self._rx[2] in _EX_WRONG_SPACE
+        if switch:
+            self._silent_cycles = 0
+            self.function = _FN_READ_HOLDING if self.function == _FN_READ_INPUT else _FN_READ_INPUT
+
+    def _publish(self, new):
+        self._function_known = True  # a whole reading: this function it is, for good
+        self._silent_cycles = 0
+        return super()._publish(new)
 
     def _take(self, buf, n):
         fields = self._blocks[self._step][1]
-        check_reply(buf, n, self.address, 2 * len(fields))
+        check_reply(buf, n, self.address, 2 * len(fields), self.function)
         i = 0
         while i < len(fields):
             what = fields[i]

@@ -58,6 +58,28 @@ class PileView:
         meter = self._ctl.meter
         return None if meter is None else meter.reading
 
+    def meter_age_ms(self, now_ms):
+        meter = self._ctl.meter
+        return None if meter is None else meter.age_ms(now_ms)
+
+    def fresh_reading(self, now_ms):
+        """The meter's reading if it may be shown as now (meter.fresh); None if stale or none."""
+        meter = self._ctl.meter
+        return None if meter is None else meter.fresh(now_ms)
+
+    def limit(self, now_ms):
+        """(mA, source, ms left or None) of the remote limit in force, or None."""
+        c = self._ctl.charger
+        if c.remote_limit_ma is None:
+            return None
+        return c.remote_limit_ma, c.limit_source, c.limit_expires_in_ms(now_ms)
+
+    def limit_ma(self):
+        return self._ctl.charger.remote_limit_ma
+
+    def limit_source(self):
+        return self._ctl.charger.limit_source
+
     def safe_off(self):
         self._ctl.safe_off()
 
@@ -108,7 +130,8 @@ class MqttLink:
         self._drained_at = None  # outbox.next_seq when the iterator ran dry
         self._reboot = False
         # What the last status said, to publish on a change.
-        self._s_state = self._s_pilot = self._s_offer = self._s_faults = None
+        self._s_state = self._s_pilot = self._s_offer = self._s_faults = self._s_limit = None
+        self._s_limit_source = self._s_stale = None
         self._status_at = 0
         self._status_due = True
         self._meter_at = 0
@@ -279,7 +302,9 @@ class MqttLink:
             s = pile.session()
             reading = pile.reading()
             if s is not None and reading is not None and pile.state() in telemetry.RUNNING:
-                conn.publish(t.meter, telemetry.meter(self._wall(), s.id, s.energy_wh, reading), qos=0)
+                conn.publish(t.meter, telemetry.meter(
+                    self._wall(), s.id, s.energy_wh, reading, pile.meter_age_ms(now_ms),
+                    pile.fresh_reading(now_ms) is not None), qos=0)
 
     def _send_record(self):
         """The oldest unacknowledged outbox record, one in flight at a time."""
@@ -304,10 +329,13 @@ class MqttLink:
     # -- status ----------------------------------------------------------------------------------
 
     def _watch(self, now_ms):
-        """A status goes out on every change of state, pilot, offer or faults (no allocation)."""
+        """A status goes out on every change of state, pilot, offer, faults, the remote limit in
+        force, or the meter's reading going stale or fresh (no allocation)."""
         p = self._pile
         if p.state() != self._s_state or p.pilot() != self._s_pilot or p.faults() != self._s_faults \
-                or p.offer_ma() != self._s_offer:
+                or p.offer_ma() != self._s_offer or p.limit_ma() != self._s_limit \
+                or p.limit_source() != self._s_limit_source \
+                or (p.fresh_reading(now_ms) is None) != self._s_stale:  # power shown, or not
             self._status_due = True
 
     def _publish_status(self, now_ms):
@@ -316,14 +344,18 @@ class MqttLink:
         pilot = self._s_pilot = p.pilot()
         faults = self._s_faults = p.faults()
         offer = self._s_offer = p.offer_ma()
+        self._s_limit = p.limit_ma()
+        self._s_limit_source = p.limit_source()
         self._status_due = False
         self._status_at = now_ms
         s = p.session()
-        reading = p.reading()
+        reading = p.fresh_reading(now_ms)  # a stale reading's power is not shown as now's
+        self._s_stale = reading is None
         self._conn.publish(self._topics.status, telemetry.status(
             self._wall(), self._log.boot, self._uptime_ms // 1000, state, pilot, offer,
             None if reading is None else reading.power_w, None if s is None else s.id,
-            0 if s is None else s.energy_wh, faults, self._fw, self._board), retain=True)
+            0 if s is None else s.energy_wh, faults, self._fw, self._board,
+            p.limit(now_ms), p.meter_age_ms(now_ms)), retain=True)
 
     # -- commands (docs/commands.md) -------------------------------------------------------------
 

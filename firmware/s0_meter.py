@@ -40,6 +40,10 @@ class S0Meter(MeterBase):
     """
 
     name = "s0"
+    checks_power = False  # power comes from the pulse intervals: nothing independent to check
+
+    def identity(self):
+        return "s0"  # a pulse output says nothing of the meter
 
     def __init__(self, pin, imp_per_kwh=1000, active_low=True, debounce_ms=None,
                  rearm_ms=_REARM_MS, stuck_ms=_STUCK_MS, poll_interval_ms=1000, start_wh=0,

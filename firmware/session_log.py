@@ -159,15 +159,22 @@ class SessionLog:
         if meter_stop is None:
             meter_stop = meter_start
         energy = session.energy_wh
-        self._append(now_ms, journal.KIND_SESSION_END, self._ended_record(
+        record = self._ended_record(
             session.id, session.auth_source, session.auth_id, start_epoch, stop_epoch,
             clock_synced(start_epoch) and clock_synced(stop_epoch), meter_start, meter_stop,
             0 if energy is None else energy, duration_s, session.peak_power_w, session.stop_reason,
-            session.meter_restarts, self.metered and session.meter_final is False, ()), self._clear)
+            session.meter_restarts, self.metered and session.meter_final is False, (),
+            getattr(session, "meter_identity", None))
+        # Issue 13's meter name never costs the record: without room in the outbox's payload
+        # limit (long pile and auth ids) it goes as null.
+        if record["meter"] is not None and \
+                len(json.dumps(record)) > getattr(self.outbox, "max_payload", 512):
+            record["meter"] = None
+        self._append(now_ms, journal.KIND_SESSION_END, record, self._clear)
 
     def _ended_record(self, session_id, auth_source, auth_id, start_epoch, stop_epoch, synced,
                       meter_start, meter_stop, energy, duration_s, peak_w, stop_reason,
-                      restarts, stale, estimated):
+                      restarts, stale, estimated, meter=None):
         return {
             "v": 1, "session_id": session_id, "pile_id": self.pile_id, "connector": self.connector,
             "auth_source": auth_source, "auth_id": auth_id,
@@ -176,6 +183,7 @@ class SessionLog:
             "energy_wh": max(0, energy), "duration_s": max(0, duration_s),
             "peak_power_w": int(peak_w), "stop_reason": stop_reason,
             "meter_restarts": restarts, "meter_stop_stale": stale, "estimated": list(estimated),
+            "meter": meter,  # issue 13: who measured it (docs/telemetry.md); None: not known
         }
 
     def _recover(self, now_ms, reading):

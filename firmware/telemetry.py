@@ -36,8 +36,10 @@ def online(is_online, boot):
 
 
 def status(wall, boot, uptime_s, state, pilot, offer_ma, power_w, session_id, energy_wh, faults,
-           fw, board):
-    """power_w: None without a reading; session_id None: no session; faults: the charger's mask."""
+           fw, board, limit=None, meter_age_ms=None):
+    """power_w: None without a fresh reading; session_id None: no session; faults: the charger's
+    mask. limit: (mA, source, ms left or None) of the remote limit in force, or None: none.
+    meter_age_ms: the age of the meter's last reading, None without one."""
     return json.dumps({
         "v": 1, "ts": iso_utc(wall), "clock_synced": clock_synced(wall), "boot": boot,
         "uptime_s": uptime_s, "state": state, "pilot": pilot,
@@ -45,17 +47,29 @@ def status(wall, boot, uptime_s, state, pilot, offer_ma, power_w, session_id, en
         "power_w": None if power_w is None else max(0, int(power_w)),
         "session_id": session_id, "session_energy_wh": max(0, energy_wh or 0),
         "faults": ch.fault_list(faults), "fw": fw, "board": board,
+        "limit_a": None if limit is None else round(limit[0] / 100) / 10,
+        "limit_source": None if limit is None else limit[1],
+        "limit_expires_s": None if limit is None or limit[2] is None else (limit[2] + 999) // 1000,
+        "meter_age_ms": _age(meter_age_ms),
     }).encode()
 
 
-def meter(wall, session_id, energy_wh, reading):
-    """reading: the meter's last Reading (meter.py)."""
+def meter(wall, session_id, energy_wh, reading, age_ms=None, fresh=True):
+    """reading: the meter's last Reading (meter.py); age_ms: how old it is. A stale one (not
+    fresh) shows its register and age, never its power, current or voltage as now's."""
     return json.dumps({
         "v": 1, "session_id": session_id, "ts": iso_utc(wall), "clock_synced": clock_synced(wall),
         "meter_wh": reading.energy_wh, "session_energy_wh": max(0, energy_wh or 0),
-        "power_w": max(0, int(reading.power_w or 0)),
-        "current_a": _one_decimal(reading.current_a), "voltage_v": _one_decimal(reading.voltage_v),
+        "power_w": max(0, int(reading.power_w or 0)) if fresh else None,
+        "current_a": _one_decimal(reading.current_a) if fresh else None,
+        "voltage_v": _one_decimal(reading.voltage_v) if fresh else None,
+        "age_ms": _age(age_ms),
     }).encode()
+
+
+def _age(ms):
+    # A reading from before a ticks wrap looks younger, never older: meter.py drops it anyway.
+    return None if ms is None else min(max(0, ms), 2147483647)
 
 
 def cmd_ack(wall, cmd_id, cmd, result, reason):

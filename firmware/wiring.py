@@ -80,6 +80,7 @@ def build(board, conf):
         int(conf.max_current_a * 1000), int(board.ratings.max_current_a * 1000),
         conf.free_vend, conf.allow_ventilation, report,
         session_store.SettingsStore(files.SETTINGS_FILE),
+        fallback_ma=int(conf.limit_fallback_a * 1000), wall=time.time, limit_ttl_s=conf.limit_ttl_s,
     )
     # What set_availability and set_current_limit last set (docs/commands.md); a bad file: defaults.
     charger.load_settings(time.ticks_ms())

@@ -9,6 +9,8 @@ consumer      the cloud's reference consumer (library; tools/consumer.py is its 
 cloud         the reference consumer in-process on SQLite; LocalBroker (`make sim`'s broker)
 link_rig      the firmware's MQTT link against a broker: config, signed commands, a watcher
 fake_pile, pilecmd   a pile's telemetry played over MQTT; signed commands (docs/commands.md)
+group_limit   the reference group-limit controller (a site limit shared by signed set_current_limit
+              commands with a time to live) and SteeredPile, a simulated pile that obeys them
 vboard        the technician's virtual board: the unix port behind a pty (`make virtual-board`)
 virtual_board the wired firmware on the simulated world under a virtual clock, in this process
 meter_rig     the meter drivers' bench: fake clock, sim/rs485.py's line behind UART and DE objects

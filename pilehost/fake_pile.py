@@ -47,6 +47,9 @@ class FakePile:
         self.fault_seq = 0
         self.state, self.pilot, self.offer_a, self.power_w = "idle", "A", 0, 0
         self.faults = []
+        # The remote limit in force (status limit_*, docs/commands.md): A, source, s left.
+        self.limit_a, self.limit_source, self.limit_expires_s = None, None, None
+        self.meter_id = "modbus:ddsu666@1"
         self.session = None  # the session_started payload while one runs
         self.session_start_uptime = 0
         self.peak_power_w = 0
@@ -75,7 +78,8 @@ class FakePile:
             "uptime_s": self.uptime_s, "state": self.state, "pilot": self.pilot, "offer_a": self.offer_a,
             "power_w": self.power_w, "session_id": self.session_id(),
             "session_energy_wh": self.session_energy_wh(), "faults": list(self.faults), "fw": self.fw,
-            "board": self.board})
+            "board": self.board, "limit_a": self.limit_a, "limit_source": self.limit_source,
+            "limit_expires_s": self.limit_expires_s, "meter_age_ms": 400})
 
     def start_session(self, auth_source="free_vend", auth_id=None, connector=1):
         self.session_seq += 1
@@ -96,13 +100,14 @@ class FakePile:
         return message(self.pile_id, "meter", {
             "v": 1, "session_id": self.session_id(), "ts": self.now(), "clock_synced": self.clock_synced,
             "meter_wh": self.meter_wh, "session_energy_wh": self.session_energy_wh(), "power_w": self.power_w,
-            "current_a": [current], "voltage_v": [230.0]})
+            "current_a": [current], "voltage_v": [230.0], "age_ms": 400})
 
     def end_session(self, stop_reason="ev_disconnected"):
         s = self.session
         ended = dict(s, stop_time=self.now(), meter_stop_wh=self.meter_wh, energy_wh=self.session_energy_wh(),
                      duration_s=self.uptime_s - self.session_start_uptime, peak_power_w=self.peak_power_w,
-                     stop_reason=stop_reason, meter_restarts=0, meter_stop_stale=False, estimated=[])
+                     stop_reason=stop_reason, meter_restarts=0, meter_stop_stale=False, estimated=[],
+                     meter=self.meter_id)
         ended["clock_synced"] = s["clock_synced"] and self.clock_synced
         self.session = None
         self.state, self.pilot, self.offer_a, self.power_w = "idle", "A", 0, 0

@@ -21,7 +21,7 @@ import time
 COMMANDS = {
     "remote_start": {"auth_id": "str"},
     "remote_stop": {},
-    "set_current_limit": {"amps": "number_or_null"},
+    "set_current_limit": {"amps": "number_or_null", "ttl_s": "optional_int"},
     "set_availability": {"state": "str"},
     "clear_fault": {"fault": "str"},
     "request_status": {},
@@ -72,9 +72,10 @@ def parse_args(cmd, pairs):
         key, sep, value = pair.partition("=")
         if not sep or key not in spec:
             raise ValueError("%s takes %s" % (cmd, ", ".join(spec) or "no arguments"))
-        if spec[key] == "int":
+        if spec[key] in ("int", "optional_int"):
             if not value.isdigit():
-                raise ValueError("%s must be a whole number" % key)
+                raise ValueError("%s must be a whole number%s" % (
+                    key, " of seconds" if key.endswith("_s") else ""))
             args[key] = int(value)
         elif spec[key] == "number_or_null":
             if value in ("null", "none", ""):
@@ -89,7 +90,7 @@ def parse_args(cmd, pairs):
                 raise ValueError("auth_id must be 1..64 of ! to ~ (printable ASCII, no space), as "
                                  "docs/schemas/session_started.v1.schema.json says")
             args[key] = value
-    missing = [k for k in spec if k not in args]
+    missing = [k for k in spec if k not in args and not spec[k].startswith("optional")]
     if missing:
         raise ValueError("%s needs %s" % (cmd, ", ".join(missing)))
     return args

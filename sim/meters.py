@@ -94,6 +94,11 @@ class ModbusMeterSim(_Rs485Sim):
         self.address = address
         self.phases = phases  # SDM630: lines carrying world.current_a
         self.exception_code = 4  # server device failure
+        # DDSU666 units answer 0x04, 0x03 or both (installers report each); the others 0x04.
+        # A function not in here: exception 1 (illegal function), or no reply if wrong_function
+        # is "silent" (some units ignore it).
+        self.functions = (0x03, 0x04) if model == "ddsu666" else (0x04,)
+        self.wrong_function = "exception"
         self._shown_wh = None  # energy shown by the last healthy reply
         self._zero_wh = None  # "reboot": world energy when the register restarted from 0
         self._off_wh = 0  # "backwards" (< 0) / "jump" (> 0): offset of the next reply
@@ -168,8 +173,8 @@ class ModbusMeterSim(_Rs485Sim):
         if fault == "exception":
             return self._exception(function, self.exception_code)
         # DDSU666 answers 0x03 on the same map too (facts section 5); Eastron only 0x04 here.
-        if function != 0x04 and not (function == 0x03 and self.model == "ddsu666"):
-            return self._exception(function, 1)
+        if function not in self.functions:
+            return None if self.wrong_function == "silent" else self._exception(function, 1)
         if not 1 <= count <= 125:
             return self._exception(function, 3)
         energy_reg = 0x4000 if self.model == "ddsu666" else 0x0048
