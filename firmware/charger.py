@@ -235,7 +235,7 @@ class Charger:
         self.limit_ttl_s = limit_ttl_s
         self._wall = wall
         # The last set_current_limit as saved: (mA, time to live s or None, UTC expiry or None).
-        self._limit_cmd = (None, None, None)
+        self._limit_cmd = (None, None, None)  # type: tuple
         self.state = IDLE
         self.faults = 0
         self.plugged = False

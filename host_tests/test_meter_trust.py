@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meter import make_meter
+from wiring import make_meter
 from meters import Dlt645MeterSim, ModbusMeterSim
 from pilehost.meter_rig import Bus, Clock, run
 
@@ -255,12 +255,12 @@ def test_session_ended_names_its_meter(monkeypatch, meter_conf, identity):
     import json
 
     import journal
-    import main
+    import files
     from pilehost.cloud import schemas
 
     vb = _board(monkeypatch, [(12000, "stop_request"), (13000, "unplug")], meter_conf)
     vb.run_until(30000)
-    ended = [json.loads(p) for _, k, p in journal.Journal(main.OUTBOX_FILE).pending()
+    ended = [json.loads(p) for _, k, p in journal.Journal(files.OUTBOX_FILE).pending()
              if k == journal.KIND_SESSION_END]
     assert len(ended) == 1, vb.reports[-20:]
     schemas().check("session_ended", ended[0])
