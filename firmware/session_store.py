@@ -102,12 +102,15 @@ class _Store:
         return True, value
 
     def clear(self):
-        for p in (self.path, self.path + ".tmp"):
+        """Remove the file. No file is fine; any other OSError is raised (the file is still there:
+        the caller must try again, a snapshot left behind would close its session twice)."""
+        self._last = None
+        for p in (self.path + ".tmp", self.path):
             try:
                 os.remove(p)
-            except OSError:
-                pass
-        self._last = None
+            except OSError as e:
+                if e.args[0] != _ENOENT:
+                    raise
 
 
 class SessionStore(_Store):

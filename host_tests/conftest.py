@@ -11,6 +11,8 @@ import os
 import sys
 import time
 import types
+import urllib.parse
+import uuid
 
 import mp_time
 import pytest
@@ -117,3 +119,37 @@ def watcher(broker):
     time.sleep(0.2)
     yield w
     w.close()
+
+
+# -- the consumer's databases ---------------------------------------------------------------------------
+
+def with_search_path(url, schema):
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qsl(parts.query) + [("options", "-csearch_path=%s" % schema)]
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+
+
+@pytest.fixture
+def sqlite_url(tmp_path):
+    return "sqlite:///" + str(tmp_path / "telemetry.db")  # absolute: sqlite:////tmp/...
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """A fresh database: SQLite, or a schema of its own in PILE_TEST_POSTGRES_URL's server."""
+    if request.param == "sqlite":
+        yield "sqlite:///" + str(tmp_path / "telemetry.db")
+        return
+    url = os.environ.get("PILE_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("PILE_TEST_POSTGRES_URL is not set: no PostgreSQL server to test against")
+    import psycopg
+
+    schema = "evse_test_" + uuid.uuid4().hex[:8]
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA %s" % schema)
+    try:
+        yield with_search_path(url, schema)
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("DROP SCHEMA %s CASCADE" % schema)
