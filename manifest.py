@@ -39,6 +39,7 @@ for _name in (
     "relay",
     "s0_meter",
     "session_log",
+    "session_record",
     "session_store",
     "sntp",
     "telemetry",

@@ -101,6 +101,7 @@ def build(board, conf):
     import controller
     import pilot
     import relay
+    import session_record
     import session_store
 
     Pin = machine.Pin
@@ -140,11 +141,11 @@ def build(board, conf):
     # What set_availability and set_current_limit last set (docs/commands.md); a bad file: defaults.
     charger.load_settings(time.ticks_ms())
     tethered_ma = int((board.ratings.tethered_cable_a or 0) * 1000)
-    return controller.Controller(sampler, output, contactor, rcd, charger, conf.standard,
-                                 proximity, tethered_ma, report,
-                                 meter=build_meter(board, conf.meter),
-                                 meter_failure_ms=conf.meter.failure_timeout_s * 1000,
-                                 session_log=build_session_log(conf))
+    records = session_record.Records(charger, contactor, build_meter(board, conf.meter),
+                                     build_session_log(conf), conf.meter.failure_timeout_s * 1000,
+                                     report)
+    io = controller.Io(sampler, output, contactor, rcd, proximity, tethered_ma)
+    return controller.Controller(io, charger, conf.standard, report, records)
 
 
 # Files on the board's flash (docs/durability.md).
@@ -197,13 +198,13 @@ def build_link(board, conf, ctl):
     if mconf is None:
         return None
     now = time.ticks_ms()
-    if ctl.session_log is None:
+    if ctl.records.log is None:
         report(now, "mqtt", "no pile_id in config.json: no MQTT link")
         return None
     import mqtt_link
 
     tls = None if mconf.tls_ca is None else build_tls(mconf.tls_ca, mqtt_link)
-    return mqtt_link.MqttLink(mconf, ctl, ctl.session_log, report, build_verifier(mconf),
+    return mqtt_link.MqttLink(mconf, ctl, ctl.records.log, report, build_verifier(mconf),
                               fw=VERSION, board=board.name, reset=machine.reset, boot_ms=_boot_ms,
                               tls=tls)
 
@@ -365,6 +366,7 @@ def run():
         while True:
             start = time.ticks_ms()
             ctl.tick(start)
+            ctl.records.poll(start)  # the records step: after the tick's power-off decision
             if station is not None:
                 station.poll(start)
             if clock is not None:

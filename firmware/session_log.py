@@ -1,11 +1,12 @@
 """Session records for the cloud (docs/telemetry.md): ids, the outbox, power-loss recovery.
 
-A session gets its id `<pile_id>-<boot>-<seq>` once it is authorised and its meter start is
-known; its `session/started` record goes into the flash outbox (journal.py) then, its
-`session/ended` record when the controller closes it. While it is open a small snapshot is
-written every `checkpoint_s` and at each change (session_store.py); a snapshot found at boot
-means the power went: the session is closed with stop_reason "power_loss", its stop time the
-snapshot's, its meter stop the first reading after boot (the meter kept counting until the cut).
+A session record (session_record.py) gets its id `<pile_id>-<boot>-<seq>` once it is
+authorised and its meter start is known; its `session/started` record goes into the flash
+outbox (journal.py) then, its `session/ended` record when the records step closes it. While
+it is open a small snapshot is written every `checkpoint_s` and at each change
+(session_store.py); a snapshot found at boot means the power went: the session is closed with
+stop_reason "power_loss", its stop time the snapshot's, its meter stop the first reading after
+boot (the meter kept counting until the cut).
 
 The MQTT link drains the outbox; nothing here touches the network.
 """
@@ -47,6 +48,15 @@ def clock_synced(epoch_s):
     return time.gmtime(epoch_s)[0] >= _SYNCED_FROM_YEAR
 
 
+def _session_id(payload):
+    """The session_id of an outbox record (our own JSON); None if it cannot be read."""
+    try:
+        record = json.loads(payload)
+    except ValueError:
+        return None
+    return record.get("session_id") if isinstance(record, dict) else None
+
+
 class SessionLog:
     def __init__(self, pile_id, boot, outbox, store, connector=1, metered=True,
                  checkpoint_s=DEFAULT_CHECKPOINT_S, wall=time.time, report=None):
@@ -86,7 +96,7 @@ class SessionLog:
     @property
     def failed(self):
         """None, or why the flash did not take a record or the open session's snapshot: the
-        controller then lets no session deliver energy (a record could be lost)."""
+        records step then lets no session deliver energy (a record could be lost)."""
         if self._unsent:
             return "%d record(s) not written to flash" % len(self._unsent)
         return self._snapshot_error
@@ -94,7 +104,7 @@ class SessionLog:
     # -- every tick ---------------------------------------------------------------------------------
 
     def poll(self, now_ms, session, reading):
-        """session: the controller's open record (or None); reading: the meter's last good one."""
+        """session: the open session_record.Record (or None); reading: the meter's last good one."""
         retry = time.ticks_diff(now_ms, self._retry_at) >= 0
         if self._unsent and retry:
             self._retry(now_ms)
@@ -153,7 +163,7 @@ class SessionLog:
         try:
             self.store.save(snapshot)
         except OSError as e:
-            # Without a snapshot a power cut would lose the session: the controller stops it.
+            # Without a snapshot a power cut would lose the session: the records step stops it.
             self._snapshot_error = "session snapshot not written (%s)" % (e,)
             self._emit(now_ms, "storage", self._snapshot_error)
             return
@@ -161,7 +171,7 @@ class SessionLog:
         self._clear_due = False  # the file is this session's now
 
     def ended(self, now_ms, session):
-        """The controller closed the record: no energy can follow."""
+        """The records step closed the record: no energy can follow."""
         if session.id is None:
             return  # never authorised: nothing was billed, nothing to report
         duration_s = time.ticks_diff(now_ms, session.authorized_ms) // 1000
@@ -243,10 +253,9 @@ class SessionLog:
         """True if the outbox still holds the session's ended record: ended() appends it, then
         clears the snapshot, and the power may go in between. Not yet sent at boot: it was
         appended in the same tick as the clear, before the link could send it."""
-        needle = ('"session_id": "%s"' % session_id).encode()
         try:
             for _, kind, payload in self.outbox.pending():
-                if kind == journal.KIND_SESSION_END and needle in payload:
+                if kind == journal.KIND_SESSION_END and _session_id(payload) == session_id:
                     return True
         except OSError as e:  # unreadable: a power_loss copy (a conflict the cloud shows) beats a loss
             self._emit(0, "storage", "outbox unreadable at boot (%s)" % (e,))

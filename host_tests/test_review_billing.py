@@ -12,6 +12,7 @@ import journal
 import meter
 import session_log
 import session_store
+from session_record import Record
 
 from pilehost import ROOT, consumer
 
@@ -43,7 +44,7 @@ def reading(wh, w=7000, t=0, epoch=0):
 def running(tmp_path, power_w=7000, start_wh=1000, stop_wh=1500):
     """A session of boot 7 started at 0 and snapshotted at 60 s (start_wh -> stop_wh); the log."""
     log = make_log(tmp_path)
-    s = ch.Session(0)
+    s = Record(ch.Session(0))
     s.auth_source, s.authorized_ms = "free_vend", 0
     s.note_meter(reading(start_wh, power_w, 0))
     log.poll(0, s, None)
@@ -153,7 +154,7 @@ def test_3_a_held_ended_record_survives_the_next_session_and_a_power_cut(tmp_pat
     a.stop_reason, a.ended_ms = "ev_disconnected", 61000
     log.ended(61000, a)
     assert log.failed is not None
-    b = ch.Session(62000)
+    b = Record(ch.Session(62000))
     b.auth_source, b.authorized_ms = "free_vend", 62000
     b.note_meter(reading(1600, 0, 62000))
     for t in range(62000, 64000, 100):
@@ -177,7 +178,7 @@ def test_3_the_held_record_written_later_does_not_clear_another_session(tmp_path
     monkeypatch.setattr(log.outbox, "append", append)
     a.stop_reason, a.ended_ms = "ev_disconnected", 61000
     log.ended(61000, a)
-    b = ch.Session(62000)
+    b = Record(ch.Session(62000))
     b.auth_source, b.authorized_ms = "free_vend", 62000
     b.note_meter(reading(1600, 7000, 62000))
     log.poll(62000, b, None)
@@ -228,7 +229,7 @@ def test_5_a_meter_restart_is_snapshotted_at_once(tmp_path):
     """Start at 1000, 1300 at 1 s, the meter restarts from 0 (200 at 3 s); the power goes at 4 s,
     long before the 60 s checkpoint. The boot reading (250) bills both segments: 300 + 250."""
     log = make_log(tmp_path)
-    s = ch.Session(0)
+    s = Record(ch.Session(0))
     s.auth_source, s.authorized_ms = "free_vend", 0
     s.note_meter(reading(1000, 7000, 0))
     log.poll(0, s, None)
@@ -257,3 +258,4 @@ def test_6_a_power_cut_record_is_not_stretched_to_days(tmp_path):
     assert ended["energy_wh"] == 501
     assert 60 <= ended["duration_s"] <= 60 + 70  # the snapshot's, plus at most one interval and slack
     assert {"stop_time", "duration_s", "peak_power_w"} <= set(ended["estimated"])
+
