@@ -32,30 +32,19 @@ _RESTART_MAX_POWER_W = const(50000)
 _RESTART_SLACK_WH = const(20)
 
 
-def _from_session(name):
-    """A field the charger's Session owns, read (and, for tests, set) through the record."""
-    return property(lambda self: getattr(self.session, name),
-                    lambda self, value: setattr(self.session, name, value))
-
-
 class Record:
     """The record of one charger Session. Closed (`ended_ms`, kept on the session: the charger's
     availability change waits for it) once stopped with the contactor open, with a meter reading
-    taken after the opening: no energy can follow.
+    taken after the opening: no energy can follow. What the session owns (started_ms, auth_source,
+    auth_id, authorized_ms, stop_reason, ended_ms) is read through the record and written only
+    on the session (one __getattr__: six properties cost ~1.2 KB more heap).
 
     Energy is the sum of the meter's segments: a meter restart (a reading of a new `epoch`,
     meter.Reading) closes the segment at its last reading and starts a new one at the first
     reading after the restart (docs/telemetry.md, "A meter that restarts")."""
 
-    started_ms = _from_session("started_ms")
-    auth_source = _from_session("auth_source")
-    auth_id = _from_session("auth_id")
-    authorized_ms = _from_session("authorized_ms")
-    stop_reason = _from_session("stop_reason")
-    ended_ms = _from_session("ended_ms")
-
     def __init__(self, session):
-        self.session = session
+        self.session = session  # first: __getattr__ reads it
         self.id = None  # given by session_log once authorised: <pile_id>-<boot>-<seq>
         self.start_epoch = None  # wall-clock start, for the records
         self.meter_start_wh = None  # register at the start (the first segment's start)
@@ -69,9 +58,12 @@ class Record:
         self._carried_wh = 0  # energy of the segments before the current one
         self._stop_taken_ms = None  # when the last reading was taken
 
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
     @property
     def authorized(self):
-        return self.session.authorized_ms is not None
+        return self.authorized_ms is not None
 
     @property
     def energy_wh(self):
@@ -82,7 +74,7 @@ class Record:
     def note_meter(self, reading):
         """A good reading while the record is open: the first one is the start value (Records
         hands over only a current one: taken after the plug-in, or recent)."""
-        if self.session.ended_ms is not None:
+        if self.ended_ms is not None:
             return
         wh = reading.energy_wh
         epoch = getattr(reading, "epoch", 0)
@@ -258,7 +250,7 @@ class Records:
                 gave_up = time.ticks_diff(now_ms, self._opened_ms) >= FINAL_READING_MAX_MS
             if not (fresh or force or gave_up):
                 return
-        record.ended_ms = now_ms
+        record.session.ended_ms = now_ms
         # False: closed on the last good reading, without one taken after the contactor opened.
         record.meter_final = meter is None or fresh or (
             record.stop_reason == "meter_failure" and not record.energized)
