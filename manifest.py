@@ -44,6 +44,7 @@ for _name in (
     "release_boot",
     "s0_meter",
     "session_log",
+    "session_record",
     "session_store",
     "sntp",
     "telemetry",

@@ -10,7 +10,6 @@ a session running the change is scheduled and takes effect once the session's re
 (contactor open, final meter reading taken); the remote settings go to flash through the
 injected store, only when a command changes them.
 """
-import time
 
 from micropython import const
 
@@ -119,13 +118,6 @@ def _latched_bits(names):
     return bits
 
 
-# A meter's register after a restart at most this far above 0 (the power of meter.py's guard,
-# DEFAULT_MAX_POWER_W, over the time since the last reading, plus its slack): it restarted from 0
-# and counted all of it in the session.
-_RESTART_MAX_POWER_W = const(50000)
-_RESTART_SLACK_WH = const(20)
-
-
 # What the charger asks of the contactor.
 POWER_OFF = "off"  # open now
 POWER_HOLD = "hold"  # never close; stay closed only while the car still draws after C2->C1
@@ -135,16 +127,11 @@ MODE_OFFER = "offer"
 
 
 class Session:
-    """One plug-in to unplug. Its record is closed (`ended_ms`) once it is stopped and the
-    contactor is open, with a meter reading taken after the opening: no energy can follow.
-
-    Energy is the sum of the meter's segments: a meter restart (a reading of a new `epoch`,
-    meter.Reading) closes the segment at its last reading and starts a new one at the first
-    reading after the restart (docs/telemetry.md, "A meter that restarts")."""
+    """One plug-in to unplug, as the safety state machine sees it: authorised by whom, stopped
+    why. What is billed is its record's (session_record.Record), which sets `ended_ms` once it
+    is closed: the contactor open, a final meter reading taken, no energy can follow."""
 
     def __init__(self, now_ms):
-        self.id = None  # given by session_log once authorised: <pile_id>-<boot>-<seq>
-        self.start_epoch = None  # wall-clock start, for the records
         self.started_ms = now_ms
         self.auth_source = None
         self.auth_id = None
@@ -152,65 +139,10 @@ class Session:
         self.stop_reason = None
         self.stopped_ms = None
         self.ended_ms = None
-        self.meter_start_wh = None  # register at the start (the first segment's start)
-        self.meter_stop_wh = None  # register at the last reading (the last segment's end)
-        self.meter_final = None  # set when the record closes: was the last reading after the open?
-        self.meter_restarts = 0  # meter epochs crossed during the session
-        self.energized = False  # the contactor closed at least once for this session
-        self.peak_power_w = 0
-        self.meter_identity = None  # the meter's identity() for the record, set when it closes
-        self._epoch = 0  # the meter epoch of the current segment
-        self._segment_wh = None  # register at the start of the current segment
-        self._carried_wh = 0  # energy of the segments before the current one
-        self._stop_taken_ms = None  # when the last reading was taken
 
     @property
     def authorized(self):
         return self.authorized_ms is not None
-
-    @property
-    def energy_wh(self):
-        if self.meter_start_wh is None or self.meter_stop_wh is None:
-            return None
-        return self._carried_wh + self.meter_stop_wh - self._segment_wh
-
-    def note_meter(self, reading):
-        """A good reading while the record is open: the first one is the start value (the
-        controller hands over only a current one: taken after the plug-in, or recent)."""
-        if self.ended_ms is not None:
-            return
-        wh = reading.energy_wh
-        epoch = getattr(reading, "epoch", 0)
-        if self.meter_start_wh is None:
-            self.meter_start_wh = self._segment_wh = wh
-            self._epoch = epoch
-        elif epoch != self._epoch:
-            # The meter restarted: what it counted before is kept, the new register is a new
-            # baseline: 0 if it restarted from 0 (no more than it could count since the last
-            # reading), else the first reading. Only what no reading showed goes unbilled.
-            self._carried_wh += self.meter_stop_wh - self._segment_wh  # type: ignore[operator]  # set with the start
-            self._segment_wh = wh if wh > self._restart_max_wh(reading) else 0
-            self.meter_restarts += epoch - self._epoch if epoch > self._epoch else 1
-            self._epoch = epoch
-        self.meter_stop_wh = wh
-        self._stop_taken_ms = getattr(reading, "taken_ms", None)
-        if reading.power_w is not None and reading.power_w > self.peak_power_w:
-            self.peak_power_w = reading.power_w
-
-    def _restart_max_wh(self, reading):
-        """The most a meter that restarted from 0 can show in `reading`; -1: not known."""
-        taken = getattr(reading, "taken_ms", None)
-        if taken is None or self._stop_taken_ms is None:
-            return -1
-        elapsed = time.ticks_diff(taken, self._stop_taken_ms)
-        if elapsed < 0:
-            return -1
-        return _RESTART_MAX_POWER_W * elapsed // 3600000 + _RESTART_SLACK_WH
-
-    def segments(self):
-        """(energy of the closed segments, register at the current segment's start): what a
-        snapshot needs to rebuild energy_wh after a power cut."""
-        return self._carried_wh, self._segment_wh
 
 
 class Charger:

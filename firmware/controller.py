@@ -1,4 +1,6 @@
-"""The control tick: read pilot and RCD -> classify -> debounce -> charger -> outputs.
+"""The control tick: read pilot and RCD -> classify -> debounce -> charger -> outputs. Only that:
+the meter and the session records are the records step's (session_record.py), which the main
+loop runs after the tick.
 
 Every effect on the contactor and the pilot happens in `_apply`, in this order: power off
 (never waits), pilot, power on (only after re-checking this very tick's reading).
@@ -38,31 +40,37 @@ PP_REREAD_MS = const(100)
 # up is noise, but one bad reading (which took the offer away) must not end the session until
 # the car is unplugged. Our choice; the 5 s offer rule still paces the duty going up.
 PP_RAISE_MS = const(1000)
-# A session's record closes with a meter reading taken at least this long after the contactor
-# opened (the contacts part within ~10 ms), so the last watt-hour is in it; without one (meter
-# silent), it closes with the last good reading after FINAL_READING_MAX_MS.
-METER_SETTLE_MS = const(50)
-FINAL_READING_MAX_MS = const(10000)
-# After a meter_failure stop the meter had been silent for meter_failure_ms already: wait this
-# long (three polls at the default 1 s) for it to answer again before closing on a stale reading.
-METER_FAILURE_FINAL_WAIT_MS = const(3000)
-# A session's meter start is a reading taken after its plug-in, or at most this old: one or two
-# lost replies at the default poll (1 s, DL/T 645 2 s). An older one may predate a meter restart.
-START_READING_MAX_AGE_MS = const(5000)
 
 
-class Controller:
-    def __init__(self, sampler, output, contactor, rcd, charger, standard,
-                 proximity=None, tethered_cable_ma=0, report=None,
-                 meter=None, meter_failure_ms=30000, session_log=None):
+class Io:
+    """What the tick reads and drives: the pilot's sampler and output, the contactor, the RCD
+    monitor, and the cable: a PP input (`proximity`), or a tethered cable's rating in mA."""
+
+    def __init__(self, sampler, output, contactor, rcd, proximity=None, tethered_cable_ma=0):
         self.sampler = sampler
         self.output = output
         self.contactor = contactor
         self.rcd = rcd
-        self.charger = charger
-        self.standard = standard
         self.proximity = proximity
         self.tethered_cable_ma = tethered_cable_ma
+
+
+class Controller:
+    """io: an Io; charger: the charger.Charger; standard: pilot.IEC or pilot.GBT; records: the
+    records step (session_record.Records), run by the main loop after each tick: the tick only
+    reads its `ready` (no contactor close before the session's meter start is known and the
+    flash takes records). None: no such gate (tests of the safety core alone)."""
+
+    def __init__(self, io, charger, standard, report=None, records=None):
+        self.sampler = io.sampler
+        self.output = io.output
+        self.contactor = io.contactor
+        self.rcd = io.rcd
+        self.charger = charger
+        self.standard = standard
+        self.proximity = io.proximity
+        self.tethered_cable_ma = io.tethered_cable_ma
+        self.records = records
         self._report = report
         self._c1_force_open_ms = C1_FORCE_OPEN_MS[standard]
         self.debouncer = pilot.PilotDebouncer(pilot.F)
@@ -76,13 +84,6 @@ class Controller:
         self._last_open_ms = None  # when the contactor last opened, until MIN_OPEN_MS passed
         self._pp_read_ms = 0
         self._pp_higher_ms = None  # since when a higher rating than cable_ma has been read
-        self.meter = meter
-        self.meter_failure_ms = meter_failure_ms
-        self.session_log = session_log
-        self._closed_ms = 0
-        self._opened_ms = 0
-        self.record = None  # the session whose record is open (outlives charger.session on unplug)
-        self._meter_error = None
 
     def _emit(self, now_ms, what, text):
         if self._report is not None:
@@ -124,11 +125,9 @@ class Controller:
         elif rcd_state == relay.LOCKED_OUT:
             charger.raise_fault(now_ms, ch.FAULT_RCD_LOCKOUT)
 
-        events = charger.step(now_ms, stable, self.rcd.ready and self._meter_start_known())
+        records = self.records
+        events = charger.step(now_ms, stable, self.rcd.ready and (records is None or records.ready))
         if events & ch.EV_CAR_PLUGGED_IN:
-            if self.record is not None:  # replugged before the last record got its reading
-                self._close_record(now_ms, self.record, force=True)
-            self.record = charger.session
             self._read_cable(now_ms)
             self.rcd.start_self_test(now_ms)  # before every session, contactor open (IEC 62955)
         elif events & ch.EV_CAR_REQUESTED_POWER:
@@ -138,110 +137,10 @@ class Controller:
             charger.cable_ma = 0
         self._apply(now_ms, stable)
         # Everything below may take its time: the safety work of this tick is done.
-        self._meter_and_records(now_ms)
         if charger.settings_due:  # a latched fault raised or cleared: kept across reboots
             problem = charger.save_settings()
             if problem is not None:
                 self._emit(now_ms, "storage", "latched faults " + problem)
-
-    def _meter_and_records(self, now_ms):
-        session = self.record
-        meter = self.meter
-        if session is not None and self.contactor.closed:
-            session.energized = True
-        if meter is not None:
-            meter.poll(now_ms)  # a non-blocking step of the meter's own state machine
-            if meter.last_error is not self._meter_error:
-                self._meter_error = meter.last_error
-                if self._meter_error is not None:
-                    self._emit(now_ms, "meter", self._meter_error)
-            reading = meter.reading
-            if session is not None and reading is not None and (
-                    session.meter_start_wh is not None or self._current_reading(session, reading, now_ms)):
-                session.note_meter(reading)
-            since = self._unmetered_since(session, reading)
-            if since is not None and time.ticks_diff(now_ms, since) > self.meter_failure_ms:
-                self._emit(now_ms, "meter", "no good reading for %d s: %s" % (
-                    self.meter_failure_ms // 1000, meter.last_error))
-                self.charger.stop_session(now_ms, "meter_failure")
-        log = self.session_log
-        if log is not None:
-            log.poll(now_ms, session, None if meter is None else meter.reading)
-            if log.failed is not None:
-                self._records_failed(now_ms)
-        if session is not None and session.stop_reason is not None and session.ended_ms is None \
-                and not self.contactor.closed:
-            self._close_record(now_ms, session)
-
-    def _records_failed(self, now_ms):
-        """The flash took no record or snapshot (session_log.failed): no session may deliver
-        energy it could not bill. Stopped the normal way (the contactor opens as after a remote
-        stop); the pile stays up and retries the writes; the reason is in the log."""
-        s = self.charger.session
-        if s is not None and s.authorized and self.charger.stop_session(now_ms, "internal_error"):
-            self._emit(now_ms, "storage", "session stopped: " + self.session_log.failed)
-
-    def _current_reading(self, session, reading, now_ms):
-        """May `reading` be the session's meter start? Taken after the plug-in, or at most
-        START_READING_MAX_AGE_MS old, and of the meter's current epoch: a reading the meter's
-        guard refused to replace for long (a restart it did not see) is never a start."""
-        epoch = getattr(self.meter, "epoch", None)
-        if epoch is not None and epoch != getattr(reading, "epoch", 0):
-            return False
-        return time.ticks_diff(reading.taken_ms, session.started_ms) >= 0 or \
-            time.ticks_diff(now_ms, reading.taken_ms) <= START_READING_MAX_AGE_MS
-
-    def _meter_start_known(self):
-        """The open session's meter start value is known, or no meter is fitted, and the flash
-        takes the records: only then may the contactor close. Energy from the close on is billed;
-        a first reading taken after the close would miss what flowed before it."""
-        if self.session_log is not None and self.session_log.failed is not None:
-            return False
-        return self.meter is None or self.record is None or self.record.meter_start_wh is not None
-
-    def _unmetered_since(self, session, reading):
-        """Since when the open session has lacked the reading it needs; None: it lacks none."""
-        if session is None or session.stop_reason is not None:
-            return None
-        if self.contactor.closed:  # energy flows: a good reading every meter_failure_ms
-            since = self._closed_ms
-            if reading is not None and time.ticks_diff(reading.taken_ms, since) > 0:
-                since = reading.taken_ms
-            return since
-        if session.authorized and session.meter_start_wh is None:
-            return session.authorized_ms  # no current start value: the contactor may not close yet
-        return None
-
-    def _close_record(self, now_ms, session, force=False):
-        meter = self.meter
-        fresh = False
-        if meter is not None:
-            reading = meter.reading
-            fresh = reading is not None and \
-                time.ticks_diff(reading.taken_ms, self._opened_ms) >= METER_SETTLE_MS
-            if session.stop_reason == "meter_failure":
-                # Nothing flowed without a close: no reading to wait for. Else the meter may be back.
-                gave_up = not session.energized or \
-                    time.ticks_diff(now_ms, self._opened_ms) >= METER_FAILURE_FINAL_WAIT_MS
-            else:
-                gave_up = time.ticks_diff(now_ms, self._opened_ms) >= FINAL_READING_MAX_MS
-            if not (fresh or force or gave_up):
-                return
-        session.ended_ms = now_ms
-        identity = getattr(meter, "identity", None)
-        if identity is not None:  # who measured it, for session/ended (DL/T 645: learnt on the bus)
-            session.meter_identity = identity()
-        # False: closed on the last good reading, without one taken after the contactor opened.
-        session.meter_final = meter is None or fresh or (
-            session.stop_reason == "meter_failure" and not session.energized)
-        self.record = None
-        energy = session.energy_wh
-        self._emit(now_ms, "session", "ended: %s, %s Wh, %d s%s" % (
-            session.stop_reason, "?" if energy is None else energy,
-            time.ticks_diff(now_ms, session.started_ms) // 1000,
-            "" if session.meter_final else " (last good reading before the stop)"))
-        if self.session_log is not None:
-            self.session_log.ended(now_ms, session)
 
     def _check_contactor(self, now_ms):
         problem = self.contactor.check(now_ms)
@@ -361,16 +260,14 @@ class Controller:
             and not charger.faults
         ):
             contactor.close()
-            self._closed_ms = now_ms
             self.rcd.contactor_switched(now_ms)
             self._emit(now_ms, "contactor", "closed")
 
     def _open(self, now_ms):
-        """Open at once; the time is kept for the session's final meter reading."""
+        """Open at once; the time is kept for the re-close limit (relay.MIN_OPEN_MS)."""
         was_closed = self.contactor.closed
         self.contactor.open()
         if was_closed:
-            self._opened_ms = now_ms
             self._last_open_ms = now_ms
             self.rcd.contactor_switched(now_ms)
             self._emit(now_ms, "contactor", "open")

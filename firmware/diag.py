@@ -129,7 +129,7 @@ def _backlog(outbox):
 
 
 def _meter(ctl, now):
-    m = ctl.meter
+    m = ctl.records.meter
     if m is None:
         return None
     r = m.reading
@@ -183,7 +183,7 @@ def state():
                      "feedback": None if feedback is None else ("closed" if feedback else "open")}
         faults = charger.fault_list(c.faults)
         meter = _meter(ctl, time.ticks_ms())
-        log = ctl.session_log
+        log = ctl.records.log
         boot = None if log is None else log.boot
         journal = _backlog(None if log is None else log.outbox)
     else:

@@ -5,6 +5,10 @@ without it gets `os.sync()` (docs/durability.md).
 """
 import os
 
+from micropython import const
+
+_ENOENT = const(2)  # errno.ENOENT, the same on LittleFS (MicroPython) and POSIX
+
 _fsync = getattr(os, "fsync", None)
 _sync = getattr(os, "sync", None)
 
@@ -40,9 +44,11 @@ def write_atomic(path, data):
     replace(tmp, path)
 
 
-def remove(path):
-    """Remove `path` if it is there."""
+def remove(path, strict=False):
+    """Remove `path` if it is there. strict: an error other than "no such file" is raised (the
+    file is still there, and the caller must know)."""
     try:
         os.remove(path)
-    except OSError:
-        pass
+    except OSError as e:
+        if strict and e.args[0] != _ENOENT:
+            raise

@@ -66,6 +66,7 @@ def run():
         while True:
             start = time.ticks_ms()
             ctl.tick(start)
+            ctl.records.poll(start)  # the records step: after the tick's power-off decision
             if station is not None:
                 station.poll(start)
             if clock is not None:

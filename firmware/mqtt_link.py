@@ -49,22 +49,21 @@ class PileView:
         return ctl.charger.offer_ma if ctl.output.pwm_on else 0
 
     def session(self):
-        """The session with an id: the open record's, else the charger's; or None."""
-        ctl = self._ctl
-        s = ctl.record or ctl.charger.session
+        """The session record with an id: the open one, else the charger's session's; or None."""
+        s = self._ctl.records.current()
         return s if s is not None and s.id is not None else None
 
     def reading(self):
-        meter = self._ctl.meter
+        meter = self._ctl.records.meter
         return None if meter is None else meter.reading
 
     def meter_age_ms(self, now_ms):
-        meter = self._ctl.meter
+        meter = self._ctl.records.meter
         return None if meter is None else meter.age_ms(now_ms)
 
     def fresh_reading(self, now_ms):
         """The meter's reading if it may be shown as now (meter.fresh); None if stale or none."""
-        meter = self._ctl.meter
+        meter = self._ctl.records.meter
         return None if meter is None else meter.fresh(now_ms)
 
     def limit(self, now_ms):

@@ -1,11 +1,12 @@
 """Session records for the cloud (docs/telemetry.md): ids, the outbox, power-loss recovery.
 
-A session gets its id `<pile_id>-<boot>-<seq>` once it is authorised and its meter start is
-known; its `session/started` record goes into the flash outbox (journal.py) then, its
-`session/ended` record when the controller closes it. While it is open a small snapshot is
-written every `checkpoint_s` and at each change (session_store.py); a snapshot found at boot
-means the power went: the session is closed with stop_reason "power_loss", its stop time the
-snapshot's, its meter stop the first reading after boot (the meter kept counting until the cut).
+A session record (session_record.py) gets its id `<pile_id>-<boot>-<seq>` once it is
+authorised and its meter start is known; its `session/started` record goes into the flash
+outbox (journal.py) then, its `session/ended` record when the records step closes it. While
+it is open a small snapshot is written every `checkpoint_s` and at each change
+(session_store.py); a snapshot found at boot means the power went: the session is closed with
+stop_reason "power_loss", its stop time the snapshot's, its meter stop the first reading after
+boot (the meter kept counting until the cut).
 
 The MQTT link drains the outbox; nothing here touches the network.
 """
@@ -30,6 +31,10 @@ _MAX_UNSENT = const(4)
 # Power no meter may show (meter.DEFAULT_MAX_POWER_W, its jump guard): a power cut's duration is
 # at least the energy after the last snapshot at this power.
 _MAX_POWER_W = const(50000)
+# A power cut comes at most one checkpoint interval (plus this, for a late tick and a meter poll)
+# after the last snapshot: it bounds both the energy a boot reading may add (at _MAX_POWER_W)
+# and the duration a power cut's record may add after the snapshot.
+_RECOVERY_SLACK_S = const(10)
 # Until NTP has set it the ESP32 clock starts at 2000-01-01 at boot: a year before this is not UTC.
 _SYNCED_FROM_YEAR = const(2024)
 
@@ -41,6 +46,15 @@ def iso_utc(epoch_s):
 
 def clock_synced(epoch_s):
     return time.gmtime(epoch_s)[0] >= _SYNCED_FROM_YEAR
+
+
+def _session_id(payload):
+    """The session_id of an outbox record (our own JSON); None if it cannot be read."""
+    try:
+        record = json.loads(payload)
+    except ValueError:
+        return None
+    return record.get("session_id") if isinstance(record, dict) else None
 
 
 class SessionLog:
@@ -58,6 +72,8 @@ class SessionLog:
         self._seq = 0
         self._checkpoint_at = 0
         self._checkpoint_pk = 0  # the peak power in the last snapshot
+        self._checkpoint_mr = 0  # the meter restarts in the last snapshot
+        self._clear_due = False  # an ended session's snapshot the flash did not remove yet
         # Flash errors (docs/durability.md, "When the flash fails"): records not yet written,
         # (kind, payload, then), oldest first; the snapshot's last error.
         self._unsent = []
@@ -80,7 +96,7 @@ class SessionLog:
     @property
     def failed(self):
         """None, or why the flash did not take a record or the open session's snapshot: the
-        controller then lets no session deliver energy (a record could be lost)."""
+        records step then lets no session deliver energy (a record could be lost)."""
         if self._unsent:
             return "%d record(s) not written to flash" % len(self._unsent)
         return self._snapshot_error
@@ -88,21 +104,28 @@ class SessionLog:
     # -- every tick ---------------------------------------------------------------------------------
 
     def poll(self, now_ms, session, reading):
-        """session: the controller's open record (or None); reading: the meter's last good one."""
-        if self._unsent and time.ticks_diff(now_ms, self._retry_at) >= 0:
+        """session: the open session_record.Record (or None); reading: the meter's last good one."""
+        retry = time.ticks_diff(now_ms, self._retry_at) >= 0
+        if self._unsent and retry:
             self._retry(now_ms)
         if self._cut is not None:
             self._recover(now_ms, reading)
+        if self._clear_due and retry and (session is None or session.id is None):
+            self._clear(now_ms)  # no other session's snapshot in the file yet: retried
         if session is None or session.ended_ms is not None:
             return
         if session.id is None:
-            if session.authorized and (not self.metered or session.meter_start_wh is not None):
+            # Not while a record is held or a cut session not yet closed: their snapshot is the
+            # only copy that survives a power cut, and the new one would replace it.
+            if session.authorized and (not self.metered or session.meter_start_wh is not None) \
+                    and not self._unsent and self._cut is None:
                 self._start(now_ms, session)
             return
         since = time.ticks_diff(now_ms, self._checkpoint_at)
         pk = session.peak_power_w
         if since >= self.checkpoint_ms or (pk > 0 and self._checkpoint_pk == 0) or (
-                pk > self._checkpoint_pk * 5 // 4 and since >= _PEAK_CHECKPOINT_GAP_MS):
+                pk > self._checkpoint_pk * 5 // 4 and since >= _PEAK_CHECKPOINT_GAP_MS) or \
+                session.meter_restarts != self._checkpoint_mr:  # the segments, at once
             self._checkpoint(now_ms, session)
 
     def _start(self, now_ms, session):
@@ -126,6 +149,7 @@ class SessionLog:
                 session.start_epoch = wall - time.ticks_diff(now_ms, session.authorized_ms) // 1000
         pk = int(session.peak_power_w)
         self._checkpoint_pk = pk  # also on a failed save: a failing flash is not tried every tick
+        self._checkpoint_mr = session.meter_restarts
         snapshot = {
             "id": session.id, "t0": session.start_epoch, "as": session.auth_source,
             "ai": session.auth_id, "d": time.ticks_diff(now_ms, session.authorized_ms) // 1000,
@@ -139,14 +163,15 @@ class SessionLog:
         try:
             self.store.save(snapshot)
         except OSError as e:
-            # Without a snapshot a power cut would lose the session: the controller stops it.
+            # Without a snapshot a power cut would lose the session: the records step stops it.
             self._snapshot_error = "session snapshot not written (%s)" % (e,)
             self._emit(now_ms, "storage", self._snapshot_error)
             return
         self._snapshot_error = None
+        self._clear_due = False  # the file is this session's now
 
     def ended(self, now_ms, session):
-        """The controller closed the record: no energy can follow."""
+        """The records step closed the record: no energy can follow."""
         if session.id is None:
             return  # never authorised: nothing was billed, nothing to report
         duration_s = time.ticks_diff(now_ms, session.authorized_ms) // 1000
@@ -201,15 +226,23 @@ class SessionLog:
             m1 = cut["m1"]
             meter_stop = m1
             stale = self.metered
-            if reading is not None and reading.energy_wh >= m1:
-                meter_stop = reading.energy_wh  # counted until the cut
-                stale = False
+            # The cut came at most this long after the snapshot: no later reading can be billed
+            # for more than it, nor its duration grow by more (a wrong energy is worse than stale).
+            after_s = self.checkpoint_ms // 1000 + _RECOVERY_SLACK_S
+            if reading is not None:
+                if getattr(reading, "epoch", 0) == 0 and \
+                        m1 <= reading.energy_wh <= m1 + _MAX_POWER_W * after_s // 3600:
+                    meter_stop = reading.energy_wh  # counted until the cut
+                    stale = False
+                else:
+                    self._emit(now_ms, "meter", "reading at boot not billed for %s: %r" % (
+                        cut.get("id"), reading))
             duration = cut["d"]
             pk = cut["pk"]
             estimated = ["stop_time", "duration_s"]
             after = meter_stop - m1  # Wh after the last snapshot: at least this long at the peak
             if after > 0:
-                duration += after * 3600 // (pk if 0 < pk < _MAX_POWER_W else _MAX_POWER_W)
+                duration += min(after_s, after * 3600 // (pk if 0 < pk < _MAX_POWER_W else _MAX_POWER_W))
                 estimated.append("peak_power_w")  # what the snapshot saw; more may have come after
             energy = cut.get("mc", 0) + meter_stop - cut.get("ms", cut["m0"])
             start = cut["t0"]
@@ -228,23 +261,27 @@ class SessionLog:
         """True if the outbox still holds the session's ended record: ended() appends it, then
         clears the snapshot, and the power may go in between. Not yet sent at boot: it was
         appended in the same tick as the clear, before the link could send it."""
-        needle = ('"session_id": "%s"' % session_id).encode()
         try:
             for _, kind, payload in self.outbox.pending():
-                if kind == journal.KIND_SESSION_END and needle in payload:
+                if kind == journal.KIND_SESSION_END and _session_id(payload) == session_id:
                     return True
         except OSError as e:  # unreadable: a power_loss copy (a conflict the cloud shows) beats a loss
             self._emit(0, "storage", "outbox unreadable at boot (%s)" % (e,))
         return False
 
     def _clear(self, now_ms=0):
-        """The snapshot's clear; a failure leaves it for the next boot, which finds the ended
-        record in the outbox and clears it then (never reported twice)."""
+        """The snapshot's clear, after its ended record. A failure is tried again every RETRY_MS
+        (poll): left there, a reboot after the link sent the record would close it again."""
         self._snapshot_error = None
         try:
             self.store.clear()
         except OSError as e:
-            self._emit(now_ms, "storage", "session snapshot not cleared (%s)" % (e,))
+            if not self._clear_due:
+                self._emit(now_ms, "storage", "session snapshot not cleared (%s): retried" % (e,))
+            self._clear_due = True
+            self._retry_at = time.ticks_add(now_ms, RETRY_MS)
+            return
+        self._clear_due = False
 
     def _append(self, now_ms, kind, record, then=None):
         """Into the outbox, then `then()` (the snapshot's clear after an ended record), and only

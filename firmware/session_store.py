@@ -91,9 +91,11 @@ class _Store:
         return value
 
     def clear(self):
-        for p in (self.path, self.path + ".tmp"):
-            durable.remove(p)
+        """Remove the file. No file is fine; any other OSError is raised (the file is still there:
+        the caller must try again, a snapshot left behind would close its session twice)."""
         self._last = None
+        for p in (self.path + ".tmp", self.path):
+            durable.remove(p, strict=True)
 
 
 class SessionStore(_Store):

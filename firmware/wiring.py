@@ -43,6 +43,7 @@ def build(board, conf):
     import controller
     import pilot
     import relay
+    import session_record
     import session_store
 
     report = console.report  # looked up now: the virtual board and the bench replace it
@@ -85,11 +86,11 @@ def build(board, conf):
     # What set_availability and set_current_limit last set (docs/commands.md); a bad file: defaults.
     charger.load_settings(time.ticks_ms())
     tethered_ma = int((board.ratings.tethered_cable_a or 0) * 1000)
-    return controller.Controller(sampler, output, contactor, rcd, charger, conf.standard,
-                                 proximity, tethered_ma, report,
-                                 meter=build_meter(board, conf.meter),
-                                 meter_failure_ms=conf.meter.failure_timeout_s * 1000,
-                                 session_log=build_session_log(conf))
+    records = session_record.Records(charger, contactor, build_meter(board, conf.meter),
+                                     build_session_log(conf), conf.meter.failure_timeout_s * 1000,
+                                     report)
+    io = controller.Io(sampler, output, contactor, rcd, proximity, tethered_ma)
+    return controller.Controller(io, charger, conf.standard, report, records)
 
 
 def build_session_log(conf):
@@ -132,7 +133,7 @@ def build_link(board, conf, ctl):
     if mconf is None:
         return None
     now = time.ticks_ms()
-    if ctl.session_log is None:
+    if ctl.records.log is None:
         console.report(now, "mqtt", "no pile_id in config.json: no MQTT link")
         return None
     import mqtt_link
@@ -143,7 +144,7 @@ def build_link(board, conf, ctl):
         import ota
 
         updater = ota.build(conf.ota, board.name, VERSION, machine.reset)
-    return mqtt_link.MqttLink(mconf, ctl, ctl.session_log, console.report, build_verifier(mconf),
+    return mqtt_link.MqttLink(mconf, ctl, ctl.records.log, console.report, build_verifier(mconf),
                               fw=VERSION, board=board.name, reset=machine.reset, boot_ms=console.boot_ms,
                               tls=tls, ota=updater)
 

@@ -11,6 +11,8 @@ import os
 import sys
 import time
 import types
+import urllib.parse
+import uuid
 
 import mp_time
 import pytest
@@ -138,29 +140,35 @@ def watcher(broker):
     w.close()
 
 
-# -- the store: SQLite, and PostgreSQL when PILE_TEST_POSTGRES_URL names a server -----------------------
+# -- the consumer's databases ---------------------------------------------------------------------------
+
+def with_search_path(url, schema):
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qsl(parts.query) + [("options", "-csearch_path=%s" % schema)]
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+
+
+@pytest.fixture
+def sqlite_url(tmp_path):
+    return "sqlite:///" + str(tmp_path / "telemetry.db")  # absolute: sqlite:////tmp/...
+
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request, tmp_path):
-    """A fresh store URL: a SQLite file in tmp, then a PostgreSQL schema of its own (dropped after)."""
+    """A fresh database: SQLite, or a schema of its own in PILE_TEST_POSTGRES_URL's server."""
     if request.param == "sqlite":
         yield "sqlite:///" + str(tmp_path / "telemetry.db")
         return
     url = os.environ.get("PILE_TEST_POSTGRES_URL")
     if not url:
         pytest.skip("PILE_TEST_POSTGRES_URL is not set: no PostgreSQL server to test against")
-    import urllib.parse
-    import uuid
-
     import psycopg
 
-    schema = "evse_test_%s" % uuid.uuid4().hex[:8]
+    schema = "evse_test_" + uuid.uuid4().hex[:8]
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("CREATE SCHEMA %s" % schema)
-    parts = urllib.parse.urlsplit(url)
-    query = urllib.parse.parse_qsl(parts.query) + [("options", "-csearch_path=%s" % schema)]
     try:
-        yield urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+        yield with_search_path(url, schema)
     finally:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("DROP SCHEMA %s CASCADE" % schema)

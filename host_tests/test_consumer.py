@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.parse
 import uuid
 
 import pytest
@@ -27,37 +26,6 @@ MOSQUITTO_PASSWD = find_tool("mosquitto_passwd")
 
 def uid(prefix):
     return "%s-%s" % (prefix, uuid.uuid4().hex[:8])
-
-
-def with_search_path(url, schema):
-    parts = urllib.parse.urlsplit(url)
-    query = urllib.parse.parse_qsl(parts.query) + [("options", "-csearch_path=%s" % schema)]
-    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
-
-
-@pytest.fixture
-def sqlite_url(tmp_path):
-    return "sqlite:///" + str(tmp_path / "telemetry.db")  # absolute: sqlite:////tmp/...
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield "sqlite:///" + str(tmp_path / "telemetry.db")
-        return
-    url = os.environ.get("PILE_TEST_POSTGRES_URL")
-    if not url:
-        pytest.skip("PILE_TEST_POSTGRES_URL is not set: no PostgreSQL server to test against")
-    import psycopg
-
-    schema = uid("evse_test").replace("-", "_")
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("CREATE SCHEMA %s" % schema)
-    try:
-        yield with_search_path(url, schema)
-    finally:
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("DROP SCHEMA %s CASCADE" % schema)
 
 
 def query(db_url, sql, params=()):

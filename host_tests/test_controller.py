@@ -160,12 +160,12 @@ def test_unavailable_f_pilot_f_no_session_then_available_charges(monkeypatch):
     assert vb.ctl.charger.set_availability(vb.clock.ticks_ms(), ch.UNAVAILABLE_F) is None
     vb.run_until(1500)  # the car plugged in at 100 ms and wants power since 600 ms
     assert vb.ctl.output.mode == pilot.MODE_F and vb.world.pwm_duty == 0  # -12 V on the line
-    assert not vb.world.coil and vb.ctl.charger.session is None and vb.ctl.record is None
+    assert not vb.world.coil and vb.ctl.charger.session is None and vb.ctl.records.record is None
     assert vb.ctl.charger.state == ch.UNAVAILABLE and vb.ctl.charger.pilot == pilot.F
     assert vb.ctl.charger.set_availability(vb.clock.ticks_ms(), ch.AVAILABLE) is None
     vb.run_until(2500)  # the pilot is read again, the car found: a new session, as after a boot
     assert vb.world.coil and vb.ctl.charger.state == ch.CHARGING
-    assert vb.ctl.record is vb.ctl.charger.session
+    assert vb.ctl.records.record.session is vb.ctl.charger.session
 
 
 def test_unavailable_b1_while_charging_waits_for_the_session_to_end(monkeypatch):

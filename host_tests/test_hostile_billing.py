@@ -20,6 +20,7 @@ import wiring
 import meter
 import session_log
 import session_store
+from session_record import Record
 
 from pilehost import consumer
 
@@ -71,7 +72,7 @@ class FakeMeter:
 def board(monkeypatch, steps, failure_s=30, register_wh=1234500, charge=True, **kw):
     conf = {"pile_id": PILE, "meter": {"type": "ddsu666", "failure_timeout_s": failure_s}}
     vb = VirtualBoard(monkeypatch, (CHARGE if charge else []) + list(steps), config=conf, **kw)
-    vb.ctl.meter = FakeMeter(vb.world, register_wh)
+    vb.ctl.records.meter = FakeMeter(vb.world, register_wh)
     return vb
 
 
@@ -101,7 +102,7 @@ def test_item8_energy_is_the_sum_of_the_epochs_deltas(segments):
     a new epoch. Every Wh between two readings of one epoch is billed, none is counted twice; a
     register that restarted from 0 (no more than 50 kW could add in the 1 s since the last
     reading, plus 20 Wh of slack: 33 Wh) is billed from 0."""
-    s = ch.Session(0)
+    s = Record(ch.Session(0))
     expected = 0
     t = 0
     for epoch, (start, steps) in enumerate(segments):
@@ -126,7 +127,7 @@ def test_item8_a_meter_restart_mid_session_is_carried_across_and_billed(monkeypa
     vb = board(monkeypatch, [(10600, "stop_request"), (11000, "unplug")])
     vb.run_until(5000)
     assert vb.world.coil
-    vb.ctl.meter.restart(0)
+    vb.ctl.records.meter.restart(0)
     vb.run_until(15000)
     (ended,) = outbox()
     validate("session_ended", ended)
@@ -145,19 +146,19 @@ def test_item8_a_reading_from_long_before_the_plug_in_is_not_a_start(monkeypatch
     readings its guard refuses since): no close, meter_failure, nothing delivered or billed."""
     vb = board(monkeypatch, [(20000, "plug"), (20500, "request")], failure_s=2, charge=False)
     vb.run_until(1000)
-    vb.ctl.meter.silent = True  # its last reading stays the one taken at ~0 s
+    vb.ctl.records.meter.silent = True  # its last reading stays the one taken at ~0 s
     vb.run_until(30000)
     assert not vb.world.coil and vb.world.energy_wh == 0
     session = vb.ctl.charger.session
     assert session is not None and session.stop_reason == "meter_failure"
-    assert session.meter_start_wh is None
+    assert vb.ctl.records.current().meter_start_wh is None
 
 
 def test_item8_a_power_cut_after_a_restart_sums_the_epochs(tmp_path):
     """The snapshot keeps the segments: a power_loss record after a restart bills both."""
     log = session_log.SessionLog(PILE, 3, journal.Journal(str(tmp_path / "outbox")),
                                  session_store.SessionStore(str(tmp_path / "session.json")))
-    s = ch.Session(0)
+    s = Record(ch.Session(0))
     s.auth_source, s.authorized_ms = "free_vend", 0
     s.note_meter(meter.Reading(1000, 7000, None, None, 0))
     log.poll(0, s, None)
@@ -180,13 +181,13 @@ def test_item9_meter_failure_bills_the_reading_the_meter_gives_after_the_open(mo
     0.4 s after the open. The record bills what it counted through the silence."""
     vb = board(monkeypatch, [], failure_s=2)
     vb.run_until(3000)
-    vb.ctl.meter.silent = True
+    vb.ctl.records.meter.silent = True
     vb.run_while(lambda: not vb.world.coil or vb.ctl.charger.session.stop_reason is None, 5000)
     vb.run_while(lambda: vb.world.coil, 7000)
     opened = vb.now_ms
     vb.run_until(opened + 400)
     assert not outbox()  # still waiting for the meter
-    vb.ctl.meter.silent = False
+    vb.ctl.records.meter.silent = False
     vb.run_until(opened + 1000)
     (ended,) = outbox()
     validate("session_ended", ended)
@@ -197,12 +198,12 @@ def test_item9_meter_failure_bills_the_reading_the_meter_gives_after_the_open(mo
 def test_item9_a_meter_that_stays_silent_closes_the_record_stale_within_the_bound(monkeypatch):
     vb = board(monkeypatch, [], failure_s=2)
     vb.run_until(3000)
-    vb.ctl.meter.silent = True
+    vb.ctl.records.meter.silent = True
     vb.run_while(lambda: vb.ctl.charger.session.stop_reason is None, 5000)
     vb.run_while(lambda: vb.world.coil, 7000)
     opened = vb.now_ms
     closed = vb.run_while(lambda: not outbox(), 5000)
-    from controller import METER_FAILURE_FINAL_WAIT_MS
+    from session_record import METER_FAILURE_FINAL_WAIT_MS
     assert closed - opened <= METER_FAILURE_FINAL_WAIT_MS + 50
     (ended,) = outbox()
     validate("session_ended", ended)
@@ -216,7 +217,7 @@ def test_item10_a_power_cut_after_10_s_at_7_kw_gives_bounds_and_flags_them(monke
     vb = board(monkeypatch, [])
     vb.run_until(10000)  # ~9.4 s of charging at 7.4 kW, then the power goes
     assert vb.world.coil
-    register = vb.ctl.meter.register()
+    register = vb.ctl.records.meter.register()
     flash = os.getcwd()
     monkeypatch.setattr(tempfile, "mkdtemp", lambda prefix=None: flash)  # the same board again
     again = board(monkeypatch, [], register_wh=register)  # no car: it went with the power
@@ -241,7 +242,7 @@ def test_item10_the_extra_snapshots_stay_few(monkeypatch):
     """First power, a quarter more peak (10 s apart), every 60 s: a 5-minute session writes its
     snapshot at most 5 + 3 times, never per tick."""
     vb = board(monkeypatch, [(300000, "stop_request"), (300500, "unplug")])
-    store = vb.ctl.session_log.store
+    store = vb.ctl.records.log.store
     writes = []
     real = store.save
     monkeypatch.setattr(store, "save", lambda snap: writes.append(snap) or real(snap))
@@ -281,7 +282,7 @@ def test_item18_flash_errors_never_escape_the_tick_nor_lose_a_session(
         vb = board(mp, [(stop_at, "stop_request"), (stop_at + 500, "unplug"),
                         (stop_at + 3000, "plug"), (stop_at + 3500, "request"),
                         (stop_at + 8000, "stop_request"), (stop_at + 8500, "unplug")], period_ms=10)
-        log = vb.ctl.session_log
+        log = vb.ctl.records.log
         mp.setattr(log.store, "save", failing(save_fail, code)(log.store.save))
         mp.setattr(log.outbox, "append", failing(append_fail, code)(log.outbox.append))
         if clear_fail:
@@ -294,7 +295,7 @@ def test_item18_flash_errors_never_escape_the_tick_nor_lose_a_session(
         failed_at = None
         while vb.now_ms < stop_at + 25000:
             vb.tick()  # an exception here fails the test: none may escape the tick
-            s = vb.ctl.charger.session
+            s = vb.ctl.records.current()
             if s is not None and s.id is not None:
                 ids.add(s.id)
             if vb.world.coil and getattr(log, "failed", None) is not None and failed_at is None:
@@ -325,7 +326,7 @@ def test_item18_enospc_at_a_checkpoint_stops_the_session_and_the_pile_stays_up(m
     """The checkpoint at 61 s hits a full flash: no exception, the session stops the normal way
     (internal_error), its record is written, the next session charges once the flash works."""
     vb = board(monkeypatch, [(80000, "unplug"), (82000, "plug"), (82500, "request")])
-    log = vb.ctl.session_log
+    log = vb.ctl.records.log
     real = log.store.save
     full = [True]
 
@@ -349,7 +350,7 @@ def test_item18_enospc_at_a_checkpoint_stops_the_session_and_the_pile_stays_up(m
 
 def test_item18_a_journal_that_refuses_records_holds_them_and_writes_them_later(monkeypatch):
     vb = board(monkeypatch, [(5000, "stop_request"), (5500, "unplug")])
-    log = vb.ctl.session_log
+    log = vb.ctl.records.log
     real = log.outbox.append
     broken = [True]
 

@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from session_record import Record
 from wiring import make_meter
 from meters import Dlt645MeterSim, ModbusMeterSim
 from pilehost.meter_rig import Bus, Clock, run
@@ -235,7 +236,7 @@ def test_telemetry_stops_showing_power_once_the_reading_is_stale(monkeypatch):
                                          0, 0, "0.1.0", "ref-esp32", pile.limit(now), pile.meter_age_ms(now)))
     checker.check("status", status)
     assert status["power_w"] > 1000 and status["meter_age_ms"] < 3000
-    vb.run_until(20000 + vb.ctl.meter.stale_ms + 1500)
+    vb.run_until(20000 + vb.ctl.records.meter.stale_ms + 1500)
     now = vb.clock.ticks_ms()
     assert pile.fresh_reading(now) is None and pile.reading() is not None
     reading = pile.reading()
@@ -282,15 +283,15 @@ def test_the_meter_name_never_makes_a_record_too_large(tmp_path):
     outbox = journal.Journal(str(tmp_path / "outbox.jrnl"))
     log = session_log.SessionLog(pile, 3, outbox, session_store.SessionStore(str(tmp_path / "s.json")),
                                  wall=lambda: 1790000000)
-    s = ch.Session(0)
-    s.authorized_ms, s.auth_source, s.auth_id = 0, "remote", "xx"
-    s.id, s.start_epoch, s.stop_reason = pile + "-3-1", 1790000000, "ev_disconnected"
+    s = Record(ch.Session(0))
+    s.session.authorized_ms, s.session.auth_source, s.session.auth_id = 0, "remote", "xx"
+    s.id, s.start_epoch, s.session.stop_reason = pile + "-3-1", 1790000000, "ev_disconnected"
     s.meter_start_wh, s.meter_stop_wh, s._segment_wh = 1000, 2000, 1000
     s.meter_identity = "dlt645:000012345678"
     log.ended(5000, s)
     ended = [json.loads(p) for _, k, p in outbox.pending() if k == journal.KIND_SESSION_END]
     assert len(ended) == 1 and ended[0]["meter"] is None
-    s.id, s.auth_id = pile + "-3-2", "x"
+    s.id, s.session.auth_id = pile + "-3-2", "x"
     log.ended(6000, s)
     ended = [json.loads(p) for _, k, p in outbox.pending() if k == journal.KIND_SESSION_END]
     assert ended[1]["meter"] == "dlt645:000012345678"

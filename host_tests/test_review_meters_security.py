@@ -227,7 +227,7 @@ def test_item8_a_meter_restart_mid_session_loses_no_wh(monkeypatch):
     config = {"free_vend": True, "pile_id": "p-1", "meter": {"type": "ddsu666"}}
     vb = VirtualBoard(monkeypatch, config=config, period_ms=5)
     records = []
-    outbox = vb.ctl.session_log.outbox
+    outbox = vb.ctl.records.log.outbox
     real = outbox.append
 
     def append(kind, payload):
@@ -246,7 +246,7 @@ def test_item8_a_meter_restart_mid_session_loses_no_wh(monkeypatch):
     delivered = w.energy_wh
     w.do("unplug")
     vb.run_until(vb.now_ms + 5000)
-    assert vb.ctl.meter.epoch == 1
+    assert vb.ctl.records.meter.epoch == 1
     ended = [r for r in records if "stop_reason" in r]
     assert len(ended) == 1
     assert ended[0]["energy_wh"] >= delivered - 12, (ended[0], delivered)

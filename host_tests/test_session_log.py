@@ -10,6 +10,7 @@ import charger as ch
 import journal
 import session_log
 import session_store
+from session_record import Record
 
 SCHEMAS = os.path.join(ROOT, "docs", "schemas")
 T_2026 = 1795000000  # 2026-11-18, a synced clock
@@ -50,7 +51,7 @@ def records(tmp_path):
 
 
 def session(now=0, auth="free_vend", auth_id=None):
-    s = ch.Session(now)
+    s = Record(ch.Session(now))
     s.auth_source, s.auth_id, s.authorized_ms = auth, auth_id, now
     return s
 
@@ -88,7 +89,7 @@ def test_ids_count_sessions_within_a_boot(tmp_path):
 
 def test_unauthorised_sessions_are_not_recorded(tmp_path):
     log = make_log(tmp_path)
-    s = ch.Session(0)
+    s = Record(ch.Session(0))
     log.poll(0, s, Reading(5))
     s.stop_reason = "ev_disconnected"
     log.ended(100, s)

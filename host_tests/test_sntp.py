@@ -321,6 +321,7 @@ def test_a_power_cut_after_ntp_answered_mid_session_reports_real_times(tmp_path)
     import journal
     import session_log
     import session_store
+    from session_record import Record
 
     wall = [41]  # 41 s after the epoch: not synced
 
@@ -329,7 +330,7 @@ def test_a_power_cut_after_ntp_answered_mid_session_reports_real_times(tmp_path)
                                       session_store.SessionStore(str(tmp_path / "session.json")),
                                       metered=False, checkpoint_s=60, wall=lambda: wall[0])
     log = make(7)
-    s = ch.Session(0)
+    s = Record(ch.Session(0))
     s.auth_source, s.auth_id, s.authorized_ms = "free_vend", None, 0
     log.poll(0, s, None)
     wall[0] = T_2031 + 30  # NTP set the clock 30 s into the session

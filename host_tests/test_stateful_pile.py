@@ -192,7 +192,7 @@ class PileMachine(RuleBasedStateMachine):
     # -- hooks into the world and the firmware's flash -------------------------------------------
 
     def _wrap_outbox(self):
-        log = self.ctl.session_log
+        log = self.ctl.records.log
         outbox = log.outbox
         real = outbox.append
 
@@ -272,7 +272,9 @@ class PileMachine(RuleBasedStateMachine):
             w.now < self.meter_fault_until else None
         self.dist.new_burst()
         was_closed = w.coil
-        self.ctl.tick(vb.clock.ticks_ms())  # an exception here fails the test
+        now = vb.clock.ticks_ms()
+        self.ctl.tick(now)  # an exception here fails the test
+        self.ctl.records.poll(now)  # the main loop's next step, as main.run
         self._after_tick(was_closed)
         vb.clock.t += PERIOD_MS * 1000
 

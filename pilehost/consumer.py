@@ -235,6 +235,27 @@ SESSION_STARTED_COLUMNS = ("session_id", "pile_id", "connector", "auth_source", 
                            "clock_synced", "meter_start_wh", "v")
 FAULT_COLUMNS = ("event_id", "pile_id", "code", "action", "ts", "clock_synced", "session_id", "v")
 NEW, DUPLICATE, CONFLICT = "new", "duplicate", "conflict"
+# A column a newer consumer added to an older database: NOT NULL needs a default for the old rows
+# (then replaced by the value in their payload, where it has one).
+_ADDED_DEFAULTS = {"BIGINT": "0", "BOOLEAN": "FALSE", "TEXT": "''", "DOUBLE": "0"}
+
+
+def table_columns(create):
+    """(table, [(column, declaration)]) of one of TABLES."""
+    head, body = create.split("(", 1)
+    cols = []
+    for part in body.rsplit(")", 1)[0].split(","):
+        decl = " ".join(part.split())
+        cols.append((decl.split(" ", 1)[0], decl))
+    return head.split()[-1], cols
+
+
+def added_column(decl):
+    """The declaration for ALTER TABLE ... ADD COLUMN: never a key, a default when NOT NULL."""
+    decl = decl.replace(" PRIMARY KEY", "")
+    if "NOT NULL" in decl:
+        decl += " DEFAULT " + _ADDED_DEFAULTS[decl.split()[1]]
+    return decl
 
 
 class Storage:
@@ -272,6 +293,37 @@ class Storage:
     def setup(self):
         for sql in TABLES:
             self.run(sql)
+        self.migrate(self.run, self.columns)
+
+    # A database made by an older consumer: the columns added since (SQLite has no IF NOT EXISTS;
+    # a consumer starting at the same time may have added it: "duplicate column" is fine).
+    add_column = "ALTER TABLE %s ADD COLUMN %s"
+
+    def columns(self, table):
+        return {row[1] for row in self.query("PRAGMA table_info(%s)" % table)}
+
+    def json_value(self, name, sql_type):
+        return "json_extract(payload, '$.%s')" % name
+
+    def migrate(self, execute, columns):
+        """ADD COLUMN for each column of TABLES the database lacks; in a record's table the old
+        rows get the field from their payload where it is there, else the default. No row is
+        dropped or rewritten otherwise."""
+        for create in TABLES:
+            table, cols = table_columns(create)
+            have = columns(table)
+            names = [name for name, _ in cols]
+            for name, decl in cols:
+                if name in have:
+                    continue
+                try:
+                    execute(self.add_column % (table, added_column(decl)))
+                except StorageError as e:
+                    if "duplicate column" not in str(e):
+                        raise
+                if "payload" in have and "v" in names:
+                    value = self.json_value(name, decl.split(" ", 1)[1].split(" NOT NULL")[0])
+                    execute("UPDATE %s SET %s = %s WHERE %s IS NOT NULL" % (table, name, value, value))
 
     def insert_once(self, table, key, row):
         """NEW, DUPLICATE (same payload already stored) or CONFLICT (same key, other payload)."""
@@ -349,6 +401,14 @@ class PostgresStorage(Storage):
             cur.execute("SELECT pg_advisory_xact_lock(hashtext('evse-telemetry-schema'))")
             for sql in TABLES:
                 cur.execute(sql)
+            self.migrate(cur.execute, lambda table: {row[0] for row in cur.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = %s "
+                "AND table_schema = current_schema()", (table,)).fetchall()})
+
+    add_column = "ALTER TABLE %s ADD COLUMN IF NOT EXISTS %s"
+
+    def json_value(self, name, sql_type):
+        return "CAST(payload::jsonb ->> '%s' AS %s)" % (name, sql_type.replace(" PRIMARY KEY", ""))
 
 
 def open_storage(url):

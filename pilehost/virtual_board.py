@@ -79,7 +79,10 @@ class VirtualBoard:
         return self.world.now // 1000
 
     def tick(self):
-        self.ctl.tick(self.clock.ticks_ms())
+        """One loop iteration's control work, as main.run: the tick, then the records step."""
+        now = self.clock.ticks_ms()
+        self.ctl.tick(now)
+        self.ctl.records.poll(now)
         self.clock.t += self.period_ms * 1000
 
     def run_until(self, t_ms):

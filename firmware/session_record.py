@@ -1,0 +1,268 @@
+"""A session's record and the main loop's records step (docs/telemetry.md, docs/durability.md).
+
+`Record`: what is billed for one session: its id, meter start/stop/peak and segments. The
+charger's Session says what the safety state machine decided (authorised, stopped); a Record
+reads that and never changes it.
+
+`Records.poll` runs once per loop iteration, after the control tick (never before it: the
+tick's power-off decision comes first). It polls the meter, opens a record for each new
+session, closes it once the contactor is open with a final reading, and hands both to the
+SessionLog (ids, outbox, snapshots, power loss). Its `ready` is the tick's gate for closing
+the contactor: the meter start is known and the flash takes records.
+"""
+import time
+
+from micropython import const
+
+# A session's record closes with a meter reading taken at least this long after the contactor
+# opened (the contacts part within ~10 ms), so the last watt-hour is in it; without one (meter
+# silent), it closes with the last good reading after FINAL_READING_MAX_MS.
+METER_SETTLE_MS = const(50)
+FINAL_READING_MAX_MS = const(10000)
+# After a meter_failure stop the meter had been silent for meter_failure_ms already: wait this
+# long (three polls at the default 1 s) for it to answer again before closing on a stale reading.
+METER_FAILURE_FINAL_WAIT_MS = const(3000)
+# A session's meter start is a reading taken after its plug-in, or at most this old: one or two
+# lost replies at the default poll (1 s, DL/T 645 2 s). An older one may predate a meter restart.
+START_READING_MAX_AGE_MS = const(5000)
+# A meter's register after a restart at most this far above 0 (the power of meter.py's guard,
+# DEFAULT_MAX_POWER_W, over the time since the last reading, plus its slack): it restarted from 0
+# and counted all of it in the session.
+_RESTART_MAX_POWER_W = const(50000)
+_RESTART_SLACK_WH = const(20)
+
+
+class Record:
+    """The record of one charger Session. Closed (`ended_ms`, kept on the session: the charger's
+    availability change waits for it) once stopped with the contactor open, with a meter reading
+    taken after the opening: no energy can follow. What the session owns (started_ms, auth_source,
+    auth_id, authorized_ms, stop_reason, ended_ms) is read through the record and written only
+    on the session (one __getattr__: six properties cost ~1.2 KB more heap).
+
+    Energy is the sum of the meter's segments: a meter restart (a reading of a new `epoch`,
+    meter.Reading) closes the segment at its last reading and starts a new one at the first
+    reading after the restart (docs/telemetry.md, "A meter that restarts")."""
+
+    def __init__(self, session):
+        self.session = session  # first: __getattr__ reads it
+        self.id = None  # given by session_log once authorised: <pile_id>-<boot>-<seq>
+        self.start_epoch = None  # wall-clock start, for the records
+        self.meter_start_wh = None  # register at the start (the first segment's start)
+        self.meter_stop_wh = None  # register at the last reading (the last segment's end)
+        self.meter_final = None  # set when the record closes: was the last reading after the open?
+        self.meter_restarts = 0  # meter epochs crossed during the session
+        self.energized = False  # the contactor closed at least once for this session
+        self.peak_power_w = 0
+        self.meter_identity = None  # the meter's identity() for the record, set when it closes
+        self._epoch = 0  # the meter epoch of the current segment
+        self._segment_wh = None  # register at the start of the current segment
+        self._carried_wh = 0  # energy of the segments before the current one
+        self._stop_taken_ms = None  # when the last reading was taken
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+    @property
+    def authorized(self):
+        return self.authorized_ms is not None
+
+    @property
+    def energy_wh(self):
+        if self.meter_start_wh is None or self.meter_stop_wh is None:
+            return None
+        return self._carried_wh + self.meter_stop_wh - self._segment_wh
+
+    def note_meter(self, reading):
+        """A good reading while the record is open: the first one is the start value (Records
+        hands over only a current one: taken after the plug-in, or recent)."""
+        if self.ended_ms is not None:
+            return
+        wh = reading.energy_wh
+        epoch = getattr(reading, "epoch", 0)
+        if self.meter_start_wh is None:
+            self.meter_start_wh = self._segment_wh = wh
+            self._epoch = epoch
+        elif epoch != self._epoch:
+            # The meter restarted: what it counted before is kept, the new register is a new
+            # baseline: 0 if it restarted from 0 (no more than it could count since the last
+            # reading), else the first reading. Only what no reading showed goes unbilled.
+            self._carried_wh += self.meter_stop_wh - self._segment_wh  # type: ignore[operator]  # set with the start
+            self._segment_wh = wh if wh > self._restart_max_wh(reading) else 0
+            self.meter_restarts += epoch - self._epoch if epoch > self._epoch else 1
+            self._epoch = epoch
+        self.meter_stop_wh = wh
+        self._stop_taken_ms = getattr(reading, "taken_ms", None)
+        if reading.power_w is not None and reading.power_w > self.peak_power_w:
+            self.peak_power_w = reading.power_w
+
+    def _restart_max_wh(self, reading):
+        """The most a meter that restarted from 0 can show in `reading`; -1: not known."""
+        taken = getattr(reading, "taken_ms", None)
+        if taken is None or self._stop_taken_ms is None:
+            return -1
+        elapsed = time.ticks_diff(taken, self._stop_taken_ms)
+        if elapsed < 0:
+            return -1
+        return _RESTART_MAX_POWER_W * elapsed // 3600000 + _RESTART_SLACK_WH
+
+    def segments(self):
+        """(energy of the closed segments, register at the current segment's start): what a
+        snapshot needs to rebuild energy_wh after a power cut."""
+        return self._carried_wh, self._segment_wh
+
+
+class Records:
+    """The records step. charger: whose sessions are recorded (and stopped for meter_failure or
+    internal_error); contactor: read only; meter: a meter driver or None (no meter fitted);
+    log: a session_log.SessionLog, or None (no pile id: nothing recorded)."""
+
+    def __init__(self, charger, contactor, meter=None, log=None, meter_failure_ms=30000,
+                 report=None):
+        self.charger = charger
+        self.contactor = contactor
+        self.meter = meter
+        self.log = log
+        self.meter_failure_ms = meter_failure_ms
+        self._report = report
+        self.record = None  # the open record (outlives charger.session on unplug)
+        self._last = None  # the newest record, open or closed
+        self._closed = False  # the contactor at the last step; the tick switches it
+        self._closed_ms = 0
+        self._opened_ms = 0
+        self._has_opened = False  # opened, and no reading taken since: none may be a start
+        self._meter_error = None
+
+    def _emit(self, now_ms, what, text):
+        if self._report is not None:
+            self._report(now_ms, what, text)
+
+    @property
+    def ready(self):
+        """The open session's meter start value is known, or no meter is fitted, and the flash
+        takes the records: only then may the contactor close. Energy from the close on is billed;
+        a first reading taken after the close would miss what flowed before it."""
+        if self.log is not None and self.log.failed is not None:
+            return False
+        return self.meter is None or self.record is None or self.record.meter_start_wh is not None
+
+    def current(self):
+        """The open record, else the record of the charger's session (closed, car still there)."""
+        if self.record is not None:
+            return self.record
+        last = self._last
+        if last is not None and last.session is self.charger.session:
+            return last
+        return None
+
+    def poll(self, now_ms):
+        """One step, with the `now_ms` of this iteration's tick: a contactor switch seen here
+        happened in that tick, at that time."""
+        closed = self.contactor.closed
+        if closed != self._closed:
+            self._closed = closed
+            if closed:
+                self._closed_ms = now_ms
+            else:
+                self._opened_ms = now_ms
+                self._has_opened = True
+        session = self.charger.session
+        if session is not None and (self._last is None or self._last.session is not session):
+            if self.record is not None:  # replugged before the last record got its reading
+                self._close(now_ms, self.record, force=True)
+            self.record = self._last = Record(session)
+        record = self.record
+        meter = self.meter
+        if record is not None and closed:
+            record.energized = True
+        if meter is not None:
+            meter.poll(now_ms)  # a non-blocking step of the meter's own state machine
+            if meter.last_error is not self._meter_error:
+                self._meter_error = meter.last_error
+                if self._meter_error is not None:
+                    self._emit(now_ms, "meter", self._meter_error)
+            reading = meter.reading
+            if self._has_opened and reading is not None and \
+                    time.ticks_diff(reading.taken_ms, self._opened_ms) >= METER_SETTLE_MS:
+                self._has_opened = False  # passed: never compared again across the tick wrap
+            if record is not None and reading is not None and (
+                    record.meter_start_wh is not None or self._current_reading(record, reading, now_ms)):
+                record.note_meter(reading)
+            since = self._unmetered_since(record, reading)
+            if since is not None and time.ticks_diff(now_ms, since) > self.meter_failure_ms:
+                self._emit(now_ms, "meter", "no good reading for %d s: %s" % (
+                    self.meter_failure_ms // 1000, meter.last_error))
+                self.charger.stop_session(now_ms, "meter_failure")
+        log = self.log
+        if log is not None:
+            log.poll(now_ms, record, None if meter is None else meter.reading)
+            if log.failed is not None:
+                self._records_failed(now_ms)
+        if record is not None and record.stop_reason is not None and record.ended_ms is None \
+                and not self.contactor.closed:
+            self._close(now_ms, record)
+
+    def _records_failed(self, now_ms):
+        """The flash took no record or snapshot (session_log.failed): no session may deliver
+        energy it could not bill. Stopped the normal way (the contactor opens as after a remote
+        stop); the pile stays up and retries the writes; the reason is in the log."""
+        s = self.charger.session
+        if s is not None and s.authorized and self.charger.stop_session(now_ms, "internal_error"):
+            self._emit(now_ms, "storage", "session stopped: " + self.log.failed)
+
+    def _current_reading(self, record, reading, now_ms):
+        """May `reading` be the session's meter start? Taken after the plug-in, or at most
+        START_READING_MAX_AGE_MS old, and of the meter's current epoch: a reading the meter's
+        guard refused to replace for long (a restart it did not see) is never a start. Never
+        one from before the contactor last opened: what the last session drew after it (a meter
+        silent then) would be billed to this one."""
+        epoch = getattr(self.meter, "epoch", None)
+        if epoch is not None and epoch != getattr(reading, "epoch", 0):
+            return False
+        if self._has_opened:  # no reading since the last opening yet
+            return False
+        return time.ticks_diff(reading.taken_ms, record.started_ms) >= 0 or \
+            time.ticks_diff(now_ms, reading.taken_ms) <= START_READING_MAX_AGE_MS
+
+    def _unmetered_since(self, record, reading):
+        """Since when the open session has lacked the reading it needs; None: it lacks none."""
+        if record is None or record.stop_reason is not None:
+            return None
+        if self.contactor.closed:  # energy flows: a good reading every meter_failure_ms
+            since = self._closed_ms
+            if reading is not None and time.ticks_diff(reading.taken_ms, since) > 0:
+                since = reading.taken_ms
+            return since
+        if record.authorized and record.meter_start_wh is None:
+            return record.authorized_ms  # no current start value: the contactor may not close yet
+        return None
+
+    def _close(self, now_ms, record, force=False):
+        meter = self.meter
+        fresh = False
+        if meter is not None:
+            reading = meter.reading
+            fresh = reading is not None and \
+                time.ticks_diff(reading.taken_ms, self._opened_ms) >= METER_SETTLE_MS
+            if record.stop_reason == "meter_failure":
+                # Nothing flowed without a close: no reading to wait for. Else the meter may be back.
+                gave_up = not record.energized or \
+                    time.ticks_diff(now_ms, self._opened_ms) >= METER_FAILURE_FINAL_WAIT_MS
+            else:
+                gave_up = time.ticks_diff(now_ms, self._opened_ms) >= FINAL_READING_MAX_MS
+            if not (fresh or force or gave_up):
+                return
+        record.session.ended_ms = now_ms
+        identity = getattr(meter, "identity", None)
+        if identity is not None:  # who measured it, for session/ended (DL/T 645: learnt on the bus)
+            record.meter_identity = identity()
+        # False: closed on the last good reading, without one taken after the contactor opened.
+        record.meter_final = meter is None or fresh or (
+            record.stop_reason == "meter_failure" and not record.energized)
+        self.record = None
+        energy = record.energy_wh
+        self._emit(now_ms, "session", "ended: %s, %s Wh, %d s%s" % (
+            record.stop_reason, "?" if energy is None else energy,
+            time.ticks_diff(now_ms, record.started_ms) // 1000,
+            "" if record.meter_final else " (last good reading before the stop)"))
+        if self.log is not None:
+            self.log.ended(now_ms, record)

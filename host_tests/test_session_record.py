@@ -1,0 +1,90 @@
+"""session_record.py: the records step the main loop runs after the tick. The tick owns no
+record (it reads only Records.ready); the records step owns the meter, the record and its
+closing."""
+import meter
+import pytest
+from pilehost.virtual_board import VirtualBoard
+
+import charger as ch
+import pilot
+from session_record import METER_SETTLE_MS, Records
+
+
+def reading(wh, w=7000, t=0, epoch=0):
+    return meter.Reading(wh, w, 230.0, None, t, epoch=epoch)
+
+
+# -- found by the stateful test (a new seed): the next session's start from before the last one's end
+
+class Contactor:
+    closed = False
+
+
+class SilentMeter:
+    """The last good reading stays; poll() adds none (a meter that stopped answering)."""
+
+    def __init__(self):
+        self.reading = None
+        self.last_error = None
+        self.epoch = 0
+
+    def poll(self, now_ms):
+        pass
+
+
+def test_a_start_reading_from_before_the_last_contactor_opening_is_not_taken():
+    """Session 1 charges while the meter is silent (its record closes stale); the car is plugged
+    again 0.5 s later, within START_READING_MAX_AGE_MS of the last good reading. That reading
+    predates what session 1 drew: taken as session 2's start, session 1's energy would be billed
+    to session 2. The start must be a reading taken after the contactor last opened."""
+    charger = ch.Charger(32000, 32000, True, False)
+    contactor = Contactor()
+    m = SilentMeter()
+    records = Records(charger, contactor, m)
+    m.reading = reading(1000, 0, 0)
+    charger.step(0, pilot.B, True)
+    records.poll(0)
+    first = records.record
+    assert first.meter_start_wh == 1000
+    contactor.closed = True
+    records.poll(100)
+    charger.step(2000, pilot.A, True)  # unplugged; the meter silent since 0 s
+    contactor.closed = False
+    records.poll(2000)
+    charger.step(2500, pilot.B, True)
+    records.poll(2500)
+    second = records.record
+    assert second is not first and first.ended_ms is not None and first.meter_final is False
+    assert second.meter_start_wh is None  # the reading of 0 s is 2.5 s old, but from before the opening
+    m.reading = reading(1004, 0, 2000 + METER_SETTLE_MS)  # the meter is back: session 1 drew 4 Wh
+    records.poll(2600)
+    assert second.meter_start_wh == 1004
+
+
+class Exploding:
+    """A meter or a log that raises on any use: the tick must not touch it."""
+
+    def __getattr__(self, name):
+        raise AssertionError("the tick used the records' %s" % name)
+
+
+def test_the_tick_touches_neither_the_meter_nor_the_records(monkeypatch):
+    """Charging, then the meter and the log replaced by ones that raise on any use: ticks alone
+    run on (the contactor opens at the unplug); only the records step uses them."""
+    vb = VirtualBoard(monkeypatch, [(100, "plug"), (600, "request"), (4000, "unplug")],
+                      config={"pile_id": "p-3", "meter": {"type": "ddsu666"}})
+    vb.run_until(3000)
+    assert vb.world.coil
+    records = vb.ctl.records
+    vb.ctl.records = None  # the tick's gate: none
+    real = records.meter, records.log
+    records.meter = records.log = Exploding()
+    while vb.world.advance() < 5000 * 1000:
+        now = vb.clock.ticks_ms()
+        vb.ctl.tick(now)
+        vb.clock.t += vb.period_ms * 1000
+    assert not vb.world.coil
+    records.meter, records.log = real
+    vb.ctl.records = records
+    with pytest.raises(AssertionError):
+        Records(vb.ctl.charger, vb.ctl.contactor, Exploding()).poll(0)
