@@ -12,6 +12,7 @@ injected store, only when a command changes them.
 """
 
 from micropython import const
+import time
 
 import pilot
 
