@@ -8,6 +8,7 @@ import jsonschema
 import pytest
 
 import charger as ch
+import durable
 import journal
 import meter
 import session_log
@@ -77,7 +78,7 @@ def ended_record(session_id, **over):
               "stop_time": "2026-11-18T11:00:00Z", "clock_synced": True, "meter_start_wh": 1000,
               "meter_stop_wh": 8000, "energy_wh": 7000, "duration_s": 3600, "peak_power_w": 7400,
               "stop_reason": "ev_disconnected", "meter_restarts": 0, "meter_stop_stale": False,
-              "estimated": []}
+              "estimated": [], "meter": None}
     record.update(over)
     return record
 
@@ -118,7 +119,7 @@ def test_1_a_database_of_an_older_consumer_is_migrated_not_refused(db_url):
 def test_2_a_clear_that_fails_raises(tmp_path, monkeypatch):
     store = session_store.SessionStore(str(tmp_path / "session.json"))
     store.save({"id": "x"})
-    monkeypatch.setattr(session_store.os, "remove", failing_once(errno.EIO))
+    monkeypatch.setattr(durable.os, "remove", failing_once(errno.EIO))
     with pytest.raises(OSError):
         store.clear()
     monkeypatch.undo()
@@ -131,7 +132,7 @@ def test_2_a_clear_that_fails_raises(tmp_path, monkeypatch):
 def test_2_a_failed_clear_is_retried_so_a_reboot_after_the_ack_reports_nothing_twice(tmp_path, monkeypatch):
     log, s = running(tmp_path)
     s.stop_reason, s.ended_ms = "ev_disconnected", 61000
-    monkeypatch.setattr(session_store.os, "remove", failing_once(errno.EIO))
+    monkeypatch.setattr(durable.os, "remove", failing_once(errno.EIO))
     log.ended(61000, s)
     assert log.store.load() is not None  # the clear failed
     log.poll(61000 + session_log.RETRY_MS, None, None)

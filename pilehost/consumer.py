@@ -241,13 +241,30 @@ _ADDED_DEFAULTS = {"BIGINT": "0", "BOOLEAN": "FALSE", "TEXT": "''", "DOUBLE": "0
 
 
 def table_columns(create):
-    """(table, [(column, declaration)]) of one of TABLES."""
+    """(table, [(column, declaration)]) of one of TABLES; (None, []) for what is not a table (an
+    index). Table constraints (PRIMARY KEY (a, b), UNIQUE ...) are not columns."""
     head, body = create.split("(", 1)
+    if "CREATE TABLE" not in " ".join(head.split()):
+        return None, []
+    parts, depth, part = [], 0, ""
+    for ch in body.rsplit(")", 1)[0]:  # split at the commas outside parentheses
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            parts.append(part)
+            part = ""
+        else:
+            part += ch
+    parts.append(part)
     cols = []
-    for part in body.rsplit(")", 1)[0].split(","):
+    for part in parts:
         decl = " ".join(part.split())
-        cols.append((decl.split(" ", 1)[0], decl))
+        name = decl.split(" ", 1)[0]
+        if name.upper() not in _CONSTRAINTS:
+            cols.append((name, decl))
     return head.split()[-1], cols
+
+
+_CONSTRAINTS = ("PRIMARY", "UNIQUE", "FOREIGN", "CHECK", "CONSTRAINT")
 
 
 def added_column(decl):
@@ -311,6 +328,8 @@ class Storage:
         dropped or rewritten otherwise."""
         for create in TABLES:
             table, cols = table_columns(create)
+            if table is None:
+                continue
             have = columns(table)
             names = [name for name, _ in cols]
             for name, decl in cols:
