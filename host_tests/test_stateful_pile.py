@@ -34,6 +34,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from pilehost.virtual_board import VirtualBoard
 
 import charger as ch
+import pilot
 import meters
 
 EXAMPLES = int(os.environ.get("PILE_FUZZ_EXAMPLES", "25"))
@@ -315,9 +316,16 @@ class PileMachine(RuleBasedStateMachine):
                 self.no_minus_bursts += 1
             else:
                 self.no_minus_bursts = 0
+        if w.car.plugged:
+            self.unplugged_us = None
+        elif self.unplugged_us is None:
+            self.unplugged_us = now
         if not w.car.plugged:
-            self.rcd_test_ok = False
             self.last_minus_ok = None
+            # A new plug-in needs a new self-test, once the pile could see the unplug: state A
+            # for its debounce (pilot.DEBOUNCE_DEFAULT_MS); a shorter gap is no other car.
+            if now - self.unplugged_us > (pilot.DEBOUNCE_DEFAULT_MS + 2 * PERIOD_MS) * 1000:
+                self.rcd_test_ok = False
         test_on = w.pins.get(w.pin_rcd_test) == w.rcd_test_level
         if test_on and not self._rcd_test_was:
             self.rcd_test_ok = w.rcd_healthy and not w.rcd_leak
@@ -330,10 +338,6 @@ class PileMachine(RuleBasedStateMachine):
 
         coil = w.coil
         t_ms = now // 1000
-        if w.car.plugged:
-            self.unplugged_us = None
-        elif self.unplugged_us is None:
-            self.unplugged_us = now
         if coil and self.unplugged_us is not None:
             gone_ms = (now - self.unplugged_us) // 1000
             assert gone_ms <= UNPLUG_TO_OFF_MS, "coil on %d ms after the car was unplugged (t=%d ms)" % (
