@@ -15,8 +15,8 @@ BROKER ?= mqtt://127.0.0.1:1883
 # The host package from this checkout, installed in the venv or not (a venv shared by checkouts).
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: help venv deps broker socat test sim scenarios mpy flash provision diag clear-fault reboot \
-	virtual-board bench soak fuzz check monitor postgres browser ops-web clean
+.PHONY: help venv deps broker socat chiptools test sim scenarios mpy flash provision diag clear-fault \
+	reboot virtual-board bench soak fuzz check monitor postgres browser ops-web clean
 
 help:
 	@echo "make sim [SCENARIO=name] [METER=dlt645]   firmware on the unix port, simulated hardware, a local"
@@ -25,7 +25,8 @@ help:
 	@echo "make scenarios             list the simulator's scenarios"
 	@echo "make test                  pytest on CPython + scenario tests on the unix port"
 	@echo "make bench [QUICK=1] [WHAT=latency]   figures: tick time, C->B latency, .mpy sizes,"
-	@echo "                           MQTT bytes, heap (~12 min; QUICK=1 ~4 min)"
+	@echo "                           MQTT bytes, heap, heap32 (32-bit, .mpy and frozen), chip (the"
+	@echo "                           chip-time model: ESP32 ms per path, callgrind) (~20 min; QUICK=1 ~10)"
 	@echo "make mpy                   cross-compile firmware/ for the ESP32 (build/mpy)"
 	@echo "make flash PORT=/dev/ttyUSB0 [BOARD=ref-esp32] [SOURCE=1]   firmware + libs, changed files only"
 	@echo "make provision PORT=... CONFIG=pile.json [BOARD=name]   check, upload config.json, reboot"
@@ -82,6 +83,18 @@ browser:
 	$(call debian_package,chromium,the operations page tests)
 	$(call debian_package,chromedriver,the operations page tests,chromium-driver)
 
+# The chip model (pilehost/chipmodel.py) runs the firmware under valgrind's callgrind on a
+# 32-bit unix port it builds from ../shared/tools' MicroPython source (gcc -m32: gcc-multilib).
+chiptools:
+	$(call debian_package,valgrind,the chip model's runs (make bench WHAT=chip and its test))
+	@test -e /usr/lib32/crt1.o || { \
+		if [ "$$(id -u)" = 0 ]; then \
+			echo "installing gcc-multilib (Debian package) for the chip build"; \
+			apt-get update -qq && apt-get install -y -qq gcc-multilib >/dev/null; \
+		else \
+			echo "the chip build needs gcc-multilib: sudo apt-get install gcc-multilib"; \
+		fi; }
+
 # The consumer's PostgreSQL cases: PILE_TEST_POSTGRES_URL when set; as root, Debian's PostgreSQL
 # started on loopback by tools/postgres_up.sh; otherwise they are skipped (SQLite runs either way).
 PG_URL_FILE := build/postgres.url
@@ -91,7 +104,7 @@ postgres:
 	elif [ "$$(id -u)" = 0 ]; then bash tools/postgres_up.sh > $(PG_URL_FILE).tmp && mv $(PG_URL_FILE).tmp $(PG_URL_FILE); \
 	else echo "no PostgreSQL: its consumer cases are skipped (as root, make test starts one)"; fi
 
-test: $(STAMP) deps broker socat browser postgres
+test: $(STAMP) deps broker socat browser chiptools postgres
 	PILE_TEST_POSTGRES_URL=$$(cat $(PG_URL_FILE) 2>/dev/null) $(BIN)/python -m pytest -n 2 host_tests
 
 # A local broker by default: mosquitto when installed, else amqtt from the venv (no root needed).
@@ -143,8 +156,9 @@ reboot: $(STAMP)
 virtual-board: $(STAMP) deps socat
 	$(TECH) virtual-board --scenario $(SCENARIO)$(if $(METER), --meter $(METER))
 
-# QUICK=1: 100 trials instead of 1,000; WHAT=latency (ticks mpy latency wire heap): only those.
-bench: $(STAMP) deps broker
+# QUICK=1: 100 trials instead of 1,000; WHAT=latency (ticks mpy latency wire heap heap32 chip):
+# only those. The chip image (build/chip/) is built once and again only when the firmware changes.
+bench: $(STAMP) deps broker chiptools
 	$(BIN)/python tools/bench.py $(WHAT)
 
 # tools/soak.py: meter faults, RCD trips, remote stops, kill -9, broker restarts and black holes

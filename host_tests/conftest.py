@@ -172,3 +172,19 @@ def db_url(request, tmp_path):
     finally:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("DROP SCHEMA %s CASCADE" % schema)
+
+# -- the unix port's binaries ----------------------------------------------------------------------
+
+@pytest.fixture(params=["stock", "unix32"])
+def unix_binary(request, monkeypatch):
+    """Each test that takes it runs twice: on the venv's unix port (64-bit, double-precision
+    floats) and on the one shaped like the ESP32 (32-bit words, single-precision floats; ints of
+    2^30 and more are heap objects), pilehost/unix_port.py binary(). MICROPYTHON names it for
+    the runs, in this process and in the tools it starts."""
+    from pilehost import unix_port
+
+    path = unix_port.binary(request.param)
+    if path is None:
+        pytest.skip("no %s MicroPython unix port on this machine" % request.param)
+    monkeypatch.setenv("MICROPYTHON", path)
+    return request.param

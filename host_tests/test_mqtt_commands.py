@@ -94,7 +94,8 @@ def subscribed(pile, w):
     pytest.fail("the pile never answered a command:\n" + "\n".join(pile.lines[-40:]))
 
 
-def test_unavailable_f_after_the_running_session_then_available_again(monkeypatch, broker, watcher, tmp_path):
+def test_unavailable_f_after_the_running_session_then_available_again(monkeypatch, broker, watcher, tmp_path,
+                                                                      unix_binary):
     steps = [(300, "plug"), (1000, "request"), (16000, "end")]
     pile = Pile(monkeypatch, "availability_f", steps, broker.port, tmp_path / "flash")
     try:
@@ -130,7 +131,8 @@ def test_unavailable_f_after_the_running_session_then_available_again(monkeypatc
     assert max(r.result["latencies_ms"]) < C_TO_B_LIMIT_MS
 
 
-def test_current_limit_and_availability_survive_a_restart(monkeypatch, broker, watcher, tmp_path):
+def test_current_limit_and_availability_survive_a_restart(monkeypatch, broker, watcher, tmp_path,
+                                                          unix_binary):
     flash = tmp_path / "flash"
     pile = Pile(monkeypatch, "settings_set", [(7000, "end")], broker.port, flash)
     try:

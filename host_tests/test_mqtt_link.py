@@ -67,7 +67,7 @@ def until(predicate, what, thread, lines, timeout=TIMEOUT):
 
 # -- delivery ------------------------------------------------------------------------------------
 
-def test_normal_session_reaches_the_consumer_once(broker, store, watcher):
+def test_normal_session_reaches_the_consumer_once(broker, store, watcher, unix_binary):
     r = run("normal", broker.port)
     assert ended_idle(r)
     assert max(r.result["latencies_ms"]) < C_TO_B_LIMIT_MS
@@ -164,7 +164,8 @@ def test_broker_restarted_mid_publish_stores_the_session_once(tmp_path, monkeypa
     assert pending_records(str(flash)) == []  # every record acknowledged: nothing lost, nothing owed
 
 
-def test_power_cut_mid_session_reaches_the_consumer_as_power_loss_once(broker, store, watcher, tmp_path):
+def test_power_cut_mid_session_reaches_the_consumer_as_power_loss_once(broker, store, watcher, tmp_path,
+                                                                       unix_binary):
     """kill -9 of the firmware while charging, then boots on the same flash folder with the
     broker and the consumer there all along: the cut session is stored once, as power_loss,
     and its started record once; a further boot sends neither again."""
@@ -373,7 +374,8 @@ def refusals(lines):
             for t in lines if "mqtt: command refused: " in t]
 
 
-def test_fuzzed_commands_change_nothing_then_signed_ones_work(broker, store, watcher, monkeypatch):
+def test_fuzzed_commands_change_nothing_then_signed_ones_work(broker, store, watcher, monkeypatch,
+                                                              unix_binary):
     """docs/commands.md: whatever arrives, a refused command changes nothing (not the charger,
     not the offer, not the contactor, not the counter) and is answered with an error ack when it
     names itself, else only logged. FUZZ_COUNT of them, end to end, then valid ones still work."""

@@ -16,11 +16,14 @@ try:
 except FileNotFoundError:  # pragma: no cover - `make test` installs it
     pytest.skip("MicroPython unix port not installed (make venv)", allow_module_level=True)
 
+# Every scenario on both binaries: the venv's and the one shaped like the ESP32 (conftest.py).
+pytestmark = pytest.mark.usefixtures("unix_binary")
+
 _runs = {}
 
 
 def run(name, meter=None):
-    key = (name, meter)
+    key = (name, meter, unix_port.micropython_binary())
     if key not in _runs:
         r = unix_port.run_scenario(name, config={"meter": {"type": meter}} if meter else None)
         assert r.returncode == 0 and r.result is not None, "\n".join(r.lines[-30:])

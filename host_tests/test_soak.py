@@ -110,7 +110,7 @@ def test_shown_wh_is_the_float32_kwh_rounded_as_the_firmware_reads_it():
 
 
 @pytest.mark.skipif(broker.find_mosquitto() is None, reason="mosquitto is not installed (make broker)")
-def test_soak_short(capsys):
+def test_soak_short(capsys, unix_binary):
     try:
         unix_port.micropython_binary()
     except FileNotFoundError:

@@ -15,6 +15,8 @@ vboard        the technician's virtual board: the unix port behind a pty (`make 
 virtual_board the wired firmware on the simulated world under a virtual clock, in this process
 meter_rig     the meter drivers' bench: fake clock, sim/rs485.py's line behind UART and DE objects
 technician, soak, bench, pin_table, typecheck   the code of the tools/ of the same names
+chipmodel, chipheap, chipbuild   the chip-time model and the heap on the 32-bit port (`make bench
+              WHAT=chip` / `WHAT=heap32`), the 32-bit image with the firmware frozen in
 
 sim/ (the simulated hardware) runs on MicroPython; the package reads its CPython-safe modules
 (scenarios) with `sim_module`, never by editing sys.path. tools/ are the command lines.

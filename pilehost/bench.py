@@ -9,7 +9,11 @@ Its command line, with the usage: tools/bench.py.
   TCP, never answers), the broker unreachable (nothing listens) and the meter silent;
 - wire: MQTT bytes each way for one session, through a counting relay, by kind of message;
 - heap: the smallest firmware heap that completes a full session, per configuration, and the
-  firmware's live heap after gc.collect() at the end; the soak's figures come from `make soak`.
+  firmware's live heap after gc.collect() at the end; the soak's figures come from `make soak`;
+- heap32: the same on the unix port shaped like the ESP32 (32-bit, single-precision floats), the
+  firmware as .mpy files and frozen into the image (pilehost/chipheap.py);
+- chip: the chip-time model, each path of the loop in ESP32 milliseconds (pilehost/chipmodel.py;
+  valgrind's callgrind, deterministic; figures also in build/chip/chip-model.txt).
 
 The simulator runs on the host's clock, so the runs are spread over BENCH_JOBS processes at
 once (default 3; the ticks are timed alone first): on a loaded host the tails grow.
@@ -23,7 +27,7 @@ import sys
 import tempfile
 import time
 
-from . import ROOT, cloud, mqtt_wire, procs, unix_port
+from . import ROOT, chipheap, chipmodel, cloud, mqtt_wire, procs, unix_port
 from .broker import BlackHole
 
 scenarios = unix_port.scenarios
@@ -39,7 +43,7 @@ TRIALS_HEAP = "320k"
 TRIALS_MQTT_HEAP = "400k"  # at 320k one run's result (json.dumps) found no 2 KiB block once
 BENCH_LOGS = os.path.join(ROOT, "build", "bench")  # runs that went wrong, to look at
 _LOG_SEQ = itertools.count(1)
-SECTIONS = ("ticks", "mpy", "latency", "wire", "heap")
+SECTIONS = ("ticks", "mpy", "latency", "wire", "heap", "heap32", "chip")
 
 
 def percentile(values, p):
@@ -359,9 +363,13 @@ def main(argv):
         bench_ticks()
     if "mpy" in asked:
         bench_mpy()
-    rest = [s for s in ("latency", "wire", "heap") if s in asked]
+    rest = [s for s in ("latency", "wire", "heap", "heap32") if s in asked]
+    if "heap32" in rest:
+        chipheap.variants()  # builds the chip image (cached) before runs start in parallel
     if rest:
         run_parallel(rest, start)
+    if "chip" in asked:  # callgrind counts instructions: the host's load does not change them
+        chipmodel.main()
     print("bench took %.0f s" % (time.monotonic() - start))
 
 
@@ -379,6 +387,8 @@ def run_parallel(sections, start):
                 reports.append(("wire", bench_wire(pool, broker)))
             if "heap" in sections:
                 reports.append(("heap", bench_heap(pool, broker)))
+            if "heap32" in sections:
+                reports.append(("heap32", chipheap.bench(pool, broker)))
             print("runs on %d processes at once ..." % JOBS, flush=True)
             for name, report in reports:
                 report()

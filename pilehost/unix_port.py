@@ -34,11 +34,38 @@ def heap_option(budget):
 
 
 def micropython_binary():
+    """The binary the runs use: $MICROPYTHON (host_tests/conftest.py's unix_binary fixture sets
+    it), else the venv's (64-bit, double-precision floats)."""
     for candidate in (os.environ.get("MICROPYTHON"), os.path.join(ROOT, ".venv", "bin", "micropython"),
                       shutil.which("micropython")):
         if candidate and os.path.exists(candidate):
             return candidate
     raise FileNotFoundError("no micropython binary: run `make venv` (or set MICROPYTHON)")
+
+
+# The unix port shaped like the ESP32: 32-bit words (31-bit small ints, 16-byte GC blocks, ints
+# of 2^30 and more on the heap) and single-precision floats (../shared/tools/README.md).
+_SHARED = [os.path.join(ROOT, "..", "shared"), os.path.join(ROOT, "..", "..", "shared")]
+
+
+def unix32_binary():
+    """$MICROPYTHON32, else ../shared/tools/micropython-unix32/micropython; None if absent."""
+    candidates = [os.environ.get("MICROPYTHON32")]
+    candidates += [os.path.join(d, "tools", "micropython-unix32", "micropython") for d in _SHARED]
+    for candidate in candidates:
+        if candidate and os.path.exists(candidate):
+            return os.path.normpath(candidate)
+    return None
+
+
+def binary(kind):
+    """'stock' (the venv's 64-bit port) or 'unix32'; None when that one is not on this machine."""
+    if kind == "unix32":
+        return unix32_binary()
+    for candidate in (os.path.join(ROOT, ".venv", "bin", "micropython"), shutil.which("micropython")):
+        if candidate and os.path.exists(candidate):
+            return candidate
+    return None
 
 
 def mpy_cross_binary():
@@ -139,10 +166,14 @@ class SimRun:
 
 
 def run_scenario(name=scenarios.DEFAULT, board="ref-esp32", config=None, heapsize=DEFAULT_HEAP,
-                 echo=False, timeout=120, flash_dir=None, kill_after_s=None, on_line=None):
+                 echo=False, timeout=120, flash_dir=None, kill_after_s=None, on_line=None,
+                 program=None, path=None, exact_heap=False):
     """Run one scenario. flash_dir: keep the board's flash there (else a temporary folder);
     kill_after_s: cut the power (SIGKILL) after this many seconds, leaving no result;
-    on_line: called with each output line as it comes (tests act on the firmware's reports)."""
+    on_line: called with each output line as it comes (tests act on the firmware's reports);
+    program: the binary (default micropython_binary()); path: MICROPYPATH (default
+    micropypath(); a frozen image's: pilehost/chipbuild.py); exact_heap: heapsize is the whole
+    -X heapsize, without the simulator's allowance (the bench's bisection)."""
     spec = scenarios.get(name)
     extra_kb = spec.get("heap_extra_kb", 0)  # a scenario that loads more (Wi-Fi, NTP) says so
     if extra_kb:
@@ -151,15 +182,15 @@ def run_scenario(name=scenarios.DEFAULT, board="ref-esp32", config=None, heapsiz
     conf.update(spec.get("config", {}))
     if config:
         conf.update(config)
-    env = dict(os.environ, MICROPYPATH=micropypath())
+    env = dict(os.environ, MICROPYPATH=path or micropypath())
     if flash_dir:
         keep = contextlib.nullcontext(flash_dir)
     else:
         keep = tempfile.TemporaryDirectory(prefix="pile-flash-")
     with keep as flash:
         prepare_flash(flash, board, conf, spec["steps"])
-        cmd = [micropython_binary(), "-X", "heapsize=" + heap_option(heapsize),
-               "-m", "rom"]
+        cmd = [program or micropython_binary(), "-X",
+               "heapsize=" + (heapsize if exact_heap else heap_option(heapsize)), "-m", "rom"]
         proc = subprocess.Popen(cmd, cwd=flash, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         lines = []

@@ -25,7 +25,24 @@ def _run_boot_files():
     main.run()
 
 
-def start():
+def largest_free_block():
+    """The largest bytearray the heap can give now (bytes): what a large allocation would find."""
+    low, high = 0, gc.mem_free()
+    while low < high:
+        mid = (low + high + 1) // 2
+        try:
+            probe = bytearray(mid)
+            del probe
+            low = mid
+        except MemoryError:
+            high = mid - 1
+    gc.collect()
+    return low
+
+
+def start(hooks=None):
+    """hooks (sim/chip_rom.py, the chip model): hooks.booting(sim) right before each boot's
+    boot.py, hooks.ended(sim) once the scenario is over."""
     with open("board.json") as f:
         board = json.load(f)
     with open("sim_scenario.json") as f:
@@ -53,6 +70,8 @@ def start():
         sim.log("board", "power-on" if sim.boots == 1 else "boot %d" % sim.boots)
         try:
             gc.collect()
+            if hooks is not None:
+                hooks.booting(sim)
             _run_boot_files()
             sim.log("board", "main.py returned: board idles at the REPL")
             break
@@ -64,10 +83,14 @@ def start():
         except world.SimEnd:
             break
     result = sim.result()
+    if hooks is not None:
+        hooks.ended(sim)
     gc.collect()
     result["heap_after_collect"] = gc.mem_alloc()
     result["heap_simulator"] = sim_heap
+    result["largest_free_block"] = largest_free_block()
     print("SIM-RESULT " + json.dumps(result))
 
 
-start()
+if __name__ == "__main__":  # `micropython -m rom`; sim/chip_rom.py calls start() itself
+    start()

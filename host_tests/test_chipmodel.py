@@ -1,0 +1,105 @@
+"""The chip-time model (pilehost/chipmodel.py): its arithmetic against the data sheet and the
+rules it states, and, where valgrind and the chip build are at hand, that a run under callgrind
+is cut where it says and counts the same every time (figures: `make bench WHAT=chip`)."""
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from pilehost import chipbuild, chipmodel
+
+CAL = chipmodel.Calibration(50000)
+
+
+def item(**kw):
+    base = {"kind": "loop", "ir": 0, "bursts": 1, "console": 0, "flash": [], "meta": [], "net": [],
+            "lines": [], "coil": False, "car": "A", "meter_rx": 0}
+    base.update(kw)
+    return base
+
+
+def test_a_small_file_is_inlined_a_larger_one_erases_a_sector():
+    small = item(flash=[["cmd_counter.json.tmp", "wb", 13, 0]], meta=[["rename", "cmd_counter.json"]])
+    assert chipmodel.flash_ops(small) == (0, 3, 2)  # data + commit in metadata, the rename's commit
+    big = item(flash=[["outbox.jrnl.tmp", "wb", 600, 0]])
+    assert chipmodel.flash_ops(big) == (1, 1 + 3, 1)
+
+
+def test_an_append_copies_the_last_block_into_a_newly_erased_one():
+    # a 313-byte journal gets a 600-byte record: 913 bytes go into a fresh block
+    e, p, c = chipmodel.flash_ops(item(flash=[["outbox.jrnl", "ab", 600, 313]]))
+    assert (e, p, c) == (1, 1 + 4, 1)
+    # crossing a block boundary erases two
+    e, _, _ = chipmodel.flash_ops(item(flash=[["outbox.jrnl", "ab", 600, 4096 + 3800]]))
+    assert e == 2
+
+
+def test_flash_times_are_the_data_sheets():
+    c = chipmodel.costs(item(flash=[["outbox.jrnl", "ab", 600, 313]]), CAL)
+    assert c["flash"] == (1 * 45.0 + 5 * 0.4, 2 * 400.0 + 5 * 3.0)  # worst: a metadata compaction too
+
+
+def test_console_blocks_past_the_fifo_at_115200_baud():
+    assert chipmodel.costs(item(console=128), CAL)["console"] == 0
+    # the issue's figure: a 577-byte record line (579 with CR LF) is ~40 ms
+    assert 39 < chipmodel.costs(item(console=579), CAL)["console"] < 40
+
+
+def test_calibration_scales_by_the_published_pystones():
+    cal = chipmodel.Calibration(60000)
+    one_ms_slow = 1 / cal.slow
+    assert round(one_ms_slow) == round(60000 * 1014 / 1000)
+    assert cal.fast < cal.slow
+
+
+def test_each_iteration_counts_under_one_path_the_first_that_applies():
+    assert chipmodel.primary_path(item()) == "idle tick"
+    assert chipmodel.primary_path(item(coil=True, car="C")) == "charging tick"
+    cmd = item(coil=True, net=["received 320 B", "publish status"],
+               flash=[["cmd_counter.json.tmp", "wb", 13, 0]])
+    assert chipmodel.primary_path(cmd) == "command"
+    assert chipmodel.primary_path(item(coil=True, net=["received 4 B"])) is None  # a PUBACK
+    assert chipmodel.primary_path(item(coil=True, meter_rx=9)) == "meter reply"
+    assert chipmodel.primary_path(item(coil=True, lines=["[1.0] contactor: open"])) == "C->B decision"
+
+
+def test_c_to_b_waits_the_debounce_then_stacks_what_lands_in_it():
+    def w(ms):
+        return {"total": (ms, ms * 10)}
+    worst = {"charging tick": w(8), "C->B decision": w(10), "collection": w(12), "command": w(20),
+             "status publish": w(9), "meter reply": w(7), "checkpoint": w(4)}
+    cb = chipmodel.c_to_b(worst, period_ms=5)
+    assert cb["alone"] == 3 * 8 + 10  # 20 ms of debounce at 8 ms an iteration: the third read
+    assert cb["stacked"] == 12 + 20 + 9 + 7 + 10
+    assert cb["checkpoint_worst"] == 12 + 20 + 9 + 7 + 40 + 10
+
+
+def _chip_binary_or_skip():
+    if shutil.which("valgrind") is None:
+        pytest.skip("valgrind is not installed (make chiptools)")
+    if not os.path.exists(chipbuild.SOURCE_TARBALL):
+        pytest.skip("no MicroPython source tarball in ../shared/tools")
+    probe = subprocess.run(["gcc", "-m32", "-x", "c", "-", "-o", os.devnull], input="int main(){return 0;}",
+                           capture_output=True, text=True)
+    if probe.returncode:
+        pytest.skip("no 32-bit C toolchain (Debian's gcc-multilib; make chiptools)")
+    return chipbuild.chip_binary(log=lambda text: None)
+
+
+def test_a_chip_run_is_cut_at_every_feed_and_counts_the_same_twice():
+    binary = _chip_binary_or_skip()
+    scenario = chipmodel.chip_scenario(charge_s=1, commands_at=(1300, 1600), tail_ms=600)
+    runs = [chipmodel.run_chip(binary, scenario=scenario) for _ in range(2)]
+    (first, result), (second, _) = runs
+    assert result["boots"] == 1
+    kinds = [i["kind"] for i in first]
+    assert kinds[:3] == ["rom", "gc", "boot"] and kinds[-2:] == ["tail", "gc"]
+    assert [i["ir"] for i in first] == [i["ir"] for i in second]  # deterministic
+    loops = [i for i in first if i["kind"] == "loop"]
+    assert len(loops) > 300 and all(i["bursts"] == 1 for i in loops)  # one pilot burst an iteration
+    paths = chipmodel.classify(first)
+    for name in ("idle tick", "charging tick", "command", "session start", "C->B decision"):
+        assert paths[name], name
+    # the simulated hardware is not counted: an idle tick is well under a million instructions
+    assert max(i["ir"] for i in paths["idle tick"]) < 1000000

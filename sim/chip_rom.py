@@ -1,0 +1,277 @@
+"""The chip model's ROM (MicroPython): sim/rom.py's run, arranged for counting instructions
+(pilehost/chipmodel.py runs it under callgrind on the chip build, pilehost/chipbuild.py).
+
+- time is sim/vclock.py's virtual clock, sockets are sim/chip_net.py's broker: the run is the
+  same every time;
+- everything the simulated hardware does runs inside chipmark.hw() and is not counted: on a
+  pile it is C (GPIO, ADC, UART, lwIP, LittleFS) or not the CPU's work; the pilot burst too
+  (PilotSampler.sample): it lasts BURST_US whatever the CPU, the model adds it as time;
+- each watchdog feed (once per control-loop iteration, firmware/main.py's run()) prints one
+  `CHIP {...}` line of what the iteration did (bursts, meter bytes, flash writes, MQTT packets)
+  and then calls chipmark.mark(), where callgrind cuts its counts. Every cut has its line, in
+  order: the model pairs them. Other cuts: the ROM's start ("rom"), gc.collect() with the
+  simulator alone and at the end with the firmware ("gc"), the scenario's tail ("tail").
+
+Usage (cwd = the flash folder, with chip_commands.json: [[ms, topic, payload], ...]):
+    micropython -m chip_rom
+"""
+import sys
+
+import vclock
+
+sys.modules["time"] = vclock  # before anything else imports time
+
+import builtins  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import os as _os  # noqa: E402
+
+import chipmark  # noqa: E402
+import world  # noqa: E402
+
+world._host_time = vclock.time
+import chip_net  # noqa: E402
+
+sys.modules["socket"] = chip_net
+sys.modules["select"] = chip_net
+import machine  # noqa: E402
+import pilot  # noqa: E402
+
+ADC_READ_US = 35  # one ESP32 ADC read from Python (firmware/pilot.py, evse-facts section 6)
+
+hw = chipmark.hw
+_stats = {}
+
+
+def _clear():
+    _stats["bursts"] = 0
+    _stats["meter_rx"] = 0
+    _stats["flash"] = []  # [path, mode, bytes written, size before]
+    _stats["meta"] = []  # ["rename"|"remove", path]
+    if chip_net.BROKER is not None:
+        chip_net.BROKER.events = []
+
+
+def _emit(kind, extra):
+    w = world.WORLD
+    broker = chip_net.BROKER
+    if (not extra and _stats["bursts"] == 1 and not _stats["meter_rx"] and not _stats["flash"]
+            and not _stats["meta"] and not (broker and broker.events)):
+        # a plain iteration: one short line, built without allocating (the simulator's garbage
+        # would make the heap collect more often than the firmware's own does)
+        print("CHIP", kind, w.now // 1000, 1 if w.coil else 0, w._car_letter, gc.mem_alloc())
+        _stats["bursts"] = 0
+        return
+    line = {"kind": kind, "t": w.now // 1000 if w is not None else 0}
+    if w is not None:
+        line["coil"] = w.coil
+        line["car"] = w._car_letter
+    line["alloc"] = gc.mem_alloc()  # a drop since the last line: a collection ran in between
+    line.update(_stats)
+    line["net"] = chip_net.BROKER.events if chip_net.BROKER is not None else []
+    line.update(extra)
+    print("CHIP " + json.dumps(line))
+    _clear()
+
+
+def cut(kind, **extra):
+    """Close the interval counted since the last cut, with its line."""
+    hw(_emit, kind, extra)
+    chipmark.mark()
+
+
+_excluded = chipmark.excluded  # a native callable: binds self, costs a native call
+
+
+for _cls, _names in ((machine.Pin, ("value", "on", "off", "irq")),
+                     (machine.PWM, ("freq", "duty_u16", "deinit")),
+                     (machine.UART, ("write", "any", "readinto", "flush")),
+                     (machine.RTC, ("datetime",)),
+                     (chip_net.socket, ("setblocking", "connect", "write", "send", "readinto", "close")),
+                     (chip_net.poll, ("register", "modify", "unregister", "poll"))):
+    for _name in _names:
+        setattr(_cls, _name, _excluded(getattr(_cls, _name)))
+machine.Pin.__call__ = machine.Pin.value
+for _name in ("idle", "reset", "soft_reset", "reset_cause", "unique_id"):
+    setattr(machine, _name, _excluded(getattr(machine, _name)))
+
+_adc_read_uv = machine.ADC.read_uv
+_adc_read_u16 = machine.ADC.read_u16
+
+
+def _adc_uv(self):
+    vclock.spend(ADC_READ_US)
+    return _adc_read_uv(self)
+
+
+def _adc_u16(self):
+    vclock.spend(ADC_READ_US)
+    return _adc_read_u16(self)
+
+
+machine.ADC.read_uv = _excluded(_adc_uv)
+machine.ADC.read_u16 = _excluded(_adc_u16)
+
+_uart_read = machine.UART.read
+
+
+def _uart_read_counted(self, n=-1):
+    data = _uart_read(self, n)
+    if data:
+        _stats["meter_rx"] += len(data)
+    return data
+
+
+machine.UART.read = _excluded(_uart_read_counted)
+
+_sample = pilot.PilotSampler.sample
+
+
+def _burst(self):
+    _stats["bursts"] += 1
+    _sample(self)
+
+
+pilot.PilotSampler.sample = _excluded(_burst)
+
+_feed = machine.WDT.feed
+_first_feed = [False]
+
+
+def _feed_counted(self):
+    _feed(self)
+    _emit("boot" if _first_feed[0] else "loop", {})
+    _first_feed[0] = False
+
+
+def _feed_and_cut(self):
+    hw(_feed_counted, self)
+    chipmark.mark()
+
+
+machine.WDT.feed = _feed_and_cut
+
+
+# -- flash: what the firmware writes, for the model's page programs and sector erases ------------
+
+_open = builtins.open
+
+
+class _Written:
+    """A file open for writing: its writes are counted, its C work is not (each method is one
+    native call, as the file's own methods are)."""
+
+    def __init__(self, f, path, mode, before):
+        self._f = f
+        self._rec = [path, mode, 0, before]
+
+    def write(self, data, *args):
+        n = self._f.write(data, *args)
+        self._rec[2] += n or 0
+        return n
+
+    def flush(self):
+        return self._f.flush()
+
+    def fileno(self):
+        return self._f.fileno()
+
+    def seek(self, *args):
+        return self._f.seek(*args)
+
+    def tell(self):
+        return self._f.tell()
+
+    def read(self, *args):
+        return self._f.read(*args)
+
+    def close(self):
+        if self._rec is not None:
+            _stats["flash"].append(self._rec)
+            self._rec = None
+        return self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+for _name in ("write", "flush", "fileno", "seek", "tell", "read", "close", "__enter__", "__exit__"):
+    setattr(_Written, _name, _excluded(getattr(_Written, _name)))
+
+
+def _size(path):
+    try:
+        return _os.stat(path)[6]
+    except OSError:
+        return 0
+
+
+def _open_counted(path, mode="r", *args):
+    f = _open(path, mode, *args)
+    if "w" in mode or "a" in mode or "+" in mode:
+        return _Written(f, path, mode, _size(path) if "a" in mode or "+" in mode else 0)
+    return f
+
+
+builtins.open = _excluded(_open_counted)
+
+
+class _Os:
+    """`os` for the firmware: rename and remove are counted (LittleFS metadata commits)."""
+
+    def __getattr__(self, name):
+        attr = getattr(_os, name)
+        if callable(attr):
+            return _excluded(attr)
+        return attr
+
+
+def _rename(a, b):
+    _stats["meta"].append(["rename", b])
+    return _os.rename(a, b)
+
+
+def _remove(path):
+    _stats["meta"].append(["remove", path])
+    return _os.remove(path)
+
+
+_Os.rename = staticmethod(_excluded(_rename))
+_Os.remove = staticmethod(_excluded(_remove))
+sys.modules["os"] = _Os()
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+class _Hooks:
+    def booting(self, sim):
+        if sim.boots == 1:
+            gc.collect()
+            cut("rom")
+            gc.collect()  # nothing to free: marking the live heap, and the sweep over it
+            cut("gc", live=gc.mem_alloc(), free=gc.mem_free(), who="simulator")
+        else:
+            cut("reset")
+        _first_feed[0] = True
+
+    def ended(self, sim):
+        gc.collect()
+        cut("tail")
+        gc.collect()  # as in booting(): the same work for the firmware's live heap added
+        cut("gc", live=gc.mem_alloc(), free=gc.mem_free(), who="firmware")
+
+
+def start():
+    with open("chip_commands.json") as f:
+        commands = [tuple(c) for c in json.load(f)]
+    chip_net.BROKER = chip_net.Broker([(t, topic, payload.encode()) for t, topic, payload in commands])
+    _clear()
+    import rom
+
+    rom.start(_Hooks())
+
+
+start()
