@@ -19,6 +19,7 @@ class Topics:
         self.status = (root + "status").encode()
         self.meter = (root + "meter").encode()
         self.ack = (root + "cmd/ack").encode()
+        self.health = (root + "health").encode()
         self.cmd = (root + "cmd").encode()
         fault = (root + "fault").encode()
         self.outbox = {  # journal kind -> topic; a kind not here is not published
@@ -61,6 +62,18 @@ def cmd_ack(wall, cmd_id, cmd, result, reason):
     return json.dumps({
         "v": 1, "cmd_id": cmd_id, "cmd": cmd, "result": result, "reason": reason,
         "ts": iso_utc(wall), "clock_synced": clock_synced(wall)}).encode()
+
+
+def health(wall, boot, uptime_s, fw, fig):
+    """fig: link_heal's figures as a dict, its keys docs/telemetry.md's `health` fields (built
+    only when a health message is due)."""
+    fig["v"] = 1
+    fig["ts"] = iso_utc(wall)
+    fig["clock_synced"] = clock_synced(wall)
+    fig["boot"] = boot
+    fig["uptime_s"] = uptime_s
+    fig["fw"] = fw
+    return json.dumps(fig).encode()
 
 
 def _one_decimal(values):

@@ -136,10 +136,13 @@ def build_link(board, conf, ctl):
         return None
     import mqtt_link
 
+    import link_heal
+
     tls = None if mconf.tls_ca is None else build_tls(mconf.tls_ca, mqtt_link)
     return mqtt_link.MqttLink(mconf, ctl, ctl.session_log, console.report, build_verifier(mconf),
                               fw=VERSION, board=board.name, reset=machine.reset, boot_ms=console.boot_ms,
-                              tls=tls)
+                              tls=tls, heal_store=link_heal.HealStore(files.HEAL_FILE),
+                              reset_cause=reset_cause())
 
 
 def build_tls(path, mqtt_link):
@@ -276,6 +279,14 @@ def service_timer(period_ms, callback):
     timer = machine.Timer(0)
     timer.init(mode=machine.Timer.PERIODIC, period=period_ms, callback=callback)
     return timer
+
+
+def reset_cause():
+    """machine.reset_cause(), or None where the port has none."""
+    try:
+        return machine.reset_cause()
+    except (AttributeError, OSError):
+        return None
 
 
 def idle():
