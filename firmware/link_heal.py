@@ -23,6 +23,7 @@ _KICK_MS = const(10000)
 _KICKS = const(3)
 _STREAK_CAP = const(5)  # the rate doubles up to 2**5 times reset_min_interval_s
 _MAX_MS = const(0x3FFFFFFF)
+_OB_MARKS = const(8)  # OutboxAge's (seq, ms) marks
 
 STEP_RECONNECT = "reconnect"
 STEP_WIFI = "wifi_restart"
@@ -205,8 +206,6 @@ class OutboxAge:
     sequence number move: a few (first seq, ms) marks. A record from an earlier boot counts from
     this boot's start (the least it can be)."""
 
-    _MARKS = const(8)
-
     def __init__(self, outbox, now_ms):
         self._outbox = outbox
         self._seen = outbox.next_seq
@@ -216,7 +215,7 @@ class OutboxAge:
         seq = self._outbox.next_seq
         if seq != self._seen:
             marks = self._marks
-            if len(marks) >= self._MARKS:
+            if len(marks) >= _OB_MARKS:
                 marks.pop(1)  # the older time is kept for those records: an age never too small
             marks.append((self._seen, now_ms))
             self._seen = seq

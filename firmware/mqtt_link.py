@@ -251,6 +251,8 @@ class MqttLink:
             heal.wifi_restarted(now_ms, why)
             self._emit(now_ms, "restarting the Wi-Fi: %s" % why)
             station.restart(now_ms, why)
+            self._backoff.reset()  # the next attempts follow the new association closely
+            self._retry_at = time.ticks_add(now_ms, _BACKOFF_MIN_MS)
             return
         why = "no broker for %d s" % gone
         try:
@@ -398,6 +400,7 @@ class MqttLink:
         station = self.station
         fig = {
             "reset_cause": self._cause, "board": self._board, "heap_free": free,
+            "heap_largest_free": largest,
             "outbox_records": depth, "outbox_oldest_s": age,
             "wifi_rssi": None if station is None else station.rssi(),
             "link": {"connects": h.connects, "reconnects": h.reconnects,
@@ -407,8 +410,6 @@ class MqttLink:
             "meter_errors": self._pile.meter_errors(),
             "loop_ms": {"max": longest, "avg": mean},
         }
-        if largest is not None:
-            fig["heap_largest_free"] = largest
         self._conn.publish(self._topics.health, telemetry.health(
             self._wall(), self._log.boot, self._uptime_ms // 1000, self._fw, fig), retain=True)
 
