@@ -4,6 +4,7 @@ broker that never answers CONNACK, a Wi-Fi that associates but routes nothing, a
 connection). Each heals without a reset while a session runs, and the ladder's steps are in the
 retained `health` message once the pile is back. Without a session the board is reset, never
 faster than the rate, across resets. A second client with the pile's id is reported, not fought."""
+import json
 import threading
 import time
 
@@ -29,7 +30,7 @@ except FileNotFoundError:  # pragma: no cover - `make test` installs it
     pytest.skip("MicroPython unix port not installed (make venv)", allow_module_level=True)
 
 
-def start(monkeypatch, port, steps, lines, **ladder):
+def start(monkeypatch, port, steps, lines, flash_dir=None, **ladder):
     """The scenario in a thread: (thread, box); box["run"] is the SimRun once it ends."""
     monkeypatch.setitem(unix_port.scenarios.SCENARIOS, "heal", {
         "doc": "the link breaks and heals", "steps": steps,
@@ -38,7 +39,7 @@ def start(monkeypatch, port, steps, lines, **ladder):
     config["wifi"] = WIFI
     box = {}
     thread = threading.Thread(target=lambda: box.setdefault("run", unix_port.run_scenario(
-        "heal", config=config, heapsize=HEAP, on_line=lines.append, timeout=180)))
+        "heal", config=config, heapsize=HEAP, on_line=lines.append, timeout=180, flash_dir=flash_dir)))
     thread.start()
     return thread, box
 
@@ -76,7 +77,8 @@ def healths(watcher):
     ("no_route", "no TCP connection within 5 s"),
     ("half_open", "broker silent for 1.5 x keep-alive"),
 ])
-def test_a_broken_link_heals_without_a_reset_while_a_session_runs(broker, watcher, monkeypatch, mode, symptom):
+def test_a_broken_link_heals_without_a_reset_while_a_session_runs(broker, watcher, monkeypatch, mode,
+                                                                  symptom):
     relay = BreakableRelay(broker.port)
     relay.up()
     lines = []
@@ -119,7 +121,8 @@ def test_a_broken_link_heals_without_a_reset_while_a_session_runs(broker, watche
     assert [e["stop_reason"] for e in ended] == ["ev_disconnected"]
 
 
-def test_without_a_session_the_board_resets_but_never_faster_than_the_rate(broker, watcher, monkeypatch):
+def test_without_a_session_the_board_resets_but_never_faster_than_the_rate(broker, watcher, monkeypatch,
+                                                                           tmp_path):
     """No broker from power-on, no car: reset after 15 s (10 s of uptime needed), again in the
     next boot only after 20 s of uptime (the count on flash doubles it); back in boot 3: the
     health says so, and the count on flash is cleared with the contactor open."""
@@ -127,11 +130,12 @@ def test_without_a_session_the_board_resets_but_never_faster_than_the_rate(broke
     relay.up()
     relay.break_link("connack")
     lines = []
-    thread, box = start(monkeypatch, relay.port, [(70000, "end")], lines)
+    thread, box = start(monkeypatch, relay.port, [(70000, "end")], lines, flash_dir=str(tmp_path))
     try:
         until(lambda: has(lines, "sim board: boot 3"), "two escalation resets", thread, lines, 90)
         relay.heal()
-        until(lambda: [h for h in watcher.live("health") if h["boot"] == 3], "boot 3's health", thread, lines, 40)
+        until(lambda: [h for h in watcher.live("health") if h["boot"] == 3], "boot 3's health",
+              thread, lines, 40)
         until(lambda: has(lines, "mqtt: connected") and [h for h in watcher.live("health")
                                                           if h["boot"] == 3 and h["uptime_s"] >= 10],
               "a later health", thread, lines, 40)
@@ -147,6 +151,8 @@ def test_without_a_session_the_board_resets_but_never_faster_than_the_rate(broke
     h = [h for h in healths(watcher) if h["boot"] == 3][0]
     assert h["reset_cause"] == "soft" and h["link"]["resets"] == 2
     assert h["link"]["last_step"] == "reset" and h["link"]["last_reason"].startswith("no broker for ")
+    kept = json.loads((tmp_path / "heal.json").read_text())
+    assert kept["resets"] == 2 and kept["streak"] == 0  # back: the next reset needs 10 s again
 
 
 def test_a_second_client_with_the_same_id_is_reported_not_fought(broker, watcher, monkeypatch):
