@@ -265,6 +265,7 @@ class MqttLink:
         self._pile.safe_off()  # contactor open first: never rely on the reset's pin state
         if self._reset is not None:
             self._reset()
+        heal.down_since = now_ms  # no reset to make (a bench): not again at once
 
     # -- what the connection tells (mqtt_conn.MqttConn's owner) ---------------------------------
 
@@ -405,7 +406,8 @@ class MqttLink:
             "wifi_rssi": None if station is None else station.rssi(),
             "link": {"connects": h.connects, "reconnects": h.reconnects,
                      "wifi_restarts": h.wifi_restarts, "resets": h.resets,
-                     "last_step": h.last_step, "last_reason": h.last_reason,
+                     "last_step": h.last_step,
+                     "last_reason": None if h.last_reason is None else h.last_reason[:200],
                      "client_id_conflict": h.conflict},
             "meter_errors": self._pile.meter_errors(),
             "loop_ms": {"max": longest, "avg": mean},
