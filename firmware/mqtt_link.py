@@ -240,6 +240,9 @@ class MqttLink:
     def _escalate(self, now_ms):
         """The ladder's steps beyond a reconnect (link_heal.Ladder.due), between attempts."""
         heal = self._heal
+        if self._held or self._lookup_held:  # waiting for the contactor by design, not broken
+            heal.down_since = now_ms
+            return
         station = self.station
         step = heal.due(now_ms, self._uptime_ms, None if station is None else station.connected,
                         self._pile.session_open())
@@ -271,7 +274,7 @@ class MqttLink:
 
     def conn_up(self, now_ms):
         self._backoff.reset()
-        # docs/telemetry.md order: online, status, subscribe, the outbox, then live messages.
+        # docs/telemetry.md order: online, status, health, subscribe, the outbox, then live messages.
         self._todo_online = self._todo_status = self._todo_health = True
         self._todo_subscribe = self._verifier is not None
         self._heal.up(now_ms)

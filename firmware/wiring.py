@@ -134,9 +134,8 @@ def build_link(board, conf, ctl):
     if ctl.session_log is None:
         console.report(now, "mqtt", "no pile_id in config.json: no MQTT link")
         return None
-    import mqtt_link
-
     import link_heal
+    import mqtt_link
 
     tls = None if mconf.tls_ca is None else build_tls(mconf.tls_ca, mqtt_link)
     return mqtt_link.MqttLink(mconf, ctl, ctl.session_log, console.report, build_verifier(mconf),

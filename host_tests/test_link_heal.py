@@ -205,3 +205,55 @@ def test_config_defaults():
     m = config.parse_config({"mqtt": {"host": "127.0.0.1"}}).mqtt
     assert (m.health_interval_s, m.wifi_restart_after_s, m.reset_after_s, m.reset_min_interval_s,
             m.conflict_pause_s) == (300, 300, 1800, 3600, 300)
+
+
+class Record:
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+
+class FakeStation:
+    connected = True
+
+    def __init__(self):
+        self.restarts = []
+
+    def restart(self, now_ms, why):
+        self.restarts.append(now_ms)
+
+    def rssi(self):
+        return -70
+
+
+def test_a_link_held_for_the_contactor_is_not_broken_and_escalates_only_once_it_may_connect(tmp_path):
+    """TLS waits for the contactor to open (docs/telemetry.md): hours of a session without a
+    connection are no outage; once the contactor opens and the broker still does not answer,
+    the ladder climbs, and the reset (with a session gone) comes only at the rate."""
+    import mqtt_link
+    from pilehost.procs import free_port
+
+    contactor = Record(closed=True)
+    charger = Record(state="charging", pilot="C", faults=0, offer_ma=16000, session=None)
+    ctl = Record(contactor=contactor, charger=charger, output=Record(pwm_on=True), meter=None, record=None,
+                 safe_off=lambda: setattr(contactor, "closed", False))
+    log = Record(pile_id="pile-9", boot=2, outbox=Record(next_seq=1, acked=0, pending=lambda: iter(())))
+    conf = config.parse_config({"mqtt": dict({"host": "127.0.0.1", "port": free_port()}, **CONF)}).mqtt
+    resets = []
+    lines = []
+    link = mqtt_link.MqttLink(conf, ctl, log, lambda now, what, text: lines.append(text), boot_ms=0,
+                              tls=object(), reset=lambda: resets.append(1),
+                              heal_store=link_heal.HealStore(str(tmp_path / "heal.json")))
+    station = link.station = FakeStation()
+    now = 0
+    for now in range(0, 7200 * S, 100):
+        link.poll(now)
+    assert not station.restarts and not resets
+    assert "TLS connection waits for the contactor to open" in lines
+    contactor.closed = False
+    opened = now
+    for now in range(opened, opened + 700 * S, 100):
+        link.poll(now)
+    assert station.restarts and station.restarts[0] - opened >= 60 * S
+    assert resets and link._heal.resets == len(resets)  # a bench reset callable returns: again later
+    steps = [t.split(":")[0] for t in lines if t.startswith(("restarting the Wi-Fi", "resetting the board"))]
+    assert steps[0] == "restarting the Wi-Fi" and "resetting the board" in steps
