@@ -162,6 +162,12 @@ MQTT_SCHEMA = {
     "keepalive_s": ("int", 60, 10, 3600, None),
     "status_interval_s": ("int", 60, 10, 86400, None),
     "meter_interval_s": ("int", 10, 10, 3600, None),  # docs/telemetry.md: 10-3600
+    # A link that heals itself (docs/network.md): the `health` message, then the ladder.
+    "health_interval_s": ("int", 300, 10, 86400, None),
+    "wifi_restart_after_s": ("int", 300, 10, 86400, None),
+    "reset_after_s": ("int", 1800, 10, 604800, None),
+    "reset_min_interval_s": ("int", 3600, 10, 604800, None),
+    "conflict_pause_s": ("int", 300, 10, 86400, None),
 }
 _MQTT_SECRET_KEYS = ("password", "secret")
 _MIN_SECRET_BYTES = 16  # command_auth refuses shorter keys
@@ -318,6 +324,10 @@ def _parse_mqtt(where, data):
             raise ConfigError("%s: '%s' must not be empty" % (where, key))
     if mqtt.tls_server_name is not None and mqtt.tls_ca is None:
         raise ConfigError("%s: 'tls_server_name' needs 'tls_ca'" % where)
+    if mqtt.reset_after_s <= mqtt.wifi_restart_after_s:
+        raise ConfigError("%s: 'reset_after_s' (%d) must be longer than 'wifi_restart_after_s' "
+                          "(%d): the Wi-Fi is restarted before the board is reset"
+                          % (where, mqtt.reset_after_s, mqtt.wifi_restart_after_s))
     if mqtt.port is None:
         mqtt.port = 1883 if mqtt.tls_ca is None else 8883
     return mqtt

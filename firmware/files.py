@@ -7,3 +7,4 @@ OUTBOX_FILE = "outbox.jrnl"  # records not yet acknowledged by the broker (journ
 SESSION_FILE = "session.json"  # the open session's snapshot (session_store.py)
 SETTINGS_FILE = "settings.json"  # availability, current limit, latched faults (docs/commands.md)
 CMD_COUNTER_FILE = "cmd_counter.json"  # the last accepted command counter (docs/commands.md)
+HEAL_FILE = "heal.json"  # the link's escalation resets, against a reset loop (docs/network.md)

@@ -57,6 +57,8 @@ def run():
         except wiring.Unavailable as e:
             hold_unavailable(board, str(e))
         station = wiring.build_wifi(conf)
+        if link is not None:
+            link.station = station  # the link's ladder restarts the Wi-Fi (link_heal.py)
         clock = wiring.build_clock(conf, ctl)
         wdt = wiring.watchdog(conf.wdt_timeout_ms)
         console.report(time.ticks_ms(), "main", "firmware %s, board %s, %s, max %s A%s" % (

@@ -12,6 +12,7 @@ from micropython import const
 
 import command_auth
 import commands
+import link_heal
 import telemetry
 from backoff import Backoff
 from mqtt_conn import DOWN, TCP, TLS, UP, WRAP, MqttConn
@@ -78,6 +79,17 @@ class PileView:
 
     def limit_source(self):
         return self._ctl.charger.limit_source
+    def session_open(self):
+        """A board reset must wait: the contactor closed, a record or a session open."""
+        ctl = self._ctl
+        return ctl.contactor.closed or ctl.records.record is not None or ctl.charger.session is not None
+
+    def meter_errors(self):
+        """{kind: count} of the meter's errors that happened (meter.KINDS), or None."""
+        meter = self._ctl.records.meter
+        if meter is None:
+            return None
+        return {k: n for k, n in meter.errors.items() if n}
 
     def safe_off(self):
         self._ctl.safe_off()
@@ -87,10 +99,14 @@ class MqttLink:
     """conf: config.json's mqtt section; ctl: the Controller (read through PileView, acted on
     through commands.Commands); log: the SessionLog (pile id, boot, the outbox journal);
     verifier: a CommandVerifier, or None to take no commands; reset: restarts the board
-    (machine.reset); tls: tls_context()'s SSLContext, or None: plain TCP."""
+    (machine.reset); tls: tls_context()'s SSLContext, or None: plain TCP; heal_store: a
+    link_heal.HealStore (None: the ladder never resets the board); reset_cause:
+    machine.reset_cause(). `station` (wifi.Station) is set by main.py when there is Wi-Fi."""
 
     def __init__(self, conf, ctl, log, report=None, verifier=None, fw="0", board="",
                  reset=None, boot_ms=None, wall=time.time, tls=None, ota=None):
+                 reset=None, boot_ms=None, wall=time.time, tls=None, heal_store=None,
+                 reset_cause=None):
         self._pile = PileView(ctl)
         self._ota = ota  # ota.Updater (docs/ota.md), or None
         self._commands = commands.Commands(ctl, ota)
@@ -136,6 +152,16 @@ class MqttLink:
         self._meter_at = 0
         if ota is not None:
             ota.bind(self._pile, t, log.boot, report, wall)
+        # A link that heals itself (link_heal.py, docs/network.md).
+        start = time.ticks_ms() if boot_ms is None else boot_ms
+        self.station = None
+        self._heal = link_heal.Ladder(conf, heal_store, start)
+        self._loop = link_heal.LoopFigures()
+        self._ob_age = link_heal.OutboxAge(self._outbox, start)
+        self._cause = link_heal.cause_name(reset_cause)
+        self._health_ms = conf.health_interval_s * 1000
+        self._health_at = 0
+        self._todo_health = False
 
     def _emit(self, now_ms, text):
         if self._report is not None:
@@ -150,14 +176,18 @@ class MqttLink:
     def poll(self, now_ms):
         """One bounded, non-blocking step; call it every control loop."""
         if self._last_now is not None:
-            self._uptime_ms += time.ticks_diff(now_ms, self._last_now)
+            dt = time.ticks_diff(now_ms, self._last_now)
+            self._uptime_ms += dt
+            self._loop.note(dt)
         self._last_now = now_ms
         self._watch(now_ms)
         if self._ota is not None:
             self._ota.poll(now_ms)
+        self._ob_age.note(now_ms)
         conn = self._conn
         state = conn.state
         if state == DOWN:
+            self._escalate(now_ms)
             if time.ticks_diff(now_ms, self._retry_at) >= 0:
                 self._open(now_ms)
             return
@@ -180,6 +210,12 @@ class MqttLink:
             except OSError as e:
                 self._drop(now_ms, str(e))
         elif state == UP:
+            heal = self._heal
+            heal.settle(now_ms)
+            try:
+                heal.flash_due(self._pile.contactor_closed())
+            except OSError as e:
+                self._emit(now_ms, "heal.json not written (%s)" % e)
             try:
                 self._work(now_ms)
                 conn.flush(now_ms)
@@ -219,19 +255,58 @@ class MqttLink:
         self.last_error = why
         self._acks = []  # answers for a dead connection: the sender has given up
         self._inflight = self._pending = self._drained_at = None
-        delay = self._backoff.next_ms()  # jitter: a fleet spreads out
+        pause = self._heal.down(now_ms, why)
+        if pause is None:
+            delay = self._backoff.next_ms()  # jitter: a fleet spreads out
+        else:  # another client holds our id: stand back instead of kicking it off in turn
+            delay = pause
+            why = "%s; client_id_conflict: another client connects as '%s'" % (why, self._log.pile_id)
         self._retry_at = time.ticks_add(now_ms, delay)
         self._emit(now_ms, "%s; next try in %d.%d s" % (why, delay // 1000, delay % 1000 // 100))
+
+    def _escalate(self, now_ms):
+        """The ladder's steps beyond a reconnect (link_heal.Ladder.due), between attempts."""
+        heal = self._heal
+        if self._held or self._lookup_held:  # waiting for the contactor by design, not broken
+            heal.down_since = now_ms
+            return
+        station = self.station
+        step = heal.due(now_ms, self._uptime_ms, None if station is None else station.connected,
+                        self._pile.session_open())
+        if step is None:
+            return
+        gone = time.ticks_diff(now_ms, heal.down_since) // 1000
+        if step == link_heal.STEP_WIFI:
+            why = "no broker for %d s with the Wi-Fi up" % gone
+            heal.wifi_restarted(now_ms, why)
+            self._emit(now_ms, "restarting the Wi-Fi: %s" % why)
+            station.restart(now_ms, why)
+            self._backoff.reset()  # the next attempts follow the new association closely
+            self._retry_at = time.ticks_add(now_ms, _BACKOFF_MIN_MS)
+            return
+        why = "no broker for %d s" % gone
+        try:
+            heal.resetting(why)  # on flash first: the rate holds across the reset
+        except OSError as e:
+            heal.down_since = now_ms  # try again after a whole reset_after_s
+            self._emit(now_ms, "board reset given up: heal.json not written (%s)" % e)
+            return
+        self._emit(now_ms, "resetting the board: %s (escalation reset %d)" % (why, heal.resets))
+        self._pile.safe_off()  # contactor open first: never rely on the reset's pin state
+        if self._reset is not None:
+            self._reset()
+        heal.down_since = now_ms  # no reset to make (a bench): not again at once
 
     # -- what the connection tells (mqtt_conn.MqttConn's owner) ---------------------------------
 
     def conn_up(self, now_ms):
         self._backoff.reset()
-        # docs/telemetry.md order: online, status, subscribe, the outbox, then live messages.
-        self._todo_online = self._todo_status = True
+        # docs/telemetry.md order: online, status, health, subscribe, the outbox, then live messages.
+        self._todo_online = self._todo_status = self._todo_health = True
         self._todo_subscribe = self._verifier is not None
         if self._ota is not None:
             self._ota.conn_up()
+        self._heal.up(now_ms)
         self._emit(now_ms, "connected to %s:%d" % (self._host, self._port))
 
     def conn_puback(self, now_ms, pid):
@@ -283,6 +358,9 @@ class MqttLink:
         elif self._todo_status:
             self._todo_status = False
             self._publish_status(now_ms)
+        elif self._todo_health:
+            self._todo_health = False
+            self._publish_health(now_ms)
         elif self._todo_subscribe:
             self._todo_subscribe = False
             conn.subscribe(t.cmd)
@@ -295,6 +373,8 @@ class MqttLink:
         elif self._status_due and time.ticks_diff(now_ms, self._status_at) >= _STATUS_MIN_GAP_MS \
                 or time.ticks_diff(now_ms, self._status_at) >= self._status_ms:
             self._publish_status(now_ms)
+        elif time.ticks_diff(now_ms, self._health_at) >= self._health_ms:
+            self._publish_health(now_ms)
         elif time.ticks_diff(now_ms, self._meter_at) >= self._meter_ms:
             self._meter_at = now_ms
             pile = self._pile
@@ -355,6 +435,30 @@ class MqttLink:
             None if reading is None else reading.power_w, None if s is None else s.id,
             0 if s is None else s.energy_wh, faults, self._fw, self._board,
             p.limit(now_ms), p.meter_age_ms(now_ms)), retain=True)
+
+    def _publish_health(self, now_ms):
+        """docs/telemetry.md `health`: built only when it is due."""
+        self._health_at = now_ms
+        h = self._heal
+        free, largest = link_heal.heap()
+        depth, age = self._ob_age.figures(now_ms)
+        longest, mean, _ = self._loop.take()
+        station = self.station
+        fig = {
+            "reset_cause": self._cause, "board": self._board, "heap_free": free,
+            "heap_largest_free": largest,
+            "outbox_records": depth, "outbox_oldest_s": age,
+            "wifi_rssi": None if station is None else station.rssi(),
+            "link": {"connects": h.connects, "reconnects": h.reconnects,
+                     "wifi_restarts": h.wifi_restarts, "resets": h.resets,
+                     "last_step": h.last_step,
+                     "last_reason": None if h.last_reason is None else h.last_reason[:200],
+                     "client_id_conflict": h.conflict},
+            "meter_errors": self._pile.meter_errors(),
+            "loop_ms": {"max": longest, "avg": mean},
+        }
+        self._conn.publish(self._topics.health, telemetry.health(
+            self._wall(), self._log.boot, self._uptime_ms // 1000, self._fw, fig), retain=True)
 
     # -- commands (docs/commands.md) -------------------------------------------------------------
 

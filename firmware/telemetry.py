@@ -19,6 +19,7 @@ class Topics:
         self.status = (root + "status").encode()
         self.meter = (root + "meter").encode()
         self.ack = (root + "cmd/ack").encode()
+        self.health = (root + "health").encode()
         self.cmd = (root + "cmd").encode()
         self.ota = (root + "ota").encode()
         fault = (root + "fault").encode()
@@ -85,6 +86,18 @@ def ota(wall, boot, release, version, state, target, progress, reason, rolled_ba
         "v": 1, "ts": iso_utc(wall), "clock_synced": clock_synced(wall), "boot": boot,
         "release": release, "version": version, "state": state, "target": target,
         "progress": progress, "reason": reason, "rolled_back": rolled_back}).encode()
+
+
+def health(wall, boot, uptime_s, fw, fig):
+    """fig: link_heal's figures as a dict, its keys docs/telemetry.md's `health` fields (built
+    only when a health message is due)."""
+    fig["v"] = 1
+    fig["ts"] = iso_utc(wall)
+    fig["clock_synced"] = clock_synced(wall)
+    fig["boot"] = boot
+    fig["uptime_s"] = uptime_s
+    fig["fw"] = fw
+    return json.dumps(fig).encode()
 
 
 def _one_decimal(values):

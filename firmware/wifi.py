@@ -54,6 +54,7 @@ class Station:
         self._backoff = Backoff(_BACKOFF_MIN_MS, _BACKOFF_MAX_MS)
         self.attempts = 0
         self.losses = 0
+        self.restarts = 0
 
     def _emit(self, now_ms, text):
         if self._report is not None:
@@ -134,6 +135,28 @@ class Station:
         self._retry_at = time.ticks_add(now_ms, delay)
         self._state = _PAUSE
         self._emit(now_ms, "%s; next try in %d.%d s" % (why, delay // 1000, delay % 1000 // 100))
+
+    def restart(self, now_ms, why):
+        """The link's ladder (link_heal.py): associated but nothing gets through. Called off
+        (disconnect()) and joined again at once; neither call waits."""
+        self.restarts += 1
+        try:
+            self._wlan.disconnect()
+        except OSError:
+            pass
+        if self._down_since is None or self._state == _UP:
+            self._down_since = now_ms
+        self._emit(now_ms, "restarting the connection to '%s' (%s)" % (self._ssid, why))
+        self._connect(now_ms)
+
+    def rssi(self):
+        """The signal in dBm while connected (the ESP32's status("rssi")), else None."""
+        if self._state != _UP:
+            return None
+        try:
+            return self._wlan.status("rssi")
+        except (OSError, ValueError, TypeError):
+            return None
 
     def _reason(self):
         """' (why)', or '' when status() only says it is still trying."""

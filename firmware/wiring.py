@@ -136,6 +136,7 @@ def build_link(board, conf, ctl):
     if ctl.records.log is None:
         console.report(now, "mqtt", "no pile_id in config.json: no MQTT link")
         return None
+    import link_heal
     import mqtt_link
 
     tls = None if mconf.tls_ca is None else build_tls(mconf.tls_ca, mqtt_link)
@@ -146,7 +147,8 @@ def build_link(board, conf, ctl):
         updater = ota.build(conf.ota, board.name, VERSION, machine.reset)
     return mqtt_link.MqttLink(mconf, ctl, ctl.records.log, console.report, build_verifier(mconf),
                               fw=VERSION, board=board.name, reset=machine.reset, boot_ms=console.boot_ms,
-                              tls=tls, ota=updater)
+                              tls=tls, ota=updater, heal_store=link_heal.HealStore(files.HEAL_FILE),
+                              reset_cause=reset_cause())
 
 
 def build_tls(path, mqtt_link):
@@ -283,6 +285,14 @@ def service_timer(period_ms, callback):
     timer = machine.Timer(0)
     timer.init(mode=machine.Timer.PERIODIC, period=period_ms, callback=callback)
     return timer
+
+
+def reset_cause():
+    """machine.reset_cause(), or None where the port has none."""
+    try:
+        return machine.reset_cause()
+    except (AttributeError, OSError):
+        return None
 
 
 def idle():

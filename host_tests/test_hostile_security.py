@@ -318,10 +318,12 @@ def make_link(monkeypatch, net, host="broker.example"):
     contactor = Record(closed=True)
     charger = Record(state="charging", pilot="C", faults=0, offer_ma=16000, session=None)
     ctl = Record(contactor=contactor, charger=charger, output=Record(pwm_on=True), meter=None, record=None)
-    outbox = Record(next_seq=1, pending=lambda: iter(()), ack=lambda seq: None)
+    outbox = Record(next_seq=1, acked=0, pending=lambda: iter(()), ack=lambda seq: None)
     log = Record(pile_id="pile-19", boot=3, outbox=outbox)
     conf = Record(host=host, port=1883, tls_server_name=None, username=None, password=None,
-                  keepalive_s=60, status_interval_s=60, meter_interval_s=10)
+                  keepalive_s=60, status_interval_s=60, meter_interval_s=10, health_interval_s=300,
+                  wifi_restart_after_s=300, reset_after_s=1800, reset_min_interval_s=3600,
+                  conflict_pause_s=300)
     lines = []
     link = mqtt_link.MqttLink(conf, ctl, log, lambda now, what, text: lines.append(text), boot_ms=0)
     return link, contactor, lines

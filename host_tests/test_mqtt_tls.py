@@ -400,6 +400,7 @@ class Outbox:
     def __init__(self, payloads):
         self.records = {seq: p for seq, p in enumerate(payloads, 1)}
         self.next_seq = len(payloads) + 1
+        self.acked = 0
 
     def pending(self):
         for seq in sorted(self.records):
@@ -436,7 +437,9 @@ class Rig:
         self.outbox = Outbox(payloads)
         log = Record(pile_id="pile-7", boot=3, outbox=self.outbox)
         conf = Record(host="10.0.0.5", port=8883, tls_server_name=None, username=None, password=None,
-                      keepalive_s=60, status_interval_s=60, meter_interval_s=10)
+                      keepalive_s=60, status_interval_s=60, meter_interval_s=10, health_interval_s=300,
+                      wifi_restart_after_s=300, reset_after_s=1800, reset_min_interval_s=3600,
+                      conflict_pause_s=300)
         self.tls = Context(self.contactor, **behaviour)
         self.lines = []
         self.link = mqtt_link.MqttLink(conf, ctl, log, lambda now, what, text: self.lines.append((now, text)),

@@ -197,10 +197,12 @@ def test_item19_a_host_with_a_port_in_it_is_not_looked_up_while_charging(monkeyp
     contactor = Record(closed=True)
     charger = Record(state="charging", pilot="C", faults=0, offer_ma=16000, session=None)
     ctl = Record(contactor=contactor, charger=charger, output=Record(pwm_on=True), meter=None, record=None)
-    outbox = Record(next_seq=1, pending=lambda: iter(()), ack=lambda seq: None)
+    outbox = Record(next_seq=1, acked=0, pending=lambda: iter(()), ack=lambda seq: None)
     log = Record(pile_id="pile-19", boot=3, outbox=outbox)
     conf = Record(host="broker.example:8883", port=1883, tls_server_name=None, username=None,
-                  password=None, keepalive_s=60, status_interval_s=60, meter_interval_s=10)
+                  password=None, keepalive_s=60, status_interval_s=60, meter_interval_s=10,
+                  health_interval_s=300, wifi_restart_after_s=300, reset_after_s=1800,
+                  reset_min_interval_s=3600, conflict_pause_s=300)
     link = mqtt_link.MqttLink(conf, ctl, log, lambda now, what, text: None, boot_ms=0)
     for now in range(0, 120000, 5):
         link.poll(now)

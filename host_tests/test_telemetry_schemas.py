@@ -23,7 +23,8 @@ def load_schemas():
 
 SCHEMAS = load_schemas()
 EXAMPLES = [(name, i) for name, s in SCHEMAS.items() for i in range(len(s.get("examples", [])))]
-KINDS = ("status", "online", "session_started", "session_ended", "meter", "fault", "cmd_ack", "ota")
+KINDS = ("status", "online", "session_started", "session_ended", "meter", "fault", "cmd_ack", "ota",
+         "health")
 
 
 def validator(name):

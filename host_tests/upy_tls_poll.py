@@ -20,6 +20,7 @@ class Section:
 
 class Outbox:
     next_seq = 1
+    acked = 0
 
     def pending(self):
         return iter(())
@@ -30,7 +31,9 @@ def main():
     with open(sys.argv[2], "rb") as f:
         tls = mqtt_link.tls_context(f.read())
     conf = Section(host="127.0.0.1", port=port, tls_server_name=None, username=None, password=None,
-                   keepalive_s=10, status_interval_s=60, meter_interval_s=10)
+                   keepalive_s=10, status_interval_s=60, meter_interval_s=10, health_interval_s=300,
+                   wifi_restart_after_s=300, reset_after_s=1800, reset_min_interval_s=3600,
+                   conflict_pause_s=300)
     charger = Section(state="idle", pilot="A", faults=0, offer_ma=0, session=None)
     ctl = Section(contactor=Section(closed=False), charger=charger, output=Section(pwm_on=False),
                   meter=None, record=None)

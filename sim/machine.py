@@ -171,12 +171,11 @@ SOFT_RESET = 5
 
 
 def reset():
-    _w().reset_cause = HARD_RESET
-    raise world.SimReset()
+    raise world.SimReset(SOFT_RESET)  # the ESP32: esp_restart() -> ESP_RST_SW -> SOFT_RESET
 
 
 def soft_reset():
-    raise world.SimReset()
+    raise world.SimReset(SOFT_RESET)
 
 
 def reset_cause():

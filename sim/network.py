@@ -30,6 +30,7 @@ SCAN_US = 1500000  # a scan of every channel that finds no such network
 BEACON_LOSS_US = 1000000  # beacons missed before the driver gives the AP up (short, for scenarios)
 
 ADDRESS = "192.168.4.23"
+RSSI = -61  # dBm, a fair signal
 
 
 def _w():
@@ -80,6 +81,10 @@ class _Station:
 
     def status(self, param=None):
         """The ESP32's order of answers (network_wlan.c network_wlan_status)."""
+        if param == "rssi":  # the ESP32 answers it only while connected
+            if not self.isconnected():
+                raise OSError("STA is not connected")
+            return RSSI
         if param is not None:
             raise ValueError("sim: status(%r) not simulated" % (param,))
         self._update()

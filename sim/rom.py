@@ -75,8 +75,8 @@ def start(hooks=None):
             _run_boot_files()
             sim.log("board", "main.py returned: board idles at the REPL")
             break
-        except world.SimReset:
-            sim.reset()
+        except world.SimReset as e:
+            sim.reset(e.args[0] if e.args else 5)
             for mod in list(sys.modules):
                 if mod not in preloaded:
                     del sys.modules[mod]  # a reset starts with fresh modules

@@ -45,7 +45,8 @@ def iso_us(unix_us):
 
 
 class SimReset(BaseException):
-    """The board resets (watchdog or machine.reset()); the ROM boots it again."""
+    """The board resets (watchdog or machine.reset()); the ROM boots it again. args[0]: the
+    cause machine.reset_cause() gives after it (5 soft, 3 watchdog)."""
 
 
 class SimEnd(BaseException):
@@ -122,7 +123,7 @@ class World:
         self.echo = echo
         self.latencies_ms = []
         self.boots = 0
-        self.reset_cause = 1  # machine.PWRON_RESET; the cause of the last reset after one
+        self.reset_cause = 1  # machine.PWRON_RESET
 
         self.car = Car()
         self.pins = {}  # output levels the firmware drives
@@ -195,8 +196,7 @@ class World:
         if self.wdt_timeout_us is not None and now - self.wdt_fed > self.wdt_timeout_us:
             self.wdt_timeout_us = None
             self.log("wdt", "watchdog timeout: board resets")
-            self.reset_cause = 3  # machine.WDT_RESET
-            raise SimReset()
+            raise SimReset(3)
         for ch in self.uarts.values():
             if ch.pending:
                 ch.deliver(now)
@@ -563,9 +563,10 @@ class World:
         self.advance()
         self.wdt_fed = self.now
 
-    def reset(self):
+    def reset(self, cause=5):
         """What a reset does to the hardware: GPIOs float (pull-downs hold the coil off)."""
         self.log("board", "reset")
+        self.reset_cause = cause
         self.pins = {}
         self.pwm_duty = None
         if self.coil:

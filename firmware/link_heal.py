@@ -1,0 +1,243 @@
+"""A link that heals itself (docs/network.md, "A link that heals itself"): the connect watchdog
+and its escalation ladder, reconnect -> restart the Wi-Fi -> reset the board; a second client
+with the same client id told from a broken link; and the figures of the `health` message.
+
+Decisions only: the link (mqtt_link.py) asks what is due and does it. The board reset is allowed
+only with no session open and never more often than the rate: the count of escalation resets
+that did not bring the link back is kept on flash (files.HEAL_FILE), so a board that cannot
+reach its broker does not reset-loop: each such reset doubles the uptime the next one needs."""
+import gc
+import json
+import time
+
+from micropython import const
+
+import durable
+
+# machine.reset_cause() on the ESP32 (ports/esp32/modmachine.c).
+_CAUSES = {1: "power_on", 2: "hard", 3: "wdt", 4: "deepsleep", 5: "soft"}
+# A connection the broker closes this soon after its CONNACK is "kicked"; this many in a row:
+# another client uses our client id (MQTT 3.1.1 section 3.1.4: the broker disconnects the
+# existing client with the same id).
+_KICK_MS = const(10000)
+_KICKS = const(3)
+_STREAK_CAP = const(5)  # the rate doubles up to 2**5 times reset_min_interval_s
+_MAX_MS = const(0x3FFFFFFF)
+_OB_MARKS = const(8)  # OutboxAge's (seq, ms) marks
+
+STEP_RECONNECT = "reconnect"
+STEP_WIFI = "wifi_restart"
+STEP_RESET = "reset"
+CLOSED_BY_BROKER = "closed by the broker"  # mqtt_conn.py's text when the broker closes
+
+
+def cause_name(code):
+    if code is None:
+        return "unknown"
+    return _CAUSES.get(code, "unknown")
+
+
+class HealStore:
+    """files.HEAL_FILE: {"resets": every escalation reset, "streak": those since the link was
+    last up, "reason": why the last one}. Unreadable: a streak of 1, so the rate stays slow."""
+
+    def __init__(self, path):
+        self.path = path
+        self.resets = 0
+        self.streak = 0
+        self.reason = None
+        try:
+            with open(path) as f:
+                d = json.load(f)
+            self.resets = int(d["resets"])
+            self.streak = int(d["streak"])
+            self.reason = d.get("reason")
+        except OSError:
+            pass  # never written: no escalation reset yet
+        except (ValueError, KeyError, TypeError):
+            self.streak = 1
+
+    def save(self):
+        """A flash write: the caller makes sure the contactor is open."""
+        durable.write_atomic(self.path, json.dumps(
+            {"resets": self.resets, "streak": self.streak, "reason": self.reason}).encode())
+
+
+class Ladder:
+    """conf: config.json's mqtt section (wifi_restart_after_s, reset_after_s,
+    reset_min_interval_s, conflict_pause_s); store: a HealStore or None (then no reset ever);
+    now_ms: the link's boot time, when the watchdog starts."""
+
+    def __init__(self, conf, store, now_ms):
+        self._wifi_ms = conf.wifi_restart_after_s * 1000
+        self._reset_ms = conf.reset_after_s * 1000
+        self._rate_ms = conf.reset_min_interval_s * 1000
+        self.conflict_pause_ms = conf.conflict_pause_s * 1000
+        self._store = store
+        self.down_since = now_ms  # the watchdog: when the link was last up (or the boot)
+        self._wifi_at = None  # the last Wi-Fi restart of this outage
+        self._up_at = None  # CONNACK of the current connection
+        self.connects = 0
+        self.reconnects = 0  # connections lost or failed, each retried (step 1)
+        self.wifi_restarts = 0
+        self.resets = 0 if store is None else store.resets
+        self.last_step = None
+        self.last_reason = None
+        if store is not None and store.streak:  # the board came back from an escalation reset
+            self.last_step = STEP_RESET
+            self.last_reason = store.reason
+        self.kicks = 0
+        self.conflict = False
+        self._clear_streak = False  # the link came back: streak to 0 once the contactor is open
+
+    # -- what the link tells ---------------------------------------------------------------------
+
+    def up(self, now_ms):
+        self.connects += 1
+        self._up_at = now_ms
+        self._wifi_at = None
+        if self._store is not None and self._store.streak:
+            self._clear_streak = True
+
+    def down(self, now_ms, why):
+        """A connection ended or an attempt failed; returns the pause before the next attempt when
+        it is not the backoff's (a client id conflict), else None."""
+        up_at = self._up_at
+        self._up_at = None
+        self.reconnects += 1
+        if up_at is not None or self.last_step is None:  # a new outage: its first rung
+            self.last_step = STEP_RECONNECT
+            self.last_reason = why
+        if up_at is None:
+            return self.conflict_pause_ms if self.conflict else None
+        self.down_since = now_ms
+        if CLOSED_BY_BROKER in why and time.ticks_diff(now_ms, up_at) < _KICK_MS:
+            self.kicks += 1
+            if self.kicks >= _KICKS:
+                self.conflict = True
+                self.last_reason = "client_id_conflict"
+                return self.conflict_pause_ms
+            return None
+        self.kicks = 0
+        self.conflict = False
+        return None
+
+    def settle(self, now_ms):
+        """While up: a connection that lasts ends a suspected conflict."""
+        up_at = self._up_at
+        if up_at is not None and (self.kicks or self.conflict) \
+                and time.ticks_diff(now_ms, up_at) >= _KICK_MS:
+            self.kicks = 0
+            self.conflict = False
+
+    # -- what is due -----------------------------------------------------------------------------
+
+    def due(self, now_ms, uptime_ms, wifi_up, session_open):
+        """While the link is down: STEP_WIFI, STEP_RESET or None. wifi_up: the station has an
+        address (None: no Wi-Fi here); session_open: the contactor is closed or a record open."""
+        if self.conflict:
+            return None  # the network works: another client holds our id
+        down = time.ticks_diff(now_ms, self.down_since)
+        if down >= self._reset_ms and not session_open and self.may_reset(uptime_ms):
+            return STEP_RESET
+        if wifi_up and down >= self._wifi_ms and (
+                self._wifi_at is None or time.ticks_diff(now_ms, self._wifi_at) >= self._wifi_ms):
+            return STEP_WIFI
+        return None
+
+    def may_reset(self, uptime_ms):
+        """The rate: this boot's uptime is the least time since the last escalation reset."""
+        store = self._store
+        if store is None:
+            return False
+        need = self._rate_ms << min(store.streak, _STREAK_CAP)
+        return uptime_ms >= min(need, _MAX_MS)
+
+    def wifi_restarted(self, now_ms, why):
+        self._wifi_at = now_ms
+        self.wifi_restarts += 1
+        self.last_step = STEP_WIFI
+        self.last_reason = why
+
+    def resetting(self, why):
+        """Before the reset: counted on flash (the contactor is open: due() saw to it)."""
+        store = self._store
+        store.resets += 1
+        store.streak += 1
+        store.reason = why
+        store.save()
+        self.resets = store.resets
+        self.last_step = STEP_RESET
+        self.last_reason = why
+
+    def flash_due(self, contactor_closed):
+        """The link is back after escalation resets: the streak goes to 0 on flash, never with
+        the contactor closed. OSError is the caller's to report."""
+        if not self._clear_streak or contactor_closed:
+            return
+        self._clear_streak = False
+        self._store.streak = 0
+        self._store.save()
+
+
+class LoopFigures:
+    """The control loop's period as the link sees it (time between two polls), since the last
+    health message: max and mean in ms."""
+
+    def __init__(self):
+        self.max_ms = 0
+        self.sum_ms = 0
+        self.n = 0
+
+    def note(self, dt_ms):
+        if dt_ms > self.max_ms:
+            self.max_ms = dt_ms
+        self.sum_ms += dt_ms
+        self.n += 1
+
+    def take(self):
+        out = (self.max_ms, self.sum_ms // self.n if self.n else 0, self.n)
+        self.max_ms = self.sum_ms = self.n = 0
+        return out
+
+
+class OutboxAge:
+    """When the records still unacknowledged were written, as this boot saw the journal's next
+    sequence number move: a few (first seq, ms) marks. A record from an earlier boot counts from
+    this boot's start (the least it can be)."""
+
+    def __init__(self, outbox, now_ms):
+        self._outbox = outbox
+        self._seen = outbox.next_seq
+        self._marks = [(0, now_ms)]  # everything before this boot: from now
+
+    def note(self, now_ms):
+        seq = self._outbox.next_seq
+        if seq != self._seen:
+            marks = self._marks
+            if len(marks) >= _OB_MARKS:
+                marks.pop(1)  # the older time is kept for those records: an age never too small
+            marks.append((self._seen, now_ms))
+            self._seen = seq
+
+    def figures(self, now_ms):
+        """(records not yet acknowledged, age of the oldest in s or None)."""
+        ob = self._outbox
+        depth = max(0, ob.next_seq - 1 - ob.acked)
+        if not depth:
+            self._marks = self._marks[-1:]
+            return 0, None
+        first = ob.acked + 1
+        at = self._marks[0][1]
+        for seq, ms in self._marks:
+            if seq <= first:
+                at = ms
+        return depth, time.ticks_diff(now_ms, at) // 1000
+
+
+def heap():
+    """(free bytes, largest free block or None): stock MicroPython prints the largest block in
+    micropython.mem_info() but returns nothing, so it is None there."""
+    free = getattr(gc, "mem_free", None)  # CPython (the host tests) has none: 0
+    largest = getattr(gc, "mem_maxfree", None)
+    return 0 if free is None else free(), None if largest is None else largest()
