@@ -33,6 +33,7 @@ for _name in (
     "durable",
     "files",
     "journal",
+    "link_heal",
     "meter",
     "modbus_meter",
     "mqtt_conn",

@@ -104,8 +104,7 @@ class MqttLink:
     machine.reset_cause(). `station` (wifi.Station) is set by main.py when there is Wi-Fi."""
 
     def __init__(self, conf, ctl, log, report=None, verifier=None, fw="0", board="",
-                 reset=None, boot_ms=None, wall=time.time, tls=None, ota=None):
-                 reset=None, boot_ms=None, wall=time.time, tls=None, heal_store=None,
+                 reset=None, boot_ms=None, wall=time.time, tls=None, ota=None, heal_store=None,
                  reset_cause=None):
         self._pile = PileView(ctl)
         self._ota = ota  # ota.Updater (docs/ota.md), or None

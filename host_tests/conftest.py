@@ -188,3 +188,33 @@ def unix_binary(request, monkeypatch):
         pytest.skip("no %s MicroPython unix port on this machine" % request.param)
     monkeypatch.setenv("MICROPYTHON", path)
     return request.param
+
+
+# -- an MQTT link whose network never answers --------------------------------------------------------
+
+@pytest.fixture
+def offline_link(monkeypatch):
+    """make(net, host) -> (link, contactor, lines): the firmware's MqttLink on a pile charging with
+    its contactor closed, its network `net` (pilehost.link_rig.OfflineNet: lookups recorded, TCP
+    never connects); lines: what it reported."""
+    import mqtt_conn
+    import mqtt_link
+
+    from pilehost.link_rig import Stub, charging_ctl
+
+    def make(net, host="broker.example"):
+        monkeypatch.setattr(mqtt_link, "socket", net)  # getaddrinfo
+        monkeypatch.setattr(mqtt_conn, "socket", net)
+        monkeypatch.setattr(mqtt_conn, "select", net)
+        ctl, contactor = charging_ctl()
+        outbox = Stub(next_seq=1, acked=0, pending=lambda: iter(()), ack=lambda seq: None)
+        log = Stub(pile_id="pile-19", boot=3, outbox=outbox)
+        conf = Stub(host=host, port=1883, tls_server_name=None, username=None, password=None,
+                    keepalive_s=60, status_interval_s=60, meter_interval_s=10, health_interval_s=300,
+                    wifi_restart_after_s=300, reset_after_s=1800, reset_min_interval_s=3600,
+                    conflict_pause_s=300)
+        lines = []
+        link = mqtt_link.MqttLink(conf, ctl, log, lambda now, what, text: lines.append(text), boot_ms=0)
+        return link, contactor, lines
+
+    return make

@@ -1,7 +1,6 @@
 """Issue 10, items 14, 16, 17 and 19: one auth_id rule on the pile and in the cloud; session ids
 matched whole to their pile; one broker identity per pile (mosquitto users, ACL, client id bound
 to the user); no host name lookup while the contactor is closed."""
-import errno
 import json
 import os
 import socket
@@ -12,13 +11,12 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import command_auth  # firmware/
-import mqtt_conn
-import mqtt_link  # umqtt.simple: loaded by conftest.py
 import sntp
 from pilehost import ROOT, consumer, fake_pile, pilecmd
 from pilehost.broker import find_mosquitto
 from pilehost.cloud import LocalBroker, schemas
 from pilehost.fake_pile import FakePile, Publisher
+from pilehost.link_rig import OfflineNet
 from pilehost.procs import wait_for
 
 SCHEMAS = schemas()
@@ -253,82 +251,6 @@ def test_item17_the_tool_makes_a_pile_user_the_broker_takes(tmp_path):
 
 # -- item 19: no name lookup with the contactor closed ------------------------------------------------
 
-class Record:
-    def __init__(self, **values):
-        self.__dict__.update(values)
-
-
-class Net:
-    """The `socket` and `select` modules for the link: lookups recorded, TCP never connects."""
-    POLLIN, POLLOUT, POLLERR, POLLHUP = 1, 4, 8, 16
-    AF_INET, SOCK_DGRAM = socket.AF_INET, socket.SOCK_DGRAM
-
-    def __init__(self, resolves=True):
-        self.lookups = []
-        self.connects = []
-        self.resolves = resolves
-        self.udp = False  # SNTP's connect() on a datagram socket returns at once
-
-    def getaddrinfo(self, host, port, *args):
-        self.lookups.append(host)
-        if not self.resolves:
-            raise OSError(-202)  # the ESP32's EAI_FAIL; on the board this call blocked first
-        return [(None, None, None, None, ("192.0.2.7", port))]
-
-    def socket(self, *args):
-        net = self
-        if self.udp:  # a real one (sntp polls it with select): a datagram to a closed port
-            real = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-
-            class Udp:
-                def connect(self, addr):
-                    net.connects.append(addr)
-                    real.connect(("127.0.0.1", 9))
-
-                def __getattr__(self, name):
-                    return getattr(real, name)
-
-            return Udp()
-
-        class Sock:
-            def setblocking(self, flag):
-                pass
-
-            def connect(self, addr):
-                net.connects.append(addr)
-                if not net.udp:
-                    raise OSError(errno.EINPROGRESS)
-
-            def send(self, data):
-                return len(data)
-
-            def close(self):
-                pass
-
-        return Sock()
-
-    def poll(self):
-        return Record(register=lambda *a: None, modify=lambda *a: None, poll=lambda t: [])
-
-
-def make_link(monkeypatch, net, host="broker.example"):
-    monkeypatch.setattr(mqtt_link, "socket", net)  # getaddrinfo
-    monkeypatch.setattr(mqtt_conn, "socket", net)
-    monkeypatch.setattr(mqtt_conn, "select", net)
-    contactor = Record(closed=True)
-    charger = Record(state="charging", pilot="C", faults=0, offer_ma=16000, session=None)
-    ctl = Record(contactor=contactor, charger=charger, output=Record(pwm_on=True), meter=None, record=None)
-    outbox = Record(next_seq=1, acked=0, pending=lambda: iter(()), ack=lambda seq: None)
-    log = Record(pile_id="pile-19", boot=3, outbox=outbox)
-    conf = Record(host=host, port=1883, tls_server_name=None, username=None, password=None,
-                  keepalive_s=60, status_interval_s=60, meter_interval_s=10, health_interval_s=300,
-                  wifi_restart_after_s=300, reset_after_s=1800, reset_min_interval_s=3600,
-                  conflict_pause_s=300)
-    lines = []
-    link = mqtt_link.MqttLink(conf, ctl, log, lambda now, what, text: lines.append(text), boot_ms=0)
-    return link, contactor, lines
-
-
 def run(link, start, ms, step=5):
     for now in range(start, start + ms, step):
         link.poll(now)
@@ -336,9 +258,9 @@ def run(link, start, ms, step=5):
 
 
 @pytest.mark.parametrize("resolves", [True, False])
-def test_item19_mqtt_link_looks_up_no_name_while_the_contactor_is_closed(monkeypatch, resolves):
-    net = Net(resolves)
-    link, contactor, lines = make_link(monkeypatch, net)
+def test_item19_mqtt_link_looks_up_no_name_while_the_contactor_is_closed(offline_link, resolves):
+    net = OfflineNet(resolves)
+    link, contactor, lines = offline_link(net)
     now = run(link, 0, 120000)  # two minutes of charging, the broker's name unknown
     assert net.lookups == [] and net.connects == []
     assert lines.count("broker.example: name lookup waits for the contactor to open") == 1
@@ -353,9 +275,9 @@ def test_item19_mqtt_link_looks_up_no_name_while_the_contactor_is_closed(monkeyp
     assert set(net.connects) == {("192.0.2.7", 1883)}
 
 
-def test_item19_mqtt_link_connects_to_a_numeric_address_while_charging(monkeypatch):
-    net = Net()
-    link, contactor, lines = make_link(monkeypatch, net, host="192.0.2.9")
+def test_item19_mqtt_link_connects_to_a_numeric_address_while_charging(offline_link):
+    net = OfflineNet()
+    link, contactor, lines = offline_link(net, host="192.0.2.9")
     run(link, 0, 100)
     assert len(net.connects) == 1  # a numeric address is no lookup: it never blocks
 
@@ -369,7 +291,7 @@ def sntp_client(net, closed):
 
 @pytest.mark.parametrize("resolves", [True, False])
 def test_item19_sntp_looks_up_no_name_while_the_contactor_is_closed(resolves):
-    net = Net(resolves)
+    net = OfflineNet(resolves)
     net.udp = True
     closed = [True]
     client, lines = sntp_client(net, closed)

@@ -230,12 +230,10 @@ def test_a_link_held_for_the_contactor_is_not_broken_and_escalates_only_once_it_
     connection are no outage; once the contactor opens and the broker still does not answer,
     the ladder climbs, and the reset (with a session gone) comes only at the rate."""
     import mqtt_link
+    from pilehost import link_rig
     from pilehost.procs import free_port
 
-    contactor = Record(closed=True)
-    charger = Record(state="charging", pilot="C", faults=0, offer_ma=16000, session=None)
-    ctl = Record(contactor=contactor, charger=charger, output=Record(pwm_on=True), meter=None, record=None,
-                 safe_off=lambda: setattr(contactor, "closed", False))
+    ctl, contactor = link_rig.charging_ctl(safe_off=lambda: setattr(contactor, "closed", False))
     log = Record(pile_id="pile-9", boot=2, outbox=Record(next_seq=1, acked=0, pending=lambda: iter(())))
     conf = config.parse_config({"mqtt": dict({"host": "127.0.0.1", "port": free_port()}, **CONF)}).mqtt
     resets = []

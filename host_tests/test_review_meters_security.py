@@ -1,7 +1,6 @@
 """Adversarial review of issue 10's meter and security items (15, 19, 8): faults the helpers'
 own tests did not try. Each test names the item it attacks. Fakes are local: tests import no
 other test file."""
-import errno
 import json
 import os
 import time
@@ -16,9 +15,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # umqtt.simple: loaded by conftest.py
 
-import mqtt_conn  # noqa: E402
 import mqtt_link  # noqa: E402  (firmware/)
 import sntp  # noqa: E402
+from pilehost.link_rig import OfflineNet  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- item 15
@@ -150,67 +149,18 @@ def test_item19_numeric_addresses_are_still_numeric(module, host):
     assert module.numeric_host(host)
 
 
-class Record:
-    def __init__(self, **values):
-        self.__dict__.update(values)
-
-
-class Net:
-    """The `socket` and `select` modules for the link: lookups recorded, TCP never connects."""
-    POLLIN, POLLOUT, POLLERR, POLLHUP = 1, 4, 8, 16
-
-    def __init__(self):
-        self.lookups = []
-        self.connects = []
-
-    def getaddrinfo(self, host, port, *args):
-        self.lookups.append(host)
-        raise OSError(-202)  # EAI_FAIL; on the board this call blocked first
-
-    def socket(self, *args):
-        net = self
-
-        class Sock:
-            def setblocking(self, flag):
-                pass
-
-            def connect(self, addr):
-                net.connects.append(addr)
-                raise OSError(errno.EINPROGRESS)
-
-            def close(self):
-                pass
-
-        return Sock()
-
-    def poll(self):
-        return Record(register=lambda *a: None, modify=lambda *a: None, poll=lambda t: [])
-
-
-def test_item19_a_host_with_a_port_in_it_is_not_looked_up_while_charging(monkeypatch):
+def test_item19_a_host_with_a_port_in_it_is_not_looked_up_while_charging(offline_link):
     """config.json's mqtt.host written as "host:port": the link took it for numeric and looked
     it up (DNS, blocking on the board) at every reconnect with the contactor closed."""
-    net = Net()
-    monkeypatch.setattr(mqtt_link, "socket", net)  # getaddrinfo
-    monkeypatch.setattr(mqtt_conn, "socket", net)
-    monkeypatch.setattr(mqtt_conn, "select", net)
-    contactor = Record(closed=True)
-    charger = Record(state="charging", pilot="C", faults=0, offer_ma=16000, session=None)
-    ctl = Record(contactor=contactor, charger=charger, output=Record(pwm_on=True), meter=None, record=None)
-    outbox = Record(next_seq=1, acked=0, pending=lambda: iter(()), ack=lambda seq: None)
-    log = Record(pile_id="pile-19", boot=3, outbox=outbox)
-    conf = Record(host="broker.example:8883", port=1883, tls_server_name=None, username=None,
-                  password=None, keepalive_s=60, status_interval_s=60, meter_interval_s=10,
-                  health_interval_s=300, wifi_restart_after_s=300, reset_after_s=1800,
-                  reset_min_interval_s=3600, conflict_pause_s=300)
-    link = mqtt_link.MqttLink(conf, ctl, log, lambda now, what, text: None, boot_ms=0)
+    net = OfflineNet(resolves=False)
+    link, _, _ = offline_link(net, host="broker.example:8883")
     for now in range(0, 120000, 5):
         link.poll(now)
     assert net.lookups == []
 
 
 def test_item19_sntp_with_a_port_in_the_host_waits_for_the_contactor():
-    net = Net()
+    net = OfflineNet(resolves=False)
     client = sntp.SntpClient("ntp.example:123", lambda dt: None, None, start_jitter_s=0,
                              sock_module=net, may_block=lambda: False)
     for now in range(0, 600000, 50):

@@ -1,6 +1,8 @@
 """The firmware's MQTT link on the unix port against a broker of our own, shared by the link's
 tests: the pile's config, signed commands, a subscriber that sees what the pile sends, and a
 relay that holds back one packet of a session/ended exchange."""
+import errno
+import socket
 import json
 import threading
 
@@ -114,3 +116,74 @@ class Proxy(TcpRelay):
         super().down()
         self.hold = None
         self.inspect = False
+
+
+class Stub:
+    """An object with the given attributes: a stand-in for one of the firmware's."""
+
+    def __init__(self, **attrs):
+        self.__dict__.update(attrs)
+
+
+def charging_ctl(**extra):
+    """(ctl, contactor): what mqtt_link.MqttLink reads of a Controller, for a pile charging with
+    its contactor closed, no session record and no meter; `extra`: more attributes of ctl."""
+    contactor = Stub(closed=True)
+    charger = Stub(state="charging", pilot="C", faults=0, offer_ma=16000, session=None,
+                   remote_limit_ma=None, limit_source=None)
+    records = Stub(meter=None, record=None, log=None, current=lambda: None)
+    ctl = Stub(contactor=contactor, charger=charger, output=Stub(pwm_on=True), records=records, **extra)
+    return ctl, contactor
+
+
+class OfflineNet:
+    """The `socket` and `select` modules for the link: lookups recorded, TCP never connects."""
+    POLLIN, POLLOUT, POLLERR, POLLHUP = 1, 4, 8, 16
+    AF_INET, SOCK_DGRAM = socket.AF_INET, socket.SOCK_DGRAM
+
+    def __init__(self, resolves=True):
+        self.lookups = []
+        self.connects = []
+        self.resolves = resolves
+        self.udp = False  # SNTP's connect() on a datagram socket returns at once
+
+    def getaddrinfo(self, host, port, *args):
+        self.lookups.append(host)
+        if not self.resolves:
+            raise OSError(-202)  # the ESP32's EAI_FAIL; on the board this call blocked first
+        return [(None, None, None, None, ("192.0.2.7", port))]
+
+    def socket(self, *args):
+        net = self
+        if self.udp:  # a real one (sntp polls it with select): a datagram to a closed port
+            real = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+            class Udp:
+                def connect(self, addr):
+                    net.connects.append(addr)
+                    real.connect(("127.0.0.1", 9))
+
+                def __getattr__(self, name):
+                    return getattr(real, name)
+
+            return Udp()
+
+        class Sock:
+            def setblocking(self, flag):
+                pass
+
+            def connect(self, addr):
+                net.connects.append(addr)
+                if not net.udp:
+                    raise OSError(errno.EINPROGRESS)
+
+            def send(self, data):
+                return len(data)
+
+            def close(self):
+                pass
+
+        return Sock()
+
+    def poll(self):
+        return Stub(register=lambda *a: None, modify=lambda *a: None, poll=lambda t: [])
