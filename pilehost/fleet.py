@@ -317,7 +317,7 @@ class Fleet:
 
     def send(self, conn, topic, payload, qos, retain):
         if qos:
-            asyncio.ensure_future(conn.publish(topic, payload, qos, retain, wait=False))
+            conn.publish_forget(topic, payload, retain)
         else:
             conn.publish_now(topic, payload, retain)
         self.stats["msgs"] += 1

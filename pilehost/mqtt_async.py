@@ -133,18 +133,22 @@ class Connection:
         finally:
             self._waiting.pop(pid, None)
 
-    async def publish(self, topic, payload, qos=0, retain=False, timeout=30.0, wait=True):
-        """QoS 1 with wait: until the PUBACK. Without wait, the PUBACK is taken and forgotten."""
+    async def publish(self, topic, payload, qos=0, retain=False, timeout=30.0):
+        """QoS 1: until the PUBACK."""
         if qos == 0:
-            self._send(publish_packet(topic, payload, 0, retain))
+            self.publish_now(topic, payload, retain)
             return
         pid = self._pid()
         self._waiting[pid] = asyncio.get_running_loop().create_future()
         self._send(publish_packet(topic, payload, qos, retain, pid))
-        if wait:
-            await self._wait(pid, timeout)
-        else:
-            self._waiting[pid].add_done_callback(lambda _f, pid=pid: self._waiting.pop(pid, None))
+        await self._wait(pid, timeout)
+
+    def publish_forget(self, topic, payload, retain=False):
+        """QoS 1 without waiting: the PUBACK is taken and forgotten (status, acks: not kept)."""
+        pid = self._pid()
+        fut = self._waiting[pid] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(lambda _f: self._waiting.pop(pid, None))
+        self._send(publish_packet(topic, payload, 1, retain, pid))
 
     def publish_now(self, topic, payload, retain=False):
         """QoS 0 (meter values): written, nothing waited for."""
