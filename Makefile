@@ -157,7 +157,7 @@ fleet: $(STAMP) broker
 	@test "$$(id -u)" != 0 || command -v pg_ctlcluster >/dev/null || bash tools/postgres_up.sh >/dev/null
 	ulimit -n 1048576 2>/dev/null || ulimit -n $$(ulimit -Hn); \
 	$(BIN)/python tools/fleet.py --piles $(PILES) --scenario $(FLEET_SCENARIO) --consumers "$(CONSUMERS)" \
-		$(if $(COMPRESSION),--compression $(COMPRESSION)) $(if $(SEED),--seed $(SEED))
+		$(if $(COMPRESSION),--compression $(COMPRESSION)) $(if $(SEED),--seed $(SEED)) $(if $(JSON),--json $(JSON))
 
 # host_tests/test_stateful_pile.py with a fresh random seed and many more examples than make test
 # runs (25 with a fixed seed); a failure prints the shortest sequence of steps that breaks a rule.

@@ -64,6 +64,8 @@ KEEPALIVE_S = 60
 STATUS_INTERVAL_S = 60  # config.json status_interval_s default
 METER_INTERVAL_S = 10  # config.json meter_interval_s default
 SOURCES = 50  # loopback source addresses 127.0.0.1..50: 20,000 connections need more than one's ports
+FD_SPARE = 100  # files besides the piles' sockets: the consumers' connections, logs, the database
+QUIET_S = 30  # nothing more committed for this long while nothing is on its way: the rest is lost
 SCENARIOS = ("steady", "storm", "kill", "pgrestart")
 EPOCH = datetime.datetime(2026, 11, 23, BUSIEST_HOUR, tzinfo=datetime.timezone.utc)
 
@@ -809,9 +811,16 @@ async def run_async(o, broker, pg, consumers, db_url, res, result):
                 say(o, "storm: %d records in %d outboxes, %d piles connected" % (
                     fleet.outboxes(), sum(1 for p in fleet.piles if p.outbox), fleet.connected))
         result["storm_outboxes_empty_s"] = round(time.monotonic() - t_up, 1)
+        last, quiet_since = -1, time.monotonic()
         while time.monotonic() - t_up < o.drain_timeout_s:
             commits = consumers.commits()
-            if all(s in commits for s in storm_ids if s in fleet.first_sent):
+            waiting = sum(1 for s in storm_ids if s in fleet.first_sent and s not in commits)
+            if not waiting:
+                break
+            if waiting != last:
+                last, quiet_since = waiting, time.monotonic()
+            elif time.monotonic() - quiet_since > QUIET_S:
+                say(o, "storm: nothing committed for %.0f s with the outboxes empty: records lost" % QUIET_S)
                 break
             await asyncio.sleep(0.5)
         result["storm_drain_s"] = round(time.monotonic() - t_up, 1)
@@ -834,7 +843,12 @@ def run(o):
     directory = o.directory or tempfile.mkdtemp(prefix="fleet-")
     os.makedirs(directory, exist_ok=True)
     os.chmod(directory, 0o755)  # the private PostgreSQL runs as `postgres`
-    raise_fd_limit()
+    limit = raise_fd_limit()
+    if o.piles + FD_SPARE > limit:
+        # this process holds a socket per pile, and so does mosquitto (which gets the same limit)
+        raise SystemExit("fleet: %d piles need %d open files here and in mosquitto; the limit is %d "
+                         "(ulimit -Hn; raising it needs CAP_SYS_RESOURCE): at most %d piles on this host"
+                         % (o.piles, o.piles + FD_SPARE, limit, limit - FD_SPARE))
     result = Result(piles=o.piles, scenario=o.scenario, consumers=o.consumers, compression=o.compression)
     pg = broker = consumers = None
     schema = None
@@ -873,7 +887,15 @@ def run(o):
                                                 BUSIEST_HOUR, session_rate(o.piles), o.compression))
         fleet = asyncio.run(run_async(o, broker, pg, consumers, db_url, res, result))
         deadline = time.monotonic() + o.drain_timeout_s
-        while db_count(db_url) < len(fleet.ledger) and time.monotonic() < deadline:
+        last, quiet_since = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            n = db_count(db_url)
+            if n >= len(fleet.ledger):
+                break
+            if n != last:
+                last, quiet_since = n, time.monotonic()
+            elif time.monotonic() - quiet_since > QUIET_S:
+                break
             time.sleep(0.5)
         time.sleep(1.0)  # anything stored twice would show now
         res.stop()
