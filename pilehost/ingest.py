@@ -184,11 +184,14 @@ class BatchStore:
         for kind, rows in p.records.items():
             if rows:
                 self._insert_once(cur, kind, rows, items, p)
-        for kind, latest, sql in (("status", p.status, self._status_sql()),
-                                  ("online", p.online, self._online_sql())):
-            if latest:
-                cur.executemany(self._sql(sql), [self._pile_params(kind, pid, obj, at)
-                                                 for pid, (obj, at) in latest.items()])
+        # Rows in one order (pile id) in every instance: two batches updating the same piles in
+        # opposite orders would deadlock in PostgreSQL (it aborts one; the retry would store it).
+        status_sql, online_sql = self._sql(self._status_sql()), self._sql(self._online_sql())
+        for pile_id in sorted(set(p.status) | set(p.online)):
+            for kind, latest, sql in (("status", p.status, status_sql), ("online", p.online, online_sql)):
+                if pile_id in latest:
+                    obj, at = latest[pile_id]
+                    cur.execute(sql, self._pile_params(kind, pile_id, obj, at))
         if p.rejected:
             cur.executemany(self._sql(REJECTED_SQL), [self._rejected_params(items[i], reason, detail)
                                                       for i, reason, detail in p.rejected])
@@ -204,6 +207,7 @@ class BatchStore:
             else:
                 first[k] = row["payload"]
                 unique.append((i, row))
+        unique.sort(key=lambda pair: pair[1][key])  # the same lock order in every instance
         cols = list(unique[0][1])
         per_chunk = max(1, SQLITE_MAX_PARAMS // len(cols)) if not self.postgres else 500
         inserted = set()
