@@ -3,6 +3,8 @@ conflicts and garbage, and however the messages are cut into batches, every reco
 once with its first payload, a conflict is kept in `rejected`, and a batch the database refuses
 or loses is not half stored. PostgreSQL cases run when PILE_TEST_POSTGRES_URL is set."""
 import os
+import queue
+import threading
 import time
 import urllib.parse
 import uuid
@@ -13,7 +15,8 @@ from hypothesis import strategies as st
 
 from pilehost import consumer, ingest
 from pilehost.cloud import schemas
-from pilehost.fake_pile import FakePile, encode, garbage
+from pilehost.fake_pile import FakePile, Publisher, encode, garbage
+from pilehost.procs import wait_for
 
 SCHEMAS = schemas()
 
@@ -153,3 +156,51 @@ def test_a_row_the_database_refuses_is_rejected_alone(db_url):
     assert len(rows(store, "SELECT * FROM session_starts")) == 2
     assert [r[0] for r in rows(store, "SELECT reason FROM rejected")] == ["storage_refused"]
     store.close()
+
+
+def test_back_pressure_leaves_the_backlog_in_the_broker(broker, tmp_path):
+    """A database that does not answer: the broker sends no more than Receive Maximum (the
+    in-flight window) however much waits, even with room in the hand-over queue; once the
+    database answers, everything is stored once and acknowledged."""
+    store = ingest.BatchStore(SCHEMAS, "sqlite:///" + str(tmp_path / "t.db"))
+    answer = threading.Event()
+    real_write = store.write
+
+    def stuck_write(batch):
+        answer.wait()
+        return real_write(batch)
+
+    store.write = stuck_write
+    name = uuid.uuid4().hex[:8]
+    c = ingest.BatchConsumer(broker.url(), store, group="bp-" + name, client_id="bp-" + name, batch=10,
+                             inflight=40)
+    c.queue = queue.Queue(maxsize=10_000)  # room: only the broker's flow control can hold back
+    delivered = []
+    on_message = c._on_message
+
+    def counting(client, userdata, msg):
+        delivered.append(msg.topic)
+        on_message(client, userdata, msg)
+
+    c.client.on_message = counting
+    c.start()
+    try:
+        wait_for(c.subscribed.is_set, "the subscription")
+        records = []
+        for n in range(30):
+            pile = FakePile("bp%s-%d" % (name, n))
+            records += [m for m in pile.normal_session() if m.qos == 1 and "/session/" in m.topic]
+        publisher = Publisher(broker.url(), "bp-pub-" + name)
+        publisher.send(records)  # the broker has them all (PUBACK)
+        publisher.close()
+        wait_for(lambda: len(delivered) >= 40, "the broker to fill the window")
+        time.sleep(1.0)  # would it send more? (a wait, not a measurement)
+        assert len(delivered) <= 40
+        answer.set()
+        wait_for(lambda: rows(store, "SELECT count(*) FROM sessions")[0][0] == 30, "every session stored")
+        wait_for(lambda: len(delivered) >= len(records), "the rest of the backlog")
+    finally:
+        answer.set()
+        c.stop()
+    counts = store.stats.snapshot()[0]
+    assert counts["session_ended_new"] == 30 and counts["session_started_new"] == 30

@@ -151,6 +151,8 @@ class BatchStore:
     def write(self, items):
         p = prepare(self.schemas, items)
         s = self.storage
+        if s is None:
+            raise StorageError("no database connection (reopening failed)")
         try:
             with s._lock, self._transaction() as cur:
                 self._write(cur, items, p)
