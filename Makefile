@@ -16,7 +16,7 @@ BROKER ?= mqtt://127.0.0.1:1883
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .PHONY: help venv deps broker socat chiptools test sim scenarios mpy flash provision diag clear-fault \
-	reboot virtual-board bench soak fuzz check monitor postgres browser ops-web clean
+	reboot virtual-board bench soak fleet fuzz check monitor postgres browser ops-web clean
 
 help:
 	@echo "make sim [SCENARIO=name] [METER=dlt645]   firmware on the unix port, simulated hardware, a local"
@@ -35,6 +35,9 @@ help:
 	@echo "make virtual-board [SCENARIO=normal]   a simulated board on a pty, with a local broker"
 	@echo "make soak [SESSIONS=1000] [SEED=n]   sessions with injected faults against mosquitto and the"
 	@echo "                           reference consumer; checks every session's energy, prints figures"
+	@echo "make fleet [PILES=2000] [SCENARIO=storm|steady|kill|pgrestart|all] [CONSUMERS='1 2 4']"
+	@echo "                           a fleet on real MQTT connections, batch consumers, PostgreSQL;"
+	@echo "                           every session stored once; prints throughput, delays, CPU, memory"
 	@echo "make fuzz [EXAMPLES=2000] [STEPS=60]   the hostile-world stateful test, longer, fresh seed"
 	@echo "make check                 ruff + type check of firmware/ against the ESP32 API"
 	@echo "make monitor [BROKER=mqtt://host:1883]   live table of a fleet (tools/consumer.py)"
@@ -165,6 +168,19 @@ bench: $(STAMP) deps broker chiptools
 # (~4 s a session: the default 1,000 take about 70 min); SEED= replays a run.
 soak: $(STAMP) deps broker
 	$(BIN)/python tools/soak.py $(if $(SESSIONS),--sessions $(SESSIONS)) $(if $(SEED),--seed $(SEED))
+
+# N piles on real MQTT connections, mosquitto, batch consumers in a $$share group and a PostgreSQL
+# of its own (root: Debian's package; else SQLite); the database checked against what the piles
+# sent (pilehost/fleet.py, docs/cloud.md). SCENARIO: steady, storm (default), kill, pgrestart, all.
+# CONSUMERS: a list, each run in turn and compared. The fd limit: a connection each.
+PILES ?= 2000
+CONSUMERS ?= 1 2 4
+FLEET_SCENARIO = $(if $(filter command line environment,$(origin SCENARIO)),$(SCENARIO),storm)
+fleet: $(STAMP) broker
+	@test "$$(id -u)" != 0 || command -v pg_ctlcluster >/dev/null || bash tools/postgres_up.sh >/dev/null
+	ulimit -n 1048576 2>/dev/null || ulimit -n $$(ulimit -Hn); \
+	$(BIN)/python tools/fleet.py --piles $(PILES) --scenario $(FLEET_SCENARIO) --consumers "$(CONSUMERS)" \
+		$(if $(COMPRESSION),--compression $(COMPRESSION)) $(if $(SEED),--seed $(SEED)) $(if $(JSON),--json $(JSON))
 
 # host_tests/test_stateful_pile.py with a fresh random seed and many more examples than make test
 # runs (25 with a fixed seed); a failure prints the shortest sequence of steps that breaks a rule.
