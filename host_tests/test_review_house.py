@@ -1,0 +1,109 @@
+"""Review of issue 11 ("One house"): the records step moved out of the tick (session_record.py).
+Each test names the fault it was written for."""
+import time
+
+import meter
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import charger as ch
+import pilot
+from session_record import FINAL_READING_MAX_MS, METER_SETTLE_MS, Records
+
+TICKS_PERIOD = 1 << 30  # the ports' ticks_ms period (host_tests/shims/mp_time.py)
+
+
+def reading(wh, t, w=0):
+    return meter.Reading(wh, w, 230.0, None, t, epoch=0)
+
+
+class Contactor:
+    closed = False
+
+
+class StepMeter:
+    """A healthy meter: a new reading at each poll, the register as set."""
+
+    def __init__(self):
+        self.reading = None
+        self.last_error = None
+        self.epoch = 0
+        self.wh = 1000
+
+    def poll(self, now_ms):
+        self.reading = reading(self.wh, now_ms)
+
+
+# -- a record whose closing compares against a contactor opening from half a tick period ago ---
+
+@settings(max_examples=60, deadline=None)
+@given(uptime_ms=st.integers(0, 3 * TICKS_PERIOD), closed_once=st.booleans())
+def test_a_stopped_record_closes_whatever_the_uptime(uptime_ms, closed_once):
+    """A session stopped with the contactor open closes its record within FINAL_READING_MAX_MS
+    (at once with a fresh reading), at any uptime. `_opened_ms` is the last opening, or 0 at
+    boot: compared by ticks_diff more than 2**29 ms (6.2 days) later it reads negative, and
+    the record of a session that never drew (authorised, car in B, stopped remotely) stayed
+    open until the next plug-in: no session/ended, and a scheduled availability change never
+    taking effect."""
+    charger = ch.Charger(32000, 32000, True, False)
+    contactor = Contactor()
+    m = StepMeter()
+    records = Records(charger, contactor, m)
+    t = 0
+    records.poll(t)
+    if closed_once:  # a session that charged and ended long ago: the last opening is old
+        charger.step(t, pilot.C, True)
+        records.poll(t)
+        contactor.closed = True
+        t += 1000
+        records.poll(t)
+        charger.step(t, pilot.A, True)
+        contactor.closed = False
+        t += 100
+        records.poll(t)
+        t += 100
+        records.poll(t)
+        assert records.record is None
+    # the pile idles (the loop polls every period; only the clock matters here)
+    step = max(1, uptime_ms // 64)
+    while t < uptime_ms:
+        t += step
+        records.poll(t & (TICKS_PERIOD - 1))
+    now = t & (TICKS_PERIOD - 1)
+    charger.step(now, pilot.B, True)  # plugged in, free vend: authorised; the car never asks
+    records.poll(now)
+    record = records.record
+    assert record is not None and record.meter_start_wh is not None
+    stop = time.ticks_add(now, 1000)
+    charger.remote_stop(stop)
+    for dt in range(0, FINAL_READING_MAX_MS + 2000, 100):
+        records.poll(time.ticks_add(stop, dt))
+        if record.ended_ms is not None:
+            break
+    assert record.ended_ms is not None, "the record never closed"
+    assert record.meter_final  # the contactor never closed in this session: every reading is final
+    assert records.record is None
+
+
+def test_the_final_reading_still_waits_for_the_settle_after_an_opening():
+    """The fix keeps the rule: a reading from before the opening (+ METER_SETTLE_MS) is not final."""
+    charger = ch.Charger(32000, 32000, True, False)
+    contactor = Contactor()
+    m = StepMeter()
+    records = Records(charger, contactor, m)
+    charger.step(0, pilot.C, True)
+    records.poll(0)
+    contactor.closed = True
+    records.poll(10)
+    record = records.record
+    charger.remote_stop(2000)
+    contactor.closed = False
+    m.poll = lambda now_ms: None  # the meter falls silent at the opening
+    records.poll(2000)
+    assert record.ended_ms is None  # waiting for a reading after the opening
+    m.reading = reading(1001, 2000 + METER_SETTLE_MS - 1)
+    records.poll(2100)
+    assert record.ended_ms is None
+    m.reading = reading(1002, 2000 + METER_SETTLE_MS)
+    records.poll(2200)
+    assert record.ended_ms == 2200 and record.meter_final and record.meter_stop_wh == 1002
