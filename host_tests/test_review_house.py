@@ -107,3 +107,53 @@ def test_the_final_reading_still_waits_for_the_settle_after_an_opening():
     m.reading = reading(1002, 2000 + METER_SETTLE_MS)
     records.poll(2200)
     assert record.ended_ms == 2200 and record.meter_final and record.meter_stop_wh == 1002
+
+
+# -- boot.py's hand-over: the modules release selection loaded are the release's to import -----
+
+def _firmware_imports(name, seen):
+    """`name` and every firmware module its import loads: the imports run at import time (not
+    those inside functions: release_boot.run_main's `import main` comes after the hand-over)."""
+    import ast
+    import os
+
+    from pilehost import FIRMWARE
+
+    path = os.path.join(FIRMWARE, name + ".py")
+    if name in seen or not os.path.exists(path):
+        return seen
+    seen.add(name)
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    todo = list(tree.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+        for mod in names:
+            _firmware_imports(mod.split(".")[0], seen)
+    return seen
+
+
+def test_boot_drops_every_module_release_selection_loaded():
+    """boot.py imports release_boot (and what it imports) from the root, then drops them from
+    sys.modules so that a release imports its own copies. A module left behind is the root's
+    for the release too: session_store imports durable (split out by issue 11), and a release
+    with another durable.py would run the factory's."""
+    import ast
+    import os
+
+    from pilehost import FIRMWARE
+
+    loaded = _firmware_imports("release_boot", set())
+    assert {"release_boot", "session_store", "durable"} <= loaded
+    with open(os.path.join(FIRMWARE, "boot.py")) as f:
+        tree = ast.parse(f.read())
+    dropped = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.For) and isinstance(node.iter, ast.Tuple):
+            dropped |= {e.value for e in node.iter.elts if isinstance(e, ast.Constant)}
+    assert loaded - dropped == set()
