@@ -26,5 +26,5 @@ try:
     release_boot.select(machine)
 except Exception as e:  # noqa: BLE001 - the factory firmware at the root runs then
     print("boot: release selection failed, the factory firmware runs:", repr(e))
-for _m in ("release_boot", "session_store", "durable"):
+for _m in ("release_boot", "files", "session_store", "durable"):
     sys.modules.pop(_m, None)

@@ -17,9 +17,10 @@ import sys
 
 from micropython import const
 
+import files
 import session_store
 
-STATE_FILE = "release.json"
+STATE_FILE = files.RELEASE_FILE
 REL_DIR = "rel"
 TRIAL_TRIES = const(1)  # boots a trial release gets; the next boot goes back
 # A trial boot runs under this watchdog until main.py sets its own: a release that hangs, or

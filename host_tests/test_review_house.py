@@ -157,3 +157,31 @@ def test_boot_drops_every_module_release_selection_loaded():
         if isinstance(node, ast.For) and isinstance(node.iter, ast.Tuple):
             dropped |= {e.value for e in node.iter.elts if isinstance(e, ast.Constant)}
     assert loaded - dropped == set()
+
+
+def test_no_firmware_module_but_files_py_spells_a_flash_file():
+    """Issue 11: flash file names are spelled in files.py only. The layout test looks only for
+    the names files.py already has, so a module that brings its own (ota.py's job file,
+    release_boot.py's state file) passed it. boot.py reads board.json before any module loads."""
+    import ast
+    import glob
+    import os
+
+    from pilehost import FIRMWARE
+
+    spelled = {}
+    for path in sorted(glob.glob(os.path.join(FIRMWARE, "*.py"))):
+        name = os.path.basename(path)[:-3]
+        if name in ("files", "boot"):
+            continue
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and node.body
+                      and isinstance(node.body[0], ast.Expr)}
+        found = sorted(node.value for node in ast.walk(tree)
+                       if isinstance(node, ast.Constant) and isinstance(node.value, str)
+                       and id(node) not in docstrings and node.value.endswith((".json", ".jrnl")))
+        if found:
+            spelled[name] = found
+    assert spelled == {}
