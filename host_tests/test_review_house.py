@@ -3,6 +3,7 @@ Each test names the fault it was written for."""
 import time
 
 import meter
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -185,3 +186,60 @@ def test_no_firmware_module_but_files_py_spells_a_flash_file():
         if found:
             spelled[name] = found
     assert spelled == {}
+
+
+# -- the tick's gate is read one step late: does that ever let the contactor close? ------------
+
+ACTIONS = st.sampled_from([("plug", None), ("request", None), ("stop_request", None),
+                           ("unplug", None), ("meter_fault", "silent"), ("meter_fault", None)])
+
+
+@settings(max_examples=25, deadline=None)
+@given(events=st.lists(st.tuples(st.integers(50, 3000), ACTIONS), min_size=1, max_size=10),
+       silent_at_boot=st.booleans())
+def test_the_contactor_is_closed_only_on_a_known_meter_start(events, silent_at_boot):
+    """`Records.ready` is the records step's state from the last iteration: in the tick a
+    session begins it still speaks of the last one (or of none: ready). Whatever the car and
+    the meter do, after every loop iteration a closed contactor has the charger's session's
+    own record, open, with its meter start; and no iteration that began a session ends with
+    the contactor closed (the stale gate never decides alone)."""
+    from pilehost.virtual_board import VirtualBoard
+
+    steps, t = [(0, "meter_fault", "silent")] if silent_at_boot else [], 0
+    for gap, (action, arg) in events:
+        t += gap
+        steps.append((t, action, arg) if arg is not None else (t, action))
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        vb = VirtualBoard(monkeypatch, steps, config={"pile_id": "p-r", "meter": {"type": "ddsu666"}})
+        _check_every_iteration(vb, t + 4000)
+
+
+def _check_every_iteration(vb, end_ms):
+    ctl = vb.ctl
+    records = ctl.records
+    closed = 0
+    while vb.world.advance() < end_ms * 1000:
+        before = ctl.charger.session
+        vb.tick()
+        if not ctl.contactor.closed:
+            continue
+        closed += 1
+        session = ctl.charger.session
+        assert session is before, "closed in the iteration its session began"
+        record = records.record
+        assert record is not None and record.session is session and record.ended_ms is None
+        assert record.meter_start_wh is not None and record.authorized
+        assert records.log.failed is None
+    return closed
+
+
+def test_the_invariant_check_sees_a_charging_session(monkeypatch):
+    """The property above is not vacuous: plugged and asking, the contactor closes, once the
+    meter that was silent at the plug-in has given the start (without the gate: at once)."""
+    from pilehost.virtual_board import VirtualBoard
+
+    vb = VirtualBoard(monkeypatch, [(0, "meter_fault", "silent"), (100, "plug"), (600, "request"),
+                                    (3000, "meter_fault", None), (8000, "unplug"), (8300, "plug"),
+                                    (8400, "request")],
+                      config={"pile_id": "p-r", "meter": {"type": "ddsu666"}})
+    assert _check_every_iteration(vb, 12000) > 1000
