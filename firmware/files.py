@@ -9,4 +9,3 @@ SETTINGS_FILE = "settings.json"  # availability, current limit, latched faults (
 CMD_COUNTER_FILE = "cmd_counter.json"  # the last accepted command counter (docs/commands.md)
 HEAL_FILE = "heal.json"  # the link's escalation resets, against a reset loop (docs/network.md)
 OTA_JOB_FILE = "ota_job.json"  # the update being fetched (ota.py, docs/ota.md)
-RELEASE_FILE = "release.json"  # which release runs, its trial (release_boot.py, docs/ota.md)
