@@ -30,4 +30,7 @@ for _m in ("release_boot", "session_store", "durable"):
     sys.modules.pop(_m, None)
 # No reference left either: main.py runs in boot.py's globals on the board, and a module kept
 # alive here stays on the heap beside the copy main.py imports.
-release_boot = None
+try:
+    del release_boot
+except NameError:  # its import failed
+    pass
