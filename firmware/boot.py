@@ -26,5 +26,11 @@ try:
     release_boot.select(machine)
 except Exception as e:  # noqa: BLE001 - the factory firmware at the root runs then
     print("boot: release selection failed, the factory firmware runs:", repr(e))
-for _m in ("release_boot", "session_store"):
+for _m in ("release_boot", "session_store", "durable"):
     sys.modules.pop(_m, None)
+# No reference left either: main.py runs in boot.py's globals on the board, and a module kept
+# alive here stays on the heap beside the copy main.py imports.
+try:
+    del release_boot
+except NameError:  # its import failed
+    pass

@@ -18,6 +18,7 @@ import json
 import os
 import time
 
+import files
 import release_boot
 import telemetry
 from command_auth import equal_ct
@@ -30,7 +31,7 @@ _STALL_MS = const(20000)  # no chunk for this long while connected: subscribe ag
 _STALLS = const(3)  # ... this many times: the release is incomplete on the broker
 _TRIAL_MIN_MS = const(10000)  # a trial release ticks this long before it may call itself good
 _PROGRESS_STEP = const(10)  # % between two ota messages while downloading
-JOB_FILE = "ota_job.json"
+JOB_FILE = files.OTA_JOB_FILE
 MANIFEST = "manifest"
 
 # RFC 8017 section 9.2, note 1: the DER DigestInfo of SHA-256, before the 32-byte hash.

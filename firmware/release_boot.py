@@ -19,7 +19,7 @@ from micropython import const
 
 import session_store
 
-STATE_FILE = "release.json"
+STATE_FILE = "release.json"  # not files.py: boot.py loads nothing a release would share
 REL_DIR = "rel"
 TRIAL_TRIES = const(1)  # boots a trial release gets; the next boot goes back
 # A trial boot runs under this watchdog until main.py sets its own: a release that hangs, or

@@ -130,6 +130,7 @@ class Records:
         self._closed_ms = 0
         self._opened_ms = 0
         self._has_opened = False  # opened, and no reading taken since: none may be a start
+        self._open_settled = False  # FINAL_READING_MAX_MS passed since the opening: all waits over
         self._meter_error = None
 
     def _emit(self, now_ms, what, text):
@@ -165,6 +166,9 @@ class Records:
             else:
                 self._opened_ms = now_ms
                 self._has_opened = True
+                self._open_settled = False
+        if not self._open_settled and time.ticks_diff(now_ms, self._opened_ms) >= FINAL_READING_MAX_MS:
+            self._open_settled = True  # never compared again across the tick wrap (2^29 ms on)
         session = self.charger.session
         if session is not None and (self._last is None or self._last.session is not session):
             if self.record is not None:  # replugged before the last record got its reading
@@ -240,15 +244,15 @@ class Records:
         meter = self.meter
         fresh = False
         if meter is not None:
-            reading = meter.reading
-            fresh = reading is not None and \
-                time.ticks_diff(reading.taken_ms, self._opened_ms) >= METER_SETTLE_MS
+            # A reading taken METER_SETTLE_MS after the last opening (poll's _has_opened): not
+            # compared with _opened_ms here, which a long uptime wraps (ticks_diff < 0).
+            fresh = meter.reading is not None and not self._has_opened
             if record.stop_reason == "meter_failure":
                 # Nothing flowed without a close: no reading to wait for. Else the meter may be back.
-                gave_up = not record.energized or \
+                gave_up = not record.energized or self._open_settled or \
                     time.ticks_diff(now_ms, self._opened_ms) >= METER_FAILURE_FINAL_WAIT_MS
             else:
-                gave_up = time.ticks_diff(now_ms, self._opened_ms) >= FINAL_READING_MAX_MS
+                gave_up = self._open_settled
             if not (fresh or force or gave_up):
                 return
         record.session.ended_ms = now_ms

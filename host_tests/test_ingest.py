@@ -2,11 +2,9 @@
 conflicts and garbage, and however the messages are cut into batches, every record is stored
 once with its first payload, a conflict is kept in `rejected`, and a batch the database refuses
 or loses is not half stored. PostgreSQL cases run when PILE_TEST_POSTGRES_URL is set."""
-import os
 import queue
 import threading
 import time
-import urllib.parse
 import uuid
 
 import pytest
@@ -19,32 +17,6 @@ from pilehost.fake_pile import FakePile, Publisher, encode, garbage
 from pilehost.procs import wait_for
 
 SCHEMAS = schemas()
-
-
-def with_search_path(url, schema):
-    parts = urllib.parse.urlsplit(url)
-    query = urllib.parse.parse_qsl(parts.query) + [("options", "-csearch_path=%s" % schema)]
-    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield "sqlite:///" + str(tmp_path / "telemetry.db")
-        return
-    url = os.environ.get("PILE_TEST_POSTGRES_URL")
-    if not url:
-        pytest.skip("PILE_TEST_POSTGRES_URL is not set: no PostgreSQL server to test against")
-    import psycopg
-
-    schema = "ingest_%s" % uuid.uuid4().hex[:8]
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("CREATE SCHEMA %s" % schema)
-    try:
-        yield with_search_path(url, schema)
-    finally:
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("DROP SCHEMA %s CASCADE" % schema)
 
 
 def items(messages):

@@ -47,6 +47,32 @@ LOGGED_DETAIL = 160  # characters of a validation message in a log line
 PERSISTENT_SESSION_S = 7 * 24 * 3600  # how long the broker keeps a stopped consumer's queue
 SUB_SHARED, SUB_FLEET = 1, 2  # MQTT 5 subscription identifiers (--group)
 FLEET_VIEW = ("status", "online", "meter")  # every instance of a group gets these
+# A pile's row in `piles` from its status or online message (also pilehost.ingest's batches).
+STATUS_SQL = """INSERT INTO piles (pile_id, state, pilot, offer_a, power_w, session_id, session_energy_wh,
+                   faults, fw, board, boot, uptime_s, status_ts, clock_synced, status_at, last_seen_at)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT (pile_id) DO UPDATE SET state = excluded.state, pilot = excluded.pilot,
+                   offer_a = excluded.offer_a, power_w = excluded.power_w,
+                   session_id = excluded.session_id, session_energy_wh = excluded.session_energy_wh,
+                   faults = excluded.faults, fw = excluded.fw, board = excluded.board,
+                   boot = excluded.boot, uptime_s = excluded.uptime_s, status_ts = excluded.status_ts,
+                   clock_synced = excluded.clock_synced, status_at = excluded.status_at,
+                   last_seen_at = excluded.last_seen_at"""
+ONLINE_SQL = """INSERT INTO piles (pile_id, online, online_boot, online_at, last_seen_at)
+               VALUES (?, ?, ?, ?, ?)
+               ON CONFLICT (pile_id) DO UPDATE SET online = excluded.online,
+                   online_boot = excluded.online_boot, online_at = excluded.online_at,
+                   last_seen_at = excluded.last_seen_at"""
+
+
+def pile_params(kind, pile_id, s, at):
+    """The parameters of STATUS_SQL ("status") or ONLINE_SQL ("online") for message `s`."""
+    if kind == "online":
+        return (pile_id, s["online"], s["boot"], at, at)
+    return (pile_id, s["state"], s["pilot"], float(s["offer_a"]), s["power_w"], s["session_id"],
+            s["session_energy_wh"], json.dumps(s["faults"]), s["fw"], s["board"], s["boot"],
+            s["uptime_s"], s["ts"], s["clock_synced"], at, at)
+
 
 log = logging.getLogger("consumer")
 
@@ -355,29 +381,10 @@ class Storage:
         return DUPLICATE if stored is not None and stored[0] == row["payload"] else CONFLICT
 
     def put_status(self, pile_id, s, received_at):
-        self.run(
-            """INSERT INTO piles (pile_id, state, pilot, offer_a, power_w, session_id, session_energy_wh,
-                   faults, fw, board, boot, uptime_s, status_ts, clock_synced, status_at, last_seen_at)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-               ON CONFLICT (pile_id) DO UPDATE SET state = excluded.state, pilot = excluded.pilot,
-                   offer_a = excluded.offer_a, power_w = excluded.power_w,
-                   session_id = excluded.session_id, session_energy_wh = excluded.session_energy_wh,
-                   faults = excluded.faults, fw = excluded.fw, board = excluded.board,
-                   boot = excluded.boot, uptime_s = excluded.uptime_s, status_ts = excluded.status_ts,
-                   clock_synced = excluded.clock_synced, status_at = excluded.status_at,
-                   last_seen_at = excluded.last_seen_at""",
-            (pile_id, s["state"], s["pilot"], float(s["offer_a"]), s["power_w"], s["session_id"],
-             s["session_energy_wh"], json.dumps(s["faults"]), s["fw"], s["board"], s["boot"], s["uptime_s"],
-             s["ts"], s["clock_synced"], received_at, received_at))
+        self.run(STATUS_SQL, pile_params("status", pile_id, s, received_at))
 
     def put_online(self, pile_id, o, received_at):
-        self.run(
-            """INSERT INTO piles (pile_id, online, online_boot, online_at, last_seen_at)
-               VALUES (?, ?, ?, ?, ?)
-               ON CONFLICT (pile_id) DO UPDATE SET online = excluded.online,
-                   online_boot = excluded.online_boot, online_at = excluded.online_at,
-                   last_seen_at = excluded.last_seen_at""",
-            (pile_id, o["online"], o["boot"], received_at, received_at))
+        self.run(ONLINE_SQL, pile_params("online", pile_id, o, received_at))
 
     def add_rejected(self, topic, reason, detail, payload, received_at):
         kept = payload[:KEPT_REJECTED].decode("utf-8", "replace")

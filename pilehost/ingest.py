@@ -22,7 +22,6 @@ Same tables, same checks and the same "one row per id" rule as pilehost/consumer
 import argparse
 import collections
 import contextlib
-import json
 import logging
 import os
 import queue
@@ -188,12 +187,12 @@ class BatchStore:
                 self._insert_once(cur, kind, rows, items, p)
         # Rows in one order (pile id) in every instance: two batches updating the same piles in
         # opposite orders would deadlock in PostgreSQL (it aborts one; the retry would store it).
-        status_sql, online_sql = self._sql(self._status_sql()), self._sql(self._online_sql())
+        status_sql, online_sql = self._sql(consumer.STATUS_SQL), self._sql(consumer.ONLINE_SQL)
         for pile_id in sorted(set(p.status) | set(p.online)):
             for kind, latest, sql in (("status", p.status, status_sql), ("online", p.online, online_sql)):
                 if pile_id in latest:
                     obj, at = latest[pile_id]
-                    cur.execute(sql, self._pile_params(kind, pile_id, obj, at))
+                    cur.execute(sql, consumer.pile_params(kind, pile_id, obj, at))
         if p.rejected:
             cur.executemany(self._sql(REJECTED_SQL), [self._rejected_params(items[i], reason, detail)
                                                       for i, reason, detail in p.rejected])
@@ -246,36 +245,6 @@ class BatchStore:
         kept = item.payload[:consumer.KEPT_REJECTED].decode("utf-8", "replace")
         return (item.received_at, consumer.no_nul(item.topic[:1024]), reason,
                 consumer.no_nul(detail[:500]), len(item.payload), consumer.no_nul(kept))
-
-    @staticmethod
-    def _status_sql():
-        return """INSERT INTO piles (pile_id, state, pilot, offer_a, power_w, session_id, session_energy_wh,
-                   faults, fw, board, boot, uptime_s, status_ts, clock_synced, status_at, last_seen_at)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-               ON CONFLICT (pile_id) DO UPDATE SET state = excluded.state, pilot = excluded.pilot,
-                   offer_a = excluded.offer_a, power_w = excluded.power_w,
-                   session_id = excluded.session_id, session_energy_wh = excluded.session_energy_wh,
-                   faults = excluded.faults, fw = excluded.fw, board = excluded.board,
-                   boot = excluded.boot, uptime_s = excluded.uptime_s, status_ts = excluded.status_ts,
-                   clock_synced = excluded.clock_synced, status_at = excluded.status_at,
-                   last_seen_at = excluded.last_seen_at"""
-
-    @staticmethod
-    def _online_sql():
-        return """INSERT INTO piles (pile_id, online, online_boot, online_at, last_seen_at)
-               VALUES (?, ?, ?, ?, ?)
-               ON CONFLICT (pile_id) DO UPDATE SET online = excluded.online,
-                   online_boot = excluded.online_boot, online_at = excluded.online_at,
-                   last_seen_at = excluded.last_seen_at"""
-
-    @staticmethod
-    def _pile_params(kind, pile_id, s, at):
-        if kind == "online":
-            return (pile_id, s["online"], s["boot"], at, at)
-        return (pile_id, s["state"], s["pilot"], float(s["offer_a"]), s["power_w"], s["session_id"],
-                s["session_energy_wh"], json.dumps(s["faults"]), s["fw"], s["board"], s["boot"],
-                s["uptime_s"], s["ts"], s["clock_synced"], at, at)
-
 
 class BatchConsumer:
     """paho (MQTT 5) -> bounded queue -> one writer thread -> BatchStore -> acknowledgements.
