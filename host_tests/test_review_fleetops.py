@@ -213,3 +213,38 @@ def test_group_limit_holds_when_each_command_is_lost_on_its_own(data):
             ma = min(held[who.pile_id], who.max_ma)
             who.update({"limit_a": held[who.pile_id] / 1000, "offer_a": ma / 1000,
                         "state": "charging" if who.wants else "idle"})
+
+
+def test_a_good_release_that_no_longer_starts_does_not_reset_forever(flash, monkeypatch):
+    """A release marked good whose main.mpy is on flash but cannot be imported any more (a
+    flash error; a file gone from its lib/): run_main resets the board, and boot.py would select
+    it again at every boot, for ever (with the contactor open, but a pile that never comes
+    back). It must fall back to the factory firmware and say why."""
+    import sys
+
+    b = _board()
+    rb = b.rb
+    store = rb.StateStore()
+    state = rb.fresh()
+    state.update(good=3, floor=3)
+    store.save(state)
+    (flash / "rel" / "3").mkdir(parents=True)
+    (flash / "rel" / "3" / "main.mpy").write_bytes(b"garbled")
+    (flash / "rel" / "3" / "main.py").write_text("raise ImportError('no module named charger')\n")
+    resets = []
+    for _boot in range(2):
+        saved = list(sys.path)
+        try:
+            n = rb.select(b.machine)
+            monkeypatch.delitem(sys.modules, "main", raising=False)
+            if n:
+                rb.run_main(lambda: resets.append("factory"), lambda: resets.append("reset"))
+            else:
+                resets.append("factory")
+        finally:
+            sys.path[:] = saved
+            sys.modules.pop("main", None)
+    assert resets == ["reset", "factory"]
+    st_ = rb.StateStore().load()
+    assert st_["good"] == 0 and st_["floor"] == 3 and st_["rolled"]["release"] == 3
+    assert "failed to start" in st_["rolled"]["why"]
