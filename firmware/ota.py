@@ -265,6 +265,14 @@ class Updater:
                 self._say(now, "resuming the download of release %d" % self._release)
             else:
                 self._jobs.clear()
+        if self._phase == IDLE:
+            # A rolled back release, or one never switched to (refused, given up): nothing will
+            # use its files. Any other one stays for a recovery by hand (docs/ota.md).
+            gone = None if self._rolled is None else self._rolled.get("release")
+            for n in release_boot.releases_on_flash():
+                if n not in (state["good"], state["trial"], self.running) \
+                        and (n > state["floor"] or n == gone):
+                    _tree(release_boot.rel_path(n), self._prune)
 
     def idle(self):
         p = self._pile

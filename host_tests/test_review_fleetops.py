@@ -248,3 +248,40 @@ def test_a_good_release_that_no_longer_starts_does_not_reset_forever(flash, monk
     st_ = rb.StateStore().load()
     assert st_["good"] == 0 and st_["floor"] == 3 and st_["rolled"]["release"] == 3
     assert "failed to start" in st_["rolled"]["why"]
+
+
+def test_a_rolled_back_release_does_not_stay_on_flash(flash):
+    """After a rollback (or a refusal, then a reboot), the failed release's files must not wait
+    on flash for the next update: the session journal shares the flash."""
+    broker = Broker()
+    b = _switched_to_trial(broker)
+    assert b.boot(broker, cause=b.machine.WDT_RESET) == 0  # the trial hung: rolled back
+    ota_rig.run(b, 300)
+    assert _flash_bytes(flash) == {}
+    assert b.boot(broker) == 0
+
+
+def test_a_refused_release_cut_by_a_reboot_does_not_stay_on_flash(flash):
+    broker = Broker()
+    manifest, files, items = _published(1)
+    broker.put([(t, p if t != "evse/v1/release/1/1/0" else bytes(len(p))) for t, p in items])
+    b = _board()
+    b.boot(broker)
+    b.updater.start(0, CMD, 1)
+    ota_rig.run(b, 5000, until=lambda: b.updater.state == "refused")
+    assert b.boot(broker) == 0  # a power cut before the removal went far
+    ota_rig.run(b, 300)
+    assert _flash_bytes(flash) == {}
+
+
+def test_a_garbled_state_keeps_the_good_release_for_a_recovery_by_hand(flash):
+    broker = Broker()
+    b = _switched_to_trial(broker)
+    ota_rig.run(b, 3000)
+    assert b.state()["good"] == 1
+    data = bytearray((flash / "release.json").read_bytes())
+    data[-3] ^= 0x01
+    (flash / "release.json").write_bytes(bytes(data))
+    assert b.boot(broker) == 0
+    ota_rig.run(b, 300)
+    assert (flash / "rel" / "1" / "main.mpy").exists()  # docs/ota.md: good: 1 by hand brings it back
