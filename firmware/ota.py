@@ -31,6 +31,8 @@ _STALL_MS = const(20000)  # no chunk for this long while connected: subscribe ag
 _STALLS = const(3)  # ... this many times: the release is incomplete on the broker
 _TRIAL_MIN_MS = const(10000)  # a trial release ticks this long before it may call itself good
 _PROGRESS_STEP = const(10)  # % between two ota messages while downloading
+# Flash a release leaves free for the rest (the session journal, settings, the outbox).
+_FLASH_RESERVE = const(65536)
 JOB_FILE = files.OTA_JOB_FILE
 MANIFEST = "manifest"
 
@@ -214,6 +216,7 @@ class Updater:
         self._sha = None
         self._sub = None  # the chunk topic subscribed to, bytes
         self._got = False  # ... and its chunk has come
+        self._again = False  # ... came with the pile busy, not written: subscribe again
         self._since = 0  # when the subscription was made (stall)
         self._stalls = 0
         self._total = self._done = 0  # bytes of the files
@@ -224,6 +227,7 @@ class Updater:
         self.state = "running"
         self.reason = None
         self._trial = None  # the release on trial, when it is this one
+        self._passed = False  # ... ticked and reported: marked good once the contactor is open
         self._rolled = None
         self._fatal = None
         self._verify = None  # (path, fresh): a whole manifest waiting for an idle pile
@@ -262,6 +266,14 @@ class Updater:
                 self._say(now, "resuming the download of release %d" % self._release)
             else:
                 self._jobs.clear()
+        if self._phase == IDLE:
+            # A rolled back release, or one never switched to (refused, given up): nothing will
+            # use its files. Any other one stays for a recovery by hand (docs/ota.md).
+            gone = None if self._rolled is None else self._rolled.get("release")
+            for n in release_boot.releases_on_flash():
+                if n not in (state["good"], state["trial"], self.running) \
+                        and (n > state["floor"] or n == gone):
+                    _tree(release_boot.rel_path(n), self._prune)
 
     def idle(self):
         p = self._pile
@@ -306,6 +318,8 @@ class Updater:
         self.state = "downloading"
         self.reason = None
         self._due = True
+        d = release_boot.rel_path(release)  # a refused try of this one: its removal stops here
+        self._prune = [p for p in self._prune if p != d and not p.startswith(d + "/")]
         # Releases other than the good one and this one go; never the one running.
         state = self._store.load() or release_boot.fresh()
         keep = (state["good"], release, self.running)
@@ -323,6 +337,7 @@ class Updater:
         """A new connection (clean session): the subscription is gone; say where we are."""
         self._sub = None
         self._got = False
+        self._again = False
         self._due = True
 
     def poll(self, now_ms):
@@ -338,8 +353,10 @@ class Updater:
                     os.rmdir(p)
                 except OSError:
                     pass
-        if self._trial is not None and time.ticks_diff(now_ms, self._start_ms) > self.trial_ms \
-                and self.idle():
+        if self._trial is not None and self._passed and not self._pile.contactor_closed():
+            self._good(now_ms)  # release.json: a flash write, never with the contactor closed
+        if self._trial is not None and not self._passed \
+                and time.ticks_diff(now_ms, self._start_ms) > self.trial_ms and self.idle():
             self._back(now_ms, "no report within %d s" % (self.trial_ms // 1000))
         if self._verify is not None and self.idle():
             path, fresh = self._verify
@@ -366,14 +383,16 @@ class Updater:
             conn.publish(t.ack, telemetry.cmd_ack(self._wall(), cmd_id, "update", result, reason))
             return True
         if self._trial is not None:
-            if conn.idle() and time.ticks_diff(now_ms, self._start_ms) >= _TRIAL_MIN_MS:
-                self._good(now_ms)
-                return True
+            if not self._passed and conn.idle() \
+                    and time.ticks_diff(now_ms, self._start_ms) >= _TRIAL_MIN_MS:
+                self._passed = True  # written to flash by poll(), with the contactor open
             return False
         want = self._want()
-        if self._sub is not None and self._sub != want:  # done with it, or refused, or staged
+        if self._sub is not None and (self._sub != want or self._again):
+            # done with it, refused, staged, or its chunk came during a session (not written)
             conn.unsubscribe(self._sub)
             self._sub = None
+            self._again = False
             return True
         if want is None:
             return False
@@ -413,6 +432,11 @@ class Updater:
         if self._sub is None or topic_ != self._sub or self._got:
             return
         self._got = True
+        if not self.idle():
+            # Subscribed while idle, delivered after the contactor closed: no flash write, no
+            # hash in a loop that must open the contactor in time. Asked for again when idle.
+            self._again = True
+            return
         self._stalls = 0
         try:
             if self._phase == MANIFEST_PHASE:
@@ -471,6 +495,7 @@ class Updater:
         self._total = 0
         for f in m["files"]:
             self._total += f[1]
+        self._room(m)
         self._phase = FILES
         self._file = 0
         self._done = 0
@@ -478,6 +503,23 @@ class Updater:
         if self._phase == FILES:  # resumed: what is on flash already counts
             self._shown = self._done * 100 // max(1, self._total) // _PROGRESS_STEP * _PROGRESS_STEP
             self._due = True
+
+    def _room(self, m):
+        """Refused before a byte of it is written if the files still to come do not fit with
+        _FLASH_RESERVE to spare (a port without statvfs: not checked)."""
+        statvfs = getattr(os, "statvfs", None)
+        if statvfs is None:
+            return
+        d = self._dir()
+        need = 0
+        for path, size, _ in m["files"]:
+            if _size(d + "/" + path) != size:
+                need += size - (_size(d + "/" + path + ".part") or 0)
+        st = statvfs(".")
+        free = st[1] * st[4]  # f_frsize * f_bavail
+        if need + _FLASH_RESERVE > free:
+            raise OtaError("failed", "does not fit the flash: %d bytes to come, %d free" % (
+                need, free))
 
     # -- the files -------------------------------------------------------------------------------------
 
@@ -575,6 +617,10 @@ class Updater:
         self.reason = e.text
         self._due = True
         self._jobs.clear()
+        # Its files go (one per idle step): the journal shares the flash, nothing else would.
+        state = self._store.load() or release_boot.fresh()
+        if self._release not in (state["good"], state["trial"], self.running):
+            _tree(release_boot.rel_path(self._release), self._prune)
 
     # -- the switch and the trial ------------------------------------------------------------------
 

@@ -164,8 +164,11 @@ def selected():
 def run_main(own_run, reset):
     """The root main.py's last line: the selected release's main.run(), else own_run(). A
     release that cannot even be imported, or whose run() raises, resets the board (then it is
-    rolled back), rather than leaving it at the REPL."""
-    if not selected():
+    rolled back), rather than leaving it at the REPL. A good release that fails so (its files
+    damaged since its trial) would fail at every boot: the factory firmware is made the good
+    one, and the state says why."""
+    n = selected()
+    if not n:
         own_run()
         return
     try:
@@ -174,4 +177,19 @@ def run_main(own_run, reset):
         main.run()
     except Exception as e:  # noqa: BLE001 - whatever a broken release raises
         print("boot: the release failed:", repr(e))
+        try:
+            _give_up(StateStore(), n, repr(e))
+        except Exception as e2:  # noqa: BLE001 - the reset below comes first
+            print("boot: release state not updated:", repr(e2))
         reset()
+
+
+def _give_up(store, n, why):
+    """Release n, the good one, cannot start: back to the factory firmware (a trial is rolled
+    back by the next boot anyway). The floor stays: n is not taken again, n + 1 may be."""
+    state = store.load()
+    if state is None or state["trial"] is not None or state["good"] != n:
+        return
+    state["good"] = 0
+    state["rolled"] = {"release": n, "why": "failed to start: %s" % why[:60]}
+    _save(store, state)

@@ -37,7 +37,9 @@ class Pile:
     """What the controller knows of one pile: its configuration (max_ma: max_current_a, the most
     it offers without a remote limit; fallback_ma: its limit_fallback_a) and, from its last
     status, the limit it holds (None: none, so max_ma), its offer and whether a car wants
-    current. `sent_ma` is the last limit sent."""
+    current. `sent_ma` is the last limit sent; `maybe_ma` the highest sent that may be in force
+    (a later, lower one can be lost while the higher one arrived): until a status shows the
+    last one sent in force (the pile refuses an older command after a newer one)."""
 
     def __init__(self, pile_id, max_ma, fallback_ma, secret=None):
         self.pile_id = pile_id
@@ -49,6 +51,7 @@ class Pile:
         self.offer_ma = max_ma
         self.wants = False
         self.sent_ma = None
+        self.maybe_ma = None
         self.sent_at = None
 
     def update(self, status):
@@ -58,6 +61,8 @@ class Pile:
         self.limit_ma = None if limit is None else int(round(limit * 1000))
         self.offer_ma = int(round(status["offer_a"] * 1000))
         self.wants = status["state"] in RUNNING
+        if self.sent_ma is not None and self.limit_ma == self.sent_ma:
+            self.maybe_ma = self.sent_ma  # the last one is in force: no older one can come
 
     def held_ma(self):
         """The limit the pile may be on: what it said, or its maximum before it said anything."""
@@ -67,10 +72,10 @@ class Pile:
 
     def exposure_ma(self):
         """The most it may offer: its fallback (any limit may run out), the limit it said it
-        holds, its offer, and the last limit sent (an increase may be in force before the pile
-        says so; an older command arriving later is refused by the pile's counter check)."""
+        holds, its offer, and the highest limit sent that may be in force (an increase may be in
+        force before the pile says so, and stay there if a lower one after it is lost)."""
         return max(self.fallback_ma, self.held_ma(), self.offer_ma if self.seen else self.max_ma,
-                   self.sent_ma or 0)
+                   self.sent_ma or 0, self.maybe_ma or 0)
 
 
 def targets(site_ma, piles):
@@ -112,6 +117,7 @@ def plan(site_ma, piles):
             out.append((p, goal))
     for p, ma in out:
         p.sent_ma = ma
+        p.maybe_ma = ma if p.maybe_ma is None else max(p.maybe_ma, ma)
     return out
 
 
