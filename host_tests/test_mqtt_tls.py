@@ -431,9 +431,10 @@ class Rig:
         monkeypatch.setattr(mqtt_conn, "socket", self.net)
         monkeypatch.setattr(mqtt_conn, "select", self.net)
         self.contactor = Record(closed=False)
-        charger = Record(state="idle", pilot="A", faults=0, offer_ma=0, session=None)
+        charger = Record(state="idle", pilot="A", faults=0, offer_ma=0, session=None, remote_limit_ma=None,
+                         limit_source=None)
         ctl = Record(contactor=self.contactor, charger=charger, output=Record(pwm_on=False),
-                     meter=None, record=None)
+                     records=Record(meter=None, record=None, log=None, current=lambda: None))
         self.outbox = Outbox(payloads)
         log = Record(pile_id="pile-7", boot=3, outbox=self.outbox)
         conf = Record(host="10.0.0.5", port=8883, tls_server_name=None, username=None, password=None,

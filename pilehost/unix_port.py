@@ -25,6 +25,10 @@ SIM_HEAP_ALLOWANCE_KB = 40
 # for. Frozen into the image (bytecode in flash) it needs far less; see the README's figures.
 # DDSU666 with the outbox needs ~125 KiB here (make bench): 160k leaves room for a fragmented heap.
 DEFAULT_HEAP = "160k"
+# The budget is the ESP32's shape, the 32-bit port's (unix32_binary): on the 64-bit port every
+# object is up to twice its size, and the firmware of issue 13 (records step, trusted meters,
+# limits, the release selection) outgrew 160k there. Issue 12 owns cutting it back.
+STOCK_EXTRA_KB = 32
 
 
 def heap_option(budget):
@@ -176,6 +180,9 @@ def run_scenario(name=scenarios.DEFAULT, board="ref-esp32", config=None, heapsiz
     -X heapsize, without the simulator's allowance (the bench's bisection)."""
     spec = scenarios.get(name)
     extra_kb = spec.get("heap_extra_kb", 0)  # a scenario that loads more (Wi-Fi, NTP) says so
+    program = program or micropython_binary()
+    if heapsize == DEFAULT_HEAP and program != unix32_binary():
+        extra_kb += STOCK_EXTRA_KB
     if extra_kb:
         heapsize = "%dk" % (int(heapsize.lower().rstrip("k")) + extra_kb)
     conf = dict(scenarios.BASE_CONFIG)
@@ -189,7 +196,7 @@ def run_scenario(name=scenarios.DEFAULT, board="ref-esp32", config=None, heapsiz
         keep = tempfile.TemporaryDirectory(prefix="pile-flash-")
     with keep as flash:
         prepare_flash(flash, board, conf, spec["steps"])
-        cmd = [program or micropython_binary(), "-X",
+        cmd = [program, "-X",
                "heapsize=" + (heapsize if exact_heap else heap_option(heapsize)), "-m", "rom"]
         proc = subprocess.Popen(cmd, cwd=flash, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
