@@ -46,7 +46,10 @@ _EIO = const(5)
 
 # docs/telemetry.md: room for at least 200 session/ended records of about 400 bytes.
 DEFAULT_MAX_BYTES = const(98304)
-DEFAULT_MAX_PAYLOAD = const(512)
+# The largest session record every input rule allows is ~810 bytes (a 64-character pile_id twice,
+# a 64-character auth_id of '"' escaped to 128, every number at its schema maximum:
+# host_tests/test_review_records.py): the outbox takes what the reader does.
+DEFAULT_MAX_PAYLOAD = const(1024)
 # Dropped first to last when full, oldest first within a tier (docs/telemetry.md, "outbox").
 # Tier 0 goes counted only; any other drop is reported by a journal_fault record. Kinds not
 # listed belong to the last tier.

@@ -108,6 +108,12 @@ def check_values(new, max_power_w=DEFAULT_MAX_POWER_W, name="meter"):
     e = new.energy_wh
     if e < 0 or e > MAX_WH:
         raise MeterError("garbage", "%s: energy %d Wh out of range" % (name, e))
+    if e == 0 and new.voltage_v == 0:
+        # A meter powered from the line it measures never reads 0 V while it answers: energy
+        # and voltage 0 is a meter that has not loaded its registers (docs/meters.md), not a
+        # register restarted from 0. Refused, it is never a restart's baseline (over-billing:
+        # the true register would be billed from 0 after it).
+        raise MeterError("implausible", "%s: energy 0 Wh at 0 V: registers not loaded" % name)
     p = new.power_w
     if p is not None:
         if p != p:  # NaN
@@ -183,7 +189,7 @@ class MeterBase:
     def identity(self):
         """What names the meter in a session record (docs/telemetry.md, session/ended `meter`):
         "<protocol>[:<model>@<address> | :<meter number>]", short: the record must stay within
-        the outbox's 512-byte payload."""
+        the outbox's payload limit (journal.DEFAULT_MAX_PAYLOAD)."""
         return self.name
 
     def _ep_reset(self):

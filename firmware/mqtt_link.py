@@ -19,7 +19,10 @@ from mqtt_conn import DOWN, TCP, TLS, UP, WRAP, MqttConn
 from mqtt_conn import tls_context  # noqa: F401  (wiring.py's build_tls takes it from here)
 from netaddr import numeric_host
 
-_ROOM = const(768)  # free out-buffer needed before building a publish (session/ended ~450 B)
+# Free out-buffer needed before building a publish: the largest outbox record (journal's
+# DEFAULT_MAX_PAYLOAD, 1024) on the longest topic (88 bytes with a 64-character pile_id), its
+# topic length, packet id and fixed header (<= 9): 1121 (host_tests/test_review_records.py).
+_ROOM = const(1152)
 _BACKOFF_MIN_MS = const(1000)
 _BACKOFF_MAX_MS = const(60000)
 _STATUS_MIN_GAP_MS = const(500)  # a flapping pilot does not flood the broker

@@ -270,8 +270,9 @@ def test_session_ended_names_its_meter(monkeypatch, meter_conf, identity):
 
 
 def test_the_meter_name_never_makes_a_record_too_large(tmp_path):
-    """Long pile and auth ids: the meter goes as null rather than the record overflowing the
-    outbox's 512-byte payload (which the meter name alone must never cause)."""
+    """Long pile and auth ids: the meter goes as null rather than the record overflowing an
+    outbox of 512-byte payloads (which the meter name alone must never cause; the firmware's
+    outbox takes 1024, where the largest record fits with its meter: test_review_records.py)."""
     import json
 
     import charger as ch
@@ -280,7 +281,7 @@ def test_the_meter_name_never_makes_a_record_too_large(tmp_path):
     import session_store
 
     pile = "p" * 40
-    outbox = journal.Journal(str(tmp_path / "outbox.jrnl"))
+    outbox = journal.Journal(str(tmp_path / "outbox.jrnl"), max_payload=512)
     log = session_log.SessionLog(pile, 3, outbox, session_store.SessionStore(str(tmp_path / "s.json")),
                                  wall=lambda: 1790000000)
     s = Record(ch.Session(0))

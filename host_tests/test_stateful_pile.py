@@ -62,7 +62,10 @@ PP_TO_OFFER_MS = 100 + 2 * PERIOD_MS
 # The car unplugged, whatever the pilot ADC says (frozen at C, say): the pilot reads A, or the
 # stuck-ADC rule or the PP read (every 100 ms; no cable: open at once) opens.
 UNPLUG_TO_OFF_MS = 100 + 2 * PERIOD_MS + 5
-RESOLUTION_WH = 2  # DDSU666 float32 kWh at these registers, plus rounding at each end
+# A meter fitted for years: a register near 0 made a "backwards" fault stop at 0 in the sim (a
+# register looking stuck while energy flows, which no pile could tell from a real one).
+START_REGISTER_WH = 1234500
+RESOLUTION_WH = 2  # DDSU666 float32 kWh at these registers (0.12 Wh steps), plus rounding at each end
 SECRET = bytes(range(32))
 SETTINGS = "settings.json"  # on the virtual board's flash (the test runs in its folder)
 COMMANDS = ("remote_start", "remote_stop", "set_current_limit", "set_availability", "clear_fault",
@@ -163,6 +166,7 @@ class PileMachine(RuleBasedStateMachine):
                   "mqtt": {"host": "127.0.0.1", "secret": SECRET.hex()}}
         self.vb = VirtualBoard(self.mp, config=config, period_ms=PERIOD_MS)
         w = self.vb.world
+        w.energy_wh = START_REGISTER_WH
         self.world = w
         self.ctl = self.vb.ctl
         # The link is built as on the board but never polled: commands reach it as from MQTT.

@@ -607,6 +607,14 @@ class World:
     def energy_wh(self):
         return self._energy_mj / 3600000
 
+    @energy_wh.setter
+    def energy_wh(self, wh):
+        """The meter's register now: a fitted meter has counted for years, not from 0 (a fault
+        that lowers it, sim/meters.py "backwards", stops at 0)."""
+        self._integrate(self.now)
+        self._energy_mj = int(wh * 3600000)
+        self._save()
+
     def result(self):
         self._integrate(self.now)
         return {
