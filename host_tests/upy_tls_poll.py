@@ -34,9 +34,11 @@ def main():
                    keepalive_s=10, status_interval_s=60, meter_interval_s=10, health_interval_s=300,
                    wifi_restart_after_s=300, reset_after_s=1800, reset_min_interval_s=3600,
                    conflict_pause_s=300)
-    charger = Section(state="idle", pilot="A", faults=0, offer_ma=0, session=None)
+    charger = Section(state="idle", pilot="A", faults=0, offer_ma=0, session=None, remote_limit_ma=None,
+                      limit_source=None)
+    records = Section(meter=None, record=None, log=None, current=lambda: None)
     ctl = Section(contactor=Section(closed=False), charger=charger, output=Section(pwm_on=False),
-                  meter=None, record=None)
+                  records=records)
     log = Section(pile_id="tls-poll-1", boot=1, outbox=Outbox())
     lines = []
     link = mqtt_link.MqttLink(conf, ctl, log, lambda now, what, text: lines.append(text),
