@@ -129,7 +129,9 @@ class Pile:
             "state": "charging" if charging else "idle", "pilot": "C" if charging else "A",
             "offer_a": 32.0 if charging else 0, "power_w": self.power_w,
             "session_id": self.session["session_id"] if charging else None,
-            "session_energy_wh": energy, "faults": [], "fw": "0.1.0", "board": "ref-esp32"},
+            "session_energy_wh": energy, "faults": [], "fw": "0.1.0", "board": "ref-esp32",
+            "limit_a": None, "limit_source": None, "limit_expires_s": None,
+            "meter_age_ms": 0 if charging else None},
             separators=(",", ":")).encode()
 
     def online_payload(self, flag):
@@ -155,7 +157,7 @@ class Pile:
         ended = dict(s, stop_time=self.now(), meter_stop_wh=self.meter_wh,
                      energy_wh=self.meter_wh - s["meter_start_wh"], duration_s=duration,
                      peak_power_w=self.power_w, stop_reason="ev_disconnected", meter_restarts=0,
-                     meter_stop_stale=False, estimated=[])
+                     meter_stop_stale=False, estimated=[], meter="modbus:ddsu666@1")
         self.session, self.power_w = None, 0
         self.fleet.ledger[ended["session_id"]] = (ended["energy_wh"], consumer.canonical(ended))
         self.record("session/ended", ended, ended["session_id"])
@@ -179,7 +181,8 @@ class Pile:
         payload = json.dumps({
             "v": 1, "session_id": s["session_id"], "ts": self.now(), "clock_synced": True,
             "meter_wh": self.meter_wh, "session_energy_wh": self.meter_wh - s["meter_start_wh"],
-            "power_w": self.power_w, "current_a": [round(self.power_w / 230.0, 1)], "voltage_v": [230.0]},
+            "power_w": self.power_w, "current_a": [round(self.power_w / 230.0, 1)], "voltage_v": [230.0],
+            "age_ms": 0},
             separators=(",", ":")).encode()
         with contextlib.suppress(MqttError):
             self.fleet.send(self.conn, self.prefix + "meter", payload, 0, False)
