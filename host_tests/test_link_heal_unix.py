@@ -14,8 +14,7 @@ import pytest
 from pilehost import unix_port
 from pilehost.cloud import schemas
 from pilehost.heal_rig import BreakableRelay
-from pilehost.link_rig import C_TO_B_LIMIT_MS, HEAP, PILE, mqtt_config
-from pilehost.procs import TIMEOUT
+from pilehost.link_rig import C_TO_B_LIMIT_MS, HEAP, PILE, mqtt_config, until
 
 SCHEMAS = schemas()
 WIFI = {"ssid": "depot", "password": "sim-passphrase"}
@@ -44,13 +43,6 @@ def start(monkeypatch, port, steps, lines, flash_dir=None, **ladder):
     return thread, box
 
 
-def until(predicate, what, thread, lines, timeout=TIMEOUT):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if not thread.is_alive() or time.monotonic() > deadline:
-            pytest.fail("%s waiting for %s; the pile's last lines:\n%s" % (
-                "the pile stopped" if not thread.is_alive() else "timed out", what, "\n".join(lines[-40:])))
-        time.sleep(0.05)
 
 
 def has(lines, text):

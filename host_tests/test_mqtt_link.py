@@ -18,7 +18,7 @@ from pilehost import pilecmd, unix_port
 from pilehost.broker import BlackHole
 from pilehost.cloud import Store, schemas
 from pilehost.link_rig import (C_TO_B_LIMIT_MS, HEAP, PILE, SECRET, SESSION, Proxy, Watcher, ended_idle,
-                               mqtt_config, sessions, signed)
+                               mqtt_config, sessions, signed, until)
 from pilehost.procs import TIMEOUT, free_port, wait_for
 
 SCHEMAS = schemas()
@@ -55,14 +55,6 @@ def in_background(scenario, port, **kwargs):
     return thread, box
 
 
-def until(predicate, what, thread, lines, timeout=TIMEOUT):
-    """wait_for, failing with the pile's last lines (at once if its run has ended)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if not thread.is_alive() or time.monotonic() > deadline:
-            pytest.fail("%s waiting for %s; the pile's last lines:\n%s" % (
-                "the pile stopped" if not thread.is_alive() else "timed out", what, "\n".join(lines[-40:])))
-        time.sleep(0.02)
 
 
 # -- delivery ------------------------------------------------------------------------------------

@@ -2,9 +2,10 @@
 tests: the pile's config, signed commands, a subscriber that sees what the pile sends, and a
 relay that holds back one packet of a session/ended exchange."""
 import errno
-import socket
 import json
+import socket
 import threading
+import time
 
 import paho.mqtt.client as mqtt
 
@@ -187,3 +188,15 @@ class OfflineNet:
 
     def poll(self):
         return Stub(register=lambda *a: None, modify=lambda *a: None, poll=lambda t: [])
+
+
+def until(predicate, what, thread, lines, timeout=None, step=0.02):
+    """wait_for (pilehost.procs) for a pile running in `thread`: fails with the pile's last `lines`, at once
+    if its run has ended."""
+    deadline = time.monotonic() + (TIMEOUT if timeout is None else timeout)
+    while not predicate():
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise AssertionError("%s waiting for %s; the pile's last lines:\n%s" % (
+                "the pile stopped" if not thread.is_alive() else "timed out", what, "\n".join(lines[-40:])))
+        time.sleep(step)
+
