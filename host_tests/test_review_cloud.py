@@ -1,0 +1,69 @@
+"""Review of issue 14's cloud side (ingest, ops queries), as an adversary: what the batch consumer
+stores for the operations page, and the page's filters at their edges. PostgreSQL cases run when
+PILE_TEST_POSTGRES_URL is set."""
+import time
+
+import pytest
+
+from pilehost import consumer, ingest
+from pilehost.cloud import schemas
+from pilehost.fake_pile import FakePile, encode
+from pilehost.ops_queries import BadQuery, OpsQueries, open_reader
+
+SCHEMAS = schemas()
+
+
+def items(messages):
+    return [ingest.Item(m.topic, encode(m.payload), i + 1, m.qos, 1, consumer.utc_now(), time.time())
+            for i, m in enumerate(messages)]
+
+
+def test_the_batch_consumer_keeps_the_power_curve_as_the_reference_does(db_url):
+    """The operations page draws a session's power curve from meter_samples (docs/ops-page.md);
+    at fleet scale the store is written by ingest, so ingest must keep them as consumer.Handler
+    does: one row per (session_id, ts), a replay kept once."""
+    pile = FakePile("curve-1", boot=3)
+    messages = pile.normal_session(duration_s=1800, meter_interval_s=300)
+    meters = [m for m in messages if m.topic.endswith("/meter")]
+    assert meters, "the fake pile's session sends meter values"
+    store = ingest.BatchStore(SCHEMAS, db_url)
+    try:
+        store.write(items(messages + meters))  # every meter value twice in one batch
+        store.write(items(meters))  # and again in the next
+        got = store.storage.query("SELECT session_id, ts, power_w FROM meter_samples ORDER BY ts")
+        want = sorted({(m.payload["session_id"], m.payload["ts"]) for m in meters})
+        assert [(r[0], r[1]) for r in got] == want
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def queries(tmp_path):
+    url = "sqlite:///" + str(tmp_path / "ops.db")
+    storage = consumer.open_storage(url)
+    storage.setup()
+    storage.close()
+    reader = open_reader(url)
+    yield OpsQueries(reader)
+    reader.close()
+
+
+@pytest.mark.parametrize("until", ["9999-12-31"])
+def test_the_last_day_of_the_calendar_is_a_bad_query_not_a_crash(queries, until):
+    """`until` is inclusive: the day after 9999-12-31 does not exist; the page must answer 400
+    (BadQuery), not an OverflowError (500)."""
+    try:
+        queries.sessions(until=until)
+    except BadQuery:
+        pass
+
+
+@pytest.mark.parametrize("offset", [str(2 ** 63), "9" * 30])
+def test_a_huge_offset_is_a_bad_query_or_an_empty_page(queries, offset):
+    """An offset beyond any database's integer: a BadQuery or an empty page, never a driver error
+    taken for the store being down (StoreUnavailable, 503, the connection dropped)."""
+    try:
+        answer = queries.sessions(offset=offset)
+    except BadQuery:
+        return
+    assert answer["rows"] == []
