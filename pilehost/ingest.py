@@ -8,7 +8,8 @@ Same tables, same checks and the same "one row per id" rule as pilehost/consumer
 
 - **one transaction per batch**: up to `batch` messages, multi-row `INSERT ... ON CONFLICT DO
   NOTHING RETURNING <id>` per table (what is not returned was there: a replay, or a conflict when
-  the payload differs), the piles' latest status and online collapsed per pile;
+  the payload differs), the piles' latest status and online collapsed per pile, the meter
+  values into `meter_samples` (the operations page's power curves, pilehost/ops_store.py);
 - **acknowledged after the commit, never before**: a batch that fails is retried (the database
   reopened with a growing pause) and its messages stay unacknowledged meanwhile; if this process
   dies the broker sends them again (persistent session: `--client-id`) and they are duplicates;
@@ -34,7 +35,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from . import consumer
+from . import consumer, ops_store
 from .consumer import (CONFLICT, DUPLICATE, FAULT_COLUMNS, NEW, SESSION_ENDED_COLUMNS,
                        SESSION_STARTED_COLUMNS, TOPIC_ROOT, BrokerUrl, Rejected, StorageError,
                        canonical, check_ids, decode, redact, utc_now)
@@ -62,6 +63,7 @@ class Prepared:
         self.records = {kind: [] for kind in RECORDS}  # kind -> [(item index, row)]
         self.status = {}  # pile_id -> (payload, received_at): the latest of the batch
         self.online = {}
+        self.meters = []  # ops_store.meter_params: the operations page's power curves
         self.rejected = []  # (item index, reason, detail)
         self.outcomes = {}  # item index -> (kind, outcome, id or None)
 
@@ -93,8 +95,11 @@ def prepare(schemas, items):
         elif kind == "online":
             p.online[pile_id] = (obj, item.received_at)
             p.outcomes[i] = (kind, "stored", None)
+        elif kind == "meter":
+            p.meters.append(ops_store.meter_params(pile_id, obj, item.received_at))
+            p.outcomes[i] = (kind, "stored", None)
         else:
-            p.outcomes[i] = (kind, "stored", None)  # meter values and acks: nothing kept
+            p.outcomes[i] = (kind, "stored", None)  # acks and the like: nothing kept
     return p
 
 
@@ -193,6 +198,8 @@ class BatchStore:
                 if pile_id in latest:
                     obj, at = latest[pile_id]
                     cur.execute(sql, consumer.pile_params(kind, pile_id, obj, at))
+        if p.meters:  # (session_id, ts) order in every instance, as above
+            cur.executemany(self._sql(ops_store.METER_SQL), sorted(p.meters, key=lambda m: (m[0], m[1])))
         if p.rejected:
             cur.executemany(self._sql(REJECTED_SQL), [self._rejected_params(items[i], reason, detail)
                                                       for i, reason, detail in p.rejected])

@@ -18,6 +18,7 @@ MAX_ROWS = 1000  # one answer's rows at most (the fleet list, a sessions page)
 CURVE_POINTS = 2000  # samples of one session's curve at most (a 10 h session at 18 s intervals)
 RECENT_SESSIONS = 15
 COUNT_CAP = 100_000  # sessions counted (and their energy summed) at most for one filter
+MAX_OFFSET = 10 ** 12  # far beyond any store; beyond a database's integer is a driver error
 RECENT_FAULTS = 30
 STOP_REASONS = ("ev_disconnected", "remote", "power_loss", "meter_failure", "pilot_short", "pilot_invalid",
                 "diode", "rcd_trip", "rcd_self_test", "contactor_failed_to_close", "welded", "rcd_lockout",
@@ -138,8 +139,8 @@ def _offset(value):
         n = int(value)
     except (TypeError, ValueError):
         raise BadQuery("offset: a whole number, not %r" % (value,)) from None
-    if n < 0:
-        raise BadQuery("offset: 0 or more")
+    if not 0 <= n <= MAX_OFFSET:
+        raise BadQuery("offset: 0 to %d" % MAX_OFFSET)
     return n
 
 
@@ -315,7 +316,7 @@ class OpsQueries:
         if first is not None:
             where.append("start_time >= ?")
             params.append(first.isoformat())
-        if last is not None:
+        if last is not None and last < datetime.date.max:  # until the last day there is: no bound
             where.append("start_time < ?")
             params.append((last + datetime.timedelta(days=1)).isoformat())
         if stop_reason:
