@@ -67,3 +67,38 @@ def test_a_huge_offset_is_a_bad_query_or_an_empty_page(queries, offset):
     except BadQuery:
         return
     assert answer["rows"] == []
+
+
+# -- the column migration (consumer.Storage.migrate) --------------------------------------------------
+
+OLD_SESSIONS = consumer.TABLES[0].replace("meter_restarts BIGINT NOT NULL, ", "")
+
+
+def test_a_migration_cut_between_add_column_and_its_fill_is_finished_on_the_next_start(tmp_path):
+    """SQLite: the consumer is killed after ALTER TABLE ADD COLUMN and before the UPDATE that
+    fills the old rows from their payload. The next start sees the column and must not leave the
+    old rows at the default (0 restarts where the record says 2): the migration is one transaction."""
+    url = "sqlite:///" + str(tmp_path / "old.db")
+    old = consumer.open_storage(url)
+    payload = '{"meter_restarts":2,"v":1}'
+    old.run(OLD_SESSIONS)
+    old.run("INSERT INTO sessions (session_id, pile_id, connector, auth_source, auth_id, start_time, stop_time,"
+            " clock_synced, meter_start_wh, meter_stop_wh, energy_wh, duration_s, peak_power_w, stop_reason,"
+            " meter_stop_stale, v, payload, received_at) VALUES ('p-1-1', 'p', 1, 'free_vend', NULL, 's', 's',"
+            " 1, 1, 2, 1, 1, 1, 'remote', 0, 1, ?, 'r')", (payload,))
+    old.close()
+    storage = consumer.open_storage(url)
+    real = storage.run
+
+    def killed_at_update(sql, params=()):
+        if sql.startswith("UPDATE"):
+            raise consumer.StorageError("killed")  # the process dies here
+        return real(sql, params)
+    storage.run = killed_at_update
+    with pytest.raises(consumer.StorageError):
+        storage.setup()
+    storage.conn.close()  # what dying does to its connection
+    again = consumer.open_storage(url)
+    again.setup()
+    assert again.query("SELECT session_id, meter_restarts FROM sessions") == [("p-1-1", 2)]
+    again.close()
