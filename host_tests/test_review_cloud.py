@@ -102,3 +102,36 @@ def test_a_migration_cut_between_add_column_and_its_fill_is_finished_on_the_next
     again.setup()
     assert again.query("SELECT session_id, meter_restarts FROM sessions") == [("p-1-1", 2)]
     again.close()
+
+
+# -- acknowledgements across a reconnect (ingest.BatchConsumer) ---------------------------------------
+
+class AckRecorder:
+    """Stands in for paho's client: the first PUBACK sent finds the connection replaced (the
+    broker's new connection, whose packet ids start again and name other messages)."""
+
+    def __init__(self, bc):
+        self.bc = bc
+        self.acked = []
+
+    def ack(self, mid, qos):
+        self.acked.append(mid)
+        if len(self.acked) == 1:
+            flags = type("Flags", (), {"session_present": False})()
+            rc = type("Rc", (), {"is_failure": False})()
+            self.bc._on_connect(self, None, flags, rc, None)
+
+    def subscribe(self, *_args, **_kwargs):
+        return (0, 1)
+
+
+def test_no_acknowledgement_of_an_old_connection_goes_out_on_a_new_one(tmp_path):
+    """Packet ids belong to a connection: once the consumer has reconnected, a PUBACK for a
+    message of the old one may acknowledge another message of the new one, before it is stored.
+    The batch's acknowledgements stop as soon as the connection changes."""
+    bc = ingest.BatchConsumer("mqtt://127.0.0.1:1", store=None)
+    bc.generation = 1
+    bc.client = AckRecorder(bc)
+    batch = [ingest.Item("evse/v1/p/status", b"{}", mid, 1, 1, "r", 0.0) for mid in (1, 2, 3)]
+    bc._ack(batch)
+    assert bc.client.acked == [1]

@@ -392,10 +392,13 @@ class BatchConsumer:
             self.batches += 1
             if self.commit_log is not None:
                 self._log_commits(outcomes, time.time())
-            generation = self.generation
-            for item in items:
-                if item.qos and item.generation == generation:
-                    self.client.ack(item.mid, item.qos)
+            self._ack(items)
+
+    def _ack(self, items):
+        generation = self.generation
+        for item in items:
+            if item.qos and item.generation == generation:
+                self.client.ack(item.mid, item.qos)
 
     def _log_commits(self, outcomes, now):
         lines = []
