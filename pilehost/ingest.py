@@ -273,6 +273,7 @@ class BatchConsumer:
         self.commit_log = commit_log
         self.queue = queue.Queue(maxsize=inflight)
         self.generation = 0  # connections so far: an ack belongs to the connection it came on
+        self._ack_lock = threading.RLock()  # the generation's change vs. a batch's acknowledgements
         self.subscribed = threading.Event()
         self.stopping = threading.Event()
         self.failure = None
@@ -321,7 +322,8 @@ class BatchConsumer:
             if reason_code.value in (0x86, 0x87, 0x8C):
                 self.failure = "broker refused: %s" % reason_code
             return
-        self.generation += 1
+        with self._ack_lock:  # no acknowledgement of the old connection's messages from now on
+            self.generation += 1
         log.info("connected to %s as %s%s", self.broker.text, self.client_id,
                  " (session resumed)" if flags.session_present else "")
         client.subscribe([(self.topic(), 1)])
@@ -395,10 +397,14 @@ class BatchConsumer:
             self._ack(items)
 
     def _ack(self, items):
-        generation = self.generation
-        for item in items:
-            if item.qos and item.generation == generation:
-                self.client.ack(item.mid, item.qos)
+        """PUBACK the batch's messages that came on this connection. Packet ids belong to a
+        connection: after a reconnect the same id names another message, not yet stored. The
+        generation is read for each message and under the lock the reconnect takes, so the new
+        connection's subscription (and its messages) waits for this loop."""
+        with self._ack_lock:
+            for item in items:
+                if item.qos and item.generation == self.generation:
+                    self.client.ack(item.mid, item.qos)
 
     def _log_commits(self, outcomes, now):
         lines = []
