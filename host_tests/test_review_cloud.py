@@ -135,3 +135,29 @@ def test_no_acknowledgement_of_an_old_connection_goes_out_on_a_new_one(tmp_path)
     batch = [ingest.Item("evse/v1/p/status", b"{}", mid, 1, 1, "r", 0.0) for mid in (1, 2, 3)]
     bc._ack(batch)
     assert bc.client.acked == [1]
+
+
+# -- memory: Receive Maximum bounds the count of messages held, not their size ------------------------
+
+def test_the_broker_sends_no_message_larger_than_any_record(broker, tmp_path):
+    """Receive Maximum holds at most `inflight` messages in this process, but a broker's packets
+    may be hundreds of MB (mosquitto's default limit is 256 MB): one hostile or broken pile could
+    fill the memory with 1000 of them. MQTT 5 Maximum Packet Size makes the broker drop what is
+    beyond any record (consumer.MAX_PAYLOAD) before it is sent."""
+    from pilehost.fake_pile import Message, Publisher
+    from pilehost.procs import wait_for
+
+    store = ingest.BatchStore(SCHEMAS, "sqlite:///" + str(tmp_path / "t.db"))
+    c = ingest.BatchConsumer(broker.url(), store, group="big", batch=10, inflight=20)
+    c.start()
+    try:
+        wait_for(c.subscribed.is_set, "the subscription")
+        pile = FakePile("big-1", boot=1)
+        huge = Message("evse/v1/big-1/session/ended", b"x" * (4 * consumer.MAX_PAYLOAD), 1, False)
+        publisher = Publisher(broker.url(), "big-pub")
+        publisher.send([huge, pile.status()])
+        publisher.close()
+        wait_for(lambda: store.storage.query("SELECT count(*) FROM piles")[0][0] == 1, "the status stored")
+        assert store.storage.query("SELECT reason FROM rejected") == []
+    finally:
+        c.stop()
