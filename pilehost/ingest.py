@@ -16,7 +16,8 @@ Same tables, same checks and the same "one row per id" rule as pilehost/consumer
 - **back-pressure**: MQTT 5 Receive Maximum = `inflight`: the broker has at most that many
   unacknowledged messages out to this instance, so a slow database slows the broker's sending,
   not this process's memory; the hand-over queue is bounded too (a full queue stops the network
-  thread reading the socket, for a broker that ignores Receive Maximum);
+  thread reading the socket, for a broker that ignores Receive Maximum); Maximum Packet Size
+  bounds each message, so the memory held is at most `inflight` x MAX_PACKET;
 - **shared subscription** `$share/<group>/evse/v1/#` only (no per-instance fleet view: the
   database is the view), so N instances each see 1/N of the traffic.
 """
@@ -48,6 +49,7 @@ RECORDS = {  # kind -> (table, key, columns): the records stored once under thei
     "fault": ("faults", "event_id", FAULT_COLUMNS),
 }
 SQLITE_MAX_PARAMS = 999  # SQLITE_MAX_VARIABLE_NUMBER of older builds
+MAX_PACKET = consumer.MAX_PAYLOAD + 4096  # bytes of one PUBLISH at most: payload, topic, header
 RETRY_MIN_S, RETRY_MAX_S = 0.5, 15.0  # pause before reopening a failed database (doubles, jitter)
 
 REJECTED_SQL = ("INSERT INTO rejected (received_at, topic, reason, detail, size, payload) "
@@ -300,6 +302,9 @@ class BatchConsumer:
     def start(self):
         props = Properties(PacketTypes.CONNECT)
         props.ReceiveMaximum = self.inflight  # MQTT 5 section 4.9: the broker's in-flight window
+        # ... and each of them bounded too (3.1.2.11.4: the broker drops a bigger one unsent):
+        # nothing beyond consumer.MAX_PAYLOAD is a record, and a pile's topic is short.
+        props.MaximumPacketSize = MAX_PACKET
         if self.persistent:
             props.SessionExpiryInterval = consumer.PERSISTENT_SESSION_S
         self.writer.start()
