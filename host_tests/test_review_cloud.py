@@ -82,10 +82,10 @@ def test_a_migration_cut_between_add_column_and_its_fill_is_finished_on_the_next
     old = consumer.open_storage(url)
     payload = '{"meter_restarts":2,"v":1}'
     old.run(OLD_SESSIONS)
-    old.run("INSERT INTO sessions (session_id, pile_id, connector, auth_source, auth_id, start_time, stop_time,"
-            " clock_synced, meter_start_wh, meter_stop_wh, energy_wh, duration_s, peak_power_w, stop_reason,"
-            " meter_stop_stale, v, payload, received_at) VALUES ('p-1-1', 'p', 1, 'free_vend', NULL, 's', 's',"
-            " 1, 1, 2, 1, 1, 1, 'remote', 0, 1, ?, 'r')", (payload,))
+    old.run("INSERT INTO sessions (session_id, pile_id, connector, auth_source, auth_id, start_time,"
+            " stop_time, clock_synced, meter_start_wh, meter_stop_wh, energy_wh, duration_s, peak_power_w,"
+            " stop_reason, meter_stop_stale, v, payload, received_at) VALUES ('p-1-1', 'p', 1,"
+            " 'free_vend', NULL, 's', 's', 1, 1, 2, 1, 1, 1, 'remote', 0, 1, ?, 'r')", (payload,))
     old.close()
     storage = consumer.open_storage(url)
     real = storage.run
