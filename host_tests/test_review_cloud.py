@@ -161,3 +161,28 @@ def test_the_broker_sends_no_message_larger_than_any_record(broker, tmp_path):
         assert store.storage.query("SELECT reason FROM rejected") == []
     finally:
         c.stop()
+
+
+# -- the page's text filters: a character no pile id holds ----------------------------------------------
+
+@pytest.fixture
+def any_queries(db_url):
+    storage = consumer.open_storage(db_url)
+    storage.setup()
+    storage.close()
+    reader = open_reader(db_url)
+    yield OpsQueries(reader)
+    reader.close()
+
+
+@pytest.mark.parametrize("text", ["a\x00b", "\x00"])
+def test_a_nul_in_a_filter_is_an_answer_not_the_store_down(any_queries, text):
+    """?q=%00 or ?id=%00: PostgreSQL's text cannot hold NUL and psycopg refuses the parameter;
+    that must not read as "the store cannot be read" (503, the connection dropped): no pile
+    matches, or a BadQuery (400)."""
+    for ask in (lambda: any_queries.fleet(search=text)["piles"], lambda: any_queries.pile(text),
+                lambda: any_queries.sessions(pile=text)["rows"]):
+        try:
+            assert not ask()
+        except BadQuery:
+            pass
