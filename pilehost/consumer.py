@@ -13,6 +13,7 @@ failed (messages not yet stored stay unacknowledged: with --client-id the broker
 """
 import argparse
 import collections
+import contextlib
 import datetime
 import glob
 import json
@@ -408,6 +409,19 @@ class SqliteStorage(Storage):
         conn.execute("PRAGMA journal_mode=WAL")  # several consumers on one file
         conn.execute("PRAGMA busy_timeout=30000")
         super().__init__(conn)
+
+    def setup(self):
+        # One transaction (SQLite's DDL is transactional): a consumer killed between an ADD COLUMN
+        # and the UPDATE filling it leaves neither, so the next start does both; instances
+        # starting together take turns instead of racing on the same ALTER.
+        self.run("BEGIN IMMEDIATE")
+        try:
+            super().setup()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.run("ROLLBACK")
+            raise
+        self.run("COMMIT")
 
 
 class PostgresStorage(Storage):

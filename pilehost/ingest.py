@@ -8,14 +8,16 @@ Same tables, same checks and the same "one row per id" rule as pilehost/consumer
 
 - **one transaction per batch**: up to `batch` messages, multi-row `INSERT ... ON CONFLICT DO
   NOTHING RETURNING <id>` per table (what is not returned was there: a replay, or a conflict when
-  the payload differs), the piles' latest status and online collapsed per pile;
+  the payload differs), the piles' latest status and online collapsed per pile, the meter
+  values into `meter_samples` (the operations page's power curves, pilehost/ops_store.py);
 - **acknowledged after the commit, never before**: a batch that fails is retried (the database
   reopened with a growing pause) and its messages stay unacknowledged meanwhile; if this process
   dies the broker sends them again (persistent session: `--client-id`) and they are duplicates;
 - **back-pressure**: MQTT 5 Receive Maximum = `inflight`: the broker has at most that many
   unacknowledged messages out to this instance, so a slow database slows the broker's sending,
   not this process's memory; the hand-over queue is bounded too (a full queue stops the network
-  thread reading the socket, for a broker that ignores Receive Maximum);
+  thread reading the socket, for a broker that ignores Receive Maximum); Maximum Packet Size
+  bounds each message, so the memory held is at most `inflight` x MAX_PACKET;
 - **shared subscription** `$share/<group>/evse/v1/#` only (no per-instance fleet view: the
   database is the view), so N instances each see 1/N of the traffic.
 """
@@ -34,7 +36,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from . import consumer
+from . import consumer, ops_store
 from .consumer import (CONFLICT, DUPLICATE, FAULT_COLUMNS, NEW, SESSION_ENDED_COLUMNS,
                        SESSION_STARTED_COLUMNS, TOPIC_ROOT, BrokerUrl, Rejected, StorageError,
                        canonical, check_ids, decode, redact, utc_now)
@@ -47,6 +49,7 @@ RECORDS = {  # kind -> (table, key, columns): the records stored once under thei
     "fault": ("faults", "event_id", FAULT_COLUMNS),
 }
 SQLITE_MAX_PARAMS = 999  # SQLITE_MAX_VARIABLE_NUMBER of older builds
+MAX_PACKET = consumer.MAX_PAYLOAD + 4096  # bytes of one PUBLISH at most: payload, topic, header
 RETRY_MIN_S, RETRY_MAX_S = 0.5, 15.0  # pause before reopening a failed database (doubles, jitter)
 
 REJECTED_SQL = ("INSERT INTO rejected (received_at, topic, reason, detail, size, payload) "
@@ -62,6 +65,7 @@ class Prepared:
         self.records = {kind: [] for kind in RECORDS}  # kind -> [(item index, row)]
         self.status = {}  # pile_id -> (payload, received_at): the latest of the batch
         self.online = {}
+        self.meters = []  # ops_store.meter_params: the operations page's power curves
         self.rejected = []  # (item index, reason, detail)
         self.outcomes = {}  # item index -> (kind, outcome, id or None)
 
@@ -93,8 +97,11 @@ def prepare(schemas, items):
         elif kind == "online":
             p.online[pile_id] = (obj, item.received_at)
             p.outcomes[i] = (kind, "stored", None)
+        elif kind == "meter":
+            p.meters.append(ops_store.meter_params(pile_id, obj, item.received_at))
+            p.outcomes[i] = (kind, "stored", None)
         else:
-            p.outcomes[i] = (kind, "stored", None)  # meter values and acks: nothing kept
+            p.outcomes[i] = (kind, "stored", None)  # acks and the like: nothing kept
     return p
 
 
@@ -193,6 +200,8 @@ class BatchStore:
                 if pile_id in latest:
                     obj, at = latest[pile_id]
                     cur.execute(sql, consumer.pile_params(kind, pile_id, obj, at))
+        if p.meters:  # (session_id, ts) order in every instance, as above
+            cur.executemany(self._sql(ops_store.METER_SQL), sorted(p.meters, key=lambda m: (m[0], m[1])))
         if p.rejected:
             cur.executemany(self._sql(REJECTED_SQL), [self._rejected_params(items[i], reason, detail)
                                                       for i, reason, detail in p.rejected])
@@ -266,6 +275,7 @@ class BatchConsumer:
         self.commit_log = commit_log
         self.queue = queue.Queue(maxsize=inflight)
         self.generation = 0  # connections so far: an ack belongs to the connection it came on
+        self._ack_lock = threading.RLock()  # the generation's change vs. a batch's acknowledgements
         self.subscribed = threading.Event()
         self.stopping = threading.Event()
         self.failure = None
@@ -292,6 +302,9 @@ class BatchConsumer:
     def start(self):
         props = Properties(PacketTypes.CONNECT)
         props.ReceiveMaximum = self.inflight  # MQTT 5 section 4.9: the broker's in-flight window
+        # ... and each of them bounded too (3.1.2.11.4: the broker drops a bigger one unsent):
+        # nothing beyond consumer.MAX_PAYLOAD is a record, and a pile's topic is short.
+        props.MaximumPacketSize = MAX_PACKET
         if self.persistent:
             props.SessionExpiryInterval = consumer.PERSISTENT_SESSION_S
         self.writer.start()
@@ -314,7 +327,8 @@ class BatchConsumer:
             if reason_code.value in (0x86, 0x87, 0x8C):
                 self.failure = "broker refused: %s" % reason_code
             return
-        self.generation += 1
+        with self._ack_lock:  # no acknowledgement of the old connection's messages from now on
+            self.generation += 1
         log.info("connected to %s as %s%s", self.broker.text, self.client_id,
                  " (session resumed)" if flags.session_present else "")
         client.subscribe([(self.topic(), 1)])
@@ -385,9 +399,16 @@ class BatchConsumer:
             self.batches += 1
             if self.commit_log is not None:
                 self._log_commits(outcomes, time.time())
-            generation = self.generation
+            self._ack(items)
+
+    def _ack(self, items):
+        """PUBACK the batch's messages that came on this connection. Packet ids belong to a
+        connection: after a reconnect the same id names another message, not yet stored. The
+        generation is read for each message and under the lock the reconnect takes, so the new
+        connection's subscription (and its messages) waits for this loop."""
+        with self._ack_lock:
             for item in items:
-                if item.qos and item.generation == generation:
+                if item.qos and item.generation == self.generation:
                     self.client.ack(item.mid, item.qos)
 
     def _log_commits(self, outcomes, now):

@@ -11,13 +11,14 @@ import sqlite3
 import threading
 import urllib.parse
 
-from .consumer import redact
+from .consumer import PILE_ID_RE, redact
 
 DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 MAX_ROWS = 1000  # one answer's rows at most (the fleet list, a sessions page)
 CURVE_POINTS = 2000  # samples of one session's curve at most (a 10 h session at 18 s intervals)
 RECENT_SESSIONS = 15
 COUNT_CAP = 100_000  # sessions counted (and their energy summed) at most for one filter
+MAX_OFFSET = 10 ** 12  # far beyond any store; beyond a database's integer is a driver error
 RECENT_FAULTS = 30
 STOP_REASONS = ("ev_disconnected", "remote", "power_loss", "meter_failure", "pilot_short", "pilot_invalid",
                 "diode", "rcd_trip", "rcd_self_test", "contactor_failed_to_close", "welded", "rcd_lockout",
@@ -138,8 +139,8 @@ def _offset(value):
         n = int(value)
     except (TypeError, ValueError):
         raise BadQuery("offset: a whole number, not %r" % (value,)) from None
-    if n < 0:
-        raise BadQuery("offset: 0 or more")
+    if not 0 <= n <= MAX_OFFSET:
+        raise BadQuery("offset: 0 to %d" % MAX_OFFSET)
     return n
 
 
@@ -178,6 +179,8 @@ class OpsQueries:
         """Every pile's latest state (up to `limit`, by id), and the counts of the whole fleet."""
         limit = _limit(limit, 500)
         where, params = [], []
+        if "\x00" in search:  # PostgreSQL's text cannot hold it; no pile id does
+            raise BadQuery("q: no NUL character")
         if search:
             where.append("pile_id LIKE ? ESCAPE '\\'")
             params.append("%" + _like(search) + "%")
@@ -230,6 +233,8 @@ class OpsQueries:
     def pile(self, pile_id):
         """One pile: its status, its running (else last) session with the power curve, recent
         sessions, fault events and health. None if the store has never heard of it."""
+        if not PILE_ID_RE.fullmatch(pile_id):
+            return None  # not a pile id (the consumer stores no other): never sent to the driver
         found = self._rows(
             "SELECT pile_id, online, online_boot, online_at, state, pilot, offer_a, power_w, session_id,"
             " session_energy_wh, faults, fw, board, boot, uptime_s, status_ts, clock_synced, status_at,"
@@ -308,6 +313,8 @@ class OpsQueries:
         limit = _limit(limit, 100)
         offset = _offset(offset)
         where, params = [], []
+        if pile and not PILE_ID_RE.fullmatch(pile):
+            raise BadQuery("pile: not a pile id %r" % pile[:80])
         if pile:
             where.append("pile_id = ?")
             params.append(pile)
@@ -315,7 +322,7 @@ class OpsQueries:
         if first is not None:
             where.append("start_time >= ?")
             params.append(first.isoformat())
-        if last is not None:
+        if last is not None and last < datetime.date.max:  # until the last day there is: no bound
             where.append("start_time < ?")
             params.append((last + datetime.timedelta(days=1)).isoformat())
         if stop_reason:

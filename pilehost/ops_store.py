@@ -17,11 +17,17 @@ TABLES = (
 )
 
 
+# One meter message's row (consumer.Handler one at a time; pilehost.ingest per batch).
+METER_SQL = """INSERT INTO meter_samples (session_id, ts, pile_id, clock_synced, power_w, session_energy_wh,
+                   meter_wh, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT (session_id, ts) DO NOTHING"""
+
+
+def meter_params(pile_id, obj, received_at):
+    return (obj["session_id"], obj["ts"], pile_id, obj["clock_synced"], obj["power_w"],
+            obj["session_energy_wh"], obj["meter_wh"], received_at)
+
+
 def put(storage, pile_id, obj, received_at):
     """Store one validated meter message (pilehost.consumer.Handler, through Storage.run)."""
-    storage.run(
-        """INSERT INTO meter_samples (session_id, ts, pile_id, clock_synced, power_w, session_energy_wh,
-               meter_wh, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-           ON CONFLICT (session_id, ts) DO NOTHING""",
-        (obj["session_id"], obj["ts"], pile_id, obj["clock_synced"], obj["power_w"],
-         obj["session_energy_wh"], obj["meter_wh"], received_at))
+    storage.run(METER_SQL, meter_params(pile_id, obj, received_at))
