@@ -1,6 +1,7 @@
 """The control loop under the watchdog (docs/architecture.md): tick, then the records, then the
 network, then the link, then the watchdog. Any unhandled error opens the contactor, drives the
-pilot to F and stops feeding the watchdog, which resets the board. Ctrl-C hands the pile to diag.py's service mode.
+pilot to F and stops feeding the watchdog, which resets the board. Ctrl-C hands the pile to
+diag.py's service mode.
 """
 import console  # first: its import is the console's time 0
 import sys
