@@ -34,7 +34,7 @@ from jsonschema.exceptions import best_match
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from . import ops_store
+from . import health_store, ops_store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMA_DIR = os.path.join(ROOT, "docs", "schemas")
@@ -253,6 +253,7 @@ TABLES = (
         received_at TEXT NOT NULL, topic TEXT NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL,
         size BIGINT NOT NULL, payload TEXT NOT NULL)""",
     *ops_store.TABLES,  # the operations page's power curves and indexes (pilehost/ops_store.py)
+    *health_store.TABLES,  # the piles' health messages, latest and history (pilehost/health_store.py)
 )
 SESSION_ENDED_COLUMNS = ("session_id", "pile_id", "connector", "auth_source", "auth_id", "start_time",
                          "stop_time", "clock_synced", "meter_start_wh", "meter_stop_wh", "energy_wh",
@@ -572,6 +573,8 @@ class Handler:
             self.storage.put_online(pile_id, obj, received_at)
         elif kind == "meter":
             ops_store.put(self.storage, pile_id, obj, received_at)
+        elif kind == "health":
+            health_store.put(self.storage, pile_id, obj, canonical(obj), received_at)
         return "stored"  # acks: live view and log only
 
     def _insert(self, table, key, columns, obj, received_at):

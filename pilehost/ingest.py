@@ -9,7 +9,9 @@ Same tables, same checks and the same "one row per id" rule as pilehost/consumer
 - **one transaction per batch**: up to `batch` messages, multi-row `INSERT ... ON CONFLICT DO
   NOTHING RETURNING <id>` per table (what is not returned was there: a replay, or a conflict when
   the payload differs), the piles' latest status and online collapsed per pile, the meter
-  values into `meter_samples` (the operations page's power curves, pilehost/ops_store.py);
+  values into `meter_samples` (the operations page's power curves, pilehost/ops_store.py), the
+  `health` messages into `health_history` and the latest per pile into `pile_health`
+  (pilehost/health_store.py);
 - **acknowledged after the commit, never before**: a batch that fails is retried (the database
   reopened with a growing pause) and its messages stay unacknowledged meanwhile; if this process
   dies the broker sends them again (persistent session: `--client-id`) and they are duplicates;
@@ -36,7 +38,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from . import consumer, ops_store
+from . import consumer, health_store, ops_store
 from .consumer import (CONFLICT, DUPLICATE, FAULT_COLUMNS, NEW, SESSION_ENDED_COLUMNS,
                        SESSION_STARTED_COLUMNS, TOPIC_ROOT, BrokerUrl, Rejected, StorageError,
                        canonical, check_ids, decode, redact, utc_now)
@@ -66,6 +68,8 @@ class Prepared:
         self.status = {}  # pile_id -> (payload, received_at): the latest of the batch
         self.online = {}
         self.meters = []  # ops_store.meter_params: the operations page's power curves
+        self.health = []  # health_store.params: every health message (its history)
+        self.health_latest = {}  # pile_id -> the params of its newest health message in the batch
         self.rejected = []  # (item index, reason, detail)
         self.outcomes = {}  # item index -> (kind, outcome, id or None)
 
@@ -99,6 +103,13 @@ def prepare(schemas, items):
             p.outcomes[i] = (kind, "stored", None)
         elif kind == "meter":
             p.meters.append(ops_store.meter_params(pile_id, obj, item.received_at))
+            p.outcomes[i] = (kind, "stored", None)
+        elif kind == "health":
+            row = health_store.params(pile_id, obj, canonical(obj), item.received_at)
+            p.health.append(row)
+            old = p.health_latest.get(pile_id)
+            if old is None or health_store.newer(row, old):
+                p.health_latest[pile_id] = row
             p.outcomes[i] = (kind, "stored", None)
         else:
             p.outcomes[i] = (kind, "stored", None)  # acks and the like: nothing kept
@@ -202,6 +213,10 @@ class BatchStore:
                     cur.execute(sql, consumer.pile_params(kind, pile_id, obj, at))
         if p.meters:  # (session_id, ts) order in every instance, as above
             cur.executemany(self._sql(ops_store.METER_SQL), sorted(p.meters, key=lambda m: (m[0], m[1])))
+        if p.health:  # key order in every instance, as above; one row per (pile_id, boot, uptime_s)
+            cur.executemany(self._sql(health_store.HISTORY_SQL), sorted(p.health, key=lambda h: h[:3]))
+            cur.executemany(self._sql(health_store.LATEST_SQL),
+                            [p.health_latest[pile_id] for pile_id in sorted(p.health_latest)])
         if p.rejected:
             cur.executemany(self._sql(REJECTED_SQL), [self._rejected_params(items[i], reason, detail)
                                                       for i, reason, detail in p.rejected])

@@ -248,7 +248,8 @@ class OpsQueries:
             " WHERE pile_id = ? ORDER BY received_at DESC, event_id DESC LIMIT %d" % RECENT_FAULTS,
             (pile_id,))]
         return {"now": self._now(), "pile": pile, "session": self._focus_session(pile, sessions),
-                "sessions": sessions, "faults": faults, "health": self._health(pile_id)}
+                "sessions": sessions, "faults": faults, "health": self._health(pile_id),
+                "reported": self.reported_health(pile_id)}
 
     def _focus_session(self, pile, sessions):
         """The running session (from status and session/started), else the last one ended."""
@@ -269,6 +270,28 @@ class OpsQueries:
         focus["curve"] = self.curve(focus["session_id"])
         return focus
 
+    def reported_health(self, pile_id):
+        """The pile's latest `health` message (pilehost/health_store.py), its fields flat, the
+        meter errors by kind; None when none was stored (or the store predates the table)."""
+        if "pile_health" not in self._tables("pile_health"):
+            return None
+        rows = self._rows(
+            "SELECT boot, uptime_s, ts, clock_synced, reset_cause, fw, heap_free, heap_largest_free,"
+            " outbox_records, outbox_oldest_s, wifi_rssi, connects, reconnects, wifi_restarts, resets,"
+            " last_step, last_reason, client_id_conflict, loop_ms_max, loop_ms_avg, payload, received_at"
+            " FROM pile_health WHERE pile_id = ?", (pile_id,))
+        if not rows:
+            return None
+        h = dict(rows[0])
+        h["clock_synced"] = _flag(h["clock_synced"])
+        h["client_id_conflict"] = _flag(h["client_id_conflict"])
+        try:
+            errors = json.loads(h.pop("payload")).get("meter_errors")
+        except ValueError:
+            errors = None
+        h["meter_errors"] = errors if isinstance(errors, dict) else None
+        return h
+
     def curve(self, session_id):
         """The session's meter samples in time order: ts, power_w, session_energy_wh."""
         if "meter_samples" not in self._tables():
@@ -278,11 +301,13 @@ class OpsQueries:
         rows.reverse()
         return rows
 
-    def _tables(self):
-        if "meter_samples" not in self.reader.tables:
+    def _tables(self, table="meter_samples"):
+        """The tables of a newer consumer found so far (a store may have been written by an older
+        one); `table` is looked for until it is there."""
+        if table not in self.reader.tables:
             try:
-                self._rows("SELECT 1 FROM meter_samples WHERE 1 = 0")
-                self.reader.tables.add("meter_samples")
+                self._rows("SELECT 1 FROM %s WHERE 1 = 0" % table)
+                self.reader.tables.add(table)
             except StoreUnavailable:
                 return set()
         return self.reader.tables

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 from . import ROOT, unix_port
 
@@ -177,6 +178,42 @@ def withdraw(host, port, release, manifest, files, **auth):
     return publish(host, port, release, manifest, files, topics=topics, **auth)
 
 
+def withdraw_release(host, port, manifest, files, record=None, reason="withdrawn by the operator",
+                     username=None, password=None, settle_s=2.0, say=print):
+    """The `withdraw` command (docs/ota.md, "Withdrawing a release"): stops the release's rollout
+    (the marker beside its record: no further `update` goes out), deletes its retained chunks (a
+    download under way then fails and the pile keeps its release), and says where each pile is,
+    from the retained `ota` messages. The firmware has no command to go back to an earlier
+    release: piles already running it stay on it until release n + 1.
+    Returns [(pile id, what happens to it)]."""
+    import urllib.parse
+
+    from . import rollout
+
+    n = json.loads(manifest.split(b"\n", 1)[1])["release"]
+    record = record or "rollout-%d.json" % n
+    rollout.mark_withdrawn(record, reason)
+    say("release %d withdrawn (%s): its rollout sends no further update (%s.withdrawn)" % (
+        n, reason, record))
+    count = withdraw(host, port, n, manifest, files, username=username, password=password)
+    say("release %d: %d retained chunks deleted" % (n, count))
+    piles = None
+    if os.path.exists(record):
+        piles = sorted({p for c in rollout.load_record(record).get("cohorts", []) for p in c})
+    auth = ""
+    if username:
+        auth = "%s:%s@" % (urllib.parse.quote(username, safe=""), urllib.parse.quote(password or "", safe=""))
+    watch = rollout.FleetWatch("mqtt://%s%s:%d" % (auth, host, port))
+    try:
+        time.sleep(settle_s)  # the retained ota messages
+        where = rollout.where_piles_are(watch, n, piles)
+    finally:
+        watch.close()
+    for p, text in where:
+        say("  %s: %s" % (p, text))
+    return where
+
+
 # -- the command line (tools/release.py) -------------------------------------------------------------
 
 def main(argv=None):
@@ -196,11 +233,21 @@ def main(argv=None):
     b.add_argument("out")
     u = sub.add_parser("publish", help="publish a built release to the broker, retained")
     u.add_argument("dir")
-    u.add_argument("--host", default="127.0.0.1")
-    u.add_argument("--port", type=int, default=1883)
-    u.add_argument("--username")
-    u.add_argument("--password-file")
+    w = sub.add_parser("withdraw", help="stop a release: its rollout, its retained chunks; says "
+                                        "where each pile is (docs/ota.md)")
+    w.add_argument("dir", help="the release's build directory")
+    w.add_argument("--record", help="the rollout's record (default rollout-<release>.json)")
+    w.add_argument("--reason", default="withdrawn by the operator")
+    for sp in (u, w):
+        sp.add_argument("--host", default="127.0.0.1")
+        sp.add_argument("--port", type=int, default=1883)
+        sp.add_argument("--username")
+        sp.add_argument("--password-file")
     opts = ap.parse_args(argv)
+    password = None
+    if getattr(opts, "password_file", None):
+        with open(opts.password_file, encoding="utf-8") as f:
+            password = f.read().strip()
     if opts.what == "keygen":
         key = generate_key()
         save_key(key, opts.key)
@@ -225,12 +272,12 @@ def main(argv=None):
     elif opts.what == "publish":
         manifest, files = read_built(opts.dir)
         release = json.loads(manifest.split(b"\n", 1)[1])["release"]
-        password = None
-        if opts.password_file:
-            with open(opts.password_file, encoding="utf-8") as f:
-                password = f.read().strip()
         n = publish(opts.host, opts.port, release, manifest, files, opts.username, password)
         print("release %d: %d chunks published, retained" % (release, n))
+    elif opts.what == "withdraw":
+        manifest, files = read_built(opts.dir)
+        withdraw_release(opts.host, opts.port, manifest, files, opts.record, opts.reason,
+                         opts.username, password)
     return 0
 
 

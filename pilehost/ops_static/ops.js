@@ -277,6 +277,29 @@
   function kv(pairs) {
     return el("dl", {class: "kv"}, pairs.map(([k, v]) => [el("dt", {text: k}), el("dd", {}, v)]));
   }
+  // The pile's own `health` message (docs/telemetry.md), the latest the consumer stored.
+  const STEP = {reconnect: "reconnect", wifi_restart: "Wi-Fi restart", reset: "board reset"};
+  function reportedHealth(r, now) {
+    if (!r) return el("p", {class: "muted", id: "reported-none", text: "No health message yet."});
+    const n = (v) => (v === null || v === undefined ? "–" : nf0.format(v));
+    const errors = r.meter_errors ? Object.entries(r.meter_errors).filter(([, v]) => v) : [];
+    return kv([
+      ["Reported", el("span", {id: "reported-at"}, lastSeen(r.received_at, now))],
+      ["Boot", "#" + r.boot + ", up " + duration(r.uptime_s) + " · reset: " + r.reset_cause],
+      ["Heap free", el("span", {id: "reported-heap", text: n(r.heap_free) + " B (largest " + n(r.heap_largest_free) + " B)"})],
+      ["Outbox", n(r.outbox_records) + " records" + (r.outbox_oldest_s ? ", oldest " + duration(r.outbox_oldest_s) : "")],
+      ["Wi-Fi", r.wifi_rssi === null ? "–" : r.wifi_rssi + " dBm"],
+      ["Link", el("span", {id: "reported-link", text: n(r.connects) + " connects · " + n(r.reconnects) + " reconnects · "
+        + n(r.wifi_restarts) + " Wi-Fi restarts · " + n(r.resets) + " resets"})],
+      ["Last outage", r.last_step
+        ? el("span", {id: "reported-step", title: r.last_reason || "", text: (STEP[r.last_step] || r.last_step)
+          + (r.last_reason ? ": " + r.last_reason : "")}) : "none"],
+      ["Client id", r.client_id_conflict
+        ? el("span", {class: "pill bad", id: "reported-conflict", text: "used by another client"}) : "own"],
+      ["Loop", n(r.loop_ms_avg) + " ms avg · " + n(r.loop_ms_max) + " ms max"],
+      ["Meter errors", errors.length ? errors.map(([k, v]) => el("span", {class: "tag", text: k + " " + v}))
+        : "none"]]);
+  }
   function sessionRows(rows, withPile) {
     if (!rows.length) {
       return [el("tr", {}, el("td", {class: "empty", colspan: withPile ? "9" : "8", text: "No session."}))];
@@ -302,10 +325,11 @@
     const sessionCard = el("div", {class: "card", id: "session-card"});
     const statusCard = el("div", {class: "card", id: "status-card"});
     const healthCard = el("div", {class: "card", id: "health-card"});
+    const reportedCard = el("div", {class: "card", id: "reported-card"});
     const faultsBody = el("tbody", {id: "fault-rows"});
     const sessionsBody = el("tbody", {id: "pile-sessions"});
     fill(view, el("a", {class: "back", href: "#/fleet", text: "← Fleet"}), head,
-      el("div", {class: "grid"}, sessionCard, el("div", {class: "stack"}, statusCard, healthCard)),
+      el("div", {class: "grid"}, sessionCard, el("div", {class: "stack"}, statusCard, healthCard, reportedCard)),
       el("div", {class: "card flush"}, el("h2", {text: "Recent sessions"}),
         el("div", {class: "table-wrap"}, el("table", {}, SESSION_HEAD(false), sessionsBody))),
       el("div", {class: "card flush gap"}, el("h2", {text: "Fault events"}),
@@ -375,6 +399,7 @@
           ["Stale meter stops", nf0.format(h.stale_stops)],
           ["Rejected messages", h.rejected ? el("span", {class: "stale", text: nf0.format(h.rejected)
             + (h.last_rejected ? " (last: " + h.last_rejected.reason + ")" : "")}) : "0"]]));
+        fill(reportedCard, el("h2", {text: "Reported health"}), reportedHealth(d.reported, d.now));
         fill(sessionsBody, sessionRows(d.sessions, false));
         fill(faultsBody, d.faults.length ? d.faults.map((f) => el("tr", {},
           el("td", {class: "mono", text: f.event_id}), el("td", {}, el("span", {class: "tag", text: f.code})),
