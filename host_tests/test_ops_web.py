@@ -12,7 +12,7 @@ import pytest
 
 from pilehost import ROOT, consumer
 from pilehost.cloud import schemas
-from pilehost.fake_pile import FakePile, Publisher, connect_pile, encode
+from pilehost.fake_pile import FakePile, Message, Publisher, connect_pile, encode
 from pilehost.ops_web import Server
 from pilehost.procs import TIMEOUT, wait_for
 
@@ -223,6 +223,46 @@ def test_field_data_is_shown_as_text_never_run(broker, store, page, browser, pub
     wait_page(browser, lambda d: HOSTILE_TAG in (text(d, "#pile-sessions") or ""), "the auth id, pile page")
     assert browser.find_elements("css selector", "#view img") == []
     assert browser.execute_script("return window.__xss") is None
+
+
+def health_message(pile_id, uptime_s, **link):
+    """A health.v1 message (docs/telemetry.md), retained as the pile sends it."""
+    h = {"v": 1, "ts": minutes_ago(0), "clock_synced": True, "boot": 3, "uptime_s": uptime_s,
+         "reset_cause": "soft", "fw": "1.4.1", "board": "ref-esp32", "heap_free": 58112,
+         "heap_largest_free": 21504, "outbox_records": 2, "outbox_oldest_s": 40, "wifi_rssi": -67,
+         "link": dict({"connects": 2, "reconnects": 4, "wifi_restarts": 1, "resets": 0,
+                       "last_step": "wifi_restart", "last_reason": "no CONNACK within 5 s, with the Wi-Fi up",
+                       "client_id_conflict": False}, **link),
+         "meter_errors": {"timeout": 3}, "loop_ms": {"max": 31, "avg": 6}}
+    schemas().check("health", h)
+    return Message("evse/v1/%s/health" % pile_id, h, 1, True)
+
+
+def test_the_pile_page_shows_its_reported_health_live_and_as_text(broker, store, page, browser, publishers):
+    """The pile's own health message, stored by the consumer (pile_health): no message yet, then
+    the link's ladder, the heap and the meter errors; a later one (a client id conflict, a reason
+    in markup) replaces it without a reload, as text."""
+    pile = FakePile("pile-0077", epoch=minutes_ago(30), fw="1.4.1")
+    link = connect_pile(broker.url(), pile)
+    publishers.append(link)
+    wait_for(lambda: stored(store, "SELECT COUNT(*) FROM piles WHERE pile_id = 'pile-0077'") == 1, "the pile")
+    browser.get(page.url + "#/pile/pile-0077")
+    wait_page(browser, lambda d: text(d, "#reported-none") == "No health message yet.", "no health yet")
+    browser.execute_script("window.__sameDocument = 77")
+    link.send([health_message("pile-0077", 600)])
+    wait_page(browser, lambda d: "4 reconnects" in (text(d, "#reported-link") or ""), "the reported link")
+    card = read(browser, "#reported-card")
+    assert "1 Wi-Fi restarts" in card and "58,112 B (largest 21,504 B)" in card and "-67 dBm" in card
+    assert "Wi-Fi restart: no CONNACK within 5 s, with the Wi-Fi up" in card
+    assert "timeout 3" in card and "reset: soft" in card and "6 ms avg · 31 ms max" in card
+    link.send([health_message("pile-0077", 660, client_id_conflict=True, last_step="reconnect",
+                              last_reason=HOSTILE)])
+    wait_page(browser, lambda d: text(d, "#reported-conflict") == "used by another client", "the conflict")
+    assert HOSTILE in read(browser, "#reported-step")
+    assert browser.execute_script("return window.__sameDocument") == 77, "the page was reloaded"
+    assert browser.find_elements("css selector", "#view img") == []
+    assert browser.execute_script("return window.__xss") is None
+    screenshot(browser, "ops-pile-health.png")
 
 
 def test_the_page_says_when_the_store_is_gone_and_recovers(tmp_path, browser):
