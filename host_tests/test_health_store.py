@@ -196,3 +196,19 @@ def test_the_query_on_a_store_without_the_health_table_says_none(tmp_path):
 
 def test_the_columns_and_the_parameters_line_up():
     assert len(health_store.params("p", health(), "{}", "t")) == len(health_store.COLUMNS)
+
+
+def test_the_shipped_pile_acl_lets_a_pile_write_every_message_it_sends():
+    """broker/piles.acl lacked `health`: mosquitto dropped every health message of a pile on the
+    shipped configuration (`make sim SCENARIO=heal` showed none). Every schema's topic is in it."""
+    import glob
+    import os
+
+    from pilehost import ROOT
+
+    with open(os.path.join(ROOT, "broker", "piles.acl"), encoding="utf-8") as f:
+        allowed = {line.split()[-1] for line in f if line.startswith("pattern write ")}
+    for path in glob.glob(os.path.join(ROOT, "docs", "schemas", "*.schema.json")):
+        with open(path, encoding="utf-8") as f:
+            t = json.load(f)["x-topic"]
+        assert t.replace("{pile_id}", "%u") in allowed, (path, t)

@@ -43,6 +43,10 @@ def main(argv=None):
         from pilehost import ota_sim
 
         return ota_sim.main()
+    if args.scenario == "heal":  # the link broken from the host side while it runs (docs/network.md)
+        from pilehost import heal_sim
+
+        return heal_sim.main()
     print("scenario %s: %s" % (args.scenario, scenarios.get(args.scenario)["doc"]))
     config = {"meter": {"type": args.meter}} if args.meter else {}
     broker = None

@@ -137,6 +137,17 @@ SCENARIOS = {
         # pilehost/ota_sim.py runs several piles on these steps and stops them when it is over.
         "steps": [(900000, "end")],
     },
+    "heal": {
+        "doc": "the link breaks three ways while a car charges: the broker stops answering CONNACK "
+               "for a few seconds (reconnect), the Wi-Fi routes nothing (Wi-Fi restarts; the reset "
+               "held back by the session), a second client takes the pile's id (reported, not "
+               "fought); it heals each time and the health messages say so",
+        # pilehost/heal_sim.py breaks the link from the host side while these steps run.
+        "config": {"wifi": {"ssid": "depot", "password": "sim-passphrase"}},
+        "heap_extra_kb": WIFI_HEAP_EXTRA_KB,
+        "steps": [(300, "plug"), (1000, "request"), (150000, "stop_request"), (150500, "unplug"),
+                  (154000, "end")],
+    },
     "broken_config": {
         "doc": "config.json with a bad value: clear error, pilot F, contactor never closes",
         "config": {"max_current_a": "lots"},
