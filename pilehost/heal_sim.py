@@ -161,7 +161,7 @@ def run(say=print):
                        "a health with the conflict")
             story.wait(lambda: healths.first(lambda h: not h["link"]["client_id_conflict"]
                                              and h["link"]["connects"] >= 4), "the conflict over (health)")
-            say("---- the car stops at 150 s: the session ends")
+            say("---- the car stops at 90 s: the session ends")
         finally:
             if clone is not None:
                 clone.loop_stop()

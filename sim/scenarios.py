@@ -145,8 +145,8 @@ SCENARIOS = {
         # pilehost/heal_sim.py breaks the link from the host side while these steps run.
         "config": {"wifi": {"ssid": "depot", "password": "sim-passphrase"}},
         "heap_extra_kb": WIFI_HEAP_EXTRA_KB,
-        "steps": [(300, "plug"), (1000, "request"), (150000, "stop_request"), (150500, "unplug"),
-                  (154000, "end")],
+        "steps": [(300, "plug"), (1000, "request"), (90000, "stop_request"), (90500, "unplug"),
+                  (94000, "end")],
     },
     "broken_config": {
         "doc": "config.json with a bad value: clear error, pilot F, contactor never closes",
