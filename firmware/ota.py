@@ -276,8 +276,10 @@ class Updater:
                     _tree(release_boot.rel_path(n), self._prune)
 
     def idle(self):
+        """Contactor open and no session at all: not one charging, nor one waiting for its
+        authorisation (a record without an id yet), nor an ended one with the car still there."""
         p = self._pile
-        return p is not None and not p.contactor_closed() and p.session() is None
+        return p is not None and not p.contactor_closed() and not p.session_open()
 
     # -- the command -------------------------------------------------------------------------------
 
