@@ -6,9 +6,10 @@ The release is real: every firmware and lib/ module compiled for the ESP32 (mpy-
 build (firmware frozen), sim/chip_ota.py runs, under callgrind, each slow step of firmware/ota.py
 between two cuts: the verification's parts (one `pow` on 2048-bit integers is one C call, it
 cannot be sliced), every step of the download (a chunk appended and hashed), the switch, and
-the worst step of all: the resume after a power cut, which checks the manifest again and hashes
-again the part of a file of ota.MAX_FILE bytes, all in one loop iteration. Flash writes are
-timed as the chip model times them (W25Q32JV under LittleFS's rules).
+the resume after a power cut, which checks the manifest again, then hashes again the part of a
+file of ota.MAX_FILE bytes, a few chunks a step (all of it in one step took ~0.95 s on the slow
+bound: next to the watchdog's 1 s minimum). Flash writes are timed as the chip model times them
+(W25Q32JV under LittleFS's rules).
 
 Each of these steps runs only with the contactor open and no session (ota.Updater.idle():
 host_tests/test_ota_session.py checks it with a car arriving at every step); the figures say
@@ -17,16 +18,38 @@ how long the pile's loop stops for them: the pilot is not read meanwhile, and th
 """
 import json
 import os
+import random
 import shutil
 import tempfile
 import time
 
-from . import ROOT, chipbuild, chipmodel, release
+from . import ROOT, chipbuild, chipmodel, firmware_module, release
 
 BOARD = "ref-esp32"
 VERSION = "0.0.0-chip"
 HEAP = "512k"
 OUT_DIR = chipmodel.OUT_DIR
+KEY_FILE = os.path.join(OUT_DIR, "ota-bench-key.pem")  # made once: the same run every time
+POW_SAMPLES = 8  # more moduli and signatures for pow alone: its count depends on their bits
+POW_SEED = 13
+
+
+def bench_key():
+    if not os.path.exists(KEY_FILE):
+        os.makedirs(OUT_DIR, exist_ok=True)
+        release.save_key(release.generate_key(), KEY_FILE)
+    return release.load_key(KEY_FILE)
+
+
+def pow_samples(n=POW_SAMPLES, bits=2048):
+    """[(modulus hex, s hex)]: odd 2048-bit moduli with the top bit set and an s below each, from
+    a fixed seed (pow's work does not depend on the modulus being an RSA key)."""
+    rnd = random.Random(POW_SEED)
+    out = []
+    for _ in range(n):
+        m = rnd.getrandbits(bits) | (1 << (bits - 1)) | 1
+        out.append(("%x" % m, "%x" % rnd.randrange(1, m)))
+    return out
 
 
 def _ota_constants():
@@ -66,7 +89,7 @@ def prepare(folder, key):
     put("b/src/" + big[0], big[1])
     with open(os.path.join(folder, "ota_run.json"), "w") as f:
         json.dump({"key": release.public_hex(key), "board": BOARD,
-                   "big": [len(files), big[0], len(big[1])]}, f)
+                   "big": [len(files), big[0], len(big[1])], "pow": pow_samples()}, f)
     return files, m1
 
 
@@ -109,9 +132,16 @@ def report(steps, files, manifest, cal, took_s, out=print):
             c["total"][1]))
 
     figures = {}
-    chunks = {"mid": [], "end": []}
+    chunks = {"mid": [], "end": [], "rehash": []}
+    pows = []
     for s in steps:
         c = _costs(s, cal)
+        if s["step"] == "pow sample":
+            pows.append(c)
+            continue
+        if s["step"] == "rehash slice":
+            chunks["rehash"].append((c, s))
+            continue
         if s["step"].startswith("chunk "):
             kind = s["step"].split()[1]
             chunks[kind].append((c, s))
@@ -123,7 +153,8 @@ def report(steps, files, manifest, cal, took_s, out=print):
         row(name, c, s["ir"], s["alloc"])
         figures[name] = {"ir": s["ir"], "cpu_ms": c["cpu"], "total_ms": c["total"], "alloc": s["alloc"]}
     for kind, label in (("mid", "a chunk inside a file (append, hash)"),
-                        ("end", "a chunk that ends a file (+ digest, rename, next file)")):
+                        ("end", "a chunk that ends a file (+ digest, rename, next file)"),
+                        ("rehash", "resume: the big part hashed again, a step")):
         got = chunks[kind]
         if not got:
             continue
@@ -132,11 +163,26 @@ def report(steps, files, manifest, cal, took_s, out=print):
         row("%s, worst of %d" % (label, len(got)), top[0], top[1]["ir"], top[1]["alloc"])
         say("ota,   median of those %.1f ms (typical flash)" % med)
         figures[label] = {"n": len(got), "median_ms": med, "total_ms": top[0]["total"]}
+    if pows:
+        cpu = sorted(c["cpu"] for c in pows)
+        say("ota, pow(s, 65537, n) over %d more 2048-bit moduli and s: CPU %.0f-%.0f ms (fastest, fast "
+            "bound) to %.0f-%.0f ms (slowest)" % (len(pows), cpu[0][0], cpu[0][1], cpu[-1][0], cpu[-1][1]))
+        figures["pow samples"] = {"n": len(pows), "cpu_ms": [cpu[0], cpu[-1]]}
     download = [_costs(s, cal) for s in steps if s["step"].startswith("chunk ") and "last" not in s["step"]]
     say("ota, the whole download of release 1 (%d chunk steps, one per loop iteration): CPU %.0f-%.0f ms, "
         "with flash %.1f s typical, %.1f s worst" % (
             len(download), sum(c["cpu"][0] for c in download), sum(c["cpu"][1] for c in download),
             sum(c["total"][0] for c in download) / 1000, sum(c["total"][1] for c in download) / 1000))
+    _kind, wdt_default, wdt_min, _max, _choices = firmware_module("config").CONFIG_SCHEMA["wdt_timeout_ms"]
+    longest = max(steps, key=lambda s: _costs(s, cal)["total"][0])
+    c = _costs(longest, cal)
+    say("ota, the longest step: %s: %.0f ms (slow bound, typical flash), %.0f ms with the flash's worst; "
+        "the watchdog: %d ms by default, %d at least (config wdt_timeout_ms)" % (
+            longest["step"], c["total"][0], c["total"][1], wdt_default, wdt_min))
+    figures["longest"] = {"step": longest["step"], "total_ms": c["total"]}
+    flashy = max(steps, key=lambda s: _costs(s, cal)["total"][1])
+    say("ota, the longest with the flash's worst (data sheet maxima, every erase at once): %s: %.0f ms" % (
+        flashy["step"], _costs(flashy, cal)["total"][1]))
     for line in lines:
         out(line)
     return lines, figures
@@ -151,7 +197,7 @@ def main(cal=None, out=print):
     start = time.monotonic()
     if cal is None:
         cal = chipmodel.Calibration(chipmodel.instructions_per_pystone(binary))
-    steps, files, manifest = run(binary, release.generate_key())
+    steps, files, manifest = run(binary, bench_key())
     lines, figures = report(steps, files, manifest, cal, time.monotonic() - start, out=out)
     os.makedirs(OUT_DIR, exist_ok=True)
     head = "# %s, %s, %s" % ("make bench WHAT=ota", time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

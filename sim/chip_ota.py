@@ -8,10 +8,12 @@ counts the firmware's writes ([path, mode, bytes, size before]; renames and remo
 calls' own C work not counted (on a pile it is LittleFS's, modelled as flash time instead).
 
 cwd: the folder pilehost/chipota.py prepared:
-    ota_run.json  {"key": modulus hex, "board": name, "big": [index, path, size]}
+    ota_run.json  {"key": modulus hex, "board": name, "big": [index, path, size],
+                   "pow": [[modulus hex, s hex], ...] (pow alone on more numbers)}
     a/rel/1/manifest, a/src/<path>  release 1 (the firmware as .mpy files) and its files
     b/rel/2/...   release 2 (the same files and a big one of ota.MAX_FILE bytes) downloaded up
-                  to the big file's last chunk (a power cut there); b/src/<big file>
+                  to the big file's last chunk (a power cut there): its part is hashed again,
+                  a few chunks a step; b/src/<big file>
 Usage: micropython -m chip_ota
 """
 import builtins
@@ -193,6 +195,8 @@ def components(run):
     key = measure("public key from config", ota.PublicKey, modulus)
     s = int.from_bytes(sig, "big")
     measure("pow(s, 65537, n), one C call", pow, s, 65537, key.n)
+    for m, x in run["pow"]:
+        measure("pow sample", pow, int(x, 16), 65537, int(m, 16))
     digest = measure("SHA-256 of the manifest body", lambda: hashlib.sha256(body).digest())
     if not measure("RSA verify (PublicKey.verify)", key.verify, sig, digest):
         raise RuntimeError("the manifest's signature does not verify")
@@ -244,13 +248,16 @@ def resume(run, key):
     jobs.save({"release": 2, "cmd": "c-chip-2"})
     u = ota.Updater(key, run["board"], 300, "0.1.0", lambda: None)
     u.bind(Pile(), Topics(), 2)
-    measure("resume step (parse_manifest, %d files checked, %d B part hashed again)" % (
-        run["big"][0], run["big"][2] - run["big"][2] % ota.CHUNK), u.poll, 5)
+    measure("resume step (read, parse_manifest, room, %d files checked)" % run["big"][0], u.poll, 5)
+    now = 5
+    while u._rehash is not None:  # the big file's part hashed again, a few chunks a step
+        now += 5
+        measure("rehash slice", u.poll, now)
     conn = Conn(".")
-    _until_subscribed(u, conn, 10)
+    _until_subscribed(u, conn, now + 5)
     files = u._manifest["files"]
-    measure("chunk end %d %d (the last)" % (run["big"][0], run["big"][2]), u.message, 15, conn.want,
-            _chunk(".", files, conn.want))
+    measure("chunk end %d %d (the last)" % (run["big"][0], run["big"][2]), u.message, now + 10,
+            conn.want, _chunk(".", files, conn.want))
     if u.state != "staged":
         raise RuntimeError("release 2 not staged: %s" % u.reason)
     _os.chdir("..")
