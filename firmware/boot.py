@@ -5,29 +5,36 @@ import json
 
 import machine
 
+_keep_safe = None
 try:
     with open("board.json") as f:
         _board = json.load(f)
     _pins = _board["pins"]
     _levels = _board.get("levels", {})
-    machine.Pin(_pins["contactor"], machine.Pin.OUT, value=1 - _levels.get("contactor_on", 1))
-    machine.Pin(_pins["pilot_pwm"], machine.Pin.OUT,
-                value=0 if _levels.get("pilot_pwm_inverted", False) else 1)
+
+    def _keep_safe():
+        machine.Pin(_pins["contactor"], machine.Pin.OUT, value=1 - _levels.get("contactor_on", 1))
+        machine.Pin(_pins["pilot_pwm"], machine.Pin.OUT,
+                    value=0 if _levels.get("pilot_pwm_inverted", False) else 1)
+
+    _keep_safe()
 except Exception as e:  # noqa: BLE001 - nothing more can be done before main.py reports it
     print("boot: board.json unusable, outputs left at their reset state:", repr(e))
 
 # Which release runs (docs/ota.md): the good one, a new one on trial, or back after a failed
-# trial. Its modules are dropped again, so the release imports its own.
+# trial; then what main.py imports, so that a module that cannot be imported falls back to the
+# previous release or the factory firmware now, not at the REPL. release_boot's own modules are
+# dropped before that (start()), so the release imports its own.
 import sys  # noqa: E402
 
 try:
     import release_boot
 
-    release_boot.select(machine)
+    release_boot.start(machine, _keep_safe)
 except Exception as e:  # noqa: BLE001 - the factory firmware at the root runs then
     print("boot: release selection failed, the factory firmware runs:", repr(e))
-for _m in ("release_boot", "session_store", "durable"):
-    sys.modules.pop(_m, None)
+    for _m in ("release_boot", "session_store", "durable"):
+        sys.modules.pop(_m, None)
 # No reference left either: main.py runs in boot.py's globals on the board, and a module kept
 # alive here stays on the heap beside the copy main.py imports.
 try:

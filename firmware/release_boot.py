@@ -1,19 +1,25 @@
 """Stage one of every boot (docs/ota.md): which release runs, its trial, and the way back.
 
 Factory-installed beside boot.py and never replaced over the air (a release's copy is not run
-by boot.py), so a broken release cannot break the way back. boot.py calls select(), which puts
-the release to run first on sys.path; the root main.py hands over with run_main().
+by boot.py), so a broken release cannot break the way back. boot.py calls start(): select()
+puts the release to run first on sys.path, then the modules the root main.py needs are imported
+there, so that one that cannot be imported is seen before main.py runs (it would stop at the
+REPL, without a watchdog); the root main.py hands over with run_main().
 
 The state is one small file, release.json, in session_store's format (CRC + JSON, written to a
 temp file and renamed: a power cut leaves the old state or the new, never half):
 
-    {"good": g, "trial": t or null, "tries": k, "floor": f, "rolled": null or {"release": t, "why": "..."}}
+    {"good": g, "trial": t or null, "tries": k, "floor": f, "rolled": null or {"release": t, "why": "..."},
+     "stuck": s}
 
 g = 0 is the factory firmware at the root; a release n lives in rel/<n>/ (its lib/ inside).
 `floor`: the highest release ever switched to; a manifest at or below it is a replay.
+`stuck`: boots in a row in which not even the factory firmware could be imported.
 """
+import gc
 import os
 import sys
+import time
 
 from micropython import const
 
@@ -26,6 +32,16 @@ TRIAL_TRIES = const(1)  # boots a trial release gets; the next boot goes back
 # holds the pile unavailable before its control loop, is reset and then rolled back.
 TRIAL_WDT_MS = const(60000)
 ENTRY = "main.mpy"  # a release without it is not a release
+# Loaded by boot.py to select the release, dropped again: the release imports its own copies.
+OWN = ("release_boot", "session_store", "durable")
+# What the root main.py imports before anything can catch an error (host_tests check the list
+# against main.py); a release's own main comes last.
+MAIN_IMPORTS = ("console", "wiring", "version")
+# Nothing importable, not even the factory firmware (its flash damaged): held safe this long,
+# then a reset, at most BOOT_RETRIES boots in a row; then held safe until a technician comes.
+BOOT_RETRIES = const(3)
+BOOT_RETRY_MS = const(60000)
+_SAY_MS = const(60000)  # the hold repeats why on the console this often
 
 
 def rel_path(n):
@@ -33,7 +49,7 @@ def rel_path(n):
 
 
 def fresh():
-    return {"good": 0, "trial": None, "tries": 0, "floor": 0, "rolled": None}
+    return {"good": 0, "trial": None, "tries": 0, "floor": 0, "rolled": None, "stuck": 0}
 
 
 class StateStore(session_store._Store):
@@ -66,7 +82,7 @@ def _is_n(v):
 
 
 def _state_ok(s):
-    return _is_n(s["good"]) and _is_n(s["floor"]) and _is_n(s["tries"]) and (
+    return _is_n(s["good"]) and _is_n(s["floor"]) and _is_n(s["tries"]) and _is_n(s["stuck"]) and (
         s["trial"] is None or _is_n(s["trial"]) and s["trial"] > 0) and (
         s["rolled"] is None or type(s["rolled"]) is dict)
 
@@ -104,8 +120,8 @@ def select(machine=None, store=None):
     """Puts the release to run first on sys.path (its lib/ second); returns its number, 0 for
     the factory firmware. A trial release gets TRIAL_TRIES boots, counted on flash before it
     runs; after that the good release runs again and the state says why."""
-    for p in [p for p in sys.path if p.startswith(REL_DIR + "/")]:
-        sys.path.remove(p)  # a soft reset keeps sys.path
+    _no_release_path()  # a soft reset keeps sys.path
+    del _wdt[:]
     store = store or StateStore()
     state = store.load()
     if state is None:
@@ -134,14 +150,101 @@ def select(machine=None, store=None):
             if _save(store, state) and present(trial):
                 run = trial
                 if machine is not None:
-                    machine.WDT(timeout=TRIAL_WDT_MS)
+                    _wdt.append(machine.WDT(timeout=TRIAL_WDT_MS))
     if run and not present(run):
         print("boot: release %d not on flash: the factory firmware runs" % run)
         run = 0
+    _use(run)
+    return run
+
+
+def _use(run):
+    """Release run (0: the factory firmware) first on sys.path, its lib/ second."""
     if run:
         sys.path.insert(0, rel_path(run) + "/lib")
         sys.path.insert(0, rel_path(run))
-    return run
+
+
+_wdt = []  # the trial's watchdog, fed while start() holds the pile
+
+
+def _no_release_path():
+    for p in [p for p in sys.path if p.startswith(REL_DIR + "/")]:
+        sys.path.remove(p)
+
+
+def start(machine=None, keep_safe=None, store=None, retry_ms=BOOT_RETRY_MS):
+    """boot.py's call: select(), then MAIN_IMPORTS (and a release's main) imported here, each
+    module that loads kept for main.py. A release whose modules fail to import is given up at
+    once (a trial: rolled back; the good one: the factory firmware becomes good), and the
+    factory firmware runs, in this boot. When the factory firmware's fail too: held safe
+    (keep_safe() asserts the contactor open and the pilot idle; a trial's watchdog fed),
+    retry_ms, then a reset, at most BOOT_RETRIES boots in a row; after that held safe for good,
+    saying why (Ctrl-C: the REPL for a technician). Returns the release that runs."""
+    for name in OWN:  # this module and its imports are the root's: the release imports its own
+        sys.modules.pop(name, None)
+    store = store or StateStore()
+    run = select(machine, store)
+    why = _import_main(run)
+    while why is not None and run:
+        _give_up(store, run, "failed to import: " + why, trial_too=True)
+        state = store.load()
+        back = 0 if state is None or state["good"] == run or not present(state["good"]) else state["good"]
+        print("boot: release %d does not start (%s): %s runs" % (
+            run, why, "release %d" % back if back else "the factory firmware"))
+        _no_release_path()
+        _use(back)
+        run = back
+        why = _import_main(run)
+    state = store.load()
+    if why is None:
+        if state is not None and state["stuck"]:
+            state["stuck"] = 0
+            _save(store, state)
+        return run
+    print("boot: the factory firmware does not start: %s" % why)
+    if state is not None and state["stuck"] < BOOT_RETRIES:
+        state["stuck"] += 1
+        if _save(store, state):  # counted first: no reset that the next boot would not see
+            print("boot: held safe, reset in %d s (%d of %d)" % (retry_ms // 1000, state["stuck"],
+                                                                 BOOT_RETRIES))
+            _hold(keep_safe, retry_ms)
+            if machine is not None:
+                machine.reset()
+    print("boot: held safe (contactor open) until a technician comes: %s" % why)
+    while True:
+        _hold(keep_safe, _SAY_MS)
+        print("boot: held safe: %s" % why)
+
+
+def _import_main(run):
+    """None, or why the modules the root main.py needs (MAIN_IMPORTS, a release's main) cannot
+    be imported; then every module loaded meanwhile is dropped again. (A hand-over like
+    run_main's: imported by name, not an import of this module's.)"""
+    before = set(sys.modules)
+    name = None
+    try:
+        for name in MAIN_IMPORTS + (("main",) if run else ()):
+            __import__(name)
+        return None
+    except Exception as e:  # noqa: BLE001 - whatever a damaged module raises at import
+        for loaded in list(sys.modules):
+            if loaded not in before:
+                del sys.modules[loaded]
+        gc.collect()
+        return "%s: %s" % (name, repr(e)[:80])
+
+
+def _hold(keep_safe, ms):
+    """ms of the safe state: outputs asserted, the trial's watchdog (if any) fed."""
+    start_ms = time.ticks_ms()
+    while time.ticks_diff(time.ticks_ms(), start_ms) < ms:
+        if keep_safe is not None:
+            keep_safe()
+        for w in _wdt:
+            if w is not None:
+                w.feed()
+        time.sleep_ms(100)
 
 
 def _save(store, state):
@@ -178,18 +281,25 @@ def run_main(own_run, reset):
     except Exception as e:  # noqa: BLE001 - whatever a broken release raises
         print("boot: the release failed:", repr(e))
         try:
-            _give_up(StateStore(), n, repr(e))
+            _give_up(StateStore(), n, "failed to start: " + repr(e))
         except Exception as e2:  # noqa: BLE001 - the reset below comes first
             print("boot: release state not updated:", repr(e2))
         reset()
 
 
-def _give_up(store, n, why):
+def _give_up(store, n, why, trial_too=False):
     """Release n, the good one, cannot start: back to the factory firmware (a trial is rolled
-    back by the next boot anyway). The floor stays: n is not taken again, n + 1 may be."""
+    back by the next boot anyway, or here with trial_too). The floor stays: n is not taken
+    again, n + 1 may be."""
     state = store.load()
-    if state is None or state["trial"] is not None or state["good"] != n:
+    if state is None:
         return
-    state["good"] = 0
-    state["rolled"] = {"release": n, "why": "failed to start: %s" % why[:60]}
+    if trial_too and state["trial"] == n:
+        state["trial"] = None
+        state["tries"] = 0
+    elif state["trial"] is not None or state["good"] != n:
+        return
+    else:
+        state["good"] = 0
+    state["rolled"] = {"release": n, "why": why[:100]}
     _save(store, state)
