@@ -1,10 +1,11 @@
 """Stage one of every boot (docs/ota.md): which release runs, its trial, and the way back.
 
 Factory-installed beside boot.py and never replaced over the air (a release's copy is not run
-by boot.py), so a broken release cannot break the way back. boot.py calls start(): select()
-puts the release to run first on sys.path, then the modules the root main.py needs are imported
-there, so that one that cannot be imported is seen before main.py runs (it would stop at the
-REPL, without a watchdog); the root main.py hands over with run_main().
+by boot.py), so a broken release cannot break the way back. boot.py calls select(), which puts
+the release to run first on sys.path, drops this module, then imports MAIN_IMPORTS itself (one
+that cannot be imported would stop main.py at the REPL, without a watchdog); when one fails, or
+a count of failed boots is to be cleared, it imports this module again and calls recover(). The
+root main.py hands over with run_main().
 
 The state is one small file, release.json, in session_store's format (CRC + JSON, written to a
 temp file and renamed: a power cut leaves the old state or the new, never half):
@@ -120,10 +121,12 @@ def select(machine=None, store=None):
     """Puts the release to run first on sys.path (its lib/ second); returns its number, 0 for
     the factory firmware. A trial release gets TRIAL_TRIES boots, counted on flash before it
     runs; after that the good release runs again and the state says why."""
+    global trial_wdt, stuck_seen
     _no_release_path()  # a soft reset keeps sys.path
-    del _wdt[:]
+    trial_wdt = None
     store = store or StateStore()
     state = store.load()
+    stuck_seen = state is not None and state["stuck"] > 0
     if state is None:
         # Never written half (temp + rename): a bit flip. The factory firmware is good by
         # definition; the floor stays above every release on flash (no replay window).
@@ -150,7 +153,7 @@ def select(machine=None, store=None):
             if _save(store, state) and present(trial):
                 run = trial
                 if machine is not None:
-                    _wdt.append(machine.WDT(timeout=TRIAL_WDT_MS))
+                    trial_wdt = machine.WDT(timeout=TRIAL_WDT_MS)
     if run and not present(run):
         print("boot: release %d not on flash: the factory firmware runs" % run)
         run = 0
@@ -165,7 +168,8 @@ def _use(run):
         sys.path.insert(0, rel_path(run))
 
 
-_wdt = []  # the trial's watchdog, fed while start() holds the pile
+trial_wdt = None  # select()'s watchdog for a trial, fed while recover() holds the pile
+stuck_seen = False  # select() found failed boots counted: recover() clears them once one imports
 
 
 def _no_release_path():
@@ -173,19 +177,22 @@ def _no_release_path():
         sys.path.remove(p)
 
 
-def start(machine=None, keep_safe=None, store=None, retry_ms=BOOT_RETRY_MS):
-    """boot.py's call: select(), then MAIN_IMPORTS (and a release's main) imported here, each
-    module that loads kept for main.py. A release whose modules fail to import is given up at
-    once (a trial: rolled back; the good one: the factory firmware becomes good), and the
-    factory firmware runs, in this boot. When the factory firmware's fail too: held safe
-    (keep_safe() asserts the contactor open and the pilot idle; a trial's watchdog fed),
-    retry_ms, then a reset, at most BOOT_RETRIES boots in a row; after that held safe for good,
-    saying why (Ctrl-C: the REPL for a technician). Returns the release that runs."""
+def recover(run, why, loaded, machine=None, keep_safe=None, wdt=None, store=None,
+            retry_ms=BOOT_RETRY_MS):
+    """boot.py's call when release `run` (0: the factory firmware) did not import (why: which
+    module and its error; None: it did, and stuck_seen asked for the count to be cleared).
+    loaded: sys.modules' names before boot.py's imports; the rest is dropped. The release is
+    given up at once (a trial: rolled back; the good one: the factory firmware becomes good),
+    and the good release or the factory firmware is imported instead, in this boot, its modules
+    kept for main.py. When the factory firmware's fail too: held safe (keep_safe() asserts the
+    contactor open and the pilot idle; the trial's watchdog `wdt` fed) retry_ms, then a reset,
+    at most BOOT_RETRIES boots in a row; after that held safe for good, saying why (Ctrl-C: the
+    REPL for a technician). Returns the release that runs."""
     for name in OWN:  # this module and its imports are the root's: the release imports its own
         sys.modules.pop(name, None)
     store = store or StateStore()
-    run = select(machine, store)
-    why = _import_main(run)
+    if why is not None:
+        _drop(loaded)
     while why is not None and run:
         _give_up(store, run, "failed to import: " + why, trial_too=True)
         state = store.load()
@@ -195,7 +202,7 @@ def start(machine=None, keep_safe=None, store=None, retry_ms=BOOT_RETRY_MS):
         _no_release_path()
         _use(back)
         run = back
-        why = _import_main(run)
+        why = _import_main(run, loaded)
     state = store.load()
     if why is None:
         if state is not None and state["stuck"]:
@@ -208,42 +215,49 @@ def start(machine=None, keep_safe=None, store=None, retry_ms=BOOT_RETRY_MS):
         if _save(store, state):  # counted first: no reset that the next boot would not see
             print("boot: held safe, reset in %d s (%d of %d)" % (retry_ms // 1000, state["stuck"],
                                                                  BOOT_RETRIES))
-            _hold(keep_safe, retry_ms)
+            _hold(keep_safe, wdt, retry_ms)
             if machine is not None:
                 machine.reset()
     print("boot: held safe (contactor open) until a technician comes: %s" % why)
     while True:
-        _hold(keep_safe, _SAY_MS)
+        _hold(keep_safe, wdt, _SAY_MS)
         print("boot: held safe: %s" % why)
 
 
-def _import_main(run):
-    """None, or why the modules the root main.py needs (MAIN_IMPORTS, a release's main) cannot
-    be imported; then every module loaded meanwhile is dropped again. (A hand-over like
-    run_main's: imported by name, not an import of this module's.)"""
-    before = set(sys.modules)
+def _drop(loaded):
+    """Every module loaded since `loaded` (sys.modules' names then) is dropped."""
+    for name in list(sys.modules):
+        if name not in loaded:
+            del sys.modules[name]
+    gc.collect()
+
+
+def _import_main(run, loaded):
+    """As boot.py: None, or why MAIN_IMPORTS (and a release's main) cannot be imported; then
+    what loaded meanwhile is dropped again. (A hand-over like run_main's: by name, not an
+    import of this module's.)"""
     name = None
     try:
         for name in MAIN_IMPORTS + (("main",) if run else ()):
             __import__(name)
         return None
     except Exception as e:  # noqa: BLE001 - whatever a damaged module raises at import
-        for loaded in list(sys.modules):
-            if loaded not in before:
-                del sys.modules[loaded]
-        gc.collect()
-        return "%s: %s" % (name, repr(e)[:80])
+        _drop(loaded)
+        return why_text(name, e)
 
 
-def _hold(keep_safe, ms):
+def why_text(name, e):
+    return "%s: %s" % (name, repr(e)[:80])
+
+
+def _hold(keep_safe, wdt, ms):
     """ms of the safe state: outputs asserted, the trial's watchdog (if any) fed."""
     start_ms = time.ticks_ms()
     while time.ticks_diff(time.ticks_ms(), start_ms) < ms:
         if keep_safe is not None:
             keep_safe()
-        for w in _wdt:
-            if w is not None:
-                w.feed()
+        if wdt is not None:
+            wdt.feed()
         time.sleep_ms(100)
 
 

@@ -47,64 +47,95 @@ class Held(BaseException):
     pass
 
 
+class Clock:
+    # time for release_boot: a virtual clock, so that a 60 s hold takes no time
+    def __init__(self):
+        self.t = 0
+
+    def ticks_ms(self):
+        return self.t
+
+    def ticks_diff(self, a, b):
+        return a - b
+
+    def sleep_ms(self, ms):
+        self.t += ms
+
+
 class WDT:
     def __init__(self, timeout):
         self.timeout = timeout
+        self.fed = 0
 
     def feed(self):
-        pass
+        self.fed += 1
+
+
+pins = {}  # "pin value": how many times boot.py drove that output so
+driven = [0]
+
+
+class Pin:
+    OUT = 1
+
+    def __init__(self, pin, mode=None, value=None):
+        key = "%d %d" % (pin, value)
+        pins[key] = pins.get(key, 0) + 1
+        driven[0] += 1
+        if driven[0] > HOLD_PINS:
+            raise Held()
 
 
 class Machine:
     PWRON_RESET, HARD_RESET, WDT_RESET, SOFT_RESET = 1, 2, 3, 5
+    Pin = Pin
 
-    def __init__(self, cause):
-        self.cause = cause
+    def __init__(self):
         self.wdt = None
 
     def reset_cause(self):
-        return self.cause
+        return CAUSE
 
     def WDT(self, timeout):
-        self.wdt = timeout
-        return WDT(timeout)
+        self.wdt = WDT(timeout)
+        return self.wdt
 
     def reset(self):
         raise Reset()
 
 
-held = [0]
-
-
-def keep_safe():
-    held[0] += 1
-    if held[0] > HOLD_CALLS:
-        raise Held()
-
-
-import release_boot
-
-out = {"held_calls": 0}
+machine = Machine()
+sys.modules["machine"] = machine
+sys.modules["time"] = Clock()
+out = {}
 try:
-    run = release_boot.start(Machine(CAUSE), keep_safe, retry_ms=RETRY_MS)
-    import console  # the root main.py's imports: from what stage one loaded
+    import boot  # the real one: the board's first file
+
+    import console  # then the root main.py's imports: from what stage one loaded
     import version
     import wiring
 
     out["outcome"] = "runs"
-    out["run"] = run
+    out["run"] = boot._run
     out["origins"] = {"console": console.ORIGIN, "wiring": wiring.ORIGIN, "charger": wiring.CHARGER,
                       "version": version.ORIGIN}
-    if run:
+    if boot._run:
         out["origins"]["main"] = sys.modules["main"].ORIGIN
     out["path"] = [p for p in sys.path if p]
 except Reset:
     out["outcome"] = "reset"
 except Held:
     out["outcome"] = "held"
-out["held_calls"] = held[0]
+out["pins"] = [[int(x) for x in k.split()] for k in pins]
+out["driven"] = driven[0]
+out["fed"] = machine.wdt.fed if machine.wdt else None
+out["clock_ms"] = sys.modules["time"].t
 print("BOOT " + json.dumps(out))
 '''
+
+BOARD = {"pins": {"contactor": 25, "pilot_pwm": 26}, "levels": {"contactor_on": 1}}
+SAFE = {(25, 0), (26, 1)}  # contactor open, pilot at steady +12 V
+HOLD_PINS = 20000  # outputs driven before the harness calls a hold endless (a 60 s hold: ~1,200)
 
 
 def _source(place, module, kind):
@@ -120,8 +151,10 @@ def _source(place, module, kind):
 
 def make_flash(folder, damage, state):
     """damage: {(place, module): kind}; place '' (the root) or 'rel/<n>'."""
-    for name in ("release_boot", "session_store", "durable"):
+    for name in ("boot", "release_boot", "session_store", "durable"):
         shutil.copy(os.path.join(FIRMWARE, name + ".py"), os.path.join(folder, name + ".py"))
+    with open(os.path.join(folder, "board.json"), "w") as f:
+        json.dump(BOARD, f)
     for place, modules in (("", MODULES), ("rel/2", RELEASE_MODULES), ("rel/3", RELEASE_MODULES)):
         d = os.path.join(folder, place)
         os.makedirs(d, exist_ok=True)
@@ -147,10 +180,10 @@ def _state(folder, fn):
         os.chdir(here)
 
 
-def boot(folder, cause=1, retry_ms=0, hold_calls=0):
-    """One boot: stage one, then the root main.py's imports. Its outcome dict and console."""
+def boot(folder, cause=1):
+    """One boot: boot.py, then the root main.py's imports. Its outcome dict and console."""
     with open(os.path.join(folder, "harness.py"), "w") as f:
-        f.write("CAUSE = %d\nRETRY_MS = %d\nHOLD_CALLS = %d\n" % (cause, retry_ms, hold_calls) + HARNESS)
+        f.write("CAUSE = %d\nHOLD_PINS = %d\n" % (cause, HOLD_PINS) + HARNESS)
     env = dict(os.environ)
     env.pop("MICROPYPATH", None)
     r = subprocess.run([unix_port.micropython_binary(), "-X", "heapsize=256k", "harness.py"], cwd=folder,
@@ -227,6 +260,7 @@ def test_a_module_that_does_not_import_never_leaves_the_pile_dead_or_reset_loopi
             expect = next((n for n in chain if importable("rel/%d" % n if n else "", damage)), None)
             out, console = boot(folder, cause)
             outcomes.append(out["outcome"])
+            assert set(map(tuple, out["pins"])) <= SAFE, out["pins"]  # the contactor never closes
             after = _state(folder, lambda rb: rb.StateStore().load())
             if expect is not None:
                 assert out["outcome"] == "runs" and out["run"] == expect, (expect, out, console)
@@ -258,19 +292,21 @@ def _chain(state):
 
 
 def test_a_held_pile_keeps_its_outputs_safe_and_comes_back_once_repaired(unix_binary, tmp_path):
-    """Nothing importable: each retry boot holds the outputs safe (boot.py's keep_safe,
-    re-asserted) before its reset; then held for good; a technician repairs the files: the next
-    boot runs and the count starts again."""
+    """Nothing importable: each retry boot holds the outputs safe for 60 s (boot.py's
+    keep_safe, re-asserted) before its reset; then held for good; a technician repairs the
+    files: the next boot runs and the count starts again."""
     folder = str(tmp_path)
     state = firmware_module("release_boot").fresh()
     make_flash(folder, {("", "wiring"): "raises"}, state)
     for i in range(BOOT_RETRIES):
-        out, console = boot(folder, retry_ms=250, hold_calls=100)
-        assert out["outcome"] == "reset" and out["held_calls"] >= 2, (out, console)
-        assert "held safe, reset in 0 s (%d of %d)" % (i + 1, BOOT_RETRIES) in console
-    out, console = boot(folder, retry_ms=250, hold_calls=3)
+        out, console = boot(folder)
+        assert out["outcome"] == "reset" and out["clock_ms"] >= 60000, (out["outcome"], console)
+        assert out["driven"] > 1000 and set(map(tuple, out["pins"])) == SAFE
+        assert "held safe, reset in 60 s (%d of %d)" % (i + 1, BOOT_RETRIES) in console
+    out, console = boot(folder)
     assert out["outcome"] == "held" and "until a technician comes" in console, console
     assert "wiring" in console and "OSError" in console
+    assert set(map(tuple, out["pins"])) == SAFE
     with open(os.path.join(folder, "wiring.py"), "w") as f:
         f.write(_source("root", "wiring", None))
     out, _ = boot(folder)
@@ -278,12 +314,25 @@ def test_a_held_pile_keeps_its_outputs_safe_and_comes_back_once_repaired(unix_bi
     assert _state(folder, lambda rb: rb.StateStore().load())["stuck"] == 0
 
 
+def test_a_held_trial_boot_feeds_the_trials_watchdog(unix_binary, tmp_path):
+    """A trial boots under a 60 s watchdog (select()). When neither it nor the factory firmware
+    imports, the hold must feed that watchdog: else it resets the board every 60 s, for ever."""
+    folder = str(tmp_path)
+    state = firmware_module("release_boot").fresh()
+    state.update(good=0, trial=3, tries=0, floor=3)
+    make_flash(folder, {("rel/3", "main"): "raises", ("", "console"): "syntax"}, state)
+    out, console = boot(folder)
+    assert out["outcome"] == "reset" and out["fed"] and out["fed"] >= 500, (out["fed"], console)
+    after = _state(folder, lambda rb: rb.StateStore().load())
+    assert after["trial"] is None and after["rolled"]["release"] == 3 and after["stuck"] == 1
+
+
 def test_boot_py_hands_its_keep_safe_to_stage_one():
-    """boot.py calls start() with the function that drives the contactor open and the pilot
-    idle: the hold of a pile with nothing to run re-asserts the outputs."""
+    """boot.py gives recover() the function that drives the contactor open and the pilot idle,
+    and the trial's watchdog: the hold of a pile with nothing to run re-asserts the outputs."""
     with open(os.path.join(FIRMWARE, "boot.py")) as f:
         text = f.read()
-    assert "release_boot.start(machine, _keep_safe)" in text
+    assert "_rb.recover(_run, _why, _loaded, machine, _keep_safe, _wdt)" in text
 
 
 def test_stage_one_imports_what_the_root_main_py_imports():
