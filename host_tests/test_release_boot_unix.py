@@ -1,5 +1,6 @@
 """Stage one of the boot on the real MicroPython unix port (both binaries: conftest unix_binary):
-release_boot.start() when modules the root main.py imports cannot be imported (docs/ota.md,
+the real boot.py and release_boot.recover() when modules the root main.py imports cannot be
+imported (docs/ota.md,
 "A release that does not import").
 
 Before, the root main.py imported console, wiring and version itself, first thing: a release
