@@ -1,7 +1,6 @@
 """Stage one of the boot on the real MicroPython unix port (both binaries: conftest unix_binary):
 the real boot.py and release_boot.recover() when modules the root main.py imports cannot be
-imported (docs/ota.md,
-"A release that does not import").
+imported (docs/ota.md, "Stage one").
 
 Before, the root main.py imported console, wiring and version itself, first thing: a release
 that had passed its trial and was damaged later (a flash error, a file gone), or a factory
