@@ -2,18 +2,25 @@
 
 Factory-installed beside boot.py and never replaced over the air (a release's copy is not run
 by boot.py), so a broken release cannot break the way back. boot.py calls select(), which puts
-the release to run first on sys.path; the root main.py hands over with run_main().
+the release to run first on sys.path, drops this module, then imports MAIN_IMPORTS itself (one
+that cannot be imported would stop main.py at the REPL, without a watchdog); when one fails, or
+a count of failed boots is to be cleared, it imports this module again and calls recover(). The
+root main.py hands over with run_main().
 
 The state is one small file, release.json, in session_store's format (CRC + JSON, written to a
 temp file and renamed: a power cut leaves the old state or the new, never half):
 
-    {"good": g, "trial": t or null, "tries": k, "floor": f, "rolled": null or {"release": t, "why": "..."}}
+    {"good": g, "trial": t or null, "tries": k, "floor": f, "rolled": null or {"release": t, "why": "..."},
+     "stuck": s}
 
 g = 0 is the factory firmware at the root; a release n lives in rel/<n>/ (its lib/ inside).
 `floor`: the highest release ever switched to; a manifest at or below it is a replay.
+`stuck`: boots in a row in which not even the factory firmware could be imported.
 """
+import gc
 import os
 import sys
+import time
 
 from micropython import const
 
@@ -26,6 +33,16 @@ TRIAL_TRIES = const(1)  # boots a trial release gets; the next boot goes back
 # holds the pile unavailable before its control loop, is reset and then rolled back.
 TRIAL_WDT_MS = const(60000)
 ENTRY = "main.mpy"  # a release without it is not a release
+# Loaded by boot.py to select the release, dropped again: the release imports its own copies.
+OWN = ("release_boot", "session_store", "durable")
+# What the root main.py imports before anything can catch an error (host_tests check the list
+# against main.py); a release's own main comes last.
+MAIN_IMPORTS = ("console", "wiring", "version")
+# Nothing importable, not even the factory firmware (its flash damaged): held safe this long,
+# then a reset, at most BOOT_RETRIES boots in a row; then held safe until a technician comes.
+BOOT_RETRIES = const(3)
+BOOT_RETRY_MS = const(60000)
+_SAY_MS = const(60000)  # the hold repeats why on the console this often
 
 
 def rel_path(n):
@@ -33,7 +50,7 @@ def rel_path(n):
 
 
 def fresh():
-    return {"good": 0, "trial": None, "tries": 0, "floor": 0, "rolled": None}
+    return {"good": 0, "trial": None, "tries": 0, "floor": 0, "rolled": None, "stuck": 0}
 
 
 class StateStore(session_store._Store):
@@ -66,7 +83,7 @@ def _is_n(v):
 
 
 def _state_ok(s):
-    return _is_n(s["good"]) and _is_n(s["floor"]) and _is_n(s["tries"]) and (
+    return _is_n(s["good"]) and _is_n(s["floor"]) and _is_n(s["tries"]) and _is_n(s["stuck"]) and (
         s["trial"] is None or _is_n(s["trial"]) and s["trial"] > 0) and (
         s["rolled"] is None or type(s["rolled"]) is dict)
 
@@ -104,10 +121,12 @@ def select(machine=None, store=None):
     """Puts the release to run first on sys.path (its lib/ second); returns its number, 0 for
     the factory firmware. A trial release gets TRIAL_TRIES boots, counted on flash before it
     runs; after that the good release runs again and the state says why."""
-    for p in [p for p in sys.path if p.startswith(REL_DIR + "/")]:
-        sys.path.remove(p)  # a soft reset keeps sys.path
+    global trial_wdt, stuck_seen
+    _no_release_path()  # a soft reset keeps sys.path
+    trial_wdt = None
     store = store or StateStore()
     state = store.load()
+    stuck_seen = state is not None and state["stuck"] > 0
     if state is None:
         # Never written half (temp + rename): a bit flip. The factory firmware is good by
         # definition; the floor stays above every release on flash (no replay window).
@@ -134,14 +153,112 @@ def select(machine=None, store=None):
             if _save(store, state) and present(trial):
                 run = trial
                 if machine is not None:
-                    machine.WDT(timeout=TRIAL_WDT_MS)
+                    trial_wdt = machine.WDT(timeout=TRIAL_WDT_MS)
     if run and not present(run):
         print("boot: release %d not on flash: the factory firmware runs" % run)
         run = 0
+    _use(run)
+    return run
+
+
+def _use(run):
+    """Release run (0: the factory firmware) first on sys.path, its lib/ second."""
     if run:
         sys.path.insert(0, rel_path(run) + "/lib")
         sys.path.insert(0, rel_path(run))
-    return run
+
+
+trial_wdt = None  # select()'s watchdog for a trial, fed while recover() holds the pile
+stuck_seen = False  # select() found failed boots counted: recover() clears them once one imports
+
+
+def _no_release_path():
+    for p in [p for p in sys.path if p.startswith(REL_DIR + "/")]:
+        sys.path.remove(p)
+
+
+def recover(run, why, loaded, machine=None, keep_safe=None, wdt=None, store=None,
+            retry_ms=BOOT_RETRY_MS):
+    """boot.py's call when release `run` (0: the factory firmware) did not import (why: which
+    module and its error; None: it did, and stuck_seen asked for the count to be cleared).
+    loaded: sys.modules' names before boot.py's imports; the rest is dropped. The release is
+    given up at once (a trial: rolled back; the good one: the factory firmware becomes good),
+    and the good release or the factory firmware is imported instead, in this boot, its modules
+    kept for main.py. When the factory firmware's fail too: held safe (keep_safe() asserts the
+    contactor open and the pilot idle; the trial's watchdog `wdt` fed) retry_ms, then a reset,
+    at most BOOT_RETRIES boots in a row; after that held safe for good, saying why (Ctrl-C: the
+    REPL for a technician). Returns the release that runs."""
+    for name in OWN:  # this module and its imports are the root's: the release imports its own
+        sys.modules.pop(name, None)
+    store = store or StateStore()
+    if why is not None:
+        _drop(loaded)
+    while why is not None and run:
+        _give_up(store, run, "failed to import: " + why, trial_too=True)
+        state = store.load()
+        back = 0 if state is None or state["good"] == run or not present(state["good"]) else state["good"]
+        print("boot: release %d does not start (%s): %s runs" % (
+            run, why, "release %d" % back if back else "the factory firmware"))
+        _no_release_path()
+        _use(back)
+        run = back
+        why = _import_main(run, loaded)
+    state = store.load()
+    if why is None:
+        if state is not None and state["stuck"]:
+            state["stuck"] = 0
+            _save(store, state)
+        return run
+    print("boot: the factory firmware does not start: %s" % why)
+    if state is not None and state["stuck"] < BOOT_RETRIES:
+        state["stuck"] += 1
+        if _save(store, state):  # counted first: no reset that the next boot would not see
+            print("boot: held safe, reset in %d s (%d of %d)" % (retry_ms // 1000, state["stuck"],
+                                                                 BOOT_RETRIES))
+            _hold(keep_safe, wdt, retry_ms)
+            if machine is not None:
+                machine.reset()
+    print("boot: held safe (contactor open) until a technician comes: %s" % why)
+    while True:
+        _hold(keep_safe, wdt, _SAY_MS)
+        print("boot: held safe: %s" % why)
+
+
+def _drop(loaded):
+    """Every module loaded since `loaded` (sys.modules' names then) is dropped."""
+    for name in list(sys.modules):
+        if name not in loaded:
+            del sys.modules[name]
+    gc.collect()
+
+
+def _import_main(run, loaded):
+    """As boot.py: None, or why MAIN_IMPORTS (and a release's main) cannot be imported; then
+    what loaded meanwhile is dropped again. (A hand-over like run_main's: by name, not an
+    import of this module's.)"""
+    name = None
+    try:
+        for name in MAIN_IMPORTS + (("main",) if run else ()):
+            __import__(name)
+        return None
+    except Exception as e:  # noqa: BLE001 - whatever a damaged module raises at import
+        _drop(loaded)
+        return why_text(name, e)
+
+
+def why_text(name, e):
+    return "%s: %s" % (name, repr(e)[:80])
+
+
+def _hold(keep_safe, wdt, ms):
+    """ms of the safe state: outputs asserted, the trial's watchdog (if any) fed."""
+    start_ms = time.ticks_ms()
+    while time.ticks_diff(time.ticks_ms(), start_ms) < ms:
+        if keep_safe is not None:
+            keep_safe()
+        if wdt is not None:
+            wdt.feed()
+        time.sleep_ms(100)
 
 
 def _save(store, state):
@@ -178,18 +295,25 @@ def run_main(own_run, reset):
     except Exception as e:  # noqa: BLE001 - whatever a broken release raises
         print("boot: the release failed:", repr(e))
         try:
-            _give_up(StateStore(), n, repr(e))
+            _give_up(StateStore(), n, "failed to start: " + repr(e))
         except Exception as e2:  # noqa: BLE001 - the reset below comes first
             print("boot: release state not updated:", repr(e2))
         reset()
 
 
-def _give_up(store, n, why):
+def _give_up(store, n, why, trial_too=False):
     """Release n, the good one, cannot start: back to the factory firmware (a trial is rolled
-    back by the next boot anyway). The floor stays: n is not taken again, n + 1 may be."""
+    back by the next boot anyway, or here with trial_too). The floor stays: n is not taken
+    again, n + 1 may be."""
     state = store.load()
-    if state is None or state["trial"] is not None or state["good"] != n:
+    if state is None:
         return
-    state["good"] = 0
-    state["rolled"] = {"release": n, "why": "failed to start: %s" % why[:60]}
+    if trial_too and state["trial"] == n:
+        state["trial"] = None
+        state["tries"] = 0
+    elif state["trial"] is not None or state["good"] != n:
+        return
+    else:
+        state["good"] = 0
+    state["rolled"] = {"release": n, "why": why[:100]}
     _save(store, state)

@@ -190,6 +190,26 @@ def unix_binary(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture
+def chip_binary():
+    """The chip model's build (pilehost/chipbuild.py, cached in build/chip/) for a run under
+    callgrind; the test is skipped where valgrind, the source or a 32-bit C toolchain is missing."""
+    import shutil
+    import subprocess
+
+    from pilehost import chipbuild
+
+    if shutil.which("valgrind") is None:
+        pytest.skip("valgrind is not installed (make chiptools)")
+    if not os.path.exists(chipbuild.SOURCE_TARBALL):
+        pytest.skip("no MicroPython source tarball in ../shared/tools")
+    probe = subprocess.run(["gcc", "-m32", "-x", "c", "-", "-o", os.devnull], input="int main(){return 0;}",
+                           capture_output=True, text=True)
+    if probe.returncode:
+        pytest.skip("no 32-bit C toolchain (Debian's gcc-multilib; make chiptools)")
+    return chipbuild.chip_binary(log=lambda text: None)
+
+
 # -- an MQTT link whose network never answers --------------------------------------------------------
 
 @pytest.fixture

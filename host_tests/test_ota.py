@@ -220,6 +220,18 @@ def test_a_signed_manifest_with_a_bad_path_is_refused(flash, path):
     assert b.acks()[-1]["reason"] == "malformed: a file entry"
 
 
+@pytest.mark.parametrize("digest", ["A" * 64, "g" * 64, "a" * 63, "a" * 65, "\u00e9" * 32, " " + "a" * 63, 7])
+def test_a_signed_manifest_with_a_bad_hash_is_refused(flash, digest):
+    body = release.manifest_body(1, "0.2.0", ["ref-esp32"], ota_rig.fake_files("0.2.0"))
+    body["files"][1][2] = digest
+    broker = Broker()
+    broker.put(published(1, body=body)[2])
+    b = board()
+    b.boot(broker)
+    update(b, broker, 1)
+    assert b.acks()[-1]["reason"] == "malformed: a file entry"
+
+
 def test_no_step_while_a_session_is_open(flash):
     broker = Broker()
     broker.put(published(1)[2])

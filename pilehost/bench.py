@@ -13,7 +13,9 @@ Its command line, with the usage: tools/bench.py.
 - heap32: the same on the unix port shaped like the ESP32 (32-bit, single-precision floats), the
   firmware as .mpy files and frozen into the image (pilehost/chipheap.py);
 - chip: the chip-time model, each path of the loop in ESP32 milliseconds (pilehost/chipmodel.py;
-  valgrind's callgrind, deterministic; figures also in build/chip/chip-model.txt).
+  valgrind's callgrind, deterministic; figures also in build/chip/chip-model.txt);
+- ota: a signed update's steps on the same model (pilehost/chipota.py: the RSA-2048 check, the
+  chunks, the resume, the switch; build/chip/chip-ota.txt).
 
 The simulator runs on the host's clock, so the runs are spread over BENCH_JOBS processes at
 once (default 3; the ticks are timed alone first): on a loaded host the tails grow.
@@ -27,7 +29,7 @@ import sys
 import tempfile
 import time
 
-from . import ROOT, chipheap, chipmodel, cloud, mqtt_wire, procs, unix_port
+from . import ROOT, chipheap, chipmodel, chipota, cloud, mqtt_wire, procs, unix_port
 from .broker import BlackHole
 
 scenarios = unix_port.scenarios
@@ -43,7 +45,7 @@ TRIALS_HEAP = "320k"
 TRIALS_MQTT_HEAP = "400k"  # at 320k one run's result (json.dumps) found no 2 KiB block once
 BENCH_LOGS = os.path.join(ROOT, "build", "bench")  # runs that went wrong, to look at
 _LOG_SEQ = itertools.count(1)
-SECTIONS = ("ticks", "mpy", "latency", "wire", "heap", "heap32", "chip")
+SECTIONS = ("ticks", "mpy", "latency", "wire", "heap", "heap32", "chip", "ota")
 
 
 def percentile(values, p):
@@ -368,8 +370,11 @@ def main(argv):
         chipheap.variants()  # builds the chip image (cached) before runs start in parallel
     if rest:
         run_parallel(rest, start)
+    cal = None
     if "chip" in asked:  # callgrind counts instructions: the host's load does not change them
-        chipmodel.main()
+        cal = chipmodel.Calibration(chipmodel.main()["per_pystone"])
+    if "ota" in asked:  # the same binary: WHAT=chip's calibration holds
+        chipota.main(cal)
     print("bench took %.0f s" % (time.monotonic() - start))
 
 

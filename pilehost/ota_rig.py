@@ -108,6 +108,9 @@ class Pile:
     def session(self):
         return self.open_session
 
+    def session_open(self):
+        return self.closed or self.open_session is not None
+
     def safe_off(self):
         self.safe_offs += 1
         self.closed = False
