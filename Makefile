@@ -108,19 +108,29 @@ postgres:
 	elif [ "$$(id -u)" = 0 ]; then bash tools/postgres_up.sh > $(PG_URL_FILE).tmp && mv $(PG_URL_FILE).tmp $(PG_URL_FILE); \
 	else echo "no PostgreSQL: its consumer cases are skipped (as root, make test starts one)"; fi
 
-# More workers than the 2 cores: most long tests wait on the firmware's real time (the unix port,
-# mosquitto), not on the CPU. loadgroup keeps host_tests/conftest.py's TOGETHER groups in one
-# worker, and its LONGEST_FIRST order is kept (no reorder).
-TEST_WORKERS ?= 6
-PYTEST_RUN = PILE_TEST_POSTGRES_URL=$$(cat $(PG_URL_FILE) 2>/dev/null) $(BIN)/python -m pytest \
-	-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder host_tests
+# Two parts (host_tests/conftest.py REALTIME): the tests that use the CPU, on 2 workers; then those
+# that wait on the firmware's real time (~20-35 % of a core each), on REALTIME_WORKERS. Both run;
+# the status is the first part's failure, else the second's. loadgroup keeps conftest's TOGETHER
+# groups in one worker, and its LONGEST_FIRST order is kept (no reorder).
+REALTIME_WORKERS ?= 4
+PYTEST_PART = PILE_TEST_POSTGRES_URL=$$(cat $(PG_URL_FILE) 2>/dev/null) $(BIN)/python -m pytest \
+	--dist loadgroup --no-loadscope-reorder host_tests
+define test_parts
+	@echo "make $@, part 1 of 2: the tests that use the CPU (2 workers)"
+	@a=0; b=0; \
+	$(1) $(PYTEST_PART) -n 2 -m "not realtime" || a=$$?; \
+	echo "make $@, part 2 of 2: the tests on the firmware's real time ($(REALTIME_WORKERS) workers)"; \
+	$(1) $(PYTEST_PART) -n $(REALTIME_WORKERS) -m realtime || b=$$?; \
+	if [ $$a != 0 ]; then exit $$a; fi; exit $$b
+endef
+
 test: $(STAMP) deps broker socat browser chiptools postgres
-	$(PYTEST_RUN)
+	$(call test_parts,)
 
 # make test, and the control-logic scenarios on the 32-bit unix port too (make test runs them on
 # the 64-bit one only; billing and records run on both in either).
 test-long: $(STAMP) deps broker socat browser chiptools postgres
-	PILE_TEST_LONG=1 $(PYTEST_RUN)
+	$(call test_parts,PILE_TEST_LONG=1)
 
 # A local broker by default: mosquitto when installed, else amqtt from the venv (no root needed).
 # BROKER=none runs without one, BROKER=amqtt or mosquitto picks it (any other value: the default).
