@@ -15,7 +15,7 @@ BROKER ?= mqtt://127.0.0.1:1883
 # The host package from this checkout, installed in the venv or not (a venv shared by checkouts).
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: help venv deps broker socat chiptools test sim scenarios mpy flash provision diag clear-fault \
+.PHONY: help venv deps broker socat chiptools test test-long sim scenarios mpy flash provision diag clear-fault \
 	reboot virtual-board bench soak fleet fuzz check monitor postgres browser ops-web clean
 
 help:
@@ -23,7 +23,8 @@ help:
 	@echo "                           MQTT broker and what the reference consumer received"
 	@echo "                           (BROKER=none: without; BROKER=amqtt: the pure-Python broker)"
 	@echo "make scenarios             list the simulator's scenarios"
-	@echo "make test                  pytest on CPython + scenario tests on the unix port"
+	@echo "make test                  pytest on CPython + scenario tests on the unix port (~10 min)"
+	@echo "make test-long             make test + the control-logic scenarios on the 32-bit port too"
 	@echo "make bench [QUICK=1] [WHAT=latency]   figures: tick time, C->B latency, .mpy sizes,"
 	@echo "                           MQTT bytes, heap, heap32 (32-bit, .mpy and frozen), chip (the"
 	@echo "                           chip-time model: ESP32 ms per path, callgrind), ota (a signed"
@@ -108,8 +109,29 @@ postgres:
 	elif [ "$$(id -u)" = 0 ]; then bash tools/postgres_up.sh > $(PG_URL_FILE).tmp && mv $(PG_URL_FILE).tmp $(PG_URL_FILE); \
 	else echo "no PostgreSQL: its consumer cases are skipped (as root, make test starts one)"; fi
 
+# Two parts (host_tests/conftest.py REALTIME): the tests that use the CPU, on 2 workers; then those
+# that wait on the firmware's real time (~20-35 % of a core each), on REALTIME_WORKERS. Both run;
+# the status is the first part's failure, else the second's. loadgroup keeps conftest's TOGETHER
+# groups in one worker, and its LONGEST_FIRST order is kept (no reorder).
+REALTIME_WORKERS ?= 4
+PYTEST_PART = PILE_TEST_POSTGRES_URL=$$(cat $(PG_URL_FILE) 2>/dev/null) $(BIN)/python -m pytest \
+	--dist loadgroup --no-loadscope-reorder host_tests
+define test_parts
+	@echo "make $@, part 1 of 2: the tests that use the CPU (2 workers)"
+	@a=0; b=0; \
+	$(1) $(PYTEST_PART) -n 2 -m "not realtime" || a=$$?; \
+	echo "make $@, part 2 of 2: the tests on the firmware's real time ($(REALTIME_WORKERS) workers)"; \
+	$(1) $(PYTEST_PART) -n $(REALTIME_WORKERS) -m realtime || b=$$?; \
+	if [ $$a != 0 ]; then exit $$a; fi; exit $$b
+endef
+
 test: $(STAMP) deps broker socat browser chiptools postgres
-	PILE_TEST_POSTGRES_URL=$$(cat $(PG_URL_FILE) 2>/dev/null) $(BIN)/python -m pytest -n 2 host_tests
+	$(call test_parts,)
+
+# make test, and the control-logic scenarios on the 32-bit unix port too (make test runs them on
+# the 64-bit one only; billing and records run on both in either).
+test-long: $(STAMP) deps broker socat browser chiptools postgres
+	$(call test_parts,PILE_TEST_LONG=1)
 
 # A local broker by default: mosquitto when installed, else amqtt from the venv (no root needed).
 # BROKER=none runs without one, BROKER=amqtt or mosquitto picks it (any other value: the default).

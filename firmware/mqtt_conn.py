@@ -76,6 +76,23 @@ class _Pipe:
         return data
 
 
+def fixed_header(buf, n):
+    """(header bytes, remaining length) of the packet at buf[0:n]; None until the header is all
+    in. MQTT 3.1.1 section 2.2.3: the remaining length in 1-4 bytes of 7 bits, low first."""
+    length = shift = 0
+    i = 1
+    while i < n:
+        b = buf[i]
+        length |= (b & 0x7F) << shift
+        i += 1
+        if not b & 0x80:
+            return i, length
+        shift += 7
+        if i > 4:
+            raise OSError("bad packet length")
+    return None
+
+
 def _would_block(e):
     return e.args and e.args[0] == _EAGAIN
 
@@ -355,21 +372,10 @@ class MqttConn:
                 if self._skip:
                     return
                 continue
-            if n < 2:
+            header = fixed_header(buf, n)
+            if header is None:
                 return
-            length = shift = 0
-            i = 1
-            while True:  # MQTT 3.1.1 section 2.2.3: remaining length, 1-4 bytes
-                if i >= n:
-                    return
-                b = buf[i]
-                length |= (b & 0x7F) << shift
-                i += 1
-                if not b & 0x80:
-                    break
-                shift += 7
-                if i > 4:
-                    raise OSError("bad packet length")
+            i, length = header
             total = i + length
             if total > _IN_SIZE:
                 if not self._oversized(now_ms, buf[0], i, total):

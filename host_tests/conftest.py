@@ -9,6 +9,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import threading
 import time
 import types
 import urllib.parse
@@ -48,13 +49,74 @@ def load_umqtt():
 load_umqtt()
 
 
-# The longest runs first: `make test` runs on two workers, and a 3-minute soak collected last
-# would run alone at the end while the other worker idles.
-LONGEST_FIRST = ("test_soak.py::test_soak_short",)
+# `make test-long` (PILE_TEST_LONG=1): also the runs `make test` leaves out (unix_binary_long).
+LONG = os.environ.get("PILE_TEST_LONG") == "1"
+
+# `make test` runs in two parts. The files whose tests wait on the firmware's real time (the unix
+# port against its simulated hardware, mosquitto; ~20-35 % of a core each) are marked `realtime`
+# and run on more workers than cores, after the rest, which use the CPU, on two. Together they
+# would starve the firmware's loop: under an overloaded machine the scenarios read a torn pilot
+# waveform (C -> X) and miss their 100 ms. A file not named here runs in the CPU part, on two
+# workers, as every test did before.
+REALTIME = ("test_soak.py", "test_scenarios_unix.py", "test_ota_fleet.py", "test_link_heal_unix.py",
+            "test_mqtt_link.py", "test_mqtt_commands.py", "test_mqtt_tls.py", "test_technician.py",
+            "test_sim_broker.py", "test_sntp.py", "test_wifi.py")
+# Within each part the longest start first, in this order (measured with --durations, one file at
+# a time), so that none is left running alone at the end; the rest follow in file order.
+LONGEST_FIRST = (
+    "test_soak.py::test_soak_short",  # ~4 min each
+    "test_ota_fleet.py::",  # ~3 min, one group
+    "test_chipmodel.py::test_a_chip_run",  # builds build/chip/ on a fresh clone, then callgrind
+    "test_link_heal_unix.py::",  # ~1 min each
+    "test_stateful_pile.py::",
+    "test_journal.py::test_random_operations",
+    "test_technician.py::test_flash_provision",
+    "test_mqtt_link.py::test_fuzzed_commands",
+    "test_fleet.py::test_fleet_storm",
+    "test_mqtt_commands.py::",
+    "test_mqtt_link.py::test_broker_",
+    "test_scenarios_unix.py::test_a_misbehaving_bus",
+    "test_hostile_billing.py::test_item18_flash_errors",
+    "test_mqtt_tls.py::",
+    "test_scenarios_unix.py::test_session_energy",
+    "test_meter_trust.py::test_no_false_alarm",
+    "test_hostile_meters.py::test_item12_13_selftest",
+)
+# Tests that must run in one process, in file order: a module fixture that later tests build on
+# (the OTA fleet's releases), one test that reads what another left (test_ota.py's cuts), or a
+# costly module fixture (the browser, mypy) that each worker would start again.
+TOGETHER = {
+    "test_ota_fleet.py::": "ota_fleet",
+    "test_ota.py::test_power_cut_at_any_byte": "ota_cuts",
+    "test_ota.py::test_the_power_cuts_fell": "ota_cuts",
+    "test_ops_web.py::": "ops_web",
+    "test_typecheck.py::": "typecheck",
+    "test_packaging.py::": "packaging",
+    "test_technician_doc.py::": "technician_doc",
+}
 
 
+def pytest_configure(config):
+    # known without xdist too (make fuzz runs with -p no:xdist)
+    config.addinivalue_line("markers", "xdist_group(name): run these tests in one xdist worker")
+    config.addinivalue_line("markers", "realtime: waits on the firmware's real time (conftest REALTIME)")
+
+
+def _rank(item):
+    name = item.nodeid.rsplit("/", 1)[-1]
+    return next((i for i, prefix in enumerate(LONGEST_FIRST) if name.startswith(prefix)), len(LONGEST_FIRST))
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects on `realtime`
 def pytest_collection_modifyitems(session, config, items):
-    items.sort(key=lambda item: not item.nodeid.endswith(LONGEST_FIRST))
+    items.sort(key=_rank)
+    for item in items:
+        name = item.nodeid.rsplit("/", 1)[-1]
+        if name.split("::")[0] in REALTIME:
+            item.add_marker(pytest.mark.realtime)
+        for prefix, group in TOGETHER.items():
+            if name.startswith(prefix):
+                item.add_marker(pytest.mark.xdist_group(group))
 
 
 # Files the tests leave for a person to look at (the operations page's screenshots): their paths
@@ -175,19 +237,107 @@ def db_url(request, tmp_path):
 
 # -- the unix port's binaries ----------------------------------------------------------------------
 
+def _use_binary(kind, monkeypatch):
+    from pilehost import unix_port
+
+    path = unix_port.binary(kind)
+    if path is None:
+        pytest.skip("no %s MicroPython unix port on this machine" % kind)
+    monkeypatch.setenv("MICROPYTHON", path)
+    return kind
+
+
 @pytest.fixture(params=["stock", "unix32"])
 def unix_binary(request, monkeypatch):
     """Each test that takes it runs twice: on the venv's unix port (64-bit, double-precision
     floats) and on the one shaped like the ESP32 (32-bit words, single-precision floats; ints of
     2^30 and more are heap objects), pilehost/unix_port.py binary(). MICROPYTHON names it for
-    the runs, in this process and in the tools it starts."""
-    from pilehost import unix_port
+    the runs, in this process and in the tools it starts. For billing and records (float32
+    registers, ints past 2^30), and whatever else the word size can change."""
+    return _use_binary(request.param, monkeypatch)
 
-    path = unix_port.binary(request.param)
-    if path is None:
-        pytest.skip("no %s MicroPython unix port on this machine" % request.param)
-    monkeypatch.setenv("MICROPYTHON", path)
-    return request.param
+
+@pytest.fixture(params=["stock", "unix32"] if LONG else ["stock"])
+def unix_binary_long(request, monkeypatch):
+    """unix_binary for what the word size cannot change (the control logic, the safety
+    reactions): the venv's binary in `make test`, both in `make test-long`."""
+    return _use_binary(request.param, monkeypatch)
+
+
+# -- the OTA bench (pilehost.ota_rig) ---------------------------------------------------------------
+
+@pytest.fixture
+def flash(tmp_path, monkeypatch):
+    """A board's flash for pilehost.ota_rig: a fresh folder, made the working directory (the
+    firmware names its files relative to it)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+class OtaBench:
+    """Releases signed with ota_rig's release key, and boards that trust it (the `ota` fixture)."""
+
+    def board(self, **kw):
+        from pilehost import ota_rig, release
+
+        return ota_rig.Board(release.public_hex(ota_rig.release_key()), **kw)
+
+    def published(self, n, version="0.2.0", files=None, boards=("ref-esp32",), signer=None, body=None):
+        """(manifest, files, the broker's retained items) of release n."""
+        from pilehost import ota_rig, release
+
+        files = files or ota_rig.fake_files(version)
+        manifest = release.sign_manifest(signer or ota_rig.release_key(), n, version, list(boards), files,
+                                         body=body)
+        return manifest, files, release.chunks(n, manifest, files)
+
+    def switched_to_trial(self, broker, cmd, n=1, version="0.2.0", **kw):
+        """A new board (Board(**kw)) that boots, is sent release n (put on `broker` here) by the
+        command `cmd`, stages it, resets at the switch and boots into the release's trial."""
+        from pilehost import ota_rig
+
+        broker.put(self.published(n, version)[2])
+        b = self.board(**kw)
+        b.boot(broker)
+        b.updater.start(0, cmd, n)
+        ota_rig.run(b, 5000, until=lambda: any(a["cmd_id"] == cmd for a in b.acks()))
+        assert b.updater.state == "staged", b.updater.reason
+        with pytest.raises(ota_rig.Reset):
+            ota_rig.run(b, 10)
+        assert b.boot(broker) == n and b.updater.state == "trial"
+        return b
+
+
+@pytest.fixture
+def ota(flash):
+    """OtaBench, on `flash`."""
+    return OtaBench()
+
+
+# -- a scenario on the unix port that the test drives while it runs --------------------------------
+
+@pytest.fixture
+def scenario_thread(monkeypatch):
+    """start(name, config, steps=None, **options) -> (thread, box): pilehost.unix_port's
+    run_scenario(name, config=config, heapsize=link_rig.HEAP, **options) in a thread; box["run"]
+    is the SimRun once it ends. steps: a scenario made for this test under `name` (with
+    heap_extra_kb=...: its heap beyond the link's)."""
+    from pilehost import unix_port
+    from pilehost.link_rig import HEAP
+
+    def start(name, config, steps=None, heap_extra_kb=0, **options):
+        if steps is not None:
+            spec = {"doc": "made by the test", "steps": steps}
+            if heap_extra_kb:
+                spec["heap_extra_kb"] = heap_extra_kb
+            monkeypatch.setitem(unix_port.scenarios.SCENARIOS, name, spec)
+        box = {}
+        thread = threading.Thread(target=lambda: box.setdefault("run", unix_port.run_scenario(
+            name, config=config, heapsize=HEAP, **options)))
+        thread.start()
+        return thread, box
+
+    return start
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ connection). Each heals without a reset while a session runs, and the ladder's s
 retained `health` message once the pile is back. Without a session the board is reset, never
 faster than the rate, across resets. A second client with the pile's id is reported, not fought."""
 import json
-import threading
 import time
 
 import paho.mqtt.client as mqtt
@@ -14,7 +13,7 @@ import pytest
 from pilehost import unix_port
 from pilehost.cloud import schemas
 from pilehost.heal_rig import BreakableRelay
-from pilehost.link_rig import C_TO_B_LIMIT_MS, HEAP, PILE, mqtt_config, until
+from pilehost.link_rig import C_TO_B_LIMIT_MS, PILE, mqtt_config, until
 
 SCHEMAS = schemas()
 WIFI = {"ssid": "depot", "password": "sim-passphrase"}
@@ -29,20 +28,12 @@ except FileNotFoundError:  # pragma: no cover - `make test` installs it
     pytest.skip("MicroPython unix port not installed (make venv)", allow_module_level=True)
 
 
-def start(monkeypatch, port, steps, lines, flash_dir=None, **ladder):
-    """The scenario in a thread: (thread, box); box["run"] is the SimRun once it ends."""
-    monkeypatch.setitem(unix_port.scenarios.SCENARIOS, "heal", {
-        "doc": "the link breaks and heals", "steps": steps,
-        "heap_extra_kb": unix_port.scenarios.WIFI_HEAP_EXTRA_KB})
+def start(scenario_thread, port, steps, lines, flash_dir=None, **ladder):
+    """The scenario with the simulated Wi-Fi and LADDER in a thread (conftest's scenario_thread)."""
     config = mqtt_config(port, **dict(LADDER, **ladder))
     config["wifi"] = WIFI
-    box = {}
-    thread = threading.Thread(target=lambda: box.setdefault("run", unix_port.run_scenario(
-        "heal", config=config, heapsize=HEAP, on_line=lines.append, timeout=180, flash_dir=flash_dir)))
-    thread.start()
-    return thread, box
-
-
+    return scenario_thread("heal", config, steps, heap_extra_kb=unix_port.scenarios.WIFI_HEAP_EXTRA_KB,
+                           on_line=lines.append, timeout=180, flash_dir=flash_dir)
 
 
 def has(lines, text):
@@ -69,14 +60,14 @@ def healths(watcher):
     ("no_route", "no TCP connection within 5 s"),
     ("half_open", "broker silent for 1.5 x keep-alive"),
 ])
-def test_a_broken_link_heals_without_a_reset_while_a_session_runs(broker, watcher, monkeypatch, mode,
+def test_a_broken_link_heals_without_a_reset_while_a_session_runs(broker, watcher, scenario_thread, mode,
                                                                   symptom):
     relay = BreakableRelay(broker.port)
     relay.up()
     lines = []
     steps = [(300, "plug"), (1000, "request"), (2000, "stop_request"), (2600, "request"),
              (52000, "stop_request"), (52500, "unplug"), (56000, "end")]
-    thread, box = start(monkeypatch, relay.port, steps, lines)
+    thread, box = start(scenario_thread, relay.port, steps, lines)
     try:
         until(lambda: has(lines, "mqtt: connected") and has(lines, "coil ON"), "charging, connected",
               thread, lines)
@@ -113,7 +104,7 @@ def test_a_broken_link_heals_without_a_reset_while_a_session_runs(broker, watche
     assert [e["stop_reason"] for e in ended] == ["ev_disconnected"]
 
 
-def test_without_a_session_the_board_resets_but_never_faster_than_the_rate(broker, watcher, monkeypatch,
+def test_without_a_session_the_board_resets_but_never_faster_than_the_rate(broker, watcher, scenario_thread,
                                                                            tmp_path):
     """No broker from power-on, no car: reset after 15 s (10 s of uptime needed), again in the
     next boot only after 20 s of uptime (the count on flash doubles it); back in boot 3: the
@@ -122,7 +113,7 @@ def test_without_a_session_the_board_resets_but_never_faster_than_the_rate(broke
     relay.up()
     relay.break_link("connack")
     lines = []
-    thread, box = start(monkeypatch, relay.port, [(70000, "end")], lines, flash_dir=str(tmp_path))
+    thread, box = start(scenario_thread, relay.port, [(70000, "end")], lines, flash_dir=str(tmp_path))
     try:
         until(lambda: has(lines, "sim board: boot 3"), "two escalation resets", thread, lines, 90)
         relay.heal()
@@ -147,13 +138,14 @@ def test_without_a_session_the_board_resets_but_never_faster_than_the_rate(broke
     assert kept["resets"] == 2 and kept["streak"] == 0  # back: the next reset needs 10 s again
 
 
-def test_a_second_client_with_the_same_id_is_reported_not_fought(broker, watcher, monkeypatch):
+def test_a_second_client_with_the_same_id_is_reported_not_fought(broker, watcher, scenario_thread):
     """Another client connects as the pile (a cloned config): mosquitto kicks the older connection
     each time the other connects. The pile sees three kicks, says client_id_conflict and stands
     back conflict_pause_s instead of kicking the other off every second; once the other is gone
     it reconnects and, the connection lasting, the conflict ends."""
     lines = []
-    thread, box = start(monkeypatch, broker.port, [(300, "plug"), (1000, "request"), (60000, "end")], lines)
+    steps = [(300, "plug"), (1000, "request"), (60000, "end")]
+    thread, box = start(scenario_thread, broker.port, steps, lines)
     clone = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=PILE, protocol=mqtt.MQTTv311)
     clone.reconnect_delay_set(1, 1)
     kicked = []

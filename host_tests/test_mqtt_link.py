@@ -8,7 +8,6 @@ import os
 import random
 import re
 import signal
-import threading
 import time
 
 import pytest
@@ -44,16 +43,6 @@ def pending_records(flash):
     """What the pile's flash outbox still holds unacknowledged: (kind, session_id)."""
     return [(journal.kind_name(kind), json.loads(payload).get("session_id"))
             for _seq, kind, payload in journal.Journal(os.path.join(flash, "outbox.jrnl")).pending()]
-
-
-def in_background(scenario, port, **kwargs):
-    """Run a scenario in a thread: (thread, box); box["run"] is the SimRun once it ends."""
-    box = {}
-    thread = threading.Thread(target=lambda: box.setdefault("run", unix_port.run_scenario(
-        scenario, config=mqtt_config(port), heapsize=HEAP, **kwargs)))
-    thread.start()
-    return thread, box
-
 
 
 
@@ -106,7 +95,8 @@ def test_broker_away_then_back_replays_the_outbox_once(broker, store):
 
 @pytest.mark.parametrize("how, hold", [(signal.SIGKILL, "puback"), (signal.SIGTERM, "publish")],
                          ids=["killed-after-passing-it-on", "restarted-before-receiving-it"])
-def test_broker_restarted_mid_publish_stores_the_session_once(tmp_path, monkeypatch, new_broker, how, hold):
+def test_broker_restarted_mid_publish_stores_the_session_once(tmp_path, scenario_thread, new_broker, how,
+                                                              hold):
     """The broker goes while the pile's session/ended is in flight, before its PUBACK: killed
     after it passed the record on (the PUBACK is held back on the way), or shut down before it
     got it (the PUBLISH is held back). It comes back empty on the same port; the pile sends the
@@ -119,9 +109,8 @@ def test_broker_restarted_mid_publish_stores_the_session_once(tmp_path, monkeypa
     flash.mkdir()
     lines = []
     steps = [(300, "plug"), (1000, "request"), (3000, "stop_request"), (3500, "unplug"), (15000, "end")]
-    monkeypatch.setitem(unix_port.scenarios.SCENARIOS, "session_then_wait",
-                        {"doc": "a session", "steps": steps})
-    thread, box = in_background("session_then_wait", proxy.port, flash_dir=str(flash), on_line=lines.append)
+    thread, box = scenario_thread("session_then_wait", mqtt_config(proxy.port), steps, flash_dir=str(flash),
+                                  on_line=lines.append)
     try:
         until(proxy.held.is_set, "session/ended in flight", thread, lines)
         if hold == "puback":  # the broker had it and passed it on: the consumer stored it
@@ -366,7 +355,7 @@ def refusals(lines):
             for t in lines if "mqtt: command refused: " in t]
 
 
-def test_fuzzed_commands_change_nothing_then_signed_ones_work(broker, store, watcher, monkeypatch,
+def test_fuzzed_commands_change_nothing_then_signed_ones_work(broker, store, watcher, scenario_thread,
                                                               unix_binary):
     """docs/commands.md: whatever arrives, a refused command changes nothing (not the charger,
     not the offer, not the contactor, not the counter) and is answered with an error ack when it
@@ -374,12 +363,11 @@ def test_fuzzed_commands_change_nothing_then_signed_ones_work(broker, store, wat
     # ~130 commands a second get through (one per control loop, the acks in between): 1000 take
     # ~8 s, and the scenario leaves room for twice that on a busy machine.
     steps = [(300, "plug"), (1000, "request"), (25000, "end")]
-    monkeypatch.setitem(unix_port.scenarios.SCENARIOS, "fuzz_commands", {"doc": "charging", "steps": steps})
     base = int(time.time() * 1000) + 60000  # above any counter "now" while the pile starts
     first = signed("request_status", {}, base, "first")
     fuzz = fuzzed_commands(base, first)
     seen = []
-    thread, box = in_background("fuzz_commands", broker.port, on_line=seen.append)
+    thread, box = scenario_thread("fuzz_commands", mqtt_config(broker.port), steps, on_line=seen.append)
 
     def wait(predicate, what, timeout=TIMEOUT):
         until(predicate, what, thread, seen, timeout)

@@ -27,6 +27,7 @@ from pilehost.broker import Broker, BrokerError
 from pilehost.link_rig import HEAP as LINK_HEAP
 from pilehost.link_rig import (C_TO_B_LIMIT_MS, PILE, SESSION, Proxy, Watcher, ended_idle, mqtt_config,
                                sessions)
+from pilehost.mqtt_wire import mqtt_packets
 from pilehost.procs import free_port, wait_for
 
 BROKER_NAME = "broker.test"
@@ -354,8 +355,10 @@ class MbedTls:
         self.closed = True
 
     def _answer(self):
-        for op, body in split_packets(self.wire[self._parsed:]):
-            self._parsed += len(encode_length(len(body))) + 1 + len(body)
+        packets, _ = mqtt_packets(bytes(self.wire[self._parsed:]))
+        for packet in packets:
+            self._parsed += len(packet)
+            op, body = packet[0], body_of(packet)
             if op == 0x10:
                 self.inbox += b"\x20\x02\x00\x00"
             elif op & 0xF0 == 0x30 and op & 6:
@@ -365,35 +368,12 @@ class MbedTls:
                 self.inbox += b"\x90\x03" + body[:2] + b"\x01"
 
 
-def encode_length(n):
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def split_packets(data):
-    """Complete MQTT packets at the start of data: [(first byte, body)] (MQTT 3.1.1 2.2.3)."""
-    out = []
-    i = 0
-    while i + 2 <= len(data):
-        length = shift = 0
-        j = i + 1
-        while j < len(data):
-            length |= (data[j] & 0x7F) << shift
-            shift += 7
-            j += 1
-            if not data[j - 1] & 0x80:
-                break
-        else:
-            break
-        if j + length > len(data):
-            break
-        out.append((data[i], bytes(data[j:j + length])))
-        i = j + length
-    return out
+def body_of(packet):
+    """A whole MQTT packet's body: after the first byte and the remaining length's 1-4 bytes."""
+    i = 1
+    while packet[i] & 0x80:
+        i += 1
+    return packet[i + 1:]
 
 
 class Outbox:
@@ -474,11 +454,11 @@ def test_a_tls_write_that_would_block_is_repeated_byte_for_byte(monkeypatch):
     tls = rig.tls.made[0]
     assert tls.blocked >= 5  # the case under test did happen
     assert bytes(tls.wire) == bytes(produced)
-    packets = split_packets(tls.wire)
-    consumed = sum(1 + len(encode_length(len(body))) + len(body) for _, body in packets)
-    assert consumed == len(tls.wire)  # nothing lost or torn: the stream ends on a packet boundary
+    packets, torn = mqtt_packets(bytes(tls.wire))
+    assert torn == b""  # nothing lost or torn: the stream ends on a packet boundary
     assert packets[0][0] == 0x10
-    sent = [body[2 + (body[0] << 8 | body[1]) + 2:] for op, body in packets
+    bodies = [(packet[0], body_of(packet)) for packet in packets]
+    sent = [body[2 + (body[0] << 8 | body[1]) + 2:] for op, body in bodies
             if op & 0xF0 == 0x30 and b"session/ended" in body[:40]]
     assert sent == records
     assert rig.outbox.records == {}  # every record acknowledged

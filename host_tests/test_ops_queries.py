@@ -56,6 +56,21 @@ def charge(f, p, samples, power_w=7000):
         f.send([p.meter(), p.status()])
 
 
+def fleet_ids(f, **kw):
+    return [p["pile_id"] for p in f.q.fleet(**kw)["piles"]]
+
+
+def session_ids(f, **kw):
+    return [r["session_id"] for r in f.q.sessions(**kw)["rows"]]
+
+
+def refused(query, *filters):
+    """Each of `filters` is a BadQuery for `query` (the page answers 400)."""
+    for bad in filters:
+        with pytest.raises(BadQuery):
+            query(**bad)
+
+
 def test_fleet_counts_and_filters(filled):
     f = filled
     piles = [pile(i) for i in ("pile-a_1", "pile-ab1", "pile-b.2", "pile-c")]
@@ -78,16 +93,14 @@ def test_fleet_counts_and_filters(filled):
     assert row["pile-a_1"]["session_energy_wh"] == piles[0].session_energy_wh()
 
     # LIKE wildcards in the search are literal: '_' matches only '_', '%' only '%' (no id has one)
-    assert [p["pile_id"] for p in f.q.fleet(search="a_1")["piles"]] == ["pile-a_1"]
-    assert f.q.fleet(search="%")["piles"] == [] and f.q.fleet(search="\\")["piles"] == []
-    assert [p["pile_id"] for p in f.q.fleet(state="offline")["piles"]] == ["pile-b.2"]
-    assert [p["pile_id"] for p in f.q.fleet(state="faulted")["piles"]] == ["pile-ab1"]
-    assert [p["pile_id"] for p in f.q.fleet(state="charging")["piles"]] == ["pile-a_1"]
+    assert fleet_ids(f, search="a_1") == ["pile-a_1"]
+    assert fleet_ids(f, search="%") == [] and fleet_ids(f, search="\\") == []
+    assert fleet_ids(f, state="offline") == ["pile-b.2"]
+    assert fleet_ids(f, state="faulted") == ["pile-ab1"]
+    assert fleet_ids(f, state="charging") == ["pile-a_1"]
     limited = f.q.fleet(limit="2")
     assert len(limited["piles"]) == 2 and limited["matching"] == 4
-    for bad in ({"state": "exploded"}, {"limit": "x"}, {"limit": "0"}):
-        with pytest.raises(BadQuery):
-            f.q.fleet(**bad)
+    refused(f.q.fleet, {"state": "exploded"}, {"limit": "x"}, {"limit": "0"})
 
 
 def test_pile_running_session_has_its_power_curve_in_time_order(filled):
@@ -141,23 +154,18 @@ def test_sessions_filters(filled):
     b.advance(3600)  # the next one starts on the 23rd
     f.send(b.normal_session(duration_s=86400, stop_reason="ev_disconnected"))
 
-    def ids(**kw):
-        return [r["session_id"] for r in f.q.sessions(**kw)["rows"]]
-
-    assert ids() == ["pile-b-1-2", "pile-b-1-1", "pile-a-1-2", "pile-a-1-1"]  # newest start first
-    assert ids(pile="pile-a") == ["pile-a-1-2", "pile-a-1-1"]
-    assert ids(stop_reason="rcd_trip") == ["pile-b-1-1"]
-    assert ids(auth_source="remote") == ["pile-a-1-2"]
-    assert ids(since="2026-11-22", until="2026-11-22") == ["pile-b-1-1"]  # until: the whole day
-    assert ids(since="2026-11-23") == ["pile-b-1-2"]
-    assert ids(until="2026-11-20") == ["pile-a-1-2", "pile-a-1-1"]
+    assert session_ids(f) == ["pile-b-1-2", "pile-b-1-1", "pile-a-1-2", "pile-a-1-1"]  # newest start first
+    assert session_ids(f, pile="pile-a") == ["pile-a-1-2", "pile-a-1-1"]
+    assert session_ids(f, stop_reason="rcd_trip") == ["pile-b-1-1"]
+    assert session_ids(f, auth_source="remote") == ["pile-a-1-2"]
+    assert session_ids(f, since="2026-11-22", until="2026-11-22") == ["pile-b-1-1"]  # until: the whole day
+    assert session_ids(f, since="2026-11-23") == ["pile-b-1-2"]
+    assert session_ids(f, until="2026-11-20") == ["pile-a-1-2", "pile-a-1-1"]
     page = f.q.sessions(limit=1, offset=1)
     assert [r["session_id"] for r in page["rows"]] == ["pile-b-1-1"] and page["matching"] == 4
     assert f.q.sessions(pile="pile-a")["energy_wh"] == 2 * 2 * (7360 * 300 // 3600)  # 2 x 2 meter steps
-    for bad in ({"since": "2026-13-01"}, {"since": "yesterday"}, {"until": "2026-02-30"},
-                {"stop_reason": "x' OR '1'='1"}, {"auth_source": "card"}, {"offset": "-1"}):
-        with pytest.raises(BadQuery):
-            f.q.sessions(**bad)
+    refused(f.q.sessions, {"since": "2026-13-01"}, {"since": "yesterday"}, {"until": "2026-02-30"},
+            {"stop_reason": "x' OR '1'='1"}, {"auth_source": "card"}, {"offset": "-1"})
 
 
 def test_the_reader_cannot_write(filled):
@@ -168,7 +176,7 @@ def test_the_reader_cannot_write(filled):
                 "DROP TABLE piles", "CREATE TABLE evil (x TEXT)"):
         with pytest.raises(StoreUnavailable):
             f.reader.rows(sql)
-    assert [r["pile_id"] for r in f.q.fleet()["piles"]] == ["pile-ro"]  # the connection is back
+    assert fleet_ids(f) == ["pile-ro"]  # the connection is back
 
 
 def test_a_missing_sqlite_file_is_not_created(tmp_path):

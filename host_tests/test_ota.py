@@ -14,16 +14,6 @@ from pilehost.ota_rig import Board, Broker, Reset
 CMD = "c-upd-1"
 
 
-@pytest.fixture
-def flash(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-def key():
-    return ota_rig.release_key()
-
-
 def valid(b):
     """Every ota message and ack the board sent validates against its schema."""
     from pilehost.cloud import schemas
@@ -35,16 +25,6 @@ def valid(b):
     return True
 
 
-def published(n, version="0.2.0", files=None, boards=("ref-esp32",), signer=None, body=None):
-    files = files or ota_rig.fake_files(version)
-    manifest = release.sign_manifest(signer or key(), n, version, list(boards), files, body=body)
-    return manifest, files, release.chunks(n, manifest, files)
-
-
-def board(**kw):
-    return Board(release.public_hex(key()), **kw)
-
-
 def update(b, broker, n, start=0, limit=5000):
     """The command, then steps until the update is answered (staged or refused) or a reset."""
     result = b.updater.start(start, CMD, n)
@@ -54,11 +34,11 @@ def update(b, broker, n, start=0, limit=5000):
     return None, None
 
 
-def test_a_good_release_is_staged_switched_tried_and_marked_good(flash):
+def test_a_good_release_is_staged_switched_tried_and_marked_good(flash, ota):
     broker = Broker()
-    manifest, files, items = published(1)
+    manifest, files, items = ota.published(1)
     broker.put(items)
-    b = board()
+    b = ota.board()
     assert b.boot(broker) == 0
     assert update(b, broker, 1) == (None, None)
     assert b.updater.state == "staged"
@@ -80,15 +60,9 @@ def test_a_good_release_is_staged_switched_tried_and_marked_good(flash):
     assert b.boot(broker) == 1  # and stays
 
 
-def test_a_release_that_never_reports_goes_back_by_itself(flash):
+def test_a_release_that_never_reports_goes_back_by_itself(flash, ota):
     broker = Broker()
-    broker.put(published(1)[2])
-    b = board(trial_s=30)
-    b.boot(broker)
-    update(b, broker, 1)
-    with pytest.raises(Reset):
-        ota_rig.run(b, 10)
-    assert b.boot(broker) == 1
+    b = ota.switched_to_trial(broker, CMD, trial_s=30)
     b.conn.idle = lambda: False  # never gets its report out
     with pytest.raises(Reset):
         ota_rig.run(b, 10000)
@@ -98,15 +72,9 @@ def test_a_release_that_never_reports_goes_back_by_itself(flash):
     assert b.ota_messages()[-1]["rolled_back"] == {"release": 1, "reason": "no report within 30 s"}
 
 
-def test_a_release_that_crashes_at_boot_is_rolled_back_by_the_boot(flash):
+def test_a_release_that_crashes_at_boot_is_rolled_back_by_the_boot(flash, ota):
     broker = Broker()
-    broker.put(published(1)[2])
-    b = board()
-    b.boot(broker)
-    update(b, broker, 1)
-    with pytest.raises(Reset):
-        ota_rig.run(b, 10)
-    assert b.boot(broker) == 1
+    b = ota.switched_to_trial(broker, CMD)
     assert b.machine.wdt == 60000  # the trial runs under the boot's watchdog
     # it crashes before reporting: the watchdog resets the board
     assert b.boot(broker, cause=b.machine.WDT_RESET) == 0
@@ -114,13 +82,13 @@ def test_a_release_that_crashes_at_boot_is_rolled_back_by_the_boot(flash):
     assert b.updater.start(0, "c-again", 1)[0] == "rejected"  # never tried again
 
 
-def test_forged_release_is_refused(flash):
+def test_forged_release_is_refused(flash, ota):
     from cryptography.hazmat.primitives.asymmetric import rsa
 
     forger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     broker = Broker()
-    broker.put(published(1, signer=forger)[2])
-    b = board()
+    broker.put(ota.published(1, signer=forger)[2])
+    b = ota.board()
     b.boot(broker)
     update(b, broker, 1)
     ack = b.acks()[-1]
@@ -131,14 +99,14 @@ def test_forged_release_is_refused(flash):
     assert b.state()["trial"] is None
 
 
-def test_a_file_changed_after_signing_is_refused(flash):
+def test_a_file_changed_after_signing_is_refused(flash, ota):
     broker = Broker()
-    manifest, files, items = published(1)
+    manifest, files, items = ota.published(1)
     evil = dict(items)
     t = "evse/v1/release/1/0/1"
     evil[t] = bytes(len(evil[t]))
     broker.put(evil.items())
-    b = board()
+    b = ota.board()
     b.boot(broker)
     update(b, broker, 1)
     ack = b.acks()[-1]
@@ -146,39 +114,33 @@ def test_a_file_changed_after_signing_is_refused(flash):
     assert b.state()["trial"] is None
 
 
-def test_truncated_release_is_refused(flash):
+def test_truncated_release_is_refused(flash, ota):
     broker = Broker()
-    manifest, files, items = published(1)
+    manifest, files, items = ota.published(1)
     items = [(t, p[:-1] if t == "evse/v1/release/1/0/3" else p) for t, p in items]
     broker.put(items)
-    b = board()
+    b = ota.board()
     b.boot(broker)
     update(b, broker, 1)
     ack = b.acks()[-1]
     assert ack["result"] == "failed" and ack["reason"].startswith("truncated: main.mpy chunk 3")
 
 
-def test_a_release_missing_on_the_broker_is_refused_after_retries(flash):
+def test_a_release_missing_on_the_broker_is_refused_after_retries(flash, ota):
     broker = Broker()
-    manifest, files, items = published(1)
+    manifest, files, items = ota.published(1)
     broker.put(t for t in items if t[0] != "evse/v1/release/1/1/0")
-    b = board()
+    b = ota.board()
     b.boot(broker)
     update(b, broker, 1, limit=20000)
     ack = b.acks()[-1]
     assert ack["result"] == "failed" and "incomplete release" in ack["reason"]
 
 
-def test_replayed_release_is_refused_at_once(flash):
+def test_replayed_release_is_refused_at_once(flash, ota):
     broker = Broker()
-    broker.put(published(1)[2])
-    broker.put(published(2, version="0.3.0")[2])
-    b = board()
-    b.boot(broker)
-    update(b, broker, 2)
-    with pytest.raises(Reset):
-        ota_rig.run(b, 10)
-    b.boot(broker)
+    broker.put(ota.published(1)[2])
+    b = ota.switched_to_trial(broker, CMD, 2, version="0.3.0")
     ota_rig.run(b, 3000)
     assert b.state()["good"] == 2
     for n in (1, 2):
@@ -186,22 +148,22 @@ def test_replayed_release_is_refused_at_once(flash):
             "rejected", "replayed: release %d is not above 2" % n)
 
 
-def test_a_manifest_that_names_another_release_is_refused(flash):
+def test_a_manifest_that_names_another_release_is_refused(flash, ota):
     """A validly signed manifest of release 1 served under release 5's topics (a replay)."""
     broker = Broker()
-    manifest, files, items = published(1)
+    manifest, files, items = ota.published(1)
     broker.put((t.replace("/release/1/", "/release/5/"), p) for t, p in items)
-    b = board()
+    b = ota.board()
     b.boot(broker)
     update(b, broker, 5)
     ack = b.acks()[-1]
     assert ack["result"] == "rejected" and "release 1, not 5" in ack["reason"]
 
 
-def test_another_boards_release_is_refused(flash):
+def test_another_boards_release_is_refused(flash, ota):
     broker = Broker()
-    broker.put(published(1, boards=("other-board",))[2])
-    b = board()
+    broker.put(ota.published(1, boards=("other-board",))[2])
+    b = ota.board()
     b.boot(broker)
     update(b, broker, 1)
     assert b.acks()[-1]["reason"] == "release 1 is not for board ref-esp32"
@@ -209,33 +171,33 @@ def test_another_boards_release_is_refused(flash):
 
 @pytest.mark.parametrize("path", ["../boot.py", "/main.mpy", "a//b.mpy", "manifest", "x.mpy.part",
                                   "CAPS.mpy", "a/b/c/d/e.mpy"])
-def test_a_signed_manifest_with_a_bad_path_is_refused(flash, path):
+def test_a_signed_manifest_with_a_bad_path_is_refused(flash, ota, path):
     files = ota_rig.fake_files("0.2.0") + [(path, b"x")]
     body = release.manifest_body(1, "0.2.0", ["ref-esp32"], files)
     broker = Broker()
-    broker.put(published(1, files=files, body=body)[2])
-    b = board()
+    broker.put(ota.published(1, files=files, body=body)[2])
+    b = ota.board()
     b.boot(broker)
     update(b, broker, 1)
     assert b.acks()[-1]["reason"] == "malformed: a file entry"
 
 
 @pytest.mark.parametrize("digest", ["A" * 64, "g" * 64, "a" * 63, "a" * 65, "\u00e9" * 32, " " + "a" * 63, 7])
-def test_a_signed_manifest_with_a_bad_hash_is_refused(flash, digest):
+def test_a_signed_manifest_with_a_bad_hash_is_refused(flash, ota, digest):
     body = release.manifest_body(1, "0.2.0", ["ref-esp32"], ota_rig.fake_files("0.2.0"))
     body["files"][1][2] = digest
     broker = Broker()
-    broker.put(published(1, body=body)[2])
-    b = board()
+    broker.put(ota.published(1, body=body)[2])
+    b = ota.board()
     b.boot(broker)
     update(b, broker, 1)
     assert b.acks()[-1]["reason"] == "malformed: a file entry"
 
 
-def test_no_step_while_a_session_is_open(flash):
+def test_no_step_while_a_session_is_open(flash, ota):
     broker = Broker()
-    broker.put(published(1)[2])
-    b = board()
+    broker.put(ota.published(1)[2])
+    b = ota.board()
     b.boot(broker)
     b.pile.open_session = object()
     assert b.updater.start(0, CMD, 1) == ("rejected", "not during a session")
@@ -301,17 +263,17 @@ CUTS = []  # where the cuts fell (the test below checks the switch is among them
 @given(cuts=st.lists(st.tuples(st.integers(0, 14), st.integers(0, 800)), min_size=1, max_size=4),
        good_first=st.booleans())
 def test_power_cut_at_any_byte_of_download_or_switch_boots_a_good_release(
-        tmp_path_factory, monkeypatch, cuts, good_first):
+        ota, tmp_path_factory, monkeypatch, cuts, good_first):
     """Cut the power in the middle of a write, several times over the download and the switch:
     every boot runs a good release (the old one, or the new one in trial, all of whose files
     match); the download resumes and ends in release 2 good."""
     monkeypatch.chdir(tmp_path_factory.mktemp("flash"))
     broker = Broker()
-    manifest1, files1, items1 = published(1, version="0.2.0")
-    manifest2, files2, items2 = published(2, version="0.3.0")
+    manifest1, files1, items1 = ota.published(1, version="0.2.0")
+    manifest2, files2, items2 = ota.published(2, version="0.3.0")
     broker.put(items1)
     broker.put(items2)
-    b = board()
+    b = ota.board()
     b.boot(broker)
     if good_first:  # release 1 good first: the cuts then fall between two releases
         update(b, broker, 1)
@@ -361,10 +323,10 @@ def test_the_power_cuts_fell_on_the_switch_too():
 
 
 @pytest.mark.parametrize("at", range(0, 120, 7))
-def test_power_cut_at_each_byte_of_the_switch(flash, monkeypatch, at):
+def test_power_cut_at_each_byte_of_the_switch(flash, ota, monkeypatch, at):
     broker = Broker()
-    broker.put(published(1)[2])
-    b = board()
+    broker.put(ota.published(1)[2])
+    b = ota.board()
     b.boot(broker)
     update(b, broker, 1)
     restore = _cut_write(monkeypatch, 0, at)  # the next write is the switch's release.json.tmp
@@ -378,14 +340,14 @@ def test_power_cut_at_each_byte_of_the_switch(flash, monkeypatch, at):
     assert b.boot(broker) == 1
 
 
-def test_the_verification_costs(flash, capsys):
+def test_the_verification_costs(flash, ota, capsys):
     """Figures, not a timed test: RSA-2048 verification on CPython (the unix port's are in
     test_ota_fleet.py and docs/ota.md)."""
     import hashlib
     import time
 
-    k = board().key
-    manifest = published(1)[0]
+    k = ota.board().key
+    manifest = ota.published(1)[0]
     nl = manifest.index(b"\n")
     sig = bytes.fromhex(manifest[:nl].decode())
     digest = hashlib.sha256(manifest[nl + 1:]).digest()
@@ -397,15 +359,9 @@ def test_the_verification_costs(flash, capsys):
     assert json.loads(manifest[nl + 1:])["release"] == 1
 
 
-def test_a_garbled_state_boots_the_factory_firmware_and_keeps_the_floor(flash):
+def test_a_garbled_state_boots_the_factory_firmware_and_keeps_the_floor(flash, ota):
     broker = Broker()
-    broker.put(published(1)[2])
-    b = board()
-    b.boot(broker)
-    update(b, broker, 1)
-    with pytest.raises(Reset):
-        ota_rig.run(b, 10)
-    b.boot(broker)
+    b = ota.switched_to_trial(broker, CMD)
     ota_rig.run(b, 3000)
     data = bytearray((flash / "release.json").read_bytes())
     data[-3] ^= 0x01  # a bit flip: never a torn write (temp + rename)
@@ -418,7 +374,7 @@ def test_a_garbled_state_boots_the_factory_firmware_and_keeps_the_floor(flash):
 def test_a_release_that_cannot_even_be_imported_resets_the_board(flash, monkeypatch):
     import sys
 
-    rb = Board(release.public_hex(key())).rb
+    rb = Board(release.public_hex(ota_rig.release_key())).rb
     (flash / "rel" / "3").mkdir(parents=True)
     (flash / "rel" / "3" / "main.py").write_text("raise ImportError('broken release')\n")
     monkeypatch.setattr(sys, "path", ["rel/3"] + sys.path)
@@ -433,7 +389,7 @@ def test_a_release_that_cannot_even_be_imported_resets_the_board(flash, monkeypa
 def test_config_takes_only_an_rsa_modulus_as_the_release_key():
     import config
 
-    good = release.public_hex(key())
+    good = release.public_hex(ota_rig.release_key())
     conf = config.parse_config({"ota": {"key": good}})
     assert (conf.ota.key, conf.ota.trial_s) == (good, 300)
     assert config.parse_config({}).ota is None

@@ -37,15 +37,19 @@ def test_the_batch_consumer_keeps_the_power_curve_as_the_reference_does(db_url):
         store.close()
 
 
-@pytest.fixture
-def queries(tmp_path):
-    url = "sqlite:///" + str(tmp_path / "ops.db")
+def over_an_empty_store(url):
+    """OpsQueries on a store the consumer has set up at `url`, nothing in it (a fixture's body)."""
     storage = consumer.open_storage(url)
     storage.setup()
     storage.close()
     reader = open_reader(url)
     yield OpsQueries(reader)
     reader.close()
+
+
+@pytest.fixture
+def queries(sqlite_url):
+    yield from over_an_empty_store(sqlite_url)
 
 
 @pytest.mark.parametrize("until", ["9999-12-31"])
@@ -167,12 +171,7 @@ def test_the_broker_sends_no_message_larger_than_any_record(broker, tmp_path):
 
 @pytest.fixture
 def any_queries(db_url):
-    storage = consumer.open_storage(db_url)
-    storage.setup()
-    storage.close()
-    reader = open_reader(db_url)
-    yield OpsQueries(reader)
-    reader.close()
+    yield from over_an_empty_store(db_url)
 
 
 @pytest.mark.parametrize("text", ["a\x00b", "\x00"])

@@ -7,26 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pilehost import ota_rig, release
-from pilehost.ota_rig import Board, Broker, Reset
+from pilehost import ota_rig
+from pilehost.ota_rig import Broker, Reset
 
 CMD = "c-rev-1"
-
-
-@pytest.fixture
-def flash(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-def _board(**kw):
-    return Board(release.public_hex(ota_rig.release_key()), **kw)
-
-
-def _published(n, version="0.2.0", files=None):
-    files = files or ota_rig.fake_files(version)
-    manifest = release.sign_manifest(ota_rig.release_key(), n, version, ["ref-esp32"], files)
-    return manifest, files, release.chunks(n, manifest, files)
 
 
 def _flash_bytes(root):
@@ -51,14 +35,14 @@ def _until_chunk_waiting(b, now=0, limit=200):
 
 
 @pytest.mark.parametrize("which", ["manifest", "file"])
-def test_a_chunk_that_arrives_with_the_contactor_closed_is_not_written(flash, which):
+def test_a_chunk_that_arrives_with_the_contactor_closed_is_not_written(flash, ota, which):
     """docs/ota.md: no download step with the contactor closed. A chunk subscribed to while the
     pile was idle can land after a car started charging (the broker sends the retained chunk
     whenever it likes): its flash write (a LittleFS append, possibly a sector erase) and its
     hash would then run in a loop that must open the contactor within 100 ms of C->B."""
     broker = Broker()
-    broker.put(_published(1)[2])
-    b = _board()
+    broker.put(ota.published(1)[2])
+    b = ota.board()
     b.boot(broker)
     assert b.updater.start(0, CMD, 1) == (None, None)
     now = 0
@@ -80,30 +64,36 @@ def test_a_chunk_that_arrives_with_the_contactor_closed_is_not_written(flash, wh
     assert b.boot(broker) == 1
 
 
-def test_a_refused_release_leaves_no_files_behind(flash):
-    """A release that fails (here: a file changed after signing) must not keep its parts on
-    flash: the session journal shares that flash, and nothing else ever removes them until
-    another update comes."""
-    broker = Broker()
-    manifest, files, items = _published(1)
-    items = [(t, p if t != "evse/v1/release/1/1/0" else bytes(len(p))) for t, p in items]
-    broker.put(items)
-    b = _board()
+def _refusing(ota, broker):
+    """Release 1 with a chunk changed after signing on `broker`, a board booted and sent it,
+    stepped until it refused it: (board, time reached, the release's good items)."""
+    manifest, files, items = ota.published(1)
+    broker.put([(t, p if t != "evse/v1/release/1/1/0" else bytes(len(p))) for t, p in items])
+    b = ota.board()
     b.boot(broker)
     b.updater.start(0, CMD, 1)
     now = ota_rig.run(b, 5000, until=lambda: b.updater.state == "refused")
+    assert b.updater.state == "refused"
+    return b, now, items
+
+
+def test_a_refused_release_leaves_no_files_behind(flash, ota):
+    """A release that fails (here: a file changed after signing) must not keep its parts on
+    flash: the session journal shares that flash, and nothing else ever removes them until
+    another update comes."""
+    b, now, _ = _refusing(ota, Broker())
     now = ota_rig.run(b, 5, now)  # the ack goes out
     assert b.acks()[-1]["result"] == "failed"
     ota_rig.run(b, 200, now)  # idle steps: one removal each
     assert _flash_bytes(flash) == {}
 
 
-def test_a_release_that_does_not_fit_the_flash_is_refused_before_its_download(flash, monkeypatch):
+def test_a_release_that_does_not_fit_the_flash_is_refused_before_its_download(flash, ota, monkeypatch):
     """A signed manifest whose files add up to more than the free flash (a release engineer's
     mistake, or a board with a fuller journal): refused after the manifest, no file written."""
     broker = Broker()
-    broker.put(_published(1, files=ota_rig.fake_files("0.2.0", sizes=(200000, 200000)))[2])
-    b = _board()
+    broker.put(ota.published(1, files=ota_rig.fake_files("0.2.0", sizes=(200000, 200000)))[2])
+    b = ota.board()
     b.boot(broker)
     small = (4096, 4096, 512, 64, 64, 0, 0, 0, 0, 255)  # MicroPython's tuple: 256 KiB free
     monkeypatch.setattr(os, "statvfs", lambda _p: small)
@@ -116,15 +106,10 @@ def test_a_release_that_does_not_fit_the_flash_is_refused_before_its_download(fl
     assert _flash_bytes(flash) == {}
 
 
-def test_a_refused_release_asked_for_again_downloads_cleanly(flash):
+def test_a_refused_release_asked_for_again_downloads_cleanly(flash, ota):
     """The removal of a refused release must not eat into the same release asked for again."""
     broker = Broker()
-    manifest, files, items = _published(1)
-    broker.put([(t, p if t != "evse/v1/release/1/1/0" else bytes(len(p))) for t, p in items])
-    b = _board()
-    b.boot(broker)
-    b.updater.start(0, CMD, 1)
-    now = ota_rig.run(b, 5000, until=lambda: b.updater.state == "refused")
+    b, now, items = _refusing(ota, broker)
     now = ota_rig.run(b, 5, now)  # the ack goes out
     broker.put(items)  # the release engineer republished it right
     assert b.updater.start(now, "c-rev-2", 1) == (None, None)
@@ -135,24 +120,12 @@ def test_a_refused_release_asked_for_again_downloads_cleanly(flash):
     assert b.boot(broker) == 1
 
 
-def _switched_to_trial(broker, **kw):
-    broker.put(_published(1)[2])
-    b = _board(**kw)
-    b.boot(broker)
-    b.updater.start(0, CMD, 1)
-    ota_rig.run(b, 5000, until=lambda: b.updater.state == "staged")
-    with pytest.raises(Reset):
-        ota_rig.run(b, 10)
-    assert b.boot(broker) == 1 and b.updater.state == "trial"
-    return b
-
-
-def test_a_trial_is_not_marked_good_on_flash_with_the_contactor_closed(flash):
+def test_a_trial_is_not_marked_good_on_flash_with_the_contactor_closed(flash, ota):
     """Marking a trial good writes release.json: never in a loop with the contactor closed
     (the same rule as heal.json's write). A car charging through the whole trial does not roll
     back a release that reported: it is marked good once the contactor opens."""
     broker = Broker()
-    b = _switched_to_trial(broker, trial_s=30)
+    b = ota.switched_to_trial(broker, CMD, trial_s=30)
     b.pile.closed = True  # a car plugged in at once (free vend) charges through the trial
     b.pile.open_session = object()
     state_file = flash / "release.json"
@@ -167,9 +140,9 @@ def test_a_trial_is_not_marked_good_on_flash_with_the_contactor_closed(flash):
     assert b.boot(broker) == 1
 
 
-def test_a_trial_that_never_reports_still_goes_back_after_a_session(flash):
+def test_a_trial_that_never_reports_still_goes_back_after_a_session(flash, ota):
     broker = Broker()
-    b = _switched_to_trial(broker, trial_s=30)
+    b = ota.switched_to_trial(broker, CMD, trial_s=30)
     b.conn.idle = lambda: False  # never gets its report out
     b.pile.closed = True
     b.pile.open_session = object()
@@ -215,14 +188,14 @@ def test_group_limit_holds_when_each_command_is_lost_on_its_own(data):
                         "state": "charging" if who.wants else "idle"})
 
 
-def test_a_good_release_that_no_longer_starts_does_not_reset_forever(flash, monkeypatch):
+def test_a_good_release_that_no_longer_starts_does_not_reset_forever(flash, ota, monkeypatch):
     """A release marked good whose main.mpy is on flash but cannot be imported any more (a
     flash error; a file gone from its lib/): run_main resets the board, and boot.py would select
     it again at every boot, for ever (with the contactor open, but a pile that never comes
     back). It must fall back to the factory firmware and say why."""
     import sys
 
-    b = _board()
+    b = ota.board()
     rb = b.rb
     store = rb.StateStore()
     state = rb.fresh()
@@ -250,33 +223,28 @@ def test_a_good_release_that_no_longer_starts_does_not_reset_forever(flash, monk
     assert "failed to start" in st_["rolled"]["why"]
 
 
-def test_a_rolled_back_release_does_not_stay_on_flash(flash):
+def test_a_rolled_back_release_does_not_stay_on_flash(flash, ota):
     """After a rollback (or a refusal, then a reboot), the failed release's files must not wait
     on flash for the next update: the session journal shares the flash."""
     broker = Broker()
-    b = _switched_to_trial(broker)
+    b = ota.switched_to_trial(broker, CMD)
     assert b.boot(broker, cause=b.machine.WDT_RESET) == 0  # the trial hung: rolled back
     ota_rig.run(b, 300)
     assert _flash_bytes(flash) == {}
     assert b.boot(broker) == 0
 
 
-def test_a_refused_release_cut_by_a_reboot_does_not_stay_on_flash(flash):
+def test_a_refused_release_cut_by_a_reboot_does_not_stay_on_flash(flash, ota):
     broker = Broker()
-    manifest, files, items = _published(1)
-    broker.put([(t, p if t != "evse/v1/release/1/1/0" else bytes(len(p))) for t, p in items])
-    b = _board()
-    b.boot(broker)
-    b.updater.start(0, CMD, 1)
-    ota_rig.run(b, 5000, until=lambda: b.updater.state == "refused")
+    b, _, _ = _refusing(ota, broker)
     assert b.boot(broker) == 0  # a power cut before the removal went far
     ota_rig.run(b, 300)
     assert _flash_bytes(flash) == {}
 
 
-def test_a_garbled_state_keeps_the_good_release_for_a_recovery_by_hand(flash):
+def test_a_garbled_state_keeps_the_good_release_for_a_recovery_by_hand(flash, ota):
     broker = Broker()
-    b = _switched_to_trial(broker)
+    b = ota.switched_to_trial(broker, CMD)
     ota_rig.run(b, 3000)
     assert b.state()["good"] == 1
     data = bytearray((flash / "release.json").read_bytes())

@@ -16,8 +16,11 @@ try:
 except FileNotFoundError:  # pragma: no cover - `make test` installs it
     pytest.skip("MicroPython unix port not installed (make venv)", allow_module_level=True)
 
-# Every scenario on both binaries: the venv's and the one shaped like the ESP32 (conftest.py).
-pytestmark = pytest.mark.usefixtures("unix_binary")
+# Billing and the records on both binaries, the venv's and the one shaped like the ESP32 (float32
+# registers and PWM, ints past 2^30); the control logic and the safety reactions, which the word
+# size cannot change, on the venv's in `make test` and on both in `make test-long` (conftest.py).
+BOTH = pytest.mark.usefixtures("unix_binary")
+LOGIC = pytest.mark.usefixtures("unix_binary_long")
 
 _runs = {}
 
@@ -48,6 +51,7 @@ def assert_no_traceback(r):
     assert not any("Traceback" in line for line in r.lines), "\n".join(r.lines)
 
 
+@BOTH
 def test_normal_session():
     r = run("normal")
     assert_no_traceback(r)
@@ -65,6 +69,7 @@ def test_normal_session():
     assert abs(r.result["energy_wh"] - expected_wh) < 0.1
 
 
+@LOGIC
 def test_c_to_b_mid_charge_opens_within_100_ms_every_time():
     r = run("c_to_b_mid_charge")
     assert len(r.result["latencies_ms"]) == 2 + 1  # two pauses and the final unplug
@@ -72,6 +77,7 @@ def test_c_to_b_mid_charge_opens_within_100_ms_every_time():
     assert len([on for _, on in coil(r) if on]) == 3
 
 
+@LOGIC
 def test_unplug_under_load():
     r = run("unplug_under_load")
     assert max(r.result["latencies_ms"]) < C_TO_B_LIMIT_MS
@@ -79,6 +85,7 @@ def test_unplug_under_load():
     assert ("stopped: ev_disconnected" in text for _, text in r.firmware_events("session"))
 
 
+@LOGIC
 def test_diode_missing_never_closes():
     r = run("diode_missing")
     assert not any(on for _, on in coil(r))
@@ -86,6 +93,7 @@ def test_diode_missing_never_closes():
     assert faults == ["raised diode", "cleared diode"]  # cleared when the car leaves
 
 
+@LOGIC
 def test_cp_short_opens_and_recovers():
     r = run("cp_short")
     short = step_time(r, "short_cp")
@@ -96,6 +104,7 @@ def test_cp_short_opens_and_recovers():
     assert coil(r)[-2][1]  # closed again once the short was gone (last event: the end)
 
 
+@LOGIC
 def test_welded_contactor_latches_f():
     r = run("welded")
     weld = step_time(r, "weld")
@@ -106,6 +115,7 @@ def test_welded_contactor_latches_f():
     assert r.firmware_events("charger")[-1][1].endswith("-> fault")
 
 
+@LOGIC
 def test_contactor_fails_to_close():
     r = run("contactor_fails_to_close")
     switching = coil(r)
@@ -114,6 +124,7 @@ def test_contactor_fails_to_close():
     assert [text for _, text in r.firmware_events("fault")] == ["raised contactor_failed_to_close"]
 
 
+@LOGIC
 def test_rcd_trip_opens_at_once_and_retries():
     r = run("rcd_trip")
     leak = [t for t, text in r.sim_events("step") if text == "rcd_leak True"][0]
@@ -125,12 +136,14 @@ def test_rcd_trip_opens_at_once_and_retries():
     assert reclosed and reclosed[0] - leak >= 1000  # rcd_retry_s = 1 in this scenario
 
 
+@LOGIC
 def test_rcd_self_test_failure_blocks_charging():
     r = run("rcd_self_test_fails")
     assert not any(on for _, on in coil(r))
     assert [text for _, text in r.firmware_events("fault")] == ["raised rcd_self_test"]
 
 
+@LOGIC
 def test_exception_in_the_loop_fails_safe_and_reboots():
     r = run("loop_exception")
     injected = step_time(r, "inject_error")
@@ -145,11 +158,13 @@ def test_exception_in_the_loop_fails_safe_and_reboots():
     assert 1000 <= wdt - injected <= 2600  # the watchdog (2 s) fired, not a lucky exit
 
 
+@LOGIC
 def test_ventilation_refused():
     r = run("ventilation_refused")
     assert not any(on for _, on in coil(r))
 
 
+@LOGIC
 def test_broken_config_is_a_clear_error_and_pilot_f():
     r = run("broken_config")
     assert not any(on for _, on in coil(r))
@@ -177,6 +192,7 @@ REGISTER_WH = {
 }
 
 
+@BOTH
 @pytest.mark.parametrize("meter", sorted(REGISTER_WH))
 def test_session_energy_equals_the_meters_delta(meter):
     r = run("long_session", meter)
@@ -188,6 +204,7 @@ def test_session_energy_equals_the_meters_delta(meter):
     assert [t for t, _ in r.firmware_events("meter")] == []  # a healthy bus gives no errors
 
 
+@BOTH
 def test_silent_meter_stops_the_session():
     r = run("meter_silent")
     stops = [text for _, text in r.firmware_events("session") if text.startswith("stopped")]
@@ -203,6 +220,7 @@ def test_silent_meter_stops_the_session():
     assert session_energy(r)[0] < r.result["energy_wh"]  # what came after the silence is unknown
 
 
+@BOTH
 def test_a_meter_silent_at_the_start_holds_the_contactor_open_until_it_answers():
     r = run("meter_silent_at_start")
     back = [t for t, text in r.sim_events("step") if text == "meter_fault"][0]
@@ -214,6 +232,7 @@ def test_a_meter_silent_at_the_start_holds_the_contactor_open_until_it_answers()
     assert abs(session_energy(r)[0] - r.result["energy_wh"]) < 1  # billed from the first Wh
 
 
+@LOGIC
 def test_a_meter_dead_at_the_start_never_lets_power_flow():
     r = run("meter_dead_at_start")
     assert not [t for t, on in coil(r) if on] and r.result["energy_wh"] == 0  # never closed
@@ -221,6 +240,7 @@ def test_a_meter_dead_at_the_start_never_lets_power_flow():
     assert stops == ["stopped: meter_failure"]
 
 
+@BOTH
 def test_a_misbehaving_bus_is_refused_counted_and_billed_right():
     r = run("meter_misbehaves")
     errors = " | ".join(text for _, text in r.firmware_events("meter"))
@@ -245,6 +265,7 @@ def validate(kind, record):
         jsonschema.validate(record, json.load(f))
 
 
+@BOTH
 def test_a_session_lands_in_the_outbox_once(tmp_path):
     r = unix_port.run_scenario("normal", flash_dir=str(tmp_path))
     assert r.returncode == 0 and r.result is not None
@@ -257,6 +278,7 @@ def test_a_session_lands_in_the_outbox_once(tmp_path):
     assert ended["energy_wh"] == session_energy(r)[0]
 
 
+@BOTH
 def test_power_cut_mid_session_is_closed_as_power_loss_once(tmp_path):
     flash = str(tmp_path)
     cut = unix_port.run_scenario("charging_until_cut", flash_dir=flash, kill_after_s=3.0)

@@ -36,20 +36,16 @@ class Broker:
         self.pid = 1
 
     def take(self, data):
+        # here, not at the top: this module must be `socket` before mqtt_conn is imported
+        from mqtt_conn import fixed_header
+
         self.rx += data
-        while len(self.rx) >= 2:
+        while True:
             buf = self.rx
-            length = shift = 0
-            i = 1
-            while True:
-                if i >= len(buf):
-                    return
-                b = buf[i]
-                length |= (b & 0x7F) << shift
-                i += 1
-                if not b & 0x80:
-                    break
-                shift += 7
+            header = fixed_header(buf, len(buf))
+            if header is None:
+                return
+            i, length = header
             if len(buf) < i + length:
                 return
             self._packet(buf[0], buf[i:i + length])
