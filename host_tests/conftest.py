@@ -60,12 +60,15 @@ LONG = os.environ.get("PILE_TEST_LONG") == "1"
 # workers, as every test did before.
 REALTIME = ("test_soak.py", "test_scenarios_unix.py", "test_ota_fleet.py", "test_link_heal_unix.py",
             "test_mqtt_link.py", "test_mqtt_commands.py", "test_mqtt_tls.py", "test_technician.py",
-            "test_sim_broker.py", "test_sntp.py", "test_wifi.py")
+            "test_sim_broker.py", "test_sntp.py", "test_wifi.py", "test_heal_sim.py",
+            "test_ota_withdraw.py", "test_release_boot_unix.py")
 # Within each part the longest start first, in this order (measured with --durations, one file at
 # a time), so that none is left running alone at the end; the rest follow in file order.
 LONGEST_FIRST = (
     "test_soak.py::test_soak_short",  # ~4 min each
     "test_ota_fleet.py::",  # ~3 min, one group
+    "test_heal_sim.py::",  # ~1.5-2.5 min
+    "test_ota_withdraw.py::",
     "test_chipmodel.py::test_a_chip_run",  # builds build/chip/ on a fresh clone, then callgrind
     "test_link_heal_unix.py::",  # ~1 min each
     "test_stateful_pile.py::",
@@ -87,6 +90,7 @@ LONGEST_FIRST = (
 # costly module fixture (the browser, mypy) that each worker would start again.
 TOGETHER = {
     "test_ota_fleet.py::": "ota_fleet",
+    "test_ota_withdraw.py::": "ota_withdraw",
     "test_ota.py::test_power_cut_at_any_byte": "ota_cuts",
     "test_ota.py::test_the_power_cuts_fell": "ota_cuts",
     "test_ops_web.py::": "ops_web",
