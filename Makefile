@@ -26,7 +26,8 @@ help:
 	@echo "make test                  pytest on CPython + scenario tests on the unix port"
 	@echo "make bench [QUICK=1] [WHAT=latency]   figures: tick time, C->B latency, .mpy sizes,"
 	@echo "                           MQTT bytes, heap, heap32 (32-bit, .mpy and frozen), chip (the"
-	@echo "                           chip-time model: ESP32 ms per path, callgrind) (~20 min; QUICK=1 ~10)"
+	@echo "                           chip-time model: ESP32 ms per path, callgrind), growth (heap over"
+	@echo "                           1,000 sessions, 32-bit) (~35 min; QUICK=1 ~15)"
 	@echo "make mpy                   cross-compile firmware/ for the ESP32 (build/mpy)"
 	@echo "make flash PORT=/dev/ttyUSB0 [BOARD=ref-esp32] [SOURCE=1]   firmware + libs, changed files only"
 	@echo "make provision PORT=... CONFIG=pile.json [BOARD=name]   check, upload config.json, reboot"
@@ -159,7 +160,8 @@ reboot: $(STAMP)
 virtual-board: $(STAMP) deps socat
 	$(TECH) virtual-board --scenario $(SCENARIO)$(if $(METER), --meter $(METER))
 
-# QUICK=1: 100 trials instead of 1,000; WHAT=latency (ticks mpy latency wire heap heap32 chip):
+# QUICK=1: 100 trials instead of 1,000 (growth: 100 sessions); WHAT=latency (ticks mpy latency wire
+# heap heap32 chip growth):
 # only those. The chip image (build/chip/) is built once and again only when the firmware changes.
 bench: $(STAMP) deps broker chiptools
 	$(BIN)/python tools/bench.py $(WHAT)

@@ -13,7 +13,9 @@ Its command line, with the usage: tools/bench.py.
 - heap32: the same on the unix port shaped like the ESP32 (32-bit, single-precision floats), the
   firmware as .mpy files and frozen into the image (pilehost/chipheap.py);
 - chip: the chip-time model, each path of the loop in ESP32 milliseconds (pilehost/chipmodel.py;
-  valgrind's callgrind, deterministic; figures also in build/chip/chip-model.txt).
+  valgrind's callgrind, deterministic; figures also in build/chip/chip-model.txt);
+- growth: the heap over 1,000 sessions in one lifetime (QUICK=1: 100) on the 32-bit port, frozen
+  and as .mpy, on the chip model's virtual clock (pilehost/chipgrowth.py; build/chip/growth.txt).
 
 The simulator runs on the host's clock, so the runs are spread over BENCH_JOBS processes at
 once (default 3; the ticks are timed alone first): on a loaded host the tails grow.
@@ -27,7 +29,7 @@ import sys
 import tempfile
 import time
 
-from . import ROOT, chipheap, chipmodel, cloud, mqtt_wire, procs, unix_port
+from . import ROOT, chipgrowth, chipheap, chipmodel, cloud, mqtt_wire, procs, unix_port
 from .broker import BlackHole
 
 scenarios = unix_port.scenarios
@@ -43,7 +45,7 @@ TRIALS_HEAP = "320k"
 TRIALS_MQTT_HEAP = "400k"  # at 320k one run's result (json.dumps) found no 2 KiB block once
 BENCH_LOGS = os.path.join(ROOT, "build", "bench")  # runs that went wrong, to look at
 _LOG_SEQ = itertools.count(1)
-SECTIONS = ("ticks", "mpy", "latency", "wire", "heap", "heap32", "chip")
+SECTIONS = ("ticks", "mpy", "latency", "wire", "heap", "heap32", "chip", "growth")
 
 
 def percentile(values, p):
@@ -370,6 +372,8 @@ def main(argv):
         run_parallel(rest, start)
     if "chip" in asked:  # callgrind counts instructions: the host's load does not change them
         chipmodel.main()
+    if "growth" in asked:  # counts on the virtual clock: the host's load does not change them
+        chipgrowth.main()
     print("bench took %.0f s" % (time.monotonic() - start))
 
 

@@ -11,8 +11,8 @@ the records the broker got; every `every` sessions it also collects and prints
     GROWTH <session> <live B net of the simulator> <largest free block B> <free B>
            <session/started published> <session/ended published> <MQTT connects>
 
-Usage (cwd = the flash folder, with growth.json: {"sessions", "every", "first_ms", "period_ms",
-"offsets": [[ms, action], ...], "probe_ms", "leak_b"}):
+Usage (cwd = the flash folder, with growth.json: {"sessions", "every", "first_ms", "cycle":
+[[period_ms, [[ms, action], ...]], ...], "probe_before_ms", "adc_us", "leak_b"}):
     micropython -m chip_growth
 """
 import sys
@@ -34,19 +34,22 @@ sys.modules["select"] = chip_net
 import machine  # noqa: E402
 import rom  # noqa: E402
 
-ADC_READ_US = 35  # as sim/chip_rom.py: one ESP32 ADC read from Python
+# One ESP32 ADC read from Python is 35 us (sim/chip_rom.py): a 1.1 ms pilot burst reads 31
+# times, each read a trip through the simulated world. The burst allocates nothing: here a read
+# takes plan["adc_us"] (pilehost/chipgrowth.py), fewer reads a burst, a faster run.
+_adc_us = [35]
 
 _adc_read_uv = machine.ADC.read_uv
 _adc_read_u16 = machine.ADC.read_u16
 
 
 def _adc_uv(self):
-    vclock.spend(ADC_READ_US)
+    vclock.spend(_adc_us[0])
     return _adc_read_uv(self)
 
 
 def _adc_u16(self):
-    vclock.spend(ADC_READ_US)
+    vclock.spend(_adc_us[0])
     return _adc_read_u16(self)
 
 
@@ -70,38 +73,50 @@ class Tally:
 
 
 class Steps:
-    """World.steps for `sessions` sessions: step i made when the world asks for it."""
+    """World.steps for `sessions` sessions: step i made when the world asks for it. The sessions
+    repeat plan["cycle"]: each kind its length and its steps, [period_ms, [[ms, action], ...]],
+    every kind the same number of steps."""
 
     def __init__(self, plan):
         self.n = plan["sessions"]
         self.first = plan["first_ms"]
-        self.period = plan["period_ms"]
-        self.offsets = [tuple(o) for o in plan["offsets"]]
+        self.kinds = [(period, [tuple(o) for o in offsets]) for period, offsets in plan["cycle"]]
+        self.per = len(self.kinds[0][1])
+        self.starts = [0]
+        for period, _ in self.kinds:
+            self.starts.append(self.starts[-1] + period)
+        self.cycle_ms = self.starts.pop()
+
+    def start_ms(self, k):
+        """When session k (from 0) begins; k == n: the end."""
+        c, j = divmod(k, len(self.kinds))
+        return self.first + c * self.cycle_ms + self.starts[j]
 
     def __len__(self):
-        return self.n * len(self.offsets) + 1
+        return self.n * self.per + 1
 
     def __getitem__(self, i):
-        k, j = divmod(i, len(self.offsets))
+        k, j = divmod(i, self.per)
         if k >= self.n:
-            return (self.first + self.n * self.period, "end")
-        at, action = self.offsets[j]
-        return (self.first + k * self.period + at, action)
+            return (self.start_ms(self.n), "end")
+        at, action = self.kinds[k % len(self.kinds)][1][j]
+        return (self.start_ms(k) + at, action)
 
 
 class Growth:
     def __init__(self, plan):
         self.plan = plan
         self.every = plan["every"]
+        self.steps = Steps(plan)
         self.session = 0  # the next session to probe
-        self.due_us = (plan["first_ms"] + plan["probe_ms"]) * 1000
+        self.due_us = self._due(0)
         self.base = 0
         self.leaked = []  # the self-test's deliberate leak (leak_b per probe), else empty
         self.max_latency_ms = 0.0
 
     def booting(self, sim):
         if sim.boots == 1:
-            sim.steps = Steps(self.plan)
+            sim.steps = self.steps
             sim._step = 0
             sim._next_due = sim.steps[0][0] * 1000
             gc.collect()
@@ -109,6 +124,10 @@ class Growth:
             print("GROWTH-BASE %d %d" % (self.base, self.base + gc.mem_free()))
         else:
             print("GROWTH-RESET boot %d" % sim.boots)
+
+    def _due(self, k):
+        """Session k's probe: before the next session's plug, its records out and acknowledged."""
+        return (self.steps.start_ms(k + 1) - self.plan["probe_before_ms"]) * 1000
 
     def ended(self, sim):
         pass
@@ -119,7 +138,7 @@ class Growth:
             return
         k = self.session
         self.session += 1
-        self.due_us += self.plan["period_ms"] * 1000
+        self.due_us = self._due(self.session)
         # The world's C->B latencies: a list that grows one entry a session (the simulator's).
         for x in sim.latencies_ms:
             if x > self.max_latency_ms:
@@ -142,6 +161,7 @@ def start():
         plan = json.load(f)
     chip_net.BROKER = chip_net.Broker([])
     chip_net.BROKER.events = Tally()
+    _adc_us[0] = plan["adc_us"]
     growth = Growth(plan)
     del plan
     feed = machine.WDT.feed
