@@ -34,7 +34,8 @@ QUICK_SESSIONS = 100
 EVERY = 10
 WARMUP = 10  # sessions before the heap is taken as settled: the slope starts after them
 # The .mpy firmware needs ~140 KiB for one session with the link (WHAT=heap32); in 160 KiB a
-# record's close ran out of memory at the 20th session (a fragmented heap): it runs in 192.
+# record's close ran out of memory at the 20th session (12 s sessions; MemoryError for 392 B
+# with 20 KiB free: a fragmented heap), the pile reset: it runs in 192.
 MPY_NET_KIB = 192
 # The test's bound (host_tests/test_chipgrowth.py) and the bench's verdict: after the warm-up the
 # live heap stays within this of the most it reached during the warm-up. The live heap after a

@@ -20,6 +20,11 @@ import sys
 import vclock
 
 sys.modules["time"] = vclock  # before anything else imports time
+# The clocks start past 2^30 us (18 min): on 32 bits an int from 2^30 on is a heap object, and the
+# simulator's microsecond timestamps would otherwise become heap objects mid-run, a step in the
+# heap the firmware's is measured net of. The firmware's ticks stay as they were (masked).
+_T0_MS = 1073742
+vclock._now_us += _T0_MS * 1000
 
 import gc  # noqa: E402
 import json  # noqa: E402
@@ -79,7 +84,7 @@ class Steps:
 
     def __init__(self, plan):
         self.n = plan["sessions"]
-        self.first = plan["first_ms"]
+        self.first = _T0_MS + plan["first_ms"]
         self.kinds = [(period, [tuple(o) for o in offsets]) for period, offsets in plan["cycle"]]
         self.per = len(self.kinds[0][1])
         self.starts = [0]
@@ -116,6 +121,7 @@ class Growth:
 
     def booting(self, sim):
         if sim.boots == 1:
+            sim.now = _T0_MS * 1000  # the world's clock too (see _T0_MS)
             sim.steps = self.steps
             sim._step = 0
             sim._next_due = sim.steps[0][0] * 1000
