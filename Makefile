@@ -27,7 +27,7 @@ help:
 	@echo "make bench [QUICK=1] [WHAT=latency]   figures: tick time, C->B latency, .mpy sizes,"
 	@echo "                           MQTT bytes, heap, heap32 (32-bit, .mpy and frozen), chip (the"
 	@echo "                           chip-time model: ESP32 ms per path, callgrind), growth (heap over"
-	@echo "                           1,000 sessions, 32-bit) (~35 min; QUICK=1 ~15)"
+	@echo "                           1,000 sessions, 32-bit) (~50 min; QUICK=1 ~20)"
 	@echo "make mpy                   cross-compile firmware/ for the ESP32 (build/mpy)"
 	@echo "make flash PORT=/dev/ttyUSB0 [BOARD=ref-esp32] [SOURCE=1]   firmware + libs, changed files only"
 	@echo "make provision PORT=... CONFIG=pile.json [BOARD=name]   check, upload config.json, reboot"
