@@ -28,7 +28,8 @@ help:
 	@echo "make bench [QUICK=1] [WHAT=latency]   figures: tick time, C->B latency, .mpy sizes,"
 	@echo "                           MQTT bytes, heap, heap32 (32-bit, .mpy and frozen), chip (the"
 	@echo "                           chip-time model: ESP32 ms per path, callgrind), ota (a signed"
-	@echo "                           update's steps on the chip model) (~20 min; QUICK=1 ~10)"
+	@echo "                           update's steps on the chip model), growth (heap over 1,000"
+	@echo "                           sessions, 32-bit) (~50 min; QUICK=1 ~20)"
 	@echo "make mpy                   cross-compile firmware/ for the ESP32 (build/mpy)"
 	@echo "make flash PORT=/dev/ttyUSB0 [BOARD=ref-esp32] [SOURCE=1]   firmware + libs, changed files only"
 	@echo "make provision PORT=... CONFIG=pile.json [BOARD=name]   check, upload config.json, reboot"
@@ -182,7 +183,8 @@ reboot: $(STAMP)
 virtual-board: $(STAMP) deps socat
 	$(TECH) virtual-board --scenario $(SCENARIO)$(if $(METER), --meter $(METER))
 
-# QUICK=1: 100 trials instead of 1,000; WHAT=latency (ticks mpy latency wire heap heap32 chip ota):
+# QUICK=1: 100 trials instead of 1,000 (growth: 100 sessions); WHAT=latency (ticks mpy latency wire
+# heap heap32 chip ota growth):
 # only those. The chip image (build/chip/) is built once and again only when the firmware changes.
 bench: $(STAMP) deps broker chiptools
 	$(BIN)/python tools/bench.py $(WHAT)

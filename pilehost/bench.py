@@ -16,6 +16,8 @@ Its command line, with the usage: tools/bench.py.
   valgrind's callgrind, deterministic; figures also in build/chip/chip-model.txt);
 - ota: a signed update's steps on the same model (pilehost/chipota.py: the RSA-2048 check, the
   chunks, the resume, the switch; build/chip/chip-ota.txt).
+- growth: the heap over 1,000 sessions in one lifetime (QUICK=1: 100) on the 32-bit port, frozen
+  and as .mpy, on the chip model's virtual clock (pilehost/chipgrowth.py; build/chip/growth.txt).
 
 The simulator runs on the host's clock, so the runs are spread over BENCH_JOBS processes at
 once (default 3; the ticks are timed alone first): on a loaded host the tails grow.
@@ -29,7 +31,7 @@ import sys
 import tempfile
 import time
 
-from . import ROOT, chipheap, chipmodel, chipota, cloud, mqtt_wire, procs, unix_port
+from . import ROOT, chipgrowth, chipheap, chipmodel, chipota, cloud, mqtt_wire, procs, unix_port
 from .broker import BlackHole
 
 scenarios = unix_port.scenarios
@@ -45,7 +47,7 @@ TRIALS_HEAP = "320k"
 TRIALS_MQTT_HEAP = "400k"  # at 320k one run's result (json.dumps) found no 2 KiB block once
 BENCH_LOGS = os.path.join(ROOT, "build", "bench")  # runs that went wrong, to look at
 _LOG_SEQ = itertools.count(1)
-SECTIONS = ("ticks", "mpy", "latency", "wire", "heap", "heap32", "chip", "ota")
+SECTIONS = ("ticks", "mpy", "latency", "wire", "heap", "heap32", "chip", "ota", "growth")
 
 
 def percentile(values, p):
@@ -375,6 +377,8 @@ def main(argv):
         cal = chipmodel.Calibration(chipmodel.main()["per_pystone"])
     if "ota" in asked:  # the same binary: WHAT=chip's calibration holds
         chipota.main(cal)
+    if "growth" in asked:  # counts on the virtual clock: the host's load does not change them
+        chipgrowth.main()
     print("bench took %.0f s" % (time.monotonic() - start))
 
 
