@@ -21,6 +21,9 @@ try:
 except Exception as e:  # noqa: BLE001 - nothing more can be done before main.py reports it
     print("boot: board.json unusable, outputs left at their reset state:", repr(e))
 
+# Nothing of board.json stays: on the board main.py runs in these globals, for the whole run.
+_board = _pins = _levels = None
+
 # Which release runs (docs/ota.md): the good one, a new one on trial, or back after a failed
 # trial. Its modules are dropped again, so the release imports its own.
 import gc  # noqa: E402

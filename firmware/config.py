@@ -13,12 +13,17 @@ class ConfigError(Exception):
     pass
 
 
-class Section:
-    """Validated values as attributes."""
+class _Section:
+    """Validated values as attributes. No methods: a function would hold this module's globals,
+    and the settings, alive for the whole run, would keep all of config.py on the heap after
+    wiring.load_settings dropped it."""
 
-    def __init__(self, values):
-        for key, value in values.items():
-            setattr(self, key, value)  # MicroPython: __dict__ is read-only
+
+def Section(values):
+    section = _Section()
+    for key, value in values.items():
+        setattr(section, key, value)  # MicroPython: __dict__ is read-only
+    return section
 
 
 def _is_number(v):

@@ -97,4 +97,8 @@ def run():
 if __name__ == "__main__":
     import release_boot  # the release boot.py selected, or this one (docs/ota.md)
 
-    release_boot.run_main(run, wiring.reset)
+    if release_boot.selected():
+        release_boot.run_main(run, wiring.reset)
+    else:  # this one: release_boot's ~4 KB would stay on the heap for the whole run
+        del release_boot, sys.modules["release_boot"]
+        run()

@@ -10,8 +10,6 @@ import time
 
 from micropython import const
 
-import command_auth
-import commands
 import link_heal
 import telemetry
 from backoff import Backoff
@@ -111,7 +109,11 @@ class MqttLink:
                  reset_cause=None):
         self._pile = PileView(ctl)
         self._ota = ota  # ota.Updater (docs/ota.md), or None
-        self._commands = commands.Commands(ctl, ota)
+        self._commands = None  # remote commands: only with a verifier, else never loaded
+        if verifier is not None:
+            import commands
+
+            self._commands = commands.Commands(ctl, ota)
         self._log = log
         self._outbox = log.outbox
         self._report = report
@@ -465,6 +467,9 @@ class MqttLink:
     # -- commands (docs/commands.md) -------------------------------------------------------------
 
     def _command(self, now_ms, raw):
+        import command_auth  # loaded by now: the verifier is its (wiring.build_verifier)
+        import commands
+
         try:
             cmd = self._verifier.verify(raw)
         except command_auth.CommandError as e:  # str(e): fixed texts, never the payload or key

@@ -8,10 +8,17 @@ import sys
 import time
 
 import machine
+from micropython import const
 
 import console
 import files
 from version import VERSION
+
+
+# The link's largest allocations, its out- and in-buffer (mqtt_conn.py's _OUT_SIZE + _IN_SIZE,
+# 3 KiB) with room for what is made beside them: held from the settings on (_reserve_link_room).
+_LINK_ROOM_B = const(4096)
+_link_room = None
 
 
 class Unavailable(Exception):
@@ -33,7 +40,19 @@ def load_settings():
     finally:
         del sys.modules["config"]
         gc.collect()
+    if conf.mqtt is not None:
+        _reserve_link_room(True)
     return board, conf, None
+
+
+def _reserve_link_room(hold):
+    """The link's buffers are made after every control module is loaded, when the heap is cut
+    into holes smaller than they are. Held here while the heap is still whole (where config.py
+    was), and let go just before the link is built: they find a block (issue 12)."""
+    global _link_room
+    _link_room = bytearray(_LINK_ROOM_B) if hold else None
+    if not hold:
+        gc.collect()
 
 
 def build(board, conf):
@@ -46,6 +65,7 @@ def build(board, conf):
     import session_record
     import session_store
 
+    gc.collect()  # each group's import garbage, before the next: its holes are filled, not left
     report = console.report  # looked up now: the virtual board and the bench replace it
     Pin = machine.Pin
     pins = board.pins
@@ -102,6 +122,7 @@ def build_session_log(conf):
     import session_log
     import session_store
 
+    gc.collect()
     # The boot counter goes up and is written back before any session can start: a power cut
     # can skip a number, never repeat one (session ids stay unique, docs/telemetry.md).
     counter = session_store.CounterStore(files.BOOT_COUNT_FILE)
@@ -136,15 +157,18 @@ def build_link(board, conf, ctl):
     if ctl.records.log is None:
         console.report(now, "mqtt", "no pile_id in config.json: no MQTT link")
         return None
+    gc.collect()  # as in build(): on a heap of .mpy bytecode these collections save ~10 KiB
     import link_heal
     import mqtt_link
 
+    gc.collect()
     tls = None if mconf.tls_ca is None else build_tls(mconf.tls_ca, mqtt_link)
     updater = None
     if conf.ota is not None:  # over-the-air updates (docs/ota.md)
         import ota
 
         updater = ota.build(conf.ota, board.name, VERSION, machine.reset)
+    _reserve_link_room(False)
     return mqtt_link.MqttLink(mconf, ctl, ctl.records.log, console.report, build_verifier(mconf),
                               fw=VERSION, board=board.name, reset=machine.reset, boot_ms=console.boot_ms,
                               tls=tls, ota=updater, heal_store=link_heal.HealStore(files.HEAL_FILE),

@@ -133,3 +133,51 @@ def test_the_flash_file_names_are_spelled_in_files_py_only():
         if found:
             spelled[name] = sorted(found)
     assert spelled == {}
+
+
+# -- the heap: what a pile may not need is imported where it is used (issue 12 item 3) -----------
+
+# Loaded as .mpy, every imported module's bytecode stays on the heap. These are needed only with
+# a config section, a secret, a meter type, a release or a technician: none of the other modules
+# imports them when it is imported itself (a function may, when it needs one). `make bench
+# WHAT=heap32` prints their share.
+OPTIONAL = {"config", "ota", "diag", "command_auth", "commands", "sntp", "wifi", "modbus_meter",
+            "dlt645", "s0_meter", "release_boot"}
+
+
+def import_time_imports(path):
+    """Top-level names `path` imports when it is imported: not inside a function, nor under
+    `if __name__ == "__main__"` (the board's main.py run, not an import)."""
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    found = set()
+    todo = list(tree.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        if (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
+                and getattr(node.test.left, "id", None) == "__name__"):
+            todo.extend(node.orelse)
+            continue
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+        todo.extend(ast.iter_child_nodes(node))
+    return found
+
+
+def test_the_import_time_checker_skips_functions_and_the_main_run(tmp_path):
+    (tmp_path / "m.py").write_text(
+        "import a\nclass C:\n    import b\ndef f():\n    import c\n"
+        "if __name__ == '__main__':\n    import d\nelse:\n    import e\n")
+    assert import_time_imports(str(tmp_path / "m.py")) == {"a", "b", "e"}
+
+
+def test_optional_modules_are_imported_where_they_are_used():
+    graph = module_graph(FIRMWARE)
+    assert OPTIONAL <= set(graph)
+    eager = {name: sorted(import_time_imports(os.path.join(FIRMWARE, name + ".py")) & OPTIONAL)
+             for name in graph if name not in OPTIONAL and name != "boot"}
+    assert {name: mods for name, mods in eager.items() if mods} == {}

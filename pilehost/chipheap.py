@@ -8,10 +8,19 @@ Per configuration: the smallest whole heap (-X heapsize) with which the normal s
 completes, bisected, minus the simulator's own live heap measured in the same run (net of the
 simulator); then a run at the target (issue 12: 56 KiB frozen, 96 KiB as .mpy, with the MQTT
 link) plus the simulator's share: does the session complete, and the largest free block after
-it (sim/rom.py largest_free_block) against the link's biggest allocation."""
-import os
+it (sim/rom.py largest_free_block) against the link's biggest allocation.
 
-from . import chipbuild, unix_port
+Before those, where the heap goes: each firmware module imported on the 32-bit binary as .mpy
+(sim/heap_probe.py), its own live bytes (bytecode, qstrs, module-level objects) with what it
+imports loaded first, the garbage its import leaves and its transient peak, the modules a full
+session with the link has loaded marked (sim/rom.py's result). A module's figure is within
+~2 KiB: the first import in a process also grows the qstr pool and sys.modules."""
+import json
+import os
+import subprocess
+import tempfile
+
+from . import ROOT, chipbuild, unix_port
 
 TARGET_FROZEN_KIB = 56
 TARGET_MPY_KIB = 96
@@ -109,8 +118,17 @@ def bench(pool, broker, out=print):
             future = pool.submit(measure, label, program, path, target, port, step)
             jobs.append((label, link_label(port), future))
 
+    unix32 = unix_port.unix32_binary()
+    if unix32:
+        modules = pool.submit(session_modules, broker.port, unix32)
+        breakdown = pool.submit(module_breakdown, unix32)
+
     def report():
         lines = []
+        if unix32:
+            for line in breakdown_lines(breakdown.result(), modules.result()):
+                out(line)
+                lines.append(line)
         for label, link, future in jobs:
             line = report_line(label, link, future.result())
             out(line)
@@ -119,3 +137,69 @@ def bench(pool, broker, out=print):
         with open(os.path.join(chipbuild.CHIP_DIR, "heap32.txt"), "w") as f:
             f.write("\n".join(lines) + "\n")
     return report
+
+
+# The breakdown: each module imported on the 32-bit binary (sim/heap_probe.py), first alone to
+# learn what it brings in, then with those dependencies loaded first: its own live bytes.
+_LIB_MODULES = ("logging", "umqtt.simple")
+
+
+def firmware_modules():
+    names = sorted(n[:-3] for n in os.listdir(os.path.join(ROOT, "firmware"))
+                   if n.endswith(".py") and n not in ("boot.py", "main.py"))
+    return names + list(_LIB_MODULES)
+
+
+def _probe(program, path, module, deps=()):
+    env = dict(os.environ, MICROPYPATH=path)
+    with tempfile.TemporaryDirectory(prefix="heap-probe-") as cwd:
+        r = subprocess.run([program, "-X", "heapsize=400k", "-m", "heap_probe", module, ",".join(deps)],
+                           cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+    for line in r.stdout.splitlines():
+        if line.startswith(_PROBE_PREFIX):
+            return json.loads(line[len(_PROBE_PREFIX):])
+    raise RuntimeError("heap probe of %s failed:\n%s%s" % (module, r.stdout[-2000:], r.stderr[-2000:]))
+
+
+_PROBE_PREFIX = "HEAP-PROBE "
+
+
+def module_breakdown(program=None, path=None):
+    """{module: {'own', 'with_deps', 'garbage', 'peak', 'loaded'}} on the 32-bit binary, .mpy."""
+    program = program or unix_port.unix32_binary()
+    path = path or unix_port.micropypath()
+    out = {}
+    for name in firmware_modules():
+        alone = _probe(program, path, name)
+        deps = [m for m in alone["loaded"] if m != name and m != name.split(".")[0]]
+        own = _probe(program, path, name, deps) if deps else alone
+        out[name] = {"own": own["live"], "with_deps": alone["live"], "garbage": own["garbage"],
+                     "peak": own["peak"], "loaded": alone["loaded"]}
+    return out
+
+
+def session_modules(mqtt_port, program=None):
+    """The firmware modules a full normal session has loaded at its end (sim/rom.py's result)."""
+    program = program or unix_port.unix32_binary()
+    r = unix_port.run_scenario("normal", config=_config(mqtt_port, "h32-modules"), heapsize="400k",
+                               exact_heap=True, program=program)
+    if not _ok(r):
+        raise RuntimeError("the normal session failed:\n" + "\n".join(r.lines[-20:]))
+    return r.result["modules"]
+
+
+def breakdown_lines(breakdown, loaded):
+    """The table: one line per module, the session's modules first, largest first."""
+    rows = sorted(breakdown.items(), key=lambda kv: (kv[0] not in loaded, -kv[1]["own"]))
+    lines = ["heap32 breakdown (32-bit binary, .mpy): a module's own live bytes after its import "
+             "(bytecode, qstrs, module objects), the garbage and transient peak of that import; "
+             "* = loaded in a full session with the MQTT link"]
+    total = 0
+    for name, b in rows:
+        mark = "*" if name in loaded else " "
+        if name in loaded:
+            total += b["own"]
+        lines.append("  %s %-15s own %6d B   garbage %5d B   peak %s B" % (
+            mark, name, b["own"], b["garbage"], "-" if b["peak"] is None else "%6d" % b["peak"]))
+    lines.append("  the session's modules together: %d B (%.1f KiB)" % (total, total / 1024.0))
+    return lines

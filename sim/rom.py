@@ -83,6 +83,7 @@ def start(hooks=None):
         except world.SimEnd:
             break
     result = sim.result()
+    result["modules"] = sorted(m for m in sys.modules if m not in preloaded)  # the last boot's
     if hooks is not None:
         hooks.ended(sim)
     gc.collect()
