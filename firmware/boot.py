@@ -12,10 +12,12 @@ try:
     _pins = _board["pins"]
     _levels = _board.get("levels", {})
 
-    def _keep_safe():
-        machine.Pin(_pins["contactor"], machine.Pin.OUT, value=1 - _levels.get("contactor_on", 1))
-        machine.Pin(_pins["pilot_pwm"], machine.Pin.OUT,
-                    value=0 if _levels.get("pilot_pwm_inverted", False) else 1)
+    # The pins and levels bound now (default arguments): board.json's dicts are dropped below,
+    # and release_boot.recover() calls this again later.
+    def _keep_safe(c=_pins["contactor"], c_off=1 - _levels.get("contactor_on", 1),
+                   p=_pins["pilot_pwm"], p_plus=0 if _levels.get("pilot_pwm_inverted", False) else 1):
+        machine.Pin(c, machine.Pin.OUT, value=c_off)
+        machine.Pin(p, machine.Pin.OUT, value=p_plus)
 
     _keep_safe()
 except Exception as e:  # noqa: BLE001 - nothing more can be done before main.py reports it
