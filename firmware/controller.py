@@ -99,12 +99,10 @@ class Controller:
             self.raw = pilot.F
             self.debouncer.reset(pilot.F)
         else:
-            self.sampler.sample()
-            self.raw = pilot.classify(self.sampler.plus_mv, self.standard)
-            old = self.debouncer.state
-            if self.debouncer.update(self.raw, now_ms):
-                self._emit(now_ms, "pilot", old + " -> " + self.debouncer.state)
+            self._read_pilot(now_ms)
         stable = self.debouncer.state
+        if self.contactor.closed and stable != pilot.C and stable != pilot.D:
+            self._open(now_ms)  # the guard's rule, first: `_apply` would open it too, later
 
         if self.rcd.poll(now_ms):
             self._open(now_ms)  # a trip opens at once, before anything else is decided
@@ -141,6 +139,31 @@ class Controller:
             problem = charger.save_settings()
             if problem is not None:
                 self._emit(now_ms, "storage", "latched faults " + problem)
+
+    def guard(self, now_ms):
+        """The safety half of a tick, between slices of slow work while the contactor is closed
+        (main.py, the link, the records step): a pilot burst through the same debouncer, the
+        RCD. It only ever opens: power goes on in the tick alone (`_apply`). Contactor open:
+        nothing to guard, nothing read (no cost)."""
+        if not self.contactor.closed:
+            return
+        if self.output.mode != pilot.MODE_F:
+            stable = self._read_pilot(now_ms)
+            if stable != pilot.C and stable != pilot.D:
+                self._open(now_ms)  # the car stopped drawing (or E, X): the tick does the rest
+        if self.rcd.poll(now_ms):
+            self._open(now_ms)
+            self._emit(now_ms, "rcd", "trip %d of %d" % (self.rcd.trips, self.rcd.max_trips))
+
+    def _read_pilot(self, now_ms):
+        """One burst -> raw state -> the debouncer; the stable state."""
+        self.sampler.sample()
+        raw = self.raw = pilot.classify(self.sampler.plus_mv, self.standard)
+        debouncer = self.debouncer
+        old = debouncer.state
+        if debouncer.update(raw, now_ms):
+            self._emit(now_ms, "pilot", old + " -> " + debouncer.state)
+        return debouncer.state
 
     def _check_contactor(self, now_ms):
         problem = self.contactor.check(now_ms)
