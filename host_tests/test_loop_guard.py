@@ -152,3 +152,27 @@ def test_the_extra_reads_leave_the_diode_and_minus_phase_checks_alone(monkeypatc
             guard(vb, 1500)
     assert vb.world.coil and vb.ctl.charger.faults == 0
     assert vb.ctl._no_minus_bursts == 0 and vb.ctl._bad_diode_bursts == 0
+
+
+def test_a_stalled_guard_burst_is_not_judged_the_next_one_is(monkeypatch):
+    """A burst stalled inside (a single sample, maybe from the minus phase: X) says nothing of the
+    state: the guard leaves the debouncer alone; the next, whole, burst opens on C->B."""
+    import controller
+
+    vb = charging(monkeypatch)
+    vb.tick()
+    vb.world.do("stop_request")
+    sampler = vb.ctl.sampler
+    orig = sampler.sample
+    before = (vb.ctl.debouncer.state, vb.ctl.debouncer._candidate, vb.ctl.debouncer._since)
+
+    def stalled():
+        orig()
+        vb.clock.t += controller.GUARD_BURST_MAX_US + 1000
+    monkeypatch.setattr(sampler, "sample", stalled)
+    guard(vb, 25000)
+    assert vb.world.coil  # not judged: still closed, the debouncer as it was
+    assert (vb.ctl.debouncer.state, vb.ctl.debouncer._candidate, vb.ctl.debouncer._since) == before
+    monkeypatch.setattr(sampler, "sample", orig)
+    guard(vb, 0)
+    assert not vb.world.coil
