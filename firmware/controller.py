@@ -34,6 +34,10 @@ MINUS_PHASE_MAX_DUTY = const(58981)  # 90 % of 65535
 # take 10-15 ms, inside DEBOUNCE_POWER_OFF_MS: a frozen ADC hiding a C->B is caught as fast as a
 # real C->B (at the longest period, 20 ms, 60 ms: still inside Table A.6's 100 ms).
 NO_MINUS_BURSTS = const(3)
+# A guard's burst that took longer than this was stalled inside (an interrupt storm; a busy host):
+# it may hold a single sample, from the minus phase, and say nothing of the state. Not judged:
+# the next read (a guard's or the tick's) comes right after it.
+GUARD_BURST_MAX_US = 2 * pilot.BURST_US
 # While plugged, PP (CC) is read again this often: a lower rating goes out at once.
 PP_REREAD_MS = const(100)
 # A higher rating read while plugged is taken back only once read steadily this long: a flicker
@@ -99,12 +103,10 @@ class Controller:
             self.raw = pilot.F
             self.debouncer.reset(pilot.F)
         else:
-            self.sampler.sample()
-            self.raw = pilot.classify(self.sampler.plus_mv, self.standard)
-            old = self.debouncer.state
-            if self.debouncer.update(self.raw, now_ms):
-                self._emit(now_ms, "pilot", old + " -> " + self.debouncer.state)
+            self._read_pilot(now_ms)
         stable = self.debouncer.state
+        if self.contactor.closed and stable != pilot.C and stable != pilot.D:
+            self._open(now_ms)  # the guard's rule, first: `_apply` would open it too, later
 
         if self.rcd.poll(now_ms):
             self._open(now_ms)  # a trip opens at once, before anything else is decided
@@ -141,6 +143,37 @@ class Controller:
             problem = charger.save_settings()
             if problem is not None:
                 self._emit(now_ms, "storage", "latched faults " + problem)
+
+    def guard(self, now_ms):
+        """The safety half of a tick, between slices of slow work while the contactor is closed
+        (main.py, the link, the records step): a pilot burst through the same debouncer, the
+        RCD. It only ever opens: power goes on in the tick alone (`_apply`). Contactor open:
+        nothing to guard, nothing read (no cost)."""
+        if not self.contactor.closed:
+            return
+        if self.output.mode != pilot.MODE_F:
+            start = time.ticks_us()
+            self.sampler.sample()
+            if time.ticks_diff(time.ticks_us(), start) <= GUARD_BURST_MAX_US:
+                stable = self._judge(now_ms)
+                if stable != pilot.C and stable != pilot.D:
+                    self._open(now_ms)  # the car stopped drawing (or E, X): the tick does the rest
+        if self.rcd.poll(now_ms):
+            self._open(now_ms)
+            self._emit(now_ms, "rcd", "trip %d of %d" % (self.rcd.trips, self.rcd.max_trips))
+
+    def _read_pilot(self, now_ms):
+        """One burst -> raw state -> the debouncer; the stable state."""
+        self.sampler.sample()
+        return self._judge(now_ms)
+
+    def _judge(self, now_ms):
+        raw = self.raw = pilot.classify(self.sampler.plus_mv, self.standard)
+        debouncer = self.debouncer
+        old = debouncer.state
+        if debouncer.update(raw, now_ms):
+            self._emit(now_ms, "pilot", old + " -> " + debouncer.state)
+        return debouncer.state
 
     def _check_contactor(self, now_ms):
         problem = self.contactor.check(now_ms)

@@ -4,6 +4,7 @@ pilot to F and stops feeding the watchdog, which resets the board. Ctrl-C hands 
 diag.py's service mode.
 """
 import console  # first: its import is the console's time 0
+import gc
 import sys
 import time
 
@@ -13,6 +14,22 @@ from version import VERSION
 # Without a running watchdog (an error before it started), reboot after this long in the safe state.
 _FAILSAFE_REBOOT_MS = 5000
 _HOLD_POLL_MS = 100
+# Collections at the loop's quiet moment, right after the tick, then a pilot read (issue 12,
+# docs/architecture.md): often enough that the heap never fills up, so the automatic collection
+# (on exhaustion only: gc.threshold stays off) does not land inside slow work. By time, not by
+# gc.mem_free(): that scans the whole heap (~5 ms on an ESP32 with 110 KiB).
+_GC_PERIOD_MS = 250
+_gc_at = [None]
+
+
+def collect(now_ms):
+    """gc.collect() once every _GC_PERIOD_MS; True if it ran."""
+    last = _gc_at[0]
+    if last is not None and time.ticks_diff(now_ms, last) < _GC_PERIOD_MS:
+        return False
+    gc.collect()
+    _gc_at[0] = now_ms
+    return True
 
 
 def hold_unavailable(board, reason):
@@ -68,8 +85,12 @@ def run():
         period = conf.control_period_ms
         while True:
             start = time.ticks_ms()
+            was_closed = ctl.contactor.closed
             ctl.tick(start)
-            ctl.records.poll(start)  # the records step: after the tick's power-off decision
+            guard = ctl.guard  # between slices of slow work while closed (docs/architecture.md)
+            if collect(start) or ctl.contactor.closed and not was_closed:
+                guard(time.ticks_ms())  # a collection, or a close, was this iteration's slice
+            ctl.records.poll(start, guard)  # the records step: after the tick's power-off decision
             if station is not None:
                 station.poll(start)
             if clock is not None:

@@ -95,6 +95,10 @@ class PileView:
     def safe_off(self):
         self._ctl.safe_off()
 
+    def guard(self):
+        """The controller's safety check between slices of the link's work (main.py)."""
+        self._ctl.guard(time.ticks_ms())
+
 
 class MqttLink:
     """conf: config.json's mqtt section; ctl: the Controller (read through PileView, acted on
@@ -144,6 +148,7 @@ class MqttLink:
         self._uptime_ms = 0
         self._todo_online = self._todo_status = self._todo_subscribe = False
         self._acks = []
+        self._cmd_in = None  # a command received in this step, verified after it (poll)
         self._inflight = None  # (packet id, outbox seq)
         self._pending = None  # the outbox's pending() iterator
         self._drained_at = None  # outbox.next_seq when the iterator ran dry
@@ -201,8 +206,16 @@ class MqttLink:
             return
         try:
             conn.step(now_ms)
+            lost = None
         except OSError as e:  # its text says why
-            self._drop(now_ms, str(e))
+            lost = str(e)
+        raw = self._cmd_in
+        if raw is not None:  # receiving it was a slice; verifying it is the next (_command)
+            self._cmd_in = None
+            self._pile.guard()
+            self._command(now_ms, raw)
+        if lost is not None:
+            self._drop(now_ms, lost)
             return
         state = conn.state
         if state == WRAP:
@@ -327,11 +340,11 @@ class MqttLink:
             self._emit(now_ms, "broker refused the command subscription")
 
     def conn_may_take(self):
-        return len(self._acks) < _MAX_ACKS
+        return len(self._acks) < _MAX_ACKS and self._cmd_in is None
 
     def conn_publish(self, now_ms, topic, msg):
         if topic == self._topics.cmd:
-            self._command(now_ms, msg)
+            self._cmd_in = msg  # run by poll() once the step is over, after a pilot read
         elif self._ota is not None:
             self._ota.message(now_ms, topic, msg)  # a release chunk (docs/ota.md)
 
@@ -385,6 +398,7 @@ class MqttLink:
             s = pile.session()
             reading = pile.reading()
             if s is not None and reading is not None and pile.state() in telemetry.RUNNING:
+                pile.guard()  # building a message is a slice of its own
                 conn.publish(t.meter, telemetry.meter(
                     self._wall(), s.id, s.energy_wh, reading, pile.meter_age_ms(now_ms),
                     pile.fresh_reading(now_ms) is not None), qos=0)
@@ -423,6 +437,7 @@ class MqttLink:
 
     def _publish_status(self, now_ms):
         p = self._pile
+        p.guard()  # building a message is a slice of its own
         state = self._s_state = p.state()
         pilot = self._s_pilot = p.pilot()
         faults = self._s_faults = p.faults()
@@ -443,6 +458,7 @@ class MqttLink:
     def _publish_health(self, now_ms):
         """docs/telemetry.md `health`: built only when it is due."""
         self._health_at = now_ms
+        self._pile.guard()
         h = self._heal
         free, largest = link_heal.heap()
         depth, age = self._ob_age.figures(now_ms)
@@ -480,7 +496,9 @@ class MqttLink:
         except MemoryError:  # a fragmented heap: refuse this one (nothing changed), keep running
             self._emit(now_ms, "command refused: out of memory")
             return
+        self._pile.guard()  # the verification (HMAC, counter write) was a slice of its own
         result, reason, then = self._commands.apply(now_ms, cmd)
+        self._pile.guard()
         if then == commands.THEN_STATUS:
             self._todo_status = True
         elif then == commands.THEN_STATUS_DUE:
@@ -492,6 +510,7 @@ class MqttLink:
         self._emit(now_ms, "command %s %s: %s%s" % (cmd.cmd, cmd.id, result,
                                                     "" if reason is None else ", " + reason))
         self._ack(now_ms, cmd.id, cmd.cmd, result, reason)
+        self._pile.guard()  # then the link's work (a status it asked for) is a slice of its own
 
     def _ack(self, now_ms, cmd_id, cmd, result, reason):
         self._acks.append(telemetry.cmd_ack(self._wall(), cmd_id, cmd, result, reason))

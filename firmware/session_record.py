@@ -155,9 +155,11 @@ class Records:
             return last
         return None
 
-    def poll(self, now_ms):
+    def poll(self, now_ms, guard=None):
         """One step, with the `now_ms` of this iteration's tick: a contactor switch seen here
-        happened in that tick, at that time."""
+        happened in that tick, at that time. guard: Controller.guard, run between the meter's
+        step and the journal's (main.py: no more than one slice of slow work between two pilot
+        reads while the contactor is closed)."""
         closed = self.contactor.closed
         if closed != self._closed:
             self._closed = closed
@@ -198,6 +200,8 @@ class Records:
                 self.charger.stop_session(now_ms, "meter_failure")
         log = self.log
         if log is not None:
+            if guard is not None and meter is not None:
+                guard(time.ticks_ms())
             log.poll(now_ms, record, None if meter is None else meter.reading)
             if log.failed is not None:
                 self._records_failed(now_ms)

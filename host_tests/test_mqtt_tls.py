@@ -414,7 +414,8 @@ class Rig:
         charger = Record(state="idle", pilot="A", faults=0, offer_ma=0, session=None, remote_limit_ma=None,
                          limit_source=None)
         ctl = Record(contactor=self.contactor, charger=charger, output=Record(pwm_on=False),
-                     records=Record(meter=None, record=None, log=None, current=lambda: None))
+                     records=Record(meter=None, record=None, log=None, current=lambda: None),
+                     guard=lambda now_ms: None)
         self.outbox = Outbox(payloads)
         log = Record(pile_id="pile-7", boot=3, outbox=self.outbox)
         conf = Record(host="10.0.0.5", port=8883, tls_server_name=None, username=None, password=None,

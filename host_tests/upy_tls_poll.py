@@ -38,7 +38,7 @@ def main():
                       limit_source=None)
     records = Section(meter=None, record=None, log=None, current=lambda: None)
     ctl = Section(contactor=Section(closed=False), charger=charger, output=Section(pwm_on=False),
-                  records=records)
+                  records=records, guard=lambda now_ms: None)
     log = Section(pile_id="tls-poll-1", boot=1, outbox=Outbox())
     lines = []
     link = mqtt_link.MqttLink(conf, ctl, log, lambda now, what, text: lines.append(text),

@@ -133,7 +133,8 @@ def charging_ctl(**extra):
     charger = Stub(state="charging", pilot="C", faults=0, offer_ma=16000, session=None,
                    remote_limit_ma=None, limit_source=None)
     records = Stub(meter=None, record=None, log=None, current=lambda: None)
-    ctl = Stub(contactor=contactor, charger=charger, output=Stub(pwm_on=True), records=records, **extra)
+    ctl = Stub(contactor=contactor, charger=charger, output=Stub(pwm_on=True), records=records,
+               guard=lambda now_ms: None, **extra)
     return ctl, contactor
 
 

@@ -36,6 +36,7 @@ sys.modules["socket"] = chip_net
 sys.modules["select"] = chip_net
 import machine  # noqa: E402
 import pilot  # noqa: E402
+import relay  # noqa: E402
 
 ADC_READ_US = 35  # one ESP32 ADC read from Python (firmware/pilot.py, evse-facts section 6)
 
@@ -48,6 +49,8 @@ def _clear():
     _stats["meter_rx"] = 0
     _stats["flash"] = []  # [path, mode, bytes written, size before]
     _stats["meta"] = []  # ["rename"|"remove", path]
+    _stats["collects"] = 0  # the firmware's gc.collect() calls
+    _stats["scans"] = 0  # its gc.mem_free() calls
     if chip_net.BROKER is not None:
         chip_net.BROKER.events = []
 
@@ -55,11 +58,13 @@ def _clear():
 def _emit(kind, extra):
     w = world.WORLD
     broker = chip_net.BROKER
-    if (not extra and _stats["bursts"] == 1 and not _stats["meter_rx"] and not _stats["flash"]
-            and not _stats["meta"] and not (broker and broker.events)):
-        # a plain iteration: one short line, built without allocating (the simulator's garbage
+    if (not extra and _stats["bursts"] <= 1 and not _stats["meter_rx"] and not _stats["flash"]
+            and not _stats["meta"] and not _stats["collects"] and not _stats["scans"]
+            and not (broker and broker.events)):
+        # a plain interval: one short line, built without allocating (the simulator's garbage
         # would make the heap collect more often than the firmware's own does)
-        print("CHIP", kind, w.now // 1000, 1 if w.coil else 0, w._car_letter, gc.mem_alloc())
+        print("CHIP", kind, w.now // 1000, 1 if w.coil else 0, w._car_letter, gc.mem_alloc(),
+              _stats["bursts"])
         _stats["bursts"] = 0
         return
     line = {"kind": kind, "t": w.now // 1000 if w is not None else 0}
@@ -128,20 +133,60 @@ _sample = pilot.PilotSampler.sample
 
 
 def _burst(self):
-    _stats["bursts"] += 1
+    _stats["bursts"] = 1  # the burst belongs to the interval it opens
     _sample(self)
 
 
-pilot.PilotSampler.sample = _excluded(_burst)
+_burst_x = _excluded(_burst)
+
+
+def _cut_and_burst(self):
+    # A cut at every pilot read (the tick's and Controller.guard's): the interval it closes is
+    # the chip time since the previous read, or since the previous cut (the model sums them).
+    # Never inside chipmark.hw: callgrind counts again after a dump made there.
+    hw(_emit, "burst", {})
+    chipmark.mark()
+    _burst_x(self)
+
+
+pilot.PilotSampler.sample = _cut_and_burst
+
+_contactor_open = relay.Contactor.open
+
+
+_contactor_open_x = _excluded(_contactor_open)
+
+
+def _open_cut(self):
+    """A cut when the contactor opens: the chip time from the deciding read to the coil."""
+    was = self.closed
+    _contactor_open_x(self)
+    if was:
+        hw(_emit, "open", {})
+        chipmark.mark()
+
+
+relay.Contactor.open = _open_cut
 
 _feed = machine.WDT.feed
 _first_feed = [False]
+
+
+# Every this many iterations, an uncounted collection: the simulator's garbage (on 32 bits its
+# ADC noise ints are heap objects) would otherwise fill the run's heap, and an automatic
+# collection of it could start inside the firmware's counted code. The firmware's own
+# collections are modelled at the chip's heap (_Gc, pilehost/chipmodel.py).
+_COLLECT_EVERY = 8
+_feeds = [0]
 
 
 def _feed_counted(self):
     _feed(self)
     _emit("boot" if _first_feed[0] else "loop", {})
     _first_feed[0] = False
+    _feeds[0] += 1
+    if _feeds[0] % _COLLECT_EVERY == 0:
+        gc.collect()
 
 
 def _feed_and_cut(self):
@@ -244,6 +289,31 @@ _Os.remove = staticmethod(_excluded(_remove))
 sys.modules["os"] = _Os()
 
 
+# -- gc: the firmware's collections and heap scans, modelled at the chip's heap -------------------
+
+class _Gc:
+    """`gc` for the firmware: gc.collect() and gc.mem_free() run uncounted and are counted as
+    events instead (the model adds a collection, or a scan, of the chip's heap: this run's heap
+    holds the simulator too, and is larger)."""
+
+    def __getattr__(self, name):
+        return getattr(gc, name)
+
+
+def _collect():
+    _stats["collects"] += 1
+    gc.collect()
+
+
+def _mem_free():
+    _stats["scans"] += 1
+    return gc.mem_free()
+
+
+_Gc.collect = staticmethod(_excluded(_collect))
+_Gc.mem_free = staticmethod(_excluded(_mem_free))
+
+
 # -- the run -------------------------------------------------------------------------------------
 
 class _Hooks:
@@ -255,6 +325,7 @@ class _Hooks:
             cut("gc", live=gc.mem_alloc(), free=gc.mem_free(), who="simulator")
         else:
             cut("reset")
+        sys.modules["gc"] = _Gc()  # for the firmware's imports (rom.py keeps the real one)
         _first_feed[0] = True
 
     def ended(self, sim):
