@@ -269,9 +269,9 @@ class Controller:
             self._emit(now_ms, "contactor", "closed")
 
     def _cable_holds(self, now_ms):
-        """The last check before a close: PP read now, not PP_REREAD_MS ago. PP open (or in no
-        band) with the pilot at C is a plug coming out: PP breaks first, by design."""
-        if self.proximity is not None:
+        """The last check before a close: PP read in this tick, not PP_REREAD_MS ago. PP open (or
+        in no band) with the pilot at C is a plug coming out: PP breaks first, by design."""
+        if self.proximity is not None and self._pp_read_ms != now_ms:
             self._read_cable(now_ms, lower_only=True)
         return self.output.duty <= self._safe_duty()
 
