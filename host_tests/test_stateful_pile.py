@@ -10,6 +10,9 @@ the firmware read, never from the firmware's own bookkeeping:
 - the coil is off within 20 ms + one control period of the last burst that read C or D;
 - the coil never goes on without a diode seen on the last burst that had a minus phase, a
   passed RCD self-test since the plug-in, the PWM on and an offer within the cable's rating;
+  never while the cable's rating (what PP presents as it closes) is 0 or unknown;
+- the coil stays on no longer than one PP re-read (100 ms) after the cable's rating fell to 0,
+  and the offered duty never exceeds the cable's rating for longer than that, coil on or off;
 - with the PWM on at a duty that leaves a minus phase, a run of bursts without one (a stuck ADC)
   opens the coil;
 - a residual-current leak present with the coil on is cut within 100 ms plus one period
@@ -36,6 +39,7 @@ from pilehost.virtual_board import VirtualBoard
 import charger as ch
 import pilot
 import meters
+import wiring
 
 EXAMPLES = int(os.environ.get("PILE_FUZZ_EXAMPLES", "25"))
 STEPS = int(os.environ.get("PILE_FUZZ_STEPS", "40"))
@@ -188,6 +192,7 @@ class PileMachine(RuleBasedStateMachine):
         self.flash_fault_until = None
         self.stall_next_us = 0
         self.cable_changed_us = 0
+        self.rating_a = 0  # what PP presents (0: no car, no cable, or no valid coding)
         self.delivered_at_start = {}  # session id -> world energy when its started record went out
         self.records = []  # (kind, record, world energy at the append)
         self._wrap_outbox()
@@ -340,8 +345,15 @@ class PileMachine(RuleBasedStateMachine):
         else:
             self.leak_since_us = None
 
+        rating = self._rating()
+        if rating != self.rating_a:
+            self.rating_a = rating
+            self.cable_changed_us = now
         coil = w.coil
         t_ms = now // 1000
+        if w.pwm_present():
+            assert offered_a(w.pwm_duty) <= rating + 0.5 or self._cable_changed_recently(), \
+                "offering %.1f A through a %d A cable (t=%d ms)" % (offered_a(w.pwm_duty), rating, t_ms)
         if coil and self.unplugged_us is not None:
             gone_ms = (now - self.unplugged_us) // 1000
             assert gone_ms <= UNPLUG_TO_OFF_MS, "coil on %d ms after the car was unplugged (t=%d ms)" % (
@@ -355,21 +367,24 @@ class PileMachine(RuleBasedStateMachine):
             if self.leak_since_us is not None:
                 leak_ms = (now - self.leak_since_us) // 1000
                 assert leak_ms <= LEAK_TO_OFF_MS, "coil on %d ms into a leak (t=%d ms)" % (leak_ms, t_ms)
-            if w.pwm_present():
-                rating = CABLES.get(w.car.cable_ohm, 0)
-                assert offered_a(w.pwm_duty) <= rating + 0.5 or self._cable_changed_recently(), \
-                    "offer %.1f A through a %d A cable (t=%d ms)" % (offered_a(w.pwm_duty), rating, t_ms)
+            assert rating > 0 or self._cable_changed_recently(), \
+                "coil on through a cable of no rating (t=%d ms)" % t_ms
         if coil and not was_closed:  # it closed in this tick
             assert w.car.plugged and w.pwm_present(), "closed without PWM (t=%d ms)" % t_ms
             assert self.last_minus_ok is True and w.car.diode, "closed without a diode (t=%d ms)" % t_ms
             assert self.rcd_test_ok, "closed without a passed RCD self-test (t=%d ms)" % t_ms
-            rating = CABLES.get(w.car.cable_ohm, 0)
+            assert rating > 0, "closed while the cable's rating is 0 or unknown (t=%d ms)" % t_ms
             assert offered_a(w.pwm_duty) <= rating + 0.5, \
                 "closed offering %.1f A through a %d A cable (t=%d ms)" % (
                     offered_a(w.pwm_duty), rating, t_ms)
         latched = self.ctl.charger.faults & ch.LATCHED_FAULTS
         assert latched & self.latched == self.latched, "a latched fault went without a clear"
         self.latched = latched
+
+    def _rating(self):
+        """The cable's rating in A as PP presents it now: none without a car."""
+        w = self.world
+        return CABLES.get(w.car.cable_ohm, 0) if w.car.plugged else 0
 
     def _cable_changed_recently(self):
         return self.world.now - self.cable_changed_us <= PP_TO_OFFER_MS * 1000
@@ -618,7 +633,14 @@ class PileMachine(RuleBasedStateMachine):
             with open(SETTINGS, "wb") as f:
                 f.write(data)
             garbled = True
-        self.ctl = self.vb.reboot()
+        try:
+            self.ctl = self.vb.reboot()
+        except wiring.Unavailable:
+            # A flash that takes no write at boot: main.hold_unavailable keeps the pile open
+            # until a technician replaces it; here the flash heals and the pile boots again.
+            assert not self.world.coil, "coil on while the pile boots unavailable"
+            self.flash_fault_until = None
+            self.ctl = self.vb.reboot()
         self.link = self.vb.build_link()
         self._wrap_outbox()
         self.run_ms(PERIOD_MS)
