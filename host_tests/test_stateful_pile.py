@@ -3,9 +3,10 @@
 A hypothesis RuleBasedStateMachine drives the firmware (wiring.build on the simulated hardware,
 virtual clock) with car states, pilot interference, a frozen or saturated ADC, a missing diode,
 RCD leaks and chatter, S2 chatter, cable coding changes, loop stalls, meter faults and extreme
-values, flash write errors and remote commands with hostile arguments. After every control tick
-it checks what IEC 61851-1 / IEC 62955 ask of the pile, judged from what the world did and what
-the firmware read, never from the firmware's own bookkeeping:
+values, flash write errors and remote commands with hostile arguments; on a socket with PP or
+a tethered cable (no PP, its rating in the board). After every control tick it checks what
+IEC 61851-1 / IEC 62955 ask of the pile, judged from what the world did and what the firmware
+read, never from the firmware's own bookkeeping:
 
 - the coil is off within 20 ms + one control period of the last burst that read C or D;
 - the coil never goes on without a diode seen on the last burst that had a minus phase, a
@@ -34,7 +35,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
-from pilehost.virtual_board import VirtualBoard
+from pilehost.virtual_board import VirtualBoard, board_dict
 
 import charger as ch
 import pilot
@@ -163,12 +164,20 @@ class PileMachine(RuleBasedStateMachine):
     def teardown(self):
         self.mp.undo()
 
-    @initialize(standard=st.just("iec"))
-    def boot(self, standard):
+    @initialize(standard=st.just("iec"), tethered_a=st.sampled_from((None, None, 13, 20, 32)))
+    def boot(self, standard, tethered_a):
+        """tethered_a: None, a socket with PP (ref-esp32); else a tethered cable of that rating,
+        no PP input: the cable rules then change nothing the pile can read."""
+        board = board_dict()
+        if tethered_a is not None:
+            board["pins"]["pp_adc"] = None
+            del board["pp_adc"]
+            board["ratings"]["tethered_cable_a"] = tethered_a
+        self.tethered_a = tethered_a
         config = {"free_vend": True, "pile_id": "fuzz-1", "standard": standard,
                   "meter": {"type": "ddsu666", "failure_timeout_s": 5},
                   "mqtt": {"host": "127.0.0.1", "secret": SECRET.hex()}}
-        self.vb = VirtualBoard(self.mp, config=config, period_ms=PERIOD_MS)
+        self.vb = VirtualBoard(self.mp, config=config, board=board, period_ms=PERIOD_MS)
         w = self.vb.world
         w.energy_wh = START_REGISTER_WH
         self.world = w
@@ -182,6 +191,7 @@ class PileMachine(RuleBasedStateMachine):
         self.last_minus_ok = None  # did the last burst with a minus phase read -12 V
         self.no_minus_bursts = 0
         self.rcd_test_ok = False  # since the plug-in: TEST asserted while the module was healthy
+        self.reads_a_since_us = None  # since when every tick's pilot reads were A
         self._rcd_test_was = False
         self.leak_since_us = None
         self.latched = 0
@@ -311,6 +321,11 @@ class PileMachine(RuleBasedStateMachine):
         w = self.world
         now = w.now
         samples = self.dist.samples
+        if samples and band(max(samples)) == "A":
+            if self.reads_a_since_us is None:
+                self.reads_a_since_us = now
+        else:
+            self.reads_a_since_us = None
         if samples:
             plus = max(samples)
             minus = min(samples)
@@ -331,9 +346,13 @@ class PileMachine(RuleBasedStateMachine):
             self.unplugged_us = now
         if not w.car.plugged:
             self.last_minus_ok = None
-            # A new plug-in needs a new self-test, once the pile could see the unplug: state A
-            # for its debounce (pilot.DEBOUNCE_DEFAULT_MS); a shorter gap is no other car.
-            if now - self.unplugged_us > (pilot.DEBOUNCE_DEFAULT_MS + 2 * PERIOD_MS) * 1000:
+            # A new plug-in needs a new self-test, once the pile could see the unplug for the
+            # pilot's debounce (pilot.DEBOUNCE_DEFAULT_MS; a shorter gap is no other car): PP
+            # open (read every 100 ms while plugged, whatever the pilot ADC says), or without PP
+            # (tethered) the pilot read as A. A pilot ADC frozen at B, the PWM off, hides it.
+            seen_us = self.unplugged_us if self.tethered_a is None else self.reads_a_since_us
+            if seen_us is not None and now - max(seen_us, self.unplugged_us) > (
+                    pilot.DEBOUNCE_DEFAULT_MS + 2 * PERIOD_MS) * 1000:
                 self.rcd_test_ok = False
         test_on = w.pins.get(w.pin_rcd_test) == w.rcd_test_level
         if test_on and not self._rcd_test_was:
@@ -382,8 +401,11 @@ class PileMachine(RuleBasedStateMachine):
         self.latched = latched
 
     def _rating(self):
-        """The cable's rating in A as PP presents it now: none without a car."""
+        """The cable's rating in A as PP presents it now (none without a car), or the tethered
+        cable's."""
         w = self.world
+        if self.tethered_a is not None:
+            return self.tethered_a
         return CABLES.get(w.car.cable_ohm, 0) if w.car.plugged else 0
 
     def _cable_changed_recently(self):
@@ -503,6 +525,26 @@ class PileMachine(RuleBasedStateMachine):
         self._prepare(prepare)
         d = self.dist
         d.mode, d.frozen_uv, d.until_us = "frozen", d.uv(level), self.world.now + duration * 1000
+        self.run_ms(ms)
+
+    @rule(level=st.sampled_from((9000, 6000)), plug_after=st.integers(0, 3000),
+          thaw_after=st.integers(0, 3000), cable=st.sampled_from(sorted(CABLES, key=str)),
+          ms=st.integers(5, 3000))
+    def phantom_plug_in(self, level, plug_after, thaw_after, cable, ms):
+        """The pilot ADC frozen at B or C with no car: the pile sees a plug-in nobody made (no PP,
+        so no offer, no PWM to show the freeze). The car that comes later, during the freeze,
+        gets a self-test of its own; its cable's rating is read for it."""
+        w = self.world
+        if w.car.plugged:
+            w.do("unplug")
+            self.run_ms(300)
+        d = self.dist
+        d.mode, d.frozen_uv, d.until_us = "frozen", d.uv(level), w.now + (plug_after + thaw_after) * 1000
+        self.run_ms(plug_after)
+        w.car.cable_ohm = cable
+        w.do("plug")
+        self.run_ms(thaw_after)
+        w.do("request")
         self.run_ms(ms)
 
     @rule(prepare=PREPARE, duration=st.integers(5, 1000), ms=st.integers(0, 300))
