@@ -133,3 +133,19 @@ def test_a_pp_glitch_while_charging_self_tests_again_and_charges(monkeypatch):
     log.run_until(vb.now_ms + 4000)
     assert vb.world.coil and len(log.tests) == tests + 1
     assert pilot.duty_for_current(32000, pilot.IEC) == vb.ctl.output.duty
+
+
+@pytest.mark.parametrize("tethered_a", [None, 0, 5.9, 81, "32", True])
+def test_a_tethered_board_without_a_usable_rating_is_refused(tethered_a):
+    """No PP to read: the rating is the board's, and a pile with none (0, below 6 A, unknown)
+    must never come up: it would close on a cable of no rating."""
+    import config
+    from pilehost.virtual_board import board_dict
+
+    board = board_dict()
+    board["pins"]["pp_adc"] = None
+    del board["pp_adc"]
+    if tethered_a is not None:
+        board["ratings"]["tethered_cable_a"] = tethered_a
+    with pytest.raises(config.ConfigError):
+        config.parse_board(board)
