@@ -699,3 +699,25 @@ PileMachine.TestCase.settings = settings(
     max_examples=EXAMPLES, stateful_step_count=STEPS, derandomize=FIXED_SEED, deadline=None,
     suppress_health_check=list(HealthCheck), database=None if FIXED_SEED else settings().database)
 test_pile_in_a_hostile_world = PileMachine.TestCase
+
+
+# Sequences the fuzz found with a random seed, replayed as they were shrunk.
+
+def replay(steps, tethered_a=None):
+    state = PileMachine()
+    try:
+        state.boot(standard="iec", tethered_a=tethered_a)
+        for name, kwargs in steps:
+            getattr(state, name)(**kwargs)
+            state.sessions_bill_what_was_delivered()
+    finally:
+        state.teardown()
+
+
+def test_found_phantom_plug_in_closed_without_a_self_test_of_its_own():
+    """Seed 1000 (`make fuzz`, this file's phantom rule): the ADC frozen at B, no car: a plug-in
+    nobody made, self-tested; the car plugged 260 ms later was closed on with that test."""
+    replay([("short_cp", dict(ms=5, on=False, prepare="as_is")),
+            ("loop_stall", dict(during=None, ms=5, prepare="as_is", stall=0)),
+            ("phantom_plug_in", dict(cable=100, level=9000, ms=5, plug_after=260, thaw_after=0)),
+            ("charge", dict(ms=1200))])
