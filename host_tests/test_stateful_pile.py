@@ -495,6 +495,24 @@ class PileMachine(RuleBasedStateMachine):
         self.cable_changed_us = self.world.now
         self.run_ms(ms)
 
+    @rule(cable=st.sampled_from(sorted(CABLES, key=str)), after_ms=st.integers(850, 1150),
+          ms=st.integers(5, 600))
+    def cable_coding_at_reclose(self, cable, after_ms, ms):
+        """The car stops and asks again while charging; PP changes about when the contactor may
+        close again (relay.MIN_OPEN_MS after the open): a plug coming out as it would close."""
+        self._prepare("charging")
+        w = self.world
+        w.do("stop_request")
+        end = w.now + 200000
+        while w.coil and w.now < end:
+            self.tick()
+        opened = w.now
+        self.run_ms(50)
+        w.do("request")
+        self.run_ms(max(0, after_ms - (w.now - opened) // 1000))
+        w.car.cable_ohm = cable
+        self.run_ms(ms)
+
     @rule(prepare=PREPARE,
           period=st.integers(5, 400), duration=st.integers(50, 20000), ms=st.integers(0, 3000))
     def s2_chatter(self, prepare, period, duration, ms):
@@ -721,3 +739,9 @@ def test_found_phantom_plug_in_closed_without_a_self_test_of_its_own():
             ("loop_stall", dict(during=None, ms=5, prepare="as_is", stall=0)),
             ("phantom_plug_in", dict(cable=100, level=9000, ms=5, plug_after=260, thaw_after=0)),
             ("charge", dict(ms=1200))])
+
+
+def test_found_pp_lost_as_it_recloses():
+    """The cable_coding_at_reclose rule's find (the report "closed offering 20.0 A through a
+    0 A cable"): PP open 10 ms before the re-close; it closed on a PP reading ~90 ms old."""
+    replay([("cable_coding_at_reclose", dict(cable=None, after_ms=990, ms=300))])
