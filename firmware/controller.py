@@ -228,6 +228,10 @@ class Controller:
                 return
         self._pp_higher_ms = None
         if amps * 1000 != self.charger.cable_ma:
+            if amps and not self.charger.cable_ma and self.rcd.ready and not self.contactor.closed:
+                # A cable arrived: a plug-in the pilot may have missed (an ADC frozen at B or C
+                # since before the car; no PWM without a cable to show it). Its own self-test.
+                self.rcd.start_self_test(now_ms)
             self.charger.cable_ma = amps * 1000
             self._emit(now_ms, "cable", "%s ohm -> %d A" % (ohms, amps) if amps else
                        "not recognised (%s ohm): nothing offered" % ohms)
@@ -291,10 +295,18 @@ class Controller:
             and self.diode_checked
             and self.rcd.ready
             and not charger.faults
+            and self._cable_holds(now_ms)
         ):
             contactor.close()
             self.rcd.contactor_switched(now_ms)
             self._emit(now_ms, "contactor", "closed")
+
+    def _cable_holds(self, now_ms):
+        """The last check before a close: PP read in this tick, not PP_REREAD_MS ago. PP open (or
+        in no band) with the pilot at C is a plug coming out: PP breaks first, by design."""
+        if self.proximity is not None and self._pp_read_ms != now_ms:
+            self._read_cable(now_ms, lower_only=True)
+        return self.output.duty <= self._safe_duty()
 
     def _open(self, now_ms):
         """Open at once; the time is kept for the re-close limit (relay.MIN_OPEN_MS)."""
