@@ -10,6 +10,7 @@ chip model (pilehost/chipmodel.py) and the heap figures (`make bench WHAT=chip`,
   (callgrind names the hooks). A build takes about a minute on 2 cores; it needs Debian's
   gcc-multilib (as root it is installed).
 """
+import fcntl
 import hashlib
 import os
 import shutil
@@ -66,7 +67,16 @@ def _inputs_digest(frozen):
 
 
 def chip_binary(log=print):
-    """build/chip/micropython-chip, built when missing or out of date; its path."""
+    """build/chip/micropython-chip, built when missing or out of date; its path. One build at a
+    time (a lock file: test workers and bench runs ask at once), installed by a rename, so that a
+    run of the previous binary is never cut off ("text file busy")."""
+    os.makedirs(CHIP_DIR, exist_ok=True)
+    with open(os.path.join(CHIP_DIR, "build.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _chip_binary(log)
+
+
+def _chip_binary(log):
     frozen = manifest_modules()
     digest = _inputs_digest(frozen)
     stamp = os.path.join(CHIP_DIR, "inputs.sha")
@@ -99,7 +109,8 @@ def chip_binary(log=print):
                     "USER_C_MODULES=" + os.path.join(ROOT, "sim"), "FROZEN_MANIFEST=" + manifest,
                     "MPY_LIB_DIR=" + nolib, "PROG=micropython-chip", "STRIP="],
                    check=True, stdout=subprocess.DEVNULL)
-    shutil.copy(os.path.join(src, "ports", "unix", "build-chip", "micropython-chip"), CHIP_BINARY)
+    shutil.copy(os.path.join(src, "ports", "unix", "build-chip", "micropython-chip"), CHIP_BINARY + ".new")
+    os.replace(CHIP_BINARY + ".new", CHIP_BINARY)
     with open(stamp, "w") as f:
         f.write(digest + "\n")
     return CHIP_BINARY
