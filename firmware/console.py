@@ -1,7 +1,18 @@
 """The console: report(), the modules' one callback, printed through `logging`; the lines a full
-heap lost, the last faults and why the pile is held unavailable, for diag.py."""
+heap lost, the last faults and why the pile is held unavailable, for diag.py.
+
+While the contactor is closed (`hold`, set by wiring: the flash gate) a line is not printed at
+once: the UART blocks once its 128-byte FIFO is full (86.8 us a byte at 115,200 baud), and a
+577-byte record line would stall the loop ~40 ms. Lines wait in a bounded queue and `drain()`
+(once per loop iteration, from the flash gate) writes at most CLOSED_BYTES_PER_STEP of them: less
+than the FIFO empties in one 5 ms period (57 bytes), so a write never blocks. With the contactor
+open the queue is written whole, then each line at once (docs/durability.md).
+"""
 import logging
+import sys
 import time
+
+from micropython import const
 
 boot_ms = time.ticks_ms()  # the console's time 0; the firmware loads this module first
 
@@ -11,6 +22,62 @@ _WARNING_SOURCES = ("config", "fault", "meter", "outbox", "storage")
 recent_faults = []  # (ticks_ms, text), the last 8
 lines_lost = 0  # report() lines a full heap kept from being printed, said with the next one
 unavailable = None  # why the pile is held unavailable (main.hold_unavailable)
+
+CLOSED_BYTES_PER_STEP = const(48)  # < 57: what the UART sends in 5 ms at 115,200 baud
+QUEUE_MAX_BYTES = const(2048)  # the longest line (a record, ~1 KiB) fits, with some more
+hold = None  # an object with `held` (flash_gate.FlashGate): queue while it is True
+_queue = []  # lines (str, each with its newline) not yet written, oldest first
+_queued = 0  # their bytes
+_head = 0  # bytes of _queue[0] already written
+lines_dropped = 0  # lines the full queue refused while closed, said with the next one written
+closed_bytes = 0  # bytes written while the contactor was closed (the bench reads it)
+
+
+def _held():
+    return hold is not None and hold.held
+
+
+def _write(line):
+    """A line, queued while the contactor is closed, else after what is queued."""
+    global _queued, lines_dropped
+    if _held():
+        n = len(line)
+        if _queued + n > QUEUE_MAX_BYTES:
+            lines_dropped += 1
+            return
+        _queue.append(line)
+        _queued += n
+        return
+    if _queue:
+        drain()
+    sys.stdout.write(line)
+
+
+def drain(max_bytes=None):
+    """Write what is queued: all of it, or at most `max_bytes` (while closed). Per iteration."""
+    global _queued, _head, lines_dropped, closed_bytes
+    if lines_dropped and (max_bytes is None or not _queue):
+        note = "console: %d line(s) dropped while the contactor was closed\n" % lines_dropped
+        lines_dropped = 0
+        _queue.append(note)
+        _queued += len(note)
+    budget = max_bytes
+    while _queue:
+        line = _queue[0]
+        rest = len(line) - _head
+        if budget is not None and rest > budget:
+            if budget > 0:
+                sys.stdout.write(line[_head:_head + budget])
+                _head += budget
+                closed_bytes += budget
+            return
+        sys.stdout.write(line[_head:] if _head else line)
+        _queue.pop(0)
+        _queued -= len(line)
+        _head = 0
+        if budget is not None:
+            budget -= rest
+            closed_bytes += rest
 
 
 class _Console(logging.Handler):
@@ -24,7 +91,7 @@ class _Console(logging.Handler):
         # micropython-lib's logging (mip, manifest.py) hands the text formatted as record.message;
         # PyPI's micropython-logging (make flash) and CPython keep msg and args.
         text = record.message if hasattr(record, "message") else record.msg % record.args
-        print("[%4d.%03d] %s: %s" % (t // 1000, t % 1000, record.name, text))
+        _write("[%4d.%03d] %s: %s\n" % (t // 1000, t % 1000, record.name, text))
 
 
 _console = _Console()

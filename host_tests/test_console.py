@@ -61,3 +61,31 @@ def test_a_full_heap_loses_the_line_not_the_pile(capsys, monkeypatch):
         "[   2.000] main: 2 line(s) lost before this one: the heap was full", "[   2.000] pilot: C -> B"]
     console.report(now, "pilot", "B -> A")
     assert capsys.readouterr().out == "[   2.000] pilot: B -> A\n"
+
+
+def test_while_the_contactor_is_closed_lines_wait_and_drain_a_bounded_amount(capsys, monkeypatch):
+    """Issue 12 item 2: no console burst while closed. A record-length line is written at most
+    CLOSED_BYTES_PER_STEP a loop iteration (under the 57 bytes the UART sends in 5 ms), the rest
+    at once when the contactor opens, in order, before the next line."""
+    class Gate:
+        held = True
+
+    monkeypatch.setattr(console, "hold", Gate())
+    monkeypatch.setattr(console, "_queue", [])
+    monkeypatch.setattr(console, "_queued", 0)
+    monkeypatch.setattr(console, "_head", 0)
+    now = time.ticks_add(console.boot_ms, 1000)
+    console.report(now, "outbox", "r" * 577)
+    console.report(now, "contactor", "open")
+    assert capsys.readouterr().out == ""
+    assert console.CLOSED_BYTES_PER_STEP < 57
+    parts = []
+    for _ in range(5):
+        console.drain(console.CLOSED_BYTES_PER_STEP)
+        parts.append(capsys.readouterr().out)
+    assert [len(p) for p in parts] == [console.CLOSED_BYTES_PER_STEP] * 5
+    Gate.held = False
+    console.report(now, "pilot", "C -> B")
+    out = "".join(parts) + capsys.readouterr().out
+    assert out.splitlines() == ["[   1.000] outbox: " + "r" * 577, "[   1.000] contactor: open",
+                                "[   1.000] pilot: C -> B"]

@@ -138,6 +138,7 @@ class Rollout:
         self.say = say
         self.outcome = {}  # pile id -> "good" | why not
         self.halted = None
+        self._jumped = set()  # piles sent the update again above their floor
 
     def run(self):
         piles = sorted(self.secrets)
@@ -163,8 +164,12 @@ class Rollout:
             self.say("cohort %d good" % (i + 1))
         return True
 
-    def _update(self, pile_id):
+    def _update(self, pile_id, floor=None):
+        """The signed `update`; its counter the time in ms, above a `replayed` answer's floor
+        (a pile reserves counters ahead and refuses them after a reboot: docs/commands.md)."""
         counter = time.time_ns() // 1_000_000
+        if floor is not None:
+            counter = max(counter, floor + 1)
         body = pilecmd.make_body("update", {"release": self.release}, counter,
                                  "upd-%d-%d" % (self.release, counter))
         self.watch.send(pile_id, pilecmd.sign(self.secrets[pile_id], body))
@@ -173,6 +178,12 @@ class Rollout:
         s = self.watch.snapshot(pile_id)
         for ack in s["acks"][len(before["acks"]):]:
             if ack["cmd"] == "update" and ack["result"] != "accepted":
+                floor = pilecmd.floor_of(ack["reason"])
+                if floor is not None and pile_id not in self._jumped:
+                    self._jumped.add(pile_id)  # once: a second `replayed` is a verdict
+                    before["acks"] = list(s["acks"])
+                    self._update(pile_id, floor)
+                    return None
                 return "refused: %s %s" % (ack["result"], ack["reason"])
         ota = s["ota"]
         if ota is not None and (ota["rolled_back"] or {}).get("release") == self.release:
