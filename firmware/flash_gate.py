@@ -6,7 +6,8 @@ stalled meanwhile. While the contactor is closed a stall delays the reaction to 
 trip, so the writers here wait: each asks `held` before it writes and hands what it could not
 write to `defer()`; the records step calls `poll()` once per loop iteration, which runs those
 writes at the first iteration with the contactor open (a contactor that opened stays open at
-least relay.MIN_OPEN_MS: the writes end before it may close again).
+least relay.MIN_OPEN_MS: the writes end before it may close again). The same poll drains the
+console's queue: while closed no more than the UART's FIFO takes without blocking (console.py).
 """
 
 
@@ -51,7 +52,7 @@ class FlashGate:
         held = self.held
         con = self._console
         if con is not None:
-            con.drain(con.CLOSED_BYTES_PER_STEP if held else None)
+            con.drain(now_ms if held else None)
         if held:
             return
         due = self._due

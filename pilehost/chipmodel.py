@@ -157,6 +157,11 @@ def pair(lines, irs):
     text = []
     result = None
     for line in lines:
+        cut = line.find("CHIP ")
+        if cut > 0:  # a piece of a long firmware line (console.py, while closed), then the cut
+            console += cut
+            text.append(line[:cut])
+            line = line[cut:]
         if line.startswith("CHIP {"):
             item = json.loads(line[5:])
         elif line.startswith("CHIP "):  # a plain iteration: kind, ms, coil, car, heap in use
