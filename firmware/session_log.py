@@ -242,6 +242,12 @@ class SessionLog:
             # for more than it, nor its duration grow by more (a wrong energy is worse than stale).
             after_s = self.checkpoint_ms // 1000 + _RECOVERY_SLACK_S if self._gate is None \
                 else _CLOSED_MAX_S
+            # A clock set now and at the snapshot (a watchdog reset keeps the RTC, NTP may have
+            # answered): the time since the snapshot bounds it better.
+            wall = self._wall()
+            snap = cut["t0"] + cut["d"]
+            if clock_synced(wall) and clock_synced(snap) and wall >= snap:
+                after_s = min(after_s, wall - snap + _RECOVERY_SLACK_S)
             if reading is not None:
                 if getattr(reading, "epoch", 0) == 0 and \
                         m1 <= reading.energy_wh <= m1 + _MAX_POWER_W * after_s // 3600:

