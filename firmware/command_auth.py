@@ -177,7 +177,7 @@ class CommandVerifier:
         # Unix time in ms when the clock is set (NTP), else None: pilecmd's counters follow it,
         # so the reservation does too, renewed while the contactor is open (renew()).
         self._unix_ms = unix_ms
-        self._renew_at = 0
+        self._renew_at = None  # ticks_ms of the next look; None: at the first open step
         if gate is not None and counter_store is not None:
             gate.every_open_step(self.renew)
 
@@ -283,7 +283,8 @@ class CommandVerifier:
         """The flash gate, every step with the contactor open (looked at every 10 s): a new
         reservation once the clock has used half of it, so that a session starting later still
         has RESERVE / 2 of pilecmd's counters ahead. None, or why it was not written."""
-        if self._unix_ms is None or time.ticks_diff(now_ms, self._renew_at) < 0:
+        if self._unix_ms is None or self._gate.held or (self._renew_at is not None and
+                                     time.ticks_diff(now_ms, self._renew_at) < 0):
             return None
         self._renew_at = time.ticks_add(now_ms, 10000)
         ahead = self._ahead()

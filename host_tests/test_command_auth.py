@@ -544,3 +544,28 @@ def _key(tmp_path):
     p = tmp_path / "k.hex"
     p.write_text(SECRET.hex())
     return str(p)
+
+
+def test_the_reservation_follows_the_clock_while_open_and_never_written_closed(tmp_path):
+    """pilecmd's counters are the Unix ms: the reservation is renewed ahead of the clock while
+    the contactor is open, so that a session that starts days later still takes commands."""
+    gate = Gate()
+    store = CountingStore(str(tmp_path / "c.json"), gate)
+    clock = [1_800_000_000_000]
+    v = C.CommandVerifier(SECRET, last_counter=store.load(), counter_store=store, gate=gate,
+                          unix_ms=lambda: clock[0])
+    assert v.reserve_ahead() is None and v.reserved == clock[0] + C.RESERVE
+    (renew,) = gate.steps
+    clock[0] += C.RESERVE // 2 + 1  # half of it used by the clock: renewed at the next look
+    gate.closed = True
+    assert renew(0) is None and store.closed_writes == 0  # (the gate calls it only when open)
+    gate.closed = False
+    before = v.reserved
+    assert renew(20000) is None
+    assert v.reserved == clock[0] + C.RESERVE > before
+    assert renew(20001) is None and v.writes == 2  # looked at every 10 s, written when due
+    # A session days later: its commands (the clock's ms) need no write while closed.
+    gate.closed = True
+    clock[0] += 3 * 24 * 3600 * 1000
+    assert v.verify(signed("set_current_limit", {"amps": 10}, clock[0])).counter == clock[0]
+    assert store.closed_writes == 0
