@@ -32,6 +32,7 @@ for _name in (
     "dlt645",
     "durable",
     "files",
+    "flash_gate",
     "journal",
     "link_heal",
     "meter",

@@ -12,12 +12,14 @@ try:
     _pins = _board["pins"]
     _levels = _board.get("levels", {})
 
-    # The pins and levels bound now (default arguments): board.json's dicts are dropped below,
-    # and release_boot.recover() calls this again later.
-    def _keep_safe(c=_pins["contactor"], c_off=1 - _levels.get("contactor_on", 1),
-                   p=_pins["pilot_pwm"], p_plus=0 if _levels.get("pilot_pwm_inverted", False) else 1):
-        machine.Pin(c, machine.Pin.OUT, value=c_off)
-        machine.Pin(p, machine.Pin.OUT, value=p_plus)
+    # Four ints kept (board.json's dicts are dropped below; release_boot.recover() calls this later).
+    _c, _p = _pins["contactor"], _pins["pilot_pwm"]
+    _c_off = 1 - _levels.get("contactor_on", 1)
+    _p_plus = 0 if _levels.get("pilot_pwm_inverted", False) else 1
+
+    def _keep_safe():
+        machine.Pin(_c, machine.Pin.OUT, value=_c_off)
+        machine.Pin(_p, machine.Pin.OUT, value=_p_plus)
 
     _keep_safe()
 except Exception as e:  # noqa: BLE001 - nothing more can be done before main.py reports it

@@ -169,6 +169,7 @@ class Charger:
         self._wall = wall
         # The last set_current_limit as saved: (mA, time to live s or None, UTC expiry or None).
         self._limit_cmd = (None, None, None)  # type: tuple
+        self._saved_limit = (None, None, None)  # type: tuple  # as settings.json holds it
         self.state = IDLE
         self.faults = 0
         self.plugged = False
@@ -300,13 +301,21 @@ class Charger:
         if self._settings is None:
             return None
         try:
-            settings = {"availability": self.availability_wanted,
-                        "limit_ma": self._limit_cmd[0],
+            ma, ttl, until = self._limit_cmd
+            saved = self._saved_limit
+            # A refresh that only moves the expiry later (a load manager re-sending its limit)
+            # is not written (issue 13): after a reboot the limit runs out at the saved, earlier
+            # expiry, never later than its time to live (docs/commands.md).
+            if ttl is not None and saved[0] == ma and saved[1] == ttl and saved[2] is not None \
+                    and until is not None and until >= saved[2]:
+                until = saved[2]
+            settings = {"availability": self.availability_wanted, "limit_ma": ma,
                         "latched": fault_list(self.faults & LATCHED_FAULTS)}
-            if self._limit_cmd[1] is not None:  # short keys: the file stays inline (<= 128 B)
-                settings["ttl"] = self._limit_cmd[1]
-                settings["until"] = self._limit_cmd[2]
-            self._settings.save(settings)
+            if ttl is not None:  # short keys: the file stays inline (<= 128 B)
+                settings["ttl"] = ttl
+                settings["until"] = until
+            self._settings.save(settings)  # with the contactor closed: when it opens
+            self._saved_limit = (ma, ttl, until)
         except OSError as e:
             return "not saved to flash (%s): lost at the next boot" % str(e)[:60]
         return None
@@ -354,7 +363,7 @@ class Charger:
             self.limit_source = None if limit is None else LIMIT_REMOTE
             if left_s is not None:
                 self.limit_until_ms = time.ticks_add(now_ms, left_s * 1000)
-                self._limit_cmd = (limit, saved["ttl"], saved["until"])
+                self._limit_cmd = self._saved_limit = (limit, saved["ttl"], saved["until"])
             self._emit(now_ms, "settings", "%s, remote limit %s" % (
                 wanted, "none" if limit is None else "%d mA" % limit))
             if left_s is not None:

@@ -14,6 +14,7 @@ from micropython import const
 import binascii
 import hashlib
 import json
+import time
 
 _BLOCK = const(64)  # SHA-256 block size, RFC 2104 "B"
 _MAX_COUNTER = const(9007199254740991)  # 2**53 - 1: exact in every JSON implementation
@@ -27,6 +28,14 @@ MAX_AMPS = const(80)  # config.py's max_current_a range; the charger clamps furt
 MAX_TTL_S = const(86400)  # set_current_limit's time to live: a day at most (charger.MAX_LIMIT_TTL_S)
 
 _BODY_KEYS = ("args", "cmd", "counter", "id", "v")
+# The counter is stored reserved ahead (docs/commands.md, "Replays"): a write stores R = counter +
+# RESERVE, and every counter up to R is accepted without a flash write; after a reboot R is the
+# floor. 7 days of pilecmd's millisecond counters: 2**53 lasts ~1.5e7 reboots. A new reservation
+# is written while the contactor is open once less than half of it is left.
+RESERVE = const(604800000)
+# Commands above the reservation accepted while the contactor is closed (no flash write then):
+# those whose replay after a power cut can do no harm but stop a session or send a status.
+_SAFE_UNSAVED = ("remote_stop", "request_status")
 
 
 def _pads(key):
@@ -140,12 +149,15 @@ class Command:
 
 
 class CommandVerifier:
-    """`secret` is the pile's key (bytes, >= 16). `last_counter` the last accepted counter
-    (CounterStore.load()). With `counter_store`, an accepted counter is saved before verify()
-    returns, so a reboot cannot reopen a replay window."""
+    """`secret` is the pile's key (bytes, >= 16). `last_counter` the floor: the reservation
+    CounterStore.load() gives. With `counter_store`, no command above the stored reservation is
+    returned before a new one is saved, so a reboot cannot reopen a replay window; `gate` (a
+    flash_gate.FlashGate): no write while the contactor is closed, a command above the
+    reservation then is refused (storage_error) unless it is remote_stop or request_status,
+    whose reservation is written when the contactor opens."""
 
     def __init__(self, secret, max_bytes=512, last_counter=0, faults=CLEARABLE_FAULTS,
-                 counter_store=None):
+                 counter_store=None, gate=None, reserve=RESERVE, unix_ms=None):
         if not isinstance(secret, (bytes, bytearray)) or len(secret) < _MIN_SECRET:
             raise ValueError("secret must be at least %d bytes" % _MIN_SECRET)
         if not 64 <= max_bytes <= 4096:
@@ -157,6 +169,17 @@ class CommandVerifier:
         self.last_counter = last_counter
         self.faults = tuple(faults)
         self._store = counter_store
+        self._gate = gate
+        self.reserve = reserve
+        self.reserved = last_counter  # what the flash holds: no counter at or below it after a reboot
+        self._due = False  # a counter above `reserved` accepted unsaved (closed): saved at the open
+        self.writes = 0  # counter writes (for the bench and the tests)
+        # Unix time in ms when the clock is set (NTP), else None: pilecmd's counters follow it,
+        # so the reservation does too, renewed while the contactor is open (renew()).
+        self._unix_ms = unix_ms
+        self._renew_at = None  # ticks_ms of the next look; None: at the first open step
+        if gate is not None and counter_store is not None:
+            gate.every_open_step(self.renew)
 
     def verify(self, raw):
         """Command, or CommandError. Nothing changes unless a Command is returned."""
@@ -203,7 +226,9 @@ class CommandVerifier:
         if type(counter) is not int or not 0 < counter <= _MAX_COUNTER:
             raise CommandError("malformed", "counter must be an int 1..2**53-1", *ack)
         if counter <= self.last_counter:
-            raise CommandError("replayed", "counter not above the last accepted one", *ack)
+            # The floor, so that a sender whose counter fell behind (the reservation after a
+            # reboot) can jump: pilecmd sends again above it.
+            raise CommandError("replayed", "counter not above %d" % self.last_counter, *ack)
         args = cmd["args"]
         if type(args) is not dict:
             raise CommandError("malformed", "args must be an object", *ack)
@@ -214,13 +239,88 @@ class CommandVerifier:
         if args is None:
             raise CommandError("bad_argument", _USAGE[name], *ack)  # type: ignore[index]  # str here
         if self._store is not None:
-            try:
-                self._store.save(counter)
-            except OSError:
-                raise CommandError("storage_error", "counter not saved, not executed",
-                                   *ack) from None
+            self._keep(counter, name, ack)
         self.last_counter = counter
         return Command(cmd_id, name, counter, args)
+
+    def _keep(self, counter, name, ack):
+        """Replay protection across a reboot for an accepted `counter` (docs/commands.md)."""
+        held = self._gate is not None and self._gate.held
+        if counter <= self.reserved:
+            if not self._due and counter > self.reserved - self.reserve // 2:
+                # Under half of it left: renewed now, or when the contactor opens. Not needed
+                # for this command: an error is not its business.
+                if held:
+                    self._due = True
+                    self._gate.defer(self._flush)  # type: ignore[union-attr]  # held: a gate
+                else:
+                    self._save(counter)
+            return
+        if not held:
+            if self._save(counter) is not None:
+                raise CommandError("storage_error", "counter not saved, not executed", *ack)
+            return
+        if name not in _SAFE_UNSAVED:
+            raise CommandError("storage_error", "counter reservation used up while the contactor "
+                               "is closed: not executed, send it again after the session", *ack)
+        if not self._due:
+            self._due = True
+            self._gate.defer(self._flush)  # type: ignore[union-attr]  # held: a gate
+
+    def _ahead(self):
+        """The counter a reservation starts from: the last accepted, or the Unix ms if later."""
+        u = None if self._unix_ms is None else self._unix_ms()
+        return self.last_counter if u is None or u <= self.last_counter else u
+
+    def reserve_ahead(self):
+        """At boot, the contactor open: a reservation above the floor (and the clock), so that
+        the commands of the first session need no flash write. None, or the OSError."""
+        if self._store is None:
+            return None
+        return self._save(self._ahead())
+
+    def renew(self, now_ms):
+        """The flash gate, every step with the contactor open (looked at every 10 s): a new
+        reservation once the clock has used half of it, so that a session starting later still
+        has RESERVE / 2 of pilecmd's counters ahead. None, or why it was not written."""
+        if self._unix_ms is None or self._gate.held or (self._renew_at is not None and
+                                     time.ticks_diff(now_ms, self._renew_at) < 0):
+            return None
+        self._renew_at = time.ticks_add(now_ms, 10000)
+        ahead = self._ahead()
+        if ahead <= self.reserved - self.reserve // 2:
+            return None
+        e = self._save(ahead)
+        if e is None:
+            return None
+        self._renew_at = time.ticks_add(now_ms, 60000)
+        return "command counter reservation not renewed (%s)" % (e,)
+
+    def _save(self, counter):
+        """A new reservation above `counter`; None, or the error."""
+        r = min(counter + self.reserve, _MAX_COUNTER)
+        try:
+            self._store.save(r)  # type: ignore[union-attr]  # only with a store
+        except OSError as e:
+            return e
+        self.writes += 1
+        self.reserved = r
+        self._due = False
+        return None
+
+    def _flush(self, now_ms):
+        """The flash gate, the contactor open again: the reservation renewed above the last
+        accepted counter (an unsaved remote_stop / request_status, or under half left)."""
+        due = self._due
+        self._due = False
+        if not due:
+            return None
+        e = self._save(self.last_counter)
+        if e is None:
+            return None
+        # The next command above the reservation tries again before it is accepted.
+        return "command counter not saved to flash (%s): a power cut could reopen %d" % (
+            e, self.last_counter)
 
     @staticmethod
     def _json(data, authentic=False):

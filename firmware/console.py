@@ -1,7 +1,19 @@
 """The console: report(), the modules' one callback, printed through `logging`; the lines a full
-heap lost, the last faults and why the pile is held unavailable, for diag.py."""
+heap lost, the last faults and why the pile is held unavailable, for diag.py.
+
+While the contactor is closed (`hold`, set by wiring: the flash gate) a line is not printed at
+once: the UART blocks once its 128-byte FIFO is full (86.8 us a byte at 115,200 baud), and a
+577-byte record line would stall the loop ~40 ms. Lines wait in a bounded queue and `drain(now_ms)`
+(once per loop iteration, from the flash gate) writes whole lines while they fit in what the FIFO
+has free by then (it empties 11.5 bytes a ms): a write never blocks. A line longer than the FIFO
+goes in FIFO-sized pieces. With the contactor open the queue is written whole, then each line at
+once (docs/durability.md).
+"""
 import logging
+import sys
 import time
+
+from micropython import const
 
 boot_ms = time.ticks_ms()  # the console's time 0; the firmware loads this module first
 
@@ -11,6 +23,83 @@ _WARNING_SOURCES = ("config", "fault", "meter", "outbox", "storage")
 recent_faults = []  # (ticks_ms, text), the last 8
 lines_lost = 0  # report() lines a full heap kept from being printed, said with the next one
 unavailable = None  # why the pile is held unavailable (main.hold_unavailable)
+
+UART_FIFO = const(128)  # bytes the ESP32's UART takes without blocking
+_UART_B_PER_100MS = const(1152)  # 115,200 baud, 10 bits a byte: 11.52 bytes a ms
+QUEUE_MAX_BYTES = const(2048)  # the longest line (a record, ~1 KiB) fits, with some more
+hold = None  # an object with `held` (flash_gate.FlashGate): queue while it is True
+_queue = []  # lines (str, each with its newline) not yet written, oldest first
+_queued = 0  # their bytes
+_head = 0  # bytes of _queue[0] already written
+_fifo = 0  # bytes the UART's FIFO may still hold (an upper bound), as of _fifo_ms
+_fifo_ms = 0
+lines_dropped = 0  # lines the full queue refused while closed, said when it opens
+closed_bytes = 0  # bytes written while the contactor was closed (the bench reads it)
+
+
+def _held():
+    return hold is not None and hold.held
+
+
+def _write(line):
+    """A line, queued while the contactor is closed, else after what is queued."""
+    global _queued, lines_dropped, _fifo, _fifo_ms
+    if _held():
+        n = len(line)
+        if _queued + n > QUEUE_MAX_BYTES:
+            lines_dropped += 1
+            return
+        _queue.append(line)
+        _queued += n
+        return
+    if _queue or lines_dropped:
+        drain()
+    sys.stdout.write(line)
+    _fifo = UART_FIFO  # open: it may block, and it may leave the FIFO full
+    _fifo_ms = _Console.now_ms
+
+
+def _free(now_ms):
+    """What the FIFO has free at now_ms (it empties at the baud rate)."""
+    global _fifo, _fifo_ms
+    if _fifo:
+        gone = time.ticks_diff(now_ms, _fifo_ms) * _UART_B_PER_100MS // 100
+        _fifo = 0 if gone >= _fifo or gone < 0 else _fifo - gone
+    _fifo_ms = now_ms
+    return UART_FIFO - _fifo
+
+
+def drain(now_ms=None):
+    """Write what is queued: all of it (now_ms None: the contactor open), or what fits in the
+    UART's FIFO without blocking at now_ms (closed). Once per loop iteration."""
+    global _queued, _head, lines_dropped, closed_bytes, _fifo
+    if lines_dropped and now_ms is None:
+        note = "console: %d line(s) dropped while the contactor was closed\n" % lines_dropped
+        lines_dropped = 0
+        _queue.append(note)
+        _queued += len(note)
+    if not _queue:
+        return
+    budget = None if now_ms is None else _free(now_ms)
+    while _queue:
+        line = _queue[0]
+        rest = len(line) - _head
+        if budget is not None and rest > budget:
+            # Only a line the FIFO could never take whole goes in pieces, of what is free.
+            if len(line) > UART_FIFO and budget > 0:
+                sys.stdout.write(line[_head:_head + budget])
+                _head += budget
+                closed_bytes += budget
+                _fifo += budget
+            return
+        sys.stdout.write(line[_head:] if _head else line)
+        _queue.pop(0)
+        _queued -= len(line)
+        _head = 0
+        if budget is not None:
+            budget -= rest
+            closed_bytes += rest
+            _fifo += rest
 
 
 class _Console(logging.Handler):
@@ -24,7 +113,7 @@ class _Console(logging.Handler):
         # micropython-lib's logging (mip, manifest.py) hands the text formatted as record.message;
         # PyPI's micropython-logging (make flash) and CPython keep msg and args.
         text = record.message if hasattr(record, "message") else record.msg % record.args
-        print("[%4d.%03d] %s: %s" % (t // 1000, t % 1000, record.name, text))
+        _write("[%4d.%03d] %s: %s\n" % (t // 1000, t % 1000, record.name, text))
 
 
 _console = _Console()

@@ -65,7 +65,7 @@ class Journal:
     the file. When it is full, records are dropped by `tiers` (see DEFAULT_TIERS)."""
 
     def __init__(self, path, max_bytes=DEFAULT_MAX_BYTES, max_payload=DEFAULT_MAX_PAYLOAD,
-                 tiers=DEFAULT_TIERS):
+                 tiers=DEFAULT_TIERS, gate=None):
         if not 0 < max_payload <= _PAYLOAD_LIMIT:
             raise ValueError("max_payload must be 1..%d" % _PAYLOAD_LIMIT)
         if max_bytes < _STATE_REC + _MARKER_RESERVE + 4 * (max_payload + _OVERHEAD):
@@ -104,6 +104,11 @@ class Journal:
         self._marker_due = False  # corruption found: write a journal_fault record
         self._short = False  # the last _read stopped at the end of the file
         self.discarded_bytes = 0  # cut off the end of the file by the last open
+        # flash_gate.FlashGate: with the contactor closed an ack is kept in RAM (the records
+        # are not sent again in this boot) and written when it opens; a power cut before that
+        # sends them again: at least once, as a lost PUBACK (docs/durability.md).
+        self._gate = gate
+        self._ack_due = False
         self._load()
 
     # -- public ---------------------------------------------------------------------------
@@ -171,6 +176,30 @@ class Journal:
             raise ValueError("ack of a seq never appended")
         if seq <= self._acked:
             return
+        gate = self._gate
+        if gate is not None and gate.held:
+            self._acked = seq
+            self._backlog = None
+            self._refuse_silent = False
+            if not self._ack_due:
+                self._ack_due = True
+                gate.defer(self._flush_ack)
+            return
+        self._write_ack(seq)
+
+    def _flush_ack(self, now_ms):
+        """The flash gate, once the contactor opened: the ack watermark kept in RAM."""
+        if not self._ack_due:
+            return None
+        try:
+            self._write_ack(self._acked)
+        except OSError as e:
+            self._ack_due = False
+            return "outbox ack not written (%s): those records may go again" % (e,)
+        return None
+
+    def _write_ack(self, seq):
+        self._ack_due = False
         buf = self._ackbuf
         struct.pack_into("<I", buf, 0, seq)
         struct.pack_into("<I", buf, 4, binascii.crc32(self._ackseq) & _U32)

@@ -37,6 +37,10 @@ _MAX_POWER_W = const(50000)
 _RECOVERY_SLACK_S = const(10)
 # Until NTP has set it the ESP32 clock starts at 2000-01-01 at boot: a year before this is not UTC.
 _SYNCED_FROM_YEAR = const(2024)
+# With a flash gate no snapshot is written while the contactor is closed (docs/durability.md):
+# a cut may come any time after the last one. A boot reading is then billed up to this long at
+# _MAX_POWER_W after it (a week: 8.4 MWh, against a meter swapped while the pile was off).
+_CLOSED_MAX_S = const(604800)
 # An outbox without a max_payload (a test's fake): the journal's.
 _MAX_PAYLOAD = journal.DEFAULT_MAX_PAYLOAD
 
@@ -61,8 +65,11 @@ def _session_id(payload):
 
 class SessionLog:
     def __init__(self, pile_id, boot, outbox, store, connector=1, metered=True,
-                 checkpoint_s=DEFAULT_CHECKPOINT_S, wall=time.time, report=None):
+                 checkpoint_s=DEFAULT_CHECKPOINT_S, wall=time.time, report=None, gate=None):
+        """gate: a flash_gate.FlashGate; with it nothing is written while the contactor is
+        closed: checkpoints, retries and clears wait for it to open (docs/durability.md)."""
         self.pile_id = pile_id
+        self._gate = gate
         self.boot = boot
         self.outbox = outbox
         self.store = store
@@ -108,6 +115,8 @@ class SessionLog:
 
     def poll(self, now_ms, session, reading):
         """session: the open session_record.Record (or None); reading: the meter's last good one."""
+        if self._gate is not None and self._gate.held:
+            return  # the contactor is closed: no flash write; what is due waits for the open
         retry = time.ticks_diff(now_ms, self._retry_at) >= 0
         if self._unsent and retry:
             self._retry(now_ms)
@@ -231,7 +240,14 @@ class SessionLog:
             stale = self.metered
             # The cut came at most this long after the snapshot: no later reading can be billed
             # for more than it, nor its duration grow by more (a wrong energy is worse than stale).
-            after_s = self.checkpoint_ms // 1000 + _RECOVERY_SLACK_S
+            after_s = self.checkpoint_ms // 1000 + _RECOVERY_SLACK_S if self._gate is None \
+                else _CLOSED_MAX_S
+            # A clock set now and at the snapshot (a watchdog reset keeps the RTC, NTP may have
+            # answered): the time since the snapshot bounds it better.
+            wall = self._wall()
+            snap = cut["t0"] + cut["d"]
+            if clock_synced(wall) and clock_synced(snap) and wall >= snap:
+                after_s = min(after_s, wall - snap + _RECOVERY_SLACK_S)
             if reading is not None:
                 if getattr(reading, "epoch", 0) == 0 and \
                         m1 <= reading.energy_wh <= m1 + _MAX_POWER_W * after_s // 3600:

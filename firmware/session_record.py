@@ -117,8 +117,10 @@ class Records:
     log: a session_log.SessionLog, or None (no pile id: nothing recorded)."""
 
     def __init__(self, charger, contactor, meter=None, log=None, meter_failure_ms=30000,
-                 report=None):
+                 report=None, gate=None):
+        """gate: the flash_gate.FlashGate the writers share; its deferred writes run here."""
         self.charger = charger
+        self.gate = gate
         self.contactor = contactor
         self.meter = meter
         self.log = log
@@ -144,6 +146,11 @@ class Records:
         a first reading taken after the close would miss what flowed before it."""
         if self.log is not None and self.log.failed is not None:
             return False
+        record = self.record
+        if self.log is not None and record is not None and record.authorized and record.id is None:
+            # Its started record and first snapshot are written before the close: none while
+            # the contactor is closed (flash_gate.py).
+            return False
         return self.meter is None or self.record is None or self.record.meter_start_wh is not None
 
     def current(self):
@@ -161,6 +168,8 @@ class Records:
         step and the journal's (main.py: no more than one slice of slow work between two pilot
         reads while the contactor is closed)."""
         closed = self.contactor.closed
+        if self.gate is not None:
+            self.gate.poll(now_ms)  # the writes deferred while closed, at the first open step
         if closed != self._closed:
             self._closed = closed
             if closed:

@@ -137,12 +137,45 @@ class CounterStore(_Store):
 class SettingsStore(_Store):
     """What remote commands set and a reboot must keep (docs/commands.md): availability and
     the remote current limit, as a dict the charger fills. Written only when a command changes
-    a value, at most once per accepted command (the command counter is written then anyway):
-    ~60 bytes of JSON, stored inline, ~0.1 block erase a write (docs/durability.md)."""
+    a value, at most once per accepted command: ~60 bytes of JSON, stored inline, ~0.1 block
+    erase a write (docs/durability.md). `gate` (flash_gate.FlashGate): with the contactor
+    closed the newest settings wait in RAM and are written when it opens."""
+
+    def __init__(self, path, gate=None):
+        super().__init__(path)
+        self._gate = gate
+        self._held = None  # settings waiting for the contactor to open
+        self._due = False  # the gate has our flush
 
     def save(self, settings):
-        """Atomic. False if unchanged (no flash write)."""
+        """Atomic. False if unchanged (no flash write). With the contactor closed: True, and
+        written when it opens (an OSError then goes to the console, the setting holds until
+        the next boot)."""
+        gate = self._gate
+        if gate is not None and gate.held:
+            data = _encode(settings)  # a ValueError now, not at the open
+            if data == self._last:
+                self._held = None
+                return False
+            self._held = settings
+            if not self._due:
+                self._due = True
+                gate.defer(self._flush)
+            return True
+        self._held = None
         return self._save(settings)
+
+    def _flush(self, now_ms):
+        self._due = False
+        settings = self._held
+        self._held = None
+        if settings is None:
+            return None
+        try:
+            self._save(settings)
+        except OSError as e:
+            return "settings not saved to flash (%s): lost at the next boot" % (e,)
+        return None
 
     def load(self):
         """The saved dict, or None (no file, or garbled: then `error` says why)."""

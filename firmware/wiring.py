@@ -60,6 +60,7 @@ def build(board, conf):
     Controller is built (the virtual board and the bench build it here too)."""
     import charger as ch
     import controller
+    import flash_gate
     import pilot
     import relay
     import session_record
@@ -76,6 +77,7 @@ def build(board, conf):
         levels.contactor_on,
         levels.contactor_feedback_closed,
     )
+    gate = flash_gate.FlashGate(contactor, report, console)  # no flash write nor burst while closed
     steady_plus = 0 if levels.pilot_pwm_inverted else pilot.DUTY_FULL
     pwm = machine.PWM(Pin(pins.pilot_pwm), freq=1000, duty_u16=steady_plus)  # 1 kHz: IEC 61851-1 A.2.2
     output = pilot.PilotOutput(pwm, levels.pilot_pwm_inverted)
@@ -100,20 +102,20 @@ def build(board, conf):
     charger = ch.Charger(
         int(conf.max_current_a * 1000), int(board.ratings.max_current_a * 1000),
         conf.free_vend, conf.allow_ventilation, report,
-        session_store.SettingsStore(files.SETTINGS_FILE),
+        session_store.SettingsStore(files.SETTINGS_FILE, gate),
         fallback_ma=int(conf.limit_fallback_a * 1000), wall=time.time, limit_ttl_s=conf.limit_ttl_s,
     )
     # What set_availability and set_current_limit last set (docs/commands.md); a bad file: defaults.
     charger.load_settings(time.ticks_ms())
     tethered_ma = int((board.ratings.tethered_cable_a or 0) * 1000)
     records = session_record.Records(charger, contactor, build_meter(board, conf.meter),
-                                     build_session_log(conf), conf.meter.failure_timeout_s * 1000,
-                                     report)
+                                     build_session_log(conf, gate), conf.meter.failure_timeout_s * 1000,
+                                     report, gate)
     io = controller.Io(sampler, output, contactor, rcd, proximity, tethered_ma)
     return controller.Controller(io, charger, conf.standard, report, records)
 
 
-def build_session_log(conf):
+def build_session_log(conf, gate=None):
     """Session records into the flash outbox; none without a pile id to name them by."""
     if conf.pile_id is None:
         console.report(time.ticks_ms(), "session", "no pile_id in config.json: sessions are not recorded")
@@ -138,14 +140,14 @@ def build_session_log(conf):
         raise Unavailable("boot counter not written to flash (%s): no session could be recorded; "
                           "free or replace the flash" % e) from None
     try:
-        outbox = journal.Journal(files.OUTBOX_FILE)
+        outbox = journal.Journal(files.OUTBOX_FILE, gate=gate)
     except OSError as e:
         raise Unavailable("outbox %s unreadable (%s): no session could be recorded"
                           % (files.OUTBOX_FILE, e)) from None
     return session_log.SessionLog(
         conf.pile_id, last + 1, outbox, session_store.SessionStore(files.SESSION_FILE),
         connector=conf.connector, metered=conf.meter.type != "none", checkpoint_s=conf.checkpoint_s,
-        report=console.report)
+        report=console.report, gate=gate)
 
 
 def build_link(board, conf, ctl):
@@ -169,7 +171,8 @@ def build_link(board, conf, ctl):
 
         updater = ota.build(conf.ota, board.name, VERSION, machine.reset)
     _reserve_link_room(False)
-    return mqtt_link.MqttLink(mconf, ctl, ctl.records.log, console.report, build_verifier(mconf),
+    verifier = build_verifier(mconf, ctl.records.gate)
+    return mqtt_link.MqttLink(mconf, ctl, ctl.records.log, console.report, verifier,
                               fw=VERSION, board=board.name, reset=machine.reset, boot_ms=console.boot_ms,
                               tls=tls, ota=updater, heal_store=link_heal.HealStore(files.HEAL_FILE),
                               reset_cause=reset_cause())
@@ -189,7 +192,17 @@ def build_tls(path, mqtt_link):
         raise Unavailable("%s: %s is not a usable CA certificate (%s)" % (where, path, e)) from None
 
 
-def build_verifier(mconf):
+def _unix_ms():
+    """Unix time in ms once the clock is set (NTP; before 2024 it is not), else None."""
+    import sntp
+
+    t = int(time.time())
+    if t + sntp.epoch_offset() < sntp.MIN_UNIX:
+        return None
+    return (t + sntp.epoch_offset()) * 1000
+
+
+def build_verifier(mconf, gate=None):
     """Remote commands need the key and a readable counter; otherwise they are refused (the
     link then does not subscribe to them). The key is never printed."""
     now = time.ticks_ms()
@@ -206,8 +219,12 @@ def build_verifier(mconf):
     if last is None:  # docs/commands.md: from 0 again, every captured command would be accepted
         console.report(now, "mqtt", "command counter unreadable (%s): remote commands refused" % store.error)
         return None
-    return command_auth.CommandVerifier(binascii.unhexlify(mconf.secret), last_counter=last,
-                                        counter_store=store)
+    verifier = command_auth.CommandVerifier(binascii.unhexlify(mconf.secret), last_counter=last,
+                                            counter_store=store, gate=gate, unix_ms=_unix_ms)
+    problem = verifier.reserve_ahead()  # at boot, open: a session's commands then write nothing
+    if problem is not None:
+        console.report(now, "storage", "command counter not reserved (%s): written per command" % problem)
+    return verifier
 
 
 def build_wifi(conf):

@@ -46,6 +46,20 @@ def test_console_blocks_past_the_fifo_at_115200_baud():
     assert 39 < chipmodel.costs(item(console=579), CAL)["console"] < 40
 
 
+def test_flash_writes_and_console_bytes_while_closed_are_counted():
+    """Issue 12 item 2: no flash write, no console burst with the contactor closed (counts)."""
+    run = [item(coil=False, flash=[["session.json.tmp", "wb", 90, 0]], meta=[["rename", "session.json"]],
+                console=600),  # open: free
+           item(coil=True, console=48), item(coil=True, console=40)]
+    assert chipmodel.closed_io(run) == {"flash_writes": 0, "console_bytes": 88, "console_most": 48,
+                                        "console_over_fifo": 0}
+    run.append(item(coil=True, flash=[["cmd_counter.json.tmp", "wb", 13, 0]],
+                    meta=[["rename", "cmd_counter.json"]], console=579))
+    c = chipmodel.closed_io(run)
+    assert c["flash_writes"] == 2 and c["console_over_fifo"] == 1 and c["console_most"] == 579
+    assert "2 flash write(s) (target 0)" in chipmodel.closed_io_line(run)
+
+
 def test_calibration_scales_by_the_published_pystones():
     cal = chipmodel.Calibration(60000)
     one_ms_slow = 1 / cal.slow
@@ -143,6 +157,11 @@ def test_a_chip_run_is_cut_at_every_feed_and_counts_the_same_twice():
     paths = chipmodel.classify(first)
     for name in ("idle tick", "charging tick", "command", "session start", "C->B decision"):
         assert paths[name], name
+    # issue 12 item 2: nothing written and no console burst while the contactor is closed
+    closed = chipmodel.closed_io(first)
+    assert closed["flash_writes"] == 0, closed
+    assert closed["console_over_fifo"] == 0 and closed["console_most"] <= chipmodel.CONSOLE_FIFO, closed
+    assert chipmodel.closed_io(second) == closed  # deterministic counts
     # the simulated hardware is not counted: an idle tick is well under a million instructions
     assert max(i["ir"] for i in paths["idle tick"]) < 1000000
     # Issue 12's target, on the reference calibration (instructions are deterministic: not a timed
@@ -154,3 +173,12 @@ def test_a_chip_run_is_cut_at_every_feed_and_counts_the_same_twice():
     assert r["max"] <= chipmodel.TARGET_BETWEEN_READS_MS, r["where"]["t"]
     assert r["gc_every"] is None or r["gc_every"] >= 20
     assert r["decide"] < 3  # a C->B seen opens the coil before anything else in that slice
+
+
+def test_a_piece_of_a_long_line_before_a_cut_counts_in_its_iteration():
+    """console.py writes a line longer than the UART's FIFO in pieces while the contactor is
+    closed: the chip ROM's cut line then follows a piece on the same output line."""
+    out = ["CHIP loop 5 1 C 100 1", "[   1.000] outbox: " + "r" * 100 + "CHIP loop 10 1 C 100 1",
+           "r" * 40, "CHIP loop 15 1 C 100 1"]
+    intervals, _ = chipmodel.pair(out, None)
+    assert [i["console"] for i in intervals] == [0, 119, 42]

@@ -351,3 +351,70 @@ def test_a_cable_read_bad_at_b_to_c_offers_nothing(monkeypatch):
     vb.run_until(3000)
     assert not vb.world.coil and vb.ctl.charger.offer_ma == 0
     assert vb.ctl.charger.state == ch.SUSPENDED_EVSE and not vb.ctl.output.pwm_on
+
+
+# -- issue 13's leftover: refreshes are not written; nothing while the contactor is closed ----------
+
+class Gate:
+    """flash_gate.FlashGate's interface: held while `closed`; the deferred writes run by hand."""
+
+    def __init__(self):
+        self.closed = False
+        self.due = []
+
+    @property
+    def held(self):
+        return self.closed
+
+    def defer(self, flush):
+        self.due.append(flush)
+
+    def open(self):
+        self.closed = False
+        due, self.due = self.due, []
+        return [f(0) for f in due]
+
+
+@settings(max_examples=100, deadline=None)
+@given(refreshes=st.lists(st.tuples(st.integers(1, 120), st.sampled_from((16000, 10000)),
+                                    st.sampled_from((60, 90)), st.booleans()), max_size=12))
+def test_a_refresh_writes_only_a_new_value_and_a_reboot_never_extends_it(tmp_path_factory, refreshes):
+    """A load manager re-sending its limit (same amps and ttl, every few s, sometimes while the
+    contactor is closed): settings.json is written only when amps or ttl change, never while
+    closed; after a reboot the limit ends no later than the last command's time to live."""
+    path = tmp_path_factory.mktemp("s") / "settings.json"
+    wall = Wall(SYNCED)
+    gate = Gate()
+    store = session_store.SettingsStore(str(path), gate)
+    writes = []
+    real = store._save
+
+    def counted(settings):
+        written = real(settings)
+        if written:
+            writes.append((dict(settings), gate.closed))
+        return written
+
+    store._save = counted
+    c, _ = make(store, wall)
+    last = None
+    for dt, amps, ttl, closed in refreshes:
+        wall.t += dt
+        if gate.closed and not closed:
+            assert all(problem is None for problem in gate.open())
+        gate.closed = closed
+        before = len(writes)
+        c.set_remote_limit(amps, 0, ttl)
+        changed = last is None or last[:2] != (amps, ttl)
+        if not changed or closed:
+            assert len(writes) == before  # a refresh, or the contactor closed: nothing now
+        last = (amps, ttl, wall.t + ttl)
+    gate.open()  # deferred: written at the open, never lost
+    assert not any(closed for _, closed in writes)
+    if last is not None:
+        saved = session_store.SettingsStore(str(path)).load()
+        assert (saved["limit_ma"], saved["ttl"]) == last[:2]
+        assert saved["until"] <= last[2]  # never later than the last command allows
+        booted, _ = reboot(path, wall)
+        left = booted.limit_expires_in_ms(0)
+        assert left is None or left <= last[1] * 1000

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from pilehost import unix_port
+from pilehost import pilecmd, unix_port
 from pilehost.cloud import schemas
 from pilehost.link_rig import C_TO_B_LIMIT_MS, HEAP, mqtt_config, signed
 from pilehost.procs import TIMEOUT
@@ -81,15 +81,18 @@ def command(pile, w, cmd, args, counter, cmd_id):
 
 def subscribed(pile, w):
     """Clean session: a command sent before the pile has subscribed is lost. request_status until
-    one is answered; returns a counter above every one used (milliseconds, as pilecmd does)."""
+    one is answered; returns a counter above every one used (milliseconds, as pilecmd does),
+    and above the floor a `replayed` answer names (after a reboot: docs/commands.md, "Replays")."""
     counter = int(time.time() * 1000)
     hello = "hello-%d-" % counter
     for i in range(50):
         w.publish(signed("request_status", {}, counter + i, hello + str(i)))
         deadline = time.monotonic() + 0.3
         while time.monotonic() < deadline:
-            if any(a["cmd_id"].startswith(hello) for a in w.of("cmd/ack")):
-                return counter + 100
+            answers = [a for a in w.of("cmd/ack") if a["cmd_id"].startswith(hello)]
+            if answers:
+                floor = pilecmd.floor_of(answers[0]["reason"])
+                return counter + 100 if floor is None else max(counter, floor) + 100
             time.sleep(0.02)
     pytest.fail("the pile never answered a command:\n" + "\n".join(pile.lines[-40:]))
 

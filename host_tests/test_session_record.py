@@ -88,3 +88,47 @@ def test_the_tick_touches_neither_the_meter_nor_the_records(monkeypatch):
     vb.ctl.records = records
     with pytest.raises(AssertionError):
         Records(vb.ctl.charger, vb.ctl.contactor, Exploding()).poll(0)
+
+
+# -- issue 12 item 2: the session's first writes come before the contactor closes ------------------
+
+class HeldLog:
+    """A SessionLog that cannot start the session yet (a power cut's session still open)."""
+
+    failed = None
+
+    def poll(self, now_ms, record, reading):
+        pass
+
+
+def test_the_contactor_waits_for_the_sessions_id_its_started_record_and_snapshot():
+    """Records.ready: an authorised session without its id (started record and first snapshot
+    not written) holds the contactor open: they would otherwise be written while it is closed."""
+    charger = ch.Charger(32000, 32000, True, False)
+    contactor = Contactor()
+    m = SilentMeter()
+    records = Records(charger, contactor, m, HeldLog())
+    m.reading = reading(1000, 0, 0)
+    charger.step(0, pilot.B, True)
+    records.poll(0)
+    rec = records.record
+    assert rec.authorized and rec.meter_start_wh == 1000 and rec.id is None
+    assert not records.ready
+    rec.id = "pile-1-1"  # what SessionLog._start gives, with the snapshot and the started record
+    assert records.ready
+
+
+def test_the_gate_runs_the_deferred_writes_in_the_records_step_once_open():
+    import flash_gate
+
+    contactor = Contactor()
+    gate = flash_gate.FlashGate(contactor)
+    ran = []
+    contactor.closed = True
+    gate.defer(lambda now: ran.append(now))
+    records = Records(ch.Charger(32000, 32000, True, False), contactor, None, None, gate=gate)
+    records.poll(5)
+    assert ran == [] and gate.due == 1
+    contactor.closed = False
+    records.poll(10)
+    assert ran == [10] and gate.due == 0

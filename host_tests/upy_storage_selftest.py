@@ -144,7 +144,7 @@ def main():
     cmd = v.verify(payload)
     check(cmd.cmd == "remote_start" and cmd.args == {"auth_id": "card-1"} and cmd.id == "upy-1",
           "command %r" % cmd)
-    check(ctr.load() == 7, "counter stored")
+    check(ctr.load() == 7 + command_auth.RESERVE, "counter stored, reserved ahead")
     for raw, code in ((payload, "replayed"), (payload.replace(b"card-1", b"card-2"), "bad_signature"),
                       (b"\xff" * 600, "too_large"), (b"{not json", "malformed")):
         try:

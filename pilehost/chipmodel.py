@@ -161,6 +161,11 @@ def pair(lines, irs):
     text = []
     result = None
     for line in lines:
+        cut = line.find("CHIP ")
+        if cut > 0:  # a piece of a long firmware line (console.py, while closed), then the cut
+            console += cut
+            text.append(line[:cut])
+            line = line[cut:]
         if line.startswith("CHIP {"):
             item = json.loads(line[5:])
         elif line.startswith("CHIP "):  # a plain interval: kind, ms, coil, car, heap in use, bursts
@@ -563,6 +568,31 @@ def c_to_b(r, gc_ms):
 
 # -- the report ----------------------------------------------------------------------------------
 
+def closed_io(intervals):
+    """Issue 12 item 2, counted not timed: what the loop did to the flash and the console while
+    the contactor was closed. (flash writes: files written, renamed or removed; console bytes in
+    total and the most in one iteration; iterations that wrote more than the UART's FIFO)."""
+    writes = total = most = over = 0
+    for i in intervals:
+        if i.get("kind") != "loop" or not i.get("coil"):
+            continue
+        writes += len(i.get("flash", [])) + len(i.get("meta", []))
+        n = i.get("console", 0)
+        total += n
+        most = max(most, n)
+        over += n > CONSOLE_FIFO
+    return {"flash_writes": writes, "console_bytes": total, "console_most": most,
+            "console_over_fifo": over}
+
+
+def closed_io_line(intervals):
+    c = closed_io(intervals)
+    return ("chip, while the contactor is closed: %d flash write(s) (target 0); console %d B, at most "
+            "%d B in one iteration, %d iteration(s) past the %d-byte FIFO (target 0)" % (
+                c["flash_writes"], c["console_bytes"], c["console_most"], c["console_over_fifo"],
+                CONSOLE_FIFO))
+
+
 def _fmt_row(name, n, r):
     if r is None:
         return "chip, %-16s %4d   (not met in the run)" % (name, n)
@@ -622,6 +652,8 @@ def report(intervals, cal, binary, took_s, out=print):
                 "(%s)" % (
                 g["t"] / 1000, c["erases"], c["pages"], g.get("console", 0), c["total"][0], c["total"][1],
                 ", ".join(f[0] for f in g.get("flash", [])) or "console"))
+    say(closed_io_line(intervals))
+    if r is not None:
         cb = c_to_b(r, gc_ms)
         say("chip, C->B -> contactor open (slow bound, 20 ms debounce from the last C read, then at "
             "most one gap, a burst and the decision %.1f ms): alone %.1f ms; with a collection, a command, "
@@ -634,7 +666,8 @@ def report(intervals, cal, binary, took_s, out=print):
         out(line)
     return lines, {"rows": [(n, k, r and {"median_slow": r["median_slow"], "ir": r["ir"],
                                           "total_slow": r["worst"]["total"]}) for n, k, r in rows],
-                   "c_to_b": cb, "reads": r, "per_pystone": cal.per_pystone}
+                   "c_to_b": cb, "reads": r, "per_pystone": cal.per_pystone,
+                   "closed_io": closed_io(intervals)}
 
 
 def main(out=print):

@@ -209,7 +209,7 @@ class Pile:
             elif set(body) != {"v", "id", "cmd", "counter", "args"} or body["v"] != 1:
                 reason = "malformed: not a v1 command body"
             elif not body["counter"] > self.last_counter:
-                reason = "replayed: counter not above the last accepted one"
+                reason = "replayed: counter not above %d" % self.last_counter
             elif cmd != "request_status":
                 result, reason = "unknown_command", "unknown_command: not played by the fleet"
             else:

@@ -65,6 +65,14 @@ def sign(secret, body):
     return json.dumps({"body": body, "sig": sig}, separators=(",", ":")).encode("utf-8")
 
 
+def floor_of(reason):
+    """The pile's floor from a `replayed` ack's reason (`replayed: counter not above N`), or
+    None. After a reboot the pile refuses counters up to its reservation (docs/commands.md,
+    "Replays"): send again with --floor N, which signs above it."""
+    m = re.fullmatch(r"replayed: counter not above (\d+)", reason or "")
+    return int(m.group(1)) if m else None
+
+
 def parse_args(cmd, pairs):
     spec = COMMANDS[cmd]
     args = {}
@@ -100,6 +108,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Sign a remote command for a pile.")
     ap.add_argument("--secret-file", required=True, help="the pile's key, hex")
     ap.add_argument("--counter", type=int, help="strictly increasing per pile (default: ms now)")
+    ap.add_argument("--floor", type=int, help="a replayed ack's floor: sign above it")
     ap.add_argument("--id", dest="cmd_id", help="command id (default: cmd-<counter>)")
     ap.add_argument("command", choices=sorted(COMMANDS))
     ap.add_argument("args", nargs="*", metavar="key=value")
@@ -110,6 +119,8 @@ def main(argv=None):
     except (OSError, ValueError) as e:
         ap.error(str(e))
     counter = opts.counter if opts.counter is not None else time.time_ns() // 1_000_000
+    if opts.floor is not None:
+        counter = max(counter, opts.floor + 1)
     if not 0 < counter < 2 ** 53:
         ap.error("counter must be 1..2**53-1")
     if opts.cmd_id is not None and not re.fullmatch(r"[A-Za-z0-9._:-]{1,64}", opts.cmd_id):

@@ -269,6 +269,7 @@ class Rollout:
         self.reports = []  # per cohort: its piles, its control, the comparison
         self.updated = set()  # piles the command went to
         self._stop = threading.Event()
+        self._jumped = set()  # piles sent the update again above their floor
 
     def withdraw(self, reason="withdrawn"):
         """From another thread: no further `update` goes out; run() returns False."""
@@ -362,8 +363,12 @@ class Rollout:
                 bad[p] = self.outcome[p] = "; ".join(why)
         return bad
 
-    def _update(self, pile_id):
+    def _update(self, pile_id, floor=None):
+        """The signed `update`; its counter the time in ms, above a `replayed` answer's floor
+        (a pile reserves counters ahead and refuses them after a reboot: docs/commands.md)."""
         counter = time.time_ns() // 1_000_000
+        if floor is not None:
+            counter = max(counter, floor + 1)
         body = pilecmd.make_body("update", {"release": self.release}, counter,
                                  "upd-%d-%d" % (self.release, counter))
         self.watch.send(pile_id, pilecmd.sign(self.secrets[pile_id], body))
@@ -372,6 +377,12 @@ class Rollout:
         s = self.watch.snapshot(pile_id)
         for ack in s["acks"][len(before["acks"]):]:
             if ack["cmd"] == "update" and ack["result"] != "accepted":
+                floor = pilecmd.floor_of(ack["reason"])
+                if floor is not None and pile_id not in self._jumped:
+                    self._jumped.add(pile_id)  # once: a second `replayed` is a verdict
+                    before["acks"] = list(s["acks"])
+                    self._update(pile_id, floor)
+                    return None
                 return "refused: %s %s" % (ack["result"], ack["reason"])
         ota = s["ota"]
         if ota is not None and (ota["rolled_back"] or {}).get("release") == self.release:

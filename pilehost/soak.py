@@ -90,10 +90,12 @@ class Cloud:
         self.relay.up()
         self._counter = 0
 
-    def remote_stop(self):
+    def remote_stop(self, floor=0):
         """A signed remote_stop; its counter is the time in ms and always goes up (the pile keeps
-        the last one in flash across its lifetimes)."""
-        self._counter = max(self._counter + 1, int(time.time() * 1000))
+        the last one in flash across its lifetimes), above `floor`: after a reboot the pile
+        refuses counters up to its reservation (docs/commands.md, "Replays"), which a cloud
+        learns from the `replayed` answer; the rig reads it from the pile's flash instead."""
+        self._counter = max(self._counter + 1, int(time.time() * 1000), floor + 1)
         payload = pilecmd.sign(SECRET, pilecmd.make_body("remote_stop", {}, self._counter))
         self.sender.publish("evse/v1/%s/cmd" % PILE, payload, qos=1)
 
@@ -184,6 +186,16 @@ class Planner:
 
 
 # -- one lifetime -------------------------------------------------------------------------------
+
+def counter_floor(flash):
+    """The command counter reservation on the pile's flash (session_store.CounterStore: a CRC
+    line, then the JSON number); 0 if there is none yet."""
+    try:
+        with open(os.path.join(flash, "cmd_counter.json"), "rb") as f:
+            return int(f.read().split(b"\n", 1)[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
 
 def read_state(flash):
     try:
@@ -277,11 +289,12 @@ class Soak:
         self.lifetimes = []
         self.failures = []
         self._stop = threading.Event()
+        self._flash = None  # the running lifetime's flash folder
 
     def _cue(self, cloud, kind):
         self.faults[kind] += 1
         if kind == "remote_stop":
-            cloud.remote_stop()
+            cloud.remote_stop(0 if self._flash is None else counter_floor(self._flash))
 
     def _broker_faults(self, cloud, rnd):
         """Black holes and restarts at random moments, while the lifetimes run."""
@@ -335,6 +348,7 @@ class Soak:
         return not self.failures
 
     def _one_lifetime(self, cloud, flash, sessions):
+        self._flash = flash
         energy, plugged, wants = read_state(flash)
         steps, end_ms = Planner(self.rnd, self.faults).lifetime(sessions, plugged, wants)
         kill = None

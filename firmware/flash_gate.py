@@ -1,0 +1,69 @@
+"""No filesystem write while the contactor is closed (docs/durability.md, "The contactor closed").
+
+Any LittleFS write, close, rename or remove commits to a metadata block; now and then that commit
+compacts the block: a 4 KiB sector erase, 45 ms typical and 400 ms worst (W25Q32JV tSE), the CPU
+stalled meanwhile. While the contactor is closed a stall delays the reaction to C->B or an RCD
+trip, so the writers here wait: each asks `held` before it writes and hands what it could not
+write to `defer()`; the records step calls `poll()` once per loop iteration, which runs those
+writes at the first iteration with the contactor open (a contactor that opened stays open at
+least relay.MIN_OPEN_MS: the writes end before it may close again). The same poll drains the
+console's queue: while closed no more than the UART's FIFO takes without blocking (console.py).
+"""
+
+
+class FlashGate:
+    """`contactor`: anything with a `closed` attribute (relay.Contactor); None: never held.
+    `report`: the console callback, for a deferred write that failed."""
+
+    def __init__(self, contactor=None, report=None, console=None):
+        """console: the console module (its queue is drained here, a bounded amount while
+        closed: console.py), or None."""
+        self._contactor = contactor
+        self._report = report
+        self._console = console
+        if console is not None:
+            console.hold = self
+        self._due = []  # callables(now_ms) -> None or an error text, oldest first
+        self._open_steps = []  # the same, called at every poll with the contactor open
+        self.deferred = 0  # writes deferred since boot (for the bench and the tests)
+
+    @property
+    def held(self):
+        c = self._contactor
+        return c is not None and c.closed
+
+    def defer(self, flush):
+        """Run `flush(now_ms)` at the first poll() with the contactor open. A writer defers once
+        until its flush has run (its own flag: MicroPython's bound methods do not compare)."""
+        self._due.append(flush)
+        self.deferred += 1
+
+    def every_open_step(self, fn):
+        """Call `fn(now_ms)` at every poll() with the contactor open (it keeps itself cheap)."""
+        self._open_steps.append(fn)
+
+    @property
+    def due(self):
+        return len(self._due)
+
+    def poll(self, now_ms):
+        """Once per loop iteration: the console's queue (bounded while closed), then, with the
+        contactor open, the deferred writes; each one's error is reported."""
+        held = self.held
+        con = self._console
+        if con is not None:
+            con.drain(now_ms if held else None)
+        if held:
+            return
+        due = self._due
+        if due:
+            self._due = []
+            for flush in due:
+                self._run(now_ms, flush)
+        for fn in self._open_steps:
+            self._run(now_ms, fn)
+
+    def _run(self, now_ms, fn):
+        problem = fn(now_ms)
+        if problem is not None and self._report is not None:
+            self._report(now_ms, "storage", problem)
