@@ -344,17 +344,14 @@ def scenario_thread(monkeypatch):
     return start
 
 
-@pytest.fixture
-def chip_binary():
-    """The chip model's build (pilehost/chipbuild.py, cached in build/chip/) for a run under
-    callgrind; the test is skipped where valgrind, the source or a 32-bit C toolchain is missing."""
-    import shutil
+@pytest.fixture(scope="session")
+def chip_image():
+    """The chip model's image (pilehost/chipbuild.py, cached in build/chip/: 32-bit, single-precision,
+    the firmware frozen in); the test is skipped where the source or a 32-bit C toolchain is missing."""
     import subprocess
 
     from pilehost import chipbuild
 
-    if shutil.which("valgrind") is None:
-        pytest.skip("valgrind is not installed (make chiptools)")
     if not os.path.exists(chipbuild.SOURCE_TARBALL):
         pytest.skip("no MicroPython source tarball in ../shared/tools")
     probe = subprocess.run(["gcc", "-m32", "-x", "c", "-", "-o", os.devnull], input="int main(){return 0;}",
@@ -362,6 +359,16 @@ def chip_binary():
     if probe.returncode:
         pytest.skip("no 32-bit C toolchain (Debian's gcc-multilib; make chiptools)")
     return chipbuild.chip_binary(log=lambda text: None)
+
+
+@pytest.fixture(scope="session")
+def chip_binary(chip_image):
+    """The chip image for a run under callgrind; the test is skipped where valgrind is missing."""
+    import shutil
+
+    if shutil.which("valgrind") is None:
+        pytest.skip("valgrind is not installed (make chiptools)")
+    return chip_image
 
 
 # -- an MQTT link whose network never answers --------------------------------------------------------

@@ -2,9 +2,6 @@
 WHAT=growth`): its arithmetic and its verdicts on made-up output, that it catches a leak, and a
 short lifetime of the frozen firmware in its 56 KiB target that does not grow. Every figure is a
 count on the virtual clock: the same on a loaded host."""
-import os
-import shutil
-import subprocess
 
 import pytest
 from hypothesis import given
@@ -55,20 +52,10 @@ def test_a_record_published_twice_or_missing_a_reset_or_a_reconnect_is_a_problem
     assert "1 of 2 sessions" in _run(short).problems(2)[0]
 
 
-def _chip_binary_or_skip():
-    if not os.path.exists(chipbuild.SOURCE_TARBALL):
-        pytest.skip("no MicroPython source tarball in ../shared/tools")
-    if shutil.which("gcc") is None or subprocess.run(
-            ["gcc", "-m32", "-x", "c", "-", "-o", os.devnull], input="int main(){return 0;}",
-            capture_output=True, text=True).returncode:
-        pytest.skip("no 32-bit C toolchain (Debian's gcc-multilib; make chiptools)")
-    return chipbuild.chip_binary(log=lambda text: None)
-
-
 @pytest.fixture(scope="module")
-def frozen():
+def frozen(chip_image):
     """(binary, MICROPYPATH, the simulator's live heap B) of the chip image, firmware frozen."""
-    binary = _chip_binary_or_skip()
+    binary = chip_image
     path = chipbuild.frozen_micropypath()
     return binary, path, chipgrowth.simulator_share(binary, path)
 

@@ -1,13 +1,10 @@
 """The chip-time model (pilehost/chipmodel.py): its arithmetic against the data sheet and the
 rules it states, and, where valgrind and the chip build are at hand, that a run under callgrind
 is cut where it says and counts the same every time (figures: `make bench WHAT=chip`)."""
-import os
-import shutil
-import subprocess
 
 import pytest
 
-from pilehost import chipbuild, chipmodel
+from pilehost import chipmodel
 
 CAL = chipmodel.Calibration(50000)
 
@@ -128,20 +125,8 @@ def test_reads_leave_the_collection_out_of_the_largest_gap_and_find_the_decision
     assert r["gc_in_run"] == 1
 
 
-def _chip_binary_or_skip():
-    if shutil.which("valgrind") is None:
-        pytest.skip("valgrind is not installed (make chiptools)")
-    if not os.path.exists(chipbuild.SOURCE_TARBALL):
-        pytest.skip("no MicroPython source tarball in ../shared/tools")
-    probe = subprocess.run(["gcc", "-m32", "-x", "c", "-", "-o", os.devnull], input="int main(){return 0;}",
-                           capture_output=True, text=True)
-    if probe.returncode:
-        pytest.skip("no 32-bit C toolchain (Debian's gcc-multilib; make chiptools)")
-    return chipbuild.chip_binary(log=lambda text: None)
-
-
-def test_a_chip_run_is_cut_at_every_feed_and_counts_the_same_twice():
-    binary = _chip_binary_or_skip()
+def test_a_chip_run_is_cut_at_every_feed_and_counts_the_same_twice(chip_binary):
+    binary = chip_binary
     scenario = chipmodel.chip_scenario(charge_s=1, commands_at=(1300, 1600), tail_ms=600)
     runs = [chipmodel.run_chip(binary, scenario=scenario) for _ in range(2)]
     (first, result), (second, _) = runs
