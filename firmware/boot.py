@@ -36,7 +36,7 @@ import sys  # noqa: E402
 _run = 0
 _rb = None  # release_boot kept: select() found failed boots to clear once one imports
 _wdt = None
-_imports = ()  # release_boot.MAIN_IMPORTS
+_imports = tuple()  # release_boot.MAIN_IMPORTS
 try:
     import release_boot
 

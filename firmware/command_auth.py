@@ -252,7 +252,7 @@ class CommandVerifier:
                 # for this command: an error is not its business.
                 if held:
                     self._due = True
-                    self._gate.defer(self._flush)  # type: ignore[union-attr]  # held: a gate
+                    self._gate.defer(self._flush)  # held: a gate
                 else:
                     self._save(counter)
             return
@@ -265,7 +265,7 @@ class CommandVerifier:
                                "is closed: not executed, send it again after the session", *ack)
         if not self._due:
             self._due = True
-            self._gate.defer(self._flush)  # type: ignore[union-attr]  # held: a gate
+            self._gate.defer(self._flush)  # held: a gate
 
     def _ahead(self):
         """The counter a reservation starts from: the last accepted, or the Unix ms if later."""
@@ -300,7 +300,7 @@ class CommandVerifier:
         """A new reservation above `counter`; None, or the error."""
         r = min(counter + self.reserve, _MAX_COUNTER)
         try:
-            self._store.save(r)  # type: ignore[union-attr]  # only with a store
+            self._store.save(r)  # only with a store
         except OSError as e:
             return e
         self.writes += 1

@@ -574,20 +574,22 @@ class Updater:
         state); once all of it: on to its next chunk, or the file is whole."""
         path, size, _ = self._manifest["files"][self._file]
         buf = bytearray(CHUNK)
+        pos = self._rehash or 0  # set whenever this step runs
         with open(self._dir() + "/" + path + ".part", "rb") as f:
-            f.seek(self._rehash)
+            f.seek(pos)
             for _ in range(_REHASH_CHUNKS):
-                left = self._off - self._rehash
+                left = self._off - pos
                 if not left:
                     break
                 n = f.readinto(buf)
                 if not n:  # shorter than it was: go on from where it ends
-                    self._off = self._rehash
+                    self._off = pos
                     break
                 n = min(n, left)
                 self._sha.update(buf if n == CHUNK else buf[:n])
-                self._rehash += n
-        if self._rehash < self._off:
+                pos += n
+        self._rehash = pos
+        if pos < self._off:
             return
         self._rehash = None
         if self._off == size:
