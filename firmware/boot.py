@@ -13,13 +13,13 @@ try:
     _levels = _board.get("levels", {})
 
     # Four ints kept (board.json's dicts are dropped below; release_boot.recover() calls this later).
-    _c, _p = _pins["contactor"], _pins["pilot_pwm"]
-    _c_off = 1 - _levels.get("contactor_on", 1)
-    _p_plus = 0 if _levels.get("pilot_pwm_inverted", False) else 1
+    _coil_pin, _pwm_pin = _pins["contactor"], _pins["pilot_pwm"]
+    _coil_off = 1 - _levels.get("contactor_on", 1)
+    _pwm_plus = 0 if _levels.get("pilot_pwm_inverted", False) else 1
 
     def _keep_safe():
-        machine.Pin(_c, machine.Pin.OUT, value=_c_off)
-        machine.Pin(_p, machine.Pin.OUT, value=_p_plus)
+        machine.Pin(_coil_pin, machine.Pin.OUT, value=_coil_off)
+        machine.Pin(_pwm_pin, machine.Pin.OUT, value=_pwm_plus)
 
     _keep_safe()
 except Exception as e:  # noqa: BLE001 - nothing more can be done before main.py reports it
