@@ -111,8 +111,8 @@ class Fleet:
         count = release.publish("127.0.0.1", b.cloud_port, n, manifest, files, *_cloud_auth(b.cloud_url))
         return len(files), sum(len(d) for _p, d in files), count
 
-    def rollout(self, n, percents, wait_s=240, soak_s=5, say=print):
-        r = rollout.Rollout(self.watch, self.secrets, n, percents, wait_s, soak_s, say=say)
+    def rollout(self, n, percents, wait_s=240, soak_s=5, say=print, seed=None):
+        r = rollout.Rollout(self.watch, self.secrets, n, percents, wait_s, soak_s, say=say, seed=seed)
         r.run()
         return r
 
