@@ -229,11 +229,16 @@ class Records:
     def _current_reading(self, record, reading, now_ms):
         """May `reading` be the session's meter start? Taken after the plug-in, or at most
         START_READING_MAX_AGE_MS old, and of the meter's current epoch: a reading the meter's
-        guard refused to replace for long (a restart it did not see) is never a start. Never
+        guard refused to replace for long (a restart it did not see) is never a start, nor one
+        it has not checked against another (docs/meters.md, "A session's meter start"). Never
         one from before the contactor last opened: what the last session drew after it (a meter
         silent then) would be billed to this one."""
         epoch = getattr(self.meter, "epoch", None)
         if epoch is not None and epoch != getattr(reading, "epoch", 0):
+            return False
+        if not getattr(reading, "checked", True):
+            # The first reading after a boot or a gap: nothing to judge it against (a glitch
+            # lasting across a reboot looked good). The next one that follows it is the start.
             return False
         if self._has_opened:  # no reading since the last opening yet
             return False
