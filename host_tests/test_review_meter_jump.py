@@ -3,9 +3,10 @@ session fuzz-1-3-1): the first reading after boot had no history to be judged ag
 the next session's meter start, and when the glitch ended the drop back to the true register
 was taken for a meter restart from 0: the session billed ~9 Wh it never delivered.
 
-The rule (docs/meters.md, "A session's meter start"): a start is a reading the guard has
-checked against another one (two consistent readings); a drop is billed from 0 only when it
-can be a restart, never at the end of a glitch. The virtual board (wiring.build on the
+The rule (docs/meters.md, "A session's meter start"): a start is confirmed by a reading the
+guard checked against it (two consistent readings); one the meter's next epoch comes before is
+a glitch, never billed, and the new register is the start, not counted from 0. A power cut's
+record takes no unchecked boot reading. The virtual board (wiring.build on the
 simulated hardware, virtual clock), as test_stateful_pile.py; fakes are local."""
 import json
 
