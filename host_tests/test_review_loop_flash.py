@@ -258,3 +258,44 @@ def test_no_console_write_blocks_while_closed_after_a_long_line_printed_open(
     held_blocks = [w for w, held in uart.blocked if held and w > 0.01]
     assert held_blocks == [], "a console write blocked %.1f ms with the contactor closed" % max(
         held_blocks)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from(("cmd", "reboot", "renew")),
+                          st.one_of(st.none(), st.integers(0, 2 * 10 ** 12)),
+                          st.integers(1, 3 * C.RESERVE)), max_size=25))
+def test_no_accepted_command_is_accepted_again_whatever_the_clock_does(tmp_path_factory, steps):
+    """The reservation follows the wall clock when it is set (renew, reserve_ahead); a clock
+    never set, set wrong, or moved backwards between reboots must never let an accepted counter
+    in again (the contactor open: every accepted counter is on flash)."""
+    path = str(tmp_path_factory.mktemp("c") / "cmd_counter.json")
+    unix = [None]
+
+    def boot_clock():
+        store = session_store.CounterStore(path)
+        v = C.CommandVerifier(SECRET, last_counter=store.load(), counter_store=store,
+                              gate=OpenGate(), unix_ms=lambda: unix[0])
+        assert v.reserve_ahead() is None
+        return v
+
+    v = boot_clock()
+    accepted = []
+    counter = 1
+    now = 0
+    for kind, clock, jump in steps:
+        unix[0] = clock
+        if kind == "reboot":
+            v = boot_clock()
+        elif kind == "renew":
+            now += 20000
+            assert v.renew(now) is None
+        else:
+            counter = max(counter, v.last_counter) + jump
+            if counter > MAX:
+                break
+            v.verify(signed("request_status", counter))
+            accepted.append(counter)
+        for old in accepted[-3:]:
+            with pytest.raises(C.CommandError) as info:
+                v.verify(signed("remote_stop", old))
+            assert info.value.code == "replayed"
