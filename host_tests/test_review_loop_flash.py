@@ -1,0 +1,307 @@
+"""An adversary's review of the loop and flash changes of issue 12 item 2 (firmware/flash_gate.py,
+console.py's queue while closed, command_auth.py's reserved counter): each test is an input or
+timing that tries to break one rule.
+
+- The counter reservation near the top of its range: a command near 2**53 - 1 (pilecmd takes any
+  counter up to it) must not leave, after the next reboot, a floor that no counter is above:
+  every command, `update` too, refused for good, only a technician could bring it back.
+- A fault line the full console queue drops while closed is still in diag's recent faults, and
+  the drop is said once the contactor opens.
+- A checkpoint falling due while the contactor is closed is written at the open, also when the
+  car goes C->B->C quickly (the contactor may close again only relay.MIN_OPEN_MS later).
+"""
+import builtins
+import os
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pilehost import pilecmd
+from pilehost.virtual_board import VirtualBoard
+
+import command_auth as C
+import console
+import session_store
+
+SECRET = bytes(range(32))
+MAX = 2 ** 53 - 1
+
+
+def signed(name, counter):
+    return pilecmd.sign(SECRET, pilecmd.make_body(name, {}, counter))
+
+
+class OpenGate:
+    """A flash gate with the contactor open: nothing deferred."""
+
+    held = False
+
+    def every_open_step(self, fn):
+        pass
+
+    def defer(self, fn):  # pragma: no cover - never held
+        raise AssertionError("deferred with the contactor open")
+
+
+def boot(path):
+    """The verifier as wiring.build_verifier makes it at boot (reservation written, open)."""
+    store = session_store.CounterStore(path)
+    v = C.CommandVerifier(SECRET, last_counter=store.load(), counter_store=store, gate=OpenGate())
+    assert v.reserve_ahead() is None
+    return v
+
+
+# -- the counter reservation at the top of its range ---------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="review finding, fix in commit 9a0853e (command_auth._reservation) "
+                   "not merged here: with it one closed gap of test_chipmodel's chip run came to "
+                   "10.06 ms (target 10, the merged firmware sits just under it)")
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(st.integers(MAX - 3 * C.RESERVE, MAX - 1), st.integers(1, MAX - 1)),
+       st.integers(1, 4))
+def test_a_counter_near_2_53_leaves_a_command_after_any_number_of_reboots(tmp_path_factory, counter, boots):
+    path = str(tmp_path_factory.mktemp("c") / "cmd_counter.json")
+    v = boot(path)
+    assert v.verify(signed("request_status", counter)).counter == counter
+    for _ in range(boots):
+        v = boot(path)
+        # Replay protection kept: the accepted counter is refused after every reboot.
+        with pytest.raises(C.CommandError) as info:
+            v.verify(signed("request_status", counter))
+        assert info.value.code == "replayed"
+        floor = pilecmd.floor_of(str(info.value))
+        assert floor is not None and floor >= counter
+        # What pilecmd --floor signs: one above the floor, if the range has one.
+        assert floor < MAX, "floor %d after a command at %d: no command can ever be accepted" % (
+            floor, counter)
+    assert v.verify(signed("request_status", floor + 1)).counter == floor + 1
+
+
+def test_the_reservation_still_spares_the_writes_below_the_top(tmp_path_factory):
+    """The fix at the top keeps the reservation everywhere else (no write per command)."""
+    path = str(tmp_path_factory.mktemp("c") / "cmd_counter.json")
+    v = boot(path)
+    v.verify(signed("request_status", 10 ** 12))
+    writes = v.writes
+    for i in range(1, 50):
+        v.verify(signed("request_status", 10 ** 12 + i))
+    assert v.writes == writes and v.reserved == 10 ** 12 + C.RESERVE
+
+
+# -- the console queue while closed --------------------------------------------------------------
+
+
+class Hold:
+    held = True
+
+
+@pytest.fixture
+def quiet_console(monkeypatch):
+    monkeypatch.setattr(console, "_queue", [])
+    monkeypatch.setattr(console, "_queued", 0)
+    monkeypatch.setattr(console, "_head", 0)
+    monkeypatch.setattr(console, "_fifo", 0)
+    monkeypatch.setattr(console, "lines_dropped", 0)
+    monkeypatch.setattr(console, "recent_faults", [])
+    hold = Hold()
+    monkeypatch.setattr(console, "hold", hold)
+    return hold
+
+
+@given(st.integers(1, 60), st.integers(10, 300))
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_a_fault_dropped_while_closed_stays_in_the_recent_faults_and_is_counted(
+        quiet_console, capsys, filler, width):
+    console._queue[:] = []
+    console._queued = console.lines_dropped = 0
+    console.recent_faults[:] = []
+    quiet_console.held = True
+    capsys.readouterr()
+    for i in range(filler):
+        console.report(i, "meter", "x" * width)
+    console.report(filler, "fault", "pilot_short raised")
+    assert console._queued <= console.QUEUE_MAX_BYTES
+    assert console.recent_faults[-1] == (filler, "pilot_short raised")  # diag.py sees it
+    dropped = console.lines_dropped
+    assert capsys.readouterr().out == ""  # nothing printed while closed
+    quiet_console.held = False
+    console.drain()
+    out = capsys.readouterr().out
+    if dropped:
+        assert "%d line(s) dropped while the contactor was closed" % dropped in out
+    else:
+        assert "pilot_short raised" in out
+    assert console.lines_dropped == 0 and console._queue == []
+
+
+# -- a checkpoint due while closed, written at the open ------------------------------------------
+
+CONFIG = {"free_vend": True, "pile_id": "review-1", "checkpoint_s": 10,
+          "meter": {"type": "ddsu666", "failure_timeout_s": 5}}
+
+
+def _watch_snapshots(monkeypatch, contactor_of):
+    """(ms, closed) of every write of the session snapshot (session.json, or its temp file)."""
+    import session_store as ss
+
+    seen = []
+    real_open = builtins.open
+    real_rename = os.rename
+
+    def _open(path, mode="r", *args, **kwargs):
+        if ("w" in mode or "a" in mode) and "session" in str(path):
+            seen.append(contactor_of().closed)
+        return real_open(path, mode, *args, **kwargs)
+
+    def _rename(a, b):
+        if "session" in str(b):
+            seen.append(contactor_of().closed)
+        return real_rename(a, b)
+
+    monkeypatch.setattr(ss, "open", _open, raising=False)
+    monkeypatch.setattr(os, "rename", _rename)
+    return seen
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(0, 400))
+def test_a_checkpoint_due_while_closed_is_written_at_the_open_even_on_a_quick_bounce(
+        monkeypatch, bounce_ms):
+    with monkeypatch.context() as mp:
+        vb = VirtualBoard(mp, config=dict(CONFIG), period_ms=5)
+        vb.world.energy_wh = 1000000
+        w = vb.world
+
+        def run_ms(ms):
+            end = w.now + ms * 1000
+            while w.now < end:
+                w.advance()
+                vb.tick()
+
+        w.do("plug", 220)
+        w.do("request")
+        run_ms(3000)
+        assert vb.ctl.contactor.closed
+        seen = _watch_snapshots(mp, lambda: vb.ctl.contactor)
+        run_ms(12000)  # a checkpoint (10 s) falls due while closed
+        assert seen == []  # not written while closed
+        w.do("stop_request")
+        end = w.now + 3000 * 1000
+        while vb.ctl.contactor.closed and w.now < end:
+            w.advance()
+            vb.tick()
+        assert not vb.ctl.contactor.closed
+        run_ms(bounce_ms)
+        w.do("request")  # back to C at once: closes again only relay.MIN_OPEN_MS after the open
+        while not vb.ctl.contactor.closed and w.now < end + 3000 * 1000:
+            w.advance()
+            vb.tick()
+        assert vb.ctl.contactor.closed
+        assert False in seen, "the checkpoint due while closed was not written at the open"
+        assert True not in seen
+
+
+# -- the console's FIFO model after a line printed with the contactor open --------------------------
+
+
+class Uart:
+    """The console UART at 115,200 baud with its 128-byte FIFO on a clock in ms: a write blocks
+    while the FIFO is full, and the clock moves on meanwhile. `blocked`: (ms, held) per write."""
+
+    BYTES_PER_MS = 11.52
+
+    def __init__(self, clock, hold):
+        self.clock = clock
+        self.hold = hold
+        self.fifo = 0.0
+        self.at = 0.0
+        self.blocked = []
+
+    def write(self, s):
+        now = self.clock[0]
+        self.fifo = max(0.0, self.fifo - (now - self.at) * self.BYTES_PER_MS)
+        free = 128 - self.fifo
+        wait = max(0.0, (len(s) - free) / self.BYTES_PER_MS)
+        self.blocked.append((wait, self.hold.held))
+        self.clock[0] = now + wait
+        self.fifo = min(128.0, self.fifo + len(s))
+        self.at = self.clock[0]
+
+
+@pytest.mark.xfail(strict=True, reason="review finding, not fixed: console.py stamps the FIFO full at "
+                   "the report's now_ms, not at the end of the write; the fix (the clock after the "
+                   "write) put one closed gap of test_chipmodel's chip run at 10.14 ms (target 10)")
+@given(st.integers(0, 60), st.integers(60, 700), st.integers(0, 15), st.integers(1, 6))
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_no_console_write_blocks_while_closed_after_a_long_line_printed_open(
+        quiet_console, monkeypatch, stale_ms, length, gap_ms, lines):
+    """A line printed with the contactor open blocks (allowed then) and leaves the FIFO full at
+    the end of the write, which is later than the `now_ms` of the report that printed it (an
+    iteration's start: the link, the records step print late in it). The contactor closes in
+    the next tick: the queue drained then must fit in what the FIFO really has free."""
+    import time
+
+    clock = [1000.0]
+    uart = Uart(clock, quiet_console)
+    monkeypatch.setattr(console.sys, "stdout", uart)
+    monkeypatch.setattr(time, "ticks_ms", lambda: int(clock[0]))
+    console._queue[:] = []
+    console._queued = console.lines_dropped = console._head = console._fifo = 0
+    quiet_console.held = False
+    report_ms = int(clock[0])
+    clock[0] += stale_ms  # the slow work of the iteration before the line
+    console.report(report_ms, "session", "r" * length)  # open: may block
+    clock[0] += gap_ms
+    start = int(clock[0])  # the next iteration: the tick closes the contactor
+    quiet_console.held = True
+    for i in range(lines):
+        console.report(start, "contactor", "closed %d" % i)
+    console.drain(start)  # the flash gate's poll, that iteration
+    for _ in range(30):  # the following iterations, 5 ms apart
+        clock[0] += 5
+        console.drain(int(clock[0]))
+    held_blocks = [w for w, held in uart.blocked if held and w > 0.01]
+    assert held_blocks == [], "a console write blocked %.1f ms with the contactor closed" % max(
+        held_blocks)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from(("cmd", "reboot", "renew")),
+                          st.one_of(st.none(), st.integers(0, 2 * 10 ** 12)),
+                          st.integers(1, 3 * C.RESERVE)), max_size=25))
+def test_no_accepted_command_is_accepted_again_whatever_the_clock_does(tmp_path_factory, steps):
+    """The reservation follows the wall clock when it is set (renew, reserve_ahead); a clock
+    never set, set wrong, or moved backwards between reboots must never let an accepted counter
+    in again (the contactor open: every accepted counter is on flash)."""
+    path = str(tmp_path_factory.mktemp("c") / "cmd_counter.json")
+    unix = [None]
+
+    def boot_clock():
+        store = session_store.CounterStore(path)
+        v = C.CommandVerifier(SECRET, last_counter=store.load(), counter_store=store,
+                              gate=OpenGate(), unix_ms=lambda: unix[0])
+        assert v.reserve_ahead() is None
+        return v
+
+    v = boot_clock()
+    accepted = []
+    counter = 1
+    now = 0
+    for kind, clock, jump in steps:
+        unix[0] = clock
+        if kind == "reboot":
+            v = boot_clock()
+        elif kind == "renew":
+            now += 20000
+            assert v.renew(now) is None
+        else:
+            counter = max(counter, v.last_counter) + jump
+            if counter > MAX:
+                break
+            v.verify(signed("request_status", counter))
+            accepted.append(counter)
+        for old in accepted[-3:]:
+            with pytest.raises(C.CommandError) as info:
+                v.verify(signed("remote_stop", old))
+            assert info.value.code == "replayed"
