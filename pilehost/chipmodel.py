@@ -192,7 +192,7 @@ def pair(lines, irs):
 
 # Cuts inside an iteration: each pilot read (sim/chip_rom.py cuts right before the burst, which
 # belongs to the piece it opens) and the contactor opening.
-PIECE_KINDS = ("burst", "open")
+PIECE_KINDS = ("burst", "open", "close")
 
 
 def _sum(pieces, last):
@@ -226,22 +226,31 @@ def merge(pieces):
 def gaps(intervals):
     """Between two consecutive pilot reads: [(interval of the pieces in between, first)], the
     interval with the state at its close and `closed` (the contactor closed at either read or
-    at any cut in between), `first`: it starts at an iteration's first read (the tick's).
+    at any cut in between; a gap in which the coil closes counts from the close: before it, the
+    contactor was open), `first`: it starts at an iteration's first read (the tick's).
     The burst that opens it is left out of `bursts`: the chip time between the reads."""
     out = []
     run = None  # pieces since the last read
     closed = False
     first = False
+    read_opened = False  # the run began at a read (not at the coil's close)
     seen_read = False  # in this iteration
     for item in intervals:
         for piece in item.get("pieces", [item]):
             if run is not None:
+                if piece["kind"] == "close" and not closed:
+                    # the coil goes on here: the time closed starts now, not at the last read
+                    run = []
+                    closed = True
+                    first = False
+                    read_opened = False
+                    continue
                 run.append(piece)
                 closed = closed or piece.get("coil")
                 if piece["kind"] == "open" and closed:
                     # the coil is off: what follows (until the next read) is no longer closed
                     g = _sum(run, piece)
-                    g["bursts"] -= 1 if run[0].get("bursts") else 0
+                    g["bursts"] -= 1 if read_opened and run[0].get("bursts") else 0
                     g["closed"] = True
                     g["first"] = first
                     out.append(g)
@@ -250,13 +259,14 @@ def gaps(intervals):
             if piece["kind"] == "burst":
                 if run:
                     g = _sum(run, run[-1])
-                    g["bursts"] -= 1
+                    g["bursts"] -= 1 if read_opened else 0
                     g["closed"] = closed
                     g["first"] = first
                     out.append(g)
                 first = not seen_read
                 seen_read = True
                 run = []
+                read_opened = True
                 closed = bool(piece.get("coil"))
             elif piece["kind"] not in PIECE_KINDS:
                 if piece["kind"] not in ("loop", "boot"):

@@ -168,6 +168,20 @@ def _open_cut(self):
 
 relay.Contactor.open = _open_cut
 
+_contactor_close_x = _excluded(relay.Contactor.close)
+
+
+def _close_cut(self):
+    """A cut when the contactor closes: what came before it in the gap was not time closed."""
+    was = self.closed
+    _contactor_close_x(self)
+    if not was and self.closed:
+        hw(_emit, "close", {})
+        chipmark.mark()
+
+
+relay.Contactor.close = _close_cut
+
 _feed = machine.WDT.feed
 _first_feed = [False]
 
