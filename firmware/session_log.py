@@ -229,8 +229,6 @@ class SessionLog:
         and the meter give, flagged in `estimated` (docs/telemetry.md)."""
         if self._boot_ms is None:
             self._boot_ms = now_ms
-        if reading is not None and not getattr(reading, "checked", True):
-            reading = None  # the first after boot, judged against nothing (docs/meters.md)
         if self.metered and reading is None and \
                 time.ticks_diff(now_ms, self._boot_ms) < RECOVERY_WAIT_MS:
             return

@@ -58,7 +58,6 @@ class Record:
         self._segment_wh = None  # register at the start of the current segment
         self._carried_wh = 0  # energy of the segments before the current one
         self._stop_taken_ms = None  # when the last reading was taken
-        self._start_checked = True  # False: the start is a first reading no other has followed yet
 
     def __getattr__(self, name):
         return getattr(self.session, name)
@@ -83,15 +82,6 @@ class Record:
         if self.meter_start_wh is None:
             self.meter_start_wh = self._segment_wh = wh
             self._epoch = epoch
-            self._start_checked = getattr(reading, "checked", True)
-        elif epoch != self._epoch and not self._start_checked:
-            # The start was a first reading after boot that no later one followed: a glitch
-            # (docs/meters.md, "A session's meter start"). Nothing of it is billed, nor is the
-            # new register counted from 0: the session starts again at it, the restart counted.
-            self.meter_start_wh = self._segment_wh = wh
-            self._start_checked = True
-            self.meter_restarts += 1
-            self._epoch = epoch
         elif epoch != self._epoch:
             # The meter restarted: what it counted before is kept, the new register is a new
             # baseline: 0 if it restarted from 0 (no more than it could count since the last
@@ -100,8 +90,6 @@ class Record:
             self._segment_wh = wh if wh > self._restart_max_wh(reading) else 0
             self.meter_restarts += epoch - self._epoch if epoch > self._epoch else 1
             self._epoch = epoch
-        elif not self._start_checked and getattr(reading, "checked", True):
-            self._start_checked = True  # a reading the guard published after it followed it
         self.meter_stop_wh = wh
         self._stop_taken_ms = getattr(reading, "taken_ms", None)
         if reading.power_w is not None and reading.power_w > self.peak_power_w:
