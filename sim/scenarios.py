@@ -72,7 +72,7 @@ SCENARIOS = {
     "meter_silent": {
         "doc": "the meter stops answering while charging: the session stops (meter_failure)",
         "config": {"meter": {"type": "ddsu666", "failure_timeout_s": 2}},
-        "steps": _CHARGE + [(2000, "meter_fault", "silent"), (8000, "end")],
+        "steps": _CHARGE + [(3000, "meter_fault", "silent"), (9000, "end")],
     },
     "meter_silent_at_start": {
         "doc": "the meter does not answer when the car asks for power: the contactor waits for "
