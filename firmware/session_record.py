@@ -259,9 +259,7 @@ class Records:
         if meter is not None:
             # A reading taken METER_SETTLE_MS after the last opening (poll's _has_opened): not
             # compared with _opened_ms here, which a long uptime wraps (ticks_diff < 0).
-            # And only with the contactor open: a reading taken while it is still closed (a
-            # session stopped for a silent meter, whose last reading is still held) is not final.
-            fresh = meter.reading is not None and not self._has_opened and not self.contactor.closed
+            fresh = meter.reading is not None and not self._has_opened
             if record.stop_reason == "meter_failure":
                 # Nothing flowed without a close: no reading to wait for. Else the meter may be back.
                 gave_up = not record.energized or self._open_settled or \
