@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 
-from . import ROOT, chipgrowth, chipheap, chipmodel, chipota, cloud, mqtt_wire, procs, unix_port
+from . import ROOT, chipgrowth, chipheap, chipmodel, chipota, cloud, machine_info, mqtt_wire, procs, unix_port
 from .broker import BlackHole
 
 scenarios = unix_port.scenarios
@@ -359,9 +359,8 @@ def main(argv):
         raise SystemExit("unknown section %s; choose from %s" % (", ".join(unknown), " ".join(SECTIONS)))
     procs.stop_on_sigterm()
     start = time.monotonic()
-    print("Pile firmware benchmark on the MicroPython unix port (%s), %s; %s, %d CPUs, load %.2f" % (
-        unix_port.micropython_binary(), time.strftime("%Y-%m-%d %H:%M"), cpu_model(), os.cpu_count(),
-        os.getloadavg()[0]))
+    print("Pile firmware benchmark on the MicroPython unix port (%s), %s" % (
+        unix_port.micropython_binary(), machine_info.when_and_where()))
     unix_port.micropypath()  # compile the bytecode once, before runs start in parallel
     if "ticks" in asked:  # alone: the other runs would share its CPU
         bench_ticks()
@@ -407,13 +406,3 @@ def run_parallel(sections, start):
             hole.close()
             broker.stop()
 
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"

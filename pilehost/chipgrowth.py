@@ -21,13 +21,12 @@ probe). Figures: first/last/max live heap, the slope per 100 sessions after the 
 import concurrent.futures
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 
-from . import chipbuild, chipheap, chipmodel, unix_port
+from . import chipbuild, chipheap, chipmodel, machine_info, unix_port
 
 SESSIONS = 1000
 QUICK_SESSIONS = 100
@@ -219,23 +218,6 @@ def report(label, net_kib, sim_b, run_, sessions, seconds):
                 "above" if f["min_block"] > LINK_BIGGEST_B else "NOT above", f["min_free"]))
 
 
-def machine_line():
-    return "%s; %s, %d CPUs, load %.2f; %s" % (
-        time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), _cpu(), os.cpu_count(), os.getloadavg()[0],
-        platform.platform())
-
-
-def _cpu():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
 def lifetime(label, program, path, net_kib, sessions, every):
     """(report line, Run) for one configuration, timed; its samples also go to
     build/chip/growth-<label>.log as they come."""
@@ -259,7 +241,7 @@ def main(sessions=None, every=EVERY, out=print):
     to build/chip/growth.txt."""
     sessions = sessions or default_sessions()
     lines = ["growth: `make bench WHAT=growth` (%d sessions; GROWTH_SESSIONS=n, QUICK=1: %d), %s" % (
-        sessions, QUICK_SESSIONS, machine_line())]
+        sessions, QUICK_SESSIONS, machine_info.when_and_where(with_platform=True))]
     out(lines[0], flush=True)
     configs = variants()
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(configs)) as pool:

@@ -28,7 +28,7 @@ import tempfile
 import time
 import urllib.request
 
-from . import ROOT, chipbuild, pilecmd, sim_module, unix_port
+from . import ROOT, chipbuild, machine_info, pilecmd, sim_module, unix_port
 
 scenarios = sim_module("scenarios")
 
@@ -389,6 +389,11 @@ class Calibration:
         self.slow = 1000.0 / ESP32_PYSTONES_SLOW / per_pystone
         self.fast = 1000.0 / ESP32_PYSTONES_FAST / per_pystone
 
+    def per_million(self):
+        """'<n> instructions a pystone -> <fast>-<slow> ms per million instructions'."""
+        return "%d instructions a pystone -> %.2f-%.2f ms per million instructions" % (
+            self.per_pystone, self.fast * 1e6, self.slow * 1e6)
+
 
 # -- the C-level costs ---------------------------------------------------------------------------
 
@@ -621,9 +626,8 @@ def report(intervals, cal, binary, took_s, out=print):
     say = lines.append
     say("chip model: %s under callgrind, %d intervals cut at the watchdog feed, %.0f s" % (
         os.path.relpath(binary, ROOT), len(intervals), took_s))
-    say("chip calibration: pystone_lowmem %d instructions a pystone on this binary; ESP32 @240 MHz "
-        "%d-%d pystones/s (MicroPython #5673, #6565) -> %.2f-%.2f ms per million instructions" % (
-            cal.per_pystone, ESP32_PYSTONES_SLOW, ESP32_PYSTONES_FAST, cal.fast * 1e6, cal.slow * 1e6))
+    say("chip calibration: pystone_lowmem on this binary, ESP32 @240 MHz %d-%d pystones/s (MicroPython "
+        "#5673, #6565): %s" % (ESP32_PYSTONES_SLOW, ESP32_PYSTONES_FAST, cal.per_million()))
     say("chip modelled: pilot burst %.1f ms each; console past a %d-byte FIFO at %d baud (%.1f us/B); flash "
         "W25Q32JV tPP %.1f/%.0f ms, tSE %.0f/%.0f ms (typ/max) under LittleFS's rules" % (
             BURST_US / 1000, CONSOLE_FIFO, CONSOLE_BAUD, CONSOLE_US_PER_BYTE, FLASH_TPP_MS[0],
@@ -683,9 +687,7 @@ def report(intervals, cal, binary, took_s, out=print):
 def main(out=print):
     """`make bench WHAT=chip`: build (cached), calibrate, run, print and keep the figures in
     build/chip/chip-model.{txt,json}."""
-    if shutil.which("valgrind") is None:
-        raise SystemExit("the chip model needs valgrind (Debian: apt-get install valgrind)")
-    binary = chipbuild.chip_binary(log=out)
+    binary = model_binary(out)
     start = time.monotonic()
     cal = Calibration(instructions_per_pystone(binary), scan_ir=scan_fit(binary))
     sweep = sweep_fit(binary)
@@ -698,11 +700,22 @@ def main(out=print):
     if result is None or result.get("boots") != 1:
         raise RuntimeError("the chip run did not finish as one boot: %r" % (result,))
     lines, figures = report(intervals, cal, binary, took, out=out)
-    os.makedirs(OUT_DIR, exist_ok=True)
-    head = "# %s, %s, %s" % ("make bench WHAT=chip", time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                             os.uname().nodename)
-    with open(os.path.join(OUT_DIR, "chip-model.txt"), "w") as f:
-        f.write(head + "\n" + "\n".join(lines) + "\n")
-    with open(os.path.join(OUT_DIR, "chip-model.json"), "w") as f:
-        json.dump({"figures": figures, "intervals": intervals}, f)
+    save_figures("chip-model", "make bench WHAT=chip", lines, {"figures": figures, "intervals": intervals})
     return figures
+
+
+def model_binary(out=print):
+    """The chip build (made once, cached) for a run under callgrind; SystemExit without valgrind."""
+    if shutil.which("valgrind") is None:
+        raise SystemExit("the chip model needs valgrind (Debian: apt-get install valgrind)")
+    return chipbuild.chip_binary(log=out)
+
+
+def save_figures(name, command, lines, data):
+    """build/chip/<name>.txt (the report's lines under a line naming the command, the time and the
+    machine) and build/chip/<name>.json (data)."""
+    os.makedirs(OUT_DIR, exist_ok=True)
+    with open(os.path.join(OUT_DIR, name + ".txt"), "w") as f:
+        f.write(machine_info.figures_head(command) + "\n" + "\n".join(lines) + "\n")
+    with open(os.path.join(OUT_DIR, name + ".json"), "w") as f:
+        json.dump(data, f)

@@ -19,7 +19,6 @@ how long the pile's loop stops for them: the pilot is not read meanwhile, and th
 import json
 import os
 import random
-import shutil
 import tempfile
 import time
 
@@ -121,8 +120,7 @@ def report(steps, files, manifest, cal, took_s, out=print):
     say = lines.append
     total = sum(len(d) for _p, d in files)
     say("ota chip model: %d files, %d B as .mpy (xtensawin), manifest %d B, RSA-2048; "
-        "calibration %d instructions a pystone -> %.2f-%.2f ms per million; %.0f s" % (
-            len(files), total, len(manifest), cal.per_pystone, cal.fast * 1e6, cal.slow * 1e6, took_s))
+        "calibration %s; %.0f s" % (len(files), total, len(manifest), cal.per_million(), took_s))
     say("ota, %-58s %9s  %13s  %7s  %6s  %15s" % (
         "step (ESP32 @240 MHz)", "instr.", "CPU fast-slow", "heap B", "er/pg", "total typ/worst"))
 
@@ -191,20 +189,13 @@ def report(steps, files, manifest, cal, took_s, out=print):
 def main(cal=None, out=print):
     """`make bench WHAT=ota`: cal, a chipmodel.Calibration of the same binary (WHAT=chip made one),
     or measured here. Figures also in build/chip/chip-ota.{txt,json}."""
-    if shutil.which("valgrind") is None:
-        raise SystemExit("the chip model needs valgrind (Debian: apt-get install valgrind)")
-    binary = chipbuild.chip_binary(log=out)
+    binary = chipmodel.model_binary(out)
     start = time.monotonic()
     if cal is None:
         cal = chipmodel.Calibration(chipmodel.instructions_per_pystone(binary))
     steps, files, manifest = run(binary, bench_key())
     lines, figures = report(steps, files, manifest, cal, time.monotonic() - start, out=out)
-    os.makedirs(OUT_DIR, exist_ok=True)
-    head = "# %s, %s, %s" % ("make bench WHAT=ota", time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                             os.uname().nodename)
-    with open(os.path.join(OUT_DIR, "chip-ota.txt"), "w") as f:
-        f.write(head + "\n" + "\n".join(lines) + "\n")
-    with open(os.path.join(OUT_DIR, "chip-ota.json"), "w") as f:
-        json.dump({"figures": figures, "steps": steps, "per_pystone": cal.per_pystone}, f)
+    chipmodel.save_figures("chip-ota", "make bench WHAT=ota", lines,
+                           {"figures": figures, "steps": steps, "per_pystone": cal.per_pystone})
     return figures
 
