@@ -399,3 +399,26 @@ def offline_link(monkeypatch):
         return link, contactor, lines
 
     return make
+
+
+# -- a fleet of virtual piles for the OTA tests -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ota_fleet(tmp_path_factory):
+    """make(n=3) -> an online pilehost.ota_sim.Fleet of n virtual piles on mosquitto, stopped at the
+    module's end. Module-scoped: a module's tests build on each other's releases (conftest TOGETHER)."""
+    from pilehost import ota_sim
+
+    fleets = []
+
+    def make(n=3):
+        f = ota_sim.Fleet(str(tmp_path_factory.mktemp("fleet")), n=n)
+        fleets.append(f)
+        assert f.wait_online(), "the piles did not come online"
+        return f
+
+    try:
+        yield make
+    finally:
+        for f in fleets:
+            f.stop()

@@ -10,13 +10,8 @@ from pilehost import ota_sim, pilecmd, release
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
-    f = ota_sim.Fleet(str(tmp_path_factory.mktemp("fleet")), n=3)
-    try:
-        assert f.wait_online(), "the piles did not come online"
-        yield f
-    finally:
-        f.stop()
+def fleet(ota_fleet):
+    return ota_fleet(n=3)
 
 
 @pytest.fixture(scope="module")

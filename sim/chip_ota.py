@@ -3,9 +3,9 @@ chipmark.mark() calls, where callgrind cuts its counts (pilehost/chipota.py runs
 callgrind on the chip build and turns the counts into ESP32 milliseconds).
 
 Each measured step prints one `OTA {...}` line, in the order of the cuts: its name, the bytes it
-allocated (collections off meanwhile) and what it wrote to flash, counted as sim/chip_rom.py
-counts the firmware's writes ([path, mode, bytes, size before]; renames and removes), the file
-calls' own C work not counted (on a pile it is LittleFS's, modelled as flash time instead).
+allocated (collections off meanwhile) and what it wrote to flash, counted by sim/chip_flash.py as
+for sim/chip_rom.py ([path, mode, bytes, size before]; renames and removes), the file calls' own
+C work not counted (on a pile it is LittleFS's, modelled as flash time instead).
 
 cwd: the folder pilehost/chipota.py prepared:
     ota_run.json  {"key": modulus hex, "board": name, "big": [index, path, size],
@@ -20,87 +20,14 @@ import builtins
 import gc
 import json
 import os as _os
-import sys
 
+import chip_flash
 import chipmark
 
-_excluded = chipmark.excluded
 _writes = []  # [path, mode, bytes written, size before]
 _meta = []  # ["rename"|"remove", path]
-_open = builtins.open
-
-
-class _Written:
-    """A file open for writing: its bytes counted, its C work not (as chip_rom.py's)."""
-
-    def __init__(self, f, rec):
-        self._f = f
-        self._rec = rec
-
-    def write(self, data, *args):
-        n = self._f.write(data, *args)
-        self._rec[2] += n or 0
-        return n
-
-    def flush(self):
-        return self._f.flush()
-
-    def fileno(self):
-        return self._f.fileno()
-
-    def close(self):
-        if self._rec is not None:
-            _writes.append(self._rec)
-            self._rec = None
-        return self._f.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-for _name in ("write", "flush", "fileno", "close", "__enter__", "__exit__"):
-    setattr(_Written, _name, _excluded(getattr(_Written, _name)))
-
-
-def _size(path):
-    try:
-        return _os.stat(path)[6]
-    except OSError:
-        return 0
-
-
-def _open_counted(path, mode="r", *args):
-    f = _open(path, mode, *args)
-    if "w" in mode or "a" in mode or "+" in mode:
-        return _Written(f, [path, mode, 0, _size(path) if "a" in mode else 0])
-    return f
-
-
-class _Os:
-    """`os` for the firmware: rename and remove counted, every call one native call."""
-
-    def __getattr__(self, name):
-        attr = getattr(_os, name)
-        return _excluded(attr) if callable(attr) else attr
-
-
-def _rename(a, b):
-    _meta.append(["rename", b])
-    return _os.rename(a, b)
-
-
-def _remove(path):
-    _meta.append(["remove", path])
-    return _os.remove(path)
-
-
-_Os.rename = staticmethod(_excluded(_rename))
-_Os.remove = staticmethod(_excluded(_remove))
-builtins.open = _excluded(_open_counted)
-sys.modules["os"] = _Os()  # before the firmware's modules import it
+_open = builtins.open  # this run's own files, not counted
+chip_flash.install(_writes.append, _meta.append)  # before the firmware's modules import os
 
 import binascii  # noqa: E402
 import hashlib  # noqa: E402

@@ -21,11 +21,10 @@ import vclock
 
 sys.modules["time"] = vclock  # before anything else imports time
 
-import builtins  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
-import os as _os  # noqa: E402
 
+import chip_flash  # noqa: E402
 import chipmark  # noqa: E402
 import world  # noqa: E402
 
@@ -213,94 +212,7 @@ machine.WDT.feed = _feed_and_cut
 
 # -- flash: what the firmware writes, for the model's page programs and sector erases ------------
 
-_open = builtins.open
-
-
-class _Written:
-    """A file open for writing: its writes are counted, its C work is not (each method is one
-    native call, as the file's own methods are)."""
-
-    def __init__(self, f, path, mode, before):
-        self._f = f
-        self._rec = [path, mode, 0, before]
-
-    def write(self, data, *args):
-        n = self._f.write(data, *args)
-        self._rec[2] += n or 0
-        return n
-
-    def flush(self):
-        return self._f.flush()
-
-    def fileno(self):
-        return self._f.fileno()
-
-    def seek(self, *args):
-        return self._f.seek(*args)
-
-    def tell(self):
-        return self._f.tell()
-
-    def read(self, *args):
-        return self._f.read(*args)
-
-    def close(self):
-        if self._rec is not None:
-            _stats["flash"].append(self._rec)
-            self._rec = None
-        return self._f.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-for _name in ("write", "flush", "fileno", "seek", "tell", "read", "close", "__enter__", "__exit__"):
-    setattr(_Written, _name, _excluded(getattr(_Written, _name)))
-
-
-def _size(path):
-    try:
-        return _os.stat(path)[6]
-    except OSError:
-        return 0
-
-
-def _open_counted(path, mode="r", *args):
-    f = _open(path, mode, *args)
-    if "w" in mode or "a" in mode or "+" in mode:
-        return _Written(f, path, mode, _size(path) if "a" in mode or "+" in mode else 0)
-    return f
-
-
-builtins.open = _excluded(_open_counted)
-
-
-class _Os:
-    """`os` for the firmware: rename and remove are counted (LittleFS metadata commits)."""
-
-    def __getattr__(self, name):
-        attr = getattr(_os, name)
-        if callable(attr):
-            return _excluded(attr)
-        return attr
-
-
-def _rename(a, b):
-    _stats["meta"].append(["rename", b])
-    return _os.rename(a, b)
-
-
-def _remove(path):
-    _stats["meta"].append(["remove", path])
-    return _os.remove(path)
-
-
-_Os.rename = staticmethod(_excluded(_rename))
-_Os.remove = staticmethod(_excluded(_remove))
-sys.modules["os"] = _Os()
+chip_flash.install(lambda rec: _stats["flash"].append(rec), lambda rec: _stats["meta"].append(rec))
 
 
 # -- gc: the firmware's collections and heap scans, modelled at the chip's heap -------------------
