@@ -422,3 +422,42 @@ def ota_fleet(tmp_path_factory):
     finally:
         for f in fleets:
             f.stop()
+
+
+# -- a database as the reference consumer keeps it --------------------------------------------------
+
+class ConsumerDb:
+    """The reference consumer's database at `url`: `storage` (consumer.open_storage, set up: every
+    table) and `handler`, its consumer.Handler with docs/schemas, which stores one message at a
+    time as the consumer does."""
+
+    def __init__(self, url):
+        from pilehost import consumer
+        from pilehost.cloud import schemas
+
+        self.url = url
+        self.storage = consumer.open_storage(url)
+        self.storage.setup()
+        self.handler = consumer.Handler(schemas(), self.storage)
+        self.closed = False
+
+    def close(self):
+        if not self.closed:
+            self.closed = True
+            self.storage.close()
+
+
+@pytest.fixture
+def consumer_db():
+    """open(url) -> a ConsumerDb on that database (db_url, sqlite_url...); each closed at the test's
+    end if the test did not close it."""
+    opened = []
+
+    def open_db(url):
+        db = ConsumerDb(url)
+        opened.append(db)
+        return db
+
+    yield open_db
+    for db in opened:
+        db.close()

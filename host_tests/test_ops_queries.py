@@ -8,21 +8,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pilehost import consumer, fake_pile
-from pilehost.cloud import schemas
+from pilehost import fake_pile
 from pilehost.ops_queries import BadQuery, OpsQueries, StoreUnavailable, open_reader
 
 NOW = datetime.datetime(2026, 11, 23, 12, 0, tzinfo=datetime.timezone.utc)
 
 
 class Filled:
-    """A store written by the consumer's Handler, and OpsQueries over a read-only connection."""
+    """A store written by the consumer's Handler (db: conftest's ConsumerDb), and OpsQueries over a
+    read-only connection."""
 
-    def __init__(self, url):
-        self.storage = consumer.open_storage(url)
-        self.storage.setup()
-        self.handler = consumer.Handler(schemas(), self.storage)
-        self.reader = open_reader(url)
+    def __init__(self, db):
+        self.db = db
+        self.storage = db.storage
+        self.handler = db.handler
+        self.reader = open_reader(db.url)
         self.q = OpsQueries(self.reader, clock=lambda: NOW)
 
     def send(self, messages):
@@ -31,12 +31,12 @@ class Filled:
 
     def close(self):
         self.reader.close()
-        self.storage.close()
+        self.db.close()
 
 
 @pytest.fixture
-def filled(db_url):
-    f = Filled(db_url)
+def filled(db_url, consumer_db):
+    f = Filled(consumer_db(db_url))
     yield f
     f.close()
 
@@ -186,10 +186,9 @@ def test_a_missing_sqlite_file_is_not_created(tmp_path):
     assert not (tmp_path / "nothing.db").exists()
 
 
-def test_a_store_without_meter_samples_shows_no_curve(tmp_path):
+def test_a_store_without_meter_samples_shows_no_curve(sqlite_url, consumer_db):
     """A store written by a consumer older than pilehost/ops_store.py: the page still works."""
-    url = "sqlite:///" + str(tmp_path / "old.db")
-    f = Filled(url)
+    f = Filled(consumer_db(sqlite_url))
     p = pile("pile-old")
     f.send([p.online(True), p.status()])
     charge(f, p, 2)
@@ -204,10 +203,9 @@ DAYS = [datetime.date(2026, 11, 1) + datetime.timedelta(days=i) for i in range(1
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(starts=st.lists(st.tuples(st.sampled_from(DAYS), st.integers(0, 86399)), min_size=1, max_size=8),
        since=st.sampled_from(DAYS + [None]), until=st.sampled_from(DAYS + [None]))
-def test_date_range_is_whole_days_inclusive(tmp_path_factory, starts, since, until):
+def test_date_range_is_whole_days_inclusive(tmp_path_factory, consumer_db, starts, since, until):
     """Whatever the start times, `from`..`to` keeps exactly the sessions started on those days."""
-    url = "sqlite:///" + str(tmp_path_factory.mktemp("range") / "t.db")
-    f = Filled(url)
+    f = Filled(consumer_db("sqlite:///" + str(tmp_path_factory.mktemp("range") / "t.db")))
     try:
         expected = []
         for i, (day, second) in enumerate(starts):

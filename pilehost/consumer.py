@@ -847,11 +847,26 @@ def parse_args(argv):
     p.add_argument("--monitor", action="store_true", help="live table of the piles, refreshed every second")
     p.add_argument("--once-for", type=float, metavar="SECONDS", help="stop after this many seconds")
     p.add_argument("--schemas", default=SCHEMA_DIR, help="schema directory (default docs/schemas)")
+    p.add_argument("--health-days", type=health_store.retention_days, default=health_store.RETENTION_DAYS,
+                   metavar="DAYS", help="keep health_history this many days (default %d; 0: for ever)" %
+                   health_store.RETENTION_DAYS)
     p.add_argument("-v", "--verbose", action="store_true", help="log every stored record")
     args = p.parse_args(argv)
     if args.group is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", args.group):
         p.error("--group: letters, digits, '.', '_' and '-' only")
     return args
+
+
+def prune(pruner, storage):
+    """One bounded step of health_history's retention (health_store.Pruner); a failure is logged
+    and tried again later: storing the messages is what must go on."""
+    try:
+        n = pruner.step(storage)
+    except Exception as e:  # StorageError, or a deadlock with another instance's prune
+        log.warning("health_history not pruned: %s", str(e).strip()[:200])
+        return
+    if n:
+        log.info("health_history: %d rows older than %d days deleted", n, pruner.days)
 
 
 def main(argv=None):
@@ -884,7 +899,9 @@ def main(argv=None):
     deadline = None if args.once_for is None else time.monotonic() + args.once_for
     header = "evse consumer  broker %s  db %s%s" % (broker.text, redact(args.db),
                                                    "  group %s" % args.group if args.group else "")
+    pruner = health_store.Pruner(args.health_days)
     while not stop.is_set() and consumer.failure is None:
+        prune(pruner, storage)
         if tty:
             link = "connected" if consumer.client.is_connected() else _RED + "NOT CONNECTED" + _RESET
             screen = [header + "  " + link, "", render_table(handler.fleet.rows(), color=True), "",

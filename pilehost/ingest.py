@@ -277,7 +277,7 @@ class BatchConsumer:
     "<unix time of the commit> <session_id>" (the fleet's delay figures)."""
 
     def __init__(self, broker, store, group=None, client_id=None, batch=500, inflight=1000,
-                 linger_s=0.05, keepalive=30, commit_log=None):
+                 linger_s=0.05, keepalive=30, commit_log=None, pruner=None):
         self.broker = broker if isinstance(broker, BrokerUrl) else BrokerUrl(broker)
         self.store = store
         self.group = group
@@ -288,6 +288,7 @@ class BatchConsumer:
         self.linger_s = linger_s
         self.keepalive = keepalive
         self.commit_log = commit_log
+        self.pruner = pruner  # health_store.Pruner: its steps between the batches, in the writer
         self.queue = queue.Queue(maxsize=inflight)
         self.generation = 0  # connections so far: an ack belongs to the connection it came on
         self._ack_lock = threading.RLock()  # the generation's change vs. a batch's acknowledgements
@@ -390,6 +391,8 @@ class BatchConsumer:
     def _write_loop(self):
         pause = RETRY_MIN_S
         while not self.stopping.is_set():
+            if self.pruner is not None and self.store.storage is not None:
+                consumer.prune(self.pruner, self.store.storage)  # one bounded DELETE at most
             items = self._take()
             if not items:
                 continue
@@ -450,6 +453,9 @@ def parse_args(argv):
     p.add_argument("--linger-ms", type=float, default=50, help="wait this long to fill a batch (default 50)")
     p.add_argument("--commit-log", help="append '<commit time> <pile_id>' per new session/ended record")
     p.add_argument("--once-for", type=float, metavar="SECONDS", help="stop after this many seconds")
+    p.add_argument("--health-days", type=health_store.retention_days, default=health_store.RETENTION_DAYS,
+                   metavar="DAYS", help="keep health_history this many days (default %d; 0: for ever)" %
+                   health_store.RETENTION_DAYS)
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     if not (1 <= args.batch <= args.inflight):
@@ -465,7 +471,8 @@ def main(argv=None):
     try:
         store = BatchStore(consumer.Schemas(), args.db)
         c = BatchConsumer(args.broker, store, group=args.group, client_id=args.client_id, batch=args.batch,
-                          inflight=args.inflight, linger_s=args.linger_ms / 1000, commit_log=log_file)
+                          inflight=args.inflight, linger_s=args.linger_ms / 1000, commit_log=log_file,
+                          pruner=health_store.Pruner(args.health_days))
     except Exception as e:  # a bad URL, a database that is not there at the start
         print("ingest: %s: %s" % (type(e).__name__, redact(str(e))), file=sys.stderr)
         return 2
