@@ -461,3 +461,60 @@ def consumer_db():
     yield open_db
     for db in opened:
         db.close()
+
+
+# -- the firmware's console and flash gate, for one test ----------------------------------------------
+
+class Hold:
+    """console.hold or a store's gate as far as they ask: `held`, set by the test."""
+
+    def __init__(self, held=True):
+        self.held = held
+
+
+@pytest.fixture
+def fresh_console(monkeypatch):
+    """firmware/console.py as at boot: nothing queued, the UART's FIFO empty, nothing dropped, no
+    fault kept; console.hold a Hold, held (lines queue, as while the contactor is closed) until
+    the test sets held = False. Returns the Hold."""
+    import console
+
+    for name, value in (("_queue", []), ("_queued", 0), ("_head", 0), ("_fifo", 0), ("_fifo_ms", 0),
+                        ("lines_dropped", 0), ("recent_faults", [])):
+        monkeypatch.setattr(console, name, value)
+    hold = Hold()
+    monkeypatch.setattr(console, "hold", hold)
+    return hold
+
+
+class FakeFlashGate:
+    """flash_gate.FlashGate's interface for a store under test: held while `closed`; defer(flush)
+    keeps the write, open() opens and runs the deferred writes (returns their results);
+    every_open_step(fn) keeps fn in `steps`."""
+
+    def __init__(self):
+        self.closed = False
+        self.due = []
+        self.steps = []
+
+    @property
+    def held(self):
+        return self.closed
+
+    def defer(self, flush):
+        self.due.append(flush)
+
+    def every_open_step(self, fn):
+        self.steps.append(fn)
+
+    def open(self):
+        self.closed = False
+        due, self.due = self.due, []
+        return [f(0) for f in due]
+
+
+@pytest.fixture(scope="session")
+def fake_flash_gate():
+    """The FakeFlashGate class: a test makes a fresh one per run (a hypothesis example too: no
+    state here, so the session scope)."""
+    return FakeFlashGate

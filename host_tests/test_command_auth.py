@@ -424,31 +424,6 @@ def test_pilecmd_bad_secret_file_is_not_echoed(tmp_path):
 
 # ----------------------------------------------------------------------------- the reservation
 
-class Gate:
-    """flash_gate.FlashGate's interface for the verifier: held while `closed`."""
-
-    def __init__(self):
-        self.closed = False
-        self.due = []
-        self.steps = []
-
-    @property
-    def held(self):
-        return self.closed
-
-    def defer(self, flush):
-        self.due.append(flush)
-
-    def every_open_step(self, fn):
-        self.steps.append(fn)
-
-    def open(self):
-        self.closed = False
-        due, self.due = self.due, []
-        for f in due:
-            f(0)
-
-
 class CountingStore(session_store.CounterStore):
     def __init__(self, path, gate):
         super().__init__(path)
@@ -474,9 +449,10 @@ ARGS = {"set_availability": {"state": "available"}}
     st.tuples(st.just("open"), st.none(), st.none()),
     st.tuples(st.just("cut"), st.none(), st.none()),
     st.tuples(st.just("replay"), st.none(), st.none())), max_size=30))
-def test_reserved_counters_no_write_while_closed_no_replay_after_a_power_cut(tmp_path_factory, steps):
+def test_reserved_counters_no_write_while_closed_no_replay_after_a_power_cut(
+        tmp_path_factory, fake_flash_gate, steps):
     path = str(tmp_path_factory.mktemp("c") / "cmd_counter.json")
-    gate = Gate()
+    gate = fake_flash_gate()
 
     def boot():
         store = CountingStore(path, gate)
@@ -546,10 +522,10 @@ def _key(tmp_path):
     return str(p)
 
 
-def test_the_reservation_follows_the_clock_while_open_and_never_written_closed(tmp_path):
+def test_the_reservation_follows_the_clock_while_open_and_never_written_closed(tmp_path, fake_flash_gate):
     """pilecmd's counters are the Unix ms: the reservation is renewed ahead of the clock while
     the contactor is open, so that a session that starts days later still takes commands."""
-    gate = Gate()
+    gate = fake_flash_gate()
     store = CountingStore(str(tmp_path / "c.json"), gate)
     clock = [1_800_000_000_000]
     v = C.CommandVerifier(SECRET, last_counter=store.load(), counter_store=store, gate=gate,

@@ -9,13 +9,11 @@ import console
 
 
 @pytest.fixture(autouse=True)
-def contactor_open(monkeypatch):
+def contactor_open(fresh_console):
     """A board built by an earlier test (wiring.build) leaves its flash gate in console.hold,
     perhaps with its contactor closed: these lines are printed with it open."""
-    monkeypatch.setattr(console, "hold", None)
-    monkeypatch.setattr(console, "_queue", [])
-    monkeypatch.setattr(console, "_queued", 0)
-    monkeypatch.setattr(console, "_head", 0)
+    fresh_console.held = False
+    return fresh_console
 
 
 class Catch(logging.Handler):
@@ -75,20 +73,12 @@ def test_a_full_heap_loses_the_line_not_the_pile(capsys, monkeypatch):
     assert capsys.readouterr().out == "[   2.000] pilot: B -> A\n"
 
 
-def test_while_the_contactor_is_closed_lines_wait_and_never_overfill_the_uart(capsys, monkeypatch):
+def test_while_the_contactor_is_closed_lines_wait_and_never_overfill_the_uart(capsys, contactor_open):
     """Issue 12 item 2: no console burst while closed. Each loop iteration writes whole lines
     while they fit in what the UART's 128-byte FIFO has free by then (11.52 bytes a ms at
     115,200 baud); a line longer than the FIFO goes in pieces. The rest comes at once when the
     contactor opens, in order, before the next line."""
-    class Gate:
-        held = True
-
-    monkeypatch.setattr(console, "hold", Gate())
-    monkeypatch.setattr(console, "_queue", [])
-    monkeypatch.setattr(console, "_queued", 0)
-    monkeypatch.setattr(console, "_head", 0)
-    monkeypatch.setattr(console, "_fifo", 0)
-    monkeypatch.setattr(console, "_fifo_ms", 0)
+    contactor_open.held = True
     now = time.ticks_add(console.boot_ms, 1000)
     console.report(now, "outbox", "r" * 577)
     console.report(now, "contactor", "closed")
@@ -103,7 +93,7 @@ def test_while_the_contactor_is_closed_lines_wait_and_never_overfill_the_uart(ca
         parts.append(out)
     assert len(parts[0]) == 128  # an empty FIFO takes a piece of the long line
     assert all(len(p) <= 58 for p in parts[1:])
-    Gate.held = False
+    contactor_open.held = False
     console.report(now, "pilot", "C -> B")
     text = "".join(parts) + capsys.readouterr().out
     assert text.splitlines() == ["[   1.000] outbox: " + "r" * 577, "[   1.000] contactor: closed",

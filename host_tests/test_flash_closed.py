@@ -237,22 +237,15 @@ def test_the_console_writes_a_bounded_amount_per_iteration_while_closed(monkeypa
     assert out.startswith(("[ 1.000] outbox: %s\n" % long) * 3)
 
 
-def test_a_full_console_queue_drops_lines_and_says_how_many(monkeypatch, capsys):
+def test_a_full_console_queue_drops_lines_and_says_how_many(fresh_console, capsys):
     import console
 
-    class Closed:
-        held = True
-
-    monkeypatch.setattr(console, "hold", Closed())
-    monkeypatch.setattr(console, "_queue", [])
-    monkeypatch.setattr(console, "_queued", 0)
-    monkeypatch.setattr(console, "lines_dropped", 0)
     for i in range(100):
         console._write("line %03d %s\n" % (i, "y" * 90))
     assert console.lines_dropped > 0
     dropped = console.lines_dropped
     assert console._queued <= console.QUEUE_MAX_BYTES
-    Closed.held = False
+    fresh_console.held = False
     console.drain()
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("line 000") and "%d line(s) dropped" % dropped in out[-1]

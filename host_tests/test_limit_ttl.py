@@ -355,36 +355,17 @@ def test_a_cable_read_bad_at_b_to_c_offers_nothing(monkeypatch):
 
 # -- issue 13's leftover: refreshes are not written; nothing while the contactor is closed ----------
 
-class Gate:
-    """flash_gate.FlashGate's interface: held while `closed`; the deferred writes run by hand."""
-
-    def __init__(self):
-        self.closed = False
-        self.due = []
-
-    @property
-    def held(self):
-        return self.closed
-
-    def defer(self, flush):
-        self.due.append(flush)
-
-    def open(self):
-        self.closed = False
-        due, self.due = self.due, []
-        return [f(0) for f in due]
-
-
 @settings(max_examples=100, deadline=None)
 @given(refreshes=st.lists(st.tuples(st.integers(1, 120), st.sampled_from((16000, 10000)),
                                     st.sampled_from((60, 90)), st.booleans()), max_size=12))
-def test_a_refresh_writes_only_a_new_value_and_a_reboot_never_extends_it(tmp_path_factory, refreshes):
+def test_a_refresh_writes_only_a_new_value_and_a_reboot_never_extends_it(tmp_path_factory, fake_flash_gate,
+                                                                          refreshes):
     """A load manager re-sending its limit (same amps and ttl, every few s, sometimes while the
     contactor is closed): settings.json is written only when amps or ttl change, never while
     closed; after a reboot the limit ends no later than the last command's time to live."""
     path = tmp_path_factory.mktemp("s") / "settings.json"
     wall = Wall(SYNCED)
-    gate = Gate()
+    gate = fake_flash_gate()
     store = session_store.SettingsStore(str(path), gate)
     writes = []
     real = store._save

@@ -10,7 +10,6 @@ real PileView), stepped as main.run steps it: the tick, the records, then the li
 step. The rule is checked against the world itself: the coil as the simulated hardware holds
 it, and the charger's session as its state machine holds it (from the plug-in to the unplug,
 authorised or not)."""
-import json
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -139,16 +138,10 @@ class Pile:
         vb = self.vb
         vb.world.advance()
         vb.tick()
-        now = vb.clock.ticks_ms()
-        u = self.updater
-        u.poll(now)
-        u.work(now, self.conn)
-        if self.conn.inbox:
-            t, p = self.conn.inbox.pop(0)
-            u.message(now, t, p)
+        ota_rig.link_step(self.updater, self.conn, vb.clock.ticks_ms())
 
     def acks(self):
-        return [json.loads(p) for t, p, _r in self.conn.out if t.endswith(b"cmd/ack")]
+        return ota_rig.acks(self.conn)
 
 
 def _published(n):

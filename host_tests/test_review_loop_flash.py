@@ -92,31 +92,14 @@ def test_the_reservation_still_spares_the_writes_below_the_top(tmp_path_factory)
 # -- the console queue while closed --------------------------------------------------------------
 
 
-class Hold:
-    held = True
-
-
-@pytest.fixture
-def quiet_console(monkeypatch):
-    monkeypatch.setattr(console, "_queue", [])
-    monkeypatch.setattr(console, "_queued", 0)
-    monkeypatch.setattr(console, "_head", 0)
-    monkeypatch.setattr(console, "_fifo", 0)
-    monkeypatch.setattr(console, "lines_dropped", 0)
-    monkeypatch.setattr(console, "recent_faults", [])
-    hold = Hold()
-    monkeypatch.setattr(console, "hold", hold)
-    return hold
-
-
 @given(st.integers(1, 60), st.integers(10, 300))
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_a_fault_dropped_while_closed_stays_in_the_recent_faults_and_is_counted(
-        quiet_console, capsys, filler, width):
+        fresh_console, capsys, filler, width):
     console._queue[:] = []
     console._queued = console.lines_dropped = 0
     console.recent_faults[:] = []
-    quiet_console.held = True
+    fresh_console.held = True
     capsys.readouterr()
     for i in range(filler):
         console.report(i, "meter", "x" * width)
@@ -125,7 +108,7 @@ def test_a_fault_dropped_while_closed_stays_in_the_recent_faults_and_is_counted(
     assert console.recent_faults[-1] == (filler, "pilot_short raised")  # diag.py sees it
     dropped = console.lines_dropped
     assert capsys.readouterr().out == ""  # nothing printed while closed
-    quiet_console.held = False
+    fresh_console.held = False
     console.drain()
     out = capsys.readouterr().out
     if dropped:
@@ -235,7 +218,7 @@ class Uart:
 @given(st.integers(0, 60), st.integers(60, 700), st.integers(0, 15), st.integers(1, 6))
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_no_console_write_blocks_while_closed_after_a_long_line_printed_open(
-        quiet_console, monkeypatch, stale_ms, length, gap_ms, lines):
+        fresh_console, monkeypatch, stale_ms, length, gap_ms, lines):
     """A line printed with the contactor open blocks (allowed then) and leaves the FIFO full at
     the end of the write, which is later than the `now_ms` of the report that printed it (an
     iteration's start: the link, the records step print late in it). The contactor closes in
@@ -243,18 +226,18 @@ def test_no_console_write_blocks_while_closed_after_a_long_line_printed_open(
     import time
 
     clock = [1000.0]
-    uart = Uart(clock, quiet_console)
+    uart = Uart(clock, fresh_console)
     monkeypatch.setattr(console.sys, "stdout", uart)
     monkeypatch.setattr(time, "ticks_ms", lambda: int(clock[0]))
     console._queue[:] = []
     console._queued = console.lines_dropped = console._head = console._fifo = 0
-    quiet_console.held = False
+    fresh_console.held = False
     report_ms = int(clock[0])
     clock[0] += stale_ms  # the slow work of the iteration before the line
     console.report(report_ms, "session", "r" * length)  # open: may block
     clock[0] += gap_ms
     start = int(clock[0])  # the next iteration: the tick closes the contactor
-    quiet_console.held = True
+    fresh_console.held = True
     for i in range(lines):
         console.report(start, "contactor", "closed %d" % i)
     console.drain(start)  # the flash gate's poll, that iteration

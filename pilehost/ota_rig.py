@@ -6,6 +6,7 @@ A reset (the Updater's machine.reset, or a test's power cut) is the exception Re
 then builds everything again from the same flash folder, as a board would.
 """
 import contextlib
+import json
 import os
 import sys
 
@@ -169,25 +170,31 @@ class Board:
 
     def step(self, now_ms):
         """One loop: poll, one thing sent, one chunk delivered."""
-        u = self.updater
-        u.poll(now_ms)
-        u.work(now_ms, self.conn)
-        if self.conn.inbox:
-            t, p = self.conn.inbox.pop(0)
-            u.message(now_ms, t, p)
+        link_step(self.updater, self.conn, now_ms)
 
     def acks(self):
-        import json
-
-        return [json.loads(p) for t, p, _r in self.conn.out if t.endswith(b"cmd/ack")]
+        return acks(self.conn)
 
     def ota_messages(self):
-        import json
-
         return [json.loads(p) for t, p, _r in self.conn.out if t.endswith(b"/ota")]
 
     def state(self):
         return self.rb.StateStore().load()
+
+
+def link_step(updater, conn, now_ms):
+    """The updater's part of one link step (mqtt_link): poll, one thing sent, one message of
+    conn's inbox delivered."""
+    updater.poll(now_ms)
+    updater.work(now_ms, conn)
+    if conn.inbox:
+        t, p = conn.inbox.pop(0)
+        updater.message(now_ms, t, p)
+
+
+def acks(conn):
+    """The command acks conn published, oldest first."""
+    return [json.loads(p) for t, p, _r in conn.out if t.endswith(b"cmd/ack")]
 
 
 def run(board, steps=2000, start_ms=0, period_ms=5, until=None):
