@@ -26,6 +26,7 @@ unavailable = None  # why the pile is held unavailable (main.hold_unavailable)
 
 UART_FIFO = const(128)  # bytes the ESP32's UART takes without blocking
 _UART_B_PER_100MS = const(1152)  # 115,200 baud, 10 bits a byte: 11.52 bytes a ms
+_ITERATION_MS = const(1000)  # longer than any loop iteration: a FIFO stamp further ahead is stale
 QUEUE_MAX_BYTES = const(2048)  # the longest line (a record, ~1 KiB) fits, with some more
 hold = None  # an object with `held` (flash_gate.FlashGate): queue while it is True
 _queue = []  # lines (str, each with its newline) not yet written, oldest first
@@ -55,16 +56,22 @@ def _write(line):
     if _queue or lines_dropped:
         drain()
     sys.stdout.write(line)
-    _fifo = UART_FIFO  # open: it may block, and it may leave the FIFO full
-    _fifo_ms = _Console.now_ms
+    # Open: it may block, and it leaves the FIFO full at the write's end (the clock now, a ms
+    # on for the part of one ticks_ms drops), not at the report's now_ms: that is an iteration's
+    # start, and a close may come in the next one (host_tests/test_review_loop_flash.py).
+    _fifo = UART_FIFO
+    _fifo_ms = time.ticks_add(time.ticks_ms(), 1)
 
 
 def _free(now_ms):
     """What the FIFO has free at now_ms (it empties at the baud rate)."""
     global _fifo, _fifo_ms
     if _fifo:
-        gone = time.ticks_diff(now_ms, _fifo_ms) * _UART_B_PER_100MS // 100
-        _fifo = 0 if gone >= _fifo or gone < 0 else _fifo - gone
+        since = time.ticks_diff(now_ms, _fifo_ms)
+        if -_ITERATION_MS < since < 0:
+            return UART_FIFO - _fifo  # filled after now_ms (later in this iteration): as it was
+        gone = since * _UART_B_PER_100MS // 100
+        _fifo = 0 if gone >= _fifo or since < 0 else _fifo - gone
     _fifo_ms = now_ms
     return UART_FIFO - _fifo
 

@@ -54,9 +54,6 @@ def boot(path):
 # -- the counter reservation at the top of its range ---------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="review finding, fix in commit 9a0853e (command_auth._reservation) "
-                   "not merged here: with it one closed gap of test_chipmodel's chip run came to "
-                   "10.06 ms (target 10, the merged firmware sits just under it)")
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.one_of(st.integers(MAX - 3 * C.RESERVE, MAX - 1), st.integers(1, MAX - 1)),
        st.integers(1, 4))
@@ -229,9 +226,6 @@ class Uart:
         self.at = self.clock[0]
 
 
-@pytest.mark.xfail(strict=True, reason="review finding, not fixed: console.py stamps the FIFO full at "
-                   "the report's now_ms, not at the end of the write; the fix (the clock after the "
-                   "write) put one closed gap of test_chipmodel's chip run at 10.14 ms (target 10)")
 @given(st.integers(0, 60), st.integers(60, 700), st.integers(0, 15), st.integers(1, 6))
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_no_console_write_blocks_while_closed_after_a_long_line_printed_open(
