@@ -265,7 +265,7 @@ def test_no_console_write_blocks_while_closed_after_a_long_line_printed_open(
                           st.one_of(st.none(), st.integers(0, 2 * 10 ** 12)),
                           st.integers(1, 3 * C.RESERVE)), max_size=25))
 def test_no_accepted_command_is_accepted_again_whatever_the_clock_does(tmp_path_factory, steps):
-    """The reservation follows the wall clock when it is set (renew, reserve_ahead); a clock
+    """The reservation follows the wall clock when it is set (open_step, reserve_ahead); a clock
     never set, set wrong, or moved backwards between reboots must never let an accepted counter
     in again (the contactor open: every accepted counter is on flash)."""
     path = str(tmp_path_factory.mktemp("c") / "cmd_counter.json")
@@ -288,7 +288,7 @@ def test_no_accepted_command_is_accepted_again_whatever_the_clock_does(tmp_path_
             v = boot_clock()
         elif kind == "renew":
             now += 20000
-            assert v.renew(now) is None
+            assert v.open_step(now) is None
         else:
             counter = max(counter, v.last_counter) + jump
             if counter > MAX:
