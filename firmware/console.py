@@ -3,8 +3,8 @@ heap lost, the last faults and why the pile is held unavailable, for diag.py.
 
 While the contactor is closed (`hold`, set by wiring: the flash gate) a line is not printed at
 once: the UART blocks once its 128-byte FIFO is full (86.8 us a byte at 115,200 baud), and a
-577-byte record line would stall the loop ~40 ms. Lines wait in a bounded queue and `drain(now_ms)`
-(once per loop iteration, from the flash gate) writes whole lines while they fit in what the FIFO
+577-byte record line would stall the loop ~40 ms. Lines wait in a bounded queue and `step(now_ms)`
+(once per loop iteration, from main.py's loop) writes whole lines while they fit in what the FIFO
 has free by then (it empties 11.5 bytes a ms): a write never blocks. A line longer than the FIFO
 goes in FIFO-sized pieces. With the contactor open the queue is written whole, then each line at
 once (docs/durability.md).
@@ -74,6 +74,13 @@ def _free(now_ms):
         _fifo = 0 if gone >= _fifo or since < 0 else _fifo - gone
     _fifo_ms = now_ms
     return UART_FIFO - _fifo
+
+
+def step(now_ms):
+    """Once per loop iteration (main.py): what is queued, all of it with the contactor open,
+    within what the UART's FIFO takes at now_ms while it is closed."""
+    if _queue or lines_dropped:
+        drain(now_ms if _held() else None)
 
 
 def drain(now_ms=None):

@@ -6,8 +6,8 @@ stalled meanwhile. While the contactor is closed a stall delays the reaction to 
 trip, so the writers here wait: each asks `held` before it writes and hands what it could not
 write to `defer()`; the records step calls `poll()` once per loop iteration, which runs those
 writes at the first iteration with the contactor open (a contactor that opened stays open at
-least relay.MIN_OPEN_MS: the writes end before it may close again). The same poll drains the
-console's queue: while closed no more than the UART's FIFO takes without blocking (console.py).
+least relay.MIN_OPEN_MS: the writes end before it may close again). The console's queue is the
+console's own (console.step, from main.py's loop): it only reads `held` here.
 """
 
 
@@ -15,14 +15,9 @@ class FlashGate:
     """`contactor`: anything with a `closed` attribute (relay.Contactor); None: never held.
     `report`: the console callback, for a deferred write that failed."""
 
-    def __init__(self, contactor=None, report=None, console=None):
-        """console: the console module (its queue is drained here, a bounded amount while
-        closed: console.py), or None."""
+    def __init__(self, contactor=None, report=None):
         self._contactor = contactor
         self._report = report
-        self._console = console
-        if console is not None:
-            console.hold = self
         self._due = []  # callables(now_ms) -> None or an error text, oldest first
         self._open_steps = []  # the same, called at every poll with the contactor open
         self.deferred = 0  # writes deferred since boot (for the bench and the tests)
@@ -47,13 +42,9 @@ class FlashGate:
         return len(self._due)
 
     def poll(self, now_ms):
-        """Once per loop iteration: the console's queue (bounded while closed), then, with the
-        contactor open, the deferred writes; each one's error is reported."""
-        held = self.held
-        con = self._console
-        if con is not None:
-            con.drain(now_ms if held else None)
-        if held:
+        """Once per loop iteration: with the contactor open, the deferred writes; each one's
+        error is reported."""
+        if self.held:
             return
         due = self._due
         if due:

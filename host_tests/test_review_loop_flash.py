@@ -251,10 +251,10 @@ def test_no_console_write_blocks_while_closed_after_a_long_line_printed_open(
     quiet_console.held = True
     for i in range(lines):
         console.report(start, "contactor", "closed %d" % i)
-    console.drain(start)  # the flash gate's poll, that iteration
+    console.step(start)  # main.py's console step, that iteration
     for _ in range(30):  # the following iterations, 5 ms apart
         clock[0] += 5
-        console.drain(int(clock[0]))
+        console.step(int(clock[0]))
     held_blocks = [w for w, held in uart.blocked if held and w > 0.01]
     assert held_blocks == [], "a console write blocked %.1f ms with the contactor closed" % max(
         held_blocks)
