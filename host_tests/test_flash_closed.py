@@ -11,7 +11,8 @@ charging, signed commands (counters that jump past the reservation), replays and
   every accepted counter), except a remote_stop / request_status accepted above the reservation
   while closed and cut before the contactor opened (docs/commands.md, "Replays");
 - a remote_stop always works: accepted, and the contactor opens;
-- what was deferred while closed is on flash once the contactor has been open one step.
+- what was deferred while closed is on flash once the contactor has been open a few steps (one
+  write a step: test_flash_gate_spread.py).
 """
 import builtins
 import hashlib
