@@ -162,3 +162,33 @@ def test_the_writes_deferred_by_a_session_never_stack_past_the_watchdog(monkeypa
     # All of it on flash in the end.
     assert session_store.CounterStore("cmd_counter.json").load() >= counter
     assert session_store.SettingsStore("settings.json").load()["limit_ma"] == 10000
+
+
+def test_the_console_queue_is_the_console_step_s_not_the_gate_s(monkeypatch, capsys):
+    """One concern, one home: the flash gate writes files; the console's queue is drained by
+    console.step (main.py's loop), within the UART's FIFO while the contactor is closed."""
+    import console
+
+    contactor = Contactor()
+    gate = flash_gate.FlashGate(contactor)
+    monkeypatch.setattr(console, "hold", gate)
+    monkeypatch.setattr(console, "_queue", [])
+    monkeypatch.setattr(console, "_queued", 0)
+    monkeypatch.setattr(console, "_head", 0)
+    monkeypatch.setattr(console, "_fifo", 0)
+    monkeypatch.setattr(console, "lines_dropped", 0)
+    contactor.closed = True
+    capsys.readouterr()
+    for i in range(4):
+        console._write("line %d %s\n" % (i, "z" * 60))
+    gate.poll(1000)
+    assert capsys.readouterr().out == ""  # the gate leaves the console alone
+    console.step(1000)
+    first = capsys.readouterr().out
+    assert 0 < len(first) <= console.UART_FIFO and first.startswith("line 0")
+    contactor.closed = False
+    gate.poll(1005)
+    assert capsys.readouterr().out == ""
+    console.step(1005)
+    assert capsys.readouterr().out.endswith("line 3 %s\n" % ("z" * 60))
+    assert console._queue == []
