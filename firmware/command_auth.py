@@ -28,11 +28,16 @@ MAX_AMPS = const(80)  # config.py's max_current_a range; the charger clamps furt
 MAX_TTL_S = const(86400)  # set_current_limit's time to live: a day at most (charger.MAX_LIMIT_TTL_S)
 
 _BODY_KEYS = ("args", "cmd", "counter", "id", "v")
-# The counter is stored reserved ahead (docs/commands.md, "Replays"): a write stores R = counter +
-# RESERVE, and every counter up to R is accepted without a flash write; after a reboot R is the
-# floor. 7 days of pilecmd's millisecond counters: 2**53 lasts ~1.5e7 reboots. A new reservation
-# is written while the contactor is open once less than half of it is left.
+# The counter on flash is the floor after a reboot (docs/commands.md, "Replays"). While a close may
+# come (a car plugged in) or commands keep coming it is a reservation R = counter + RESERVE,
+# written with the contactor open: every counter up to R is accepted without a flash write, also
+# while closed. Once no close may come and no command came for _QUIET_MS it is released: the last
+# accepted counter itself, so that a reboot then moves no floor. 7 days of pilecmd's millisecond
+# counters; renewed while open once less than half of it is left.
 RESERVE = const(604800000)
+_LOOK_MS = const(10000)  # the open step looks at the clock (renewal) and at a release this often
+_QUIET_MS = const(60000)  # no command for this long (and no car): the reservation released
+_RETRY_MS = const(60000)  # after a failed write
 # Commands above the reservation accepted while the contactor is closed (no flash write then):
 # those whose replay after a power cut can do no harm but stop a session or send a status.
 _SAFE_UNSAVED = ("remote_stop", "request_status")
@@ -149,15 +154,16 @@ class Command:
 
 
 class CommandVerifier:
-    """`secret` is the pile's key (bytes, >= 16). `last_counter` the floor: the reservation
-    CounterStore.load() gives. With `counter_store`, no command above the stored reservation is
+    """`secret` is the pile's key (bytes, >= 16). `last_counter` the floor: what
+    CounterStore.load() gives. With `counter_store`, no command above the stored floor is
     returned before a new one is saved, so a reboot cannot reopen a replay window; `gate` (a
     flash_gate.FlashGate): no write while the contactor is closed, a command above the
     reservation then is refused (storage_error) unless it is remote_stop or request_status,
-    whose reservation is written when the contactor opens."""
+    whose counter is written when the contactor opens. `may_close()`: True while a close may
+    come (wiring: a car plugged in): only then is a reservation kept on flash; None: always."""
 
     def __init__(self, secret, max_bytes=512, last_counter=0, faults=CLEARABLE_FAULTS,
-                 counter_store=None, gate=None, reserve=RESERVE, unix_ms=None):
+                 counter_store=None, gate=None, reserve=RESERVE, unix_ms=None, may_close=None):
         if not isinstance(secret, (bytes, bytearray)) or len(secret) < _MIN_SECRET:
             raise ValueError("secret must be at least %d bytes" % _MIN_SECRET)
         if not 64 <= max_bytes <= 4096:
@@ -175,11 +181,15 @@ class CommandVerifier:
         self._due = False  # a counter above `reserved` accepted unsaved (closed): saved at the open
         self.writes = 0  # counter writes (for the bench and the tests)
         # Unix time in ms when the clock is set (NTP), else None: pilecmd's counters follow it,
-        # so the reservation does too, renewed while the contactor is open (renew()).
+        # so the reservation does too, renewed while the contactor is open (open_step()).
         self._unix_ms = unix_ms
-        self._renew_at = None  # ticks_ms of the next look; None: at the first open step
+        self._may_close = may_close
+        self._look_at = None  # ticks_ms of the next look; None: at the first open step
+        self._fresh = False  # a command accepted since the last open step
+        self._quiet_at = None  # ticks_ms from which no command came for _QUIET_MS
+        self._retry_at = None  # after a failed write: not again before then
         if gate is not None and counter_store is not None:
-            gate.every_open_step(self.renew)
+            gate.every_open_step(self.open_step)
 
     def verify(self, raw):
         """Command, or CommandError. Nothing changes unless a Command is returned."""
@@ -240,6 +250,7 @@ class CommandVerifier:
             raise CommandError("bad_argument", _USAGE[name], *ack)  # type: ignore[index]  # str here
         if self._store is not None:
             self._keep(counter, name, ack)
+            self._fresh = True
         self.last_counter = counter
         return Command(cmd_id, name, counter, args)
 
@@ -254,10 +265,10 @@ class CommandVerifier:
                     self._due = True
                     self._gate.defer(self._flush)  # held: a gate
                 else:
-                    self._save(counter)
+                    self._save(counter, True)
             return
         if not held:
-            if self._save(counter) is not None:
+            if self._save(counter, True) is not None:
                 raise CommandError("storage_error", "counter not saved, not executed", *ack)
             return
         if name not in _SAFE_UNSAVED:
@@ -267,40 +278,82 @@ class CommandVerifier:
             self._due = True
             self._gate.defer(self._flush)  # held: a gate
 
+    def _arming(self):
+        """A close may come, so the flash should hold a reservation (may_close None: always)."""
+        may = self._may_close
+        return may is None or may()
+
     def _ahead(self):
         """The counter a reservation starts from: the last accepted, or the Unix ms if later."""
         u = None if self._unix_ms is None else self._unix_ms()
         return self.last_counter if u is None or u <= self.last_counter else u
 
     def reserve_ahead(self):
-        """At boot, the contactor open: a reservation above the floor (and the clock), so that
-        the commands of the first session need no flash write. None, or the OSError."""
-        if self._store is None:
+        """At boot, the contactor open: a reservation above the floor (and the clock) if a close
+        may come (may_close None: always), so that a session's commands need no flash write.
+        Otherwise nothing: the floor stays where it was. None, or the OSError."""
+        if self._store is None or not self._arming():
             return None
-        return self._save(self._ahead())
-
-    def renew(self, now_ms):
-        """The flash gate, every step with the contactor open (looked at every 10 s): a new
-        reservation once the clock has used half of it, so that a session starting later still
-        has RESERVE / 2 of pilecmd's counters ahead. None, or why it was not written."""
-        if self._unix_ms is None or self._gate.held or (self._renew_at is not None and
-                                     time.ticks_diff(now_ms, self._renew_at) < 0):
-            return None
-        self._renew_at = time.ticks_add(now_ms, 10000)
         ahead = self._ahead()
-        if ahead <= self.reserved - self.reserve // 2:
+        if self._reservation(ahead) <= self.reserved:
+            return None  # the top of the range: nothing to gain
+        return self._save(ahead, True)
+
+    def open_step(self, now_ms):
+        """The flash gate, every step with the contactor open. While a close may come: a
+        reservation written at once if there is none, renewed once the clock has used half of
+        it (looked at every 10 s). When none may and no command came for _QUIET_MS: released,
+        the floor brought back to the last accepted counter (a reservation left there would be
+        the floor after a reboot, refusing the sender's next counters: docs/commands.md). None,
+        or why it was not written."""
+        if self._gate.held:
             return None
-        e = self._save(ahead)
+        retry = self._retry_at
+        if retry is not None:
+            if time.ticks_diff(now_ms, retry) < 0:
+                return None
+            self._retry_at = None
+        if self._fresh:
+            self._fresh = False
+            self._quiet_at = time.ticks_add(now_ms, _QUIET_MS)
+        armed = self.reserved > self.last_counter
+        if armed:
+            at = self._look_at
+            if at is not None and time.ticks_diff(now_ms, at) < 0:
+                return None
+            self._look_at = time.ticks_add(now_ms, _LOOK_MS)
+        arm = self._arming()  # not armed: looked at every step (a close may follow a plug-in)
+        if arm:
+            ahead = self._ahead()
+            if armed and ahead <= self.reserved - self.reserve // 2:
+                return None
+            if self._reservation(ahead) <= self.reserved:
+                return None  # the top of the range: nothing to gain
+        else:
+            quiet = self._quiet_at
+            if not armed or self._due or quiet is not None and time.ticks_diff(now_ms, quiet) < 0:
+                return None
+            self._quiet_at = None  # never compared again across the tick wrap
+            ahead = self.last_counter
+        e = self._save(ahead, arm)
         if e is None:
             return None
-        self._renew_at = time.ticks_add(now_ms, 60000)
-        return "command counter reservation not renewed (%s)" % (e,)
+        self._retry_at = time.ticks_add(now_ms, _RETRY_MS)
+        return "command counter %s not written (%s)" % ("reservation" if arm else "floor", e)
 
-    def _save(self, counter):
-        """A new reservation above `counter`; None, or the error."""
-        r = min(counter + self.reserve, _MAX_COUNTER)
+    def _reservation(self, counter):
+        """What a write stores for `counter` while a close may come: RESERVE above it, but at
+        the top of the range the counter itself (a write per command, as without a reservation):
+        a reservation reaching 2**53 - 1 would leave after a reboot a floor no counter is above,
+        every command (update too) refused for good (host_tests/test_review_loop_flash.py)."""
+        return counter if counter >= _MAX_COUNTER - self.reserve else counter + self.reserve
+
+    def _save(self, counter, arm):
+        """The floor after a reboot at `counter`, a reservation above it if `arm`; None, or
+        the error."""
+        r = self._reservation(counter) if arm else counter
         try:
-            self._store.save(r)  # only with a store
+            self._store.save(r)  # type: ignore[union-attr]  # only with a store
         except OSError as e:
             return e
         self.writes += 1
@@ -309,13 +362,13 @@ class CommandVerifier:
         return None
 
     def _flush(self, now_ms):
-        """The flash gate, the contactor open again: the reservation renewed above the last
-        accepted counter (an unsaved remote_stop / request_status, or under half left)."""
+        """The flash gate, the contactor open again: the counter saved above the last accepted
+        one (an unsaved remote_stop / request_status, or under half of the reservation left)."""
         due = self._due
         self._due = False
         if not due:
             return None
-        e = self._save(self.last_counter)
+        e = self._save(self.last_counter, True)
         if e is None:
             return None
         # The next command above the reservation tries again before it is accepted.

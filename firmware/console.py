@@ -3,8 +3,8 @@ heap lost, the last faults and why the pile is held unavailable, for diag.py.
 
 While the contactor is closed (`hold`, set by wiring: the flash gate) a line is not printed at
 once: the UART blocks once its 128-byte FIFO is full (86.8 us a byte at 115,200 baud), and a
-577-byte record line would stall the loop ~40 ms. Lines wait in a bounded queue and `drain(now_ms)`
-(once per loop iteration, from the flash gate) writes whole lines while they fit in what the FIFO
+577-byte record line would stall the loop ~40 ms. Lines wait in a bounded queue and `step(now_ms)`
+(once per loop iteration, from main.py's loop) writes whole lines while they fit in what the FIFO
 has free by then (it empties 11.5 bytes a ms): a write never blocks. A line longer than the FIFO
 goes in FIFO-sized pieces. With the contactor open the queue is written whole, then each line at
 once (docs/durability.md).
@@ -26,6 +26,7 @@ unavailable = None  # why the pile is held unavailable (main.hold_unavailable)
 
 UART_FIFO = const(128)  # bytes the ESP32's UART takes without blocking
 _UART_B_PER_100MS = const(1152)  # 115,200 baud, 10 bits a byte: 11.52 bytes a ms
+_ITERATION_MS = const(1000)  # longer than any loop iteration: a FIFO stamp further ahead is stale
 QUEUE_MAX_BYTES = const(2048)  # the longest line (a record, ~1 KiB) fits, with some more
 hold = None  # an object with `held` (flash_gate.FlashGate): queue while it is True
 _queue = []  # lines (str, each with its newline) not yet written, oldest first
@@ -55,18 +56,31 @@ def _write(line):
     if _queue or lines_dropped:
         drain()
     sys.stdout.write(line)
-    _fifo = UART_FIFO  # open: it may block, and it may leave the FIFO full
-    _fifo_ms = _Console.now_ms
+    # Open: it may block, and it leaves the FIFO full at the write's end (the clock now, a ms
+    # on for the part of one ticks_ms drops), not at the report's now_ms: that is an iteration's
+    # start, and a close may come in the next one (host_tests/test_review_loop_flash.py).
+    _fifo = UART_FIFO
+    _fifo_ms = time.ticks_add(time.ticks_ms(), 1)
 
 
 def _free(now_ms):
     """What the FIFO has free at now_ms (it empties at the baud rate)."""
     global _fifo, _fifo_ms
     if _fifo:
-        gone = time.ticks_diff(now_ms, _fifo_ms) * _UART_B_PER_100MS // 100
-        _fifo = 0 if gone >= _fifo or gone < 0 else _fifo - gone
+        since = time.ticks_diff(now_ms, _fifo_ms)
+        if -_ITERATION_MS < since < 0:
+            return UART_FIFO - _fifo  # filled after now_ms (later in this iteration): as it was
+        gone = since * _UART_B_PER_100MS // 100
+        _fifo = 0 if gone >= _fifo or since < 0 else _fifo - gone
     _fifo_ms = now_ms
     return UART_FIFO - _fifo
+
+
+def step(now_ms):
+    """Once per loop iteration (main.py): what is queued, all of it with the contactor open,
+    within what the UART's FIFO takes at now_ms while it is closed."""
+    if _queue or lines_dropped:
+        drain(now_ms if _held() else None)
 
 
 def drain(now_ms=None):

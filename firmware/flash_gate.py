@@ -5,9 +5,10 @@ compacts the block: a 4 KiB sector erase, 45 ms typical and 400 ms worst (W25Q32
 stalled meanwhile. While the contactor is closed a stall delays the reaction to C->B or an RCD
 trip, so the writers here wait: each asks `held` before it writes and hands what it could not
 write to `defer()`; the records step calls `poll()` once per loop iteration, which runs those
-writes at the first iteration with the contactor open (a contactor that opened stays open at
-least relay.MIN_OPEN_MS: the writes end before it may close again). The same poll drains the
-console's queue: while closed no more than the UART's FIFO takes without blocking (console.py).
+writes once the contactor is open, one an iteration, from the second open iteration on (a
+contactor that opened stays open at least relay.MIN_OPEN_MS, 200 iterations; a write it does not
+finish waits for the next open moment). The console's queue is the console's own (console.step,
+from main.py's loop): it only reads `held` here.
 """
 
 
@@ -15,16 +16,12 @@ class FlashGate:
     """`contactor`: anything with a `closed` attribute (relay.Contactor); None: never held.
     `report`: the console callback, for a deferred write that failed."""
 
-    def __init__(self, contactor=None, report=None, console=None):
-        """console: the console module (its queue is drained here, a bounded amount while
-        closed: console.py), or None."""
+    def __init__(self, contactor=None, report=None):
         self._contactor = contactor
         self._report = report
-        self._console = console
-        if console is not None:
-            console.hold = self
         self._due = []  # callables(now_ms) -> None or an error text, oldest first
         self._open_steps = []  # the same, called at every poll with the contactor open
+        self._was_held = False  # the last poll saw the contactor closed
         self.deferred = 0  # writes deferred since boot (for the bench and the tests)
 
     @property
@@ -33,13 +30,15 @@ class FlashGate:
         return c is not None and c.closed
 
     def defer(self, flush):
-        """Run `flush(now_ms)` at the first poll() with the contactor open. A writer defers once
-        until its flush has run (its own flag: MicroPython's bound methods do not compare)."""
+        """Run `flush(now_ms)` at a poll() with the contactor open, in the order deferred. A writer
+        defers once until its flush has run (its own flag: MicroPython's bound methods do not
+        compare)."""
         self._due.append(flush)
         self.deferred += 1
 
     def every_open_step(self, fn):
-        """Call `fn(now_ms)` at every poll() with the contactor open (it keeps itself cheap)."""
+        """Call `fn(now_ms)` at every poll() with the contactor open and nothing deferred left
+        (it keeps itself cheap)."""
         self._open_steps.append(fn)
 
     @property
@@ -47,19 +46,23 @@ class FlashGate:
         return len(self._due)
 
     def poll(self, now_ms):
-        """Once per loop iteration: the console's queue (bounded while closed), then, with the
-        contactor open, the deferred writes; each one's error is reported."""
-        held = self.held
-        con = self._console
-        if con is not None:
-            con.drain(now_ms if held else None)
-        if held:
+        """Once per loop iteration (the records step, first). With the contactor open: the oldest
+        deferred write, one an iteration, none in the first iteration after a close (the writers'
+        own: the session log's checkpoint due while closed); with none left, the open steps.
+        Each one's error is reported. One an iteration: on a worst-case flash part a write may
+        take ~1.2 s (a block erase and a metadata compaction, 400 ms each), and the writes a
+        session defers (checkpoint, command counter, journal ack, settings) would stack past
+        the 2 s watchdog in one iteration (host_tests/test_flash_gate_spread.py)."""
+        if self.held:
+            self._was_held = True
+            return
+        if self._was_held:
+            self._was_held = False
             return
         due = self._due
         if due:
-            self._due = []
-            for flush in due:
-                self._run(now_ms, flush)
+            self._run(now_ms, due.pop(0))
+            return
         for fn in self._open_steps:
             self._run(now_ms, fn)
 

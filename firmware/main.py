@@ -1,7 +1,7 @@
-"""The control loop under the watchdog (docs/architecture.md): tick, then the records, then the
-network, then the link, then the watchdog. Any unhandled error opens the contactor, drives the
-pilot to F and stops feeding the watchdog, which resets the board. Ctrl-C hands the pile to
-diag.py's service mode.
+"""The control loop under the watchdog (docs/architecture.md): tick, then the console's queue,
+then the records, then the network, then the link, then the watchdog. Any unhandled error opens
+the contactor, drives the pilot to F and stops feeding the watchdog, which resets the board.
+Ctrl-C hands the pile to diag.py's service mode.
 """
 import console  # first: its import is the console's time 0
 import gc
@@ -90,6 +90,7 @@ def run():
             guard = ctl.guard  # between slices of slow work while closed (docs/architecture.md)
             if collect(start) or ctl.contactor.closed and not was_closed:
                 guard(time.ticks_ms())  # a collection, or a close, was this iteration's slice
+            console.step(start)  # the console's queue: within the UART's FIFO while closed
             ctl.records.poll(start, guard)  # the records step: after the tick's power-off decision
             if station is not None:
                 station.poll(start)

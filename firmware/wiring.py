@@ -77,7 +77,8 @@ def build(board, conf):
         levels.contactor_on,
         levels.contactor_feedback_closed,
     )
-    gate = flash_gate.FlashGate(contactor, report, console)  # no flash write nor burst while closed
+    gate = flash_gate.FlashGate(contactor, report)  # no flash write while closed
+    console.hold = gate  # nor a console burst: its queue waits on the same contactor
     steady_plus = 0 if levels.pilot_pwm_inverted else pilot.DUTY_FULL
     pwm = machine.PWM(Pin(pins.pilot_pwm), freq=1000, duty_u16=steady_plus)  # 1 kHz: IEC 61851-1 A.2.2
     output = pilot.PilotOutput(pwm, levels.pilot_pwm_inverted)
@@ -171,7 +172,8 @@ def build_link(board, conf, ctl):
 
         updater = ota.build(conf.ota, board.name, VERSION, machine.reset)
     _reserve_link_room(False)
-    verifier = build_verifier(mconf, ctl.records.gate)
+    # A reservation on flash only while a close may come: a car plugged in (docs/commands.md).
+    verifier = build_verifier(mconf, ctl.records.gate, lambda: ctl.charger.session is not None)
     return mqtt_link.MqttLink(mconf, ctl, ctl.records.log, console.report, verifier,
                               fw=VERSION, board=board.name, reset=machine.reset, boot_ms=console.boot_ms,
                               tls=tls, ota=updater, heal_store=link_heal.HealStore(files.HEAL_FILE),
@@ -202,7 +204,7 @@ def _unix_ms():
     return (t + sntp.epoch_offset()) * 1000
 
 
-def build_verifier(mconf, gate=None):
+def build_verifier(mconf, gate=None, may_close=None):
     """Remote commands need the key and a readable counter; otherwise they are refused (the
     link then does not subscribe to them). The key is never printed."""
     now = time.ticks_ms()
@@ -220,7 +222,8 @@ def build_verifier(mconf, gate=None):
         console.report(now, "mqtt", "command counter unreadable (%s): remote commands refused" % store.error)
         return None
     verifier = command_auth.CommandVerifier(binascii.unhexlify(mconf.secret), last_counter=last,
-                                            counter_store=store, gate=gate, unix_ms=_unix_ms)
+                                            counter_store=store, gate=gate, unix_ms=_unix_ms,
+                                            may_close=may_close)
     problem = verifier.reserve_ahead()  # at boot, open: a session's commands then write nothing
     if problem is not None:
         console.report(now, "storage", "command counter not reserved (%s): written per command" % problem)

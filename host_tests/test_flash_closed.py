@@ -11,7 +11,8 @@ charging, signed commands (counters that jump past the reservation), replays and
   every accepted counter), except a remote_stop / request_status accepted above the reservation
   while closed and cut before the contactor opened (docs/commands.md, "Replays");
 - a remote_stop always works: accepted, and the contactor opens;
-- what was deferred while closed is on flash once the contactor has been open one step.
+- what was deferred while closed is on flash once the contactor has been open a few steps (one
+  write a step: test_flash_gate_spread.py).
 """
 import builtins
 import hashlib
@@ -180,18 +181,45 @@ def test_a_remote_stop_above_the_reservation_while_closed_always_works(monkeypat
     assert again["result"] == "invalid" and "replayed" in again["reason"]
 
 
-def test_after_a_reboot_the_nack_says_the_floor_and_a_command_above_it_works(monkeypatch):
+def test_after_a_reboot_with_a_car_plugged_in_the_nack_says_the_floor_and_a_command_above_it_works(
+        monkeypatch):
     p = Pile(monkeypatch)
     assert p.send(signed("request_status", {}, T0_MS))["result"] == "accepted"
-    p.reboot()
+    p.vb.world.do("plug", 220)
+    p.run_ms(500)  # a car: a close may come, the reservation is written (contactor open)
+    p.reboot()  # a power cut: what the reservation covered may have been accepted unsaved
     nack = p.send(signed("request_status", {}, T0_MS + 1))  # below the reservation: a replay risk
     assert nack["result"] == "invalid"
     floor = int(nack["reason"].rsplit(" ", 1)[1])
-    assert floor >= T0_MS + command_auth.RESERVE - 1000  # the boot reserved ahead of the clock
+    assert floor >= T0_MS + command_auth.RESERVE - 1000  # reserved ahead of the clock
     from pilehost import pilecmd
 
     assert pilecmd.floor_of(nack["reason"]) == floor
     assert p.send(signed("request_status", {}, floor + 1))["result"] == "accepted"
+
+
+def test_a_pile_rebooting_daily_takes_the_first_fresh_command_after_each_reboot(monkeypatch):
+    """The floor does not drift: once no car is plugged in and no command came for a minute the
+    flash holds the last accepted counter, not a reservation, so a reboot leaves pilecmd's next
+    counter (the Unix ms) above the floor, also after a session."""
+    p = Pile(monkeypatch)
+    counter = T0_MS
+    assert p.send(signed("request_status", {}, counter))["result"] == "accepted"
+    for day in range(4):
+        if day == 2:  # a session with commands, then the car leaves
+            assert p.charge()
+            counter += 60000
+            assert p.send(signed("set_current_limit", {"amps": 10}, counter))["result"] == "accepted"
+            p.vb.world.do("stop_request")
+            p.run_ms(3000)
+            p.vb.world.do("unplug")
+        p.run_ms(71000)  # a quiet minute (and the next 10 s look): the reservation released
+        p.reboot()
+        assert p.link._verifier.last_counter == counter  # the floor: the last accepted
+        counter += 60000  # a minute later, pilecmd's default counter
+        a = p.send(signed("request_status", {}, counter))
+        assert a["result"] == "accepted", (day, a)
+        assert p.watch.closed_writes == []
 
 
 def test_a_refresh_that_only_moves_the_expiry_later_is_not_written(monkeypatch):

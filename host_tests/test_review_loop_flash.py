@@ -54,9 +54,6 @@ def boot(path):
 # -- the counter reservation at the top of its range ---------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="review finding, fix in commit 9a0853e (command_auth._reservation) "
-                   "not merged here: with it one closed gap of test_chipmodel's chip run came to "
-                   "10.06 ms (target 10, the merged firmware sits just under it)")
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.one_of(st.integers(MAX - 3 * C.RESERVE, MAX - 1), st.integers(1, MAX - 1)),
        st.integers(1, 4))
@@ -212,9 +209,6 @@ class Uart:
         self.at = self.clock[0]
 
 
-@pytest.mark.xfail(strict=True, reason="review finding, not fixed: console.py stamps the FIFO full at "
-                   "the report's now_ms, not at the end of the write; the fix (the clock after the "
-                   "write) put one closed gap of test_chipmodel's chip run at 10.14 ms (target 10)")
 @given(st.integers(0, 60), st.integers(60, 700), st.integers(0, 15), st.integers(1, 6))
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_no_console_write_blocks_while_closed_after_a_long_line_printed_open(
@@ -240,10 +234,10 @@ def test_no_console_write_blocks_while_closed_after_a_long_line_printed_open(
     fresh_console.held = True
     for i in range(lines):
         console.report(start, "contactor", "closed %d" % i)
-    console.drain(start)  # the flash gate's poll, that iteration
+    console.step(start)  # main.py's console step, that iteration
     for _ in range(30):  # the following iterations, 5 ms apart
         clock[0] += 5
-        console.drain(int(clock[0]))
+        console.step(int(clock[0]))
     held_blocks = [w for w, held in uart.blocked if held and w > 0.01]
     assert held_blocks == [], "a console write blocked %.1f ms with the contactor closed" % max(
         held_blocks)
@@ -254,7 +248,7 @@ def test_no_console_write_blocks_while_closed_after_a_long_line_printed_open(
                           st.one_of(st.none(), st.integers(0, 2 * 10 ** 12)),
                           st.integers(1, 3 * C.RESERVE)), max_size=25))
 def test_no_accepted_command_is_accepted_again_whatever_the_clock_does(tmp_path_factory, steps):
-    """The reservation follows the wall clock when it is set (renew, reserve_ahead); a clock
+    """The reservation follows the wall clock when it is set (open_step, reserve_ahead); a clock
     never set, set wrong, or moved backwards between reboots must never let an accepted counter
     in again (the contactor open: every accepted counter is on flash)."""
     path = str(tmp_path_factory.mktemp("c") / "cmd_counter.json")
@@ -277,7 +271,7 @@ def test_no_accepted_command_is_accepted_again_whatever_the_clock_does(tmp_path_
             v = boot_clock()
         elif kind == "renew":
             now += 20000
-            assert v.renew(now) is None
+            assert v.open_step(now) is None
         else:
             counter = max(counter, v.last_counter) + jump
             if counter > MAX:

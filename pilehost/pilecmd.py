@@ -67,8 +67,9 @@ def sign(secret, body):
 
 def floor_of(reason):
     """The pile's floor from a `replayed` ack's reason (`replayed: counter not above N`), or
-    None. After a reboot the pile refuses counters up to its reservation (docs/commands.md,
-    "Replays"): send again with --floor N, which signs above it."""
+    None. After a reboot that found a reservation on its flash (a car plugged in, a command in
+    the last minute) the pile refuses counters up to it (docs/commands.md, "Replays"): send
+    again with --floor N, which signs above it."""
     m = re.fullmatch(r"replayed: counter not above (\d+)", reason or "")
     return int(m.group(1)) if m else None
 

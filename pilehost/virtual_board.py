@@ -79,9 +79,12 @@ class VirtualBoard:
         return self.world.now // 1000
 
     def tick(self):
-        """One loop iteration's control work, as main.run: the tick, then the records step."""
+        """One loop iteration's control work, as main.run: the tick, the console, the records step."""
+        import console
+
         now = self.clock.ticks_ms()
         self.ctl.tick(now)
+        console.step(now)
         self.ctl.records.poll(now)
         self.clock.t += self.period_ms * 1000
 

@@ -1,0 +1,194 @@
+"""The writes deferred while the contactor is closed, once it opens (firmware/flash_gate.py): one
+an iteration, none in the iteration that opened it, so that a worst-case flash part cannot stack
+them past the watchdog (2 s, config wdt_timeout_ms).
+
+On a worst-case SPI NOR part (W25Q32JV: tSE 400 ms max) a file written into a fresh block erases
+it and may compact a metadata block too (800 ms), a rename or a remove may compact one (400 ms).
+The four writers a session defers (checkpoint, command counter, journal ack, settings) all in
+one iteration came to ~3.6 s of such stalls.
+"""
+import builtins
+import hashlib
+import hmac
+import json
+import os
+import sys
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pilehost.virtual_board import VirtualBoard
+
+import command_auth
+import flash_gate
+
+SECRET = bytes(range(32))
+WRITE_WORST_US = 800000  # a block erase and a metadata compaction, 400 ms each (tSE max)
+META_WORST_US = 400000  # a metadata compaction
+WATCHDOG_MS = 2000  # config.py's wdt_timeout_ms default
+_FS_MODULES = ("session_store", "journal", "durable", "session_log", "link_heal", "ota")
+
+
+class Contactor:
+    closed = False
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(("defer", "close", "open", "poll", "poll", "poll")), max_size=60))
+def test_one_deferred_write_an_iteration_none_while_closed_nor_in_the_opening_iteration(ops):
+    contactor = Contactor()
+    gate = flash_gate.FlashGate(contactor)
+    ran = []  # (poll number, what)
+    deferred = []
+    steps = []
+    gate.every_open_step(lambda now: steps.append(now))
+    n = 0
+    closed_before = False  # the contactor at the previous poll
+    for op in ops:
+        if op == "defer":
+            name = len(deferred)
+            deferred.append(name)
+            gate.defer(lambda now, name=name: ran.append((now, name)))
+        elif op == "close":
+            contactor.closed = True
+        elif op == "open":
+            contactor.closed = False
+        else:
+            n += 1
+            before = len(ran)
+            steps_before = len(steps)
+            gate.poll(n)
+            wrote = len(ran) - before
+            assert wrote <= 1, "two deferred writes in one iteration"
+            if contactor.closed or closed_before:
+                assert wrote == 0 and len(steps) == steps_before  # closed, or the opening iteration
+            if wrote:
+                assert len(steps) == steps_before  # the open steps wait for the deferred ones
+            closed_before = contactor.closed
+    assert [name for _, name in ran] == deferred[:len(ran)]  # in the order deferred
+    assert gate.due == len(deferred) - len(ran)
+
+
+# -- the wired firmware on a worst-case flash part -----------------------------------------------
+
+def signed(name, args, counter):
+    body = json.dumps({"v": 1, "id": "c%d" % counter, "cmd": name, "counter": counter, "args": args})
+    return json.dumps({"body": body, "sig": hmac.new(SECRET, body.encode(), hashlib.sha256)
+                       .hexdigest()}).encode()
+
+
+def slow_flash(mp, vb):
+    """Every write, rename and remove of the firmware's files stalls the virtual clock as a
+    worst-case part would; `log` lists (virtual us, what)."""
+    log = []
+    real_open = builtins.open
+    real_rename = os.rename
+    real_remove = os.remove
+
+    def stall(us, what):
+        log.append((vb.clock.t, what))
+        vb.clock.t += us
+
+    def _open(path, mode="r", *args, **kwargs):
+        if "w" in mode or "a" in mode or "+" in mode:
+            stall(WRITE_WORST_US, path)
+        return real_open(path, mode, *args, **kwargs)
+
+    def _rename(a, b):
+        stall(META_WORST_US, "rename " + b)
+        return real_rename(a, b)
+
+    def _remove(p):
+        stall(META_WORST_US, "remove " + p)
+        return real_remove(p)
+
+    for name in _FS_MODULES:
+        module = sys.modules.get(name)
+        if module is not None:
+            mp.setattr(module, "open", _open, raising=False)
+    mp.setattr(os, "rename", _rename)
+    mp.setattr(os, "remove", _remove)
+    return log
+
+
+def test_the_writes_deferred_by_a_session_never_stack_past_the_watchdog(monkeypatch):
+    import session_log  # noqa: F401 - every writer imported before its `open` is wrapped
+    import session_store
+
+    config = {"free_vend": True, "pile_id": "spread-1", "checkpoint_s": 10,
+              "meter": {"type": "ddsu666", "failure_timeout_s": 5},
+              "mqtt": {"host": "127.0.0.1", "secret": SECRET.hex()}}
+    vb = VirtualBoard(monkeypatch, config=config, period_ms=5)
+    vb.world.energy_wh = 1234500
+    link = vb.build_link()
+    w = vb.world
+
+    def run_ms(ms):
+        end = w.now + ms * 1000
+        while w.now < end:
+            w.advance()
+            vb.tick()
+
+    w.do("plug", 220)
+    w.do("request")
+    run_ms(4000)
+    ctl = vb.ctl
+    assert ctl.contactor.closed
+    gate = ctl.records.gate
+    v = link._verifier
+    # All four writers defer while closed: the command counter (past half of its reservation),
+    # the settings (a new limit), the journal's ack (the cloud acked the started record), the
+    # checkpoint (due every 10 s).
+    counter = v.reserved - command_auth.RESERVE // 2 + 1000
+    link._command(vb.clock.ticks_ms(), signed("set_current_limit", {"amps": 10}, counter))
+    assert json.loads(link._acks[-1])["result"] == "accepted", link._acks[-1]
+    outbox = ctl.records.log.outbox
+    outbox.ack(outbox._next_seq - 1)
+    run_ms(12000)
+    assert ctl.contactor.closed
+    assert gate.due == 3, gate.due  # the counter, the settings, the journal's ack
+    log = slow_flash(monkeypatch, vb)
+    w.do("stop_request")
+    worst = []  # (virtual ms an iteration took, its stalls)
+    for _ in range(800):  # 4 s of iterations
+        start = vb.clock.t
+        first = len(log)
+        w.advance()
+        vb.tick()
+        spent_ms = (vb.clock.t - start) / 1000 - vb.period_ms
+        worst.append((spent_ms, [what for _, what in log[first:]]))
+    assert not ctl.contactor.closed and gate.due == 0
+    slowest = max(worst, key=lambda x: x[0])
+    assert slowest[0] < WATCHDOG_MS, "an iteration took %.0f ms of flash stalls: %s" % slowest
+    # All of it on flash in the end.
+    assert session_store.CounterStore("cmd_counter.json").load() >= counter
+    assert session_store.SettingsStore("settings.json").load()["limit_ma"] == 10000
+
+
+def test_the_console_queue_is_the_console_step_s_not_the_gate_s(monkeypatch, capsys):
+    """One concern, one home: the flash gate writes files; the console's queue is drained by
+    console.step (main.py's loop), within the UART's FIFO while the contactor is closed."""
+    import console
+
+    contactor = Contactor()
+    gate = flash_gate.FlashGate(contactor)
+    monkeypatch.setattr(console, "hold", gate)
+    monkeypatch.setattr(console, "_queue", [])
+    monkeypatch.setattr(console, "_queued", 0)
+    monkeypatch.setattr(console, "_head", 0)
+    monkeypatch.setattr(console, "_fifo", 0)
+    monkeypatch.setattr(console, "lines_dropped", 0)
+    contactor.closed = True
+    capsys.readouterr()
+    for i in range(4):
+        console._write("line %d %s\n" % (i, "z" * 60))
+    gate.poll(1000)
+    assert capsys.readouterr().out == ""  # the gate leaves the console alone
+    console.step(1000)
+    first = capsys.readouterr().out
+    assert 0 < len(first) <= console.UART_FIFO and first.startswith("line 0")
+    contactor.closed = False
+    gate.poll(1005)
+    assert capsys.readouterr().out == ""
+    console.step(1005)
+    assert capsys.readouterr().out.endswith("line 3 %s\n" % ("z" * 60))
+    assert console._queue == []
