@@ -353,7 +353,7 @@ class CommandVerifier:
         the error."""
         r = self._reservation(counter) if arm else counter
         try:
-            self._store.save(r)  # type: ignore[union-attr]  # only with a store
+            self._store.save(r)  # only with a store
         except OSError as e:
             return e
         self.writes += 1

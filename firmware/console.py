@@ -33,7 +33,7 @@ _queue = []  # lines (str, each with its newline) not yet written, oldest first
 _queued = 0  # their bytes
 _head = 0  # bytes of _queue[0] already written
 _fifo = 0  # bytes the UART's FIFO may still hold (an upper bound), as of _fifo_ms
-_fifo_ms = 0
+_fifo_ms = time.ticks_ms()  # a stamp for _fifo (0 until a write)
 lines_dropped = 0  # lines the full queue refused while closed, said when it opens
 closed_bytes = 0  # bytes written while the contactor was closed (the bench reads it)
 
