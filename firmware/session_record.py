@@ -214,8 +214,11 @@ class Records:
             log.poll(now_ms, record, None if meter is None else meter.reading)
             if log.failed is not None:
                 self._records_failed(now_ms)
+        # `closed` as this step saw it, not the contactor now: the guard above may have opened it
+        # (C->B in the slice), and this step has not noted that opening (_has_opened): its held
+        # reading, taken before the open, would close the record as final. The next step does.
         if record is not None and record.stop_reason is not None and record.ended_ms is None \
-                and not self.contactor.closed:
+                and not closed:
             self._close(now_ms, record)
 
     def _records_failed(self, now_ms):
