@@ -20,8 +20,14 @@ import journal
 # Snapshots while a session runs: every 60 s at most (docs/durability.md: a <=128-byte snapshot
 # every 60 s costs ~0.12 block erases, decades of wear on a 1 MB partition).
 DEFAULT_CHECKPOINT_S = const(60)
-# At boot, wait this long for the meter's first reading before closing a cut session without it.
+# At boot, wait this long for the meter's first checked reading (one the guard judged against
+# another: docs/meters.md) before closing a cut session without it.
 RECOVERY_WAIT_MS = const(10000)
+# Then the next session (and so the contactor: Records.ready) waits this long at most for the
+# link's ack of the power cut's record, written while the contactor is still open: an ack that
+# came with it closed would wait in RAM (flash_gate.py), and a cut then sends the record again
+# (docs/durability.md, "A power cut's record before the next close").
+RECOVERY_ACK_WAIT_MS = const(5000)
 # Extra snapshots for a power cut's record (docs/durability.md, "Write rate"): one when the
 # first power is seen, then when the peak has risen by a quarter, not within 10 s of the last.
 _PEAK_CHECKPOINT_GAP_MS = const(10000)
@@ -98,6 +104,8 @@ class SessionLog:
             self._cut = None
             self._clear(0)
         self._boot_ms = None
+        self._recovered_seq = None  # the power cut's record in the outbox, until acked or waited for
+        self._recovered_ms = 0
 
     def _emit(self, now_ms, what, text):
         if self._report is not None:
@@ -130,7 +138,7 @@ class SessionLog:
             # Not while a record is held or a cut session not yet closed: their snapshot is the
             # only copy that survives a power cut, and the new one would replace it.
             if session.authorized and (not self.metered or session.meter_start_wh is not None) \
-                    and not self._unsent and self._cut is None:
+                    and not self._unsent and self._cut is None and not self._awaiting_ack(now_ms):
                 self._start(now_ms, session)
             return
         since = time.ticks_diff(now_ms, self._checkpoint_at)
@@ -139,6 +147,18 @@ class SessionLog:
                 pk > self._checkpoint_pk * 5 // 4 and since >= _PEAK_CHECKPOINT_GAP_MS) or \
                 session.meter_restarts != self._checkpoint_mr:  # the segments, at once
             self._checkpoint(now_ms, session)
+
+    def _awaiting_ack(self, now_ms):
+        """The power cut's record is in the outbox, not yet acknowledged, for less than
+        RECOVERY_ACK_WAIT_MS: the next session waits (its id, so the contactor)."""
+        seq = self._recovered_seq
+        if seq is None:
+            return False
+        if getattr(self.outbox, "acked", seq) < seq and \
+                time.ticks_diff(now_ms, self._recovered_ms) < RECOVERY_ACK_WAIT_MS:
+            return True
+        self._recovered_seq = None  # never compared again across the tick wrap
+        return False
 
     def _start(self, now_ms, session):
         self._seq += 1
@@ -229,6 +249,8 @@ class SessionLog:
         and the meter give, flagged in `estimated` (docs/telemetry.md)."""
         if self._boot_ms is None:
             self._boot_ms = now_ms
+        if reading is not None and not getattr(reading, "checked", True):
+            reading = None  # the first after boot, judged against nothing (docs/meters.md)
         if self.metered and reading is None and \
                 time.ticks_diff(now_ms, self._boot_ms) < RECOVERY_WAIT_MS:
             return
@@ -273,7 +295,11 @@ class SessionLog:
             self._clear(now_ms)
             self._emit(now_ms, "session", "snapshot unusable, not reported: %r" % (e,))
             return
+        seq = getattr(self.outbox, "next_seq", None)
         self._append(now_ms, journal.KIND_SESSION_END, record, self._clear)
+        if seq is not None and getattr(self.outbox, "next_seq", None) == seq + 1:  # it has it
+            self._recovered_seq = seq
+            self._recovered_ms = now_ms
         self._emit(now_ms, "session", "closed %s after a power loss" % cut.get("id"))
 
     def _already_ended(self, session_id):
