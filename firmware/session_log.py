@@ -5,8 +5,8 @@ authorised and its meter start is known; its `session/started` record goes into 
 outbox (journal.py) then, its `session/ended` record when the records step closes it. While
 it is open a small snapshot is written every `checkpoint_s` and at each change
 (session_store.py); a snapshot found at boot means the power went: the session is closed with
-stop_reason "power_loss", its stop time the snapshot's, its meter stop the first reading after
-boot (the meter kept counting until the cut).
+stop_reason "power_loss", its stop time the snapshot's, its meter stop the first checked reading
+after boot (the meter kept counting until the cut), before the next session may start.
 
 The MQTT link drains the outbox; nothing here touches the network.
 """
@@ -23,10 +23,10 @@ DEFAULT_CHECKPOINT_S = const(60)
 # At boot, wait this long for the meter's first checked reading (one the guard judged against
 # another: docs/meters.md) before closing a cut session without it.
 RECOVERY_WAIT_MS = const(10000)
-# Then the next session (and so the contactor: Records.ready) waits this long at most for the
-# link's ack of the power cut's record, written while the contactor is still open: an ack that
-# came with it closed would wait in RAM (flash_gate.py), and a cut then sends the record again
-# (docs/durability.md, "A power cut's record before the next close").
+# Then the contactor (Records.ready) waits this long at most for the link's ack of the power
+# cut's record, written while it is still open: an ack that came with it closed would wait in
+# RAM (flash_gate.py), and a cut then sends the record again (docs/meters.md, "A session's meter
+# start"; docs/durability.md, "The contactor closed"). The next session starts meanwhile.
 RECOVERY_ACK_WAIT_MS = const(5000)
 # Extra snapshots for a power cut's record (docs/durability.md, "Write rate"): one when the
 # first power is seen, then when the peak has risen by a quarter, not within 10 s of the last.
@@ -106,6 +106,9 @@ class SessionLog:
         self._boot_ms = None
         self._recovered_seq = None  # the power cut's record in the outbox, until acked or waited for
         self._recovered_ms = 0
+        # The power cut's record not acknowledged yet, for less than RECOVERY_ACK_WAIT_MS: no
+        # contactor may close (Records.ready). Set by poll().
+        self.unacked_recovery = False
 
     def _emit(self, now_ms, what, text):
         if self._report is not None:
@@ -130,6 +133,8 @@ class SessionLog:
             self._retry(now_ms)
         if self._cut is not None:
             self._recover(now_ms, reading)
+        if self._recovered_seq is not None:
+            self.unacked_recovery = self._awaiting_ack(now_ms)
         if self._clear_due and retry and (session is None or session.id is None):
             self._clear(now_ms)  # no other session's snapshot in the file yet: retried
         if session is None or session.ended_ms is not None:
@@ -138,7 +143,7 @@ class SessionLog:
             # Not while a record is held or a cut session not yet closed: their snapshot is the
             # only copy that survives a power cut, and the new one would replace it.
             if session.authorized and (not self.metered or session.meter_start_wh is not None) \
-                    and not self._unsent and self._cut is None and not self._awaiting_ack(now_ms):
+                    and not self._unsent and self._cut is None:
                 self._start(now_ms, session)
             return
         since = time.ticks_diff(now_ms, self._checkpoint_at)
@@ -150,7 +155,7 @@ class SessionLog:
 
     def _awaiting_ack(self, now_ms):
         """The power cut's record is in the outbox, not yet acknowledged, for less than
-        RECOVERY_ACK_WAIT_MS: the next session waits (its id, so the contactor)."""
+        RECOVERY_ACK_WAIT_MS: the contactor waits."""
         seq = self._recovered_seq
         if seq is None:
             return False

@@ -99,7 +99,7 @@ class Record:
             rise = self._rise
             self._rise = None
             stop = self.meter_stop_wh
-            if rise is not None and rise[2] <= wh < stop and \
+            if rise is not None and rise[3] is not None and rise[2] <= wh < stop and \
                     wh - rise[2] <= self._restart_max_wh(reading, rise[3]):  # type: ignore[operator]
                 # Back down to where the register stood before the last epoch's rise, plus no
                 # more than it could count since: that rise was a glitch the meter held for two
@@ -174,11 +174,13 @@ class Records:
     def ready(self):
         """The open session's meter start value is known, or no meter is fitted, and the flash
         takes the records: only then may the contactor close. Energy from the close on is billed;
-        a first reading taken after the close would miss what flowed before it."""
-        if self.log is not None and self.log.failed is not None:
+        a first reading taken after the close would miss what flowed before it. Nor while a power
+        cut's record waits for its ack (session_log.RECOVERY_ACK_WAIT_MS): written while open."""
+        log = self.log
+        if log is not None and (log.failed is not None or getattr(log, "unacked_recovery", False)):
             return False
         record = self.record
-        if self.log is not None and record is not None and record.authorized and record.id is None:
+        if log is not None and record is not None and record.authorized and record.id is None:
             # Its started record and first snapshot are written before the close: none while
             # the contactor is closed (flash_gate.py).
             return False

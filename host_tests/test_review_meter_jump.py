@@ -295,19 +295,21 @@ def test_a_power_cut_record_takes_no_unchecked_boot_reading(tmp_path):
     assert record["meter_stop_wh"] == 1000 and record["meter_stop_stale"] is True
 
 
-def test_the_next_session_waits_for_the_power_cut_records_ack(tmp_path):
+def test_the_contactor_waits_for_the_power_cut_records_ack(tmp_path):
     """The power cut's record now closes a poll later (a checked reading), right before the next
-    session could start: the link's ack of it came with the contactor closed, waited in RAM
-    (flash_gate.py), and a cut then sent it again (test_mqtt_link.py's power cut: a duplicate
-    at the consumer). The next session's id, so the contactor (Records.ready), waits for that
-    ack, written while the contactor is open; at most RECOVERY_ACK_WAIT_MS (no link, a broker
-    away): then it goes on, the record sent at least once as any other."""
+    session's contactor could close: the link's ack of it came with the contactor closed, waited
+    in RAM (flash_gate.py), and a cut then sent it again (test_mqtt_link.py's power cut: a
+    duplicate at the consumer). The contactor (Records.ready) waits for that ack, written while
+    open, at most RECOVERY_ACK_WAIT_MS (no link, a broker away): then it closes, the record sent
+    at least once as any other. The next session itself starts at once (its id, its started
+    record): a car that leaves meanwhile has its record, 0 Wh."""
     import charger as ch
     import journal
     import meter
+    import pilot
     import session_log
     import session_store
-    from session_record import Record
+    from session_record import Record, Records
 
     def make_log(boot, where):
         return session_log.SessionLog(
@@ -315,30 +317,43 @@ def test_the_next_session_waits_for_the_power_cut_records_ack(tmp_path):
             session_store.SessionStore(str(where / "session.json")), metered=True,
             checkpoint_s=60, wall=lambda: 1795000000)
 
-    def session(at):
-        s = Record(ch.Session(at))
-        s.auth_source, s.auth_id, s.authorized_ms = "free_vend", None, at
-        s.note_meter(meter.Reading(1000, 0.0, 230.0, 0.0, at))
-        return s
+    class Meter:
+        last_error = None
+        epoch = 0
+
+        def __init__(self):
+            self.reading = meter.Reading(1000, 0.0, 230.0, 0.0, 0)
+
+        def poll(self, now_ms):
+            self.reading = meter.Reading(1000, 0.0, 230.0, 0.0, now_ms)
+
+    class Contactor:
+        closed = False
 
     for acked in (True, False):
         where = tmp_path / str(acked)
         where.mkdir()
-        make_log(7, where).poll(0, session(0), None)  # a session, its snapshot; then the cut
+        first = Record(ch.Session(0))
+        first.auth_source, first.auth_id, first.authorized_ms = "free_vend", None, 0
+        first.note_meter(meter.Reading(1000, 0.0, 230.0, 0.0, 0))
+        make_log(7, where).poll(0, first, None)  # a session, its snapshot; then the cut
         booted = make_log(8, where)
-        nxt = session(100)
-        booted.poll(100, nxt, meter.Reading(1000, 0.0, 230.0, 0.0, 90))
-        (kind,) = [journal.kind_name(k) for _s, k, _p in booted.outbox.pending()
-                   if _s > booted.outbox.acked and journal.kind_name(k) != "session_start"]
-        assert kind == "session_end" and nxt.id is None  # closed; the next session waits
-        booted.poll(1000, nxt, None)
-        assert nxt.id is None
+        charger = ch.Charger(32000, 32000, True, False)
+        records = Records(charger, Contactor(), Meter(), booted)
+        charger.step(100, pilot.C, True)  # the car there all along, asking for power
+        records.poll(100)
+        nxt = records.record
+        kinds = [journal.kind_name(k) for _s, k, _p in booted.outbox.pending()]
+        assert kinds[-2:] == ["session_end", "session_start"] and nxt.id == "pile-0042-8-1"
+        assert not records.ready  # the power cut's record is not acknowledged yet
+        records.poll(1000)
+        assert not records.ready
         if acked:
-            booted.outbox.ack(booted.outbox.next_seq - 1)  # the link's PUBACK, contactor open
-            booted.poll(1010, nxt, None)
-            assert nxt.id == "pile-0042-8-1"
+            booted.outbox.ack(booted.outbox.next_seq - 2)  # the link's PUBACK, contactor open
+            records.poll(1010)
+            assert records.ready
         else:
-            booted.poll(100 + session_log.RECOVERY_ACK_WAIT_MS - 1, nxt, None)
-            assert nxt.id is None
-            booted.poll(100 + session_log.RECOVERY_ACK_WAIT_MS, nxt, None)
-            assert nxt.id == "pile-0042-8-1"  # no ack: it goes on after the bound
+            records.poll(100 + session_log.RECOVERY_ACK_WAIT_MS - 1)
+            assert not records.ready
+            records.poll(100 + session_log.RECOVERY_ACK_WAIT_MS)
+            assert records.ready  # no ack: it goes on after the bound
