@@ -87,34 +87,16 @@ class Record:
             self.meter_start_wh = self._segment_wh = wh
             self._epoch = epoch
             self._start_checked = getattr(reading, "checked", True)
-        elif epoch != self._epoch and not self._start_checked:
-            # The start was a first reading after boot that no later one followed: a glitch
-            # (docs/meters.md, "A session's meter start"). Nothing of it is billed, nor is the
-            # new register counted from 0: the session starts again at it, the restart counted.
-            self.meter_start_wh = self._segment_wh = wh
-            self._start_checked = True
-            self.meter_restarts += 1
-            self._epoch = epoch
         elif epoch != self._epoch:
-            rise = self._rise
-            self._rise = None
-            stop = self.meter_stop_wh
-            if rise is not None and rise[3] is not None and rise[2] <= wh < stop and \
-                    wh - rise[2] <= self._restart_max_wh(reading, rise[3]):  # type: ignore[operator]
-                # Back down to where the register stood before the last epoch's rise, plus no
-                # more than it could count since: that rise was a glitch the meter held for two
-                # readings (docs/meters.md, "A drop after a glitch"). The segment before it goes
-                # on; nothing of the glitch is billed, nor the register counted from 0.
-                self._carried_wh, self._segment_wh = rise[0], rise[1]
+            if self._start_checked:
+                self._new_epoch(reading, wh, epoch)
             else:
-                if wh > stop:  # type: ignore[operator]  # set with the start
-                    self._rise = (self._carried_wh, self._segment_wh, stop, self._stop_taken_ms)
-                # The meter restarted: what it counted before is kept, the new register is a new
-                # baseline: 0 if it restarted from 0 (no more than it could count since the last
-                # reading), else the first reading. Only what no reading showed goes unbilled.
-                self._carried_wh += stop - self._segment_wh  # type: ignore[operator]  # set with the start
-                self._segment_wh = wh if wh > self._restart_max_wh(reading) else 0
-            self.meter_restarts += epoch - self._epoch if epoch > self._epoch else 1
+                # The start was a first reading after boot that no later one followed: a glitch
+                # (docs/meters.md, "A session's meter start"). Nothing of it is billed, nor is the
+                # new register counted from 0: the session starts again at it, the restart counted.
+                self.meter_start_wh = self._segment_wh = wh
+                self._start_checked = True
+                self.meter_restarts += 1
             self._epoch = epoch
         elif not self._start_checked and getattr(reading, "checked", True):
             self._start_checked = True  # a reading the guard published after it followed it
@@ -122,6 +104,28 @@ class Record:
         self._stop_taken_ms = getattr(reading, "taken_ms", None)
         if reading.power_w is not None and reading.power_w > self.peak_power_w:
             self.peak_power_w = reading.power_w
+
+    def _new_epoch(self, reading, wh, epoch):
+        """A reading of a new meter epoch (meter.py: a restart, or a jump, its guard confirmed)."""
+        rise = self._rise
+        self._rise = None
+        stop = self.meter_stop_wh
+        if rise is not None and rise[3] is not None and rise[2] <= wh < stop and \
+                wh - rise[2] <= self._restart_max_wh(reading, rise[3]):  # type: ignore[operator]
+            # Back down to where the register stood before the last epoch's rise, plus no more
+            # than it could count since: that rise was a glitch the meter held for two readings
+            # (docs/meters.md, "Two cases decided"). The segment before it goes on; nothing of
+            # the glitch is billed, nor the register counted from 0.
+            self._carried_wh, self._segment_wh = rise[0], rise[1]
+        else:
+            if wh > stop:  # type: ignore[operator]  # set with the start
+                self._rise = (self._carried_wh, self._segment_wh, stop, self._stop_taken_ms)
+            # The meter restarted: what it counted before is kept, the new register is a new
+            # baseline: 0 if it restarted from 0 (no more than it could count since the last
+            # reading), else the first reading. Only what no reading showed goes unbilled.
+            self._carried_wh += stop - self._segment_wh  # type: ignore[operator]  # set with the start
+            self._segment_wh = wh if wh > self._restart_max_wh(reading) else 0
+        self.meter_restarts += epoch - self._epoch if epoch > self._epoch else 1
 
     def _restart_max_wh(self, reading, since_ms=None):
         """The most a meter that restarted from 0 can show in `reading` (the most a register

@@ -104,7 +104,7 @@ def test_item8_energy_is_the_sum_of_the_epochs_deltas(segments):
     a new epoch. Every Wh between two readings of one epoch is billed, none is counted twice; a
     register that restarted from 0 (no more than 50 kW could add in the 1 s since the last
     reading, plus 20 Wh of slack: 33 Wh) is billed from 0. Except the end of a held glitch
-    (docs/meters.md, "A drop after a glitch"): an epoch that began with a rise, then a drop to
+    (docs/meters.md, "Two cases decided"): an epoch that began with a rise, then a drop to
     at or above the register before the rise, within what 50 kW could add since it (plus 20 Wh):
     the segment before the rise goes on, the glitch's epoch is not billed."""
     s = Record(ch.Session(0))

@@ -213,7 +213,7 @@ def test_the_end_of_a_held_glitch_is_not_billed_from_0():
     """A glitch the meter held for two readings (the guard confirms it as a rise, a new epoch),
     then the register back at its true value, 15 Wh (a meter that restarted recently): the drop
     was taken for a restart from 0 and the 9 Wh the register held before the session were
-    billed. Decided (docs/meters.md, "A drop after a glitch"): a drop to at or above the register
+    billed. Decided (docs/meters.md, "Two cases decided"): a drop to at or above the register
     before the rise, within what could be counted since, ends the glitch: the segment before
     the rise goes on."""
     from session_record import Record
