@@ -6,8 +6,11 @@ was taken for a meter restart from 0: the session billed ~9 Wh it never delivere
 The rule (docs/meters.md, "A session's meter start"): a start is confirmed by a reading the
 guard checked against it (two consistent readings); one the meter's next epoch comes before is
 a glitch, never billed, and the new register is the start, not counted from 0. A power cut's
-record takes no unchecked boot reading. The virtual board (wiring.build on the
-simulated hardware, virtual clock), as test_stateful_pile.py; fakes are local."""
+record takes no unchecked boot reading, and the next close waits for its ack (written while
+open). The two cases the first branch left open are decided ("Two cases decided"): a held
+glitch's drop back continues the segment before it; a register low across a reboot is bounded.
+The virtual board (wiring.build on the simulated hardware, virtual clock), as
+test_stateful_pile.py; fakes are local."""
 import json
 
 import pytest
