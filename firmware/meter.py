@@ -91,6 +91,10 @@ class Reading:
         self.current_a = current_a
         self.taken_ms = taken_ms  # time.ticks_ms() when the last part was read
         self.epoch = epoch  # meter restarts seen before this reading: a new epoch, a new baseline
+        # Checked against another reading by the guard (MeterBase._publish): False for the first
+        # one after a boot or a gap, which had nothing to be judged against (docs/meters.md, "A
+        # session's meter start"). Made outside a guard (a test's fake): taken as checked.
+        self.checked = True
 
     def __repr__(self):
         return "Reading(%d Wh, %s W, %s V, %s A, at %d)" % (
@@ -285,6 +289,7 @@ class MeterBase:
             self._fail(err)
             return False
         prev = self.reading
+        new.checked = prev is not None  # the first after a boot or a gap: nothing to follow
         self.reading = new
         self.last_error = None
         self._energy_vs_power(prev, new)
@@ -300,6 +305,7 @@ class MeterBase:
     def _restart(self, baseline, new):
         self.epoch += 1
         baseline.epoch = new.epoch = self.epoch
+        baseline.checked = new.checked = True  # two readings that follow each other
         self._fail(MeterError("reboot", "%s: meter register restarted: %d Wh after %d Wh, "
                               "then %d Wh; new baseline (epoch %d)" % (
                                   self.name, baseline.energy_wh, self.reading.energy_wh,

@@ -5,8 +5,8 @@ authorised and its meter start is known; its `session/started` record goes into 
 outbox (journal.py) then, its `session/ended` record when the records step closes it. While
 it is open a small snapshot is written every `checkpoint_s` and at each change
 (session_store.py); a snapshot found at boot means the power went: the session is closed with
-stop_reason "power_loss", its stop time the snapshot's, its meter stop the first reading after
-boot (the meter kept counting until the cut).
+stop_reason "power_loss", its stop time the snapshot's, its meter stop the first checked reading
+after boot (the meter kept counting until the cut), before the next session may start.
 
 The MQTT link drains the outbox; nothing here touches the network.
 """
@@ -20,8 +20,14 @@ import journal
 # Snapshots while a session runs: every 60 s at most (docs/durability.md: a <=128-byte snapshot
 # every 60 s costs ~0.12 block erases, decades of wear on a 1 MB partition).
 DEFAULT_CHECKPOINT_S = const(60)
-# At boot, wait this long for the meter's first reading before closing a cut session without it.
+# At boot, wait this long for the meter's first checked reading (one the guard judged against
+# another: docs/meters.md) before closing a cut session without it.
 RECOVERY_WAIT_MS = const(10000)
+# Then the contactor (Records.ready) waits this long at most for the link's ack of the power
+# cut's record, written while it is still open: an ack that came with it closed would wait in
+# RAM (flash_gate.py), and a cut then sends the record again (docs/meters.md, "A session's meter
+# start"; docs/durability.md, "The contactor closed"). The next session starts meanwhile.
+RECOVERY_ACK_WAIT_MS = const(5000)
 # Extra snapshots for a power cut's record (docs/durability.md, "Write rate"): one when the
 # first power is seen, then when the peak has risen by a quarter, not within 10 s of the last.
 _PEAK_CHECKPOINT_GAP_MS = const(10000)
@@ -98,6 +104,11 @@ class SessionLog:
             self._cut = None
             self._clear(0)
         self._boot_ms = None
+        self._recovered_seq = None  # the power cut's record in the outbox, until acked or waited for
+        self._recovered_ms = 0
+        # The power cut's record not acknowledged yet, for less than RECOVERY_ACK_WAIT_MS: no
+        # contactor may close (Records.ready). Set by poll().
+        self.unacked_recovery = False
 
     def _emit(self, now_ms, what, text):
         if self._report is not None:
@@ -122,6 +133,8 @@ class SessionLog:
             self._retry(now_ms)
         if self._cut is not None:
             self._recover(now_ms, reading)
+        if self._recovered_seq is not None:
+            self.unacked_recovery = self._awaiting_ack(now_ms)
         if self._clear_due and retry and (session is None or session.id is None):
             self._clear(now_ms)  # no other session's snapshot in the file yet: retried
         if session is None or session.ended_ms is not None:
@@ -139,6 +152,18 @@ class SessionLog:
                 pk > self._checkpoint_pk * 5 // 4 and since >= _PEAK_CHECKPOINT_GAP_MS) or \
                 session.meter_restarts != self._checkpoint_mr:  # the segments, at once
             self._checkpoint(now_ms, session)
+
+    def _awaiting_ack(self, now_ms):
+        """The power cut's record is in the outbox, not yet acknowledged, for less than
+        RECOVERY_ACK_WAIT_MS: the contactor waits."""
+        seq = self._recovered_seq
+        if seq is None:
+            return False
+        if getattr(self.outbox, "acked", seq) < seq and \
+                time.ticks_diff(now_ms, self._recovered_ms) < RECOVERY_ACK_WAIT_MS:
+            return True
+        self._recovered_seq = None  # never compared again across the tick wrap
+        return False
 
     def _start(self, now_ms, session):
         self._seq += 1
@@ -229,6 +254,8 @@ class SessionLog:
         and the meter give, flagged in `estimated` (docs/telemetry.md)."""
         if self._boot_ms is None:
             self._boot_ms = now_ms
+        if reading is not None and not getattr(reading, "checked", True):
+            reading = None  # the first after boot, judged against nothing (docs/meters.md)
         if self.metered and reading is None and \
                 time.ticks_diff(now_ms, self._boot_ms) < RECOVERY_WAIT_MS:
             return
@@ -273,7 +300,11 @@ class SessionLog:
             self._clear(now_ms)
             self._emit(now_ms, "session", "snapshot unusable, not reported: %r" % (e,))
             return
+        seq = getattr(self.outbox, "next_seq", None)
         self._append(now_ms, journal.KIND_SESSION_END, record, self._clear)
+        if seq is not None and getattr(self.outbox, "next_seq", None) == seq + 1:  # it has it
+            self._recovered_seq = seq
+            self._recovered_ms = now_ms
         self._emit(now_ms, "session", "closed %s after a power loss" % cut.get("id"))
 
     def _already_ended(self, session_id):

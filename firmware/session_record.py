@@ -58,6 +58,10 @@ class Record:
         self._segment_wh = None  # register at the start of the current segment
         self._carried_wh = 0  # energy of the segments before the current one
         self._stop_taken_ms = None  # when the last reading was taken
+        self._start_checked = True  # False: the start is a first reading no other has followed yet
+        # The current epoch began with a rise (a jump the meter's guard confirmed): (carried,
+        # segment start, last register, its taken_ms) from before it, for a drop back (note_meter).
+        self._rise = None
 
     def __getattr__(self, name):
         return getattr(self.session, name)
@@ -82,25 +86,56 @@ class Record:
         if self.meter_start_wh is None:
             self.meter_start_wh = self._segment_wh = wh
             self._epoch = epoch
+            self._start_checked = getattr(reading, "checked", True)
         elif epoch != self._epoch:
-            # The meter restarted: what it counted before is kept, the new register is a new
-            # baseline: 0 if it restarted from 0 (no more than it could count since the last
-            # reading), else the first reading. Only what no reading showed goes unbilled.
-            self._carried_wh += self.meter_stop_wh - self._segment_wh  # type: ignore[operator]  # set with the start
-            self._segment_wh = wh if wh > self._restart_max_wh(reading) else 0
-            self.meter_restarts += epoch - self._epoch if epoch > self._epoch else 1
+            if self._start_checked:
+                self._new_epoch(reading, wh, epoch)
+            else:
+                # The start was a first reading after boot that no later one followed: a glitch
+                # (docs/meters.md, "A session's meter start"). Nothing of it is billed, nor is the
+                # new register counted from 0: the session starts again at it, the restart counted.
+                self.meter_start_wh = self._segment_wh = wh
+                self._start_checked = True
+                self.meter_restarts += 1
             self._epoch = epoch
+        elif not self._start_checked and getattr(reading, "checked", True):
+            self._start_checked = True  # a reading the guard published after it followed it
         self.meter_stop_wh = wh
         self._stop_taken_ms = getattr(reading, "taken_ms", None)
         if reading.power_w is not None and reading.power_w > self.peak_power_w:
             self.peak_power_w = reading.power_w
 
-    def _restart_max_wh(self, reading):
-        """The most a meter that restarted from 0 can show in `reading`; -1: not known."""
+    def _new_epoch(self, reading, wh, epoch):
+        """A reading of a new meter epoch (meter.py: a restart, or a jump, its guard confirmed)."""
+        rise = self._rise
+        self._rise = None
+        stop = self.meter_stop_wh
+        if rise is not None and rise[3] is not None and rise[2] <= wh < stop and \
+                wh - rise[2] <= self._restart_max_wh(reading, rise[3]):
+            # Back down to where the register stood before the last epoch's rise, plus no more
+            # than it could count since: that rise was a glitch the meter held for two readings
+            # (docs/meters.md, "Two cases decided"). The segment before it goes on; nothing of
+            # the glitch is billed, nor the register counted from 0.
+            self._carried_wh, self._segment_wh = rise[0], rise[1]
+        else:
+            if wh > stop:  # set with the start
+                self._rise = (self._carried_wh, self._segment_wh, stop, self._stop_taken_ms)
+            # The meter restarted: what it counted before is kept, the new register is a new
+            # baseline: 0 if it restarted from 0 (no more than it could count since the last
+            # reading), else the first reading. Only what no reading showed goes unbilled.
+            self._carried_wh += stop - self._segment_wh  # type: ignore[operator]  # set with the start
+            self._segment_wh = wh if wh > self._restart_max_wh(reading) else 0
+        self.meter_restarts += epoch - self._epoch if epoch > self._epoch else 1
+
+    def _restart_max_wh(self, reading, since_ms=None):
+        """The most a meter that restarted from 0 can show in `reading` (the most a register
+        can count between the last reading, or `since_ms`, and it); -1: not known."""
         taken = getattr(reading, "taken_ms", None)
-        if taken is None or self._stop_taken_ms is None:
+        if since_ms is None:
+            since_ms = self._stop_taken_ms
+        if taken is None or since_ms is None:
             return -1
-        elapsed = time.ticks_diff(taken, self._stop_taken_ms)
+        elapsed = time.ticks_diff(taken, since_ms)
         if elapsed < 0:
             return -1
         return _RESTART_MAX_POWER_W * elapsed // 3600000 + _RESTART_SLACK_WH
@@ -143,11 +178,13 @@ class Records:
     def ready(self):
         """The open session's meter start value is known, or no meter is fitted, and the flash
         takes the records: only then may the contactor close. Energy from the close on is billed;
-        a first reading taken after the close would miss what flowed before it."""
-        if self.log is not None and self.log.failed is not None:
+        a first reading taken after the close would miss what flowed before it. Nor while a power
+        cut's record waits for its ack (session_log.RECOVERY_ACK_WAIT_MS): written while open."""
+        log = self.log
+        if log is not None and (log.failed is not None or getattr(log, "unacked_recovery", False)):
             return False
         record = self.record
-        if self.log is not None and record is not None and record.authorized and record.id is None:
+        if log is not None and record is not None and record.authorized and record.id is None:
             # Its started record and first snapshot are written before the close: none while
             # the contactor is closed (flash_gate.py).
             return False
@@ -214,8 +251,11 @@ class Records:
             log.poll(now_ms, record, None if meter is None else meter.reading)
             if log.failed is not None:
                 self._records_failed(now_ms)
+        # `closed` as this step saw it, not the contactor now: the guard above may have opened it
+        # (C->B in the slice), and this step has not noted that opening (_has_opened): its held
+        # reading, taken before the open, would close the record as final. The next step does.
         if record is not None and record.stop_reason is not None and record.ended_ms is None \
-                and not self.contactor.closed:
+                and not closed:
             self._close(now_ms, record)
 
     def _records_failed(self, now_ms):

@@ -134,3 +134,50 @@ def test_the_gate_runs_the_deferred_writes_in_the_records_step_once_open_after_t
     assert ran == [] and gate.due == 1
     records.poll(15)
     assert ran == [15] and gate.due == 0
+
+
+# -- found under load (test_scenarios_unix.py's silent meter, the soak's remote stop) -----------
+
+class HeldMeter(SilentMeter):
+    """A meter whose last reading stays until the test gives another."""
+
+
+class EndingLog(HeldLog):
+    """A SessionLog that takes the ended record (and starts nothing: the test gives the id)."""
+
+    def ended(self, now_ms, record):
+        pass
+
+
+def test_a_contactor_the_guard_opens_inside_the_step_closes_no_record_as_final():
+    """The records step samples the contactor, then runs Controller.guard between the meter's
+    step and the journal's: a C->B landing in that slice opens the contactor inside the step. The
+    step had not noted the opening, so the held reading, taken before it (up to a poll old, or a
+    silent meter's last), closed a stopped session's record at once as final: the silent meter's
+    record came without its "last good reading" flag, and a remote stop's last Wh was lost. The
+    record closes at a later step, on a reading taken after the open (or flagged)."""
+    charger = ch.Charger(32000, 32000, True, False)
+    contactor = Contactor()
+    m = HeldMeter()
+    records = Records(charger, contactor, m, EndingLog())
+    m.reading = reading(1000, 7000, 0)
+    charger.step(0, pilot.B, True)
+    records.poll(0)
+    rec = records.record
+    rec.id = "pile-1-1"
+    contactor.closed = True
+    records.poll(100)
+    m.reading = reading(1004, 7000, 2000)
+    records.poll(2000)
+    charger.stop_session(2500, "remote")
+
+    def guard(now_ms):
+        contactor.closed = False  # C->B in the slice: the guard opens
+
+    records.poll(2500, guard)
+    assert rec.ended_ms is None, "closed on a reading taken before the open, as final"
+    records.poll(2510)
+    assert rec.ended_ms is None  # waits for a reading taken after the open
+    m.reading = reading(1005, 0, 2510 + METER_SETTLE_MS)  # the step that saw the open: 2510 ms
+    records.poll(2600)
+    assert rec.ended_ms == 2600 and rec.meter_final is True and rec.energy_wh == 5
