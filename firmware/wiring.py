@@ -192,16 +192,6 @@ def build_tls(path, mqtt_link):
         raise Unavailable("%s: %s is not a usable CA certificate (%s)" % (where, path, e)) from None
 
 
-def _unix_ms():
-    """Unix time in ms once the clock is set (NTP; before 2024 it is not), else None."""
-    import sntp
-
-    t = int(time.time())
-    if t + sntp.epoch_offset() < sntp.MIN_UNIX:
-        return None
-    return (t + sntp.epoch_offset()) * 1000
-
-
 def build_verifier(mconf, gate=None):
     """Remote commands need the key and a readable counter; otherwise they are refused (the
     link then does not subscribe to them). The key is never printed."""
@@ -213,6 +203,7 @@ def build_verifier(mconf, gate=None):
 
     import command_auth
     import session_store
+    import sntp
 
     store = session_store.CounterStore(files.CMD_COUNTER_FILE)
     last = store.load()
@@ -220,7 +211,7 @@ def build_verifier(mconf, gate=None):
         console.report(now, "mqtt", "command counter unreadable (%s): remote commands refused" % store.error)
         return None
     verifier = command_auth.CommandVerifier(binascii.unhexlify(mconf.secret), last_counter=last,
-                                            counter_store=store, gate=gate, unix_ms=_unix_ms)
+                                            counter_store=store, gate=gate, unix_ms=sntp.unix_ms)
     problem = verifier.reserve_ahead()  # at boot, open: a session's commands then write nothing
     if problem is not None:
         console.report(now, "storage", "command counter not reserved (%s): written per command" % problem)
@@ -253,10 +244,9 @@ def build_clock(conf, ctl):
         return None
     import sntp
 
-    contactor = ctl.contactor
     return sntp.SntpClient(nconf.host, machine.RTC().datetime, console.report, port=nconf.port,
                            interval_s=nconf.interval_s, start_jitter_s=nconf.start_jitter_s,
-                           may_block=lambda: not contactor.closed)
+                           may_block=sntp.while_open(ctl.contactor))
 
 
 _PARITY = {"none": None, "even": 0, "odd": 1}  # machine.UART: 0 even, 1 odd
@@ -336,9 +326,7 @@ def reset_cause():
         return None
 
 
-def idle():
-    machine.idle()
-
-
-def reset():
-    machine.reset()
+# machine's own, not functions of this module: main.py keeps them and drops this module after
+# the boot (a function defined here would keep all of it on the heap).
+idle = machine.idle
+reset = machine.reset

@@ -1,0 +1,92 @@
+"""Issue 12 item 3, code that leaves the heap once used (pilehost/chipheap.py, `make bench
+WHAT=heap32`): main.py drops wiring.py after the boot, and console.py prints without a logging
+library. A dropped module is freed only if nothing kept holds one of its functions (a function
+holds its module's globals, and with them every other function and its bytecode)."""
+import gc
+import types
+
+import pytest
+
+from pilehost import unix_port
+from pilehost.virtual_board import VirtualBoard
+
+SECRET = "9f" * 32
+
+
+def _functions_of(module, roots):
+    """Functions defined in `module` reachable from roots (modules themselves not followed: the
+    modules a function's globals name are loaded anyway)."""
+    own = vars(module)
+    seen, found, todo = set(), [], list(roots)
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, (types.ModuleType, type)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, types.FunctionType) and obj.__globals__ is own:
+            found.append(obj.__qualname__)
+            continue
+        if obj is own:
+            found.append("the module's globals")
+            continue
+        todo.extend(gc.get_referents(obj))
+    return found
+
+
+@pytest.fixture
+def built(monkeypatch):
+    """Every part wiring.py builds on a board with all sections: records, link with commands, NTP."""
+    import wiring
+
+    vb = VirtualBoard(monkeypatch, config={
+        "pile_id": "lazy-1", "meter": {"type": "ddsu666"},
+        "mqtt": {"host": "127.0.0.1", "port": 1, "secret": SECRET},
+        "ntp": {"host": "127.0.0.1", "port": 1}})
+    link = vb.build_link()
+    clock = wiring.build_clock(vb.conf, vb.ctl)
+    assert link is not None and clock is not None and link._commands is not None
+    return wiring, [vb.ctl, link, clock, wiring.idle, wiring.reset]
+
+
+def test_nothing_built_keeps_a_function_of_wiring(built):
+    wiring, roots = built
+    assert _functions_of(wiring, roots) == []
+
+
+def test_the_check_sees_a_closure_of_wiring(built):
+    wiring, roots = built
+    ctl = roots[0]
+    ctl.kept = eval("lambda: idle", vars(wiring))  # as build_clock's may_block lambda was
+    assert _functions_of(wiring, roots) == ["<lambda>"]
+
+
+def test_what_moved_out_of_wiring_still_works(monkeypatch):
+    import sntp
+
+    class Contactor:
+        closed = False
+
+    c = Contactor()
+    may_block = sntp.while_open(c)
+    assert may_block()
+    c.closed = True
+    assert not may_block()
+    monkeypatch.setattr(sntp.time, "time", lambda: sntp.MIN_UNIX - sntp.epoch_offset() - 1)
+    assert sntp.unix_ms() is None  # the clock not set yet
+    monkeypatch.setattr(sntp.time, "time", lambda: sntp.MIN_UNIX - sntp.epoch_offset() + 5)
+    assert sntp.unix_ms() == (sntp.MIN_UNIX + 5) * 1000
+
+
+def test_a_session_on_the_chip_shaped_port_runs_without_wiring_or_logging_loaded():
+    """On the 32-bit binary, as `.mpy`: the session completes, and at its end neither wiring.py
+    (dropped after the boot) nor logging (not used) is loaded; the console's lines are as before."""
+    program = unix_port.unix32_binary() or unix_port.micropython_binary()
+    r = unix_port.run_scenario("normal", config={"meter": {"type": "ddsu666"}, "pile_id": "lazy-2"},
+                               heapsize="400k", exact_heap=True, program=program)
+    assert r.returncode == 0 and r.result and r.result["boots"] == 1, "\n".join(r.lines[-20:])
+    assert any("-> idle" in t for _, t in r.firmware_events("charger"))
+    loaded = set(r.result["modules"])
+    assert {"main", "console", "charger", "controller"} <= loaded
+    assert "wiring" not in loaded and "logging" not in loaded
+    firmware_lines = [x for x in r.lines if x.startswith("[") and "] sim " not in x]
+    assert any("] main: firmware " in x for x in firmware_lines)
