@@ -166,10 +166,10 @@ def build_link(board, conf, ctl):
     gc.collect()
     tls = None if mconf.tls_ca is None else build_tls(mconf.tls_ca, mqtt_link)
     updater = None
-    if conf.ota is not None:  # over-the-air updates (docs/ota.md)
-        import ota
+    if conf.ota is not None:  # over-the-air updates (docs/ota.md): ota.py loaded while it has work
+        import ota_lazy
 
-        updater = ota.build(conf.ota, board.name, VERSION, machine.reset)
+        updater = ota_lazy.Updater(conf.ota.key, board.name, conf.ota.trial_s, VERSION, machine.reset)
     _reserve_link_room(False)
     verifier = build_verifier(mconf, ctl.records.gate)
     return mqtt_link.MqttLink(mconf, ctl, ctl.records.log, console.report, verifier,
