@@ -80,6 +80,8 @@ class Updater:
         return p is not None and not p.contactor_closed() and not p.session_open()
 
     def start(self, now_ms, cmd_id, release):
+        if self._u is None and not self.idle():  # ota.Updater.start's answer, without the import
+            return "rejected", "not during a session"
         u = self._u or self._load()
         result = u.start(now_ms, cmd_id, release)
         self._settle()  # refused at once: nothing under way

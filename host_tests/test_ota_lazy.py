@@ -105,9 +105,11 @@ def test_a_refused_command_leaves_nothing_loaded(flash):
     result, reason = b.start(0, CMD, 0)  # not above the floor
     assert result == "rejected" and "replayed" in reason
     assert not b.updater.loaded
+    loads = b.updater.loads
     b.pile.closed = True
     assert b.start(0, CMD, 5) == ("rejected", "not during a session")
     assert not b.updater.loaded and not b.updater.idle()
+    assert b.updater.loads == loads  # not even imported to say no: a session has no room for it
 
 
 def test_a_session_with_updates_configured_has_no_ota_code_loaded():
