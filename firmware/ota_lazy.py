@@ -1,8 +1,9 @@
 """Over-the-air updates loaded only while they have work (issue 12 item 3, docs/ota.md).
 
 ota.py (~12.5 KiB of a stock image's heap as .mpy) and release_boot.py (~3.4 KiB) are imported
-when the link binds the updater: it may resume a download, watch a trial or remove an old
-release. Once it is quiet (ota.Updater.quiet: nothing under way) both are dropped and only the
+only when there is work: survey() looks at the flash at the boot, before the control modules
+load; with a trial to watch, a download to resume or a release to remove, bind() loads them.
+Once the updater is quiet (ota.Updater.quiet: nothing under way) both are dropped and only the
 `ota` message's fields are kept; an `update` command imports them again. An update runs only with
 no session open, so a session never has them on the heap.
 
@@ -13,6 +14,39 @@ import sys
 import time
 
 import telemetry
+
+
+def survey():
+    """At the boot, before the control modules load (wiring.load_settings): None when the
+    updater has work from the start (a trial to watch, a download to resume or forget, a release
+    to remove, an unreadable release.json: ota.Updater.bind's cases), else (running release,
+    rolled back) for the `ota` message; then bind() needs no ota.py at all. Reads only the flash."""
+    import os
+
+    import files
+
+    had = "release_boot" in sys.modules
+    import release_boot as rb
+
+    try:
+        running = rb.selected()
+        state = rb.StateStore().load()
+        if state is None or (state["trial"] is not None and state["trial"] == running):
+            return None
+        try:
+            os.stat(files.OTA_JOB_FILE)
+            return None
+        except OSError:
+            pass
+        rolled = state["rolled"]
+        gone = None if rolled is None else rolled.get("release")
+        for n in rb.releases_on_flash():
+            if n not in (state["good"], state["trial"], running) and (n > state["floor"] or n == gone):
+                return None
+        return running, rolled
+    finally:
+        if not had:
+            sys.modules.pop("release_boot", None)
 
 
 def _load(key_hex, board, trial_s, version, reset):
@@ -27,13 +61,14 @@ class Updater:
     """key_hex: config.json's ota.key; the rest as ota.Updater. load: makes the real updater
     (tests give their own)."""
 
-    def __init__(self, key_hex, board, trial_s, version, reset, load=_load):
+    def __init__(self, key_hex, board, trial_s, version, reset, load=_load, surveyed=None):
         self._args = (key_hex, board, trial_s, version, reset)
         self._load_fn = load
         self._u = None
         self._bind = None  # bind()'s arguments, for each load
         self._due = False  # the `ota` message to publish while dropped
         self._fields = None  # (running, version, rolled) for it
+        self._surveyed = surveyed  # survey()'s answer at the boot: None, load at bind
         self.loads = 0  # times ota.py was imported (the tests read it)
 
     def _load(self):
@@ -70,8 +105,20 @@ class Updater:
 
     def bind(self, pile, topics, boot, report=None, wall=time.time):
         self._bind = (pile, topics, boot, report, wall)
-        self._load()
-        self._settle(True)
+        known, self._surveyed = self._surveyed, None
+        if known is None:
+            self._load()
+            self._settle(True)
+            return
+        running, rolled = known
+        shown = None
+        if rolled is not None:  # as ota.Updater.rolled() shows it, and bind() says it
+            shown = {"release": rolled.get("release"), "reason": rolled.get("why")}
+            if report is not None:
+                report(time.ticks_ms(), "ota", "release %s was rolled back: %s" % (shown["release"],
+                                                                                  shown["reason"]))
+        self._fields = (running, self._args[3], shown)
+        self._due = True  # as a new ota.Updater: its message owed
 
     def idle(self):
         if self._u is not None:

@@ -19,6 +19,7 @@ from version import VERSION
 # 3 KiB) with room for what is made beside them: held from the settings on (_reserve_link_room).
 _LINK_ROOM_B = const(4096)
 _link_room = None
+_ota_surveyed = None  # ota_lazy.survey() at the settings: None, ota.py loaded when the link binds
 
 
 class Unavailable(Exception):
@@ -40,6 +41,11 @@ def load_settings():
     finally:
         del sys.modules["config"]
         gc.collect()
+    global _ota_surveyed
+    if conf.ota is not None and conf.mqtt is not None:  # on a heap still empty (ota_lazy.py)
+        import ota_lazy
+
+        _ota_surveyed = ota_lazy.survey()
     if conf.mqtt is not None:
         _reserve_link_room(True)
     return board, conf, None
@@ -169,7 +175,8 @@ def build_link(board, conf, ctl):
     if conf.ota is not None:  # over-the-air updates (docs/ota.md): ota.py loaded while it has work
         import ota_lazy
 
-        updater = ota_lazy.Updater(conf.ota.key, board.name, conf.ota.trial_s, VERSION, machine.reset)
+        updater = ota_lazy.Updater(conf.ota.key, board.name, conf.ota.trial_s, VERSION, machine.reset,
+                                   surveyed=_ota_surveyed)
     _reserve_link_room(False)
     verifier = build_verifier(mconf, ctl.records.gate)
     return mqtt_link.MqttLink(mconf, ctl, ctl.records.log, console.report, verifier,

@@ -31,8 +31,10 @@ class LazyBoard(ota_rig.Board):
             key = self.ota.PublicKey(bytes.fromhex(key_hex))
             return self.ota.Updater(key, board, trial_s, version_, reset)
 
+        with self.release_path():
+            surveyed = ota_lazy.survey()  # as wiring.load_settings
         self.updater = ota_lazy.Updater(release.public_hex(ota_rig.release_key()), BOARD, self.trial_s,
-                                        version, self._reset, load=load)
+                                        version, self._reset, load=load, surveyed=surveyed)
         self.conn = ota_rig.Conn(broker, self.sent)
         self.pile.closed = False
         with self.release_path():
@@ -67,7 +69,7 @@ def _published(n, version="0.2.0"):
 def test_no_update_offered_nothing_loaded_and_the_ota_message_as_before(flash):
     b = LazyBoard(release.public_hex(ota_rig.release_key()))
     b.boot(Broker())
-    assert not b.updater.loaded and b.updater.loads == 1  # bound once, then dropped
+    assert not b.updater.loaded and b.updater.loads == 0  # the survey found nothing to do
     ota_rig.run(b, 20)
     real = ota_rig.Board(release.public_hex(ota_rig.release_key()))
     real.boot(Broker())
@@ -129,3 +131,90 @@ def test_a_session_with_updates_configured_has_no_ota_code_loaded():
     assert "ota" not in loaded and "release_boot" not in loaded, sorted(loaded)
     assert not [x for x in r.lines if "Traceback" in x or "internal error" in x]
     json.dumps(r.result)  # a plain result
+
+
+# -- survey(): the boot's look at the flash, without ota.py ---------------------------------------
+
+def _flash_state(root, running, good, trial, floor, rolled, on_flash, job, garbled):
+    import os
+
+    import release_boot
+
+    os.chdir(root)
+    if garbled:
+        with open(release_boot.STATE_FILE, "w") as f:
+            f.write("{not json")
+    else:
+        state = release_boot.fresh()
+        state.update(good=good, trial=trial, floor=floor,
+                     rolled=None if rolled is None else {"release": rolled, "why": "no report within 30 s"})
+        release_boot.StateStore().save(state)
+    for n in on_flash:
+        os.makedirs("rel/%d" % n, exist_ok=True)
+        with open("rel/%d/main.mpy" % n, "wb") as f:
+            f.write(b"M")
+    if job is not None:
+        import files
+
+        with open(files.OTA_JOB_FILE, "w") as f:
+            json.dump({"release": job, "cmd": "c-1"}, f)
+    return ["rel/%d" % running] if running else []
+
+
+def _surveys():
+    from hypothesis import strategies as st
+
+    n = st.integers(0, 4)
+    return st.fixed_dictionaries({
+        "running": n, "good": n, "trial": st.none() | n, "floor": n, "rolled": st.none() | n,
+        "on_flash": st.lists(st.integers(1, 4), max_size=3, unique=True),
+        "job": st.none() | n, "garbled": st.booleans()})
+
+
+def test_survey_never_misses_the_work_a_bound_updater_finds():
+    """survey() repeats ota.Updater.bind's cases without ota.py: on every flash state it never
+    misses work the real updater finds, and where it finds none it gives the same message."""
+    import os
+    import tempfile
+
+    from hypothesis import HealthCheck, example, given, settings
+
+    import ota
+
+    base = {"running": 0, "good": 0, "trial": None, "floor": 0, "rolled": None, "on_flash": [],
+            "job": None, "garbled": False}
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(_surveys())
+    @example(base)  # a new pile
+    @example(dict(base, running=2, good=2, floor=2, on_flash=[2]))  # a good release
+    @example(dict(base, good=0, floor=2, rolled=2, on_flash=[2]))  # rolled back, its files left
+    @example(dict(base, running=2, good=2, floor=3, on_flash=[2, 3]))  # a refused one's files
+    @example(dict(base, running=2, good=2, trial=2, floor=2, on_flash=[2]))  # on trial
+    @example(dict(base, job=3, floor=2))  # a download to resume
+    def check(case):
+        cwd, path = os.getcwd(), list(sys.path)
+        with tempfile.TemporaryDirectory() as root:
+            try:
+                sys.path[:0] = _flash_state(root, **case)
+                known = ota_lazy.survey()
+                u = ota.Updater(ota.PublicKey(bytes.fromhex(release.public_hex(ota_rig.release_key()))),
+                                BOARD, 60, "0.1.0", lambda: None)
+                u.bind(ota_rig.Pile(), ota_rig.Topics(), 1, None, wall=lambda: 0)
+                # Never "no work" where there is some; the other way round it only loads ota.py
+                # for nothing (a job file the updater would not take, say): dropped once bound.
+                assert known is None or u.quiet(), (case, known, u.state, u._prune, u._phase)
+                if not case["garbled"] and case["job"] is None:  # without those: exactly
+                    assert (known is None) == (not u.quiet()), (case, known)
+                if known is not None:
+                    assert known[0] == u.running
+                    lazy = ota_lazy.Updater("00", BOARD, 60, "0.1.0", lambda: None, surveyed=known)
+                    lazy.bind(ota_rig.Pile(), ota_rig.Topics(), 1, None, wall=lambda: 0)
+                    mine, real = ota_rig.Conn(Broker(), []), ota_rig.Conn(Broker(), [])
+                    assert lazy.work(0, mine) and u.work(0, real)
+                    assert mine.out == real.out and not lazy.loaded and lazy.loads == 0
+            finally:
+                os.chdir(cwd)
+                sys.path[:] = path
+
+    check()
