@@ -71,7 +71,7 @@ def drop_wiring():
     run (issue 12). Nothing built keeps one of its functions (test_heap_cuts.py); service mode
     imports it again."""
     global wiring
-    wiring = None
+    wiring = None  # type: ignore[assignment]  # run() imports it again if it is run again
     sys.modules.pop("wiring", None)
     gc.collect()
 

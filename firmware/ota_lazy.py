@@ -65,9 +65,9 @@ class Updater:
         self._args = (key_hex, board, trial_s, version, reset)
         self._load_fn = load
         self._u = None
-        self._bind = None  # bind()'s arguments, for each load
+        self._bind = (None,) * 5  # type: tuple  # bind()'s arguments, for each load
         self._due = False  # the `ota` message to publish while dropped
-        self._fields = None  # (running, version, rolled) for it
+        self._fields = ()  # type: tuple  # (running, version, rolled) for it, once known
         self._surveyed = surveyed  # survey()'s answer at the boot: None, load at bind
         self.loads = 0  # times ota.py was imported (the tests read it)
 
@@ -75,7 +75,7 @@ class Updater:
         had = set(sys.modules)
         u = self._load_fn(*self._args)
         pile, topics, boot, report, wall = self._bind
-        again = self._fields is not None
+        again = bool(self._fields)
         u.bind(pile, topics, boot, None if again else report, wall)  # its boot lines said once
         u._report = report
         if again:
@@ -123,7 +123,7 @@ class Updater:
     def idle(self):
         if self._u is not None:
             return self._u.idle()
-        p = self._bind[0] if self._bind else None
+        p = self._bind[0]
         return p is not None and not p.contactor_closed() and not p.session_open()
 
     def start(self, now_ms, cmd_id, release):
