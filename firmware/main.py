@@ -68,7 +68,7 @@ def fail_safe(ctl, exc):
 
 def drop_wiring():
     """wiring.py builds the pile once: its ~6 KiB of bytecode need not stay on the heap for the
-    run (issue 12). Nothing built keeps one of its functions (test_heap_cuts.py); service mode
+    run (issue 12). Nothing built keeps one of its functions (test_heap_lazy.py); service mode
     imports it again."""
     global wiring
     wiring = None  # type: ignore[assignment]  # run() imports it again if it is run again

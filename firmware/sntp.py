@@ -102,7 +102,7 @@ def epoch_offset(epoch_year=None):
 
 def unix_ms():
     """Unix time in ms once the clock is set (NTP; before 2024 it is not), else None (the command
-    verifier's wall clock, wiring.build_verifier)."""
+    verifier's wall clock, commands.unix_ms)."""
     t = int(time.time()) + epoch_offset()
     return None if t < MIN_UNIX else t * 1000
 

@@ -209,8 +209,8 @@ def build_verifier(mconf, gate=None):
     import binascii
 
     import command_auth
+    import commands
     import session_store
-    import sntp
 
     store = session_store.CounterStore(files.CMD_COUNTER_FILE)
     last = store.load()
@@ -218,7 +218,7 @@ def build_verifier(mconf, gate=None):
         console.report(now, "mqtt", "command counter unreadable (%s): remote commands refused" % store.error)
         return None
     verifier = command_auth.CommandVerifier(binascii.unhexlify(mconf.secret), last_counter=last,
-                                            counter_store=store, gate=gate, unix_ms=sntp.unix_ms)
+                                            counter_store=store, gate=gate, unix_ms=commands.unix_ms)
     problem = verifier.reserve_ahead()  # at boot, open: a session's commands then write nothing
     if problem is not None:
         console.report(now, "storage", "command counter not reserved (%s): written per command" % problem)

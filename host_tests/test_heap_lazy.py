@@ -75,19 +75,29 @@ def test_what_moved_out_of_wiring_still_works(monkeypatch):
     assert sntp.unix_ms() is None  # the clock not set yet
     monkeypatch.setattr(sntp.time, "time", lambda: sntp.MIN_UNIX - sntp.epoch_offset() + 5)
     assert sntp.unix_ms() == (sntp.MIN_UNIX + 5) * 1000
+    import commands
+
+    for t in (sntp.MIN_UNIX - 1, sntp.MIN_UNIX, sntp.MIN_UNIX + 86400 * 400, 0, 2**31 - 1):
+        monkeypatch.setattr(sntp.time, "time", lambda t=t: t - sntp.epoch_offset())
+        assert commands.unix_ms() == sntp.unix_ms(), t  # the verifier's clock, either way
 
 
 def test_a_session_on_the_chip_shaped_port_runs_without_wiring_or_logging_loaded():
     """On the 32-bit binary, as `.mpy`: the session completes, and at its end neither wiring.py
-    (dropped after the boot) nor logging (not used) is loaded; the console's lines are as before."""
+    (dropped after the boot) nor logging (not used) is loaded, with commands on; the console's
+    lines are as before."""
+    from pilehost import procs
+
     program = unix_port.unix32_binary() or unix_port.micropython_binary()
-    r = unix_port.run_scenario("normal", config={"meter": {"type": "ddsu666"}, "pile_id": "lazy-2"},
-                               heapsize="400k", exact_heap=True, program=program)
+    config = {"meter": {"type": "ddsu666"}, "pile_id": "lazy-2",
+              "mqtt": {"host": "127.0.0.1", "port": procs.free_port(), "secret": SECRET}}
+    r = unix_port.run_scenario("normal", config=config, heapsize="400k", exact_heap=True, program=program)
     assert r.returncode == 0 and r.result and r.result["boots"] == 1, "\n".join(r.lines[-20:])
     assert any("-> idle" in t for _, t in r.firmware_events("charger"))
     loaded = set(r.result["modules"])
     assert {"main", "console", "charger", "controller"} <= loaded
     assert "wiring" not in loaded and "logging" not in loaded
+    assert {"command_auth", "commands", "mqtt_link"} <= loaded
     firmware_lines = [x for x in r.lines if x.startswith("[") and "] sim " not in x]
     assert any("] main: firmware " in x for x in firmware_lines)
 
