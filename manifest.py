@@ -41,6 +41,7 @@ for _name in (
     "mqtt_link",
     "netaddr",
     "ota",
+    "ota_lazy",
     "pilot",
     "relay",
     "release_boot",

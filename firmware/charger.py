@@ -526,6 +526,10 @@ class Charger:
 
     # -- what the charger wants ------------------------------------------------------------------
 
+    def has_session(self):
+        """A car's session is open (plugged in, whatever its state): command_auth's may_close."""
+        return self.session is not None
+
     @property
     def pilot_mode(self):
         """MODE_F, MODE_OFFER or MODE_PLUS (pilot module's names for steady levels)."""

@@ -1,5 +1,7 @@
 """A verified remote command -> its action on the pile -> (result, reason) for cmd/ack
 (docs/commands.md). Verification is command_auth.py's; publishing the answer is the link's."""
+import time
+
 from micropython import const
 
 import charger as ch
@@ -16,6 +18,17 @@ _REFUSED = {"unknown_command": "unknown_command", "storage_error": "failed"}
 
 def refused_result(code):
     return _REFUSED.get(code, "invalid")
+
+
+def unix_ms():
+    """The verifier's wall clock (wiring.build_verifier): unix ms once the clock is set, else
+    None. A clock never set (before 2024: sntp.MIN_UNIX, in the port's own epoch) needs no
+    sntp.py: a pile with commands and no ntp section does not load it (issue 12)."""
+    if time.gmtime(int(time.time()))[0] < 2024:
+        return None
+    import sntp
+
+    return sntp.unix_ms()
 
 
 class Commands:

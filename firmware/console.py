@@ -1,5 +1,7 @@
-"""The console: report(), the modules' one callback, printed through `logging`; the lines a full
-heap lost, the last faults and why the pile is held unavailable, for diag.py.
+"""The console: report(), the modules' one callback, printed as `[  s.mmm] source: text` with the
+control loop's time (no logging library: micropython-logging took 4.6 KiB of a stock image's heap
+and added nothing the line shows, issue 12); the lines a full heap lost, the last faults and why
+the pile is held unavailable, for diag.py.
 
 While the contactor is closed (`hold`, set by wiring: the flash gate) a line is not printed at
 once: the UART blocks once its 128-byte FIFO is full (86.8 us a byte at 115,200 baud), and a
@@ -9,16 +11,12 @@ has free by then (it empties 11.5 bytes a ms): a write never blocks. A line long
 goes in FIFO-sized pieces. With the contactor open the queue is written whole, then each line at
 once (docs/durability.md).
 """
-import logging
 import sys
 import time
 
 from micropython import const
 
 boot_ms = time.ticks_ms()  # the console's time 0; the firmware loads this module first
-
-# Sources whose lines say something is wrong; the rest are INFO.
-_WARNING_SOURCES = ("config", "fault", "meter", "outbox", "storage")
 
 recent_faults = []  # (ticks_ms, text), the last 8
 lines_lost = 0  # report() lines a full heap kept from being printed, said with the next one
@@ -116,32 +114,27 @@ def drain(now_ms=None):
             _fifo += rest
 
 
-class _Console(logging.Handler):
-    """micropython-logging hands each record here: one line per transition, stamped with the
-    control loop's time (seconds since boot), the source as the logger's name."""
+class _Console:
+    """The control loop's time of the line being written (report's now_ms)."""
 
     now_ms = 0
 
-    def emit(self, record):
-        t = time.ticks_diff(_Console.now_ms, boot_ms)
-        # micropython-lib's logging (mip, manifest.py) hands the text formatted as record.message;
-        # PyPI's micropython-logging (make flash) and CPython keep msg and args.
-        text = record.message if hasattr(record, "message") else record.msg % record.args
-        _write("[%4d.%03d] %s: %s\n" % (t // 1000, t % 1000, record.name, text))
 
-
-_console = _Console()
-_sources = set()  # loggers given the console handler
+def _line(now_ms, what, text):
+    """One line, stamped with the loop's time (seconds since boot); text is never a format."""
+    _Console.now_ms = now_ms
+    t = time.ticks_diff(now_ms, boot_ms)
+    _write("[%4d.%03d] %s: %s\n" % (t // 1000, t % 1000, what, text))
 
 
 def report(now_ms, what, text):
-    """The modules' report callback: a record on the logger named after the source."""
+    """The modules' report callback: one line from `what` (the source: pilot, charger, ...)."""
     global lines_lost
     try:
         if lines_lost:
-            _log(now_ms, "main", "%d line(s) lost before this one: the heap was full" % lines_lost)
+            _line(now_ms, "main", "%d line(s) lost before this one: the heap was full" % lines_lost)
             lines_lost = 0
-        _log(now_ms, what, text)
+        _line(now_ms, what, text)
     except MemoryError:
         # A full or fragmented heap: the line is lost, not the session (docs/architecture.md).
         lines_lost += 1
@@ -150,14 +143,3 @@ def report(now_ms, what, text):
             recent_faults.pop(0)
         recent_faults.append((now_ms, text))
 
-
-def _log(now_ms, what, text):
-    """Loggers get the console handler here: micropython-logging does not propagate to the root."""
-    log = logging.getLogger(what)
-    if what not in _sources:
-        _sources.add(what)
-        log.addHandler(_console)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-    _Console.now_ms = now_ms
-    log.log(logging.WARNING if what in _WARNING_SOURCES else logging.INFO, "%s", text)

@@ -20,6 +20,9 @@ _HOLD_POLL_MS = 100
 # gc.mem_free(): that scans the whole heap (~5 ms on an ESP32 with 110 KiB).
 _GC_PERIOD_MS = 250
 _gc_at = [None]
+# machine's own idle and reset (wiring.py hands the builtins): kept when wiring.py is dropped.
+_idle = wiring.idle
+_reset = wiring.reset
 
 
 def collect(now_ms):
@@ -41,7 +44,7 @@ def hold_unavailable(board, reason):
     while True:
         if keep_open is not None:
             keep_open()
-        wiring.idle()
+        _idle()
         time.sleep_ms(_HOLD_POLL_MS)
 
 
@@ -58,14 +61,35 @@ def fail_safe(ctl, exc):
     while time.ticks_diff(time.ticks_ms(), start) < _FAILSAFE_REBOOT_MS:
         if ctl is not None:
             ctl.contactor.open()  # keep asserting it; the watchdog is no longer fed
-        wiring.idle()
+        _idle()
         time.sleep_ms(_HOLD_POLL_MS)
-    wiring.reset()
+    _reset()
+
+
+def drop_wiring():
+    """wiring.py builds the pile once: its ~6 KiB of bytecode need not stay on the heap for the
+    run (issue 12). Nothing built keeps one of its functions (test_heap_lazy.py); service mode
+    imports it again."""
+    global wiring
+    wiring = None  # type: ignore[assignment]  # run() imports it again if it is run again
+    sys.modules.pop("wiring", None)
+    gc.collect()
+
+
+def service(board, conf, ctl, link, wdt):
+    """Ctrl-C: diag.py's service mode, with wiring.py imported again."""
+    import diag
+    import wiring as board_wiring
+
+    diag.service_mode(board, conf, ctl, link, wdt, board_wiring.service_timer, board_wiring.reset)
 
 
 def run():
+    global wiring
     ctl = link = wdt = board = conf = None
     try:
+        if wiring is None:  # run again in the same process (a bench): built again
+            import wiring
         board, conf, problem = wiring.load_settings()
         if problem:
             hold_unavailable(board, problem)
@@ -79,6 +103,7 @@ def run():
             link.station = station  # the link's ladder restarts the Wi-Fi (link_heal.py)
         clock = wiring.build_clock(conf, ctl)
         wdt = wiring.watchdog(conf.wdt_timeout_ms)
+        drop_wiring()
         console.report(time.ticks_ms(), "main", "firmware %s, board %s, %s, max %s A%s" % (
             VERSION, board.name, conf.standard, conf.max_current_a,
             ", free vend" if conf.free_vend else ""))
@@ -105,9 +130,7 @@ def run():
     except KeyboardInterrupt:  # Ctrl-C: mpremote, a technician at the REPL
         if ctl is not None:
             ctl.safe_off()  # first
-        import diag
-
-        diag.service_mode(board, conf, ctl, link, wdt, wiring.service_timer, wiring.reset)
+        service(board, conf, ctl, link, wdt)
     except Exception as e:  # noqa: BLE001 - any error at all must end in the safe state
         fail_safe(ctl, e)
     finally:
@@ -120,7 +143,7 @@ if __name__ == "__main__":
     import release_boot  # the release boot.py selected, or this one (docs/ota.md)
 
     if release_boot.selected():
-        release_boot.run_main(run, wiring.reset)
+        release_boot.run_main(run, _reset)
     else:  # this one: release_boot's ~4 KB would stay on the heap for the whole run
         del release_boot, sys.modules["release_boot"]
         run()

@@ -60,7 +60,9 @@ class _Pipe:
         if self.tail + n > len(self.buf):
             if self.pending() + n > len(self.buf):
                 raise OSError(errno.ENOBUFS)
-            self.buf[0:self.pending()] = bytes(self.mv[self.head:self.tail])
+            # In place (memmove: the regions may overlap): a copy would be the link's biggest
+            # allocation at run time, up to the whole buffer (issue 12).
+            self.mv[0:self.pending()] = self.mv[self.head:self.tail]
             self.tail -= self.head
             self.head = 0
         self.mv[self.tail:self.tail + n] = memoryview(data)[:n]

@@ -720,12 +720,23 @@ class Updater:
         self._reset()
 
     def _message(self):
-        rolled = self._rolled
         return telemetry.ota(
             self._wall(), self._boot, self.running, self.version, self.state,
             self._release if self._phase != IDLE or self.state == "refused" else None,
-            self._shown if self._phase in (FILES, STAGED) else None, self.reason,
-            None if rolled is None else {"release": rolled.get("release"), "reason": rolled.get("why")})
+            self._shown if self._phase in (FILES, STAGED) else None, self.reason, self.rolled())
+
+    def rolled(self):
+        """The `ota` message's rolled_back: the release the last trial rolled back, or None."""
+        r = self._rolled
+        return None if r is None else {"release": r.get("release"), "reason": r.get("why")}
+
+    def quiet(self):
+        """Nothing under way: no download, trial, removal, answer, subscription or refusal to
+        show; only an `update` command can start work (ota_lazy.py may drop this module). The
+        `ota` message a new connection owes is the caller's to keep."""
+        return (self._phase == IDLE and self._trial is None and not self._prune and self._ack is None
+                and self._fatal is None and self._verify is None and self._rehash is None
+                and self._sub is None and self.state == "running")
 
 
 def _append(path, data):

@@ -100,6 +100,18 @@ def epoch_offset(epoch_year=None):
     return UNIX_2000 if epoch_year == 2000 else 0
 
 
+def unix_ms():
+    """Unix time in ms once the clock is set (NTP; before 2024 it is not), else None (the command
+    verifier's wall clock, commands.unix_ms)."""
+    t = int(time.time()) + epoch_offset()
+    return None if t < MIN_UNIX else t * 1000
+
+
+def while_open(contactor):
+    """may_block for SntpClient: a name lookup only with the contactor open (issue 10, item 19)."""
+    return lambda: not contactor.closed
+
+
 def rtc_datetime(unix_s, micros, offset):
     """machine.RTC.datetime() tuple: (year, month, day, weekday, hours, minutes, seconds, us)."""
     t = time.gmtime(unix_s - offset)

@@ -19,6 +19,7 @@ from version import VERSION
 # 3 KiB) with room for what is made beside them: held from the settings on (_reserve_link_room).
 _LINK_ROOM_B = const(4096)
 _link_room = None
+_ota_surveyed = None  # ota_lazy.survey() at the settings: None, ota.py loaded when the link binds
 
 
 class Unavailable(Exception):
@@ -40,6 +41,11 @@ def load_settings():
     finally:
         del sys.modules["config"]
         gc.collect()
+    global _ota_surveyed
+    if conf.ota is not None and conf.mqtt is not None:  # on a heap still empty (ota_lazy.py)
+        import ota_lazy
+
+        _ota_surveyed = ota_lazy.survey()
     if conf.mqtt is not None:
         _reserve_link_room(True)
     return board, conf, None
@@ -167,13 +173,15 @@ def build_link(board, conf, ctl):
     gc.collect()
     tls = None if mconf.tls_ca is None else build_tls(mconf.tls_ca, mqtt_link)
     updater = None
-    if conf.ota is not None:  # over-the-air updates (docs/ota.md)
-        import ota
+    if conf.ota is not None:  # over-the-air updates (docs/ota.md): ota.py loaded while it has work
+        import ota_lazy
 
-        updater = ota.build(conf.ota, board.name, VERSION, machine.reset)
+        updater = ota_lazy.Updater(conf.ota.key, board.name, conf.ota.trial_s, VERSION, machine.reset,
+                                   surveyed=_ota_surveyed)
     _reserve_link_room(False)
     # A reservation on flash only while a close may come: a car plugged in (docs/commands.md).
-    verifier = build_verifier(mconf, ctl.records.gate, lambda: ctl.charger.session is not None)
+    # (A bound method: a lambda here would keep this module alive after main drops it.)
+    verifier = build_verifier(mconf, ctl.records.gate, ctl.charger.has_session)
     return mqtt_link.MqttLink(mconf, ctl, ctl.records.log, console.report, verifier,
                               fw=VERSION, board=board.name, reset=machine.reset, boot_ms=console.boot_ms,
                               tls=tls, ota=updater, heal_store=link_heal.HealStore(files.HEAL_FILE),
@@ -194,16 +202,6 @@ def build_tls(path, mqtt_link):
         raise Unavailable("%s: %s is not a usable CA certificate (%s)" % (where, path, e)) from None
 
 
-def _unix_ms():
-    """Unix time in ms once the clock is set (NTP; before 2024 it is not), else None."""
-    import sntp
-
-    t = int(time.time())
-    if t + sntp.epoch_offset() < sntp.MIN_UNIX:
-        return None
-    return (t + sntp.epoch_offset()) * 1000
-
-
 def build_verifier(mconf, gate=None, may_close=None):
     """Remote commands need the key and a readable counter; otherwise they are refused (the
     link then does not subscribe to them). The key is never printed."""
@@ -214,6 +212,7 @@ def build_verifier(mconf, gate=None, may_close=None):
     import binascii
 
     import command_auth
+    import commands
     import session_store
 
     store = session_store.CounterStore(files.CMD_COUNTER_FILE)
@@ -222,7 +221,7 @@ def build_verifier(mconf, gate=None, may_close=None):
         console.report(now, "mqtt", "command counter unreadable (%s): remote commands refused" % store.error)
         return None
     verifier = command_auth.CommandVerifier(binascii.unhexlify(mconf.secret), last_counter=last,
-                                            counter_store=store, gate=gate, unix_ms=_unix_ms,
+                                            counter_store=store, gate=gate, unix_ms=commands.unix_ms,
                                             may_close=may_close)
     problem = verifier.reserve_ahead()  # at boot, open: a session's commands then write nothing
     if problem is not None:
@@ -256,10 +255,9 @@ def build_clock(conf, ctl):
         return None
     import sntp
 
-    contactor = ctl.contactor
     return sntp.SntpClient(nconf.host, machine.RTC().datetime, console.report, port=nconf.port,
                            interval_s=nconf.interval_s, start_jitter_s=nconf.start_jitter_s,
-                           may_block=lambda: not contactor.closed)
+                           may_block=sntp.while_open(ctl.contactor))
 
 
 _PARITY = {"none": None, "even": 0, "odd": 1}  # machine.UART: 0 even, 1 odd
@@ -339,9 +337,7 @@ def reset_cause():
         return None
 
 
-def idle():
-    machine.idle()
-
-
-def reset():
-    machine.reset()
+# machine's own, not functions of this module: main.py keeps them and drops this module after
+# the boot (a function defined here would keep all of it on the heap).
+idle = machine.idle
+reset = machine.reset

@@ -3,7 +3,6 @@ the firmware expects, with firmware/version.py's VERSION."""
 import ast
 import glob
 import json
-import logging
 import os
 
 import mpremote.mip
@@ -135,26 +134,3 @@ def test_manifest_version_and_requirements():
     [(args, kwargs)] = calls["metadata"]
     assert kwargs["version"] == firmware_version()
     assert {args[0] for args, _kwargs in calls["require"]} == shipped_libraries()
-
-
-# -- the logging mip and manifest.py install ----------------------------------------------------
-
-class MicropythonLibRecord:
-    """A record as micropython-lib's logging hands it to a handler (LogRecord.set(): name, level,
-    message; no msg or args), which is what mip and require("logging") install."""
-
-    def __init__(self, name, level, message):
-        self.name = name
-        self.levelno = level
-        self.message = message
-
-
-def test_the_console_prints_micropython_lib_records_and_cpython_records(capsys):
-    import console as console_module
-
-    console = console_module._Console()
-    console_module._Console.now_ms = console_module.boot_ms
-    console.emit(MicropythonLibRecord("meter", logging.WARNING, "100% no reply"))
-    console.emit(logging.LogRecord("pilot", logging.INFO, __file__, 1, "%s", ("B -> C",), None))
-    assert capsys.readouterr().out.splitlines() == ["[   0.000] meter: 100% no reply",
-                                                    "[   0.000] pilot: B -> C"]
