@@ -1,0 +1,233 @@
+"""An adversary's review of the flashfix change (command_auth.py's released reservation,
+flash_gate.py's one deferred write an iteration, console.step): each test is an input or a timing
+that tries to break one of its claims.
+
+- The release after a quiet minute is decided on ticks_ms stamps (`_look_at`, `_quiet_at`). The
+  ticks wrap every 2**30 ms (12.4 days) and ticks_diff reads a stamp more than 2**29 ms (6.2 days)
+  old as in the future: a pile idle a week, then one command, kept its reservation for days, and a
+  reboot then left the floor a week above every counter the operator's tool signs.
+- A counter write whose error comes after the new file is in place (durable.replace syncs after
+  the rename on a port without fsync): a release that failed so left the verifier believing in
+  the old, higher reservation while the flash held the lower floor, and the commands between the
+  two were accepted without a write: after a power cut, each could be replayed.
+- A worst-case flash part (the stalls of test_flash_gate_spread.py): a set_current_limit with the
+  contactor open after the reservation was released writes the counter and then the settings in
+  one iteration, past the 2 s watchdog (strict xfail: no small fix).
+"""
+import builtins
+import json
+import os
+import sys
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pilehost import pilecmd
+from pilehost.virtual_board import VirtualBoard
+
+import command_auth as C
+import session_store
+
+SECRET = bytes(range(32))
+DAY_MS = 86_400_000
+TICKS = 1 << 30  # MicroPython's ticks_ms period (host_tests/shims/mp_time.py, the ESP32's)
+
+
+def signed(name, args, counter):
+    return pilecmd.sign(SECRET, pilecmd.make_body(name, args, counter))
+
+
+def boot(store, gate, plugged, unix=None):
+    """The verifier as wiring.build_verifier makes it at boot, the contactor open."""
+    v = C.CommandVerifier(SECRET, last_counter=store.load(), counter_store=store, gate=gate,
+                          unix_ms=unix, may_close=lambda: plugged[0])
+    assert v.reserve_ahead() is None
+    return v
+
+
+def open_steps(gate, t0, ms, every=1000, errors=None):
+    """The flash gate's open steps every `every` ms for `ms`, from ticks t0; the ticks after.
+    A write's error goes to `errors` if given, else fails the test."""
+    t = t0
+    for _ in range(ms // every):
+        t = (t + every) % TICKS
+        for fn in gate.steps:
+            problem = fn(t)
+            if errors is None:
+                assert problem is None
+            elif problem is not None:
+                errors.append(problem)
+    return t
+
+
+# -- the release across the ticks wrap ------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(idle_days=st.integers(0, 14), plugged_days=st.integers(0, 14), t0=st.integers(0, TICKS - 1))
+def test_the_reservation_is_released_a_quiet_minute_after_the_last_command_however_long_the_pile_idled(
+        tmp_path_factory, fake_flash_gate, idle_days, plugged_days, t0):
+    """A command, a minute's quiet (released), `idle_days` with nothing, a car plugged in for
+    `plugged_days` with a command at its start, unplugged: 80 s later the flash holds the last
+    accepted counter, so that a reboot moves no floor (test_counter_floor.py's no drift)."""
+    path = str(tmp_path_factory.mktemp("w") / "cmd_counter.json")
+    store = session_store.CounterStore(path)
+    gate = fake_flash_gate()
+    plugged = [False]
+    v = boot(store, gate, plugged)
+    counter = 1_800_000_000_000
+    assert v.verify(signed("set_availability", {"state": "available"}, counter)).counter == counter
+    t = open_steps(gate, t0, 80_000)
+    assert session_store.CounterStore(path).load() == counter  # released
+    # Idle: the loop runs, the open steps look at nothing new (sampled: a step every minute).
+    t = open_steps(gate, t, idle_days * DAY_MS, every=60_000)
+    plugged[0] = True
+    counter += 1
+    assert v.verify(signed("set_availability", {"state": "available"}, counter)).counter == counter
+    t = open_steps(gate, t, plugged_days * DAY_MS, every=60_000)
+    plugged[0] = False
+    open_steps(gate, t, 80_000)
+    assert session_store.CounterStore(path).load() == counter, (
+        "the reservation kept after %d idle days and %d plugged: a reboot now moves the floor "
+        "to %d" % (idle_days, plugged_days, session_store.CounterStore(path).load()))
+
+
+# -- a write that landed but reported an error ----------------------------------------------------
+
+
+class LandedThenFailed(session_store.CounterStore):
+    """The counter file: with `fail` set, the next save puts the new file in place and then
+    raises the OSError a sync after the rename can raise (durable.replace on a port without
+    fsync)."""
+
+    fail = False
+
+    def save(self, counter):
+        result = super().save(counter)
+        if self.fail:
+            self.fail = False
+            raise OSError(5, "EIO after the rename")
+        return result
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(which=st.integers(0, 30), gap=st.integers(1, C.RESERVE))
+def test_no_command_accepted_above_what_the_flash_holds_when_a_write_errs_after_landing(
+        tmp_path_factory, fake_flash_gate, which, gap):
+    """Each counter write in turn (`which`) lands and then errs; after every accepted command the
+    counter file holds at least that counter (a power cut then, and a replay of it is refused)."""
+    path = str(tmp_path_factory.mktemp("l") / "cmd_counter.json")
+    store = LandedThenFailed(path)
+    gate = fake_flash_gate()
+    plugged = [True]
+    v = boot(store, gate, plugged)
+    saves = [0]
+    real_save = LandedThenFailed.save
+
+    def counting(self, counter):
+        if saves[0] == which:
+            self.fail = True
+        saves[0] += 1
+        return real_save(self, counter)
+
+    store.save = counting.__get__(store)
+    counter = 1_000
+    t = 0
+    errors = []
+    for round_ in range(6):
+        plugged[0] = round_ % 2 == 0
+        t = open_steps(gate, t, 20_000, errors=errors)  # reservation written, or released
+        for _ in range(3):
+            counter += gap // 3 + 1
+            try:
+                v.verify(signed("set_availability", {"state": "available"}, counter))
+            except C.CommandError as e:
+                assert e.code == "storage_error", e
+                continue
+            on_flash = session_store.CounterStore(path).load()
+            assert on_flash >= counter, (
+                "counter %d accepted while the flash holds %d: a power cut, and it is accepted "
+                "again" % (counter, on_flash))
+        t = open_steps(gate, t, 70_000, errors=errors)
+    assert saves[0] > which or not errors
+
+
+# -- a command with the contactor open on a worst-case flash part --------------------------------
+
+WRITE_WORST_US = 800000  # as test_flash_gate_spread.py: a block erase and a compaction (W25Q32JV tSE)
+META_WORST_US = 400000  # a metadata compaction
+WATCHDOG_MS = 2000  # config.py's wdt_timeout_ms default
+_FS_MODULES = ("session_store", "journal", "durable", "session_log", "link_heal", "ota")
+
+
+def slow_flash(mp, vb):
+    """Every write, rename and remove of the firmware's files stalls the virtual clock as a
+    worst-case part would; the returned list gets (virtual us, what)."""
+    log = []
+    real_open, real_rename, real_remove = builtins.open, os.rename, os.remove
+
+    def stall(us, what):
+        log.append((vb.clock.t, what))
+        vb.clock.t += us
+
+    def _open(path, mode="r", *args, **kwargs):
+        if "w" in mode or "a" in mode or "+" in mode:
+            stall(WRITE_WORST_US, path)
+        return real_open(path, mode, *args, **kwargs)
+
+    def _rename(a, b):
+        stall(META_WORST_US, "rename " + b)
+        return real_rename(a, b)
+
+    def _remove(p):
+        stall(META_WORST_US, "remove " + p)
+        return real_remove(p)
+
+    for name in _FS_MODULES:
+        module = sys.modules.get(name)
+        if module is not None:
+            mp.setattr(module, "open", _open, raising=False)
+    mp.setattr(os, "rename", _rename)
+    mp.setattr(os, "remove", _remove)
+    return log
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a set_current_limit with the contactor open after the reservation was released writes the "
+    "counter (before it is executed) and then the settings in the link's step of one iteration: "
+    "2.4 s of worst-case stalls past the 2 s watchdog. The release makes that the first command "
+    "after every quiet minute. No small fix: the settings write would have to wait for an "
+    "iteration with no other write (the gate knows only its own), or the counter write be "
+    "spread over iterations before the command runs"))
+def test_a_command_after_the_release_stays_within_the_watchdog_on_a_worst_case_part(monkeypatch):
+    import session_log  # noqa: F401 - every writer imported before its `open` is wrapped
+
+    config = {"free_vend": True, "pile_id": "review-1",
+              "meter": {"type": "ddsu666", "failure_timeout_s": 5},
+              "mqtt": {"host": "127.0.0.1", "secret": SECRET.hex()}}
+    vb = VirtualBoard(monkeypatch, config=config, period_ms=5)
+    link = vb.build_link()
+    v = link._verifier
+    w = vb.world
+
+    def run_ms(ms):
+        end = w.now + ms * 1000
+        while w.now < end:
+            w.advance()
+            vb.tick()
+
+    run_ms(1000)
+    first = v.reserved + 1
+    link._command(vb.clock.ticks_ms(), signed("request_status", {}, first))
+    assert json.loads(link._acks[-1])["result"] == "accepted", link._acks[-1]
+    run_ms(80000)  # no car, no command: released
+    assert v.reserved == v.last_counter == first
+    log = slow_flash(monkeypatch, vb)
+    start = vb.clock.t
+    w.advance()
+    vb.tick()
+    link._command(vb.clock.ticks_ms(), signed("set_current_limit", {"amps": 10}, first + 1))
+    assert json.loads(link._acks[-1])["result"] == "accepted", link._acks[-1]
+    spent_ms = (vb.clock.t - start) / 1000 - vb.period_ms
+    assert spent_ms < WATCHDOG_MS, "an iteration took %.0f ms of flash stalls: %s" % (
+        spent_ms, [what for _, what in log])
