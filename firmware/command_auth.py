@@ -305,8 +305,9 @@ class CommandVerifier:
         reservation written at once if there is none, renewed once the clock has used half of
         it (looked at every 10 s). When none may and no command came for _QUIET_MS: released,
         the floor brought back to the last accepted counter (a reservation left there would be
-        the floor after a reboot, refusing the sender's next counters: docs/commands.md). None,
-        or why it was not written."""
+        the floor after a reboot, refusing the sender's next counters: docs/commands.md); a
+        counter accepted unsaved whose write failed, written as the floor. None, or why it was
+        not written."""
         if self._gate.held:
             return None
         retry = self._retry_at
@@ -340,7 +341,10 @@ class CommandVerifier:
             if self._reservation(ahead) <= self.reserved:
                 return None  # the top of the range: nothing to gain
         else:
-            if not armed or self._due or quiet is not None:
+            # A counter accepted above the flash's (a stop while closed whose write at the open
+            # failed): written at once, not left open until the next command.
+            unsaved = self.last_counter > self.reserved
+            if self._due or not unsaved and (not armed or quiet is not None):
                 return None
             ahead = self.last_counter
         e = self._save(ahead, arm)

@@ -152,6 +152,53 @@ def test_no_command_accepted_above_what_the_flash_holds_when_a_write_errs_after_
     assert saves[0] > which or not errors
 
 
+
+# -- a stop accepted while closed whose write at the open failed ----------------------------------
+
+
+class FailingStore(session_store.CounterStore):
+    """The counter file; every save raises ENOSPC while `full` (the flash full)."""
+
+    full = False
+
+    def save(self, counter):
+        if self.full:
+            raise OSError(28, "ENOSPC")
+        return super().save(counter)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(minutes=st.integers(2, 30), replug=st.booleans())
+def test_a_stop_accepted_unsaved_while_closed_reaches_the_flash_once_it_has_room_again(
+        tmp_path_factory, fake_flash_gate, minutes, replug):
+    """The flash full when a car is plugged in (no reservation) and still at the open: the
+    remote_stop accepted while closed is not on flash (the documented window). The car goes,
+    the flash has room again: within `minutes` the counter file holds the stop's counter, so a
+    captured stop cannot be replayed after a power cut to end a later session."""
+    path = str(tmp_path_factory.mktemp("s") / "cmd_counter.json")
+    store = FailingStore(path)
+    gate = fake_flash_gate()
+    plugged = [False]
+    v = boot(store, gate, plugged)
+    counter = 1_000
+    assert v.verify(signed("request_status", {}, counter)).counter == counter
+    t = open_steps(gate, 0, 80_000)
+    assert store.load() == counter  # released
+    store.full = True
+    plugged[0] = True
+    t = open_steps(gate, t, 2000, errors=[])  # the reservation not written
+    gate.closed = True
+    stop = counter + 5
+    assert v.verify(signed("remote_stop", {}, stop)).counter == stop  # unsaved, due at the open
+    problems = gate.open()
+    assert problems[0] is not None  # the flush failed: reported
+    plugged[0] = replug
+    store.full = False
+    open_steps(gate, t, minutes * 60_000, errors=[])
+    assert session_store.CounterStore(path).load() >= stop, (
+        "the stop's counter never written: a power cut, and it is accepted again")
+
+
 # -- a command with the contactor open on a worst-case flash part --------------------------------
 
 WRITE_WORST_US = 800000  # as test_flash_gate_spread.py: a block erase and a compaction (W25Q32JV tSE)
