@@ -199,6 +199,177 @@ def test_a_stop_accepted_unsaved_while_closed_reaches_the_flash_once_it_has_room
         "the stop's counter never written: a power cut, and it is accepted again")
 
 
+
+# -- the whole floor under a hostile clock and a failing flash -------------------------------------
+
+
+class PowerCut(Exception):
+    """The supply gone in the middle of a counter write."""
+
+
+class HostileStore(session_store.CounterStore):
+    """The counter file under `mode`: None works; "full" raises before writing; "late" writes
+    the new file and then raises; ("cut", byte, renamed) cuts the power in the write."""
+
+    mode = None
+
+    def save(self, counter):
+        mode = self.mode
+        if mode is None:
+            return super().save(counter)
+        if mode == "full":
+            raise OSError(28, "ENOSPC")
+        if mode == "late":
+            self.mode = None
+            super().save(counter)
+            raise OSError(5, "EIO after the rename")
+        self.mode = None
+        _, at, renamed = mode
+        if renamed:
+            super().save(counter)
+        else:
+            data = session_store._encode(counter)
+            with open(self.path + ".tmp", "wb") as f:
+                f.write(data[:at % (len(data) + 1)])
+        raise PowerCut()
+
+
+HOSTILE = st.one_of(
+    st.tuples(st.sampled_from(("plug", "unplug", "close", "open", "reboot", "full", "heal",
+                               "late", "unset"))),
+    st.tuples(st.just("step"), st.sampled_from((5, 1000, 20000, 90000))),
+    st.tuples(st.just("clock"), st.integers(-3 * C.RESERVE, 3 * C.RESERVE)),
+    st.tuples(st.just("cmd"), st.sampled_from(("set_current_limit", "remote_stop", "request_status",
+                                               "reboot")),
+              st.sampled_from((0, 1, C.RESERVE // 2, C.RESERVE + 1, 3 * C.RESERVE))),
+    st.tuples(st.just("cut"), st.integers(0, 40), st.booleans()))
+ARGS = {"set_current_limit": {"amps": 10}}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(HOSTILE, max_size=50))
+def test_no_replay_and_a_fresh_command_after_every_reboot_under_a_hostile_clock_and_flash(
+        tmp_path_factory, fake_flash_gate, ops):
+    """The pile's clock set back and forth or unset (SNTP, a reboot), the operator's own clock
+    going forward; the flash full, erring after a write landed, cut at any byte: no command is
+    accepted twice (but the documented window: a stop or status accepted above the flash while
+    closed, the power cut before it was written), and after every reboot with a working flash
+    the operator's tool gets a command accepted (--floor after a `replayed`)."""
+    path = str(tmp_path_factory.mktemp("h") / "cmd_counter.json")
+    world = {"now": 0, "pile_unix": 1_800_000_000_000, "op_unix": 1_800_000_000_000,
+             "plugged": False}
+    accepted = {}  # payload -> counter
+    window = set()  # payloads in the documented window
+    state = {}
+
+    def boot():
+        HostileStore.mode = None if HostileStore.mode != "full" else "full"
+        store = HostileStore(path)
+        gate = fake_flash_gate()
+        floor = store.load()
+        assert floor is not None
+        v = C.CommandVerifier(SECRET, last_counter=floor, counter_store=store, gate=gate,
+                              unix_ms=lambda: world["pile_unix"],
+                              may_close=lambda: world["plugged"])
+        v.reserve_ahead()
+        state.update(v=v, gate=gate, store=store)
+
+    def send(payload, name):
+        v, gate = state["v"], state["gate"]
+        try:
+            cmd = v.verify(payload)
+        except C.CommandError as e:
+            return e
+        assert payload not in accepted, "accepted twice"
+        accepted[payload] = cmd.counter
+
+        if gate.held and name in ("remote_stop", "request_status") and cmd.counter > v.reserved:
+            window.add(payload)
+        return cmd
+
+    def settle():
+        """Payloads the flash now covers leave the window."""
+        on_flash = session_store.CounterStore(path).load() or 0
+        for payload in list(window):
+            if accepted[payload] <= on_flash:
+                window.discard(payload)
+
+    def steps(ms):
+        gate = state["gate"]
+        for _ in range(max(1, ms // 1000)):
+            world["now"] += min(ms, 1000)
+            if world["pile_unix"] is not None:
+                world["pile_unix"] += min(ms, 1000)
+            world["op_unix"] += min(ms, 1000)
+            if not gate.held:
+                due, gate.due = gate.due, []
+                for fn in due + gate.steps:
+                    fn(world["now"] % TICKS)
+            settle()
+
+    def reboot():
+        boot()
+        v = state["v"]
+        for payload in accepted:
+            if payload in window:
+                continue  # docs/commands.md, "Replays": the documented window
+            err = send(payload, None)
+            assert isinstance(err, C.CommandError) and err.code == "replayed", err
+        window.clear()
+        if HostileStore.mode == "full":
+            return
+        world["op_unix"] += 1
+        payload = signed("request_status", {}, world["op_unix"])
+        got = send(payload, "request_status")
+        if isinstance(got, C.CommandError):
+            assert got.code == "replayed", got
+            floor = pilecmd.floor_of(str(got))
+            assert floor is not None and floor < C._MAX_COUNTER, got
+            got = send(signed("request_status", {}, max(world["op_unix"], floor + 1)),
+                       "request_status")
+        assert isinstance(got, C.Command), "no fresh command after a reboot: %s" % got
+        assert v.last_counter == got.counter
+
+    HostileStore.mode = None
+    boot()
+    for op in ops:
+        kind = op[0]
+        try:
+            if kind == "plug":
+                world["plugged"] = True
+            elif kind == "unplug":
+                world["plugged"] = state["gate"].closed = False
+            elif kind == "close" and world["plugged"]:
+                state["gate"].closed = True
+            elif kind == "open":
+                state["gate"].closed = False
+            elif kind == "step":
+                steps(op[1])
+            elif kind == "clock":
+                world["pile_unix"] = max(1, (world["pile_unix"] or world["op_unix"]) + op[1])
+            elif kind == "unset":
+                world["pile_unix"] = None
+            elif kind == "full":
+                HostileStore.mode = "full"
+            elif kind == "heal":
+                HostileStore.mode = None
+            elif kind == "late":
+                HostileStore.mode = "late"
+            elif kind == "cut":
+                HostileStore.mode = ("cut", op[1], op[2])
+            elif kind == "cmd":
+                world["op_unix"] += 1
+                counter = max(world["op_unix"], state["v"].last_counter + 1) + op[2]
+                send(signed(op[1], ARGS.get(op[1], {}), counter), op[1])
+            elif kind == "reboot":
+                if HostileStore.mode != "full":
+                    HostileStore.mode = None
+                reboot()
+        except PowerCut:
+            HostileStore.mode = None
+            reboot()
+
+
 # -- a command with the contactor open on a worst-case flash part --------------------------------
 
 WRITE_WORST_US = 800000  # as test_flash_gate_spread.py: a block erase and a compaction (W25Q32JV tSE)
