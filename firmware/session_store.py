@@ -54,6 +54,7 @@ class _Store:
         data = _encode(value)
         if data == self._last:
             return False
+        self._last = None  # an error may come after the new file is in place: not known now
         write_atomic(self.path, data)
         self._last = data
         return True

@@ -26,6 +26,7 @@ from pilehost import pilecmd
 from pilehost.virtual_board import VirtualBoard
 
 import command_auth as C
+import durable
 import session_store
 
 SECRET = bytes(range(32))
@@ -102,12 +103,22 @@ class LandedThenFailed(session_store.CounterStore):
 
     fail = False
 
-    def save(self, counter):
-        result = super().save(counter)
-        if self.fail:
-            self.fail = False
-            raise OSError(5, "EIO after the rename")
-        return result
+    def _save(self, value):
+        if not self.fail:
+            return super()._save(value)
+        self.fail = False
+        real = session_store.write_atomic
+        session_store.write_atomic = landed_then_failed
+        try:
+            return super()._save(value)
+        finally:
+            session_store.write_atomic = real
+
+
+def landed_then_failed(path, data):
+    """durable.write_atomic whose sync after the rename errs: the new file in place."""
+    durable.write_atomic(path, data)
+    raise OSError(5, "EIO after the rename")
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -122,7 +133,7 @@ def test_no_command_accepted_above_what_the_flash_holds_when_a_write_errs_after_
     plugged = [True]
     v = boot(store, gate, plugged)
     saves = [0]
-    real_save = LandedThenFailed.save
+    real_save = session_store.CounterStore.save
 
     def counting(self, counter):
         if saves[0] == which:
@@ -151,6 +162,34 @@ def test_no_command_accepted_above_what_the_flash_holds_when_a_write_errs_after_
         t = open_steps(gate, t, 70_000, errors=errors)
     assert saves[0] > which or not errors
 
+
+
+
+def test_a_reservation_written_again_after_a_landed_then_failed_release_reaches_the_flash(
+        tmp_path, fake_flash_gate):
+    """The clock unset: the reservation is the last counter + RESERVE, the same value each time.
+    A release lands and errs; at the next plug-in that same reservation is written again, and
+    must really be written: the store's "unchanged, not rewritten" must not take the value it
+    tried last for what the file holds."""
+    path = str(tmp_path / "cmd_counter.json")
+    store = LandedThenFailed(path)
+    gate = fake_flash_gate()
+    plugged = [False]
+    v = boot(store, gate, plugged)
+    counter = 5_000
+    assert v.verify(signed("set_availability", {"state": "available"}, counter)).counter == counter
+    assert store.load() == counter + C.RESERVE  # the reservation, written with the command
+    store.fail = True
+    errors = []
+    t = open_steps(gate, 0, 80_000, errors=errors)  # the release lands, then errs
+    plugged[0] = True
+    open_steps(gate, t, 70_000, errors=errors)  # past the retry: the same reservation again
+    assert len(errors) == 1, errors
+    gate.closed = True
+    for c in range(counter + 1, counter + 4):
+        assert v.verify(signed("set_availability", {"state": "available"}, c)).counter == c
+        on_flash = session_store.CounterStore(path).load()
+        assert on_flash >= c, "counter %d accepted while the flash holds %d" % (c, on_flash)
 
 
 # -- a stop accepted while closed whose write at the open failed ----------------------------------
@@ -221,8 +260,12 @@ class HostileStore(session_store.CounterStore):
             raise OSError(28, "ENOSPC")
         if mode == "late":
             self.mode = None
-            super().save(counter)
-            raise OSError(5, "EIO after the rename")
+            real = session_store.write_atomic
+            session_store.write_atomic = landed_then_failed
+            try:
+                return super().save(counter)
+            finally:
+                session_store.write_atomic = real
         self.mode = None
         _, at, renamed = mode
         if renamed:
