@@ -76,7 +76,10 @@ def _free(now_ms):
 
 def step(now_ms):
     """Once per loop iteration (main.py): what is queued, all of it with the contactor open,
-    within what the UART's FIFO takes at now_ms while it is closed."""
+    within what the UART's FIFO takes at now_ms while it is closed. now_ms is the clock at this
+    call, not the iteration's start: a tick that took longer in one iteration than in the next
+    would have the next step count the FIFO emptied for the difference and write into bytes
+    still in it, blocking with the contactor closed (host_tests/test_review_flashfix.py)."""
     if _queue or lines_dropped:
         drain(now_ms if _held() else None)
 
@@ -84,7 +87,7 @@ def step(now_ms):
 def drain(now_ms=None):
     """Write what is queued: all of it (now_ms None: the contactor open), or what fits in the
     UART's FIFO without blocking at now_ms (closed). Once per loop iteration."""
-    global _queued, _head, lines_dropped, closed_bytes, _fifo
+    global _queued, _head, lines_dropped, closed_bytes, _fifo, _fifo_ms
     if lines_dropped and now_ms is None:
         note = "console: %d line(s) dropped while the contactor was closed\n" % lines_dropped
         lines_dropped = 0
@@ -93,6 +96,11 @@ def drain(now_ms=None):
     if not _queue:
         return
     budget = None if now_ms is None else _free(now_ms)
+    if budget:
+        # What is written now fills the FIFO as of now_ms and a ms on (the part of one ticks_ms
+        # drops): the next step counts what left it from then on, never a write's fraction of
+        # a ms more (host_tests/test_review_flashfix.py).
+        _fifo_ms = time.ticks_add(now_ms, 1)  # type: ignore[arg-type]  # budget: now_ms given
     while _queue:
         line = _queue[0]
         rest = len(line) - _head

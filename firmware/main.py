@@ -115,7 +115,7 @@ def run():
             guard = ctl.guard  # between slices of slow work while closed (docs/architecture.md)
             if collect(start) or ctl.contactor.closed and not was_closed:
                 guard(time.ticks_ms())  # a collection, or a close, was this iteration's slice
-            console.step(start)  # the console's queue: within the UART's FIFO while closed
+            console.step(time.ticks_ms())  # the console's queue: within the UART's FIFO now, closed
             ctl.records.poll(start, guard)  # the records step: after the tick's power-off decision
             if station is not None:
                 station.poll(start)

@@ -492,3 +492,78 @@ def test_a_command_after_the_release_stays_within_the_watchdog_on_a_worst_case_p
     spent_ms = (vb.clock.t - start) / 1000 - vb.period_ms
     assert spent_ms < WATCHDOG_MS, "an iteration took %.0f ms of flash stalls: %s" % (
         spent_ms, [what for _, what in log])
+
+
+
+# -- the console's queue over any sequence of iterations -------------------------------------------
+
+
+class Uart:
+    """The ESP32's UART as console.py models it: a 128-byte FIFO emptied at 11.52 bytes a ms; a
+    write larger than what is free blocks until the rest is in (the virtual clock moves on).
+    `blocked` gets (ms, held) for each write."""
+
+    BYTES_PER_MS = 11.52
+
+    def __init__(self, clock, hold):
+        self.clock = clock
+        self.hold = hold
+        self.fifo = 0.0
+        self.at = clock[0]
+        self.blocked = []
+
+    def write(self, s):
+        now = self.clock[0]
+        self.fifo = max(0.0, self.fifo - (now - self.at) * self.BYTES_PER_MS)
+        free = 128 - self.fifo
+        wait = max(0.0, (len(s) - free) / self.BYTES_PER_MS)
+        self.blocked.append((wait, self.hold.held))
+        self.clock[0] = now + wait
+        self.fifo = min(128.0, self.fifo + len(s))
+        self.at = self.clock[0]
+
+
+LINES = st.lists(st.integers(1, 700), max_size=3)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(LINES, st.sampled_from((None, None, None, "close", "open")),
+                          st.floats(0, 12), LINES, st.integers(0, 40)), max_size=60))
+def test_no_console_write_blocks_while_closed_over_any_iterations(fresh_console, monkeypatch,
+                                                                   iterations):
+    """main.py's loop: each iteration the tick reports (and may close or open the contactor,
+    closes at least relay.MIN_OPEN_MS after an open) and takes up to 12 ms, console.step at the
+    clock then, then the records step and the link report more, taking up to 40 ms; 5 ms
+    periods. No write blocks while closed. (console.step at the iteration's start, a tick
+    longer than the next one's made the next step write into bytes still in the FIFO.)"""
+    import time
+
+    import console
+    import relay
+
+    clock = [5000.0]
+    uart = Uart(clock, fresh_console)
+    monkeypatch.setattr(console.sys, "stdout", uart)
+    monkeypatch.setattr(time, "ticks_ms", lambda: int(clock[0]))
+    fresh_console.held = False
+    opened_at = -10 ** 9
+    for tick_lines, change, tick_ms, late_lines, slow_ms in iterations:
+        start = int(clock[0])
+        for n in tick_lines:
+            console.report(start, "charger", "t" * n)
+        if change == "close" and clock[0] - opened_at >= relay.MIN_OPEN_MS:
+            fresh_console.held = True
+        elif change == "open" and fresh_console.held:
+            fresh_console.held = False
+            opened_at = clock[0]
+        clock[0] += tick_ms
+        console.step(time.ticks_ms())  # as main.py
+        for n in late_lines:
+            console.report(start, "mqtt", "l" * n)
+        clock[0] += slow_ms
+        spent = clock[0] - start
+        if spent < 5:
+            clock[0] += 5 - spent
+    held_blocks = [w for w, held in uart.blocked if held and w > 0.01]
+    assert held_blocks == [], "a console write blocked %.1f ms with the contactor closed" % max(
+        held_blocks)

@@ -84,7 +84,7 @@ class VirtualBoard:
 
         now = self.clock.ticks_ms()
         self.ctl.tick(now)
-        console.step(now)
+        console.step(self.clock.ticks_ms())  # as main.py: the clock after the tick
         self.ctl.records.poll(now)
         self.clock.t += self.period_ms * 1000
 
