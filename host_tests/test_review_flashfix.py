@@ -9,7 +9,15 @@ that tries to break one of its claims.
 - A counter write whose error comes after the new file is in place (durable.replace syncs after
   the rename on a port without fsync): a release that failed so left the verifier believing in
   the old, higher reservation while the flash held the lower floor, and the commands between the
-  two were accepted without a write: after a power cut, each could be replayed.
+  two were accepted without a write: after a power cut, each could be replayed. The same error
+  left session_store's "unchanged, not rewritten" cache holding the value it tried: the same
+  reservation written again later (the clock unset) was skipped, the flash still the lower floor.
+- A remote_stop accepted while closed above the flash, its write at the open failed (flash
+  full), no car after: it stayed off the flash until the next command, replayable after a cut.
+- The whole floor under a hostile clock (set back, forth, unset) and flash (full, erring after
+  landing, cut at any byte): no replay, a fresh command after every reboot (found nothing more).
+- console.step was given the iteration's start: a tick that took longer than the next one's let
+  the next step count the FIFO emptied for the difference and block with the contactor closed.
 - A worst-case flash part (the stalls of test_flash_gate_spread.py): a set_current_limit with the
   contactor open after the reservation was released writes the counter and then the settings in
   one iteration, past the 2 s watchdog (strict xfail: no small fix).
@@ -457,9 +465,10 @@ def slow_flash(mp, vb):
     "a set_current_limit with the contactor open after the reservation was released writes the "
     "counter (before it is executed) and then the settings in the link's step of one iteration: "
     "2.4 s of worst-case stalls past the 2 s watchdog. The release makes that the first command "
-    "after every quiet minute. No small fix: the settings write would have to wait for an "
-    "iteration with no other write (the gate knows only its own), or the counter write be "
-    "spread over iterations before the command runs"))
+    "after every quiet minute. The same for any command's counter write in an iteration whose "
+    "flash gate ran a deferred write or an open step's write (the link polls after the records "
+    "step). No small fix: a write would have to wait for an iteration with no other write (the "
+    "gate knows only its own), or the command be held over to the next iteration"))
 def test_a_command_after_the_release_stays_within_the_watchdog_on_a_worst_case_part(monkeypatch):
     import session_log  # noqa: F401 - every writer imported before its `open` is wrapped
 
