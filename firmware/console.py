@@ -100,7 +100,7 @@ def drain(now_ms=None):
         # What is written now fills the FIFO as of now_ms and a ms on (the part of one ticks_ms
         # drops): the next step counts what left it from then on, never a write's fraction of
         # a ms more (host_tests/test_review_flashfix.py).
-        _fifo_ms = time.ticks_add(now_ms, 1)  # type: ignore[arg-type]  # budget: now_ms given
+        _fifo_ms = time.ticks_add(now_ms, 1)  # budget: now_ms given
     while _queue:
         line = _queue[0]
         rest = len(line) - _head
