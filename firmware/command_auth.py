@@ -364,6 +364,8 @@ class CommandVerifier:
         """The floor after a reboot at `counter`, a reservation above it if `arm`; None, or
         the error."""
         r = self._reservation(counter) if arm else counter
+        if self._gate is not None:
+            self._gate.spend()  # the settings a command changes wait for the next iteration
         try:
             self._store.save(r)  # only with a store
         except OSError as e:

@@ -23,6 +23,10 @@ class FlashGate:
         self._open_steps = []  # the same, called at every poll with the contactor open
         self._was_held = False  # the last poll saw the contactor closed
         self.deferred = 0  # writes deferred since boot (for the bench and the tests)
+        # A write ran in this iteration (poll() clears it, a write sets it): the settings wait
+        # for the next one and a received command is held over (mqtt_link), so that a
+        # worst-case part's stalls (~1.2 s a write) do not stack past the 2 s watchdog.
+        self.spent = False
 
     @property
     def held(self):
@@ -35,6 +39,10 @@ class FlashGate:
         compare)."""
         self._due.append(flush)
         self.deferred += 1
+
+    def spend(self):
+        """A writer is writing now (the command counter): later ones wait for the next iteration."""
+        self.spent = True
 
     def every_open_step(self, fn):
         """Call `fn(now_ms)` at every poll() with the contactor open and nothing deferred left
@@ -53,6 +61,7 @@ class FlashGate:
         take ~1.2 s (a block erase and a metadata compaction, 400 ms each), and the writes a
         session defers (checkpoint, command counter, journal ack, settings) would stack past
         the 2 s watchdog in one iteration (host_tests/test_flash_gate_spread.py)."""
+        self.spent = False
         if self.held:
             self._was_held = True
             return
@@ -61,6 +70,7 @@ class FlashGate:
             return
         due = self._due
         if due:
+            self.spent = True
             self._run(now_ms, due.pop(0))
             return
         for fn in self._open_steps:

@@ -95,6 +95,11 @@ class PileView:
     def safe_off(self):
         self._ctl.safe_off()
 
+    def flash_spent(self):
+        """A flash write ran in this iteration (flash_gate.FlashGate.spent)."""
+        gate = getattr(self._ctl.records, "gate", None)  # no records: no gate
+        return gate is not None and gate.spent
+
     def guard(self):
         """The controller's safety check between slices of the link's work (main.py)."""
         self._ctl.guard(time.ticks_ms())
@@ -210,7 +215,9 @@ class MqttLink:
         except OSError as e:  # its text says why
             lost = str(e)
         raw = self._cmd_in
-        if raw is not None:  # receiving it was a slice; verifying it is the next (_command)
+        # Receiving it was a slice; verifying it is the next (_command), in an iteration with no
+        # flash write before it (its counter write would stack on that one: flash_gate.spent).
+        if raw is not None and not self._pile.flash_spent():
             self._cmd_in = None
             self._pile.guard()
             self._command(now_ms, raw)

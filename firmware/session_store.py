@@ -140,7 +140,8 @@ class SettingsStore(_Store):
     the remote current limit, as a dict the charger fills. Written only when a command changes
     a value, at most once per accepted command: ~60 bytes of JSON, stored inline, ~0.1 block
     erase a write (docs/durability.md). `gate` (flash_gate.FlashGate): with the contactor
-    closed the newest settings wait in RAM and are written when it opens."""
+    closed, or another write in this iteration (the command's counter), the newest settings wait
+    in RAM and are written at the gate's next open poll."""
 
     def __init__(self, path, gate=None):
         super().__init__(path)
@@ -153,7 +154,7 @@ class SettingsStore(_Store):
         written when it opens (an OSError then goes to the console, the setting holds until
         the next boot)."""
         gate = self._gate
-        if gate is not None and gate.held:
+        if gate is not None and (gate.held or gate.spent):  # closed, or a write this iteration
             data = _encode(settings)  # a ValueError now, not at the open
             if data == self._last:
                 self._held = None

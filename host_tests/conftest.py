@@ -492,6 +492,8 @@ class FakeFlashGate:
     keeps the write, open() opens and runs the deferred writes (returns their results);
     every_open_step(fn) keeps fn in `steps`."""
 
+    spent = False  # FlashGate's per-iteration write flag: never set here
+
     def __init__(self):
         self.closed = False
         self.due = []
@@ -500,6 +502,9 @@ class FakeFlashGate:
     @property
     def held(self):
         return self.closed
+
+    def spend(self):
+        pass
 
     def defer(self, flush):
         self.due.append(flush)

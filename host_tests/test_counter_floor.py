@@ -55,10 +55,15 @@ class Gate:
     """flash_gate.FlashGate's interface: held while closed; poll() runs the deferred writes,
     then the open steps, with the contactor open."""
 
+    spent = False  # FlashGate's per-iteration write flag: never set here
+
     def __init__(self):
         self.held = False
         self.due = []
         self.steps = []
+
+    def spend(self):
+        pass
 
     def defer(self, fn):
         self.due.append(fn)

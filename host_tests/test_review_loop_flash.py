@@ -35,8 +35,12 @@ class OpenGate:
     """A flash gate with the contactor open: nothing deferred."""
 
     held = False
+    spent = False
 
     def every_open_step(self, fn):
+        pass
+
+    def spend(self):
         pass
 
     def defer(self, fn):  # pragma: no cover - never held
