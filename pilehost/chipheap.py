@@ -144,7 +144,7 @@ def bench(pool, broker, out=print):
 
 # The breakdown: each module imported on the 32-bit binary (sim/heap_probe.py), first alone to
 # learn what it brings in, then with those dependencies loaded first: its own live bytes.
-_LIB_MODULES = ("logging", "umqtt.simple")
+_LIB_MODULES = ("umqtt.simple",)
 
 
 def firmware_modules():

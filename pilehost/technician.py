@@ -20,7 +20,10 @@ from . import ROOT, firmware_module, unix_port
 FIRMWARE = os.path.join(ROOT, "firmware")
 MPY_OUT = os.path.join(ROOT, "build", "mpy")
 # Third-party MicroPython code (tools/fetch_deps.py, `make deps`) -> /lib on the board.
-DEPS = ("umqtt/simple", "logging/__init__")
+DEPS = ("umqtt/simple",)
+# Files an earlier `flash` put on the board that nothing runs any more: removed by the next one.
+# micropython-logging, shipped until console.py printed its own lines (issue 12).
+RETIRED = ("lib/logging/__init__.mpy", "lib/logging/__init__.py")
 # The ESP32 runs only these two as source; MicroPython imports x.py before x.mpy, so the other
 # form of every module flashed is removed.
 SOURCE_ONLY = ("boot", "main")
@@ -116,7 +119,8 @@ def cross_compile(src, out):
 
 
 def flash_plan(board, source=False):
-    """[(local file, path on the board)], and the other forms of those modules to remove."""
+    """[(local file, path on the board)], and the other forms of those modules and the retired
+    files (RETIRED) to remove."""
     board_file = os.path.join(ROOT, "boards", board + ".json")
     if not os.path.exists(board_file):
         raise ToolError("no board file boards/%s.json (one of: %s)" % (board, ", ".join(
@@ -141,7 +145,7 @@ def flash_plan(board, source=False):
             plan.append((out, name + ".mpy"))
             stale.append(name + ".py")
     plan.append((board_file, "board.json"))
-    return plan, stale
+    return plan, stale + list(RETIRED)
 
 
 def flash(port, board, source=False, out=sys.stdout):
@@ -351,7 +355,7 @@ def main(argv=None):
         return vboard.main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("flash", help="firmware, umqtt, logging and the board file; only what changed")
+    p = sub.add_parser("flash", help="firmware, umqtt and the board file; only what changed")
     p.add_argument("port")
     p.add_argument("--board", default="ref-esp32", help="boards/NAME.json, as board.json")
     p.add_argument("--source", action="store_true", help=".py instead of cross-compiled .mpy")

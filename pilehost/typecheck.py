@@ -7,8 +7,8 @@ Its command line, with the usage: tools/typecheck.py.
 mypy with micropython-esp32-stubs (pinned in requirements-dev.txt) as its whole standard
 library: the stubs are assembled into a typeshed folder under build/ (once per stub version),
 because mypy takes `time`, `socket`, `os`... only from typeshed and never from site-packages.
-The libraries the firmware ships (lib/: umqtt.simple, logging, from tools/fetch_deps.py) are
-read from their source instead: what `make flash` copies.
+The library the firmware ships (lib/: umqtt.simple, from tools/fetch_deps.py) is read from
+its source instead: what `make flash` copies.
 
 Looser than the board where the stubs are CPython's typeshed trimmed: builtins' methods
 (`str.removeprefix`), `typing`, `enum`, `abc`, parts of `sys` and `collections` pass here and
@@ -34,7 +34,7 @@ EXTRA_STUBS: dict[str, str] = {}
 
 
 def _shipped():
-    """Top-level names under lib/ (umqtt, logging): checked from source, not from the stubs."""
+    """Top-level names under lib/ (umqtt): checked from source, not from the stubs."""
     if not os.path.isdir(LIB):
         return set()
     return {n[:-3] if n.endswith(".py") else n for n in os.listdir(LIB) if not n.startswith(".")}

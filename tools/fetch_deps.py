@@ -1,4 +1,4 @@
-"""`make deps`: the MicroPython libraries the firmware runs on (umqtt.simple, logging), fetched
+"""`make deps`: the MicroPython library the firmware runs on (umqtt.simple), fetched
 by name from PyPI as upip did (the JSON API -> the sdist), only their .py files unpacked into lib/
 (git-ignored).
 
@@ -16,9 +16,9 @@ import urllib.error
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# name -> version; the packages' own layout (umqtt/simple.py, logging/__init__.py) is kept
-# under lib/. The Makefile's DEPS_STAMP names the last one: keep the two in step.
-DEPS = {"micropython-umqtt.simple": "1.3.4", "micropython-logging": "0.5.2"}
+# name -> version; the packages' own layout (umqtt/simple.py) is kept under lib/. The
+# Makefile's DEPS_STAMP names the last one: keep the two in step.
+DEPS = {"micropython-umqtt.simple": "1.3.4"}
 PYPI = "https://pypi.org/pypi/%s/json"
 TIMEOUT_S = 60
 
