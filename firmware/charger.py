@@ -175,6 +175,9 @@ class Charger:
         self.plugged = False
         self.session = None
         self.pilot = pilot.F
+        # The controller's close gate at the last step (RCD self-tested, Records.ready): no PWM
+        # without it, so a car that goes to C finds a pile that closes at once (B -> C: 3 s).
+        self.may_close = False
         self.availability = AVAILABLE  # in effect
         self.availability_wanted = AVAILABLE  # asked for; differs while a change is scheduled
         self._settings = settings
@@ -461,7 +464,8 @@ class Charger:
         """Consume the stable pilot state; returns the pilot events (EV_* bits) it acted on.
         CarPluggedIn means a session began for the car: at plug-in, or when the pile comes back
         into service with a car there (never while out of service). may_close: the controller's
-        own conditions (RCD self-tested, the session's meter start known); else SUSPENDED_EVSE."""
+        own conditions (RCD self-tested, the session's meter start known); else SUSPENDED_EVSE,
+        with no PWM (B1/C1, "EVSE not ready") and the contactor opened at once."""
         self._expire_limit(now_ms)
         old = self.pilot
         self.pilot = stable
@@ -496,7 +500,10 @@ class Charger:
             self._emit(now_ms, "session", "started")
             if self.free_vend:
                 self.authorize(now_ms, "free_vend")
-        self._set_state(now_ms, self._derive(stable, may_close))
+        # A session's first step: its RCD self-test and its record begin after it (controller,
+        # records step), the gate the controller read was the last session's.
+        self.may_close = may_close and not events & EV_CAR_PLUGGED_IN
+        self._set_state(now_ms, self._derive(stable, self.may_close))
         return events
 
     def _derive(self, stable, may_close):
@@ -536,8 +543,10 @@ class Charger:
         if self.faults & LATCHED_FAULTS or self.availability == UNAVAILABLE_F:
             return pilot.MODE_F
         # Nothing to offer (below 6 A: an invalid cable read while charging, a limit): no PWM,
-        # never a PWM of no duty (the controller's tick raised TypeError then).
-        if self.state in (CHARGING, SUSPENDED_EV, SUSPENDED_EVSE) and self.offer_ma:
+        # never a PWM of no duty (the controller's tick raised TypeError then). Nor while the
+        # pile may not close yet (may_close): a car would go to C and wait past the 3 s that
+        # B -> C allows (evse-facts section 1); at +12 V it waits in B, the close follows the PWM.
+        if self.state in (CHARGING, SUSPENDED_EV, SUSPENDED_EVSE) and self.offer_ma and self.may_close:
             return MODE_OFFER
         return pilot.MODE_PLUS
 
@@ -545,6 +554,8 @@ class Charger:
     def power(self):
         if self.state == CHARGING:
             return POWER_ON
-        if self.state in (FAULT, IDLE, UNAVAILABLE):
+        if self.state in (FAULT, IDLE, UNAVAILABLE) or (self.state == SUSPENDED_EVSE and not self.may_close):
+            # The close gate dropped (the flash failed, ...): open now, as ever. The C2 -> C1
+            # grace is for an offer withdrawn, not for a pile that may not deliver energy.
             return POWER_OFF
         return POWER_HOLD

@@ -71,10 +71,14 @@ def _session_id(payload):
 
 class SessionLog:
     def __init__(self, pile_id, boot, outbox, store, connector=1, metered=True,
-                 checkpoint_s=DEFAULT_CHECKPOINT_S, wall=time.time, report=None, gate=None):
+                 checkpoint_s=DEFAULT_CHECKPOINT_S, wall=time.time, report=None, gate=None,
+                 linked=True):
         """gate: a flash_gate.FlashGate; with it nothing is written while the contactor is
-        closed: checkpoints, retries and clears wait for it to open (docs/durability.md)."""
+        closed: checkpoints, retries and clears wait for it to open (docs/durability.md).
+        linked: an MQTT link drains the outbox (config.json has an mqtt section); without one no
+        ack ever comes, so a power cut's record holds no contactor back (unacked_recovery)."""
         self.pile_id = pile_id
+        self.linked = linked
         self._gate = gate
         self.boot = boot
         self.outbox = outbox
@@ -302,7 +306,7 @@ class SessionLog:
             return
         seq = getattr(self.outbox, "next_seq", None)
         self._append(now_ms, journal.KIND_SESSION_END, record, self._clear)
-        if seq is not None and getattr(self.outbox, "next_seq", None) == seq + 1:  # it has it
+        if self.linked and seq is not None and getattr(self.outbox, "next_seq", None) == seq + 1:
             self._recovered_seq = seq
             self._recovered_ms = now_ms
         self._emit(now_ms, "session", "closed %s after a power loss" % cut.get("id"))

@@ -154,7 +154,7 @@ def build_session_log(conf, gate=None):
     return session_log.SessionLog(
         conf.pile_id, last + 1, outbox, session_store.SessionStore(files.SESSION_FILE),
         connector=conf.connector, metered=conf.meter.type != "none", checkpoint_s=conf.checkpoint_s,
-        report=console.report, gate=gate)
+        report=console.report, gate=gate, linked=conf.mqtt is not None)
 
 
 def build_link(board, conf, ctl):

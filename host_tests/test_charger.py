@@ -19,6 +19,9 @@ def test_free_vend_session():
     c, _ = make()
     assert c.step(0, pilot.A, True) == 0 and c.state == ch.IDLE and c.power == ch.POWER_OFF
     assert c.step(10, pilot.B, True) == ch.EV_CAR_PLUGGED_IN
+    # Its first step: the RCD self-test and the record begin after it (no PWM yet).
+    assert c.state == ch.SUSPENDED_EVSE and c.pilot_mode == pilot.MODE_PLUS
+    assert c.step(15, pilot.B, True) == 0
     assert c.state == ch.SUSPENDED_EV and c.pilot_mode == ch.MODE_OFFER
     assert c.step(20, pilot.C, True) == ch.EV_CAR_REQUESTED_POWER
     assert c.state == ch.CHARGING and c.power == ch.POWER_ON
@@ -78,7 +81,9 @@ def test_no_close_before_rcd_ready():
     c, _ = make()
     c.step(0, pilot.B, False)
     c.step(10, pilot.C, False)
-    assert c.state == ch.SUSPENDED_EVSE and c.pilot_mode == ch.MODE_OFFER and c.power == ch.POWER_HOLD
+    # No PWM while the pile may not close (B1/C1, "EVSE not ready"): a car offered PWM goes to C
+    # and must see the contactor close within 3 s (test_review_not_ready.py).
+    assert c.state == ch.SUSPENDED_EVSE and c.pilot_mode == pilot.MODE_PLUS and c.power == ch.POWER_OFF
 
 
 def test_ventilation_only_when_allowed():
@@ -169,6 +174,10 @@ def test_unavailable_b1_shows_plus_12_v_and_a_car_gets_its_session_when_availabl
     assert c.set_availability(30, ch.AVAILABLE) is None
     # As after a boot with a car present: a new session, free vend authorises it.
     assert c.step(40, pilot.C, True) == ch.EV_CAR_PLUGGED_IN
+    # Its first step offers nothing: the new session's RCD self-test begins after it.
+    assert c.session.authorized and c.state == ch.SUSPENDED_EVSE and c.power != ch.POWER_ON
+    assert c.pilot_mode == pilot.MODE_PLUS
+    assert c.step(50, pilot.C, True) == 0
     assert c.session.authorized and c.state == ch.CHARGING and c.power == ch.POWER_ON
 
 

@@ -227,7 +227,10 @@ def test_a_meter_silent_at_the_start_holds_the_contactor_open_until_it_answers()
     closed = [t for t, on in coil(r) if on]
     assert closed and closed[0] > back  # not while the start value was unknown
     states = [text for _, text in r.firmware_events("charger")]
-    assert states[:2] == ["idle -> suspended_evse", "suspended_evse -> charging"]
+    # No PWM until the pile may close (docs/safety.md "Not ready"): the car waits in B, then
+    # gets the offer and asks (before: PWM at once, the car in C waiting for the meter).
+    assert states[:3] == ["idle -> suspended_evse", "suspended_evse -> suspended_ev",
+                          "suspended_ev -> charging"]
     assert not [text for _, text in r.firmware_events("session") if "meter_failure" in text]
     assert abs(session_energy(r)[0] - r.result["energy_wh"]) < 1  # billed from the first Wh
 
