@@ -69,10 +69,22 @@ class Updater:
         self._due = False  # the `ota` message to publish while dropped
         self._fields = ()  # type: tuple  # (running, version, rolled) for it, once known
         self._surveyed = surveyed  # survey()'s answer at the boot: None, load at bind
+        self._failed = None  # why ota.py could not be loaded (the `ota` message's refusal), or None
         self.loads = 0  # times ota.py was imported (the tests read it)
 
     def _load(self):
         had = set(sys.modules)
+        try:
+            return self._loaded(had)
+        except Exception:  # noqa: BLE001 - a half-done import (MemoryError, a damaged .mpy) goes
+            for m in ("ota", "release_boot"):
+                if m not in had:
+                    sys.modules.pop(m, None)
+            self._u = None
+            gc.collect()
+            raise
+
+    def _loaded(self, had):
         u = self._load_fn(*self._args)
         pile, topics, boot, report, wall = self._bind
         again = bool(self._fields)
@@ -82,6 +94,7 @@ class Updater:
             u._due = self._due  # a new connection's message not sent yet: still owed, else not
         self._u = u
         self._brought = [m for m in ("ota", "release_boot") if m not in had]
+        self._failed = None
         self.loads += 1
         return u
 
@@ -107,7 +120,11 @@ class Updater:
         self._bind = (pile, topics, boot, report, wall)
         known, self._surveyed = self._surveyed, None
         if known is None:
-            self._load()
+            try:
+                self._load()
+            except Exception as e:  # noqa: BLE001 - see _unloadable
+                self._unloadable(e, report)
+                return
             self._settle(True)
             return
         running, rolled = known
@@ -126,10 +143,42 @@ class Updater:
         p = self._bind[0]
         return p is not None and not p.contactor_closed() and not p.session_open()
 
+    def _unloadable(self, e, report):
+        """ota.py not loaded at the boot with work on flash (a MemoryError, a damaged .mpy):
+        raising here would reset the board at every boot (the work stays on flash). A trial
+        release must not run unwatched: then it raises all the same, and the reset rolls it
+        back (release_boot.select). Else the pile charges, updates refused, the message says
+        why; an `update` command tries the import again."""
+        had = "release_boot" in sys.modules
+        import release_boot as rb
+
+        try:
+            running = rb.selected()
+            state = rb.StateStore().load()
+        finally:
+            if not had:
+                sys.modules.pop("release_boot", None)
+        if state is not None and state["trial"] is not None and state["trial"] == running:
+            raise e
+        rolled = None if state is None else state["rolled"]
+        self._failed = "updater not loaded (%s)" % repr(e)[:60]
+        if report is not None:
+            report(time.ticks_ms(), "ota", self._failed)
+        self._fields = (running, self._args[3], None if rolled is None else {
+            "release": rolled.get("release"), "reason": rolled.get("why")})
+        self._due = True
+
     def start(self, now_ms, cmd_id, release):
         if self._u is None and not self.idle():  # ota.Updater.start's answer, without the import
             return "rejected", "not during a session"
-        u = self._u or self._load()
+        if self._u is None:
+            try:
+                self._load()
+            except Exception as e:  # noqa: BLE001 - unhandled, it would open the contactor and reset
+                self._failed = "updater not loaded (%s)" % repr(e)[:60]
+                self._due = True
+                return "failed", self._failed
+        u = self._u
         result = u.start(now_ms, cmd_id, release)
         self._settle()  # refused at once: nothing under way
         return result
@@ -153,8 +202,10 @@ class Updater:
         self._due = False
         running, version, rolled = self._fields
         _pile, topics, boot, _report, wall = self._bind
-        conn.publish(topics.ota, telemetry.ota(wall(), boot, running, version, "running", None, None, None,
-                                               rolled), retain=True)
+        failed = self._failed
+        conn.publish(topics.ota, telemetry.ota(wall(), boot, running, version,
+                                               "running" if failed is None else "refused", None, None,
+                                               failed, rolled), retain=True)
         return True
 
     def message(self, now_ms, topic_, payload):

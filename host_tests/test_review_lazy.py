@@ -1,0 +1,146 @@
+"""Adversarial review of the memory cuts (ota_lazy.py, main.drop_wiring): an updater that cannot be
+imported, a trial it must not leave unwatched, a session, and Ctrl-C after wiring was dropped.
+
+Findings:
+- an `update` command whose import of ota.py fails (MemoryError on a fragmented heap, a damaged
+  .mpy) raised out of the link's step: main's fail_safe, a reset for every such command. Now
+  answered "failed" and the half-imported modules dropped (fixed).
+- at the boot, work on flash (a download to resume, files to remove) and ota.py not importable:
+  the raise out of the link's build reset the board, and the work was still there at the next
+  boot: a reset loop. Now the pile runs with updates refused and says why; a trial release still
+  raises (the reset rolls it back, it never runs unwatched) (fixed).
+- a refused download keeps ota.py loaded for the rest of the run, through sessions (its
+  "refused" message is the real updater's to show): strict xfail.
+"""
+import json
+import sys
+import types
+
+import pytest
+
+import ota_lazy
+from pilehost import ota_rig, release
+from pilehost.ota_rig import BOARD, Broker
+
+CMD = "c-review-1"
+
+
+def _broken_load(calls):
+    def load(*_args):
+        calls.append(1)
+        sys.modules["ota"] = types.ModuleType("ota")  # half imported when the heap ran out
+        raise MemoryError("memory allocation failed, allocating 4096 bytes")
+
+    return load
+
+
+def _messages(conn):
+    return [json.loads(p) for t, p, _r in conn.out if t.endswith(b"/ota")]
+
+
+@pytest.fixture
+def no_ota(monkeypatch):
+    monkeypatch.delitem(sys.modules, "ota", raising=False)
+    monkeypatch.delitem(sys.modules, "release_boot", raising=False)
+
+
+def test_an_update_whose_import_fails_is_answered_not_raised(flash, no_ota):
+    calls = []
+    u = ota_lazy.Updater("00", BOARD, 60, "0.1.0", lambda: None, load=_broken_load(calls),
+                         surveyed=(0, None))
+    pile = ota_rig.Pile()
+    u.bind(pile, ota_rig.Topics(), 1, None, wall=lambda: 0)
+    result, reason = u.start(0, CMD, 1)  # raised MemoryError into mqtt_link: fail_safe, reset
+    assert calls and result == "failed" and "MemoryError" in reason
+    assert not u.loaded and "ota" not in sys.modules  # the half import is not kept
+    conn = ota_rig.Conn(Broker(), [])
+    assert u.work(0, conn)
+    m = _messages(conn)[-1]
+    assert m["state"] == "refused" and "MemoryError" in m["reason"]
+    pile.closed = True  # and during a session: refused without trying the import
+    assert u.start(5, CMD, 1) == ("rejected", "not during a session") and len(calls) == 1
+
+
+def test_a_later_update_loads_it_once_memory_is_back(flash, no_ota):
+    calls = []
+    broken = _broken_load(calls)
+    u = ota_lazy.Updater(release.public_hex(ota_rig.release_key()), BOARD, 60, "0.1.0", lambda: None,
+                         load=lambda *a: broken(*a) if not calls else ota_lazy._load(*a), surveyed=(0, None))
+    u.bind(ota_rig.Pile(), ota_rig.Topics(), 1, None, wall=lambda: 0)
+    assert u.start(0, CMD, 1)[0] == "failed"
+    assert u.start(5, CMD, 0)[0] == "rejected"  # loaded this time: the real updater's answer
+    assert not u.loaded and u.loads == 1
+
+
+def _on_flash(trial, job):
+    import files
+    import release_boot
+
+    state = release_boot.fresh()
+    state.update(good=0, trial=trial, floor=trial or 0)
+    release_boot.StateStore().save(state)
+    if trial:
+        import os
+
+        os.makedirs("rel/%d" % trial)
+        with open("rel/%d/main.mpy" % trial, "wb") as f:
+            f.write(b"M")
+    if job is not None:
+        with open(files.OTA_JOB_FILE, "w") as f:
+            json.dump({"release": job, "cmd": "c-1"}, f)
+    sys.modules.pop("release_boot", None)
+
+
+def test_work_on_flash_and_no_ota_at_the_boot_is_no_reset_loop(flash, no_ota):
+    _on_flash(trial=None, job=3)  # a download to resume: survey() says load
+    assert ota_lazy.survey() is None
+    calls, said = [], []
+    u = ota_lazy.Updater("00", BOARD, 60, "0.1.0", lambda: None, load=_broken_load(calls), surveyed=None)
+    u.bind(ota_rig.Pile(), ota_rig.Topics(), 1, lambda now, what, text: said.append(text), wall=lambda: 0)
+    assert calls and not u.loaded and any("updater not loaded" in t for t in said)
+    assert "ota" not in sys.modules and "release_boot" not in sys.modules
+    conn = ota_rig.Conn(Broker(), [])
+    assert u.work(0, conn)
+    m = _messages(conn)[-1]
+    assert m["state"] == "refused" and m["release"] == 0 and "MemoryError" in m["reason"]
+
+
+def test_a_trial_whose_updater_cannot_load_is_not_left_unwatched(flash, no_ota, monkeypatch):
+    """Nobody would confirm it nor roll it back in this run: raising resets the board, and the
+    next boot's release_boot.select() rolls it back (its try was counted)."""
+    _on_flash(trial=2, job=None)
+    monkeypatch.setattr(sys, "path", ["rel/2"] + sys.path)
+    assert ota_lazy.survey() is None
+    u = ota_lazy.Updater("00", BOARD, 60, "0.1.0", lambda: None, load=_broken_load([]), surveyed=None)
+    with pytest.raises(MemoryError):
+        u.bind(ota_rig.Pile(), ota_rig.Topics(), 1, None, wall=lambda: 0)
+    assert "ota" not in sys.modules
+
+
+@pytest.mark.xfail(strict=True, reason="a refused download keeps ota.py (~12.5 KiB) and "
+                   "release_boot.py loaded for the rest of the run, sessions too: ota.Updater.quiet() "
+                   "is False while its 'refused' state is to be shown; dropping it needs ota_lazy to "
+                   "keep the refusal's message fields (state, target, reason) and the real updater's "
+                   "start() to take a refused state again: not a small change")
+def test_a_refused_download_does_not_keep_ota_loaded_through_sessions(flash):
+    from pilehost import ota_rig as rig
+
+    broker = Broker()  # nothing published: the download stalls and is refused
+    key = release.public_hex(rig.release_key())
+    board = rig.Board(key)
+    u = ota_lazy.Updater(key, BOARD, 60, "0.1.0", board._reset, surveyed=(0, None))
+    conn = rig.Conn(broker, [])
+    u.bind(board.pile, rig.Topics(), 1, None, wall=lambda: 0)
+    assert u.start(0, CMD, 1) == (None, None)
+    now = 0
+    for _ in range(20000):
+        rig.link_step(u, conn, now)
+        now += 5
+        if any(a["cmd_id"] == CMD for a in rig.acks(conn)):
+            break
+    assert rig.acks(conn)[-1]["result"] == "failed"
+    for _ in range(50):
+        rig.link_step(u, conn, now)
+        now += 5
+    board.pile.closed = True  # a session
+    assert not u.loaded
