@@ -9,6 +9,9 @@ Findings:
   the raise out of the link's build reset the board, and the work was still there at the next
   boot: a reset loop. Now the pile runs with updates refused and says why; a trial release still
   raises (the reset rolls it back, it never runs unwatched) (fixed).
+- after an OTA switch the root main.py (run as __main__, in boot.py's globals for the whole run)
+  still held `wiring` from its top-level import: the release's drop_wiring freed nothing. The
+  root drops its reference before release_boot.run_main (fixed).
 - a refused download keeps ota.py loaded for the rest of the run, through sessions (its
   "refused" message is the real updater's to show): strict xfail.
 """
@@ -144,3 +147,47 @@ def test_a_refused_download_does_not_keep_ota_loaded_through_sessions(flash):
         now += 5
     board.pile.closed = True  # a session
     assert not u.loaded
+
+
+# -- main.drop_wiring after an OTA switch: the root main.py still held wiring ---------------------
+
+_RELEASE_MAIN = '''
+import gc
+import sys
+import weakref
+
+import wiring
+
+FREED = []
+
+
+def run():  # as main.run after its boot: drop_wiring
+    global wiring
+    gone = weakref.ref(sys.modules["wiring"])
+    wiring = None
+    sys.modules.pop("wiring", None)
+    gc.collect()
+    FREED.append(gone() is None)
+'''
+
+
+def test_a_release_run_frees_wiring_after_its_boot(flash, monkeypatch):
+    """On the board the root main.py runs as __main__ (boot.py's globals) and hands a selected
+    release to its own main.run() (release_boot.run_main). The root's top-level `import wiring`
+    kept the module alive in __main__'s globals for the whole run: after any OTA switch the
+    release's drop_wiring freed nothing (~6 KiB of bytecode on the heap)."""
+    import os
+    import runpy
+
+    from pilehost import FIRMWARE
+
+    os.makedirs("rel/1")
+    with open("rel/1/main.py", "w") as f:
+        f.write(_RELEASE_MAIN)
+    for m in ("main", "wiring", "release_boot"):
+        monkeypatch.delitem(sys.modules, m, raising=False)
+    monkeypatch.setattr(sys, "path", ["rel/1"] + sys.path)
+    g = runpy.run_path(os.path.join(FIRMWARE, "main.py"), run_name="__main__")
+    release_main = sys.modules["main"]
+    assert release_main.__file__.endswith(os.path.join("rel", "1", "main.py"))
+    assert release_main.FREED == [True], "the root main.py's globals keep wiring: %r" % g.get("wiring")
