@@ -38,7 +38,14 @@ def _broken_load(calls):
 
 
 def _messages(conn):
-    return [json.loads(p) for t, p, _r in conn.out if t.endswith(b"/ota")]
+    """The ota messages conn published, each checked against its schema."""
+    from pilehost.cloud import schemas
+
+    out = [json.loads(p) for t, p, _r in conn.out if t.endswith(b"/ota")]
+    s = schemas()
+    for m in out:
+        s.check("ota", m)
+    return out
 
 
 @pytest.fixture
