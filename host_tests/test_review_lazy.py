@@ -198,3 +198,28 @@ def test_a_release_run_frees_wiring_after_its_boot(flash, monkeypatch):
     release_main = sys.modules["main"]
     assert release_main.__file__.endswith(os.path.join("rel", "1", "main.py"))
     assert release_main.FREED == [True], "the root main.py's globals keep wiring: %r" % g.get("wiring")
+
+
+def test_ctrl_c_after_wiring_was_dropped_gets_service_mode_from_a_fresh_import(monkeypatch):
+    """main.service() after main.drop_wiring(): diag's timer and reset come from wiring imported
+    again (not None, not the dropped module's): no finding, a guard."""
+    import diag
+
+    for m in ("main", "wiring"):
+        monkeypatch.delitem(sys.modules, m, raising=False)
+    import main
+
+    old = main.wiring
+    main.drop_wiring()
+    assert main.wiring is None and "wiring" not in sys.modules
+    got = {}
+
+    def service_mode(board, conf, ctl, link, wdt, start_timer, reset):
+        got.update(start_timer=start_timer, reset=reset, ctl=ctl)
+
+    monkeypatch.setattr(diag, "service_mode", service_mode)
+    ctl = types.SimpleNamespace()
+    main.service(None, None, ctl, None, None)
+    fresh = sys.modules["wiring"]
+    assert fresh is not old and got["start_timer"] is fresh.service_timer and got["reset"] is fresh.reset
+    assert got["ctl"] is ctl
