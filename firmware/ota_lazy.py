@@ -4,8 +4,8 @@ ota.py (~12.5 KiB of a stock image's heap as .mpy) and release_boot.py (~3.4 KiB
 only when there is work: survey() looks at the flash at the boot, before the control modules
 load; with a trial to watch, a download to resume or a release to remove, bind() loads them.
 Once the updater is quiet (ota.Updater.quiet: nothing under way) both are dropped and only the
-`ota` message's fields are kept; an `update` command imports them again. An update runs only with
-no session open, so a session never has them on the heap.
+`ota` message's fields are kept (a refused download's too); an `update` command imports them
+again. An update runs only with no session open, so a session never has them on the heap.
 
 The same calls as ota.Updater (mqtt_link.py and commands.py cannot tell them apart).
 """
@@ -70,6 +70,7 @@ class Updater:
         self._fields = ()  # type: tuple  # (running, version, rolled) for it, once known
         self._surveyed = surveyed  # survey()'s answer at the boot: None, load at bind
         self._failed = None  # why ota.py could not be loaded (the `ota` message's refusal), or None
+        self._refused = None  # (target, reason) of a refused download, shown until the next start
         self.loads = 0  # times ota.py was imported (the tests read it)
 
     def _load(self):
@@ -92,6 +93,9 @@ class Updater:
         u._report = report
         if again:
             u._due = self._due  # a new connection's message not sent yet: still owed, else not
+            if self._refused is not None:  # its message as before the drop
+                u.state = "refused"
+                u._release, u.reason = self._refused
         self._u = u
         self._brought = [m for m in ("ota", "release_boot") if m not in had]
         self._failed = None
@@ -105,6 +109,7 @@ class Updater:
         if u is None or not u.quiet():
             return
         self._fields = (u.running, u.version, u.rolled())
+        self._refused = (u._release, u.reason) if u.state == "refused" else None
         self._due = u._due
         self._u = None
         for m in self._brought:
@@ -202,10 +207,15 @@ class Updater:
         self._due = False
         running, version, rolled = self._fields
         _pile, topics, boot, _report, wall = self._bind
-        failed = self._failed
-        conn.publish(topics.ota, telemetry.ota(wall(), boot, running, version,
-                                               "running" if failed is None else "refused", None, None,
-                                               failed, rolled), retain=True)
+        failed, refused = self._failed, self._refused
+        if failed is not None:
+            state, target, reason = "refused", None, failed
+        elif refused is not None:
+            state, (target, reason) = "refused", refused
+        else:
+            state, target, reason = "running", None, None
+        conn.publish(topics.ota, telemetry.ota(wall(), boot, running, version, state, target, None,
+                                               reason, rolled), retain=True)
         return True
 
     def message(self, now_ms, topic_, payload):

@@ -12,8 +12,9 @@ Findings:
 - after an OTA switch the root main.py (run as __main__, in boot.py's globals for the whole run)
   still held `wiring` from its top-level import: the release's drop_wiring freed nothing. The
   root drops its reference before release_boot.run_main (fixed).
-- a refused download keeps ota.py loaded for the rest of the run, through sessions (its
-  "refused" message is the real updater's to show): strict xfail.
+- a refused download kept ota.py loaded for the rest of the run, through sessions
+  (ota.Updater.quiet() was False while its "refused" state was to be shown): quiet() now allows
+  it, and ota_lazy keeps the refusal's target and reason for the message and a reload (fixed).
 """
 import json
 import sys
@@ -127,33 +128,51 @@ def test_a_trial_whose_updater_cannot_load_is_not_left_unwatched(flash, no_ota, 
     assert "ota" not in sys.modules
 
 
-@pytest.mark.xfail(strict=True, reason="a refused download keeps ota.py (~12.5 KiB) and "
-                   "release_boot.py loaded for the rest of the run, sessions too: ota.Updater.quiet() "
-                   "is False while its 'refused' state is to be shown; dropping it needs ota_lazy to "
-                   "keep the refusal's message fields (state, target, reason) and the real updater's "
-                   "start() to take a refused state again: not a small change")
-def test_a_refused_download_does_not_keep_ota_loaded_through_sessions(flash):
-    from pilehost import ota_rig as rig
+def _refused_then_replayed(root, lazy):
+    """In its own flash folder: update to 1 (nothing published: refused after the stalls), a new
+    connection, a session, a replayed command, a new connection. What was sent, and the lazy
+    updater's loads and loaded flags at each point."""
+    import os
 
-    broker = Broker()  # nothing published: the download stalls and is refused
-    key = release.public_hex(rig.release_key())
-    board = rig.Board(key)
-    u = ota_lazy.Updater(key, BOARD, 60, "0.1.0", board._reset, surveyed=(0, None))
-    conn = rig.Conn(broker, [])
-    u.bind(board.pile, rig.Topics(), 1, None, wall=lambda: 0)
-    assert u.start(0, CMD, 1) == (None, None)
-    now = 0
-    for _ in range(20000):
-        rig.link_step(u, conn, now)
-        now += 5
-        if any(a["cmd_id"] == CMD for a in rig.acks(conn)):
-            break
-    assert rig.acks(conn)[-1]["result"] == "failed"
-    for _ in range(50):
-        rig.link_step(u, conn, now)
-        now += 5
-    board.pile.closed = True  # a session
-    assert not u.loaded
+    os.makedirs(root)
+    os.chdir(root)
+    key = release.public_hex(ota_rig.release_key())
+    b = ota_rig.Board(key)
+    b.boot(Broker())
+    seen = []
+    if lazy:
+        def load(key_hex, board, trial_s, version_, reset):
+            return b.ota.Updater(b.ota.PublicKey(bytes.fromhex(key_hex)), board, trial_s, version_, reset)
+
+        b.updater = ota_lazy.Updater(key, BOARD, 60, "0.1.0", b._reset, load=load, surveyed=(0, None))
+        b.updater.bind(b.pile, ota_rig.Topics(), 1, None, wall=lambda: 0)
+        b.updater.conn_up()
+    assert b.updater.start(0, CMD, 1) == (None, None)
+    now = ota_rig.run(b, 30000, until=lambda: any(a["cmd_id"] == CMD for a in b.acks()))
+    now = ota_rig.run(b, 50, start_ms=now)
+    seen.append(getattr(b.updater, "loaded", True))
+    b.updater.conn_up()
+    now = ota_rig.run(b, 5, start_ms=now)
+    b.pile.closed = True  # a session
+    seen.append(b.updater.start(now, "c-2", 2))
+    seen.append(getattr(b.updater, "loaded", True))
+    b.pile.closed = False
+    seen.append(b.updater.start(now, "c-3", 0)[0])  # a replay: the real updater's answer
+    b.updater.conn_up()
+    ota_rig.run(b, 5, start_ms=now)
+    seen.append(getattr(b.updater, "loaded", True))
+    seen.append(getattr(b.updater, "loads", None))
+    return b.acks(), _messages(b.conn), seen
+
+
+def test_a_refused_download_does_not_keep_ota_loaded_through_sessions(flash):
+    """Once a refusal's answer is out, ota.py is dropped; the `ota` messages (a new connection's
+    too) are what an updater always loaded sends; a later command loads it again."""
+    real = _refused_then_replayed(flash / "real", lazy=False)
+    acks, messages, seen = _refused_then_replayed(flash / "lazy", lazy=True)
+    assert real[0][0]["result"] == "failed" and acks == real[0] and messages == real[1]
+    assert messages[-1]["state"] == "refused" and messages[-1]["target"] == 1
+    assert seen == [False, ("rejected", "not during a session"), False, "rejected", False, 2]
 
 
 # -- main.drop_wiring after an OTA switch: the root main.py still held wiring ---------------------
