@@ -143,6 +143,9 @@ if __name__ == "__main__":
     import release_boot  # the release boot.py selected, or this one (docs/ota.md)
 
     if release_boot.selected():
+        # Not held here: these globals live for the whole run, and the release's main.run()
+        # drops wiring after its boot (a reference here kept its ~6 KiB on the heap).
+        wiring = None  # type: ignore[assignment]
         release_boot.run_main(run, _reset)
     else:  # this one: release_boot's ~4 KB would stay on the heap for the whole run
         del release_boot, sys.modules["release_boot"]

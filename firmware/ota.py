@@ -731,12 +731,13 @@ class Updater:
         return None if r is None else {"release": r.get("release"), "reason": r.get("why")}
 
     def quiet(self):
-        """Nothing under way: no download, trial, removal, answer, subscription or refusal to
-        show; only an `update` command can start work (ota_lazy.py may drop this module). The
-        `ota` message a new connection owes is the caller's to keep."""
+        """Nothing under way: no download, trial, removal, answer or subscription, no unreadable
+        state; only an `update` command can start work (ota_lazy.py may drop this module). The
+        `ota` message a new connection owes, and a refused download's (state, target, reason),
+        are the caller's to keep."""
         return (self._phase == IDLE and self._trial is None and not self._prune and self._ack is None
                 and self._fatal is None and self._verify is None and self._rehash is None
-                and self._sub is None and self.state == "running")
+                and self._sub is None and self.state in ("running", "refused"))
 
 
 def _append(path, data):

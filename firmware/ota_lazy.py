@@ -4,8 +4,8 @@ ota.py (~12.5 KiB of a stock image's heap as .mpy) and release_boot.py (~3.4 KiB
 only when there is work: survey() looks at the flash at the boot, before the control modules
 load; with a trial to watch, a download to resume or a release to remove, bind() loads them.
 Once the updater is quiet (ota.Updater.quiet: nothing under way) both are dropped and only the
-`ota` message's fields are kept; an `update` command imports them again. An update runs only with
-no session open, so a session never has them on the heap.
+`ota` message's fields are kept (a refused download's too); an `update` command imports them
+again. An update runs only with no session open, so a session never has them on the heap.
 
 The same calls as ota.Updater (mqtt_link.py and commands.py cannot tell them apart).
 """
@@ -69,10 +69,23 @@ class Updater:
         self._due = False  # the `ota` message to publish while dropped
         self._fields = ()  # type: tuple  # (running, version, rolled) for it, once known
         self._surveyed = surveyed  # survey()'s answer at the boot: None, load at bind
+        self._failed = None  # why ota.py could not be loaded (the `ota` message's refusal), or None
+        self._refused = None  # (target, reason) of a refused download, shown until the next start
         self.loads = 0  # times ota.py was imported (the tests read it)
 
     def _load(self):
         had = set(sys.modules)
+        try:
+            return self._loaded(had)
+        except Exception:  # noqa: BLE001 - a half-done import (MemoryError, a damaged .mpy) goes
+            for m in ("ota", "release_boot"):
+                if m not in had:
+                    sys.modules.pop(m, None)
+            self._u = None
+            gc.collect()
+            raise
+
+    def _loaded(self, had):
         u = self._load_fn(*self._args)
         pile, topics, boot, report, wall = self._bind
         again = bool(self._fields)
@@ -80,8 +93,12 @@ class Updater:
         u._report = report
         if again:
             u._due = self._due  # a new connection's message not sent yet: still owed, else not
+            if self._refused is not None:  # its message as before the drop
+                u.state = "refused"
+                u._release, u.reason = self._refused
         self._u = u
         self._brought = [m for m in ("ota", "release_boot") if m not in had]
+        self._failed = None
         self.loads += 1
         return u
 
@@ -92,6 +109,7 @@ class Updater:
         if u is None or not u.quiet():
             return
         self._fields = (u.running, u.version, u.rolled())
+        self._refused = (u._release, u.reason) if u.state == "refused" else None
         self._due = u._due
         self._u = None
         for m in self._brought:
@@ -107,7 +125,11 @@ class Updater:
         self._bind = (pile, topics, boot, report, wall)
         known, self._surveyed = self._surveyed, None
         if known is None:
-            self._load()
+            try:
+                self._load()
+            except Exception as e:  # noqa: BLE001 - see _unloadable
+                self._unloadable(e, report)
+                return
             self._settle(True)
             return
         running, rolled = known
@@ -126,10 +148,42 @@ class Updater:
         p = self._bind[0]
         return p is not None and not p.contactor_closed() and not p.session_open()
 
+    def _unloadable(self, e, report):
+        """ota.py not loaded at the boot with work on flash (a MemoryError, a damaged .mpy):
+        raising here would reset the board at every boot (the work stays on flash). A trial
+        release must not run unwatched: then it raises all the same, and the reset rolls it
+        back (release_boot.select). Else the pile charges, updates refused, the message says
+        why; an `update` command tries the import again."""
+        had = "release_boot" in sys.modules
+        import release_boot as rb
+
+        try:
+            running = rb.selected()
+            state = rb.StateStore().load()
+        finally:
+            if not had:
+                sys.modules.pop("release_boot", None)
+        if state is not None and state["trial"] is not None and state["trial"] == running:
+            raise e
+        rolled = None if state is None else state["rolled"]
+        self._failed = "updater not loaded (%s)" % repr(e)[:60]
+        if report is not None:
+            report(time.ticks_ms(), "ota", self._failed)
+        self._fields = (running, self._args[3], None if rolled is None else {
+            "release": rolled.get("release"), "reason": rolled.get("why")})
+        self._due = True
+
     def start(self, now_ms, cmd_id, release):
         if self._u is None and not self.idle():  # ota.Updater.start's answer, without the import
             return "rejected", "not during a session"
-        u = self._u or self._load()
+        if self._u is None:
+            try:
+                self._load()
+            except Exception as e:  # noqa: BLE001 - unhandled, it would open the contactor and reset
+                self._failed = "updater not loaded (%s)" % repr(e)[:60]
+                self._due = True
+                return "failed", self._failed
+        u = self._u
         result = u.start(now_ms, cmd_id, release)
         self._settle()  # refused at once: nothing under way
         return result
@@ -153,8 +207,15 @@ class Updater:
         self._due = False
         running, version, rolled = self._fields
         _pile, topics, boot, _report, wall = self._bind
-        conn.publish(topics.ota, telemetry.ota(wall(), boot, running, version, "running", None, None, None,
-                                               rolled), retain=True)
+        failed, refused = self._failed, self._refused
+        if failed is not None:
+            state, target, reason = "refused", None, failed
+        elif refused is not None:
+            state, (target, reason) = "refused", refused
+        else:
+            state, target, reason = "running", None, None
+        conn.publish(topics.ota, telemetry.ota(wall(), boot, running, version, state, target, None,
+                                               reason, rolled), retain=True)
         return True
 
     def message(self, now_ms, topic_, payload):
