@@ -7,12 +7,9 @@ it and may compact a metadata block too (800 ms), a rename or a remove may compa
 The four writers a session defers (checkpoint, command counter, journal ack, settings) all in
 one iteration came to ~3.6 s of such stalls.
 """
-import builtins
 import hashlib
 import hmac
 import json
-import os
-import sys
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -22,10 +19,7 @@ import command_auth
 import flash_gate
 
 SECRET = bytes(range(32))
-WRITE_WORST_US = 800000  # a block erase and a metadata compaction, 400 ms each (tSE max)
-META_WORST_US = 400000  # a metadata compaction
 WATCHDOG_MS = 2000  # config.py's wdt_timeout_ms default
-_FS_MODULES = ("session_store", "journal", "durable", "session_log", "link_heal", "ota")
 
 
 class Contactor:
@@ -76,41 +70,7 @@ def signed(name, args, counter):
                        .hexdigest()}).encode()
 
 
-def slow_flash(mp, vb):
-    """Every write, rename and remove of the firmware's files stalls the virtual clock as a
-    worst-case part would; `log` lists (virtual us, what)."""
-    log = []
-    real_open = builtins.open
-    real_rename = os.rename
-    real_remove = os.remove
-
-    def stall(us, what):
-        log.append((vb.clock.t, what))
-        vb.clock.t += us
-
-    def _open(path, mode="r", *args, **kwargs):
-        if "w" in mode or "a" in mode or "+" in mode:
-            stall(WRITE_WORST_US, path)
-        return real_open(path, mode, *args, **kwargs)
-
-    def _rename(a, b):
-        stall(META_WORST_US, "rename " + b)
-        return real_rename(a, b)
-
-    def _remove(p):
-        stall(META_WORST_US, "remove " + p)
-        return real_remove(p)
-
-    for name in _FS_MODULES:
-        module = sys.modules.get(name)
-        if module is not None:
-            mp.setattr(module, "open", _open, raising=False)
-    mp.setattr(os, "rename", _rename)
-    mp.setattr(os, "remove", _remove)
-    return log
-
-
-def test_the_writes_deferred_by_a_session_never_stack_past_the_watchdog(monkeypatch):
+def test_the_writes_deferred_by_a_session_never_stack_past_the_watchdog(monkeypatch, slow_flash):
     import session_log  # noqa: F401 - every writer imported before its `open` is wrapped
     import session_store
 
@@ -146,7 +106,7 @@ def test_the_writes_deferred_by_a_session_never_stack_past_the_watchdog(monkeypa
     run_ms(12000)
     assert ctl.contactor.closed
     assert gate.due == 3, gate.due  # the counter, the settings, the journal's ack
-    log = slow_flash(monkeypatch, vb)
+    log = slow_flash(vb)
     w.do("stop_request")
     worst = []  # (virtual ms an iteration took, its stalls)
     for _ in range(800):  # 4 s of iterations

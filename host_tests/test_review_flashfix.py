@@ -24,10 +24,8 @@ that tries to break one of its claims.
   stacked the same way. Fixed: flash_gate.spent (the settings wait for the next iteration, a
   received command is verified in an iteration with no write before it).
 """
-import builtins
 import json
 import os
-import sys
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -424,45 +422,10 @@ def test_no_replay_and_a_fresh_command_after_every_reboot_under_a_hostile_clock_
 
 # -- a command with the contactor open on a worst-case flash part --------------------------------
 
-WRITE_WORST_US = 800000  # as test_flash_gate_spread.py: a block erase and a compaction (W25Q32JV tSE)
-META_WORST_US = 400000  # a metadata compaction
 WATCHDOG_MS = 2000  # config.py's wdt_timeout_ms default
-_FS_MODULES = ("session_store", "journal", "durable", "session_log", "link_heal", "ota")
 
 
-def slow_flash(mp, vb):
-    """Every write, rename and remove of the firmware's files stalls the virtual clock as a
-    worst-case part would; the returned list gets (virtual us, what)."""
-    log = []
-    real_open, real_rename, real_remove = builtins.open, os.rename, os.remove
-
-    def stall(us, what):
-        log.append((vb.clock.t, what))
-        vb.clock.t += us
-
-    def _open(path, mode="r", *args, **kwargs):
-        if "w" in mode or "a" in mode or "+" in mode:
-            stall(WRITE_WORST_US, path)
-        return real_open(path, mode, *args, **kwargs)
-
-    def _rename(a, b):
-        stall(META_WORST_US, "rename " + b)
-        return real_rename(a, b)
-
-    def _remove(p):
-        stall(META_WORST_US, "remove " + p)
-        return real_remove(p)
-
-    for name in _FS_MODULES:
-        module = sys.modules.get(name)
-        if module is not None:
-            mp.setattr(module, "open", _open, raising=False)
-    mp.setattr(os, "rename", _rename)
-    mp.setattr(os, "remove", _remove)
-    return log
-
-
-def test_a_command_after_the_release_stays_within_the_watchdog_on_a_worst_case_part(monkeypatch):
+def test_a_command_after_the_release_stays_within_the_watchdog_on_a_worst_case_part(monkeypatch, slow_flash):
     import session_log  # noqa: F401 - every writer imported before its `open` is wrapped
 
     config = {"free_vend": True, "pile_id": "review-1",
@@ -485,7 +448,7 @@ def test_a_command_after_the_release_stays_within_the_watchdog_on_a_worst_case_p
     assert json.loads(link._acks[-1])["result"] == "accepted", link._acks[-1]
     run_ms(80000)  # no car, no command: released
     assert v.reserved == v.last_counter == first
-    log = slow_flash(monkeypatch, vb)
+    log = slow_flash(vb)
     start = vb.clock.t
     w.advance()
     vb.tick()
