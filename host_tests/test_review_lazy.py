@@ -222,15 +222,22 @@ def test_a_release_run_frees_wiring_after_its_boot(flash, monkeypatch):
 def test_ctrl_c_after_wiring_was_dropped_gets_service_mode_from_a_fresh_import(monkeypatch):
     """main.service() after main.drop_wiring(): diag's timer and reset come from wiring imported
     again (not None, not the dropped module's): no finding, a guard."""
+    import os
+    import runpy
+
     import diag
+    from pilehost import FIRMWARE
 
     for m in ("main", "wiring"):
         monkeypatch.delitem(sys.modules, m, raising=False)
-    import main
-
-    old = main.wiring
+    # main.py run as a module of another name (nothing imports main: test_firmware_layout.py);
+    # its functions' globals are the module's own.
+    ran = runpy.run_path(os.path.join(FIRMWARE, "main.py"), run_name="main_under_test")
+    main = types.SimpleNamespace(drop_wiring=ran["drop_wiring"], service=ran["service"])
+    live = ran["drop_wiring"].__globals__
+    old = live["wiring"]
     main.drop_wiring()
-    assert main.wiring is None and "wiring" not in sys.modules
+    assert live["wiring"] is None and "wiring" not in sys.modules
     got = {}
 
     def service_mode(board, conf, ctl, link, wdt, start_timer, reset):

@@ -32,7 +32,6 @@ import select
 import socket
 import time
 
-import logging
 import machine
 import network
 from micropython import const
@@ -65,7 +64,7 @@ poller = select.poll()
 poller.register(sock, select.POLLOUT)
 text = json.dumps({"v": 1}, separators=(",", ":"))
 client = simple.MQTTClient(b"pile-1", "192.0.2.1")
-logging.getLogger("pilot").info("%s", text)
+print("%s" % text)
 """
 
 
