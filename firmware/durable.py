@@ -11,10 +11,13 @@ _ENOENT = const(2)  # errno.ENOENT, the same on LittleFS (MicroPython) and POSIX
 
 _fsync = getattr(os, "fsync", None)
 _sync = getattr(os, "sync", None)
+written = 0  # commits through here since boot: flash_gate.FlashGate.spent compares it per iteration
 
 
 def close(f):
     """Flush and close `f` so its bytes are on flash (an unclosed file may lose its tail)."""
+    global written
+    written += 1
     f.flush()
     if _fsync is not None:
         _fsync(f.fileno())
@@ -25,6 +28,8 @@ def close(f):
 
 def replace(tmp, path):
     """Rename the closed `tmp` over `path`: a reader finds the old file or the new, never half."""
+    global written
+    written += 1
     os.rename(tmp, path)
     if _fsync is None and _sync is not None:
         _sync()

@@ -10,6 +10,7 @@ contactor that opened stays open at least relay.MIN_OPEN_MS, 200 iterations; a w
 finish waits for the next open moment). The console's queue is the console's own (console.step,
 from main.py's loop): it only reads `held` here.
 """
+import durable
 
 
 class FlashGate:
@@ -23,10 +24,16 @@ class FlashGate:
         self._open_steps = []  # the same, called at every poll with the contactor open
         self._was_held = False  # the last poll saw the contactor closed
         self.deferred = 0  # writes deferred since boot (for the bench and the tests)
-        # A write ran in this iteration (poll() clears it, a write sets it): the settings wait
-        # for the next one and a received command is held over (mqtt_link), so that a
-        # worst-case part's stalls (~1.2 s a write) do not stack past the 2 s watchdog.
-        self.spent = False
+        # A write ran in this iteration (`spent`: poll() clears it; spend(), a deferred write, or
+        # any commit through durable.py since the poll sets it): the settings wait for the next
+        # one and a received command is held over (mqtt_link), so that a worst-case part's
+        # stalls (~1.2 s a write) do not stack past the 2 s watchdog.
+        self._spent = False
+        self._mark = durable.written
+
+    @property
+    def spent(self):
+        return self._spent or durable.written != self._mark
 
     @property
     def held(self):
@@ -42,7 +49,7 @@ class FlashGate:
 
     def spend(self):
         """A writer is writing now (the command counter): later ones wait for the next iteration."""
-        self.spent = True
+        self._spent = True
 
     def every_open_step(self, fn):
         """Call `fn(now_ms)` at every poll() with the contactor open and nothing deferred left
@@ -61,7 +68,8 @@ class FlashGate:
         take ~1.2 s (a block erase and a metadata compaction, 400 ms each), and the writes a
         session defers (checkpoint, command counter, journal ack, settings) would stack past
         the 2 s watchdog in one iteration (host_tests/test_flash_gate_spread.py)."""
-        self.spent = False
+        self._spent = False
+        self._mark = durable.written
         if self.held:
             self._was_held = True
             return
@@ -70,7 +78,7 @@ class FlashGate:
             return
         due = self._due
         if due:
-            self.spent = True
+            self._spent = True
             self._run(now_ms, due.pop(0))
             return
         for fn in self._open_steps:

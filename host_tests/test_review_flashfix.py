@@ -581,3 +581,21 @@ def test_the_settings_a_command_changes_wait_for_an_iteration_without_another_wr
     assert gate.spent and gate.due == 0 and store.load() == {"limit_a": 10}
     gate.poll(10)
     assert not gate.spent
+
+
+def test_any_commit_through_durable_counts_as_this_iterations_write(tmp_path):
+    """A session's start or end writes its journal and snapshot in the records step (not through
+    the gate): a command received in that iteration would stack its counter write on them. Every
+    commit through durable.py since the gate's poll sets `spent`."""
+    import flash_gate
+
+    class Open:
+        closed = False
+
+    gate = flash_gate.FlashGate(Open())
+    gate.poll(0)
+    assert not gate.spent
+    durable.write_atomic(str(tmp_path / "session.json"), b"{}")
+    assert gate.spent
+    gate.poll(5)
+    assert not gate.spent
