@@ -193,6 +193,7 @@ def test_settings_survive_a_reboot_on_the_same_flash(monkeypatch):
     flash = os.getcwd()
     vb.ctl.charger.set_remote_limit(10000)
     vb.ctl.charger.set_availability(0, ch.UNAVAILABLE_B1)
+    vb.tick()  # one write an iteration (flash_gate.spent): the second lands at the next step
     monkeypatch.setattr(tempfile, "mkdtemp", lambda prefix=None: flash)  # the same board again
     vb = VirtualBoard(monkeypatch, CHARGE)
     assert ("settings", "unavailable_b1, remote limit 10000 mA") in vb.reports
