@@ -132,7 +132,7 @@ def test_selftest_on_micropython_unix_port():
     exe = _binary(unix_port.micropython_binary)
     if exe is None:
         pytest.skip("micropython unix port not found")
-    env = dict(os.environ, MICROPYPATH="firmware:sim:.frozen")
+    env = dict(os.environ, MICROPYPATH=unix_port.micropypath())  # bytecode, as a board imports
     # 96k: the 64-bit port's pointers are twice the ESP32's; the sim grew S0 edges (issue 10)
     proc = subprocess.run([exe, "-X", "heapsize=96k", "host_tests/upy_meter_selftest.py"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)

@@ -1,8 +1,10 @@
 """Meter drivers against the simulated meters on the MicroPython unix port.
 
-    MICROPYPATH="firmware:sim:.frozen" micropython -X heapsize=96k host_tests/upy_meter_selftest.py
+    MICROPYPATH=<unix_port.micropypath()> micropython -X heapsize=96k host_tests/upy_meter_selftest.py
 
-(64k on a 32-bit build such as /work/shared/tools/micropython-unix32, float32 like the ESP32.)
+(64k on a 32-bit build such as /work/shared/tools/micropython-unix32, float32 like the ESP32.
+The tests import the modules as bytecode, as a board does: from source, compiling meter.py needs
+a block whose room in 64 KiB depends on what the collector finds on the C stack.)
 
 Checks readings, energy deltas, faults, DE timing, that poll() allocates nothing while it waits
 or sends, and that many cycles do not grow the heap. Prints "upy meter selftest ok".
@@ -10,10 +12,9 @@ or sends, and that many cycles do not grow the heap. Prints "upy meter selftest 
 import gc
 import sys
 
-# Compiling from source in 64 KiB: the biggest module first while the heap is empty, and each
-# protocol module unloaded after its case.
+# Each protocol module loaded into a collected heap and unloaded after its case.
 from meters import ModbusMeterSim, Dlt645MeterSim, S0MeterSim
-import meter  # noqa: F401  (the drivers' base, compiled while the heap is empty)
+import meter  # noqa: F401  (the drivers' base, loaded while the heap is empty)
 
 T = [0]  # fake time, ms
 
