@@ -114,12 +114,6 @@ class Pile:
     def closed(self):
         return self.vb.ctl.contactor.closed
 
-    def run_ms(self, ms):
-        end = self.vb.world.now + ms * 1000
-        while self.vb.world.now < end:
-            self.vb.world.advance()
-            self.vb.tick()
-
     def send(self, payload):
         self.link._command(self.vb.clock.ticks_ms(), payload)
         got = acks(self.link)
@@ -151,11 +145,11 @@ def test_a_session_with_commands_writes_nothing_while_closed(monkeypatch):
         counter += 20000
         a = p.send(signed("set_current_limit", {"amps": amps, "ttl_s": 60}, counter))
         assert a["result"] == "accepted", a
-        p.run_ms(20000)  # checkpoints due (60 s), meter polls, peak changes
+        p.vb.run_for(20000)  # checkpoints due (60 s), meter polls, peak changes
     assert p.closed
     assert p.watch.closed_writes == []
     p.vb.world.do("stop_request")
-    p.run_ms(3000)
+    p.vb.run_for(3000)
     assert not p.closed
     assert p.watch.closed_writes == []
     # Deferred, never lost: the limit and the counter are on flash once it opened.
@@ -174,7 +168,7 @@ def test_a_remote_stop_above_the_reservation_while_closed_always_works(monkeypat
     assert refused["result"] == "failed" and "storage_error" in refused["reason"], refused
     stop = p.send(signed("remote_stop", {}, far + 1))
     assert stop["result"] == "accepted", stop
-    p.run_ms(7000)  # IEC 61851-1: the car has 6 s to drop to B
+    p.vb.run_for(7000)  # IEC 61851-1: the car has 6 s to drop to B
     assert not p.closed
     assert p.watch.closed_writes == []
     assert session_store.CounterStore("cmd_counter.json").load() >= far + 1
@@ -188,7 +182,7 @@ def test_after_a_reboot_with_a_car_plugged_in_the_nack_says_the_floor_and_a_comm
     p = Pile(monkeypatch)
     assert p.send(signed("request_status", {}, T0_MS))["result"] == "accepted"
     p.vb.world.do("plug", 220)
-    p.run_ms(500)  # a car: a close may come, the reservation is written (contactor open)
+    p.vb.run_for(500)  # a car: a close may come, the reservation is written (contactor open)
     p.reboot()  # a power cut: what the reservation covered may have been accepted unsaved
     nack = p.send(signed("request_status", {}, T0_MS + 1))  # below the reservation: a replay risk
     assert nack["result"] == "invalid"
@@ -213,9 +207,9 @@ def test_a_pile_rebooting_daily_takes_the_first_fresh_command_after_each_reboot(
             counter += 60000
             assert p.send(signed("set_current_limit", {"amps": 10}, counter))["result"] == "accepted"
             p.vb.world.do("stop_request")
-            p.run_ms(3000)
+            p.vb.run_for(3000)
             p.vb.world.do("unplug")
-        p.run_ms(71000)  # a quiet minute (and the next 10 s look): the reservation released
+        p.vb.run_for(71000)  # a quiet minute (and the next 10 s look): the reservation released
         p.reboot()
         assert p.link._verifier.last_counter == counter  # the floor: the last accepted
         counter += 60000  # a minute later, pilecmd's default counter
@@ -230,17 +224,17 @@ def test_a_refresh_that_only_moves_the_expiry_later_is_not_written(monkeypatch):
     p = Pile(monkeypatch)
     counter = T0_MS
     p.send(signed("set_current_limit", {"amps": 16, "ttl_s": 60}, counter))
-    p.run_ms(100)  # its settings: in the next iteration, after the counter's write (flash_gate.spent)
+    p.vb.run_for(100)  # its settings: in the next iteration, after the counter's write (flash_gate.spent)
     before = p.watch.writes
     for _ in range(5):
         counter += 20000
-        p.run_ms(1000)
+        p.vb.run_for(1000)
         assert p.send(signed("set_current_limit", {"amps": 16, "ttl_s": 60}, counter))["result"] \
             == "accepted"
     assert p.watch.writes == before  # open, and still nothing: neither settings nor counter
     counter += 20000
     p.send(signed("set_current_limit", {"amps": 12, "ttl_s": 60}, counter))
-    p.run_ms(100)
+    p.vb.run_for(100)
     assert p.watch.writes == before + 2, p.watch.log[-8:]  # a new value: written (temp + rename)
 
 
@@ -257,13 +251,13 @@ def test_the_console_writes_a_bounded_amount_per_iteration_while_closed(monkeypa
     assert capsys.readouterr().out == ""  # queued
     written = []
     for _ in range(20):
-        p.run_ms(PERIOD_MS)
+        p.vb.run_for(PERIOD_MS)
         written.append(capsys.readouterr().out)
     assert max(len(w) for w in written) <= console.UART_FIFO  # never more than the FIFO takes
     assert sum(len(w) for w in written) > 0
     # The contactor opens: the rest comes out at once, in order.
     p.vb.world.do("stop_request")
-    p.run_ms(500)
+    p.vb.run_for(500)
     assert not p.closed
     out = "".join(written) + capsys.readouterr().out
     assert out.startswith(("[ 1.000] outbox: %s\n" % long) * 3)
@@ -299,7 +293,7 @@ class ClosedFlashMachine(RuleBasedStateMachine):
         self.counter = T0_MS
         self.accepted = []  # (counter, cmd, payload, unsaved_ok)
         self.unsaved = set()  # counters accepted above the reservation while closed
-        self.p.run_ms(300)
+        self.p.vb.run_for(300)
 
     @invariant()
     def nothing_written_while_closed(self):
@@ -308,17 +302,17 @@ class ClosedFlashMachine(RuleBasedStateMachine):
     @rule(ms=st.integers(5, 30000))
     def charge(self, ms):
         self.p.charge()
-        self.p.run_ms(ms)
+        self.p.vb.run_for(ms)
 
     @rule(ms=st.integers(5, 5000))
     def car_done(self, ms):
         self.p.vb.world.do("stop_request")
-        self.p.run_ms(ms)
+        self.p.vb.run_for(ms)
 
     @rule(ms=st.integers(5, 3000))
     def unplug(self, ms):
         self.p.vb.world.do("unplug")
-        self.p.run_ms(ms)
+        self.p.vb.run_for(ms)
 
     @rule(name=st.sampled_from(("remote_stop", "request_status", "set_current_limit",
                                 "set_availability", "remote_start")),
@@ -350,7 +344,7 @@ class ClosedFlashMachine(RuleBasedStateMachine):
             if was_closed and above:
                 assert name in ("remote_stop", "request_status"), a
                 self.unsaved.add(self.counter)
-        p.run_ms(ms)
+        p.vb.run_for(ms)
         if not p.closed and p.vb.ctl.records.gate.due == 0:
             self.unsaved.clear()  # opened: the reservation is on flash
 
@@ -360,7 +354,7 @@ class ClosedFlashMachine(RuleBasedStateMachine):
             counter, payload = self.accepted[len(self.accepted) // 2]
             a = self.p.send(payload)
             assert a["result"] == "invalid" and "replayed" in a["reason"], a
-        self.p.run_ms(ms)
+        self.p.vb.run_for(ms)
 
     @rule(ms=st.integers(5, 3000))
     def power_cut(self, ms):
@@ -375,7 +369,7 @@ class ClosedFlashMachine(RuleBasedStateMachine):
             a = self.p.send(self.accepted[-1][1])
             assert a["result"] == "invalid" or self.accepted[-1][0] > floor, a
         self.counter = max(self.counter, floor)
-        self.p.run_ms(ms)
+        self.p.vb.run_for(ms)
 
 
 ClosedFlashMachine.TestCase.settings = settings(

@@ -82,15 +82,9 @@ def test_the_writes_deferred_by_a_session_never_stack_past_the_watchdog(monkeypa
     link = vb.build_link()
     w = vb.world
 
-    def run_ms(ms):
-        end = w.now + ms * 1000
-        while w.now < end:
-            w.advance()
-            vb.tick()
-
     w.do("plug", 220)
     w.do("request")
-    run_ms(4000)
+    vb.run_for(4000)
     ctl = vb.ctl
     assert ctl.contactor.closed
     gate = ctl.records.gate
@@ -103,7 +97,7 @@ def test_the_writes_deferred_by_a_session_never_stack_past_the_watchdog(monkeypa
     assert json.loads(link._acks[-1])["result"] == "accepted", link._acks[-1]
     outbox = ctl.records.log.outbox
     outbox.ack(outbox._next_seq - 1)
-    run_ms(12000)
+    vb.run_for(12000)
     assert ctl.contactor.closed
     assert gate.due == 3, gate.due  # the counter, the settings, the journal's ack
     log = slow_flash(vb)

@@ -157,18 +157,12 @@ def test_a_checkpoint_due_while_closed_is_written_at_the_open_even_on_a_quick_bo
         vb.world.energy_wh = 1000000
         w = vb.world
 
-        def run_ms(ms):
-            end = w.now + ms * 1000
-            while w.now < end:
-                w.advance()
-                vb.tick()
-
         w.do("plug", 220)
         w.do("request")
-        run_ms(3000)
+        vb.run_for(3000)
         assert vb.ctl.contactor.closed
         seen = _watch_snapshots(mp, lambda: vb.ctl.contactor)
-        run_ms(12000)  # a checkpoint (10 s) falls due while closed
+        vb.run_for(12000)  # a checkpoint (10 s) falls due while closed
         assert seen == []  # not written while closed
         w.do("stop_request")
         end = w.now + 3000 * 1000
@@ -176,7 +170,7 @@ def test_a_checkpoint_due_while_closed_is_written_at_the_open_even_on_a_quick_bo
             w.advance()
             vb.tick()
         assert not vb.ctl.contactor.closed
-        run_ms(bounce_ms)
+        vb.run_for(bounce_ms)
         w.do("request")  # back to C at once: closes again only relay.MIN_OPEN_MS after the open
         while not vb.ctl.contactor.closed and w.now < end + 3000 * 1000:
             w.advance()

@@ -37,7 +37,7 @@ class Pile:
         self.world.energy_wh = start_wh
         self.records = []  # (record, world energy when it was appended)
         self._wrap()
-        self.run_ms(300)
+        self.vb.run_for(300)
 
     def _wrap(self):
         outbox = self.vb.ctl.records.log.outbox
@@ -48,12 +48,6 @@ class Pile:
             return real(kind, payload)
 
         outbox.append = append
-
-    def run_ms(self, ms):
-        end = self.world.now + ms * 1000
-        while self.world.now < end:
-            self.world.advance()
-            self.vb.tick()
 
     def reboot(self):
         self.vb.reboot()
@@ -68,11 +62,11 @@ class Pile:
             w.car.cable_ohm = 220
             w.do("plug")
         w.do("request")
-        self.run_ms(ms)
+        self.vb.run_for(ms)
 
     def unplug(self, ms=3000):
         self.world.do("unplug")
-        self.run_ms(ms)
+        self.vb.run_for(ms)
 
     def bills(self):
         """(session id, billed, delivered, ended record) for each session that ended."""
@@ -99,17 +93,17 @@ def test_jump_across_a_reboot_is_never_a_start_nor_billed(monkeypatch):
     pile = Pile(monkeypatch)
     pile.plug_and_charge(2000)
     pile.fault("reboot")  # the meter restarts: its register counts on from 0 (and stays so)
-    pile.run_ms(6000)
+    pile.vb.run_for(6000)
     pile.fault(None)
     pile.unplug()
     assert pile.vb.ctl.records.meter.reading.energy_wh < 40, "the register should be near 0 now"
     pile.fault("jump")
-    pile.run_ms(1500)
+    pile.vb.run_for(1500)
     pile.reboot()  # the jump lasts across it: the first reading after boot is a glitch
-    pile.run_ms(300)
+    pile.vb.run_for(300)
     pile.plug_and_charge(3000)
     pile.fault(None)  # the glitch ends: the register drops back to its true value
-    pile.run_ms(4000)
+    pile.vb.run_for(4000)
     pile.unplug()
     bills = pile.bills()
     assert len(bills) >= 2
@@ -141,22 +135,22 @@ def test_billed_never_exceeds_delivered_across_reboots_and_glitches(steps):
                 pile.unplug(ms)
             elif what == "reboot":
                 pile.reboot()
-                pile.run_ms(ms)
+                pile.vb.run_for(ms)
             elif what == "glitch":
                 pile.fault(glitch)
-                pile.run_ms(ms)
+                pile.vb.run_for(ms)
             elif what == "heal":
                 pile.fault(None)
-                pile.run_ms(ms)
+                pile.vb.run_for(ms)
             elif what == "meter_restart":  # its register counts on from 0 (a few Wh on it soon)
                 pile.fault("reboot")
-                pile.run_ms(ms)
+                pile.vb.run_for(ms)
                 pile.fault(None)
             else:  # a glitch from before a reboot of the pile until after it
                 pile.fault(glitch if glitch != "backwards" else "jump")  # backwards: bounded, below
-                pile.run_ms(1500)
+                pile.vb.run_for(1500)
                 pile.reboot()
-                pile.run_ms(ms)
+                pile.vb.run_for(ms)
             assert_never_over_billed(pile)
         pile.fault(None)
         pile.unplug(12000)
@@ -180,18 +174,18 @@ def test_backwards_across_a_reboot_over_bills_at_most_the_jump_allowance(monkeyp
     pile = Pile(monkeypatch)
     pile.plug_and_charge(2000)
     pile.fault("reboot")
-    pile.run_ms(3000)
+    pile.vb.run_for(3000)
     pile.fault(None)
     pile.unplug()
     low = pile.vb.ctl.records.meter.reading.energy_wh
     assert 0 < low < JUMP_ALLOWANCE_WH, "the register should be a few Wh above 0 now"
     pile.fault("backwards")
-    pile.run_ms(1500)
+    pile.vb.run_for(1500)
     pile.reboot()
-    pile.run_ms(300)
+    pile.vb.run_for(300)
     pile.plug_and_charge(3000)
     pile.fault(None)
-    pile.run_ms(2000)
+    pile.vb.run_for(2000)
     pile.unplug()
     bills = pile.bills()
     sid, billed, delivered, record = bills[-1]

@@ -92,6 +92,13 @@ class VirtualBoard:
         while self.world.advance() < t_ms * 1000:
             self.tick()
 
+    def run_for(self, ms):
+        """Advance the world and tick for ms of world time from now."""
+        end = self.world.now + ms * 1000
+        while self.world.now < end:
+            self.world.advance()
+            self.tick()
+
     def run_while(self, condition, limit_ms):
         """Tick until condition() is false; returns the world time in ms when it stopped."""
         end = self.now_ms + limit_ms
