@@ -487,6 +487,57 @@ def fresh_console(monkeypatch):
     return hold
 
 
+class ConsoleUart:
+    """The console UART at 115,200 baud as console.py models it, on a clock in ms (`clock[0]`,
+    a float): a 128-byte FIFO emptied at 11.52 bytes a ms; a write larger than what is free
+    blocks until the rest is in, and the clock moves on meanwhile. `blocked`: (ms, held) for
+    each write, held being console.hold.held then."""
+
+    BYTES_PER_MS = 11.52
+
+    def __init__(self, clock, hold):
+        self.clock = clock
+        self.hold = hold
+        self.fifo = 0.0
+        self.at = clock[0]
+        self.blocked = []
+
+    def write(self, s):
+        now = self.clock[0]
+        self.fifo = max(0.0, self.fifo - (now - self.at) * self.BYTES_PER_MS)
+        free = 128 - self.fifo
+        wait = max(0.0, (len(s) - free) / self.BYTES_PER_MS)
+        self.blocked.append((wait, self.hold.held))
+        self.clock[0] = now + wait
+        self.fifo = min(128.0, self.fifo + len(s))
+        self.at = self.clock[0]
+
+    def held_blocks(self):
+        """The ms each write blocked while the contactor was closed (above 0.01 ms)."""
+        return [w for w, held in self.blocked if held and w > 0.01]
+
+
+@pytest.fixture
+def console_uart(fresh_console, monkeypatch):
+    """start(ms) -> a ConsoleUart as the console's stdout, its clock at ms and time.ticks_ms
+    reading it, the console as at boot with hold.held False. Call it at each hypothesis example:
+    the fixture is made once for all of them."""
+    import console
+    import time
+
+    def start(ms):
+        console._queue[:] = []
+        console._queued = console._head = console._fifo = console._fifo_ms = 0
+        console.lines_dropped = 0
+        fresh_console.held = False
+        uart = ConsoleUart([float(ms)], fresh_console)
+        monkeypatch.setattr(console.sys, "stdout", uart)
+        monkeypatch.setattr(time, "ticks_ms", lambda: int(uart.clock[0]))
+        return uart
+
+    return start
+
+
 class FakeFlashGate:
     """flash_gate.FlashGate's interface for a store under test: held while `closed`; defer(flush)
     keeps the write, open() opens and runs the deferred writes (returns their results);

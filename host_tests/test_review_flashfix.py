@@ -457,29 +457,6 @@ def test_a_command_after_the_release_stays_within_the_watchdog_on_a_worst_case_p
 # -- the console's queue over any sequence of iterations -------------------------------------------
 
 
-class Uart:
-    """The ESP32's UART as console.py models it: a 128-byte FIFO emptied at 11.52 bytes a ms; a
-    write larger than what is free blocks until the rest is in (the virtual clock moves on).
-    `blocked` gets (ms, held) for each write."""
-
-    BYTES_PER_MS = 11.52
-
-    def __init__(self, clock, hold):
-        self.clock = clock
-        self.hold = hold
-        self.fifo = 0.0
-        self.at = clock[0]
-        self.blocked = []
-
-    def write(self, s):
-        now = self.clock[0]
-        self.fifo = max(0.0, self.fifo - (now - self.at) * self.BYTES_PER_MS)
-        free = 128 - self.fifo
-        wait = max(0.0, (len(s) - free) / self.BYTES_PER_MS)
-        self.blocked.append((wait, self.hold.held))
-        self.clock[0] = now + wait
-        self.fifo = min(128.0, self.fifo + len(s))
-        self.at = self.clock[0]
 
 
 LINES = st.lists(st.integers(1, 700), max_size=3)
@@ -488,7 +465,7 @@ LINES = st.lists(st.integers(1, 700), max_size=3)
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(LINES, st.sampled_from((None, None, None, "close", "open")),
                           st.floats(0, 12), LINES, st.integers(0, 40)), max_size=60))
-def test_no_console_write_blocks_while_closed_over_any_iterations(fresh_console, monkeypatch,
+def test_no_console_write_blocks_while_closed_over_any_iterations(fresh_console, console_uart,
                                                                    iterations):
     """main.py's loop: each iteration the tick reports (and may close or open the contactor,
     closes at least relay.MIN_OPEN_MS after an open) and takes up to 12 ms, console.step at the
@@ -500,11 +477,8 @@ def test_no_console_write_blocks_while_closed_over_any_iterations(fresh_console,
     import console
     import relay
 
-    clock = [5000.0]
-    uart = Uart(clock, fresh_console)
-    monkeypatch.setattr(console.sys, "stdout", uart)
-    monkeypatch.setattr(time, "ticks_ms", lambda: int(clock[0]))
-    fresh_console.held = False
+    uart = console_uart(5000)
+    clock = uart.clock
     opened_at = -10 ** 9
     for tick_lines, change, tick_ms, late_lines, slow_ms in iterations:
         start = int(clock[0])
@@ -523,7 +497,7 @@ def test_no_console_write_blocks_while_closed_over_any_iterations(fresh_console,
         spent = clock[0] - start
         if spent < 5:
             clock[0] += 5 - spent
-    held_blocks = [w for w, held in uart.blocked if held and w > 0.01]
+    held_blocks = uart.held_blocks()
     assert held_blocks == [], "a console write blocked %.1f ms with the contactor closed" % max(
         held_blocks)
 

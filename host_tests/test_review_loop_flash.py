@@ -183,47 +183,18 @@ def test_a_checkpoint_due_while_closed_is_written_at_the_open_even_on_a_quick_bo
 # -- the console's FIFO model after a line printed with the contactor open --------------------------
 
 
-class Uart:
-    """The console UART at 115,200 baud with its 128-byte FIFO on a clock in ms: a write blocks
-    while the FIFO is full, and the clock moves on meanwhile. `blocked`: (ms, held) per write."""
-
-    BYTES_PER_MS = 11.52
-
-    def __init__(self, clock, hold):
-        self.clock = clock
-        self.hold = hold
-        self.fifo = 0.0
-        self.at = 0.0
-        self.blocked = []
-
-    def write(self, s):
-        now = self.clock[0]
-        self.fifo = max(0.0, self.fifo - (now - self.at) * self.BYTES_PER_MS)
-        free = 128 - self.fifo
-        wait = max(0.0, (len(s) - free) / self.BYTES_PER_MS)
-        self.blocked.append((wait, self.hold.held))
-        self.clock[0] = now + wait
-        self.fifo = min(128.0, self.fifo + len(s))
-        self.at = self.clock[0]
 
 
 @given(st.integers(0, 60), st.integers(60, 700), st.integers(0, 15), st.integers(1, 6))
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_no_console_write_blocks_while_closed_after_a_long_line_printed_open(
-        fresh_console, monkeypatch, stale_ms, length, gap_ms, lines):
+        fresh_console, console_uart, stale_ms, length, gap_ms, lines):
     """A line printed with the contactor open blocks (allowed then) and leaves the FIFO full at
     the end of the write, which is later than the `now_ms` of the report that printed it (an
     iteration's start: the link, the records step print late in it). The contactor closes in
     the next tick: the queue drained then must fit in what the FIFO really has free."""
-    import time
-
-    clock = [1000.0]
-    uart = Uart(clock, fresh_console)
-    monkeypatch.setattr(console.sys, "stdout", uart)
-    monkeypatch.setattr(time, "ticks_ms", lambda: int(clock[0]))
-    console._queue[:] = []
-    console._queued = console.lines_dropped = console._head = console._fifo = 0
-    fresh_console.held = False
+    uart = console_uart(1000)
+    clock = uart.clock
     report_ms = int(clock[0])
     clock[0] += stale_ms  # the slow work of the iteration before the line
     console.report(report_ms, "session", "r" * length)  # open: may block
@@ -236,7 +207,7 @@ def test_no_console_write_blocks_while_closed_after_a_long_line_printed_open(
     for _ in range(30):  # the following iterations, 5 ms apart
         clock[0] += 5
         console.step(int(clock[0]))
-    held_blocks = [w for w, held in uart.blocked if held and w > 0.01]
+    held_blocks = uart.held_blocks()
     assert held_blocks == [], "a console write blocked %.1f ms with the contactor closed" % max(
         held_blocks)
 
