@@ -538,6 +538,57 @@ def console_uart(fresh_console, monkeypatch):
     return start
 
 
+@pytest.fixture
+def power_cut_records(tmp_path):
+    """cut(name, linked=True) -> (records, log): a session's snapshot written by boot 7's
+    SessionLog (real journal and session store under tmp_path/name), then boot 8 (a power cut
+    between them) with Records on a steady meter, the contactor open and the car in C asking for
+    power since t=100 (records.poll(100) done): the cut's record and the new session's start
+    are in the outbox, not yet acknowledged."""
+    import charger as ch
+    import journal
+    import meter
+    import pilot
+    import session_log
+    import session_store
+    from session_record import Record, Records
+
+    class Meter:
+        last_error = None
+        epoch = 0
+
+        def __init__(self):
+            self.reading = meter.Reading(1000, 0.0, 230.0, 0.0, 0)
+
+        def poll(self, now_ms):
+            self.reading = meter.Reading(1000, 0.0, 230.0, 0.0, now_ms)
+
+    class Contactor:
+        closed = False
+
+    def make_log(boot, where, linked):
+        return session_log.SessionLog(
+            "pile-0042", boot, journal.Journal(str(where / "outbox")),
+            session_store.SessionStore(str(where / "session.json")), metered=True,
+            checkpoint_s=60, wall=lambda: 1795000000, linked=linked)
+
+    def cut(name, linked=True):
+        where = tmp_path / name
+        where.mkdir()
+        first = Record(ch.Session(0))
+        first.auth_source, first.auth_id, first.authorized_ms = "free_vend", None, 0
+        first.note_meter(meter.Reading(1000, 0.0, 230.0, 0.0, 0))
+        make_log(7, where, linked).poll(0, first, None)  # a session, its snapshot; then the cut
+        booted = make_log(8, where, linked)
+        charger = ch.Charger(32000, 32000, True, False)
+        records = Records(charger, Contactor(), Meter(), booted)
+        charger.step(100, pilot.C, True)  # the car there all along, asking for power
+        records.poll(100)
+        return records, booted
+
+    return cut
+
+
 class FakeFlashGate:
     """flash_gate.FlashGate's interface for a store under test: held while `closed`; defer(flush)
     keeps the write, open() opens and runs the deferred writes (returns their results);

@@ -292,7 +292,7 @@ def test_a_power_cut_record_takes_no_unchecked_boot_reading(tmp_path):
     assert record["meter_stop_wh"] == 1000 and record["meter_stop_stale"] is True
 
 
-def test_the_contactor_waits_for_the_power_cut_records_ack(tmp_path):
+def test_the_contactor_waits_for_the_power_cut_records_ack(power_cut_records):
     """The power cut's record now closes a poll later (a checked reading), right before the next
     session's contactor could close: the link's ack of it came with the contactor closed, waited
     in RAM (flash_gate.py), and a cut then sent it again (test_mqtt_link.py's power cut: a
@@ -300,45 +300,11 @@ def test_the_contactor_waits_for_the_power_cut_records_ack(tmp_path):
     open, at most RECOVERY_ACK_WAIT_MS (no link, a broker away): then it closes, the record sent
     at least once as any other. The next session itself starts at once (its id, its started
     record): a car that leaves meanwhile has its record, 0 Wh."""
-    import charger as ch
     import journal
-    import meter
-    import pilot
     import session_log
-    import session_store
-    from session_record import Record, Records
-
-    def make_log(boot, where):
-        return session_log.SessionLog(
-            "pile-0042", boot, journal.Journal(str(where / "outbox")),
-            session_store.SessionStore(str(where / "session.json")), metered=True,
-            checkpoint_s=60, wall=lambda: 1795000000)
-
-    class Meter:
-        last_error = None
-        epoch = 0
-
-        def __init__(self):
-            self.reading = meter.Reading(1000, 0.0, 230.0, 0.0, 0)
-
-        def poll(self, now_ms):
-            self.reading = meter.Reading(1000, 0.0, 230.0, 0.0, now_ms)
-
-    class Contactor:
-        closed = False
 
     for acked in (True, False):
-        where = tmp_path / str(acked)
-        where.mkdir()
-        first = Record(ch.Session(0))
-        first.auth_source, first.auth_id, first.authorized_ms = "free_vend", None, 0
-        first.note_meter(meter.Reading(1000, 0.0, 230.0, 0.0, 0))
-        make_log(7, where).poll(0, first, None)  # a session, its snapshot; then the cut
-        booted = make_log(8, where)
-        charger = ch.Charger(32000, 32000, True, False)
-        records = Records(charger, Contactor(), Meter(), booted)
-        charger.step(100, pilot.C, True)  # the car there all along, asking for power
-        records.poll(100)
+        records, booted = power_cut_records(str(acked))
         nxt = records.record
         kinds = [journal.kind_name(k) for _s, k, _p in booted.outbox.pending()]
         assert kinds[-2:] == ["session_end", "session_start"] and nxt.id == "pile-0042-8-1"

@@ -220,46 +220,14 @@ def test_a_pile_without_a_link_is_not_held_by_a_power_cut_record(monkeypatch):
         assert watch.longest_wait_ms <= B_TO_C_CLOSE_MS
 
 
-def test_session_log_without_a_link_never_awaits_an_ack(tmp_path):
+def test_session_log_without_a_link_never_awaits_an_ack(power_cut_records):
     """SessionLog(linked=False) on a real journal: the power cut's record closes, no ack comes,
     Records.ready at once (with a link: not before the ack or RECOVERY_ACK_WAIT_MS)."""
     import journal
-    import meter
     import session_log
-    import session_store
-    from session_record import Record, Records
-
-    class Meter:
-        last_error = None
-        epoch = 0
-
-        def __init__(self):
-            self.reading = meter.Reading(1000, 0.0, 230.0, 0.0, 0)
-
-        def poll(self, now_ms):
-            self.reading = meter.Reading(1000, 0.0, 230.0, 0.0, now_ms)
-
-    class Contactor:
-        closed = False
-
-    def make_log(boot, where, linked):
-        return session_log.SessionLog(
-            "pile-0042", boot, journal.Journal(str(where / "outbox")),
-            session_store.SessionStore(str(where / "session.json")), metered=True,
-            checkpoint_s=60, wall=lambda: 1795000000, linked=linked)
 
     for linked in (False, True):
-        where = tmp_path / str(linked)
-        where.mkdir()
-        first = Record(ch.Session(0))
-        first.auth_source, first.auth_id, first.authorized_ms = "free_vend", None, 0
-        first.note_meter(meter.Reading(1000, 0.0, 230.0, 0.0, 0))
-        make_log(7, where, linked).poll(0, first, None)  # a session, its snapshot; then the cut
-        booted = make_log(8, where, linked)
-        charger = ch.Charger(32000, 32000, True, False)
-        records = Records(charger, Contactor(), Meter(), booted)
-        charger.step(100, pilot.C, True)
-        records.poll(100)
+        records, booted = power_cut_records(str(linked), linked)
         kinds = [journal.kind_name(k) for _s, k, _p in booted.outbox.pending()]
         assert kinds[-2:] == ["session_end", "session_start"]
         assert booted.outbox.acked < booted.outbox.next_seq - 2  # no ack came
