@@ -631,7 +631,6 @@ def fake_flash_gate():
 
 WORST_FLASH_WRITE_US = 800000  # a block erase and a metadata compaction, 400 ms each (W25Q32JV tSE max)
 WORST_FLASH_META_US = 400000  # a metadata compaction
-_FLASH_WRITERS = ("session_store", "journal", "durable", "session_log", "link_heal", "ota")
 
 
 @pytest.fixture
@@ -639,35 +638,16 @@ def slow_flash(monkeypatch):
     """slow_flash(vb): from now on every write, rename and remove of the firmware's files stalls
     the virtual board's clock as a worst-case part would; returns the list that gets (virtual
     us, what). Import every writer module before calling it (its `open` is wrapped)."""
-    import builtins
+    from pilehost.virtual_board import watch_flash
 
     def install(vb):
         log = []
-        real_open, real_rename, real_remove = builtins.open, os.rename, os.remove
 
-        def stall(us, what):
-            log.append((vb.clock.t, what))
-            vb.clock.t += us
+        def stall(kind, path, _mode):
+            log.append((vb.clock.t, path if kind == "open" else kind + " " + path))
+            vb.clock.t += WORST_FLASH_WRITE_US if kind == "open" else WORST_FLASH_META_US
 
-        def _open(path, mode="r", *args, **kwargs):
-            if "w" in mode or "a" in mode or "+" in mode:
-                stall(WORST_FLASH_WRITE_US, path)
-            return real_open(path, mode, *args, **kwargs)
-
-        def _rename(a, b):
-            stall(WORST_FLASH_META_US, "rename " + b)
-            return real_rename(a, b)
-
-        def _remove(path):
-            stall(WORST_FLASH_META_US, "remove " + path)
-            return real_remove(path)
-
-        for name in _FLASH_WRITERS:
-            module = sys.modules.get(name)
-            if module is not None:
-                monkeypatch.setattr(module, "open", _open, raising=False)
-        monkeypatch.setattr(os, "rename", _rename)
-        monkeypatch.setattr(os, "remove", _remove)
+        watch_flash(monkeypatch, stall)
         return log
 
     return install

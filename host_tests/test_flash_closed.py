@@ -14,7 +14,6 @@ charging, signed commands (counters that jump past the reservation), replays and
 - what was deferred while closed is on flash once the contactor has been open a few steps (one
   write a step: test_flash_gate_spread.py).
 """
-import builtins
 import hashlib
 import hmac
 import json
@@ -25,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
-from pilehost.virtual_board import VirtualBoard
+from pilehost.virtual_board import VirtualBoard, watch_flash
 
 import command_auth
 import session_store
@@ -38,7 +37,6 @@ T0_MS = int(time.time() * 1000)
 CONFIG = {"free_vend": True, "pile_id": "flash-1",
           "meter": {"type": "ddsu666", "failure_timeout_s": 5},
           "mqtt": {"host": "127.0.0.1", "secret": SECRET.hex()}}
-_FS_MODULES = ("session_store", "journal", "durable", "session_log", "link_heal", "ota")
 
 
 def signed(name, args, counter, cmd_id=None):
@@ -49,41 +47,17 @@ def signed(name, args, counter, cmd_id=None):
 
 
 class FlashWatch:
-    """Wraps the firmware's filesystem calls; `closed_writes` lists those made while closed."""
+    """Watches the firmware's filesystem calls; `closed_writes` lists those made while closed."""
 
     def __init__(self, mp, contactor_of):
-        import sys
-
         self.contactor_of = contactor_of
         self.closed_writes = []
         self.writes = 0
         self.log = []
-        real_open = builtins.open
-        real_rename = os.rename
-        real_remove = os.remove
-        watch = self
+        watch_flash(mp, self._seen)
 
-        def _open(path, mode="r", *args, **kwargs):
-            if "w" in mode or "a" in mode or "+" in mode:
-                watch._seen("open(%s, %s)" % (path, mode))
-            return real_open(path, mode, *args, **kwargs)
-
-        def _rename(a, b):
-            watch._seen("rename(%s)" % b)
-            return real_rename(a, b)
-
-        def _remove(p):
-            watch._seen("remove(%s)" % p)
-            return real_remove(p)
-
-        for name in _FS_MODULES:
-            module = sys.modules.get(name)
-            if module is not None:
-                mp.setattr(module, "open", _open, raising=False)
-        mp.setattr(os, "rename", _rename)
-        mp.setattr(os, "remove", _remove)
-
-    def _seen(self, what):
+    def _seen(self, kind, path, mode):
+        what = "%s(%s%s)" % (kind, path, ", " + mode if mode else "")
         self.writes += 1
         self.log.append(what)
         if self.contactor_of().closed:

@@ -19,6 +19,40 @@ def board_dict(name="ref-esp32"):
         return json.load(f)
 
 
+# The firmware's modules that write files (their `open`), with os.rename and os.remove.
+FLASH_WRITERS = ("session_store", "journal", "durable", "session_log", "link_heal", "ota")
+
+
+def watch_flash(monkeypatch, on_write):
+    """From now on every write-mode open of the firmware's writer modules, and every os.rename
+    and os.remove, calls on_write(kind, path, mode) first (kind "open", "rename" (path: the
+    destination) or "remove"; mode None but for open). Import the writer modules before."""
+    import builtins
+    import sys
+
+    real_open, real_rename, real_remove = builtins.open, os.rename, os.remove
+
+    def _open(path, mode="r", *args, **kwargs):
+        if "w" in mode or "a" in mode or "+" in mode:
+            on_write("open", path, mode)
+        return real_open(path, mode, *args, **kwargs)
+
+    def _rename(a, b):
+        on_write("rename", b, None)
+        return real_rename(a, b)
+
+    def _remove(path):
+        on_write("remove", path, None)
+        return real_remove(path)
+
+    for name in FLASH_WRITERS:
+        module = sys.modules.get(name)
+        if module is not None:
+            monkeypatch.setattr(module, "open", _open, raising=False)
+    monkeypatch.setattr(os, "rename", _rename)
+    monkeypatch.setattr(os, "remove", _remove)
+
+
 class VirtualClock:
     def __init__(self, start_us=0, read_cost_us=20):
         self.t = start_us
