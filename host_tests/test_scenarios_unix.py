@@ -129,8 +129,12 @@ def test_rcd_trip_opens_at_once_and_retries():
     r = run("rcd_trip")
     leak = [t for t, text in r.sim_events("step") if text == "rcd_leak True"][0]
     opened = [t for t, on in coil(r) if not on and t >= leak][0]
-    # FAULT read for relay.FAULT_DEBOUNCE_MS (50 ms, issue 10 item 4; was: two reads) plus a tick
-    assert 50 <= opened - leak < 70
+    # FAULT read for relay.FAULT_DEBOUNCE_MS (50 ms, issue 10 item 4; was: two reads) plus a tick.
+    # The debounce counts from the stamp of the tick whose read first saw FAULT, taken before the
+    # read; the sim logs the leak at that read: under load the two are a few ms apart on the
+    # host (opened 48 ms after the logged leak once in a CI dry run). The lower bound is not the
+    # safety one (sooner is safer): it shows a debounce, not a one-read trip.
+    assert 45 <= opened - leak < 70
     assert [text for _, text in r.firmware_events("fault")] == ["raised rcd_trip", "cleared rcd_trip"]
     reclosed = [t for t, on in coil(r) if on and t > opened]
     assert reclosed and reclosed[0] - leak >= 1000  # rcd_retry_s = 1 in this scenario
