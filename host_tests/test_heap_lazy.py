@@ -117,6 +117,22 @@ def test_a_session_on_the_chip_shaped_port_runs_without_wiring_or_logging_loaded
     assert any("] main: firmware " in x for x in firmware_lines)
 
 
+def test_the_boot_only_modules_are_gone_after_the_boot_in_the_benchs_configuration():
+    """The configuration `make bench WHAT=heap32` bisects (a link, no secret), on the 32-bit
+    binary as `.mpy`: the boot's two phases (wiring.py, then wiring_link.py) and config.py are
+    not loaded at the session's end, and the link and the records are."""
+    from pilehost import chipheap, procs
+
+    program = unix_port.unix32_binary() or unix_port.micropython_binary()
+    r = unix_port.run_scenario("normal", config=chipheap._config(procs.free_port(), "lazy-3"),
+                               heapsize="400k", exact_heap=True, program=program)
+    assert r.returncode == 0 and r.result and r.result["boots"] == 1, "\n".join(r.lines[-20:])
+    loaded = set(r.result["modules"])
+    assert not {"wiring", "wiring_link", "config"} & loaded
+    assert {"mqtt_link", "mqtt_conn", "session_log", "journal", "main"} <= loaded
+    assert "command_auth" not in loaded  # no secret: never loaded
+
+
 # -- the link's biggest allocation at run time (issue 12 item 3) ---------------------------------
 
 _PIPE_SCRIPT = """
