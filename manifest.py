@@ -53,5 +53,6 @@ for _name in (
     "version",
     "wifi",
     "wiring",
+    "wiring_link",
 ):
     module(_name + ".py", base_path="firmware")

@@ -40,7 +40,9 @@ def hold_unavailable(board, reason):
     console.unavailable = reason
     console.report(time.ticks_ms(), "config", reason)
     console.report(time.ticks_ms(), "main", "pile unavailable until the configuration is fixed")
-    keep_open = wiring.hold_outputs(board)
+    import wiring as board_wiring  # dropped after the boot's first phase: imported again
+
+    keep_open = board_wiring.hold_outputs(board)
     while True:
         if keep_open is not None:
             keep_open()
@@ -67,13 +69,46 @@ def fail_safe(ctl, exc):
 
 
 def drop_wiring():
-    """wiring.py builds the pile once: its ~6 KiB of bytecode need not stay on the heap for the
-    run (issue 12). Nothing built keeps one of its functions (test_heap_lazy.py); service mode
-    imports it again."""
+    """wiring.py builds the pile's core once: its ~5 KiB of bytecode need not stay on the heap
+    beside the link's modules, nor for the run (issue 12). Nothing built keeps one of its
+    functions (test_heap_lazy.py); service mode and a held pile import it again."""
     global wiring
     wiring = None  # type: ignore[assignment]  # run() imports it again if it is run again
     sys.modules.pop("wiring", None)
     gc.collect()
+
+
+def build_core():
+    """The boot's first phase, wiring.py: (board, conf, controller, wiring.handover). A function
+    of its own: a call's frame can hold stale references to the module it used (the collector
+    scans the stack conservatively), and this one is gone when run() drops wiring.py."""
+    global wiring
+    if wiring is None:  # run again in the same process (a bench): built again
+        import wiring
+    board, conf, problem = wiring.load_settings()
+    if problem:
+        hold_unavailable(board, problem)
+    try:
+        ctl = wiring.build(board, conf)
+    except wiring.Unavailable as e:
+        hold_unavailable(board, str(e))
+    return board, conf, ctl, wiring.handover  # the link's room, OTA's survey: for the link phase
+
+
+def build_link(board, conf, ctl, handover):
+    """The boot's second phase, after wiring.py is dropped (wiring_link.py): (link, Wi-Fi
+    station, clock, watchdog); run() drops wiring_link.py when this frame is gone."""
+    import wiring_link
+
+    try:
+        link = wiring_link.build_link(board, conf, ctl, handover)
+    except wiring_link.Unavailable as e:
+        hold_unavailable(board, str(e))
+    station = wiring_link.build_wifi(conf)
+    if link is not None:
+        link.station = station  # the link's ladder restarts the Wi-Fi (link_heal.py)
+    clock = wiring_link.build_clock(conf, ctl)
+    return link, station, clock, wiring_link.watchdog(conf.wdt_timeout_ms)
 
 
 def service(board, conf, ctl, link, wdt):
@@ -85,25 +120,14 @@ def service(board, conf, ctl, link, wdt):
 
 
 def run():
-    global wiring
     ctl = link = wdt = board = conf = None
     try:
-        if wiring is None:  # run again in the same process (a bench): built again
-            import wiring
-        board, conf, problem = wiring.load_settings()
-        if problem:
-            hold_unavailable(board, problem)
-        try:
-            ctl = wiring.build(board, conf)
-            link = wiring.build_link(board, conf, ctl)
-        except wiring.Unavailable as e:
-            hold_unavailable(board, str(e))
-        station = wiring.build_wifi(conf)
-        if link is not None:
-            link.station = station  # the link's ladder restarts the Wi-Fi (link_heal.py)
-        clock = wiring.build_clock(conf, ctl)
-        wdt = wiring.watchdog(conf.wdt_timeout_ms)
-        drop_wiring()
+        board, conf, ctl, handover = build_core()
+        drop_wiring()  # before the link's modules load: the boot's peak is not both (issue 12)
+        link, station, clock, wdt = build_link(board, conf, ctl, handover)
+        del handover
+        sys.modules.pop("wiring_link", None)  # nothing built keeps one of its functions either
+        gc.collect()
         console.report(time.ticks_ms(), "main", "firmware %s, board %s, %s, max %s A%s" % (
             VERSION, board.name, conf.standard, conf.max_current_a,
             ", free vend" if conf.free_vend else ""))

@@ -1,7 +1,11 @@
 """Wiring: board.json + config.json -> the firmware's objects (docs/architecture.md).
 
-With boot.py the only module that imports `machine` or `network`: every other module is given
-its pins, buses and clocks. main.py asks here for the watchdog, idle, reset and a timer too.
+With wiring_link.py and boot.py the only modules that import `machine` or `network`: every
+other module is given its pins, buses and clocks. The boot in two phases (issue 12): this module
+reads the settings and builds the safety core and the records, then main.py drops it; then
+wiring_link.py builds the link, the Wi-Fi, the clock and the watchdog, and is dropped too, so
+that the boot's peak is not both modules beside every run-time module. main.py asks here for
+idle, reset and a timer too.
 """
 import gc
 import sys
@@ -12,14 +16,15 @@ from micropython import const
 
 import console
 import files
-from version import VERSION
 
 
 # The link's largest allocations, its out- and in-buffer (mqtt_conn.py's _OUT_SIZE + _IN_SIZE,
-# 3 KiB) with room for what is made beside them: held from the settings on (_reserve_link_room).
+# 3 KiB) with room for what is made beside them: held from the settings on (load_settings).
 _LINK_ROOM_B = const(4096)
-_link_room = None
-_ota_surveyed = None  # ota_lazy.survey() at the settings: None, ota.py loaded when the link binds
+# What the link phase (wiring_link.build_link) takes over when this module is dropped: "room",
+# the link's room; "ota", ota_lazy.survey() at the settings (None: ota.py loaded when the link
+# binds). A plain dict: holding it keeps no function of this module alive.
+handover = {}
 
 
 class Unavailable(Exception):
@@ -41,24 +46,17 @@ def load_settings():
     finally:
         del sys.modules["config"]
         gc.collect()
-    global _ota_surveyed
+    handover.clear()
     if conf.ota is not None and conf.mqtt is not None:  # on a heap still empty (ota_lazy.py)
         import ota_lazy
 
-        _ota_surveyed = ota_lazy.survey()
+        handover["ota"] = ota_lazy.survey()
     if conf.mqtt is not None:
-        _reserve_link_room(True)
+        # The link's buffers are made after every control module is loaded, when the heap is
+        # cut into holes smaller than they are. Held here while the heap is still whole (where
+        # config.py was), and let go just before the link is built: they find a block (issue 12).
+        handover["room"] = bytearray(_LINK_ROOM_B)
     return board, conf, None
-
-
-def _reserve_link_room(hold):
-    """The link's buffers are made after every control module is loaded, when the heap is cut
-    into holes smaller than they are. Held here while the heap is still whole (where config.py
-    was), and let go just before the link is built: they find a block (issue 12)."""
-    global _link_room
-    _link_room = bytearray(_LINK_ROOM_B) if hold else None
-    if not hold:
-        gc.collect()
 
 
 def build(board, conf):
@@ -158,106 +156,11 @@ def build_session_log(conf, gate=None):
 
 
 def build_link(board, conf, ctl):
-    """The MQTT link (docs/telemetry.md), when config.json has an mqtt section and a pile id."""
-    mconf = conf.mqtt
-    if mconf is None:
-        return None
-    now = time.ticks_ms()
-    if ctl.records.log is None:
-        console.report(now, "mqtt", "no pile_id in config.json: no MQTT link")
-        return None
-    gc.collect()  # as in build(): on a heap of .mpy bytecode these collections save ~10 KiB
-    import link_heal
-    import mqtt_link
+    """wiring_link.build_link with this module's hand-over: the virtual board's way (on the
+    pile main.py drops this module first, then imports wiring_link.py itself)."""
+    import wiring_link
 
-    gc.collect()
-    tls = None if mconf.tls_ca is None else build_tls(mconf.tls_ca, mqtt_link)
-    updater = None
-    if conf.ota is not None:  # over-the-air updates (docs/ota.md): ota.py loaded while it has work
-        import ota_lazy
-
-        updater = ota_lazy.Updater(conf.ota.key, board.name, conf.ota.trial_s, VERSION, machine.reset,
-                                   surveyed=_ota_surveyed)
-    _reserve_link_room(False)
-    # A reservation on flash only while a close may come: a car plugged in (docs/commands.md).
-    # (A bound method: a lambda here would keep this module alive after main drops it.)
-    verifier = build_verifier(mconf, ctl.records.gate, ctl.charger.has_session)
-    return mqtt_link.MqttLink(mconf, ctl, ctl.records.log, console.report, verifier,
-                              fw=VERSION, board=board.name, reset=machine.reset, boot_ms=console.boot_ms,
-                              tls=tls, ota=updater, heal_store=link_heal.HealStore(files.HEAL_FILE),
-                              reset_cause=reset_cause())
-
-
-def build_tls(path, mqtt_link):
-    """The broker's CA, read once: a missing or bad file is a config error (pile unavailable)."""
-    where = "config.json: mqtt: 'tls_ca'"
-    try:
-        with open(path, "rb") as f:
-            ca = f.read()
-    except OSError as e:
-        raise Unavailable("%s: cannot read %s (%s)" % (where, path, e)) from None
-    try:
-        return mqtt_link.tls_context(ca)
-    except ValueError as e:
-        raise Unavailable("%s: %s is not a usable CA certificate (%s)" % (where, path, e)) from None
-
-
-def build_verifier(mconf, gate=None, may_close=None):
-    """Remote commands need the key and a readable counter; otherwise they are refused (the
-    link then does not subscribe to them). The key is never printed."""
-    now = time.ticks_ms()
-    if mconf.secret is None:
-        console.report(now, "mqtt", "no secret in config.json: remote commands off")
-        return None
-    import binascii
-
-    import command_auth
-    import commands
-    import session_store
-
-    store = session_store.CounterStore(files.CMD_COUNTER_FILE)
-    last = store.load()
-    if last is None:  # docs/commands.md: from 0 again, every captured command would be accepted
-        console.report(now, "mqtt", "command counter unreadable (%s): remote commands refused" % store.error)
-        return None
-    verifier = command_auth.CommandVerifier(binascii.unhexlify(mconf.secret), last_counter=last,
-                                            counter_store=store, gate=gate, unix_ms=commands.unix_ms,
-                                            may_close=may_close)
-    problem = verifier.reserve_ahead()  # at boot, open: a session's commands then write nothing
-    if problem is not None:
-        console.report(now, "storage", "command counter not reserved (%s): written per command" % problem)
-    return verifier
-
-
-def build_wifi(conf):
-    """The Wi-Fi station (docs/network.md), when config.json has a wifi section."""
-    wconf = conf.wifi
-    if wconf is None:
-        return None
-    import network
-    import wifi
-
-    try:
-        wlan = network.WLAN(network.STA_IF)
-    except OSError as e:  # a radio that will not initialise must not keep the pile from charging
-        console.report(time.ticks_ms(), "wifi", "no Wi-Fi driver (%s): no network until reboot" % e)
-        return None
-    station = wifi.Station(wlan, wconf.ssid, wconf.password, console.report)
-    station.start(time.ticks_ms())  # waits for the driver to start: before the watchdog and the loop
-    return station
-
-
-def build_clock(conf, ctl):
-    """NTP time into the RTC, which time.time() reads (docs/network.md): an ntp section. A name
-    lookup blocks on the board: only with the contactor open (issue 10, item 19)."""
-    nconf = conf.ntp
-    if nconf is None:
-        return None
-    import sntp
-
-    return sntp.SntpClient(nconf.host, machine.RTC().datetime, console.report, port=nconf.port,
-                           interval_s=nconf.interval_s, start_jitter_s=nconf.start_jitter_s,
-                           may_block=sntp.while_open(ctl.contactor))
+    return wiring_link.build_link(board, conf, ctl, handover)
 
 
 _PARITY = {"none": None, "even": 0, "odd": 1}  # machine.UART: 0 even, 1 odd
@@ -317,24 +220,11 @@ def hold_outputs(board):
     return lambda: contactor.value(off)
 
 
-def watchdog(timeout_ms):
-    """The hardware watchdog: once started, an ESP32's cannot be stopped (evse-facts section 6)."""
-    return machine.WDT(timeout=timeout_ms)
-
-
 def service_timer(period_ms, callback):
     """A periodic timer for service mode (diag.py): soft on an ESP32, so it runs at the REPL."""
     timer = machine.Timer(0)
     timer.init(mode=machine.Timer.PERIODIC, period=period_ms, callback=callback)
     return timer
-
-
-def reset_cause():
-    """machine.reset_cause(), or None where the port has none."""
-    try:
-        return machine.reset_cause()
-    except (AttributeError, OSError):
-        return None
 
 
 # machine's own, not functions of this module: main.py keeps them and drops this module after

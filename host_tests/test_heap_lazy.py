@@ -35,22 +35,36 @@ def _functions_of(module, roots):
 
 @pytest.fixture
 def built(monkeypatch):
-    """Every part wiring.py builds on a board with all sections: records, link with commands, NTP."""
+    """Every part wiring.py and wiring_link.py build on a board with all sections: records,
+    link with commands, NTP."""
     import wiring
+    import wiring_link
 
     vb = VirtualBoard(monkeypatch, config={
         "pile_id": "lazy-1", "meter": {"type": "ddsu666"},
         "mqtt": {"host": "127.0.0.1", "port": 1, "secret": SECRET},
         "ntp": {"host": "127.0.0.1", "port": 1}})
     link = vb.build_link()
-    clock = wiring.build_clock(vb.conf, vb.ctl)
+    clock = wiring_link.build_clock(vb.conf, vb.ctl)
     assert link is not None and clock is not None and link._commands is not None
-    return wiring, [vb.ctl, link, clock, wiring.idle, wiring.reset]
+    return wiring, [vb.ctl, link, clock, wiring.idle, wiring.reset, wiring.handover]
 
 
 def test_nothing_built_keeps_a_function_of_wiring(built):
     wiring, roots = built
     assert _functions_of(wiring, roots) == []
+
+
+def test_nothing_built_keeps_a_function_of_wiring_link(built):
+    """main.py drops wiring_link.py too, once the link, the Wi-Fi, the clock and the watchdog
+    are built (issue 12): none of them keeps one of its functions."""
+    import wiring_link
+
+    _, roots = built
+    assert _functions_of(wiring_link, roots) == []
+    ctl = roots[0]
+    ctl.kept = eval("lambda: time", vars(wiring_link))  # the check sees one if there is one
+    assert _functions_of(wiring_link, roots) == ["<lambda>"]
 
 
 def test_the_check_sees_a_closure_of_wiring(built):
@@ -97,9 +111,26 @@ def test_a_session_on_the_chip_shaped_port_runs_without_wiring_or_logging_loaded
     loaded = set(r.result["modules"])
     assert {"main", "console", "charger", "controller"} <= loaded
     assert "wiring" not in loaded and "logging" not in loaded
+    assert "wiring_link" not in loaded and "config" not in loaded  # the boot's only
     assert {"command_auth", "commands", "mqtt_link"} <= loaded
     firmware_lines = [x for x in r.lines if x.startswith("[") and "] sim " not in x]
     assert any("] main: firmware " in x for x in firmware_lines)
+
+
+def test_the_boot_only_modules_are_gone_after_the_boot_in_the_benchs_configuration():
+    """The configuration `make bench WHAT=heap32` bisects (a link, no secret), on the 32-bit
+    binary as `.mpy`: the boot's two phases (wiring.py, then wiring_link.py) and config.py are
+    not loaded at the session's end, and the link and the records are."""
+    from pilehost import chipheap, procs
+
+    program = unix_port.unix32_binary() or unix_port.micropython_binary()
+    r = unix_port.run_scenario("normal", config=chipheap._config(procs.free_port(), "lazy-3"),
+                               heapsize="400k", exact_heap=True, program=program)
+    assert r.returncode == 0 and r.result and r.result["boots"] == 1, "\n".join(r.lines[-20:])
+    loaded = set(r.result["modules"])
+    assert not {"wiring", "wiring_link", "config"} & loaded
+    assert {"mqtt_link", "mqtt_conn", "session_log", "journal", "main"} <= loaded
+    assert "command_auth" not in loaded  # no secret: never loaded
 
 
 # -- the link's biggest allocation at run time (issue 12 item 3) ---------------------------------
