@@ -60,6 +60,25 @@ class Ladder:
     reset_min_interval_s, conflict_pause_s); store: a HealStore or None (then no reset ever);
     now_ms: the link's boot time, when the watchdog starts."""
 
+    # Set by link_setup.setup_ladder (annotations only: no code on the board).
+    _wifi_ms: int
+    _reset_ms: int
+    _rate_ms: int
+    conflict_pause_ms: int
+    _store: "HealStore | None"
+    down_since: int
+    _wifi_at: "int | None"
+    _up_at: "int | None"
+    connects: int
+    reconnects: int
+    wifi_restarts: int
+    resets: int
+    last_step: "str | None"
+    last_reason: "str | None"
+    kicks: int
+    conflict: bool
+    _clear_streak: bool
+
     def __init__(self, conf, store, now_ms):
         import link_setup  # the boot's: dropped by the link when it is built
 

@@ -9,6 +9,9 @@ import time
 
 from micropython import const
 
+TYPE_CHECKING = const(False)  # mypy takes it as True (tools/typecheck.py); compiled out here
+if TYPE_CHECKING:
+    from typing import Any
 
 _OUT_SIZE = const(2048)  # unsent bytes; more than that and the connection is dropped
 _IN_SIZE = const(1024)  # a command is at most 512 bytes (docs/commands.md) plus its topic
@@ -119,6 +122,33 @@ class MqttConn:
     conn_publish(now_ms, topic, msg) (only while conn_may_take()), conn_too_large(now_ms, size),
     conn_suback(now_ms, return code), and conn_report(now_ms, text). tls: an SSLContext or None.
     bufs: buffers()'s pair, made by the caller first (None: made here, first)."""
+
+    # Set by link_setup.setup_conn (annotations only: no code on the board).
+    _owner: "Any"
+    _keepalive_ms: int
+    tls: "Any"
+    _tls_name: "Any"
+    _raw: "Any"
+    _sock: "Any"
+    _poller: "Any"
+    _repeat: int
+    _step_us: int
+    _pipe: "_Pipe"
+    _in: bytearray
+    _in_mv: memoryview
+    _in_len: int
+    _skip: int
+    _user: "bytes | None"
+    _password: "Any"
+    _will: "Any"
+    _client: "Any"
+    _message: "Any"
+    _refused: int
+    state: int
+    _since: int
+    _last_rx: int
+    _ping_at: int
+    _progress: int
 
     def __init__(self, owner, client_id, keepalive_s, user=None, password=None, will=None,
                  tls=None, tls_name=None, bufs=None):

@@ -14,6 +14,13 @@ import link_heal
 import telemetry
 from mqtt_conn import DOWN, TCP, TLS, UP, WRAP, buffers, drop_setup
 
+TYPE_CHECKING = const(False)  # mypy takes it as True (tools/typecheck.py); compiled out here
+if TYPE_CHECKING:
+    from typing import Any
+
+    from backoff import Backoff
+    from mqtt_conn import MqttConn
+
 # Free out-buffer needed before building a publish: the largest outbox record (journal's
 # DEFAULT_MAX_PAYLOAD, 1024) on the longest topic (88 bytes with a 64-character pile_id), its
 # topic length, packet id and fixed header (<= 9): 1121 (host_tests/test_review_records.py).
@@ -119,6 +126,62 @@ class MqttLink:
     link_heal.HealStore (None: the ladder never resets the board); reset_cause:
     machine.reset_cause(). `station` (wifi.Station) is set by main.py when there is Wi-Fi."""
 
+    # Set by link_setup.setup_link (annotations only: no code on the board).
+    _pile: "PileView"
+    _ota: "Any"
+    _commands: "Any"
+    _log: "Any"
+    _outbox: "Any"
+    _report: "Any"
+    _verifier: "Any"
+    _fw: str
+    _board: str
+    _reset: "Any"
+    _wall: "Any"
+    _host: str
+    _port: int
+    _held: bool
+    _status_ms: int
+    _meter_ms: int
+    _topics: "telemetry.Topics"
+    _conn: "MqttConn"
+    _addr: "Any"
+    _stale: bool
+    _lookup_held: bool
+    _numeric: bool
+    last_error: "str | None"
+    _retry_at: int
+    _backoff: "Backoff"
+    _last_now: "int | None"
+    _uptime_ms: int
+    _todo_online: bool
+    _todo_status: bool
+    _todo_subscribe: bool
+    _todo_health: bool
+    _acks: list
+    _cmd_in: "Any"
+    _inflight: "Any"
+    _pending: "Any"
+    _drained_at: "Any"
+    _reboot: bool
+    _s_state: "Any"
+    _s_pilot: "Any"
+    _s_offer: "Any"
+    _s_faults: "Any"
+    _s_limit: "Any"
+    _s_limit_source: "Any"
+    _s_stale: "Any"
+    _status_at: int
+    _status_due: bool
+    _meter_at: int
+    station: "Any"
+    _heal: "link_heal.Ladder"
+    _loop: "link_heal.LoopFigures"
+    _ob_age: "link_heal.OutboxAge"
+    _cause: str
+    _health_ms: int
+    _health_at: int
+
     def __init__(self, conf, ctl, log, report=None, verifier=None, fw="0", board="",
                  reset=None, boot_ms=None, wall=time.time, tls=None, ota=None, heal_store=None,
                  reset_cause=None):
@@ -175,8 +238,9 @@ class MqttLink:
         # flash write before it (its counter write would stack on that one: flash_gate.spent).
         if raw is not None and not self._pile.flash_spent():
             self._cmd_in = None
-            self._pile.guard()
-            self._command(now_ms, raw)
+            if self._commands is not None:  # else not subscribed: a broker's stray message
+                self._pile.guard()
+                self._commands.received(self, now_ms, raw)
         if lost is not None:
             self._drop(now_ms, lost)
             return
@@ -436,38 +500,3 @@ class MqttLink:
         }
         self._conn.publish(self._topics.health, telemetry.health(
             self._wall(), self._log.boot, self._uptime_ms // 1000, self._fw, fig), retain=True)
-
-    # -- commands (docs/commands.md) -------------------------------------------------------------
-
-    def _command(self, now_ms, raw):
-        import command_auth  # loaded by now: the verifier is its (wiring.build_verifier)
-        import commands
-
-        try:
-            cmd = self._verifier.verify(raw)
-        except command_auth.CommandError as e:  # str(e): fixed texts, never the payload or key
-            self._emit(now_ms, "command refused: %s" % e)
-            if e.command_id is not None and e.cmd is not None:
-                self._ack(now_ms, e.command_id, e.cmd, commands.refused_result(e.code), str(e))
-            return
-        except MemoryError:  # a fragmented heap: refuse this one (nothing changed), keep running
-            self._emit(now_ms, "command refused: out of memory")
-            return
-        self._pile.guard()  # the verification (HMAC, counter write) was a slice of its own
-        result, reason, then = self._commands.apply(now_ms, cmd)
-        self._pile.guard()
-        if then == commands.THEN_STATUS:
-            self._todo_status = True
-        elif then == commands.THEN_STATUS_DUE:
-            self._status_due = True
-        elif then == commands.THEN_REBOOT:
-            self._reboot = True
-        if result is None:  # an update: answered when its download has ended (ota.py)
-            return
-        self._emit(now_ms, "command %s %s: %s%s" % (cmd.cmd, cmd.id, result,
-                                                    "" if reason is None else ", " + reason))
-        self._ack(now_ms, cmd.id, cmd.cmd, result, reason)
-        self._pile.guard()  # then the link's work (a status it asked for) is a slice of its own
-
-    def _ack(self, now_ms, cmd_id, cmd, result, reason):
-        self._acks.append(telemetry.cmd_ack(self._wall(), cmd_id, cmd, result, reason))

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import mqtt_conn
 import mqtt_link
 from pilehost import procs, unix_port
-from pilehost.link_rig import OfflineNet, Stub, charging_ctl
+from pilehost.link_rig import Stub, charging_ctl
 
 LAZY = ("link_setup", "link_tls")
 
@@ -218,14 +218,15 @@ def test_a_tls_link_waits_for_the_open_and_imports_only_then(monkeypatch):
 
 def test_the_board_reset_loads_its_code_only_with_no_session_and_drops_it(monkeypatch):
     """The ladder's last rung (link_heal): due only with no session open, so never closed. A
-    broker away for an hour with the contactor closed: nothing imported, no reset; opened and
-    idle: link_setup imported, the board reset, the module dropped."""
+    broker away for two hours with the contactor closed (reset_after_s and the rate passed):
+    nothing imported, no reset; opened and idle: link_setup imported, the board reset, the
+    module dropped."""
     link, contactor, broker, loads, resets, ctl = _link(monkeypatch, closed=True)
     broker.up = False
     now = 0
-    for _ in range(3600 * 1000 // 50):  # reset_after_s 1800, reset_min_interval_s 3600
+    for _ in range(7200 * 1000 // 100):  # reset_after_s 1800, reset_min_interval_s 3600
         link.poll(now)
-        now += 50
+        now += 100
     assert resets == [] and loads.seen == []
     contactor.closed = False
     ctl.charger.state = "idle"
@@ -283,3 +284,19 @@ def test_a_session_on_the_chip_shaped_port_ends_without_the_links_set_up(broker,
     assert not loaded & {"link_setup", "link_tls", "netaddr"}
     connected = any("connected to" in t for _, t in r.firmware_events("mqtt"))
     assert connected == broker_up
+
+
+def test_the_command_handling_is_not_loaded_without_commands_and_a_stray_one_is_dropped(monkeypatch):
+    """The handling of a command lives in commands.py, loaded only with a command secret. A
+    broker that sends to cmd/ without our subscription: dropped (it used to reach a verifier of
+    None and reset the pile)."""
+    monkeypatch.delitem(sys.modules, "commands", raising=False)
+    link, contactor, broker, loads, _, _ = _link(monkeypatch, closed=True)
+    for now in range(0, 500, 5):
+        link.poll(now)
+    assert link.connected
+    link.conn_publish(500, link._topics.cmd, b'{"v": 1}')
+    for now in range(500, 1000, 5):
+        link.poll(now)
+    assert link._cmd_in is None and link._acks == [] and link.connected
+    assert "commands" not in sys.modules
