@@ -144,6 +144,28 @@ def setup_conn(conn, owner, client_id, keepalive_s, user, password, will, tls, t
     conn._progress = 0
 
 
+def setup_topics(topics, pile_id):
+    """telemetry.Topics.__init__'s work."""
+    import journal
+
+    root = "evse/v1/%s/" % pile_id
+    topics.online = (root + "online").encode()
+    topics.status = (root + "status").encode()
+    topics.meter = (root + "meter").encode()
+    topics.ack = (root + "cmd/ack").encode()
+    topics.health = (root + "health").encode()
+    topics.cmd = (root + "cmd").encode()
+    topics.ota = (root + "ota").encode()
+    fault = (root + "fault").encode()
+    topics.outbox = {  # journal kind -> topic; a kind not here is not published
+        journal.KIND_SESSION_START: (root + "session/started").encode(),
+        journal.KIND_SESSION_END: (root + "session/ended").encode(),
+        journal.KIND_FAULT: fault,
+        # No schema of its own yet: the cloud keeps it in its `rejected` table.
+        journal.KIND_JOURNAL_FAULT: fault,
+    }
+
+
 def setup_ladder(ladder, conf, store, now_ms):
     """link_heal.Ladder.__init__'s work (its arguments there)."""
     ladder._wifi_ms = conf.wifi_restart_after_s * 1000
