@@ -94,7 +94,7 @@ class Commands:
         except command_auth.CommandError as e:  # str(e): fixed texts, never the payload or key
             link._emit(now_ms, "command refused: %s" % e)
             if e.command_id is not None and e.cmd is not None:
-                _ack(link, e.command_id, e.cmd, refused_result(e.code), str(e))
+                ack(link, e.command_id, e.cmd, refused_result(e.code), str(e))
             return
         except MemoryError:  # a fragmented heap: refuse this one (nothing changed), keep running
             link._emit(now_ms, "command refused: out of memory")
@@ -113,9 +113,10 @@ class Commands:
             return
         link._emit(now_ms, "command %s %s: %s%s" % (cmd.cmd, cmd.id, result,
                                                     "" if reason is None else ", " + reason))
-        _ack(link, cmd.id, cmd.cmd, result, reason)
+        ack(link, cmd.id, cmd.cmd, result, reason)
         pile.guard()  # then the link's work (a status it asked for) is a slice of its own
 
 
-def _ack(link, cmd_id, cmd, result, reason):
+def ack(link, cmd_id, cmd, result, reason):
+    """The cmd/ack message of a command, queued on the link (sent by its _work)."""
     link._acks.append(telemetry.cmd_ack(link._wall(), cmd_id, cmd, result, reason))
