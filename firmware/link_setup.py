@@ -15,14 +15,16 @@ import gc
 import sys
 import time
 
+from micropython import const
+
 import link_heal
 import telemetry
 from backoff import Backoff
 
 # machine.reset_cause() on the ESP32 (ports/esp32/modmachine.c).
 _CAUSES = {1: "power_on", 2: "hard", 3: "wdt", 4: "deepsleep", 5: "soft"}
-_BACKOFF_MIN_MS = 1000  # mqtt_link.py's _BACKOFF_MIN_MS
-_BACKOFF_MAX_MS = 60000
+_BACKOFF_MIN_MS = const(1000)  # mqtt_link.py's _BACKOFF_MIN_MS
+_BACKOFF_MAX_MS = const(60000)
 
 
 def cause_name(code):
