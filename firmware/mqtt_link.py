@@ -240,7 +240,7 @@ class MqttLink:
             self._cmd_in = None
             if self._commands is not None:  # else not subscribed: a broker's stray message
                 self._pile.guard()
-                self._commands.received(self, now_ms, raw)
+                self._command(now_ms, raw)
         if lost is not None:
             self._drop(now_ms, lost)
             return
@@ -500,3 +500,7 @@ class MqttLink:
         }
         self._conn.publish(self._topics.health, telemetry.health(
             self._wall(), self._log.boot, self._uptime_ms // 1000, self._fw, fig), retain=True)
+
+    def _command(self, now_ms, raw):
+        """A command's payload: verified, applied and answered by commands.py (docs/commands.md)."""
+        self._commands.received(self, now_ms, raw)
