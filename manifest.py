@@ -34,6 +34,8 @@ for _name in (
     "flash_gate",
     "journal",
     "link_heal",
+    "link_setup",
+    "link_tls",
     "meter",
     "modbus_meter",
     "mqtt_conn",

@@ -1,10 +1,12 @@
-"""A verified remote command -> its action on the pile -> (result, reason) for cmd/ack
-(docs/commands.md). Verification is command_auth.py's; publishing the answer is the link's."""
+"""A remote command from the link -> verified (command_auth.py) -> its action on the pile ->
+(result, reason) for cmd/ack, queued on the link (docs/commands.md). Loaded only on a pile that
+takes commands (a command secret): the link's command handling lives here (issue 12 item 3)."""
 import time
 
 from micropython import const
 
 import charger as ch
+import telemetry
 
 # What the link does besides answering (the third value of apply()).
 THEN_NOTHING = const(0)
@@ -81,3 +83,40 @@ class Commands:
             result, reason = self._ota.start(now_ms, cmd.id, args["release"])
             return result, reason, THEN_NOTHING
         return "unknown_command", None, THEN_NOTHING
+
+    def received(self, link, now_ms, raw):
+        """A command's payload off mqtt_link.MqttLink (`link`), once its receiving step is over:
+        verified, applied, its answer queued on the link's acks, and what the link does next."""
+        import command_auth  # loaded by now: the verifier is its (wiring.build_verifier)
+
+        try:
+            cmd = link._verifier.verify(raw)
+        except command_auth.CommandError as e:  # str(e): fixed texts, never the payload or key
+            link._emit(now_ms, "command refused: %s" % e)
+            if e.command_id is not None and e.cmd is not None:
+                ack(link, e.command_id, e.cmd, refused_result(e.code), str(e))
+            return
+        except MemoryError:  # a fragmented heap: refuse this one (nothing changed), keep running
+            link._emit(now_ms, "command refused: out of memory")
+            return
+        pile = link._pile
+        pile.guard()  # the verification (HMAC, counter write) was a slice of its own
+        result, reason, then = self.apply(now_ms, cmd)
+        pile.guard()
+        if then == THEN_STATUS:
+            link._todo_status = True
+        elif then == THEN_STATUS_DUE:
+            link._status_due = True
+        elif then == THEN_REBOOT:
+            link._reboot = True
+        if result is None:  # an update: answered when its download has ended (ota.py)
+            return
+        link._emit(now_ms, "command %s %s: %s%s" % (cmd.cmd, cmd.id, result,
+                                                    "" if reason is None else ", " + reason))
+        ack(link, cmd.id, cmd.cmd, result, reason)
+        pile.guard()  # then the link's work (a status it asked for) is a slice of its own
+
+
+def ack(link, cmd_id, cmd, result, reason):
+    """The cmd/ack message of a command, queued on the link (sent by its _work)."""
+    link._acks.append(telemetry.cmd_ack(link._wall(), cmd_id, cmd, result, reason))

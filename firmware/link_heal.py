@@ -14,8 +14,6 @@ from micropython import const
 
 import durable
 
-# machine.reset_cause() on the ESP32 (ports/esp32/modmachine.c).
-_CAUSES = {1: "power_on", 2: "hard", 3: "wdt", 4: "deepsleep", 5: "soft"}
 # A connection the broker closes this soon after its CONNACK is "kicked"; this many in a row:
 # another client uses our client id (MQTT 3.1.1 section 3.1.4: the broker disconnects the
 # existing client with the same id).
@@ -29,12 +27,6 @@ STEP_RECONNECT = "reconnect"
 STEP_WIFI = "wifi_restart"
 STEP_RESET = "reset"
 CLOSED_BY_BROKER = "closed by the broker"  # mqtt_conn.py's text when the broker closes
-
-
-def cause_name(code):
-    if code is None:
-        return "unknown"
-    return _CAUSES.get(code, "unknown")
 
 
 class HealStore:
@@ -68,27 +60,29 @@ class Ladder:
     reset_min_interval_s, conflict_pause_s); store: a HealStore or None (then no reset ever);
     now_ms: the link's boot time, when the watchdog starts."""
 
+    # Set by link_setup.setup_ladder (annotations only: no code on the board).
+    _wifi_ms: int
+    _reset_ms: int
+    _rate_ms: int
+    conflict_pause_ms: int
+    _store: "HealStore | None"
+    down_since: int
+    _wifi_at: "int | None"
+    _up_at: "int | None"
+    connects: int
+    reconnects: int
+    wifi_restarts: int
+    resets: int
+    last_step: "str | None"
+    last_reason: "str | None"
+    kicks: int
+    conflict: bool
+    _clear_streak: bool
+
     def __init__(self, conf, store, now_ms):
-        self._wifi_ms = conf.wifi_restart_after_s * 1000
-        self._reset_ms = conf.reset_after_s * 1000
-        self._rate_ms = conf.reset_min_interval_s * 1000
-        self.conflict_pause_ms = conf.conflict_pause_s * 1000
-        self._store = store
-        self.down_since = now_ms  # the watchdog: when the link was last up (or the boot)
-        self._wifi_at = None  # the last Wi-Fi restart of this outage
-        self._up_at = None  # CONNACK of the current connection
-        self.connects = 0
-        self.reconnects = 0  # connections lost or failed, each retried (step 1)
-        self.wifi_restarts = 0
-        self.resets = 0 if store is None else store.resets
-        self.last_step = None
-        self.last_reason = None
-        if store is not None and store.streak:  # the board came back from an escalation reset
-            self.last_step = STEP_RESET
-            self.last_reason = store.reason
-        self.kicks = 0
-        self.conflict = False
-        self._clear_streak = False  # the link came back: streak to 0 once the contactor is open
+        import link_setup  # the boot's: dropped by the link when it is built
+
+        link_setup.setup_ladder(self, conf, store, now_ms)
 
     # -- what the link tells ---------------------------------------------------------------------
 

@@ -4,15 +4,18 @@ MQTT connection": the pipe, the TLS steps)."""
 import errno
 import select
 import socket
+import sys
 import time
 
 from micropython import const
 
-from umqtt import simple as umqtt
+TYPE_CHECKING = const(False)  # mypy takes it as True (tools/typecheck.py); compiled out here
+if TYPE_CHECKING:
+    from typing import Any
 
 _OUT_SIZE = const(2048)  # unsent bytes; more than that and the connection is dropped
 _IN_SIZE = const(1024)  # a command is at most 512 bytes (docs/commands.md) plus its topic
-_CONNECT_MS = const(5000)  # TCP connect plus CONNACK; with TLS, the handshake, then the CONNACK
+CONNECT_MS = const(5000)  # TCP connect plus CONNACK; with TLS, the handshake, then the CONNACK
 _STALL_MS = const(10000)  # out-buffer not draining
 _MAX_PACKETS = const(4)  # broker packets handled per step (one PUBLISH at most)
 
@@ -30,8 +33,8 @@ class _Pipe:
     """What umqtt takes for its socket: write() appends to the out-buffer, read() gives bytes
     only from the one complete packet in `feed`, else EAGAIN. Buffers allocated once."""
 
-    def __init__(self, size):
-        self.buf = bytearray(size)
+    def __init__(self, size, buf=None):
+        self.buf = bytearray(size) if buf is None else buf
         self.mv = memoryview(self.buf)
         self.head = 0  # next byte to send
         self.tail = 0  # end of the unsent bytes
@@ -95,52 +98,64 @@ def fixed_header(buf, n):
     return None
 
 
+def buffers():
+    """(out-buffer, in-buffer), for MqttConn's `bufs`: the link's largest allocations, made
+    before anything else of the link (wiring.py frees a held block for them just before)."""
+    return bytearray(_OUT_SIZE), bytearray(_IN_SIZE)
+
+
+def drop_setup():
+    """link_setup.py and link_tls.py off the heap (main.py's next collection frees them): the
+    code of the boot, of TLS and of the board reset, never needed while the contactor is closed
+    (issue 12 item 3)."""
+    sys.modules.pop("link_setup", None)
+    sys.modules.pop("link_tls", None)
+
+
 def _would_block(e):
     return e.args and e.args[0] == _EAGAIN
-
-
-def _one_line(e):
-    """mbedTLS's verification reasons come one per line."""
-    return "; ".join(line for line in str(e).split("\n") if line)
 
 
 class MqttConn:
     """client_id, user, password, will topic and message: bytes (will: QoS 1, retained).
     owner: told what arrives, by conn_up(now_ms), conn_puback(now_ms, packet id),
     conn_publish(now_ms, topic, msg) (only while conn_may_take()), conn_too_large(now_ms, size),
-    conn_suback(now_ms, return code), and conn_report(now_ms, text). tls: an SSLContext or None."""
+    conn_suback(now_ms, return code), and conn_report(now_ms, text). tls: an SSLContext or None.
+    bufs: buffers()'s pair, made by the caller first (None: made here, first)."""
+
+    # Set by link_setup.setup_conn (annotations only: no code on the board).
+    _owner: "Any"
+    _keepalive_ms: int
+    tls: "Any"
+    _tls_name: "Any"
+    _raw: "Any"
+    _sock: "Any"
+    _poller: "Any"
+    _repeat: int
+    _step_us: int
+    _pipe: "_Pipe"
+    _in: bytearray
+    _in_mv: memoryview
+    _in_len: int
+    _skip: int
+    _user: "bytes | None"
+    _password: "Any"
+    _will: "Any"
+    _client: "Any"
+    _message: "Any"
+    _refused: int
+    state: int
+    _since: int
+    _last_rx: int
+    _ping_at: int
+    _progress: int
 
     def __init__(self, owner, client_id, keepalive_s, user=None, password=None, will=None,
-                 tls=None, tls_name=None):
-        self._owner = owner
-        self._keepalive_ms = keepalive_s * 1000
-        self.tls = tls
-        self._tls_name = tls_name
-        self._raw = None  # the TCP socket under the TLS one
-        self._sock = None
-        self._poller = None
-        self._repeat = 0  # bytes of a write that would block: offered again, no more, no fewer
-        self._step_us = 0  # longest handshake step of this attempt
-        self._pipe = _Pipe(_OUT_SIZE)
-        self._in = bytearray(_IN_SIZE)
-        self._in_mv = memoryview(self._in)
-        self._in_len = 0
-        self._skip = 0  # bytes still to discard of a packet larger than the in-buffer
-        self._user = user
-        self._password = password
-        self._will = will  # (topic, message)
-        # umqtt builds PUBLISH, SUBSCRIBE, PINGREQ and parses PUBLISH, into and from the pipe;
-        # CONNECT is built here (connect() would open a socket of its own).
-        c = self._client = umqtt.MQTTClient(client_id, None, 1883, keepalive=keepalive_s)
-        c.sock = self._pipe
-        c.set_callback(self._on_message)
-        self._message = None
-        self._refused = 0  # CONNACK's return code, when not 0
-        self.state = DOWN
-        self._since = 0
-        self._last_rx = 0
-        self._ping_at = 0
-        self._progress = 0
+                 tls=None, tls_name=None, bufs=None):
+        import link_setup  # dropped by the owner once built, or by close()
+
+        link_setup.setup_conn(self, owner, client_id, keepalive_s, user, password, will, tls,
+                              tls_name, bufs)
 
     # -- opening ---------------------------------------------------------------------------------
 
@@ -160,18 +175,11 @@ class MqttConn:
         self._since = now_ms
 
     def start_tls(self, now_ms):
-        """In WRAP: wraps the TCP socket, the handshake to run in the steps that follow."""
-        try:
-            sock = self.tls.wrap_socket(self._raw, server_hostname=self._tls_name,
-                                        do_handshake_on_connect=False)
-        except OSError as e:  # no memory for mbedTLS's buffers
-            raise OSError("TLS setup failed (%s)" % e) from None
-        self._sock = sock
-        self._poller = select.poll()
-        self._poller.register(sock, select.POLLIN)
-        self.state = TLS
-        self._since = now_ms
-        self._step_us = 0
+        """In WRAP: wraps the TCP socket, the handshake to run in the steps that follow. Only
+        with the contactor open (the owner's to see): it loads link_tls.py."""
+        import link_tls
+
+        link_tls.start_tls(self, now_ms)
 
     def close(self):
         for sock in (self._sock, self._raw):  # a failed handshake leaves the TCP socket open
@@ -184,6 +192,7 @@ class MqttConn:
         self.state = DOWN
         self._pipe.reset()
         self._in_len = self._skip = self._repeat = 0
+        drop_setup()  # a handshake's, if one was under way
 
     # -- the step --------------------------------------------------------------------------------
 
@@ -209,8 +218,8 @@ class MqttConn:
         self._receive(now_ms)
         if self._refused:
             return "broker refused the connection (return code %d)" % self._refused
-        if self.state == CONNACK and time.ticks_diff(now_ms, self._since) > _CONNECT_MS:
-            return "no CONNACK within %d s" % (_CONNECT_MS // 1000)
+        if self.state == CONNACK and time.ticks_diff(now_ms, self._since) > CONNECT_MS:
+            return "no CONNACK within %d s" % (CONNECT_MS // 1000)
         if self.state == UP:
             if time.ticks_diff(now_ms, self._last_rx) > self._keepalive_ms * 3 // 2:
                 raise OSError("broker silent for 1.5 x keep-alive")
@@ -222,8 +231,8 @@ class MqttConn:
     def _tcp_step(self, now_ms):
         events = self._poller.poll(0)
         if not events:
-            if time.ticks_diff(now_ms, self._since) > _CONNECT_MS:
-                return "no TCP connection within %d s" % (_CONNECT_MS // 1000)
+            if time.ticks_diff(now_ms, self._since) > CONNECT_MS:
+                return "no TCP connection within %d s" % (CONNECT_MS // 1000)
             return None
         if events[0][1] & (select.POLLERR | select.POLLHUP):
             return "connection refused"
@@ -241,26 +250,12 @@ class MqttConn:
         return None
 
     def _tls_step(self, now_ms):
-        """One handshake step: offer the CONNECT; taking it means the handshake is over."""
-        pipe = self._pipe
-        waiting = pipe.pending()
-        t0 = time.ticks_us()
-        try:
-            self.flush(now_ms)
-        except ValueError as e:  # mbedTLS: the certificate check failed, its reasons as text
-            return "TLS: broker certificate refused (%s)" % _one_line(e)
-        except OSError as e:
-            return "TLS handshake failed (%s)" % e
-        finally:
-            self._step_us = max(self._step_us, time.ticks_diff(time.ticks_us(), t0))
-        if pipe.pending() < waiting:
-            self._owner.conn_report(now_ms, "TLS handshake done in %d ms, longest step %d.%d ms" % (
-                time.ticks_diff(now_ms, self._since), self._step_us // 1000, self._step_us % 1000 // 100))
-            self.state = CONNACK
-            self._since = self._last_rx = now_ms
-        elif time.ticks_diff(now_ms, self._since) > _CONNECT_MS:
-            return "TLS handshake not finished within %d s" % (_CONNECT_MS // 1000)
-        return None
+        import link_tls  # loaded by start_tls
+
+        why = link_tls.tls_step(self, now_ms)
+        if why is None and self.state != TLS:
+            drop_setup()  # the handshake is done
+        return why
 
     def _connect_packet(self):
         """CONNECT (MQTT 3.1.1 section 3.1), clean session: a stale command must not run later.
@@ -460,30 +455,3 @@ class MqttConn:
 
     def _on_message(self, topic, msg):
         self._message = (topic, msg)
-
-
-_PEM_BEGIN = b"-----BEGIN CERTIFICATE-----"
-_PEM_END = b"-----END CERTIFICATE-----"
-
-
-def tls_context(ca):
-    """An SSLContext trusting only the certificates in `ca` (the bytes of the tls_ca file: PEM,
-    one certificate or several, or one DER certificate). ValueError if one is not usable."""
-    import binascii
-    import ssl
-
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    # micropython-lib's ssl starts at CERT_NONE. The ESP32 has verify_mode; its stub lacks it.
-    ctx.verify_mode = ssl.CERT_REQUIRED  # type: ignore[attr-defined]
-    start = ca.find(_PEM_BEGIN)
-    if start < 0:
-        ctx.load_verify_locations(cadata=ca)
-        return ctx
-    while start >= 0:
-        end = ca.find(_PEM_END, start)
-        if end < 0:
-            raise ValueError("no END CERTIFICATE line")
-        # Decoded here: some builds' mbedTLS (the unix port's) parse DER only.
-        ctx.load_verify_locations(cadata=binascii.a2b_base64(ca[start + len(_PEM_BEGIN):end]))
-        start = ca.find(_PEM_BEGIN, end)
-    return ctx

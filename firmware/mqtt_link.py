@@ -12,17 +12,20 @@ from micropython import const
 
 import link_heal
 import telemetry
-from backoff import Backoff
-from mqtt_conn import DOWN, TCP, TLS, UP, WRAP, MqttConn
-from mqtt_conn import tls_context  # noqa: F401  (wiring.py's build_tls takes it from here)
-from netaddr import numeric_host
+from mqtt_conn import DOWN, TCP, TLS, UP, WRAP, buffers, drop_setup
+
+TYPE_CHECKING = const(False)  # mypy takes it as True (tools/typecheck.py); compiled out here
+if TYPE_CHECKING:
+    from typing import Any
+
+    from backoff import Backoff
+    from mqtt_conn import MqttConn
 
 # Free out-buffer needed before building a publish: the largest outbox record (journal's
 # DEFAULT_MAX_PAYLOAD, 1024) on the longest topic (88 bytes with a 64-character pile_id), its
 # topic length, packet id and fixed header (<= 9): 1121 (host_tests/test_review_records.py).
 _ROOM = const(1152)
-_BACKOFF_MIN_MS = const(1000)
-_BACKOFF_MAX_MS = const(60000)
+_BACKOFF_MIN_MS = const(1000)  # link_setup.py's too
 _STATUS_MIN_GAP_MS = const(500)  # a flapping pilot does not flood the broker
 _MAX_ACKS = const(4)  # cmd/ack waiting to go out; a full queue holds back the next command
 
@@ -105,6 +108,16 @@ class PileView:
         self._ctl.guard(time.ticks_ms())
 
 
+def tls_context(ca):
+    """wiring.py's build_tls: link_tls.tls_context, at the boot, the module dropped after."""
+    import link_tls
+
+    try:
+        return link_tls.tls_context(ca)
+    finally:
+        drop_setup()
+
+
 class MqttLink:
     """conf: config.json's mqtt section; ctl: the Controller (read through PileView, acted on
     through commands.Commands); log: the SessionLog (pile id, boot, the outbox journal);
@@ -113,69 +126,75 @@ class MqttLink:
     link_heal.HealStore (None: the ladder never resets the board); reset_cause:
     machine.reset_cause(). `station` (wifi.Station) is set by main.py when there is Wi-Fi."""
 
+    # Set by link_setup.setup_link (annotations only: no code on the board).
+    _pile: "PileView"
+    _ota: "Any"
+    _commands: "Any"
+    _log: "Any"
+    _outbox: "Any"
+    _report: "Any"
+    _verifier: "Any"
+    _fw: str
+    _board: str
+    _reset: "Any"
+    _wall: "Any"
+    _host: str
+    _port: int
+    _held: bool
+    _status_ms: int
+    _meter_ms: int
+    _topics: "telemetry.Topics"
+    _conn: "MqttConn"
+    _addr: "Any"
+    _stale: bool
+    _lookup_held: bool
+    _numeric: bool
+    last_error: "str | None"
+    _retry_at: int
+    _backoff: "Backoff"
+    _last_now: "int | None"
+    _uptime_ms: int
+    _todo_online: bool
+    _todo_status: bool
+    _todo_subscribe: bool
+    _todo_health: bool
+    _acks: list
+    _cmd_in: "Any"
+    _inflight: "Any"
+    _pending: "Any"
+    _drained_at: "Any"
+    _reboot: bool
+    _s_state: "Any"
+    _s_pilot: "Any"
+    _s_offer: "Any"
+    _s_faults: "Any"
+    _s_limit: "Any"
+    _s_limit_source: "Any"
+    _s_stale: "Any"
+    _status_at: int
+    _status_due: bool
+    _meter_at: int
+    station: "Any"
+    _heal: "link_heal.Ladder"
+    _loop: "link_heal.LoopFigures"
+    _ob_age: "link_heal.OutboxAge"
+    _cause: str
+    _health_ms: int
+    _health_at: int
+
     def __init__(self, conf, ctl, log, report=None, verifier=None, fw="0", board="",
                  reset=None, boot_ms=None, wall=time.time, tls=None, ota=None, heal_store=None,
                  reset_cause=None):
-        self._pile = PileView(ctl)
-        self._ota = ota  # ota.Updater (docs/ota.md), or None
-        self._commands = None  # remote commands: only with a verifier, else never loaded
-        if verifier is not None:
-            import commands
+        # The buffers first, into the block wiring.py has just let go (issue 12): made after
+        # the link's small objects, they found the heap cut into holes too small for them.
+        bufs = buffers()
+        import link_setup  # the boot's code, off the heap once the link is built
 
-            self._commands = commands.Commands(ctl, ota)
-        self._log = log
-        self._outbox = log.outbox
-        self._report = report
-        self._verifier = verifier
-        self._fw = fw
-        self._board = board
-        self._reset = reset
-        self._wall = wall
-        self._host = conf.host
-        self._port = conf.port
-        self._held = False  # a TLS connection waits for the contactor to open
-        self._status_ms = conf.status_interval_s * 1000
-        self._meter_ms = conf.meter_interval_s * 1000
-        t = self._topics = telemetry.Topics(log.pile_id)
-        user = None if conf.username is None else conf.username.encode()
-        password = None if user is None else (conf.password or "").encode()
-        self._conn = MqttConn(self, log.pile_id.encode(), conf.keepalive_s, user, password,
-                              will=(t.online, telemetry.online(False, log.boot)), tls=tls,
-                              tls_name=conf.tls_server_name or conf.host)
-        self._addr = None
-        self._stale = False  # the kept address failed to connect: look it up again when allowed
-        self._lookup_held = False  # a lookup waits for the contactor to open (said once)
-        self._numeric = numeric_host(self._host)
-        self.last_error = None  # why the last connection attempt or connection ended (diag.py)
-        self._retry_at = 0 if boot_ms is None else boot_ms
-        self._backoff = Backoff(_BACKOFF_MIN_MS, _BACKOFF_MAX_MS)
-        self._last_now = boot_ms
-        self._uptime_ms = 0
-        self._todo_online = self._todo_status = self._todo_subscribe = False
-        self._acks = []
-        self._cmd_in = None  # a command received in this step, verified after it (poll)
-        self._inflight = None  # (packet id, outbox seq)
-        self._pending = None  # the outbox's pending() iterator
-        self._drained_at = None  # outbox.next_seq when the iterator ran dry
-        self._reboot = False
-        # What the last status said, to publish on a change.
-        self._s_state = self._s_pilot = self._s_offer = self._s_faults = self._s_limit = None
-        self._s_limit_source = self._s_stale = None
-        self._status_at = 0
-        self._status_due = True
-        self._meter_at = 0
-        if ota is not None:
-            ota.bind(self._pile, t, log.boot, report, wall)
-        # A link that heals itself (link_heal.py, docs/network.md).
-        start = time.ticks_ms() if boot_ms is None else boot_ms
-        self.station = None
-        self._heal = link_heal.Ladder(conf, heal_store, start)
-        self._loop = link_heal.LoopFigures()
-        self._ob_age = link_heal.OutboxAge(self._outbox, start)
-        self._cause = link_heal.cause_name(reset_cause)
-        self._health_ms = conf.health_interval_s * 1000
-        self._health_at = 0
-        self._todo_health = False
+        try:
+            link_setup.setup_link(self, bufs, conf, ctl, log, report, verifier, fw, board, reset,
+                                  boot_ms, wall, tls, ota, heal_store, reset_cause)
+        finally:
+            drop_setup()
 
     def _emit(self, now_ms, text):
         if self._report is not None:
@@ -219,8 +238,9 @@ class MqttLink:
         # flash write before it (its counter write would stack on that one: flash_gate.spent).
         if raw is not None and not self._pile.flash_spent():
             self._cmd_in = None
-            self._pile.guard()
-            self._command(now_ms, raw)
+            if self._commands is not None:  # else not subscribed: a broker's stray message
+                self._pile.guard()
+                self._command(now_ms, raw)
         if lost is not None:
             self._drop(now_ms, lost)
             return
@@ -308,18 +328,12 @@ class MqttLink:
             self._backoff.reset()  # the next attempts follow the new association closely
             self._retry_at = time.ticks_add(now_ms, _BACKOFF_MIN_MS)
             return
-        why = "no broker for %d s" % gone
+        import link_setup  # the last rung: due only with no session open (the contactor open)
+
         try:
-            heal.resetting(why)  # on flash first: the rate holds across the reset
-        except OSError as e:
-            heal.down_since = now_ms  # try again after a whole reset_after_s
-            self._emit(now_ms, "board reset given up: heal.json not written (%s)" % e)
-            return
-        self._emit(now_ms, "resetting the board: %s (escalation reset %d)" % (why, heal.resets))
-        self._pile.safe_off()  # contactor open first: never rely on the reset's pin state
-        if self._reset is not None:
-            self._reset()
-        heal.down_since = now_ms  # no reset to make (a bench): not again at once
+            link_setup.reset_board(self, now_ms)
+        finally:
+            drop_setup()
 
     # -- what the connection tells (mqtt_conn.MqttConn's owner) ---------------------------------
 
@@ -487,37 +501,6 @@ class MqttLink:
         self._conn.publish(self._topics.health, telemetry.health(
             self._wall(), self._log.boot, self._uptime_ms // 1000, self._fw, fig), retain=True)
 
-    # -- commands (docs/commands.md) -------------------------------------------------------------
-
     def _command(self, now_ms, raw):
-        import command_auth  # loaded by now: the verifier is its (wiring.build_verifier)
-        import commands
-
-        try:
-            cmd = self._verifier.verify(raw)
-        except command_auth.CommandError as e:  # str(e): fixed texts, never the payload or key
-            self._emit(now_ms, "command refused: %s" % e)
-            if e.command_id is not None and e.cmd is not None:
-                self._ack(now_ms, e.command_id, e.cmd, commands.refused_result(e.code), str(e))
-            return
-        except MemoryError:  # a fragmented heap: refuse this one (nothing changed), keep running
-            self._emit(now_ms, "command refused: out of memory")
-            return
-        self._pile.guard()  # the verification (HMAC, counter write) was a slice of its own
-        result, reason, then = self._commands.apply(now_ms, cmd)
-        self._pile.guard()
-        if then == commands.THEN_STATUS:
-            self._todo_status = True
-        elif then == commands.THEN_STATUS_DUE:
-            self._status_due = True
-        elif then == commands.THEN_REBOOT:
-            self._reboot = True
-        if result is None:  # an update: answered when its download has ended (ota.py)
-            return
-        self._emit(now_ms, "command %s %s: %s%s" % (cmd.cmd, cmd.id, result,
-                                                    "" if reason is None else ", " + reason))
-        self._ack(now_ms, cmd.id, cmd.cmd, result, reason)
-        self._pile.guard()  # then the link's work (a status it asked for) is a slice of its own
-
-    def _ack(self, now_ms, cmd_id, cmd, result, reason):
-        self._acks.append(telemetry.cmd_ack(self._wall(), cmd_id, cmd, result, reason))
+        """A command's payload: verified, applied and answered by commands.py (docs/commands.md)."""
+        self._commands.received(self, now_ms, raw)

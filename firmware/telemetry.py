@@ -3,7 +3,6 @@ docs/schemas/). The session records are built by session_log.py and kept in the 
 import json
 
 import charger as ch
-import journal
 from session_log import clock_synced, iso_utc
 
 # A meter message goes out only in these states (docs/telemetry.md, `meter`).
@@ -11,25 +10,22 @@ RUNNING = (ch.CHARGING, ch.SUSPENDED_EV, ch.SUSPENDED_EVSE)
 
 
 class Topics:
-    """evse/v1/<pile_id>/... as bytes, made once."""
+    """evse/v1/<pile_id>/... as bytes, made once (link_setup.setup_topics: boot code, off the
+    heap after the boot). outbox: journal kind -> topic; a kind not there is not published."""
+
+    online: bytes
+    status: bytes
+    meter: bytes
+    ack: bytes
+    health: bytes
+    cmd: bytes
+    ota: bytes
+    outbox: dict
 
     def __init__(self, pile_id):
-        root = "evse/v1/%s/" % pile_id
-        self.online = (root + "online").encode()
-        self.status = (root + "status").encode()
-        self.meter = (root + "meter").encode()
-        self.ack = (root + "cmd/ack").encode()
-        self.health = (root + "health").encode()
-        self.cmd = (root + "cmd").encode()
-        self.ota = (root + "ota").encode()
-        fault = (root + "fault").encode()
-        self.outbox = {  # journal kind -> topic; a kind not here is not published
-            journal.KIND_SESSION_START: (root + "session/started").encode(),
-            journal.KIND_SESSION_END: (root + "session/ended").encode(),
-            journal.KIND_FAULT: fault,
-            # No schema of its own yet: the cloud keeps it in its `rejected` table.
-            journal.KIND_JOURNAL_FAULT: fault,
-        }
+        import link_setup  # the link's boot: dropped once the link is built
+
+        link_setup.setup_topics(self, pile_id)
 
 
 def online(is_online, boot):

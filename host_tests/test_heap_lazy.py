@@ -194,7 +194,9 @@ def test_the_links_messages_are_smaller_than_its_biggest_allocation(built):
     heal.connects = heal.reconnects = heal.wifi_restarts = heal.resets = 2**31
     link._publish_status(1000)
     link._publish_health(2000)
-    link._ack(3000, "c" * 64, "set_current_limit", "rejected", "r" * 120)
+    import commands  # a command's handling and its ack (loaded with a command secret)
+
+    commands.ack(link, "c" * 64, "set_current_limit", "rejected", "r" * 120)
     conn.publish(link._topics.ack, link._acks.pop())
     assert len(conn.sizes) == 3
     assert max(conn.sizes.values()) + 16 < chipheap.LINK_BIGGEST_B, conn.sizes

@@ -13,6 +13,7 @@ from jsonschema import Draft202012Validator
 
 import config
 import link_heal
+import link_setup
 import telemetry
 from pilehost import ROOT
 
@@ -180,14 +181,14 @@ def test_loop_figures_since_the_last_take():
 def test_health_message_matches_its_schema():
     with open(os.path.join(ROOT, "docs", "schemas", "health.v1.schema.json")) as f:
         v = Draft202012Validator(json.load(f))
-    fig = {"reset_cause": link_heal.cause_name(3), "board": "ref-esp32", "heap_free": 1234,
+    fig = {"reset_cause": link_setup.cause_name(3), "board": "ref-esp32", "heap_free": 1234,
            "heap_largest_free": None, "outbox_records": 0, "outbox_oldest_s": None, "wifi_rssi": None,
            "link": {"connects": 0, "reconnects": 0, "wifi_restarts": 0, "resets": 0, "last_step": None,
                     "last_reason": None, "client_id_conflict": False},
            "meter_errors": {"timeout": 2}, "loop_ms": {"max": 7, "avg": 5}}
     msg = json.loads(telemetry.health(1.7e9, 3, 12, "0.1.0", fig))
     assert [e.message for e in v.iter_errors(msg)] == []
-    assert msg["reset_cause"] == "wdt" and link_heal.cause_name(None) == "unknown"
+    assert msg["reset_cause"] == "wdt" and link_setup.cause_name(None) == "unknown"
 
 
 @pytest.mark.parametrize("over, text", [

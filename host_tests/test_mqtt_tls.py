@@ -503,12 +503,12 @@ def test_a_refused_certificate_is_one_clear_line(monkeypatch):
 
 
 _CA_CHECK = """
-import sys, mqtt_conn
+import sys, link_tls
 for path in sys.argv[1:]:
     with open(path, "rb") as f:
         data = f.read()
     try:
-        mqtt_conn.tls_context(data)
+        link_tls.tls_context(data)
         print("ok")
     except ValueError as e:
         print("ValueError", e)

@@ -1,0 +1,338 @@
+"""Issue 12 item 3: the MQTT link's code that runs only with the contactor open is loaded when it
+is needed and dropped after (firmware/link_setup.py: the link's set-up at the boot and the board
+reset; firmware/link_tls.py: the TLS context and handshake). A .mpy import costs chip time that a
+closed contactor's iteration does not have: never is one of them imported while it is closed,
+and a session with the link, connected or with its broker away, ends without them loaded."""
+import errno
+import gc
+import sys
+import types
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mqtt_conn
+import mqtt_link
+from pilehost import procs, unix_port
+from pilehost.link_rig import Stub, charging_ctl
+
+LAZY = ("link_setup", "link_tls")
+
+
+class Loads:
+    """A meta path finder that sees every real import (a module not in sys.modules) of LAZY, with
+    the contactor's state at that moment."""
+
+    def __init__(self, contactor):
+        self.contactor = contactor
+        self.seen = []
+
+    def find_spec(self, name, path=None, target=None):
+        if name in LAZY:
+            self.seen.append((name, self.contactor.closed))
+        return None  # the normal finders load it
+
+    def while_closed(self):
+        return [name for name, closed in self.seen if closed]
+
+
+def _conf(**extra):
+    values = dict(host="10.0.0.5", port=1883, tls_server_name=None, username=None, password=None,
+                  keepalive_s=60, status_interval_s=60, meter_interval_s=10, health_interval_s=300,
+                  wifi_restart_after_s=300, reset_after_s=1800, reset_min_interval_s=3600,
+                  conflict_pause_s=300)
+    values.update(extra)
+    return Stub(**values)
+
+
+class _Broker:
+    """The broker behind the fake sockets: answers CONNECT with CONNACK; `up` False: a new
+    connection is refused and the open one is closed."""
+
+    def __init__(self):
+        self.up = True
+        self.connects = 0
+
+
+class _Sock:
+    """A TCP socket (connects at once while the broker is up) or, wrapped, a TLS one whose
+    handshake takes `handshake` writes."""
+
+    def __init__(self, broker, handshake=0):
+        self.broker = broker
+        self.handshake = handshake
+        self.inbox = bytearray()
+        self.closed = False
+        self.tls = False
+
+    def setblocking(self, flag):
+        pass
+
+    def connect(self, addr):
+        raise OSError(errno.EINPROGRESS)
+
+    def write(self, data):
+        if not self.broker.up:
+            raise OSError(errno.ECONNRESET)
+        if self.handshake:
+            self.handshake -= 1
+            return None
+        if bytes(data[:1]) == b"\x10":
+            self.broker.connects += 1
+            self.inbox += b"\x20\x02\x00\x00"
+        return len(data)
+
+    def readinto(self, buf):
+        if not self.broker.up:
+            return 0  # closed by the broker
+        if not self.inbox:
+            return None
+        n = min(len(buf), len(self.inbox))
+        buf[:n] = self.inbox[:n]
+        del self.inbox[:n]
+        return n
+
+    def close(self):
+        self.closed = True
+
+
+class _Net:
+    """The `socket` and `select` modules for the link."""
+    POLLIN, POLLOUT, POLLERR, POLLHUP = 1, 4, 8, 16
+
+    def __init__(self, broker):
+        self.broker = broker
+
+    def getaddrinfo(self, host, port, *args):
+        return [(None, None, None, None, (host, port))]
+
+    def socket(self, *args):
+        return _Sock(self.broker)
+
+    def poll(self):
+        net = self
+
+        class Poller:
+            def register(self, sock, mask):
+                self.sock = sock
+
+            modify = register
+
+            def poll(self, timeout):
+                sock = self.sock
+                if not net.broker.up:
+                    return [(sock, net.POLLHUP)]
+                if not sock.tls and not sock.inbox:
+                    return [(sock, net.POLLOUT)]
+                return [(sock, net.POLLIN)] if sock.inbox else []
+
+        return Poller()
+
+
+class _Context:
+    """The SSLContext: each wrap makes a TLS socket on the broker."""
+
+    def __init__(self, broker, handshake):
+        self.broker = broker
+        self.handshake = handshake
+
+    def wrap_socket(self, sock, server_hostname=None, do_handshake_on_connect=True):
+        tls = _Sock(self.broker, self.handshake)
+        tls.tls = True
+        return tls
+
+
+def _link(monkeypatch, tls_handshake=None, closed=False):
+    """(link, contactor, broker, loads, resets): the firmware's MqttLink built as at the boot
+    (contactor open), on fake sockets; loads recorded from then on."""
+    broker = _Broker()
+    net = _Net(broker)
+    monkeypatch.setattr(mqtt_link, "socket", net)
+    monkeypatch.setattr(mqtt_conn, "socket", net)
+    monkeypatch.setattr(mqtt_conn, "select", net)
+    resets = []
+    ctl, contactor = charging_ctl(safe_off=lambda: None)
+    contactor.closed = False  # the boot
+    outbox = Stub(next_seq=1, acked=0, pending=lambda: iter(()), ack=lambda seq: None)
+    log = Stub(pile_id="pile-lazy", boot=2, outbox=outbox)
+
+    class Store:  # link_heal.HealStore, on no flash
+        resets = streak = 0
+        reason = None
+
+        def save(self):
+            pass
+
+    tls = None if tls_handshake is None else _Context(broker, tls_handshake)
+    loads = Loads(contactor)
+    monkeypatch.setattr(sys, "meta_path", [loads] + sys.meta_path)
+    link = mqtt_link.MqttLink(_conf(port=8883 if tls else 1883), ctl, log, lambda now, what, text: None,
+                              boot_ms=0, tls=tls, heal_store=Store(), reset=lambda: resets.append(1))
+    assert [name for name, _ in loads.seen] in (["link_setup"], [])  # [] if a test left it loaded
+    assert not any(m in sys.modules for m in LAZY), "link_setup not dropped once the link is built"
+    loads.seen.clear()
+    contactor.closed = closed
+    return link, contactor, broker, loads, resets, ctl
+
+
+@pytest.mark.parametrize("tls", [None, 3], ids=["tcp", "tls"])
+def test_the_link_is_built_and_connects_with_its_set_up_dropped(monkeypatch, tls):
+    link, contactor, broker, loads, _, _ = _link(monkeypatch, tls_handshake=tls)
+    for now in range(0, 2000, 5):
+        link.poll(now)
+    assert link.connected and broker.connects == 1
+    assert not any(m in sys.modules for m in LAZY)  # link_tls: dropped when the handshake ended
+    assert loads.seen == ([] if tls is None else [("link_tls", False)])
+
+
+def test_a_plain_link_reconnects_while_closed_without_an_import(monkeypatch):
+    """The broker goes and comes back with the contactor closed: TCP, CONNECT, the online
+    message again, nothing imported."""
+    link, contactor, broker, loads, _, _ = _link(monkeypatch, closed=True)
+    now = 0
+    for up in (True, False, True, False, True):
+        broker.up = up
+        for _ in range(3000):
+            link.poll(now)
+            now += 5
+        assert link.connected == up
+    assert broker.connects == 3 and loads.seen == []
+    assert not any(m in sys.modules for m in LAZY)
+
+
+def test_a_tls_link_waits_for_the_open_and_imports_only_then(monkeypatch):
+    link, contactor, broker, loads, _, _ = _link(monkeypatch, tls_handshake=10**6, closed=True)
+    for now in range(0, 3000, 5):
+        link.poll(now)
+    assert loads.seen == [] and not link.connected
+    contactor.closed = False
+    for now in range(3000, 3100, 5):
+        link.poll(now)
+    assert loads.seen == [("link_tls", False)] and "link_tls" in sys.modules  # mid-handshake
+    contactor.closed = True
+    link.poll(3100)
+    assert "link_tls" not in sys.modules  # the handshake given up: dropped with the connection
+    for now in range(3105, 60000, 5):
+        link.poll(now)
+    assert loads.while_closed() == []
+
+
+def test_the_board_reset_loads_its_code_only_with_no_session_and_drops_it(monkeypatch):
+    """The ladder's last rung (link_heal): due only with no session open, so never closed. A
+    broker away for two hours with the contactor closed (reset_after_s and the rate passed):
+    nothing imported, no reset; opened and idle: link_setup imported, the board reset, the
+    module dropped."""
+    link, contactor, broker, loads, resets, ctl = _link(monkeypatch, closed=True)
+    broker.up = False
+    now = 0
+    for _ in range(7200 * 1000 // 100):  # reset_after_s 1800, reset_min_interval_s 3600
+        link.poll(now)
+        now += 100
+    assert resets == [] and loads.seen == []
+    contactor.closed = False
+    ctl.charger.state = "idle"
+    for _ in range(200):
+        link.poll(now)
+        now += 50
+    assert resets and loads.seen == [("link_setup", False)] * len(resets)
+    assert "link_setup" not in sys.modules
+
+
+@settings(max_examples=40, deadline=None)
+@given(tls=st.sampled_from([None, 1, 4]),
+       steps=st.lists(st.tuples(st.booleans(), st.booleans(), st.integers(1, 400)), min_size=1, max_size=12))
+def test_never_an_import_while_closed_whatever_the_broker_and_the_contactor_do(tls, steps):
+    """steps: (contactor closed, broker up, polls of 5 ms). After every poll: no lazy module
+    was loaded while closed, link_setup is never left loaded, link_tls only mid-handshake."""
+    mp = pytest.MonkeyPatch()
+    try:
+        link, contactor, broker, loads, _, _ = _link(mp, tls_handshake=tls)
+        now = 0
+        for closed, up, polls in steps:
+            contactor.closed = closed
+            broker.up = up
+            for _ in range(polls):
+                link.poll(now)
+                now += 5
+                assert loads.while_closed() == []
+                assert "link_setup" not in sys.modules
+                assert "link_tls" not in sys.modules or link._conn.state == mqtt_conn.TLS
+    finally:
+        mp.undo()
+
+
+def test_the_links_set_up_for_netaddr_is_dropped_too(monkeypatch):
+    """netaddr.py (numeric_host) is the set-up's: not kept loaded by the link (sntp.py keeps it
+    when there is an ntp section)."""
+    monkeypatch.delitem(sys.modules, "netaddr", raising=False)
+    _link(monkeypatch)
+    assert "netaddr" not in sys.modules
+
+
+@pytest.mark.parametrize("broker_up", [True, False], ids=["connected", "broker_away"])
+def test_a_session_on_the_chip_shaped_port_ends_without_the_links_set_up(broker, broker_up):
+    """On the 32-bit binary, as .mpy, the normal session with the link to mosquitto or to no
+    one: the session completes, and at its end link_setup, link_tls and netaddr are not loaded."""
+    program = unix_port.unix32_binary() or unix_port.micropython_binary()
+    port = broker.port if broker_up else procs.free_port()
+    config = {"meter": {"type": "ddsu666"}, "pile_id": "lazy-link-%d" % broker_up,
+              "mqtt": {"host": "127.0.0.1", "port": port, "keepalive_s": 10}}
+    r = unix_port.run_scenario("normal", config=config, heapsize="400k", exact_heap=True, program=program)
+    assert r.returncode == 0 and r.result and r.result["boots"] == 1, "\n".join(r.lines[-20:])
+    assert any("-> idle" in t for _, t in r.firmware_events("charger"))
+    loaded = set(r.result["modules"])
+    assert {"mqtt_link", "mqtt_conn", "link_heal"} <= loaded
+    assert not loaded & {"link_setup", "link_tls", "netaddr"}
+    connected = any("connected to" in t for _, t in r.firmware_events("mqtt"))
+    assert connected == broker_up
+
+
+def test_the_command_handling_is_not_loaded_without_commands_and_a_stray_one_is_dropped(monkeypatch):
+    """The handling of a command lives in commands.py, loaded only with a command secret. A
+    broker that sends to cmd/ without our subscription: dropped (it used to reach a verifier of
+    None and reset the pile)."""
+    monkeypatch.delitem(sys.modules, "commands", raising=False)
+    link, contactor, broker, loads, _, _ = _link(monkeypatch, closed=True)
+    for now in range(0, 500, 5):
+        link.poll(now)
+    assert link.connected
+    link.conn_publish(500, link._topics.cmd, b'{"v": 1}')
+    for now in range(500, 1000, 5):
+        link.poll(now)
+    assert link._cmd_in is None and link._acks == [] and link.connected
+    assert "commands" not in sys.modules
+
+
+def _functions_of(module, roots):
+    """Functions defined in `module` reachable from roots: a function holds its module's globals
+    and with them every function of it (modules and classes not followed)."""
+    own = vars(module)
+    seen, found, todo = set(), [], list(roots)
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, (types.ModuleType, type)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, types.FunctionType) and obj.__globals__ is own:
+            found.append(obj.__qualname__)
+            continue
+        if obj is own:
+            found.append("the module's globals")
+            continue
+        todo.extend(gc.get_referents(obj))
+    return found
+
+
+@pytest.mark.parametrize("tls", [None, 2], ids=["tcp", "tls"])
+def test_nothing_the_link_keeps_holds_a_function_of_its_set_up(monkeypatch, tls):
+    """Dropped from sys.modules is freed only if no object kept holds one of its functions."""
+    import link_setup
+    import link_tls
+
+    link, contactor, broker, loads, _, ctl = _link(monkeypatch, tls_handshake=tls)
+    for now in range(0, 2000, 5):
+        link.poll(now)
+    assert link.connected
+    assert _functions_of(link_setup, [link, ctl]) == []
+    assert _functions_of(link_tls, [link, ctl]) == []
