@@ -23,7 +23,7 @@ def refused_result(code):
 
 
 def unix_ms():
-    """The verifier's wall clock (wiring.build_verifier): unix ms once the clock is set, else
+    """The verifier's wall clock (wiring_link.build_verifier): unix ms once the clock is set, else
     None. A clock never set (before 2024: sntp.MIN_UNIX, in the port's own epoch) needs no
     sntp.py: a pile with commands and no ntp section does not load it (issue 12)."""
     if time.gmtime(int(time.time()))[0] < 2024:
@@ -87,7 +87,7 @@ class Commands:
     def received(self, link, now_ms, raw):
         """A command's payload off mqtt_link.MqttLink (`link`), once its receiving step is over:
         verified, applied, its answer queued on the link's acks, and what the link does next."""
-        import command_auth  # loaded by now: the verifier is its (wiring.build_verifier)
+        import command_auth  # loaded by now: the verifier is its (wiring_link.build_verifier)
 
         try:
             cmd = link._verifier.verify(raw)

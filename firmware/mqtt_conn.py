@@ -100,7 +100,7 @@ def fixed_header(buf, n):
 
 def buffers():
     """(out-buffer, in-buffer), for MqttConn's `bufs`: the link's largest allocations, made
-    before anything else of the link (wiring.py frees a held block for them just before)."""
+    before anything else of the link (wiring_link.py frees a held block for them just before)."""
     return bytearray(_OUT_SIZE), bytearray(_IN_SIZE)
 
 

@@ -109,7 +109,7 @@ class PileView:
 
 
 def tls_context(ca):
-    """wiring.py's build_tls: link_tls.tls_context, at the boot, the module dropped after."""
+    """wiring_link.py's build_tls: link_tls.tls_context, at the boot, the module dropped after."""
     import link_tls
 
     try:
@@ -185,7 +185,7 @@ class MqttLink:
     def __init__(self, conf, ctl, log, report=None, verifier=None, fw="0", board="",
                  reset=None, boot_ms=None, wall=time.time, tls=None, ota=None, heal_store=None,
                  reset_cause=None):
-        # The buffers first, into the block wiring.py has just let go (issue 12): made after
+        # The buffers first, into the block wiring_link.py has just let go (issue 12): made after
         # the link's small objects, they found the heap cut into holes too small for them.
         bufs = buffers()
         import link_setup  # the boot's code, off the heap once the link is built

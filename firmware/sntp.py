@@ -9,7 +9,7 @@ good one the clock is set again every `interval_s`. micropython-lib's ntptime.se
 used: it blocks for up to a second.
 
 A host name (not a numeric address) is looked up with getaddrinfo, which blocks on a board:
-only while `may_block()` says so (wiring.py: the contactor open; docs/network.md). The address is
+only while `may_block()` says so (wiring_link.py: the contactor open; docs/network.md). The address is
 kept; after a failed attempt it is looked up again when allowed, else the kept one serves. A
 numeric address needs no lookup: use one on piles.
 """
@@ -126,7 +126,7 @@ def iso(unix_s, offset):
 class SntpClient:
     """set_clock: takes an RTC datetime tuple (machine.RTC().datetime); report(now_ms, "ntp",
     text) gets every result. Polls only while `online` (the Wi-Fi up). may_block: a callable,
-    True when a name lookup may block (wiring.py: the contactor is open); None: always."""
+    True when a name lookup may block (wiring_link.py: the contactor is open); None: always."""
 
     def __init__(self, host, set_clock, report=None, port=NTP_PORT, interval_s=3600,
                  start_jitter_s=60, wall=time.time, sock_module=socket, may_block=None):

@@ -1,6 +1,6 @@
 """Wi-Fi station (docs/network.md): bring-up, watch, reconnect; one bounded step per control loop.
 
-Given the `network.WLAN(network.STA_IF)` object: only wiring.py imports `network`. Of its calls
+Given the `network.WLAN(network.STA_IF)` object: only wiring_link.py imports `network`. Of its calls
 only `active(True)` waits (for the driver to start), and `start()` makes it before the control
 loop; connect(), disconnect(), isconnected() and status() return at once on the ESP32.
 
