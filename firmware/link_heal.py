@@ -82,7 +82,7 @@ class Ladder:
     def __init__(self, conf, store, now_ms):
         import link_setup  # the boot's: dropped by the link when it is built
 
-        link_setup.setup_ladder(self, conf, store, now_ms)
+        link_setup.setup_ladder(self, conf, store, now_ms, STEP_RESET)
 
     # -- what the link tells ---------------------------------------------------------------------
 

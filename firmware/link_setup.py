@@ -17,8 +17,6 @@ import time
 
 from micropython import const
 
-import link_heal
-import telemetry
 from backoff import Backoff
 
 # machine.reset_cause() on the ESP32 (ports/esp32/modmachine.c).
@@ -36,19 +34,15 @@ def cause_name(code):
 # -- the boot --------------------------------------------------------------------------------------
 
 def setup_link(link, bufs, conf, ctl, log, report, verifier, fw, board, reset, boot_ms, wall, tls,
-               ota, heal_store, reset_cause):
-    """mqtt_link.MqttLink.__init__'s work (its arguments there)."""
-    import mqtt_link
-    from mqtt_conn import MqttConn
-
+               ota, heal_store, reset_cause, made):
+    """mqtt_link.MqttLink.__init__'s work (its arguments there). made: (PileView, MqttConn, the
+    telemetry module, the link_heal module), given by mqtt_link.py: this module imports none of
+    the link's modules, which import it (the firmware's imports run one way)."""
+    pile_view, mqtt_conn_class, telemetry, link_heal = made
     gc.collect()  # this module's import garbage: the heap is at its fullest at the boot's end
-    link._pile = mqtt_link.PileView(ctl)
+    link._pile = pile_view(ctl)
     link._ota = ota  # ota.Updater (docs/ota.md), or None
-    link._commands = None  # remote commands: only with a verifier, else never loaded
-    if verifier is not None:
-        import commands
-
-        link._commands = commands.Commands(ctl, ota)
+    link._commands = None  # remote commands: only with a verifier (set by MqttLink), else never loaded
     link._log = log
     link._outbox = log.outbox
     link._report = report
@@ -65,7 +59,7 @@ def setup_link(link, bufs, conf, ctl, log, report, verifier, fw, board, reset, b
     t = link._topics = telemetry.Topics(log.pile_id)
     user = None if conf.username is None else conf.username.encode()
     password = None if user is None else (conf.password or "").encode()
-    link._conn = MqttConn(link, log.pile_id.encode(), conf.keepalive_s, user, password,
+    link._conn = mqtt_conn_class(link, log.pile_id.encode(), conf.keepalive_s, user, password,
                           will=(t.online, telemetry.online(False, log.boot)), tls=tls,
                           tls_name=conf.tls_server_name or conf.host, bufs=bufs)
     link._addr = None
@@ -110,13 +104,14 @@ def setup_link(link, bufs, conf, ctl, log, report, verifier, fw, board, reset, b
     link._todo_health = False
 
 
-def setup_conn(conn, owner, client_id, keepalive_s, user, password, will, tls, tls_name, bufs):
-    """mqtt_conn.MqttConn.__init__'s work (its arguments there)."""
-    import mqtt_conn
+def setup_conn(conn, owner, client_id, keepalive_s, user, password, will, tls, tls_name, bufs,
+               pipe_class, down):
+    """mqtt_conn.MqttConn.__init__'s work (its arguments there; pipe_class and down: its _Pipe
+    and DOWN, given: this module does not import mqtt_conn, which imports it)."""
     from umqtt import simple as umqtt
 
-    out, conn._in = mqtt_conn.buffers() if bufs is None else bufs
-    conn._pipe = pipe = mqtt_conn._Pipe(len(out), out)
+    out, conn._in = bufs
+    conn._pipe = pipe = pipe_class(len(out), out)
     conn._owner = owner
     conn._keepalive_ms = keepalive_s * 1000
     conn.tls = tls
@@ -139,7 +134,7 @@ def setup_conn(conn, owner, client_id, keepalive_s, user, password, will, tls, t
     c.set_callback(conn._on_message)
     conn._message = None
     conn._refused = 0  # CONNACK's return code, when not 0
-    conn.state = mqtt_conn.DOWN
+    conn.state = down
     conn._since = 0
     conn._last_rx = 0
     conn._ping_at = 0
@@ -168,8 +163,8 @@ def setup_topics(topics, pile_id):
     }
 
 
-def setup_ladder(ladder, conf, store, now_ms):
-    """link_heal.Ladder.__init__'s work (its arguments there)."""
+def setup_ladder(ladder, conf, store, now_ms, step_reset):
+    """link_heal.Ladder.__init__'s work (its arguments there; step_reset: its STEP_RESET)."""
     ladder._wifi_ms = conf.wifi_restart_after_s * 1000
     ladder._reset_ms = conf.reset_after_s * 1000
     ladder._rate_ms = conf.reset_min_interval_s * 1000
@@ -185,7 +180,7 @@ def setup_ladder(ladder, conf, store, now_ms):
     ladder.last_step = None
     ladder.last_reason = None
     if store is not None and store.streak:  # the board came back from an escalation reset
-        ladder.last_step = link_heal.STEP_RESET
+        ladder.last_step = step_reset
         ladder.last_reason = store.reason
     ladder.kicks = 0
     ladder.conflict = False

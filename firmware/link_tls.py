@@ -32,12 +32,10 @@ def tls_context(ca):
     return ctx
 
 
-def start_tls(conn, now_ms):
+def start_tls(conn, now_ms, select, tls_state):
     """mqtt_conn.MqttConn.start_tls's work: wraps the TCP socket, the handshake to run in the
-    steps that follow."""
-    import mqtt_conn
-
-    select = mqtt_conn.select  # the module mqtt_conn polls with (the host tests' stand-in)
+    steps that follow. select: the module mqtt_conn polls with (the host tests' stand-in);
+    tls_state: mqtt_conn.TLS (given: this module does not import mqtt_conn, which imports it)."""
     try:
         sock = conn.tls.wrap_socket(conn._raw, server_hostname=conn._tls_name,
                                     do_handshake_on_connect=False)
@@ -46,7 +44,7 @@ def start_tls(conn, now_ms):
     conn._sock = sock
     conn._poller = select.poll()
     conn._poller.register(sock, select.POLLIN)
-    conn.state = mqtt_conn.TLS
+    conn.state = tls_state
     conn._since = now_ms
     conn._step_us = 0
 
@@ -56,11 +54,10 @@ def _one_line(e):
     return "; ".join(line for line in str(e).split("\n") if line)
 
 
-def tls_step(conn, now_ms):
+def tls_step(conn, now_ms, connack_state, connect_ms):
     """One handshake step: offer the CONNECT; taking it means the handshake is over. The text
-    of why the connection ends, or None."""
-    import mqtt_conn
-
+    of why the connection ends, or None. connack_state, connect_ms: mqtt_conn's CONNACK and
+    CONNECT_MS."""
     pipe = conn._pipe
     waiting = pipe.pending()
     t0 = time.ticks_us()
@@ -75,8 +72,8 @@ def tls_step(conn, now_ms):
     if pipe.pending() < waiting:
         conn._owner.conn_report(now_ms, "TLS handshake done in %d ms, longest step %d.%d ms" % (
             time.ticks_diff(now_ms, conn._since), conn._step_us // 1000, conn._step_us % 1000 // 100))
-        conn.state = mqtt_conn.CONNACK
+        conn.state = connack_state
         conn._since = conn._last_rx = now_ms
-    elif time.ticks_diff(now_ms, conn._since) > mqtt_conn.CONNECT_MS:
-        return "TLS handshake not finished within %d s" % (mqtt_conn.CONNECT_MS // 1000)
+    elif time.ticks_diff(now_ms, conn._since) > connect_ms:
+        return "TLS handshake not finished within %d s" % (connect_ms // 1000)
     return None

@@ -155,7 +155,7 @@ class MqttConn:
         import link_setup  # dropped by the owner once built, or by close()
 
         link_setup.setup_conn(self, owner, client_id, keepalive_s, user, password, will, tls,
-                              tls_name, bufs)
+                              tls_name, buffers() if bufs is None else bufs, _Pipe, DOWN)
 
     # -- opening ---------------------------------------------------------------------------------
 
@@ -179,7 +179,7 @@ class MqttConn:
         with the contactor open (the owner's to see): it loads link_tls.py."""
         import link_tls
 
-        link_tls.start_tls(self, now_ms)
+        link_tls.start_tls(self, now_ms, select, TLS)
 
     def close(self):
         for sock in (self._sock, self._raw):  # a failed handshake leaves the TCP socket open
@@ -252,7 +252,7 @@ class MqttConn:
     def _tls_step(self, now_ms):
         import link_tls  # loaded by start_tls
 
-        why = link_tls.tls_step(self, now_ms)
+        why = link_tls.tls_step(self, now_ms, CONNACK, CONNECT_MS)
         if why is None and self.state != TLS:
             drop_setup()  # the handshake is done
         return why

@@ -12,7 +12,7 @@ from micropython import const
 
 import link_heal
 import telemetry
-from mqtt_conn import DOWN, TCP, TLS, UP, WRAP, buffers, drop_setup
+from mqtt_conn import DOWN, TCP, TLS, UP, WRAP, MqttConn, buffers, drop_setup
 
 TYPE_CHECKING = const(False)  # mypy takes it as True (tools/typecheck.py); compiled out here
 if TYPE_CHECKING:
@@ -192,9 +192,14 @@ class MqttLink:
 
         try:
             link_setup.setup_link(self, bufs, conf, ctl, log, report, verifier, fw, board, reset,
-                                  boot_ms, wall, tls, ota, heal_store, reset_cause)
+                                  boot_ms, wall, tls, ota, heal_store, reset_cause,
+                                  (PileView, MqttConn, telemetry, link_heal))
         finally:
             drop_setup()
+        if verifier is not None:  # remote commands: commands.py only with a verifier
+            import commands
+
+            self._commands = commands.Commands(ctl, ota)
 
     def _emit(self, now_ms, text):
         if self._report is not None:
