@@ -112,6 +112,17 @@ def drop_setup():
     sys.modules.pop("link_tls", None)
 
 
+def _tls_code():
+    """link_tls.py, imported now (the contactor open). Its import failing (a fragmented heap's
+    MemoryError, a damaged file's ValueError) is a failed connection attempt, retried with the
+    backoff: up in main.run() it would reset the board, a session open or not."""
+    try:
+        import link_tls
+    except (MemoryError, ImportError, ValueError, SyntaxError) as e:
+        raise OSError("TLS code not loaded (%r)" % (e,)) from None
+    return link_tls
+
+
 def _would_block(e):
     return e.args and e.args[0] == _EAGAIN
 
@@ -177,9 +188,7 @@ class MqttConn:
     def start_tls(self, now_ms):
         """In WRAP: wraps the TCP socket, the handshake to run in the steps that follow. Only
         with the contactor open (the owner's to see): it loads link_tls.py."""
-        import link_tls
-
-        link_tls.start_tls(self, now_ms, select, TLS)
+        _tls_code().start_tls(self, now_ms, select, TLS)
 
     def close(self):
         for sock in (self._sock, self._raw):  # a failed handshake leaves the TCP socket open
@@ -250,9 +259,7 @@ class MqttConn:
         return None
 
     def _tls_step(self, now_ms):
-        import link_tls  # loaded by start_tls
-
-        why = link_tls.tls_step(self, now_ms, CONNACK, CONNECT_MS)
+        why = _tls_code().tls_step(self, now_ms, CONNACK, CONNECT_MS)  # loaded by start_tls
         if why is None and self.state != TLS:
             drop_setup()  # the handshake is done
         return why

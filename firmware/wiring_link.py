@@ -58,6 +58,10 @@ def build_tls(path, mqtt_link):
             ca = f.read()
     except OSError as e:
         raise Unavailable("%s: cannot read %s (%s)" % (where, path, e)) from None
+    # The code first, outside the ValueError below: a damaged link_tls.mpy raises one too, and
+    # is not the CA's fault (main.run's fail_safe, a reset: a trial release is rolled back).
+    import link_tls  # noqa: F401  (dropped by mqtt_link.tls_context)
+
     try:
         return mqtt_link.tls_context(ca)
     except ValueError as e:

@@ -1,0 +1,244 @@
+"""Adversarial review of the boot in two phases and the link's lazy code (issue 12 item 3:
+main.py build_core/build_link, wiring_link.py, link_setup.py, link_tls.py). Each test is a way
+the change could break a rule: a lazy module's import failing (a fragmented heap's MemoryError,
+a damaged .mpy's ValueError) where the firmware used to have the code at hand."""
+import errno
+import sys
+
+import pytest
+
+import mqtt_conn
+import mqtt_link
+import release_boot
+import wiring_link
+from pilehost.link_rig import Stub, charging_ctl
+
+LAZY = ("link_setup", "link_tls")
+
+
+class Failing:
+    """A meta path finder: an import of `name` (not in sys.modules) raises `error` while armed."""
+
+    def __init__(self, name, error):
+        self.name = name
+        self.error = error
+        self.armed = True
+        self.tries = 0
+
+    def find_spec(self, name, path=None, target=None):
+        if name == self.name and self.armed:
+            self.tries += 1
+            raise self.error
+        return None
+
+
+class _Sock:
+    def __init__(self, tls=False):
+        self.tls = tls
+        self.inbox = bytearray()
+
+    def setblocking(self, flag):
+        pass
+
+    def connect(self, addr):
+        raise OSError(errno.EINPROGRESS)
+
+    def write(self, data):
+        if bytes(data[:1]) == b"\x10":
+            self.inbox += b"\x20\x02\x00\x00"  # CONNACK
+        return len(data)
+
+    def readinto(self, buf):
+        if not self.inbox:
+            return None
+        n = min(len(buf), len(self.inbox))
+        buf[:n] = self.inbox[:n]
+        del self.inbox[:n]
+        return n
+
+    def close(self):
+        pass
+
+
+class _Net:
+    """socket and select for the link: a broker that answers at once; `up` False: refused."""
+    POLLIN, POLLOUT, POLLERR, POLLHUP = 1, 4, 8, 16
+
+    def __init__(self):
+        self.up = True
+
+    def getaddrinfo(self, host, port, *args):
+        return [(None, None, None, None, (host, port))]
+
+    def socket(self, *args):
+        return _Sock()
+
+    def poll(self):
+        net = self
+
+        class Poller:
+            def register(self, sock, mask):
+                self.sock = sock
+
+            modify = register
+
+            def poll(self, timeout):
+                if not net.up:
+                    return [(self.sock, net.POLLHUP)]
+                if not self.sock.tls and not self.sock.inbox:
+                    return [(self.sock, net.POLLOUT)]
+                return [(self.sock, net.POLLIN)] if self.sock.inbox else []
+
+        return Poller()
+
+
+class _Context:
+    def wrap_socket(self, sock, server_hostname=None, do_handshake_on_connect=True):
+        return _Sock(tls=True)
+
+
+def _conf(**extra):
+    values = dict(host="10.0.0.5", port=8883, tls_server_name=None, username=None, password=None,
+                  keepalive_s=60, status_interval_s=60, meter_interval_s=10, health_interval_s=300,
+                  wifi_restart_after_s=300, reset_after_s=1800, reset_min_interval_s=3600,
+                  conflict_pause_s=300)
+    values.update(extra)
+    return Stub(**values)
+
+
+def _link(monkeypatch, tls=True):
+    """(link, ctl, net, texts, resets): MqttLink as built at the boot, contactor open."""
+    net = _Net()
+    monkeypatch.setattr(mqtt_link, "socket", net)
+    monkeypatch.setattr(mqtt_conn, "socket", net)
+    monkeypatch.setattr(mqtt_conn, "select", net)
+    for name in LAZY:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    offs = []
+    ctl, contactor = charging_ctl(safe_off=lambda: offs.append(1))
+    contactor.closed = False
+    outbox = Stub(next_seq=1, acked=0, pending=lambda: iter(()), ack=lambda seq: None)
+    log = Stub(pile_id="pile-review", boot=2, outbox=outbox)
+
+    class Store:
+        resets = streak = 0
+        reason = None
+
+        def save(self):
+            pass
+
+    texts = []
+    resets = []
+    link = mqtt_link.MqttLink(_conf(port=8883 if tls else 1883), ctl, log,
+                              lambda now, what, text: texts.append(text), boot_ms=0,
+                              tls=_Context() if tls else None, heal_store=Store(),
+                              reset=lambda: resets.append(1))
+    return link, ctl, net, texts, resets
+
+
+@pytest.mark.parametrize("error", [MemoryError(), ValueError("incompatible .mpy file")],
+                         ids=["memory", "damaged"])
+def test_a_tls_reconnect_whose_code_cannot_load_is_retried_not_a_board_reset(monkeypatch, error):
+    """A session suspended (contactor open, a session open: the ladder would never reset the
+    board now), the broker away and back: the handshake's code, link_tls.py, does not load (a
+    fragmented heap, a damaged file). Before link_tls.py existed start_tls had its code at
+    hand and an OSError there was a dropped attempt; the import's error went up through
+    main.run() to fail_safe: a board reset in the middle of a session. It must be a failed
+    attempt, retried with the backoff, and the link must come up once the code loads."""
+    link, ctl, net, texts, resets = _link(monkeypatch)
+    ctl.charger.state = "suspended_ev"
+    ctl.charger.session = object()  # a session open with the contactor open
+    failing = Failing("link_tls", error)
+    monkeypatch.setattr(sys, "meta_path", [failing] + sys.meta_path)
+    now = 0
+    for _ in range(400):
+        link.poll(now)  # must not raise: main.run() would fail_safe and reset the board
+        now += 5
+    assert failing.tries >= 1 and not link.connected
+    assert link.last_error is not None and "TLS" in link.last_error
+    assert resets == []
+    failing.armed = False
+    for _ in range(20000):
+        link.poll(now)
+        now += 5
+        if link.connected:
+            break
+    assert link.connected
+    assert not any(m in sys.modules for m in LAZY)
+
+
+@pytest.mark.parametrize("error", [MemoryError(), ValueError("incompatible .mpy file")],
+                         ids=["memory", "damaged"])
+def test_the_reset_rung_whose_code_cannot_load_gives_up_as_when_heal_json_fails(monkeypatch, error):
+    """The ladder's last rung, now in link_setup.py: its import failing went up to fail_safe,
+    a reset that heal.json never counted (the reset rate's doubling lost), reported as an
+    internal error. It must give up as when heal.json cannot be written: no exception, no
+    reset, tried again after a whole reset_after_s."""
+    link, ctl, net, texts, resets = _link(monkeypatch, tls=False)
+    ctl.contactor.closed = False
+    ctl.charger.state = "idle"
+    net.up = False
+    failing = Failing("link_setup", error)
+    monkeypatch.setattr(sys, "meta_path", [failing] + sys.meta_path)
+    now = 0
+    for _ in range(3700 * 10):  # reset_after_s 1800, reset_min_interval_s 3600
+        link.poll(now)
+        now += 100
+    assert failing.tries >= 1 and resets == []
+    assert any("board reset given up" in t for t in texts)
+    assert failing.tries <= 2  # once per reset_after_s, not at every step
+    failing.armed = False
+    for _ in range(1900 * 10):
+        link.poll(now)
+        now += 100
+    assert resets  # the code loads again: the rung works
+    assert "link_setup" not in sys.modules
+
+
+def test_a_damaged_link_tls_is_not_reported_as_a_bad_ca_certificate(monkeypatch, tmp_path):
+    """wiring_link.build_tls turned every ValueError into 'not a usable CA certificate' and held
+    the pile unavailable for good: a damaged link_tls.mpy (ValueError: incompatible .mpy file)
+    sent a technician to replace a good CA, and on the good release no reset or rollback
+    ever came. The damaged code must surface as itself (main.run's fail_safe)."""
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    monkeypatch.delitem(sys.modules, "link_tls", raising=False)
+    failing = Failing("link_tls", ValueError("incompatible .mpy file"))
+    monkeypatch.setattr(sys, "meta_path", [failing] + sys.meta_path)
+    with pytest.raises(Exception) as caught:
+        wiring_link.build_tls(str(ca), mqtt_link)
+    assert not isinstance(caught.value, wiring_link.Unavailable), str(caught.value)
+    assert failing.tries == 1
+
+
+def test_a_bad_ca_file_is_still_a_config_error(monkeypatch, tmp_path):
+    """The fix above keeps the config error: a CA that does not parse holds the pile."""
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(b"-----BEGIN CERTIFICATE-----\nAAAA\n")  # no END line
+    monkeypatch.delitem(sys.modules, "link_tls", raising=False)
+    with pytest.raises(wiring_link.Unavailable):
+        wiring_link.build_tls(str(ca), mqtt_link)
+    assert "link_tls" not in sys.modules
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "wiring_link.py (the watchdog, the Wi-Fi, the clock, the link) is imported by main.run() on "
+    "every pile but is not in release_boot.MAIN_IMPORTS: a good release whose wiring_link.mpy is "
+    "damaged since its trial fails inside run() (fail_safe -> reset) at every boot, never seen "
+    "by boot.py's import check nor by run_main, so never rolled back to the factory firmware; "
+    "before the split that code was in wiring.py, which the check imports. Adding it to "
+    "MAIN_IMPORTS would keep it loaded beside wiring.py (the peak the split removes): boot.py "
+    "needs an import-and-drop check for it, a change to boot.py and release_boot.py"))
+def test_the_boots_import_check_sees_a_damaged_wiring_link(monkeypatch):
+    """boot.py's check, as it runs (release_boot._import_main's loop), with wiring_link damaged."""
+    monkeypatch.delitem(sys.modules, "wiring_link", raising=False)
+    failing = Failing("wiring_link", ValueError("incompatible .mpy file"))
+    monkeypatch.setattr(sys, "meta_path", [failing] + sys.meta_path)
+    checked = set(release_boot.MAIN_IMPORTS) | set(getattr(release_boot, "CHECK_IMPORTS", ()))
+    seen = None
+    for name in sorted(checked):
+        try:
+            __import__(name)
+        except ValueError:
+            seen = name
+    assert seen == "wiring_link"
