@@ -589,6 +589,36 @@ def power_cut_records(tmp_path):
     return cut
 
 
+def _functions_of(module, roots):
+    """Functions defined in `module` reachable from roots: a function holds its module's globals
+    and with them every function of it (modules and classes not followed: the modules a
+    function's globals name are loaded anyway)."""
+    import gc
+
+    own = vars(module)
+    seen, found, todo = set(), [], list(roots)
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, (types.ModuleType, type)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, types.FunctionType) and obj.__globals__ is own:
+            found.append(obj.__qualname__)
+            continue
+        if obj is own:
+            found.append("the module's globals")
+            continue
+        todo.extend(gc.get_referents(obj))
+    return found
+
+
+@pytest.fixture(scope="session")
+def functions_of():
+    """functions_of(module, roots) -> the qualified names of `module`'s functions reachable from
+    roots (a dropped module must leave none: test_heap_lazy, test_link_setup)."""
+    return _functions_of
+
+
 class FakeFlashGate:
     """flash_gate.FlashGate's interface for a store under test: held while `closed`; defer(flush)
     keeps the write, open() opens and runs the deferred writes (returns their results);

@@ -2,8 +2,6 @@
 WHAT=heap32`): main.py drops wiring.py after the boot, and console.py prints without a logging
 library. A dropped module is freed only if nothing kept holds one of its functions (a function
 holds its module's globals, and with them every other function and its bytecode)."""
-import gc
-import types
 
 import pytest
 
@@ -11,26 +9,6 @@ from pilehost import unix_port
 from pilehost.virtual_board import VirtualBoard
 
 SECRET = "9f" * 32
-
-
-def _functions_of(module, roots):
-    """Functions defined in `module` reachable from roots (modules themselves not followed: the
-    modules a function's globals name are loaded anyway)."""
-    own = vars(module)
-    seen, found, todo = set(), [], list(roots)
-    while todo:
-        obj = todo.pop()
-        if id(obj) in seen or isinstance(obj, (types.ModuleType, type)):
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, types.FunctionType) and obj.__globals__ is own:
-            found.append(obj.__qualname__)
-            continue
-        if obj is own:
-            found.append("the module's globals")
-            continue
-        todo.extend(gc.get_referents(obj))
-    return found
 
 
 @pytest.fixture
@@ -50,28 +28,28 @@ def built(monkeypatch):
     return wiring, [vb.ctl, link, clock, wiring.idle, wiring.reset, wiring.handover]
 
 
-def test_nothing_built_keeps_a_function_of_wiring(built):
+def test_nothing_built_keeps_a_function_of_wiring(built, functions_of):
     wiring, roots = built
-    assert _functions_of(wiring, roots) == []
+    assert functions_of(wiring, roots) == []
 
 
-def test_nothing_built_keeps_a_function_of_wiring_link(built):
+def test_nothing_built_keeps_a_function_of_wiring_link(built, functions_of):
     """main.py drops wiring_link.py too, once the link, the Wi-Fi, the clock and the watchdog
     are built (issue 12): none of them keeps one of its functions."""
     import wiring_link
 
     _, roots = built
-    assert _functions_of(wiring_link, roots) == []
+    assert functions_of(wiring_link, roots) == []
     ctl = roots[0]
     ctl.kept = eval("lambda: time", vars(wiring_link))  # the check sees one if there is one
-    assert _functions_of(wiring_link, roots) == ["<lambda>"]
+    assert functions_of(wiring_link, roots) == ["<lambda>"]
 
 
-def test_the_check_sees_a_closure_of_wiring(built):
+def test_the_check_sees_a_closure_of_wiring(built, functions_of):
     wiring, roots = built
     ctl = roots[0]
     ctl.kept = eval("lambda: idle", vars(wiring))  # as build_clock's may_block lambda was
-    assert _functions_of(wiring, roots) == ["<lambda>"]
+    assert functions_of(wiring, roots) == ["<lambda>"]
 
 
 def test_what_moved_out_of_wiring_still_works(monkeypatch):

@@ -4,9 +4,7 @@ reset; firmware/link_tls.py: the TLS context and handshake). A .mpy import costs
 closed contactor's iteration does not have: never is one of them imported while it is closed,
 and a session with the link, connected or with its broker away, ends without them loaded."""
 import errno
-import gc
 import sys
-import types
 
 import pytest
 from hypothesis import given, settings
@@ -304,28 +302,8 @@ def test_the_command_handling_is_not_loaded_without_commands_and_a_stray_one_is_
     assert "commands" not in sys.modules
 
 
-def _functions_of(module, roots):
-    """Functions defined in `module` reachable from roots: a function holds its module's globals
-    and with them every function of it (modules and classes not followed)."""
-    own = vars(module)
-    seen, found, todo = set(), [], list(roots)
-    while todo:
-        obj = todo.pop()
-        if id(obj) in seen or isinstance(obj, (types.ModuleType, type)):
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, types.FunctionType) and obj.__globals__ is own:
-            found.append(obj.__qualname__)
-            continue
-        if obj is own:
-            found.append("the module's globals")
-            continue
-        todo.extend(gc.get_referents(obj))
-    return found
-
-
 @pytest.mark.parametrize("tls", [None, 2], ids=["tcp", "tls"])
-def test_nothing_the_link_keeps_holds_a_function_of_its_set_up(monkeypatch, tls):
+def test_nothing_the_link_keeps_holds_a_function_of_its_set_up(monkeypatch, tls, functions_of):
     """Dropped from sys.modules is freed only if no object kept holds one of its functions."""
     import link_setup
     import link_tls
@@ -334,5 +312,5 @@ def test_nothing_the_link_keeps_holds_a_function_of_its_set_up(monkeypatch, tls)
     for now in range(0, 2000, 5):
         link.poll(now)
     assert link.connected
-    assert _functions_of(link_setup, [link, ctl]) == []
-    assert _functions_of(link_tls, [link, ctl]) == []
+    assert functions_of(link_setup, [link, ctl]) == []
+    assert functions_of(link_tls, [link, ctl]) == []
