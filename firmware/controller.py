@@ -28,11 +28,14 @@ DIODE_BAD_BURSTS = const(2)
 # about 3 ESP32 ADC reads of ~35 us (evse-facts section 6). Above 90 % it can fall between two
 # reads (96 %: ~40 us): not judged there (pilot.diode_check says None).
 MINUS_PHASE_MAX_DUTY = const(58981)  # 90 % of 65535
-# Bursts in a row with no minus phase at all that make a pilot fault. One burst can lose it to a
-# stall inside the burst (GC, a flash write, an interrupt), the reason DIODE_BAD_BURSTS is 2; two
-# such stalls in a row are still conceivable, three are not. 3 bursts at the 5 ms default period
-# take 10-15 ms, inside DEBOUNCE_POWER_OFF_MS: a frozen ADC hiding a C->B is caught as fast as a
-# real C->B (at the longest period, 20 ms, 60 ms: still inside Table A.6's 100 ms).
+# Bursts in a row with no minus phase at all that make a pilot fault. A burst whose reads left a
+# wait as long as the minus phase's shortest piece (pilot.minus_piece_us: a stall inside it, a
+# GC, a flash write, an interrupt storm, a busy host) is not judged: its reads may all have
+# fallen in the plus phase. Shorter waits can still lose a read or two at the edges, the reason
+# DIODE_BAD_BURSTS is 2; three unstalled bursts in a row with no minus sample are a fault. 3
+# bursts at the 5 ms default period take 10-15 ms, inside DEBOUNCE_POWER_OFF_MS: a frozen ADC
+# hiding a C->B is caught as fast as a real C->B (at the longest period, 20 ms, 60 ms: still inside
+# Table A.6's 100 ms).
 NO_MINUS_BURSTS = const(3)
 # A guard's burst that took longer than this was stalled inside (an interrupt storm; a busy host):
 # it may hold a single sample, from the minus phase, and say nothing of the state. Not judged:
@@ -196,6 +199,8 @@ class Controller:
             self._pwm_settling_ms = None  # never compared again across the tick wrap (2^29 ms on)
         seen = pilot.diode_check(self.sampler.minus_mv, self.standard)
         if seen is None and self.raw != pilot.E and out.duty <= MINUS_PHASE_MAX_DUTY:
+            if self.sampler.gap_us >= pilot.minus_piece_us(out.duty):
+                return  # stalled inside: its reads may all have missed the minus phase. Not judged
             self._no_minus_bursts += 1  # the ADC does not follow the PWM (E: both phases ~0 V)
             if self._no_minus_bursts >= NO_MINUS_BURSTS:
                 self.charger.raise_fault(now_ms, ch.FAULT_PILOT_STUCK)

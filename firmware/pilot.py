@@ -114,6 +114,7 @@ class PilotDebouncer:
 # and the minus phase. One ESP32 ADC read takes ~35 us from Python, too slow to phase-lock
 # (evse-facts section 6): keep the highest sample (state) and the lowest (diode check).
 BURST_US = const(1100)
+PERIOD_US = const(1000)  # the 1 kHz PWM (IEC 61851-1 A.2.2; wiring.py sets it)
 
 
 class PilotSampler:
@@ -127,6 +128,7 @@ class PilotSampler:
         self._burst_us = burst_us
         self.plus_mv = 0
         self.minus_mv = 0
+        self.gap_us = 0  # the longest wait between two reads of the last burst (a stall inside it)
 
     def to_mv(self, uv):
         return (uv - self._uv_m12) * 24000 // self._uv_span - 12000
@@ -134,9 +136,17 @@ class PilotSampler:
     def sample(self):
         read = self._read
         ticks_us = self._ticks_us
-        start = ticks_us()
+        start = last = ticks_us()
         high = low = read()
-        while time.ticks_diff(ticks_us(), start) < self._burst_us:
+        gap = 0
+        while True:
+            now = ticks_us()
+            wait = time.ticks_diff(now, last)
+            if wait > gap:
+                gap = wait
+            if time.ticks_diff(now, start) >= self._burst_us:
+                break
+            last = now
             uv = read()
             if uv > high:
                 high = uv
@@ -144,6 +154,7 @@ class PilotSampler:
                 low = uv
         self.plus_mv = self.to_mv(high)
         self.minus_mv = self.to_mv(low)
+        self.gap_us = gap
 
 
 # Duty cycle <-> offered current, evse-facts section 1 (IEC 61851-1 Table A.8, SAE J1772).
@@ -153,6 +164,14 @@ _LOW_RANGE_TOP_MA = const(51000)  # D = I / 0.6 up to 85 %
 _GAP_TOP_MA = const(52500)  # 51-52.5 A has no duty of its own: clamp to 51 A (as EVerest)
 _MAX_MA = {IEC: 80000, GBT: 63000}  # GB/T 18487.1 caps the high range at 63 A
 DUTY_FULL = const(65535)
+
+
+def minus_piece_us(duty, burst_us=BURST_US):
+    """The shortest longest piece of minus phase a burst of burst_us holds at this duty (the
+    plus phase's duty_u16), wherever the burst starts: a full period's minus phase (L) cut in two
+    at worst, the burst's extra (e) beyond the period added to the second piece: (L + e) / 2."""
+    minus = PERIOD_US * (DUTY_FULL - duty) // DUTY_FULL
+    return (minus + burst_us - PERIOD_US) // 2
 
 
 def duty_for_current(current_ma, standard):

@@ -139,6 +139,102 @@ def test_item2_adc_frozen_at_c_is_a_pilot_fault(monkeypatch):
     assert not vb.world.coil and vb.ctl.charger.state == ch.FAULT
 
 
+def _stall_through_minus(vb, stall_us=None):
+    """The pilot ADC's reads wrapped: whenever the next read would land in the PWM's minus phase,
+    the CPU stalls first (an interrupt storm, a flash write, a busy host) until the next plus phase
+    begins, or for stall_us(now) us when given (None: no stall). A healthy ADC whose bursts never
+    see a minus sample, only because of where the stalls fall."""
+    w, clock = vb.world, vb.clock
+    read = vb.ctl.sampler._read
+
+    def stalled_read():
+        nxt = w.advance() + clock.read_cost_us  # where the read's own clock call puts it
+        duty = w.pwm_duty
+        if duty is not None:
+            plus_us = w.pwm_period_us * duty // 65535
+            phase = nxt % w.pwm_period_us
+            if stall_us is not None:
+                clock.t += stall_us(nxt) or 0
+            elif phase >= plus_us:
+                clock.t += w.pwm_period_us - phase + 1
+        return read()
+
+    vb.ctl.sampler._read = stalled_read
+
+
+def _offering(monkeypatch, current_a):
+    """Charging with the offer at current_a (the board and the cable rated 63 A)."""
+    board = board_dict()
+    board["ratings"]["max_current_a"] = 63
+    steps = [(100, "plug", 100), (600, "request"), (0, "car_max_a", 63)]  # a 63 A cable (PP 100 ohm)
+    vb = VirtualBoard(monkeypatch, steps, board=board, config={"max_current_a": current_a})
+    vb.run_until(1000)
+    assert vb.world.coil and vb.ctl.charger.state == ch.CHARGING
+    assert vb.ctl.output.duty == pilot.duty_for_current(current_a * 1000, pilot.IEC)
+    return vb
+
+
+@pytest.mark.parametrize("current_a", [6, 16, 32, 51, 63])
+def test_item2_stalls_that_hide_the_minus_phase_are_no_pilot_fault(monkeypatch, current_a):
+    """A stall inside a burst can hide the whole minus phase from a healthy ADC; bursts so stalled
+    are not judged (the waits show it), so a charge with such stalls in every burst goes on. The
+    CI run of 2026-12-06 saw this: the heal scenario's session ended `pilot_stuck` on a busy host."""
+    vb = _offering(monkeypatch, current_a)
+    _stall_through_minus(vb)
+    vb.run_until(3000)
+    assert vb.world.coil and not vb.ctl.charger.faults
+    assert vb.ctl.sampler.gap_us >= pilot.minus_piece_us(vb.ctl.output.duty)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(stalls=st.lists(st.tuples(st.integers(0, 1), st.integers(0, 3000)), min_size=1, max_size=40),
+       current_a=st.sampled_from([6, 10, 16, 32, 45, 51, 63]))
+def test_item2_no_pattern_of_stalls_makes_a_healthy_adc_a_pilot_fault(monkeypatch, stalls, current_a):
+    """Any pattern of stalls before the reads (0-3 ms each, at any read): a healthy ADC is never a
+    stuck one, and the car charges on."""
+    vb = _offering(monkeypatch, current_a)
+    n = [0]
+
+    def stall_us(now_us):
+        n[0] += 1
+        on, us = stalls[n[0] % len(stalls)]
+        return us if on else 0
+
+    _stall_through_minus(vb, stall_us)
+    vb.run_until(1300)
+    assert not vb.ctl.charger.faults & ch.FAULT_PILOT_STUCK
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(jitter=st.lists(st.integers(0, 40), min_size=1, max_size=20),
+       current_a=st.sampled_from([6, 16, 32, 51, 63]))
+def test_item2_a_frozen_adc_is_caught_through_short_waits(monkeypatch, jitter, current_a):
+    """Waits shorter than the minus phase's piece (a slow read, a short interrupt) do not hide a
+    frozen ADC: it is still a pilot fault within the power-off debounce."""
+    vb = _offering(monkeypatch, current_a)
+    n = [0]
+
+    def stall_us(now_us):
+        n[0] += 1
+        return jitter[n[0] % len(jitter)]
+
+    _stall_through_minus(vb, stall_us)
+    vb.world.pilot_adc_stuck_mv = C_LEVEL_MV
+    start = vb.now_ms
+    off = vb.run_while(lambda: vb.world.coil, 200)
+    assert vb.ctl.charger.faults & ch.FAULT_PILOT_STUCK
+    assert off - start <= pilot.DEBOUNCE_POWER_OFF_MS + 10
+
+
+def test_item2_minus_piece_covers_the_high_duty_limit():
+    """At the judged limit (90 % duty) the piece is 100 us: an ESP32 read (~35 us) and the loop's
+    own ticks_us leave about two reads in it; at 16 A (26.7 %) it is ~416 us."""
+    import controller
+
+    assert pilot.minus_piece_us(controller.MINUS_PHASE_MAX_DUTY) == 100
+    assert 410 <= pilot.minus_piece_us(pilot.duty_for_current(16000, pilot.IEC)) <= 420
+
+
 def test_item2_burst_count_rationale():
     """The count is small enough to stay inside the C->B budget at the slowest control period."""
     import controller
