@@ -37,12 +37,14 @@ _run = 0
 _rb = None  # release_boot kept: select() found failed boots to clear once one imports
 _wdt = None
 _imports = tuple()  # release_boot.MAIN_IMPORTS
+_checks = tuple()  # release_boot.checks(): what main.py imports later in the boot, in groups
 try:
     import release_boot
 
     _run = release_boot.select(machine)
     _wdt = release_boot.trial_wdt
     _imports = release_boot.MAIN_IMPORTS
+    _checks = release_boot.checks()
     if release_boot.stuck_seen:
         _rb = release_boot
 except Exception as e:  # noqa: BLE001 - the factory firmware at the root runs then
@@ -60,9 +62,23 @@ gc.collect()
 # What main.py imports, imported here with nothing else on the heap: a module that does not
 # import is seen now, and release_boot.recover() runs the previous release or the factory
 # firmware instead, or holds the pile safe; at main.py's first line it would stop at the REPL.
+# First what main.run() imports later in the boot (there it would reset at every boot, never
+# rolled back), imported and dropped again a group at a time: the boot's peak stays its own.
 _loaded = set(sys.modules)
-_why = None
+
+
+def _drop(keep):
+    for m in [m for m in sys.modules if m not in keep]:
+        del sys.modules[m]
+    gc.collect()
+
+
+_why = _g = None
 try:
+    for _g in _checks:
+        for _m in _g:
+            __import__(_m)
+        _drop(_loaded)
     for _m in _imports + (("main",) if _run else ()):
         __import__(_m)
 except Exception as e:  # noqa: BLE001 - whatever a damaged module raises at import
@@ -72,6 +88,7 @@ if _why is not None or _rb is not None:
         if _rb is None:
             for _p in [p for p in sys.path if p.startswith("rel/")]:
                 sys.path.remove(_p)  # the root's release_boot, the way back
+            _drop(_loaded)  # with the root's imports, not a release's session_store a check left
             import release_boot as _rb
         _run = _rb.recover(_run, _why, _loaded, machine, _keep_safe, _wdt)
     except Exception as e:  # noqa: BLE001 - main.py reports what still fails
@@ -79,4 +96,4 @@ if _why is not None or _rb is not None:
     for _m in ("release_boot", "session_store", "durable"):
         sys.modules.pop(_m, None)
 # Nothing of this stays on the heap under main.py (it runs in these globals on the board).
-del _loaded, _rb, _wdt, _imports, _why, _keep_safe
+del _loaded, _rb, _wdt, _imports, _checks, _g, _drop, _why, _keep_safe

@@ -2,8 +2,9 @@
 
 Factory-installed beside boot.py and never replaced over the air (a release's copy is not run
 by boot.py), so a broken release cannot break the way back. boot.py calls select(), which puts
-the release to run first on sys.path, drops this module, then imports MAIN_IMPORTS itself (one
-that cannot be imported would stop main.py at the REPL, without a watchdog); when one fails, or
+the release to run first on sys.path, drops this module, then imports checks() (dropped again)
+and MAIN_IMPORTS itself (one that cannot be imported would reset-loop inside main.run() or stop
+main.py at the REPL, without a watchdog); when one fails, or
 a count of failed boots is to be cleared, it imports this module again and calls recover(). The
 root main.py hands over with run_main().
 
@@ -18,6 +19,7 @@ g = 0 is the factory firmware at the root; a release n lives in rel/<n>/ (its li
 `stuck`: boots in a row in which not even the factory firmware could be imported.
 """
 import gc
+import json
 import os
 import sys
 import time
@@ -38,11 +40,71 @@ OWN = ("release_boot", "session_store", "durable")
 # What the root main.py imports before anything can catch an error (host_tests check the list
 # against main.py); a release's own main comes last.
 MAIN_IMPORTS = ("console", "wiring", "version")
+# What main.run() imports later in the boot (wiring.py's and wiring_link.py's imports inside
+# functions, by config.json's sections): one that does not import fails inside run() (fail_safe,
+# a reset) at every boot, where nothing rolls a good release back. boot.py imports them before
+# MAIN_IMPORTS, a group at a time, each group dropped again before the next: the boot's two
+# phases never hold them together either, so the heap's peak and what stays on it do not grow.
+_METERS = {"ddsu666": "modbus_meter", "sdm120": "modbus_meter", "sdm630": "modbus_meter",
+           "dlt645": "dlt645", "s0": "s0_meter"}
 # Nothing importable, not even the factory firmware (its flash damaged): held safe this long,
 # then a reset, at most BOOT_RETRIES boots in a row; then held safe until a technician comes.
 BOOT_RETRIES = const(3)
 BOOT_RETRY_MS = const(60000)
 _SAY_MS = const(60000)  # the hold repeats why on the console this often
+
+
+def checks(path=None):
+    """boot.py's groups of boot_imports() for the pile's config.json (path: files.py's, the
+    selected release's; a damaged files.mpy fails MAIN_IMPORTS' check anyway). Unreadable: the
+    hand-over's and config.py only (the boot stops there, the pile held unavailable: no reset)."""
+    had = "files" in sys.modules
+    try:
+        if path is None:
+            import files
+
+            path = files.CONFIG_FILE
+        with open(path) as f:
+            conf = json.load(f)
+        return boot_imports(conf)
+    except Exception:  # noqa: BLE001 - config.py reports what is wrong with the file
+        return (("release_boot",), ("config",))
+    finally:
+        if not had:
+            sys.modules.pop("files", None)  # the release imports it again, after the checks
+
+
+def boot_imports(conf):
+    """The groups main.run()'s boot imports inside functions for this config.json (a dict):
+    only those (a module imported for nothing would leave its names on the heap), as wiring.py's
+    load_settings, build and wiring_link.py's build_* import them."""
+    # The root main.py's hand-over imports the selected release's release_boot (run_main).
+    groups = [("release_boot",), ("config",)]  # type: list[tuple[str, ...]]
+    linked = type(conf.get("mqtt")) is dict and conf.get("pile_id") is not None
+    if conf.get("ota") is not None and conf.get("mqtt") is not None:
+        groups.append(("ota_lazy",))  # survey() at the settings, the updater's at the link's build
+    core = ["charger", "controller", "flash_gate", "pilot", "relay", "session_record", "session_store"]
+    if conf.get("pile_id") is not None:
+        core += ["journal", "session_log"]
+    meter = conf.get("meter")
+    kind = meter.get("type") if type(meter) is dict else None
+    if type(kind) is str and kind in _METERS:
+        core.append(_METERS[kind])
+    groups.append(tuple(core))
+    link = ["wiring_link"]
+    if linked:
+        link += ["link_heal", "mqtt_link", "link_setup", "netaddr"]  # the last two: the link's build
+        mqtt = conf["mqtt"]
+        if mqtt.get("tls_ca") is not None:
+            link.append("link_tls")
+        if mqtt.get("secret") is not None:
+            link += ["command_auth", "commands"]
+    if conf.get("wifi") is not None:
+        link.append("wifi")
+    if conf.get("ntp") is not None:
+        link.append("sntp")
+    groups.append(tuple(link))
+    return tuple(groups)
 
 
 def rel_path(n):
@@ -233,11 +295,15 @@ def _drop(loaded):
 
 
 def _import_main(run, loaded):
-    """As boot.py: None, or why MAIN_IMPORTS (and a release's main) cannot be imported; then
-    what loaded meanwhile is dropped again. (A hand-over like run_main's: by name, not an
-    import of this module's.)"""
+    """As boot.py: None, or why checks() (imported and dropped, a group at a time), MAIN_IMPORTS
+    or a release's main cannot be imported; then what loaded meanwhile is dropped again. (A
+    hand-over like run_main's: by name, not an import of this module's.)"""
     name = None
     try:
+        for group in checks():
+            for name in group:
+                __import__(name)
+            _drop(loaded)
         for name in MAIN_IMPORTS + (("main",) if run else ()):
             __import__(name)
         return None

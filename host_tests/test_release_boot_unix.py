@@ -14,7 +14,9 @@ The flash here: the real release_boot.py, session_store.py and durable.py at the
 stand-ins for console, wiring (which imports charger), version and a release's main, each
 either sound or damaged (raises at import, does not compile, or is missing: a release's missing
 module is the root's, as on the board's sys.path; a missing main is the release's main.mpy that
-is not bytecode)."""
+is not bytecode); and for what main.run() imports later in the boot (release_boot.checks(): for
+this config.json config.py, wiring_link.py and the safety core's modules), which stage one
+imports and drops again: config and wiring_link damaged too."""
 import json
 import os
 import shutil
@@ -27,7 +29,8 @@ from hypothesis import strategies as st
 
 from pilehost import FIRMWARE, firmware_module, unix_port
 
-MODULES = ("console", "wiring", "charger", "version")  # wiring imports charger (a nested failure)
+MODULES = ("console", "wiring", "charger", "version", "config", "wiring_link")  # wiring imports charger
+CONFIG = {"pile_id": "boot-1", "meter": {"type": "ddsu666"}}  # the flash's config.json
 RELEASE_MODULES = MODULES + ("main",)
 KINDS = ("raises", "syntax", "missing")
 BOOT_RETRIES = 3  # release_boot.BOOT_RETRIES
@@ -115,6 +118,11 @@ try:
     import version
     import wiring
 
+    import gc
+
+    gc.collect()
+    out["alloc"] = gc.mem_alloc()
+    out["loaded"] = sorted(sys.modules)
     out["outcome"] = "runs"
     out["run"] = boot._run
     out["origins"] = {"console": console.ORIGIN, "wiring": wiring.ORIGIN, "charger": wiring.CHARGER,
@@ -149,12 +157,28 @@ def _source(place, module, kind):
     return text
 
 
+def checked():
+    """The modules stage one imports and drops again for CONFIG (release_boot.checks())."""
+    rb = firmware_module("release_boot")
+    return [m for group in rb.boot_imports(CONFIG) for m in group]
+
+
+def later_only():
+    """Checked, and loaded by nothing that stays: gone after the boot."""
+    return [m for m in checked() if m not in MODULES[:4] + ("release_boot", "session_store", "durable")]
+
+
 def make_flash(folder, damage, state):
     """damage: {(place, module): kind}; place '' (the root) or 'rel/<n>'."""
-    for name in ("boot", "release_boot", "session_store", "durable"):
+    for name in ("boot", "release_boot", "session_store", "durable", "files"):
         shutil.copy(os.path.join(FIRMWARE, name + ".py"), os.path.join(folder, name + ".py"))
     with open(os.path.join(folder, "board.json"), "w") as f:
         json.dump(BOARD, f)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(CONFIG, f)
+    for module in set(later_only()) - set(MODULES):  # sound, at the root; config and wiring_link below
+        with open(os.path.join(folder, module + ".py"), "w") as f:
+            f.write(_source("root", module, None))
     for place, modules in (("", MODULES), ("rel/2", RELEASE_MODULES), ("rel/3", RELEASE_MODULES)):
         d = os.path.join(folder, place)
         os.makedirs(d, exist_ok=True)
@@ -206,7 +230,7 @@ def resolves(place, module, damage):
 
 
 def importable(place, damage):
-    names = ("console", "wiring", "version") + (("main",) if place else ())
+    names = ("console", "wiring", "version") + (("main",) if place else ()) + ("config", "wiring_link")
     for name in names:
         where, ok = resolves(place, name, damage)
         if not ok:
@@ -222,6 +246,7 @@ def _check_run(out, damage):
     for name, origin in out["origins"].items():
         where, _ok = resolves(place, name, damage)
         assert origin == (where or "root"), (name, origin, out)
+    assert not set(later_only()) & set(out["loaded"]), out["loaded"]  # checked, then dropped
 
 
 PLACES = [("", m) for m in MODULES] + [("rel/%d" % n, m) for n in (2, 3) for m in RELEASE_MODULES]
@@ -242,6 +267,10 @@ STATES = st.sampled_from([
 @example(damage={("rel/3", "charger"): "syntax"}, initial={"good": 2, "trial": 3, "tries": 0, "floor": 3})
 @example(damage={("", "console"): "raises"}, initial={"good": 0, "floor": 3})
 @example(damage={("", "wiring"): "missing", ("rel/2", "main"): "missing"}, initial={"good": 2, "floor": 3})
+@example(damage={("rel/2", "wiring_link"): "raises"}, initial={"good": 2, "floor": 3})
+@example(damage={("rel/3", "config"): "syntax", ("rel/2", "wiring_link"): "raises"},
+         initial={"good": 2, "trial": 3, "tries": 0, "floor": 3})
+@example(damage={("", "wiring_link"): "raises"}, initial={"good": 0, "floor": 3})
 def test_a_module_that_does_not_import_never_leaves_the_pile_dead_or_reset_looping(
         unix_binary, damage, initial):
     """Whichever modules are damaged where, at every boot: the first of (the trial, the good
@@ -363,3 +392,54 @@ def test_a_good_release_without_a_module_of_its_own_runs_the_roots(unix_binary, 
     make_flash(folder, {("rel/2", gone): "missing"}, state)
     out, _ = boot(folder)
     assert out["outcome"] == "runs" and out["run"] == 2 and out["origins"][gone] == "root"
+
+
+BIG_B = 60000  # a checked module's stand-in that holds this much: seen if it stays on the heap
+
+
+@pytest.mark.parametrize("module", ["wiring_link", "config", "controller"])
+def test_what_the_check_imports_leaves_nothing_on_the_heap(unix_binary, tmp_path, module):
+    """Stage one imports what main.run() imports later (wiring_link, config, the safety core)
+    and drops it again, a group at a time: no reference to the module is left (boot.py's loop
+    variables, the drop, the collector's conservative scan of the stack), so the heap after the
+    boot is what MAIN_IMPORTS hold. A stand-in holding 60 KB at module level shows it."""
+    sizes = {}
+    for big in (False, True):
+        folder = str(tmp_path / ("big" if big else "small"))
+        os.makedirs(folder)
+        state = firmware_module("release_boot").fresh()
+        state.update(good=2, floor=2)
+        make_flash(folder, {}, state)
+        if big:
+            for place in ("", "rel/2"):
+                path = os.path.join(folder, place, module + ".py")
+                if os.path.exists(path):
+                    with open(path, "a") as f:
+                        f.write("BIG = bytearray(%d)\n" % BIG_B)
+        out, console = boot(folder)
+        assert out["outcome"] == "runs" and out["run"] == 2, console
+        assert module not in out["loaded"]
+        sizes[big] = out["alloc"]
+    assert sizes[True] - sizes[False] < BIG_B // 10, sizes
+
+
+def test_the_way_back_imports_the_roots_session_store_not_a_releases(unix_binary, tmp_path):
+    """The check imports the release's session_store (the safety core's group), then a module
+    after it in the group fails. The way back, the root's release_boot, must not find the
+    release's session_store in sys.modules (stage one's code is never the release's)."""
+    folder = str(tmp_path)
+    state = firmware_module("release_boot").fresh()
+    state.update(good=2, floor=2)
+    make_flash(folder, {}, state)
+    group = next(g for g in firmware_module("release_boot").boot_imports(CONFIG) if "session_store" in g)
+    after = group[group.index("session_store") + 1]
+    with open(os.path.join(folder, "rel/2/session_store.py"), "w") as f:
+        f.write("ORIGIN = 'rel/2'\n\n\nclass _Store:\n    pass\n")  # imports; no _load, _save
+    with open(os.path.join(folder, "rel/2", after + ".py"), "w") as f:
+        f.write(_source("rel/2", after, "raises"))
+    out, console = boot(folder)
+    assert out["outcome"] == "runs" and out["run"] == 0, console
+    assert "recovery failed" not in console, console
+    after_state = _state(folder, lambda rb: rb.StateStore().load())
+    assert after_state["good"] == 0 and after_state["rolled"]["release"] == 2, after_state
+    assert after_state["rolled"]["why"].startswith("failed to import: %s: OSError" % after), after_state

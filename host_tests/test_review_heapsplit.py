@@ -3,6 +3,7 @@ main.py build_core/build_link, wiring_link.py, link_setup.py, link_tls.py). Each
 the change could break a rule: a lazy module's import failing (a fragmented heap's MemoryError,
 a damaged .mpy's ValueError) where the firmware used to have the code at hand."""
 import errno
+import json
 import sys
 
 import pytest
@@ -221,24 +222,29 @@ def test_a_bad_ca_file_is_still_a_config_error(monkeypatch, tmp_path):
     assert "link_tls" not in sys.modules
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "wiring_link.py (the watchdog, the Wi-Fi, the clock, the link) is imported by main.run() on "
-    "every pile but is not in release_boot.MAIN_IMPORTS: a good release whose wiring_link.mpy is "
-    "damaged since its trial fails inside run() (fail_safe -> reset) at every boot, never seen "
-    "by boot.py's import check nor by run_main, so never rolled back to the factory firmware; "
-    "before the split that code was in wiring.py, which the check imports. Adding it to "
-    "MAIN_IMPORTS would keep it loaded beside wiring.py (the peak the split removes): boot.py "
-    "needs an import-and-drop check for it, a change to boot.py and release_boot.py"))
-def test_the_boots_import_check_sees_a_damaged_wiring_link(monkeypatch):
-    """boot.py's check, as it runs (release_boot._import_main's loop), with wiring_link damaged."""
+@pytest.mark.parametrize("conf", [
+    {},
+    {"pile_id": "p-1", "meter": {"type": "ddsu666"}, "mqtt": {"host": "10.0.0.5"}},
+    {"pile_id": "p-1", "meter": {"type": "s0"},
+     "mqtt": {"host": "h", "secret": "9f" * 32, "tls_ca": "ca.pem"}, "ota": {"key": "c3" * 256},
+     "wifi": {"ssid": "s"}, "ntp": {"host": "h"}},
+], ids=["bare", "link", "everything"])
+def test_the_boots_import_check_sees_a_damaged_wiring_link(monkeypatch, tmp_path, conf):
+    """boot.py's check, as it runs (release_boot._import_main's loop, as boot.py's), with
+    wiring_link damaged: main.run() imports it on every pile, after wiring.py is dropped, so it
+    is not in MAIN_IMPORTS (kept loaded beside wiring.py: the peak the split removes) but among
+    the modules the check imports and drops again, whatever config.json has. Before, a good
+    release whose wiring_link.mpy was damaged since its trial failed inside run() (fail_safe ->
+    reset) at every boot and was never rolled back."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(conf))
     monkeypatch.delitem(sys.modules, "wiring_link", raising=False)
     failing = Failing("wiring_link", ValueError("incompatible .mpy file"))
     monkeypatch.setattr(sys, "meta_path", [failing] + sys.meta_path)
-    checked = set(release_boot.MAIN_IMPORTS) | set(getattr(release_boot, "CHECK_IMPORTS", ()))
-    seen = None
-    for name in sorted(checked):
-        try:
-            __import__(name)
-        except ValueError:
-            seen = name
-    assert seen == "wiring_link"
+    why = release_boot._import_main(0, set(sys.modules))
+    assert why is not None and why.startswith("wiring_link: ValueError("), why
+    assert failing.tries == 1
+    assert "wiring_link" not in sys.modules
+    failing.armed = False  # sound again: the check passes and leaves it dropped
+    assert release_boot._import_main(0, set(sys.modules) - {"wiring_link"}) is None
+    assert "wiring_link" not in sys.modules
