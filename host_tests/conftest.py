@@ -344,10 +344,8 @@ def scenario_thread(monkeypatch):
     return start
 
 
-@pytest.fixture(scope="session")
-def chip_image():
-    """The chip model's image (pilehost/chipbuild.py, cached in build/chip/: 32-bit, single-precision,
-    the firmware frozen in); the test is skipped where the source or a 32-bit C toolchain is missing."""
+def _can_build_chip_images():
+    """Skips the test where the MicroPython source or a 32-bit C toolchain is missing."""
     import subprocess
 
     from pilehost import chipbuild
@@ -358,7 +356,26 @@ def chip_image():
                            capture_output=True, text=True)
     if probe.returncode:
         pytest.skip("no 32-bit C toolchain (Debian's gcc-multilib; make chiptools)")
+
+
+@pytest.fixture(scope="session")
+def chip_image():
+    """The chip model's image (pilehost/chipbuild.py, cached in build/chip/: 32-bit, single-precision,
+    the firmware frozen in); the test is skipped where the source or a 32-bit C toolchain is missing."""
+    from pilehost import chipbuild
+
+    _can_build_chip_images()
     return chipbuild.chip_binary(log=lambda text: None)
+
+
+@pytest.fixture(scope="session")
+def stock_image():
+    """(binary, MICROPYPATH) of a stock ESP32 image's stand-in (pilehost/chipbuild.py: 32-bit,
+    single-precision, umqtt.simple frozen as the port's manifest freezes it), for the firmware as .mpy."""
+    from pilehost import chipbuild
+
+    _can_build_chip_images()
+    return chipbuild.stock_binary(log=lambda text: None), chipbuild.stock_micropypath()
 
 
 @pytest.fixture(scope="session")

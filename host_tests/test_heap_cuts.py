@@ -84,3 +84,26 @@ def test_the_breakdown_measures_a_module_and_what_it_brings():
     lines = chipheap.breakdown_lines({"a": {"own": 100, "garbage": 10, "peak": 120},
                                       "b": {"own": 300, "garbage": 0, "peak": None}}, ["a"])
     assert "* a" in lines[1] and "  b" in lines[2] and "100 B" in lines[-1]
+
+
+def test_the_stock_image_runs_its_own_umqtt_simple_out_of_the_heap(stock_image, tmp_path):
+    """On a stock ESP32 image sys.path is '', '.frozen', '/lib': the image's frozen umqtt.simple
+    shadows the copy `make flash` puts in lib/, and its bytecode is not on the heap. The stand-in
+    image (`make bench WHAT=heap32`) must behave the same, or the .mpy figure counts it twice."""
+    import subprocess
+
+    program, path = stock_image
+    assert path.split(":").index(".frozen") < path.split(":").index(os.path.join(unix_port.UNIX_BUILD, "lib"))
+    script = tmp_path / "probe.py"
+    script.write_text("import gc, sys\ngc.collect()\nbefore = gc.mem_alloc()\nfrom umqtt import simple\n"
+                      "gc.collect()\nprint(simple.__file__, gc.mem_alloc() - before)\n")
+    out = {}
+    for label, env_path in (("stock", path), ("lib", unix_port.micropypath())):
+        r = subprocess.run([program, str(script)], env=dict(os.environ, MICROPYPATH=env_path),
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        where, live = r.stdout.split()
+        out[label] = (where, int(live))
+    assert out["stock"][0] == "umqtt/simple.py"  # a frozen module's name, no file behind it
+    assert out["lib"][0].endswith(".mpy")
+    assert out["stock"][1] + 2048 < out["lib"][1]  # ~3.4 KiB of bytecode and qstrs stay in flash

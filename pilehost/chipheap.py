@@ -1,6 +1,7 @@
 """`make bench WHAT=heap32`: the firmware's heap on the chip's terms, on the unix port shaped like
-the ESP32 (32-bit words, single-precision floats): loaded as .mpy files (the stock 32-bit
-binary, what a technician flashes onto a stock image) and frozen into the image from
+the ESP32 (32-bit words, single-precision floats): loaded as .mpy files onto a stock image (what
+a technician flashes: pilehost/chipbuild.py's stock build, the 32-bit configuration with what a
+stock ESP32 image freezes that the firmware imports, umqtt.simple) and frozen into the image from
 manifest.py (the chip build, pilehost/chipbuild.py: bytecode out of the heap, the production
 image for an ESP32-WROOM).
 
@@ -10,7 +11,7 @@ simulator); then a run at the target (issue 12: 56 KiB frozen, 96 KiB as .mpy, w
 link) plus the simulator's share: does the session complete, and the largest free block after
 it (sim/rom.py largest_free_block) against the link's biggest allocation.
 
-Before those, where the heap goes: each firmware module imported on the 32-bit binary as .mpy
+Before those, where the heap goes: each firmware module imported on the stock image as .mpy
 (sim/heap_probe.py), its own live bytes (bytecode, qstrs, module-level objects) with what it
 imports loaded first, the garbage its import leaves and its transient peak, the modules a full
 session with the link has loaded marked (sim/rom.py's result). A module's figure is within
@@ -50,10 +51,8 @@ def _config(mqtt_port, pile_id):
 
 def variants():
     """(label, program, MICROPYPATH, target KiB) for the binaries on this machine."""
-    out = []
-    unix32 = unix_port.unix32_binary()
-    if unix32:
-        out.append(("32-bit, firmware as .mpy", unix32, None, TARGET_MPY_KIB))
+    out = [("32-bit stock image, firmware as .mpy", chipbuild.stock_binary(),
+            chipbuild.stock_micropypath(), TARGET_MPY_KIB)]
     out.append(("32-bit, firmware frozen (manifest.py)", chipbuild.chip_binary(),
                 chipbuild.frozen_micropypath(), TARGET_FROZEN_KIB))
     return out
@@ -121,17 +120,15 @@ def bench(pool, broker, out=print):
             future = pool.submit(measure, label, program, path, target, port, step)
             jobs.append((label, link_label(port), future))
 
-    unix32 = unix_port.unix32_binary()
-    if unix32:
-        modules = pool.submit(session_modules, broker.port, unix32)
-        breakdown = pool.submit(module_breakdown, unix32)
+    stock, path = chipbuild.stock_binary(), chipbuild.stock_micropypath()
+    modules = pool.submit(session_modules, broker.port, stock, path)
+    breakdown = pool.submit(module_breakdown, stock, path)
 
     def report():
         lines = []
-        if unix32:
-            for line in breakdown_lines(breakdown.result(), modules.result()):
-                out(line)
-                lines.append(line)
+        for line in breakdown_lines(breakdown.result(), modules.result()):
+            out(line)
+            lines.append(line)
         for label, link, future in jobs:
             line = report_line(label, link, future.result())
             out(line)
@@ -181,11 +178,11 @@ def module_breakdown(program=None, path=None):
     return out
 
 
-def session_modules(mqtt_port, program=None):
+def session_modules(mqtt_port, program=None, path=None):
     """The firmware modules a full normal session has loaded at its end (sim/rom.py's result)."""
     program = program or unix_port.unix32_binary()
     r = unix_port.run_scenario("normal", config=_config(mqtt_port, "h32-modules"), heapsize="400k",
-                               exact_heap=True, program=program)
+                               exact_heap=True, program=program, path=path)
     if not _ok(r):
         raise RuntimeError("the normal session failed:\n" + "\n".join(r.lines[-20:]))
     return r.result["modules"]
@@ -194,9 +191,10 @@ def session_modules(mqtt_port, program=None):
 def breakdown_lines(breakdown, loaded):
     """The table: one line per module, the session's modules first, largest first."""
     rows = sorted(breakdown.items(), key=lambda kv: (kv[0] not in loaded, -kv[1]["own"]))
-    lines = ["heap32 breakdown (32-bit binary, .mpy): a module's own live bytes after its import "
-             "(bytecode, qstrs, module objects), the garbage and transient peak of that import; "
-             "* = loaded in a full session with the MQTT link"]
+    lines = ["heap32 breakdown (32-bit stock image, .mpy): a module's own live bytes after its "
+             "import (bytecode, qstrs, module objects; a frozen one's only its module objects), the "
+             "garbage and transient peak of that import; * = loaded in a full session with the MQTT "
+             "link"]
     total = 0
     for name, b in rows:
         mark = "*" if name in loaded else " "
