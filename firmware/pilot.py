@@ -128,7 +128,9 @@ class PilotSampler:
         self._burst_us = burst_us
         self.plus_mv = 0
         self.minus_mv = 0
-        self.gap_us = 0  # the longest wait between two reads of the last burst (a stall inside it)
+        # The longest wait between two stamps of the last burst (a stall inside it). Each read
+        # follows its stamp at once, so two reads lie no further apart than the wait between them.
+        self.gap_us = 0
 
     def to_mv(self, uv):
         return (uv - self._uv_m12) * 24000 // self._uv_span - 12000
@@ -136,22 +138,24 @@ class PilotSampler:
     def sample(self):
         read = self._read
         ticks_us = self._ticks_us
+        ticks_diff = time.ticks_diff
+        burst_us = self._burst_us
         start = last = ticks_us()
         high = low = read()
         gap = 0
         while True:
             now = ticks_us()
-            wait = time.ticks_diff(now, last)
-            if wait > gap:
-                gap = wait
-            if time.ticks_diff(now, start) >= self._burst_us:
-                break
-            last = now
-            uv = read()
+            uv = read()  # right after its stamp, no branch between: no scheduled callback either
             if uv > high:
                 high = uv
             elif uv < low:
                 low = uv
+            wait = ticks_diff(now, last)
+            if wait > gap:
+                gap = wait
+            if ticks_diff(now, start) >= burst_us:
+                break  # its read is kept: the reads span the whole burst
+            last = now
         self.plus_mv = self.to_mv(high)
         self.minus_mv = self.to_mv(low)
         self.gap_us = gap
@@ -169,7 +173,9 @@ DUTY_FULL = const(65535)
 def minus_piece_us(duty, burst_us=BURST_US):
     """The shortest longest piece of minus phase a burst of burst_us holds at this duty (the
     plus phase's duty_u16), wherever the burst starts: a full period's minus phase (L) cut in two
-    at worst, the burst's extra (e) beyond the period added to the second piece: (L + e) / 2."""
+    at worst, the burst's extra (e) beyond the period added to the second piece: (L + e) / 2.
+    PilotSampler's reads span the burst and lie at most gap_us apart: a shorter gap leaves a read
+    in that piece. Above 90 % duty it exceeds L (not judged there)."""
     minus = PERIOD_US * (DUTY_FULL - duty) // DUTY_FULL
     return (minus + burst_us - PERIOD_US) // 2
 
