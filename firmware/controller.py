@@ -37,6 +37,13 @@ MINUS_PHASE_MAX_DUTY = const(58981)  # 90 % of 65535
 # hiding a C->B is caught as fast as a real C->B (at the longest period, 20 ms, 60 ms: still inside
 # Table A.6's 100 ms).
 NO_MINUS_BURSTS = const(3)
+# However stalled the bursts, NO_MINUS_BURSTS or more in a row over this long with no minus
+# sample at all (PWM on, judged duty, not E) are a pilot fault too: a frozen ADC whose every burst
+# is stalled (reads each slower than the piece, an interrupt source near 1 kHz) would otherwise
+# never be judged. 60 ms plus one period (20 ms at the longest) stays inside Table A.6's 100 ms
+# for a C->B the frozen ADC hides; a shorter run of stalls (a busy moment) is no fault, nor one
+# loop stall (the bursts count, not only the time).
+NO_MINUS_MAX_MS = const(60)
 # A guard's burst that took longer than this was stalled inside (an interrupt storm; a busy host):
 # it may hold a single sample, from the minus phase, and say nothing of the state. Not judged:
 # the next read (a guard's or the tick's) comes right after it.
@@ -86,6 +93,8 @@ class Controller:
         self._offer_changed_ms = None
         self._bad_diode_bursts = 0
         self._no_minus_bursts = 0
+        self._minus_seen_ms = 0  # when a burst last saw the minus phase (or could not: E, > 90 %)
+        self._no_minus_run = 0  # bursts since then, stalled ones too
         self._pwm_settling_ms = None  # when the PWM went on, until DIODE_SETTLE_MS passed
         self.diode_checked = False
         self._last_open_ms = None  # when the contactor last opened, until MIN_OPEN_MS passed
@@ -197,15 +206,21 @@ class Controller:
             if time.ticks_diff(now_ms, self._pwm_settling_ms) < DIODE_SETTLE_MS:
                 return
             self._pwm_settling_ms = None  # never compared again across the tick wrap (2^29 ms on)
+            self._minus_seen_ms = now_ms
+            self._no_minus_run = 0
         seen = pilot.diode_check(self.sampler.minus_mv, self.standard)
         if seen is None and self.raw != pilot.E and out.duty <= MINUS_PHASE_MAX_DUTY:
-            if self.sampler.gap_us >= pilot.minus_piece_us(out.duty):
-                return  # stalled inside: its reads may all have missed the minus phase. Not judged
-            self._no_minus_bursts += 1  # the ADC does not follow the PWM (E: both phases ~0 V)
-            if self._no_minus_bursts >= NO_MINUS_BURSTS:
+            if self.sampler.gap_us < pilot.minus_piece_us(out.duty):
+                self._no_minus_bursts += 1  # the ADC does not follow the PWM (E: both ~0 V)
+            # else stalled inside: its reads may all have missed the minus phase, not counted
+            self._no_minus_run += 1
+            if self._no_minus_bursts >= NO_MINUS_BURSTS or (
+                    self._no_minus_run >= NO_MINUS_BURSTS
+                    and time.ticks_diff(now_ms, self._minus_seen_ms) >= NO_MINUS_MAX_MS):
                 self.charger.raise_fault(now_ms, ch.FAULT_PILOT_STUCK)
             return
-        self._no_minus_bursts = 0
+        self._no_minus_bursts = self._no_minus_run = 0
+        self._minus_seen_ms = now_ms
         if seen is None or self.raw not in (pilot.B, pilot.C, pilot.D):
             return
         if seen:
