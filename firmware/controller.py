@@ -46,8 +46,15 @@ NO_MINUS_BURSTS = const(3)
 NO_MINUS_MAX_MS = const(60)
 # A guard's burst that took longer than this was stalled inside (an interrupt storm; a busy host):
 # it may hold a single sample, from the minus phase, and say nothing of the state. Not judged:
-# the next read (a guard's or the tick's) comes right after it.
+# the next read (a guard's or the tick's) comes right after it. Nor one with a wait between two
+# reads (the sampler's `stalled`) that reads another state than the stable one; the tick takes
+# such a burst again at once and judges the last whatever it holds: after an iteration longer
+# than DEBOUNCE_POWER_OFF_MS the first non-C/D reading opens, and a torn X cut off a car still
+# in C (docs/safety.md, "A stalled burst is no reading").
 GUARD_BURST_MAX_US = 2 * pilot.BURST_US
+# Bursts a tick takes at most while the last is in doubt: on a busy host two torn in a row were
+# still seen (2 runs in 12); the last is judged whatever it holds. 3.3 ms at most, only in doubt.
+TICK_BURSTS_IN_DOUBT = const(3)
 # While plugged, PP (CC) is read again this often: a lower rating goes out at once.
 PP_REREAD_MS = const(100)
 # A higher rating read while plugged is taken back only once read steadily this long: a flicker
@@ -166,7 +173,7 @@ class Controller:
         if self.output.mode != pilot.MODE_F:
             start = time.ticks_us()
             self.sampler.sample()
-            if time.ticks_diff(time.ticks_us(), start) <= GUARD_BURST_MAX_US:
+            if time.ticks_diff(time.ticks_us(), start) <= GUARD_BURST_MAX_US and not self._in_doubt():
                 stable = self._judge(now_ms)
                 if stable != pilot.C and stable != pilot.D:
                     self._open(now_ms)  # the car stopped drawing (or E, X): the tick does the rest
@@ -175,9 +182,22 @@ class Controller:
             self._emit(now_ms, "rcd", "trip %d of %d" % (self.rcd.trips, self.rcd.max_trips))
 
     def _read_pilot(self, now_ms):
-        """One burst -> raw state -> the debouncer; the stable state."""
-        self.sampler.sample()
+        """One burst -> raw state -> the debouncer; the stable state. A burst in doubt is taken
+        again, up to TICK_BURSTS_IN_DOUBT in all: the tick judges the last whatever it holds."""
+        sampler = self.sampler
+        sampler.sample()
+        n = 1
+        while n < TICK_BURSTS_IN_DOUBT and self._in_doubt():
+            sampler.sample()
+            n += 1
         return self._judge(now_ms)
+
+    def _in_doubt(self):
+        """The last burst stalled inside and reads another state than the stable one: it may
+        have missed the plus phase (a lone minus-phase sample reads X). Only stalled bursts are
+        classified here: a whole one costs nothing more."""
+        sampler = self.sampler
+        return sampler.stalled and pilot.classify(sampler.plus_mv, self.standard) != self.debouncer.state
 
     def _judge(self, now_ms):
         raw = self.raw = pilot.classify(self.sampler.plus_mv, self.standard)
