@@ -33,11 +33,11 @@ UNAVAILABLE_F = "unavailable_f"
 UNAVAILABLE_B1 = "unavailable_b1"
 AVAILABILITIES = (AVAILABLE, UNAVAILABLE_F, UNAVAILABLE_B1)
 # docs/commands.md: set_current_limit takes 0-80 A; a saved limit outside that is garbage.
-MAX_REMOTE_LIMIT_MA = const(80000)
+_MAX_REMOTE_LIMIT_MA = const(80000)
 # Limits that expire (docs/commands.md): what is in force, remote_limit_ma's source.
-LIMIT_REMOTE = "remote"  # a set_current_limit, until its time to live runs out
-LIMIT_FALLBACK = "fallback"  # config.json limit_fallback_a: a limit ran out or could not be kept
-MAX_LIMIT_TTL_S = const(86400)  # config.py / command_auth.py: a day at most
+_LIMIT_REMOTE = const("remote")  # a set_current_limit, until its time to live runs out
+_LIMIT_FALLBACK = const("fallback")  # config.json limit_fallback_a: a limit ran out or could not be kept
+_MAX_LIMIT_TTL_S = const(86400)  # config.py / command_auth.py: a day at most
 # Until NTP has set it the ESP32 clock starts at 2000-01-01 at boot: a year before this is not
 # UTC (session_log.clock_synced, the same rule).
 _SYNCED_FROM_YEAR = const(2024)
@@ -46,15 +46,15 @@ SCHEDULED = "scheduled: takes effect when the running session has ended"
 # Pilot events (bit mask returned by step()), named as EVerest names them.
 EV_CAR_PLUGGED_IN = const(1)
 EV_CAR_REQUESTED_POWER = const(2)
-EV_CAR_REQUESTED_STOP_POWER = const(4)
+_EV_CAR_REQUESTED_STOP_POWER = const(4)
 EV_CAR_UNPLUGGED = const(8)
-EV_PILOT_ERROR = const(16)
+_EV_PILOT_ERROR = const(16)
 EVENT_NAMES = (
     (EV_CAR_PLUGGED_IN, "CarPluggedIn"),
     (EV_CAR_REQUESTED_POWER, "CarRequestedPower"),
-    (EV_CAR_REQUESTED_STOP_POWER, "CarRequestedStopPower"),
+    (_EV_CAR_REQUESTED_STOP_POWER, "CarRequestedStopPower"),
     (EV_CAR_UNPLUGGED, "CarUnplugged"),
-    (EV_PILOT_ERROR, "PilotError"),
+    (_EV_PILOT_ERROR, "PilotError"),
 )
 
 # Faults: one bit each, so "any fault" is one test (OpenEVSE keeps its errors in one range).
@@ -81,9 +81,9 @@ FAULT_NAMES = (
     (FAULT_LATCH_STATE_LOST, "latch_state_lost"),
 )
 # Set and cleared by the controller from what it reads, tick by tick.
-CONDITION_FAULTS = const(FAULT_PILOT_SHORT | FAULT_PILOT_INVALID | FAULT_RCD_TRIP)
+_CONDITION_FAULTS = const(FAULT_PILOT_SHORT | FAULT_PILOT_INVALID | FAULT_RCD_TRIP)
 # Stay until the car is unplugged: the next car starts clean.
-UNPLUG_CLEARED_FAULTS = const(FAULT_DIODE | FAULT_RCD_SELF_TEST | FAULT_CONTACTOR_FAILED_TO_CLOSE
+_UNPLUG_CLEARED_FAULTS = const(FAULT_DIODE | FAULT_RCD_SELF_TEST | FAULT_CONTACTOR_FAILED_TO_CLOSE
                               | FAULT_PILOT_STUCK)
 # Stay until a technician clears them; the pilot shows F meanwhile (evse-facts section 4).
 LATCHED_FAULTS = const(FAULT_WELDED | FAULT_RCD_LOCKOUT | FAULT_LATCH_STATE_LOST)
@@ -162,7 +162,7 @@ class Charger:
         self._report = report
         self.cable_ma = 0
         self.remote_limit_ma = None  # the remote limit in force (None: none)
-        self.limit_source = None  # None, LIMIT_REMOTE or LIMIT_FALLBACK
+        self.limit_source = None  # None, _LIMIT_REMOTE or _LIMIT_FALLBACK
         self.limit_until_ms = None  # ticks_ms when a remote limit runs out; None: it does not
         self.fallback_ma = fallback_ma
         self.limit_ttl_s = limit_ttl_s
@@ -218,7 +218,7 @@ class Charger:
         in force (docs/commands.md, "Limits that expire"); None: it never runs out. Returns
         None, or a note for the caller if it was not saved."""
         self.remote_limit_ma = current_ma
-        self.limit_source = None if current_ma is None else LIMIT_REMOTE
+        self.limit_source = None if current_ma is None else _LIMIT_REMOTE
         expiry = None
         if current_ma is None or ttl_s is None:
             self.limit_until_ms = None
@@ -256,7 +256,7 @@ class Charger:
     def _fall_back(self, now_ms, why):
         self.limit_until_ms = None
         self.remote_limit_ma = self.fallback_ma
-        self.limit_source = None if self.fallback_ma is None else LIMIT_FALLBACK
+        self.limit_source = None if self.fallback_ma is None else _LIMIT_FALLBACK
         self._emit(now_ms, "limit", "%s: %s" % (why, "no remote limit" if self.fallback_ma is None
                                                 else "fallback %d mA" % self.fallback_ma))
 
@@ -347,7 +347,7 @@ class Charger:
         if wanted not in AVAILABILITIES:
             bad.append("availability")
             wanted = AVAILABLE
-        if not (limit is None or (type(limit) is int and 0 <= limit <= MAX_REMOTE_LIMIT_MA)):
+        if not (limit is None or (type(limit) is int and 0 <= limit <= _MAX_REMOTE_LIMIT_MA)):
             bad.append("limit_ma")
             limit = None
         left_s = self._limit_left_s(limit, saved, bad)
@@ -363,7 +363,7 @@ class Charger:
             self._fall_back(now_ms, "remote limit ran out or its expiry is not known after the reboot")
         else:
             self.remote_limit_ma = limit
-            self.limit_source = None if limit is None else LIMIT_REMOTE
+            self.limit_source = None if limit is None else _LIMIT_REMOTE
             if left_s is not None:
                 self.limit_until_ms = time.ticks_add(now_ms, left_s * 1000)
                 self._limit_cmd = self._saved_limit = (limit, saved["ttl"], saved["until"])
@@ -388,7 +388,7 @@ class Charger:
         if limit is None or (ttl is None and "until" not in saved):
             return None
         until = saved.get("until")
-        if not (type(ttl) is int and 0 < ttl <= MAX_LIMIT_TTL_S) or not (
+        if not (type(ttl) is int and 0 < ttl <= _MAX_LIMIT_TTL_S) or not (
                 until is None or type(until) is int):
             bad.append("ttl")
             return 0
@@ -427,7 +427,7 @@ class Charger:
         self._emit(now_ms, "fault", "raised " + fault_name(bit))
         if bit & LATCHED_FAULTS:
             self.settings_due = True
-        if bit & (UNPLUG_CLEARED_FAULTS | LATCHED_FAULTS):
+        if bit & (_UNPLUG_CLEARED_FAULTS | LATCHED_FAULTS):
             self.stop_session(now_ms, fault_name(bit))
 
     def set_condition(self, now_ms, bit, active):
@@ -476,11 +476,11 @@ class Charger:
             if stable in (pilot.C, pilot.D) and old not in (pilot.C, pilot.D):
                 events |= EV_CAR_REQUESTED_POWER
             if old in (pilot.C, pilot.D) and stable == pilot.B:
-                events |= EV_CAR_REQUESTED_STOP_POWER
+                events |= _EV_CAR_REQUESTED_STOP_POWER
             if stable == pilot.A and self.plugged:
                 events |= EV_CAR_UNPLUGGED
             if stable in (pilot.E, pilot.X):
-                events |= EV_PILOT_ERROR
+                events |= _EV_PILOT_ERROR
         if events & EV_CAR_PLUGGED_IN:
             self.plugged = True
             events &= ~EV_CAR_PLUGGED_IN  # reported below, when its session begins
@@ -488,13 +488,13 @@ class Charger:
             self.plugged = False
             self.stop_session(now_ms, "ev_disconnected")
             self.session = None
-            self._clear(now_ms, UNPLUG_CLEARED_FAULTS)
+            self._clear(now_ms, _UNPLUG_CLEARED_FAULTS)
         if self.availability_wanted != self.availability and not self._running():
             self._enter(now_ms, self.availability_wanted)
         # At F the car cannot be seen: `plugged` keeps the last reading until the pilot is read
         # again. A fault that only an unplug clears holds the next session back until then.
         if self.plugged and self.session is None and self.availability == AVAILABLE \
-                and stable in (pilot.B, pilot.C, pilot.D) and not self.faults & UNPLUG_CLEARED_FAULTS:
+                and stable in (pilot.B, pilot.C, pilot.D) and not self.faults & _UNPLUG_CLEARED_FAULTS:
             events |= EV_CAR_PLUGGED_IN
             self.session = Session(now_ms)
             self._emit(now_ms, "session", "started")

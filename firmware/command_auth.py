@@ -21,13 +21,13 @@ _MAX_COUNTER = const(9007199254740991)  # 2**53 - 1: exact in every JSON impleme
 _MIN_SECRET = const(16)
 VERSION = const(1)
 
-AVAILABILITY = ("available", "unavailable_f", "unavailable_b1")
+_AVAILABILITY = const(("available", "unavailable_f", "unavailable_b1"))
 # Faults a technician may clear remotely: the latched ones (charger.LATCHED_FAULTS).
-CLEARABLE_FAULTS = ("welded", "rcd_lockout", "latch_state_lost")
-MAX_AMPS = const(80)  # config.py's max_current_a range; the charger clamps further
-MAX_TTL_S = const(86400)  # set_current_limit's time to live: a day at most (charger.MAX_LIMIT_TTL_S)
+_CLEARABLE_FAULTS = const(("welded", "rcd_lockout", "latch_state_lost"))
+_MAX_AMPS = const(80)  # config.py's max_current_a range; the charger clamps further
+_MAX_TTL_S = const(86400)  # set_current_limit's time to live: a day at most (charger._MAX_LIMIT_TTL_S)
 
-_BODY_KEYS = ("args", "cmd", "counter", "id", "v")
+_BODY_KEYS = const(("args", "cmd", "counter", "id", "v"))
 # The counter on flash is the floor after a reboot (docs/commands.md, "Replays"). While a close may
 # come (a car plugged in) or commands keep coming it is a reservation R = counter + RESERVE,
 # written with the contactor open: every counter up to R is accepted without a flash write, also
@@ -40,7 +40,7 @@ _QUIET_MS = const(60000)  # no command for this long (and no car): the reservati
 _RETRY_MS = const(60000)  # after a failed write
 # Commands above the reservation accepted while the contactor is closed (no flash write then):
 # those whose replay after a power cut can do no harm but stop a session or send a status.
-_SAFE_UNSAVED = ("remote_stop", "request_status")
+_SAFE_UNSAVED = const(("remote_stop", "request_status"))
 
 
 def _pads(key):
@@ -162,7 +162,7 @@ class CommandVerifier:
     whose counter is written when the contactor opens. `may_close()`: True while a close may
     come (wiring: a car plugged in): only then is a reservation kept on flash; None: always."""
 
-    def __init__(self, secret, max_bytes=512, last_counter=0, faults=CLEARABLE_FAULTS,
+    def __init__(self, secret, max_bytes=512, last_counter=0, faults=_CLEARABLE_FAULTS,
                  counter_store=None, gate=None, reserve=RESERVE, unix_ms=None, may_close=None):
         if not isinstance(secret, (bytes, bytearray)) or len(secret) < _MIN_SECRET:
             raise ValueError("secret must be at least %d bytes" % _MIN_SECRET)
@@ -418,20 +418,20 @@ class CommandVerifier:
         if keys == ["amps"] or keys == ["amps", "ttl_s"]:
             amps = args["amps"]
             if len(keys) == 1:  # no ttl_s: the pile's limit_ttl_s applies; null: no limit
-                if amps is None or type(amps) in (int, float) and 0 <= amps <= MAX_AMPS:
+                if amps is None or type(amps) in (int, float) and 0 <= amps <= _MAX_AMPS:
                     return {"amps": amps}
                 return None
             ttl = args["ttl_s"]
             # type(): bool is an int on CPython; NaN fails every comparison. A null amps takes
             # no ttl_s: there is no limit to run out.
-            if type(amps) in (int, float) and 0 <= amps <= MAX_AMPS \
-                    and type(ttl) is int and 1 <= ttl <= MAX_TTL_S:
+            if type(amps) in (int, float) and 0 <= amps <= _MAX_AMPS \
+                    and type(ttl) is int and 1 <= ttl <= _MAX_TTL_S:
                 return {"amps": amps, "ttl_s": ttl}
         return None
 
     def _set_availability(self, args):
         if list(args) == ["state"] and type(args["state"]) is str \
-                and args["state"] in AVAILABILITY:
+                and args["state"] in _AVAILABILITY:
             return {"state": args["state"]}
         return None
 
@@ -463,8 +463,8 @@ _USAGE = {
     "remote_start": "needs auth_id: 1..64 of ! to ~ (printable ASCII, no space)",
     "remote_stop": "takes no arguments",
     "set_current_limit": "needs amps: 0..%d or null; ttl_s: 1..%d s, only with amps" % (
-        MAX_AMPS, MAX_TTL_S),
-    "set_availability": "needs state: " + " | ".join(AVAILABILITY),
+        _MAX_AMPS, _MAX_TTL_S),
+    "set_availability": "needs state: " + " | ".join(_AVAILABILITY),
     "clear_fault": "needs fault: one of the clearable faults",
     "request_status": "takes no arguments",
     "reboot": "takes no arguments",

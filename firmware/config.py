@@ -5,6 +5,8 @@ keys are errors too: a misspelt limit must not silently fall back to a default.
 """
 import json
 
+from micropython import const
+
 import files
 import pilot
 
@@ -132,14 +134,14 @@ CONFIG_SCHEMA = {
     "ota": ("section", None, None, None, None),
 }
 
-METER_TYPES = ("none", "ddsu666", "sdm120", "sdm630", "dlt645", "s0")
-RS485_METERS = ("ddsu666", "sdm120", "sdm630", "dlt645")
+_METER_TYPES = const(("none", "ddsu666", "sdm120", "sdm630", "dlt645", "s0"))
+_RS485_METERS = const(("ddsu666", "sdm120", "sdm630", "dlt645"))
 # Factory settings (evse-facts section 5): DDSU666 and SDM630 9600 8N1, SDM120 2400 8N1,
 # DL/T 645 2400 8E1.
 METER_DEFAULT_BAUD = {"ddsu666": 9600, "sdm120": 2400, "sdm630": 9600, "dlt645": 2400}
 METER_DEFAULT_PARITY = {"dlt645": "even"}
 METER_SCHEMA = {
-    "type": ("str", "none", None, None, METER_TYPES),
+    "type": ("str", "none", None, None, _METER_TYPES),
     # Modbus: slave address 1..247; DL/T 645: the 12 nameplate digits, or absent to learn it
     # with the broadcast read-address request (one meter on the bus).
     "address": ("address", None, None, None, None),
@@ -174,8 +176,8 @@ MQTT_SCHEMA = {
     "reset_min_interval_s": ("int", 3600, 10, 604800, None),
     "conflict_pause_s": ("int", 300, 10, 86400, None),
 }
-_MQTT_SECRET_KEYS = ("password", "secret")
-_MIN_SECRET_BYTES = 16  # command_auth refuses shorter keys
+_MQTT_SECRET_KEYS = const(("password", "secret"))
+_MIN_SECRET_BYTES = const(16)  # command_auth refuses shorter keys
 
 # Wi-Fi station (docs/network.md); on when the section is there. The password is checked apart:
 # its value never appears in an error.
@@ -198,10 +200,10 @@ OTA_SCHEMA = {
     # A release on trial must tick, reach the broker and report within this; else it goes back.
     "trial_s": ("int", 300, 30, 3600, None),
 }
-_OTA_KEY_BITS = (2048, 3072, 4096)
+_OTA_KEY_BITS = const((2048, 3072, 4096))
 
 # ADC2 cannot be read while Wi-Fi is on (evse-facts section 6): the ADC inputs must be on ADC1.
-ADC1_PINS = (32, 33, 34, 35, 36, 37, 38, 39)
+_ADC1_PINS = const((32, 33, 34, 35, 36, 37, 38, 39))
 
 # board.json top level: key -> required?
 BOARD_KEYS = {
@@ -350,7 +352,7 @@ def _hex_secret_ok(text):
 def _parse_meter(where, data):
     meter = Section(_validate(where, data, METER_SCHEMA))
     kind = meter.type
-    if kind in RS485_METERS:
+    if kind in _RS485_METERS:
         if meter.baud is None:
             meter.baud = METER_DEFAULT_BAUD[kind]
         if meter.parity is None:
@@ -364,7 +366,7 @@ def _parse_meter(where, data):
                                          and all("0" <= c <= "9" for c in address)):
             raise ConfigError("%s: 'address' must be the meter's 12 digits, or absent to learn it"
                               % where)
-    elif kind in RS485_METERS:
+    elif kind in _RS485_METERS:
         if address is None:
             meter.address = 1
         elif not _is_int(address) or not 1 <= address <= 247:
@@ -418,7 +420,7 @@ def check_together(board, conf):
     """What config.json asks of the board must be on it."""
     kind = conf.meter.type
     pins = board.pins
-    if kind in RS485_METERS and (pins.meter_tx is None or pins.meter_rx is None):
+    if kind in _RS485_METERS and (pins.meter_tx is None or pins.meter_rx is None):
         raise ConfigError("config.json: meter: type '%s' needs pins.meter_tx and pins.meter_rx "
                           "in board.json (%s)" % (kind, board.name))
     if kind == "s0" and pins.s0 is None:
@@ -426,7 +428,7 @@ def check_together(board, conf):
     if conf.wifi is not None:
         for key in ("pilot_adc", "pp_adc"):
             pin = getattr(pins, key)
-            if pin is not None and pin not in ADC1_PINS:
+            if pin is not None and pin not in _ADC1_PINS:
                 raise ConfigError("config.json: wifi: board.json pins.%s = %d is on ADC2, which "
                                   "cannot be read while Wi-Fi is on (%s)" % (key, pin, board.name))
 

@@ -22,10 +22,10 @@ recent_faults = []  # (ticks_ms, text), the last 8
 lines_lost = 0  # report() lines a full heap kept from being printed, said with the next one
 unavailable = None  # why the pile is held unavailable (main.hold_unavailable)
 
-UART_FIFO = const(128)  # bytes the ESP32's UART takes without blocking
+_UART_FIFO = const(128)  # bytes the ESP32's UART takes without blocking
 _UART_B_PER_100MS = const(1152)  # 115,200 baud, 10 bits a byte: 11.52 bytes a ms
 _ITERATION_MS = const(1000)  # longer than any loop iteration: a FIFO stamp further ahead is stale
-QUEUE_MAX_BYTES = const(2048)  # the longest line (a record, ~1 KiB) fits, with some more
+_QUEUE_MAX_BYTES = const(2048)  # the longest line (a record, ~1 KiB) fits, with some more
 hold = None  # an object with `held` (flash_gate.FlashGate): queue while it is True
 _queue = []  # lines (str, each with its newline) not yet written, oldest first
 _queued = 0  # their bytes
@@ -45,7 +45,7 @@ def _write(line):
     global _queued, lines_dropped, _fifo, _fifo_ms
     if _held():
         n = len(line)
-        if _queued + n > QUEUE_MAX_BYTES:
+        if _queued + n > _QUEUE_MAX_BYTES:
             lines_dropped += 1
             return
         _queue.append(line)
@@ -57,7 +57,7 @@ def _write(line):
     # Open: it may block, and it leaves the FIFO full at the write's end (the clock now, a ms
     # on for the part of one ticks_ms drops), not at the report's now_ms: that is an iteration's
     # start, and a close may come in the next one (host_tests/test_review_loop_flash.py).
-    _fifo = UART_FIFO
+    _fifo = _UART_FIFO
     _fifo_ms = time.ticks_add(time.ticks_ms(), 1)
 
 
@@ -67,11 +67,11 @@ def _free(now_ms):
     if _fifo:
         since = time.ticks_diff(now_ms, _fifo_ms)
         if -_ITERATION_MS < since < 0:
-            return UART_FIFO - _fifo  # filled after now_ms (later in this iteration): as it was
+            return _UART_FIFO - _fifo  # filled after now_ms (later in this iteration): as it was
         gone = since * _UART_B_PER_100MS // 100
         _fifo = 0 if gone >= _fifo or since < 0 else _fifo - gone
     _fifo_ms = now_ms
-    return UART_FIFO - _fifo
+    return _UART_FIFO - _fifo
 
 
 def step(now_ms):
@@ -106,7 +106,7 @@ def drain(now_ms=None):
         rest = len(line) - _head
         if budget is not None and rest > budget:
             # Only a line the FIFO could never take whole goes in pieces, of what is free.
-            if len(line) > UART_FIFO and budget > 0:
+            if len(line) > _UART_FIFO and budget > 0:
                 sys.stdout.write(line[_head:_head + budget])
                 _head += budget
                 closed_bytes += budget

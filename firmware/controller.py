@@ -13,37 +13,33 @@ import charger as ch
 import pilot
 import relay
 
-# PWM removed while the car stays in C (C2 -> C1): the car should drop to B; the pile opens
-# under load after 6 s at most (IEC 61851-1 Table A.6 seq. 10.2). GB/T 18487.1 gives the car
-# 3 s after the pile returns to +12 V (evse-facts section 1).
-C1_FORCE_OPEN_MS = {pilot.IEC: 6000, pilot.GBT: 3000}
 # At most one change of the offered current per 5 s (IEC 61851-1 Table A.6, evse-facts).
-OFFER_CHANGE_MIN_MS = const(5000)
+_OFFER_CHANGE_MIN_MS = const(5000)
 # The first PWM periods after switching it on say nothing about the diode yet.
-DIODE_SETTLE_MS = const(5)
+_DIODE_SETTLE_MS = const(5)
 # Two bad bursts in a row make a diode fault; one can be a sampling glitch.
-DIODE_BAD_BURSTS = const(2)
+_DIODE_BAD_BURSTS = const(2)
 # A stuck pilot ADC (issue 10 item 2). A 1.1 ms burst spans a whole PWM period, so it holds the
 # minus phase; at duty <= 90 % (up to 65 A) the longest piece of it inside a burst is >= 100 us,
 # about 3 ESP32 ADC reads of ~35 us (evse-facts section 6). Above 90 % it can fall between two
 # reads (96 %: ~40 us): not judged there (pilot.diode_check says None).
-MINUS_PHASE_MAX_DUTY = const(58981)  # 90 % of 65535
+_MINUS_PHASE_MAX_DUTY = const(58981)  # 90 % of 65535
 # Bursts in a row with no minus phase at all that make a pilot fault. A burst whose reads left a
 # wait as long as the minus phase's shortest piece (pilot.minus_piece_us: a stall inside it, a
 # GC, a flash write, an interrupt storm, a busy host) is not judged: its reads may all have
 # fallen in the plus phase. Shorter waits can still lose a read or two at the edges, the reason
-# DIODE_BAD_BURSTS is 2; three unstalled bursts in a row with no minus sample are a fault. 3
+# _DIODE_BAD_BURSTS is 2; three unstalled bursts in a row with no minus sample are a fault. 3
 # bursts at the 5 ms default period take 10-15 ms, inside DEBOUNCE_POWER_OFF_MS: a frozen ADC
 # hiding a C->B is caught as fast as a real C->B (at the longest period, 20 ms, 60 ms: still inside
 # Table A.6's 100 ms).
-NO_MINUS_BURSTS = const(3)
-# However stalled the bursts, NO_MINUS_BURSTS or more in a row over this long with no minus
+_NO_MINUS_BURSTS = const(3)
+# However stalled the bursts, _NO_MINUS_BURSTS or more in a row over this long with no minus
 # sample at all (PWM on, judged duty, not E) are a pilot fault too: a frozen ADC whose every burst
 # is stalled (reads each slower than the piece, an interrupt source near 1 kHz) would otherwise
 # never be judged. 60 ms plus one period (20 ms at the longest) stays inside Table A.6's 100 ms
 # for a C->B the frozen ADC hides; a shorter run of stalls (a busy moment) is no fault, nor one
 # loop stall (the bursts count, not only the time).
-NO_MINUS_MAX_MS = const(60)
+_NO_MINUS_MAX_MS = const(60)
 # A guard's burst that took longer than this was stalled inside (an interrupt storm; a busy host):
 # it may hold a single sample, from the minus phase, and say nothing of the state. Not judged:
 # the next read (a guard's or the tick's) comes right after it. Nor one with a wait between two
@@ -54,13 +50,13 @@ NO_MINUS_MAX_MS = const(60)
 GUARD_BURST_MAX_US = 2 * pilot.BURST_US
 # Bursts a tick takes at most while the last is in doubt: on a busy host two torn in a row were
 # still seen (2 runs in 12); the last is judged whatever it holds. 3.3 ms at most, only in doubt.
-TICK_BURSTS_IN_DOUBT = const(3)
+_TICK_BURSTS_IN_DOUBT = const(3)
 # While plugged, PP (CC) is read again this often: a lower rating goes out at once.
-PP_REREAD_MS = const(100)
+_PP_REREAD_MS = const(100)
 # A higher rating read while plugged is taken back only once read steadily this long: a flicker
 # up is noise, but one bad reading (which took the offer away) must not end the session until
 # the car is unplugged. Our choice; the 5 s offer rule still paces the duty going up.
-PP_RAISE_MS = const(1000)
+_PP_RAISE_MS = const(1000)
 
 
 class Io:
@@ -93,7 +89,11 @@ class Controller:
         self.tethered_cable_ma = io.tethered_cable_ma
         self.records = records
         self._report = report
-        self._c1_force_open_ms = C1_FORCE_OPEN_MS[standard]
+        # PWM removed while the car stays in C (C2 -> C1): the car should drop to B; the pile opens
+        # under load after 6 s at most (IEC 61851-1 Table A.6 seq. 10.2). GB/T 18487.1 gives the
+        # car 3 s after the pile returns to +12 V (evse-facts section 1). Not a module global: a
+        # name fewer interned (a heap qstr for good).
+        self._c1_force_open_ms = {pilot.IEC: 6000, pilot.GBT: 3000}[standard]
         self.debouncer = pilot.PilotDebouncer(pilot.F)
         self.raw = pilot.F
         self._pwm_changed_ms = 0
@@ -102,7 +102,7 @@ class Controller:
         self._no_minus_bursts = 0
         self._minus_seen_ms = 0  # when a burst last saw the minus phase (or could not: E, > 90 %)
         self._no_minus_run = 0  # bursts since then, stalled ones too
-        self._pwm_settling_ms = None  # when the PWM went on, until DIODE_SETTLE_MS passed
+        self._pwm_settling_ms = None  # when the PWM went on, until _DIODE_SETTLE_MS passed
         self.diode_checked = False
         self._last_open_ms = None  # when the contactor last opened, until MIN_OPEN_MS passed
         self._pp_read_ms = 0
@@ -134,7 +134,7 @@ class Controller:
         self._check_diode(now_ms)
 
         if charger.plugged and self.proximity is not None and \
-                abs(time.ticks_diff(now_ms, self._pp_read_ms)) >= PP_REREAD_MS:
+                abs(time.ticks_diff(now_ms, self._pp_read_ms)) >= _PP_REREAD_MS:
             self._read_cable(now_ms, lower_only=True)
 
         charger.set_condition(now_ms, ch.FAULT_PILOT_SHORT, stable == pilot.E)
@@ -183,11 +183,11 @@ class Controller:
 
     def _read_pilot(self, now_ms):
         """One burst -> raw state -> the debouncer; the stable state. A burst in doubt is taken
-        again, up to TICK_BURSTS_IN_DOUBT in all: the tick judges the last whatever it holds."""
+        again, up to _TICK_BURSTS_IN_DOUBT in all: the tick judges the last whatever it holds."""
         sampler = self.sampler
         sampler.sample()
         n = 1
-        while n < TICK_BURSTS_IN_DOUBT and self._in_doubt():
+        while n < _TICK_BURSTS_IN_DOUBT and self._in_doubt():
             sampler.sample()
             n += 1
         return self._judge(now_ms)
@@ -223,20 +223,20 @@ class Controller:
         if not out.pwm_on or self.raw == pilot.F:
             return
         if self._pwm_settling_ms is not None:
-            if time.ticks_diff(now_ms, self._pwm_settling_ms) < DIODE_SETTLE_MS:
+            if time.ticks_diff(now_ms, self._pwm_settling_ms) < _DIODE_SETTLE_MS:
                 return
             self._pwm_settling_ms = None  # never compared again across the tick wrap (2^29 ms on)
             self._minus_seen_ms = now_ms
             self._no_minus_run = 0
         seen = pilot.diode_check(self.sampler.minus_mv, self.standard)
-        if seen is None and self.raw != pilot.E and out.duty <= MINUS_PHASE_MAX_DUTY:
+        if seen is None and self.raw != pilot.E and out.duty <= _MINUS_PHASE_MAX_DUTY:
             if self.sampler.gap_us < pilot.minus_piece_us(out.duty):
                 self._no_minus_bursts += 1  # the ADC does not follow the PWM (E: both ~0 V)
             # else stalled inside: its reads may all have missed the minus phase, not counted
             self._no_minus_run += 1
-            if self._no_minus_bursts >= NO_MINUS_BURSTS or (
-                    self._no_minus_run >= NO_MINUS_BURSTS
-                    and time.ticks_diff(now_ms, self._minus_seen_ms) >= NO_MINUS_MAX_MS):
+            if self._no_minus_bursts >= _NO_MINUS_BURSTS or (
+                    self._no_minus_run >= _NO_MINUS_BURSTS
+                    and time.ticks_diff(now_ms, self._minus_seen_ms) >= _NO_MINUS_MAX_MS):
                 self.charger.raise_fault(now_ms, ch.FAULT_PILOT_STUCK)
             return
         self._no_minus_bursts = self._no_minus_run = 0
@@ -248,7 +248,7 @@ class Controller:
             self.diode_checked = True
             return
         self._bad_diode_bursts += 1
-        if self._bad_diode_bursts >= DIODE_BAD_BURSTS:
+        if self._bad_diode_bursts >= _DIODE_BAD_BURSTS:
             self.charger.raise_fault(now_ms, ch.FAULT_DIODE)
 
     def _read_cable(self, now_ms, lower_only=False):
@@ -264,7 +264,7 @@ class Controller:
         if lower_only and higher:
             if self._pp_higher_ms is None:
                 self._pp_higher_ms = now_ms
-            if time.ticks_diff(now_ms, self._pp_higher_ms) < PP_RAISE_MS:
+            if time.ticks_diff(now_ms, self._pp_higher_ms) < _PP_RAISE_MS:
                 return
         self._pp_higher_ms = None
         if amps * 1000 != self.charger.cable_ma:
@@ -342,7 +342,7 @@ class Controller:
             self._emit(now_ms, "contactor", "closed")
 
     def _cable_holds(self, now_ms):
-        """The last check before a close: PP read in this tick, not PP_REREAD_MS ago. PP open (or
+        """The last check before a close: PP read in this tick, not _PP_REREAD_MS ago. PP open (or
         in no band) with the pilot at C is a plug coming out: PP breaks first, by design."""
         if self.proximity is not None and self._pp_read_ms != now_ms:
             self._read_cable(now_ms, lower_only=True)
@@ -369,7 +369,7 @@ class Controller:
         if out.pwm_on and out.duty <= self._safe_duty():
             # The 5 s rule, except for a decrease the cable, board or config demand: at once.
             last = self._offer_changed_ms
-            if last is not None and 0 <= time.ticks_diff(now_ms, last) < OFFER_CHANGE_MIN_MS:
+            if last is not None and 0 <= time.ticks_diff(now_ms, last) < _OFFER_CHANGE_MIN_MS:
                 return  # the new offer goes out when the 5 s are over
         if not out.pwm_on:
             self._pwm_changed_ms = self._pwm_settling_ms = now_ms

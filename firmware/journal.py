@@ -32,8 +32,8 @@ KIND_NAMES = ("reserved", "session_end", "fault", "journal_fault", "session_star
 _MAGIC = const(0x4A52)  # b"RJ" little-endian
 _HDR = const(10)
 _OVERHEAD = const(14)  # header + crc
-_HDR_FMT = "<HBBHI"
-_STATE_FMT = "<19I"  # next_seq, acked, corrupt_bytes, dropped[16]
+_HDR_FMT = const("<HBBHI")
+_STATE_FMT = const("<19I")  # next_seq, acked, corrupt_bytes, dropped[16]
 _STATE_LEN = const(76)
 _STATE_REC = const(90)
 # Largest record payload the reader accepts, whatever max_payload was when it was written.
@@ -45,7 +45,7 @@ _ENOENT = const(2)  # errno values, the same on LittleFS (MicroPython) and POSIX
 _EIO = const(5)
 
 # docs/telemetry.md: room for at least 200 session/ended records of about 400 bytes.
-DEFAULT_MAX_BYTES = const(98304)
+_DEFAULT_MAX_BYTES = const(98304)
 # The largest session record every input rule allows is ~810 bytes (a 64-character pile_id twice,
 # a 64-character auth_id of '"' escaped to 128, every number at its schema maximum:
 # host_tests/test_review_records.py): the outbox takes what the reader does.
@@ -64,7 +64,7 @@ class Journal:
     """Records of kinds 1..14 (not KIND_JOURNAL_FAULT) until acknowledged; `max_bytes` bounds
     the file. When it is full, records are dropped by `tiers` (see DEFAULT_TIERS)."""
 
-    def __init__(self, path, max_bytes=DEFAULT_MAX_BYTES, max_payload=DEFAULT_MAX_PAYLOAD,
+    def __init__(self, path, max_bytes=_DEFAULT_MAX_BYTES, max_payload=DEFAULT_MAX_PAYLOAD,
                  tiers=DEFAULT_TIERS, gate=None):
         if not 0 < max_payload <= _PAYLOAD_LIMIT:
             raise ValueError("max_payload must be 1..%d" % _PAYLOAD_LIMIT)

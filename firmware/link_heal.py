@@ -23,10 +23,10 @@ _STREAK_CAP = const(5)  # the rate doubles up to 2**5 times reset_min_interval_s
 _MAX_MS = const(0x3FFFFFFF)
 _OB_MARKS = const(8)  # OutboxAge's (seq, ms) marks
 
-STEP_RECONNECT = "reconnect"
+_STEP_RECONNECT = const("reconnect")
 STEP_WIFI = "wifi_restart"
 STEP_RESET = "reset"
-CLOSED_BY_BROKER = "closed by the broker"  # mqtt_conn.py's text when the broker closes
+_CLOSED_BY_BROKER = const("closed by the broker")  # mqtt_conn.py's text when the broker closes
 
 
 class HealStore:
@@ -100,12 +100,12 @@ class Ladder:
         self._up_at = None
         self.reconnects += 1
         if up_at is not None or self.last_step is None:  # a new outage: its first rung
-            self.last_step = STEP_RECONNECT
+            self.last_step = _STEP_RECONNECT
             self.last_reason = why
         if up_at is None:
             return self.conflict_pause_ms if self.conflict else None
         self.down_since = now_ms
-        if CLOSED_BY_BROKER in why and time.ticks_diff(now_ms, up_at) < _KICK_MS:
+        if _CLOSED_BY_BROKER in why and time.ticks_diff(now_ms, up_at) < _KICK_MS:
             self.kicks += 1
             if self.kicks >= _KICKS:
                 self.conflict = True

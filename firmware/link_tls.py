@@ -56,8 +56,8 @@ def _one_line(e):
 
 def tls_step(conn, now_ms, connack_state, connect_ms):
     """One handshake step: offer the CONNECT; taking it means the handshake is over. The text
-    of why the connection ends, or None. connack_state, connect_ms: mqtt_conn's CONNACK and
-    CONNECT_MS."""
+    of why the connection ends, or None. connack_state, connect_ms: mqtt_conn's _CONNACK and
+    _CONNECT_MS (private: passed in)."""
     pipe = conn._pipe
     waiting = pipe.pending()
     t0 = time.ticks_us()

@@ -16,7 +16,7 @@ _FN_READ_HOLDING = const(0x03)  # DDSU666: some answer only this one on the same
 # reads 0x04, other tools 0x03). Until one gave a whole reading, the other is tried after an
 # "illegal function" exception or after this many cycles in a row without a reply.
 _SWITCH_AFTER_TIMEOUTS = const(2)
-_EX_WRONG_SPACE = (1, 2)  # exception codes: illegal function, illegal data address
+_EX_WRONG_SPACE = const((1, 2))  # exception codes: illegal function, illegal data address
 _EXCEPTION_FLAG = const(0x80)  # exception reply: function code | 0x80, then the code
 _MAX_FLOATS = const(6)  # largest block read below (SDM630 V1..V3, I1..I3)
 _RX_SIZE = const(5 + 4 * _MAX_FLOATS)  # address, function, byte count, data, CRC (2)

@@ -15,13 +15,13 @@ if TYPE_CHECKING:
 
 _OUT_SIZE = const(2048)  # unsent bytes; more than that and the connection is dropped
 _IN_SIZE = const(1024)  # a command is at most 512 bytes (docs/commands.md) plus its topic
-CONNECT_MS = const(5000)  # TCP connect plus CONNACK; with TLS, the handshake, then the CONNACK
+_CONNECT_MS = const(5000)  # TCP connect plus CONNACK; with TLS, the handshake, then the CONNACK
 _STALL_MS = const(10000)  # out-buffer not draining
 _MAX_PACKETS = const(4)  # broker packets handled per step (one PUBLISH at most)
 
 DOWN = const(0)  # no connection
 TCP = const(1)  # TCP connect under way
-CONNACK = const(2)  # CONNECT sent
+_CONNACK = const(2)  # CONNECT sent
 UP = const(3)
 TLS = const(4)  # TLS handshake under way, CONNECT waiting in the pipe
 WRAP = const(5)  # TCP connected, CONNECT in the pipe: start_tls() next (the owner decides when)
@@ -227,8 +227,8 @@ class MqttConn:
         self._receive(now_ms)
         if self._refused:
             return "broker refused the connection (return code %d)" % self._refused
-        if self.state == CONNACK and time.ticks_diff(now_ms, self._since) > CONNECT_MS:
-            return "no CONNACK within %d s" % (CONNECT_MS // 1000)
+        if self.state == _CONNACK and time.ticks_diff(now_ms, self._since) > _CONNECT_MS:
+            return "no CONNACK within %d s" % (_CONNECT_MS // 1000)
         if self.state == UP:
             if time.ticks_diff(now_ms, self._last_rx) > self._keepalive_ms * 3 // 2:
                 raise OSError("broker silent for 1.5 x keep-alive")
@@ -240,8 +240,8 @@ class MqttConn:
     def _tcp_step(self, now_ms):
         events = self._poller.poll(0)
         if not events:
-            if time.ticks_diff(now_ms, self._since) > CONNECT_MS:
-                return "no TCP connection within %d s" % (CONNECT_MS // 1000)
+            if time.ticks_diff(now_ms, self._since) > _CONNECT_MS:
+                return "no TCP connection within %d s" % (_CONNECT_MS // 1000)
             return None
         if events[0][1] & (select.POLLERR | select.POLLHUP):
             return "connection refused"
@@ -254,12 +254,12 @@ class MqttConn:
             self.state = WRAP
             return None
         self._poller.modify(self._sock, select.POLLIN)
-        self.state = CONNACK
+        self.state = _CONNACK
         self.flush(now_ms)
         return None
 
     def _tls_step(self, now_ms):
-        why = _tls_code().tls_step(self, now_ms, CONNACK, CONNECT_MS)  # loaded by start_tls
+        why = _tls_code().tls_step(self, now_ms, _CONNACK, _CONNECT_MS)  # loaded by start_tls
         if why is None and self.state != TLS:
             drop_setup()  # the handshake is done
         return why
@@ -421,7 +421,7 @@ class MqttConn:
             return self._publish_in(now_ms, op, total)
         self._last_rx = now_ms
         if kind == 0x20 and total == 4:  # CONNACK
-            if self.state == CONNACK:
+            if self.state == _CONNACK:
                 if buf[3]:
                     self._refused = buf[3]
                     return False

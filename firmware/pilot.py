@@ -58,18 +58,18 @@ def diode_check(minus_mv, standard):
 # Towards more power (B->C) it is long: closing may take up to 3 s (IEC 61851-1 Table A.6
 # seq. 4). Towards A, E or X from B it is short (OpenEVSE takes 25 ms for A).
 # Leaving C/D is a rule of its own, about C/D only: the stable state leaves C/D once no burst has
-# read C or D for DEBOUNCE_POWER_OFF_MS, counted from the last C/D reading, whatever was read
+# read C or D for _DEBOUNCE_POWER_OFF_MS, counted from the last C/D reading, whatever was read
 # since (B, A, X, E, interleaved or not). The first non-C/D read after a loop stall longer than
 # that leaves at once. C->B must open the contactor within 100 ms (Table A.6 seq. 8.1); EVerest
 # filters at most 50 ms.
-DEBOUNCE_POWER_OFF_MS = const(20)
-DEBOUNCE_DEFAULT_MS = const(100)
+_DEBOUNCE_POWER_OFF_MS = const(20)
+_DEBOUNCE_DEFAULT_MS = const(100)
 
 
 def debounce_ms(old, new):
     if new in (A, E, X) or (old in (C, D) and new == B):
-        return DEBOUNCE_POWER_OFF_MS
-    return DEBOUNCE_DEFAULT_MS
+        return _DEBOUNCE_POWER_OFF_MS
+    return _DEBOUNCE_DEFAULT_MS
 
 
 class PilotDebouncer:
@@ -96,11 +96,11 @@ class PilotDebouncer:
             return False
         if self.state == C or self.state == D:
             if drawing:  # C <-> D: the usual debounce
-                if time.ticks_diff(now_ms, self._since) < DEBOUNCE_DEFAULT_MS:
+                if time.ticks_diff(now_ms, self._since) < _DEBOUNCE_DEFAULT_MS:
                     return False
             else:
                 last = self._since if self._last_cd is None else self._last_cd
-                if time.ticks_diff(now_ms, last) < DEBOUNCE_POWER_OFF_MS:
+                if time.ticks_diff(now_ms, last) < _DEBOUNCE_POWER_OFF_MS:
                     return False
             self.state = raw
             return True
@@ -114,12 +114,12 @@ class PilotDebouncer:
 # and the minus phase. One ESP32 ADC read takes ~35 us from Python, too slow to phase-lock
 # (evse-facts section 6): keep the highest sample (state) and the lowest (diode check).
 BURST_US = const(1100)
-PERIOD_US = const(1000)  # the 1 kHz PWM (IEC 61851-1 A.2.2; wiring.py sets it)
+_PERIOD_US = const(1000)  # the 1 kHz PWM (IEC 61851-1 A.2.2; wiring.py sets it)
 # The 100 us a burst spans beyond the period: no wait between two reads may be longer, else the
 # CPU was taken away inside the burst (an interrupt storm, a busy host) and the wait can hide a
 # whole plus phase (10 % duty: 100 us): the burst is `stalled`, it may hold a single minus-phase
 # sample and read X (docs/safety.md, "A stalled burst is no reading").
-BURST_GAP_MAX_US = const(BURST_US - PERIOD_US)
+BURST_GAP_MAX_US = const(BURST_US - _PERIOD_US)
 
 
 class PilotSampler:
@@ -183,8 +183,8 @@ def minus_piece_us(duty, burst_us=BURST_US):
     at worst, the burst's extra (e) beyond the period added to the second piece: (L + e) / 2.
     PilotSampler's reads span the burst and lie at most gap_us apart: a shorter gap leaves a read
     in that piece. Above 90 % duty it exceeds L (not judged there)."""
-    minus = PERIOD_US * (DUTY_FULL - duty) // DUTY_FULL
-    return (minus + burst_us - PERIOD_US) // 2
+    minus = _PERIOD_US * (DUTY_FULL - duty) // DUTY_FULL
+    return (minus + burst_us - _PERIOD_US) // 2
 
 
 def duty_for_current(current_ma, standard):

@@ -29,14 +29,14 @@ from micropython import const
 import session_store
 
 STATE_FILE = "release.json"  # not files.py: boot.py loads nothing a release would share
-REL_DIR = "rel"
-TRIAL_TRIES = const(1)  # boots a trial release gets; the next boot goes back
+_REL_DIR = const("rel")
+_TRIAL_TRIES = const(1)  # boots a trial release gets; the next boot goes back
 # A trial boot runs under this watchdog until main.py sets its own: a release that hangs, or
 # holds the pile unavailable before its control loop, is reset and then rolled back.
-TRIAL_WDT_MS = const(60000)
+_TRIAL_WDT_MS = const(60000)
 ENTRY = "main.mpy"  # a release without it is not a release
 # Loaded by boot.py to select the release, dropped again: the release imports its own copies.
-OWN = ("release_boot", "session_store", "durable")
+_OWN = const(("release_boot", "session_store", "durable"))
 # What the root main.py imports before anything can catch an error (host_tests check the list
 # against main.py); a release's own main comes last.
 MAIN_IMPORTS = ("console", "wiring", "version")
@@ -48,9 +48,9 @@ MAIN_IMPORTS = ("console", "wiring", "version")
 _METERS = {"ddsu666": "modbus_meter", "sdm120": "modbus_meter", "sdm630": "modbus_meter",
            "dlt645": "dlt645", "s0": "s0_meter"}
 # Nothing importable, not even the factory firmware (its flash damaged): held safe this long,
-# then a reset, at most BOOT_RETRIES boots in a row; then held safe until a technician comes.
-BOOT_RETRIES = const(3)
-BOOT_RETRY_MS = const(60000)
+# then a reset, at most _BOOT_RETRIES boots in a row; then held safe until a technician comes.
+_BOOT_RETRIES = const(3)
+_BOOT_RETRY_MS = const(60000)
 _SAY_MS = const(60000)  # the hold repeats why on the console this often
 
 
@@ -108,7 +108,7 @@ def boot_imports(conf):
 
 
 def rel_path(n):
-    return "%s/%d" % (REL_DIR, n)
+    return "%s/%d" % (_REL_DIR, n)
 
 
 def fresh():
@@ -161,7 +161,7 @@ def present(n):
 
 def releases_on_flash():
     try:
-        names = os.listdir(REL_DIR)
+        names = os.listdir(_REL_DIR)
     except OSError:
         return []
     return [int(name) for name in names if name.isdigit()]
@@ -181,7 +181,7 @@ def _cause_text(machine):
 
 def select(machine=None, store=None):
     """Puts the release to run first on sys.path (its lib/ second); returns its number, 0 for
-    the factory firmware. A trial release gets TRIAL_TRIES boots, counted on flash before it
+    the factory firmware. A trial release gets _TRIAL_TRIES boots, counted on flash before it
     runs; after that the good release runs again and the state says why."""
     global trial_wdt, stuck_seen
     _no_release_path()  # a soft reset keeps sys.path
@@ -203,7 +203,7 @@ def select(machine=None, store=None):
     run = state["good"]
     trial = state["trial"]
     if trial is not None:
-        if state["tries"] >= TRIAL_TRIES:
+        if state["tries"] >= _TRIAL_TRIES:
             state["rolled"] = {"release": trial, "why": "%s during the trial" % _cause_text(machine)}
             state["trial"] = None
             state["tries"] = 0
@@ -215,7 +215,7 @@ def select(machine=None, store=None):
             if _save(store, state) and present(trial):
                 run = trial
                 if machine is not None:
-                    trial_wdt = machine.WDT(timeout=TRIAL_WDT_MS)
+                    trial_wdt = machine.WDT(timeout=_TRIAL_WDT_MS)
     if run and not present(run):
         print("boot: release %d not on flash: the factory firmware runs" % run)
         run = 0
@@ -235,12 +235,12 @@ stuck_seen = False  # select() found failed boots counted: recover() clears them
 
 
 def _no_release_path():
-    for p in [p for p in sys.path if p.startswith(REL_DIR + "/")]:
+    for p in [p for p in sys.path if p.startswith(_REL_DIR + "/")]:
         sys.path.remove(p)
 
 
 def recover(run, why, loaded, machine=None, keep_safe=None, wdt=None, store=None,
-            retry_ms=BOOT_RETRY_MS):
+            retry_ms=_BOOT_RETRY_MS):
     """boot.py's call when release `run` (0: the factory firmware) did not import (why: which
     module and its error; None: it did, and stuck_seen asked for the count to be cleared).
     loaded: sys.modules' names before boot.py's imports; the rest is dropped. The release is
@@ -248,9 +248,9 @@ def recover(run, why, loaded, machine=None, keep_safe=None, wdt=None, store=None
     and the good release or the factory firmware is imported instead, in this boot, its modules
     kept for main.py. When the factory firmware's fail too: held safe (keep_safe() asserts the
     contactor open and the pilot idle; the trial's watchdog `wdt` fed) retry_ms, then a reset,
-    at most BOOT_RETRIES boots in a row; after that held safe for good, saying why (Ctrl-C: the
+    at most _BOOT_RETRIES boots in a row; after that held safe for good, saying why (Ctrl-C: the
     REPL for a technician). Returns the release that runs."""
-    for name in OWN:  # this module and its imports are the root's: the release imports its own
+    for name in _OWN:  # this module and its imports are the root's: the release imports its own
         sys.modules.pop(name, None)
     store = store or StateStore()
     if why is not None:
@@ -272,11 +272,11 @@ def recover(run, why, loaded, machine=None, keep_safe=None, wdt=None, store=None
             _save(store, state)
         return run
     print("boot: the factory firmware does not start: %s" % why)
-    if state is not None and state["stuck"] < BOOT_RETRIES:
+    if state is not None and state["stuck"] < _BOOT_RETRIES:
         state["stuck"] += 1
         if _save(store, state):  # counted first: no reset that the next boot would not see
             print("boot: held safe, reset in %d s (%d of %d)" % (retry_ms // 1000, state["stuck"],
-                                                                 BOOT_RETRIES))
+                                                                 _BOOT_RETRIES))
             _hold(keep_safe, wdt, retry_ms)
             if machine is not None:
                 machine.reset()
@@ -339,8 +339,8 @@ def _save(store, state):
 def selected():
     """The release on sys.path (select() put it there), or 0."""
     for p in sys.path:
-        if p.startswith(REL_DIR + "/") and not p.endswith("/lib"):
-            return int(p[len(REL_DIR) + 1:])
+        if p.startswith(_REL_DIR + "/") and not p.endswith("/lib"):
+            return int(p[len(_REL_DIR) + 1:])
     return 0
 
 

@@ -19,20 +19,20 @@ import journal
 
 # Snapshots while a session runs: every 60 s at most (docs/durability.md: a <=128-byte snapshot
 # every 60 s costs ~0.12 block erases, decades of wear on a 1 MB partition).
-DEFAULT_CHECKPOINT_S = const(60)
+_DEFAULT_CHECKPOINT_S = const(60)
 # At boot, wait this long for the meter's first checked reading (one the guard judged against
 # another: docs/meters.md) before closing a cut session without it.
-RECOVERY_WAIT_MS = const(10000)
+_RECOVERY_WAIT_MS = const(10000)
 # Then the contactor (Records.ready) waits this long at most for the link's ack of the power
 # cut's record, written while it is still open: an ack that came with it closed would wait in
 # RAM (flash_gate.py), and a cut then sends the record again (docs/meters.md, "A session's meter
 # start"; docs/durability.md, "The contactor closed"). The next session starts meanwhile.
-RECOVERY_ACK_WAIT_MS = const(5000)
+_RECOVERY_ACK_WAIT_MS = const(5000)
 # Extra snapshots for a power cut's record (docs/durability.md, "Write rate"): one when the
 # first power is seen, then when the peak has risen by a quarter, not within 10 s of the last.
 _PEAK_CHECKPOINT_GAP_MS = const(10000)
 # A record the flash refused is kept in RAM and tried again this often; at most this many.
-RETRY_MS = const(10000)
+_RETRY_MS = const(10000)
 _MAX_UNSENT = const(4)
 # Power no meter may show (meter.DEFAULT_MAX_POWER_W, its jump guard): a power cut's duration is
 # at least the energy after the last snapshot at this power.
@@ -47,8 +47,6 @@ _SYNCED_FROM_YEAR = const(2024)
 # a cut may come any time after the last one. A boot reading is then billed up to this long at
 # _MAX_POWER_W after it (a week: 8.4 MWh, against a meter swapped while the pile was off).
 _CLOSED_MAX_S = const(604800)
-# An outbox without a max_payload (a test's fake): the journal's.
-_MAX_PAYLOAD = journal.DEFAULT_MAX_PAYLOAD
 
 
 def iso_utc(epoch_s):
@@ -71,7 +69,7 @@ def _session_id(payload):
 
 class SessionLog:
     def __init__(self, pile_id, boot, outbox, store, connector=1, metered=True,
-                 checkpoint_s=DEFAULT_CHECKPOINT_S, wall=time.time, report=None, gate=None,
+                 checkpoint_s=_DEFAULT_CHECKPOINT_S, wall=time.time, report=None, gate=None,
                  linked=True):
         """gate: a flash_gate.FlashGate; with it nothing is written while the contactor is
         closed: checkpoints, retries and clears wait for it to open (docs/durability.md).
@@ -110,7 +108,7 @@ class SessionLog:
         self._boot_ms = None
         self._recovered_seq = None  # the power cut's record in the outbox, until acked or waited for
         self._recovered_ms = 0
-        # The power cut's record not acknowledged yet, for less than RECOVERY_ACK_WAIT_MS: no
+        # The power cut's record not acknowledged yet, for less than _RECOVERY_ACK_WAIT_MS: no
         # contactor may close (Records.ready). Set by poll().
         self.unacked_recovery = False
 
@@ -159,12 +157,12 @@ class SessionLog:
 
     def _awaiting_ack(self, now_ms):
         """The power cut's record is in the outbox, not yet acknowledged, for less than
-        RECOVERY_ACK_WAIT_MS: the contactor waits."""
+        _RECOVERY_ACK_WAIT_MS: the contactor waits."""
         seq = self._recovered_seq
         if seq is None:
             return False
         if getattr(self.outbox, "acked", seq) < seq and \
-                time.ticks_diff(now_ms, self._recovered_ms) < RECOVERY_ACK_WAIT_MS:
+                time.ticks_diff(now_ms, self._recovered_ms) < _RECOVERY_ACK_WAIT_MS:
             return True
         self._recovered_seq = None  # never compared again across the tick wrap
         return False
@@ -232,9 +230,10 @@ class SessionLog:
             session.meter_restarts, self.metered and session.meter_final is False, (),
             getattr(session, "meter_identity", None))
         # Issue 13's meter name never costs the record: without room in the outbox's payload
-        # limit (long pile and auth ids) it goes as null.
+        # limit (long pile and auth ids) it goes as null. An outbox without a max_payload (a test's
+        # fake): the journal's.
         if record["meter"] is not None and \
-                len(json.dumps(record)) > getattr(self.outbox, "max_payload", _MAX_PAYLOAD):
+                len(json.dumps(record)) > getattr(self.outbox, "max_payload", journal.DEFAULT_MAX_PAYLOAD):
             record["meter"] = None
         self._append(now_ms, journal.KIND_SESSION_END, record, self._clear)
 
@@ -261,7 +260,7 @@ class SessionLog:
         if reading is not None and not getattr(reading, "checked", True):
             reading = None  # the first after boot, judged against nothing (docs/meters.md)
         if self.metered and reading is None and \
-                time.ticks_diff(now_ms, self._boot_ms) < RECOVERY_WAIT_MS:
+                time.ticks_diff(now_ms, self._boot_ms) < _RECOVERY_WAIT_MS:
             return
         cut = self._cut
         self._cut = None
@@ -324,7 +323,7 @@ class SessionLog:
         return False
 
     def _clear(self, now_ms=0):
-        """The snapshot's clear, after its ended record. A failure is tried again every RETRY_MS
+        """The snapshot's clear, after its ended record. A failure is tried again every _RETRY_MS
         (poll): left there, a reboot after the link sent the record would close it again."""
         self._snapshot_error = None
         try:
@@ -333,7 +332,7 @@ class SessionLog:
             if not self._clear_due:
                 self._emit(now_ms, "storage", "session snapshot not cleared (%s): retried" % (e,))
             self._clear_due = True
-            self._retry_at = time.ticks_add(now_ms, RETRY_MS)
+            self._retry_at = time.ticks_add(now_ms, _RETRY_MS)
             return
         self._clear_due = False
 
@@ -343,7 +342,7 @@ class SessionLog:
         between the record and the clear, or the next boot would close the session again.
         A flash error keeps the record in RAM for another try (in order, behind the others)."""
         payload = json.dumps(record).encode()
-        if len(payload) > getattr(self.outbox, "max_payload", _MAX_PAYLOAD):
+        if len(payload) > getattr(self.outbox, "max_payload", journal.DEFAULT_MAX_PAYLOAD):
             self._too_long(now_ms, kind, payload, then)
             return
         if self._unsent or not self._write(now_ms, kind, payload, then):
@@ -385,14 +384,14 @@ class SessionLog:
             lost = self._unsent.pop(0)
             self._emit(now_ms, "storage", "LOST (not written, no room to hold it): " + lost[1].decode())
         self._unsent.append((kind, payload, then))
-        self._retry_at = time.ticks_add(now_ms, RETRY_MS)
+        self._retry_at = time.ticks_add(now_ms, _RETRY_MS)
         self._emit(now_ms, "storage", "held for a retry: " + payload.decode())
 
     def _retry(self, now_ms):
         while self._unsent:
             kind, payload, then = self._unsent[0]
             if not self._write(now_ms, kind, payload, then):
-                self._retry_at = time.ticks_add(now_ms, RETRY_MS)
+                self._retry_at = time.ticks_add(now_ms, _RETRY_MS)
                 return
             self._unsent.pop(0)
         self._emit(now_ms, "storage", "held records written: flash working again")

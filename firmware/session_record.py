@@ -16,15 +16,15 @@ from micropython import const
 
 # A session's record closes with a meter reading taken at least this long after the contactor
 # opened (the contacts part within ~10 ms), so the last watt-hour is in it; without one (meter
-# silent), it closes with the last good reading after FINAL_READING_MAX_MS.
-METER_SETTLE_MS = const(50)
-FINAL_READING_MAX_MS = const(10000)
+# silent), it closes with the last good reading after _FINAL_READING_MAX_MS.
+_METER_SETTLE_MS = const(50)
+_FINAL_READING_MAX_MS = const(10000)
 # After a meter_failure stop the meter had been silent for meter_failure_ms already: wait this
 # long (three polls at the default 1 s) for it to answer again before closing on a stale reading.
-METER_FAILURE_FINAL_WAIT_MS = const(3000)
+_METER_FAILURE_FINAL_WAIT_MS = const(3000)
 # A session's meter start is a reading taken after its plug-in, or at most this old: one or two
 # lost replies at the default poll (1 s, DL/T 645 2 s). An older one may predate a meter restart.
-START_READING_MAX_AGE_MS = const(5000)
+_START_READING_MAX_AGE_MS = const(5000)
 # A meter's register after a restart at most this far above 0 (the power of meter.py's guard,
 # DEFAULT_MAX_POWER_W, over the time since the last reading, plus its slack): it restarted from 0
 # and counted all of it in the session.
@@ -167,7 +167,7 @@ class Records:
         self._closed_ms = 0
         self._opened_ms = 0
         self._has_opened = False  # opened, and no reading taken since: none may be a start
-        self._open_settled = False  # FINAL_READING_MAX_MS passed since the opening: all waits over
+        self._open_settled = False  # _FINAL_READING_MAX_MS passed since the opening: all waits over
         self._meter_error = None
 
     def _emit(self, now_ms, what, text):
@@ -179,7 +179,7 @@ class Records:
         """The open session's meter start value is known, or no meter is fitted, and the flash
         takes the records: only then may the contactor close. Energy from the close on is billed;
         a first reading taken after the close would miss what flowed before it. Nor while a power
-        cut's record waits for its ack (session_log.RECOVERY_ACK_WAIT_MS): written while open."""
+        cut's record waits for its ack (session_log._RECOVERY_ACK_WAIT_MS): written while open."""
         log = self.log
         if log is not None and (log.failed is not None or getattr(log, "unacked_recovery", False)):
             return False
@@ -215,7 +215,7 @@ class Records:
                 self._opened_ms = now_ms
                 self._has_opened = True
                 self._open_settled = False
-        if not self._open_settled and time.ticks_diff(now_ms, self._opened_ms) >= FINAL_READING_MAX_MS:
+        if not self._open_settled and time.ticks_diff(now_ms, self._opened_ms) >= _FINAL_READING_MAX_MS:
             self._open_settled = True  # never compared again across the tick wrap (2^29 ms on)
         session = self.charger.session
         if session is not None and (self._last is None or self._last.session is not session):
@@ -234,7 +234,7 @@ class Records:
                     self._emit(now_ms, "meter", self._meter_error)
             reading = meter.reading
             if self._has_opened and reading is not None and \
-                    time.ticks_diff(reading.taken_ms, self._opened_ms) >= METER_SETTLE_MS:
+                    time.ticks_diff(reading.taken_ms, self._opened_ms) >= _METER_SETTLE_MS:
                 self._has_opened = False  # passed: never compared again across the tick wrap
             if record is not None and reading is not None and (
                     record.meter_start_wh is not None or self._current_reading(record, reading, now_ms)):
@@ -268,7 +268,7 @@ class Records:
 
     def _current_reading(self, record, reading, now_ms):
         """May `reading` be the session's meter start? Taken after the plug-in, or at most
-        START_READING_MAX_AGE_MS old, and of the meter's current epoch: a reading the meter's
+        _START_READING_MAX_AGE_MS old, and of the meter's current epoch: a reading the meter's
         guard refused to replace for long (a restart it did not see) is never a start. Never
         one from before the contactor last opened: what the last session drew after it (a meter
         silent then) would be billed to this one."""
@@ -278,7 +278,7 @@ class Records:
         if self._has_opened:  # no reading since the last opening yet
             return False
         return time.ticks_diff(reading.taken_ms, record.started_ms) >= 0 or \
-            time.ticks_diff(now_ms, reading.taken_ms) <= START_READING_MAX_AGE_MS
+            time.ticks_diff(now_ms, reading.taken_ms) <= _START_READING_MAX_AGE_MS
 
     def _unmetered_since(self, record, reading):
         """Since when the open session has lacked the reading it needs; None: it lacks none."""
@@ -297,13 +297,13 @@ class Records:
         meter = self.meter
         fresh = False
         if meter is not None:
-            # A reading taken METER_SETTLE_MS after the last opening (poll's _has_opened): not
+            # A reading taken _METER_SETTLE_MS after the last opening (poll's _has_opened): not
             # compared with _opened_ms here, which a long uptime wraps (ticks_diff < 0).
             fresh = meter.reading is not None and not self._has_opened
             if record.stop_reason == "meter_failure":
                 # Nothing flowed without a close: no reading to wait for. Else the meter may be back.
                 gave_up = not record.energized or self._open_settled or \
-                    time.ticks_diff(now_ms, self._opened_ms) >= METER_FAILURE_FINAL_WAIT_MS
+                    time.ticks_diff(now_ms, self._opened_ms) >= _METER_FAILURE_FINAL_WAIT_MS
             else:
                 gave_up = self._open_settled
             if not (fresh or force or gave_up):

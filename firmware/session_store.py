@@ -19,19 +19,19 @@ import json
 import durable
 from durable import write_atomic
 
-MAX_BYTES = const(1024)  # a snapshot is ~200 bytes; more is a caller's bug
+_MAX_BYTES = const(1024)  # a snapshot is ~200 bytes; more is a caller's bug
 _ENOENT = const(2)  # errno.ENOENT, the same on LittleFS (MicroPython) and POSIX
 
 def _encode(value):
     text = json.dumps(value, separators=(",", ":")).encode()
-    if len(text) > MAX_BYTES:
+    if len(text) > _MAX_BYTES:
         raise ValueError("state too large to store")
     return ("%08x\n" % (binascii.crc32(text) & 0xFFFFFFFF)).encode() + text
 
 
 def _decode(data):
     """The JSON value in `data`, or raises ValueError with a short reason."""
-    if len(data) > 9 + MAX_BYTES:
+    if len(data) > 9 + _MAX_BYTES:
         raise ValueError("too long")
     if len(data) < 10 or data[8] != 0x0A:
         raise ValueError("no checksum line")
@@ -70,7 +70,7 @@ class _Store:
             self.error = "%s unreadable: %s" % (what, e)
             return True, None
         try:
-            data = f.read(10 + MAX_BYTES)
+            data = f.read(10 + _MAX_BYTES)
         except OSError as e:
             self.error = "%s unreadable: %s" % (what, e)
             return True, None
@@ -102,7 +102,7 @@ class _Store:
 class SessionStore(_Store):
     """Snapshot of the open session: save(dict) while it runs, load() at boot, clear() when
     it is reported closed. What goes in the dict is the caller's (session id, start meter
-    value, last meter value, state...); it must be JSON and at most MAX_BYTES."""
+    value, last meter value, state...); it must be JSON and at most _MAX_BYTES."""
 
     def save(self, snapshot):
         """Atomic. False if it equals the last one written (no flash write)."""

@@ -24,7 +24,7 @@ from micropython import const
 from backoff import Backoff
 from netaddr import numeric_host
 
-NTP_PORT = const(123)
+_NTP_PORT = const(123)
 _PACKET = const(48)
 _REPLY_MS = const(2000)  # a LAN or Internet server answers in well under a second
 # RFC 4330 section 5: "under no conditions should requests be sent at less than one minute
@@ -33,13 +33,13 @@ _RETRY_MIN_MS = const(60000)
 
 # RFC 4330 section 3: NTP seconds count from 1900-01-01 while bit 0 is set (1968-2036); with it
 # clear, from 2036-02-07T06:28:16Z (era 1, 2036-2104). Unix time counts from 1970-01-01.
-NTP_1900_TO_1970 = 2208988800
-_ERA = 1 << 32
-UNIX_2000 = 946684800  # 2000-01-01, the ESP32 port's epoch (py/mpconfig.h MICROPY_EPOCH_IS_2000)
+_NTP_1900_TO_1970 = const(2208988800)
+_ERA = const(1 << 32)
+_UNIX_2000 = const(946684800)  # 2000-01-01, the ESP32 port's epoch (py/mpconfig.h MICROPY_EPOCH_IS_2000)
 # A reply before 2024 is wrong (session_log: a clock before 2024 is not synced); MicroPython's
 # time functions are defined up to 2099 (py/mpconfig.h).
-MIN_UNIX = 1704067200  # 2024-01-01
-MAX_UNIX = 4102444800  # 2100-01-01
+_MIN_UNIX = const(1704067200)  # 2024-01-01
+_MAX_UNIX = const(4102444800)  # 2100-01-01
 
 _IDLE = const(0)
 _WAITING = const(1)  # request sent
@@ -56,8 +56,8 @@ class SntpError(Exception):
 def ntp_to_unix(seconds):
     """NTP seconds (32 bits) -> Unix seconds, in NTP era 0 or 1 (RFC 4330 section 3)."""
     if seconds & 0x80000000:
-        return seconds - NTP_1900_TO_1970
-    return seconds + _ERA - NTP_1900_TO_1970
+        return seconds - _NTP_1900_TO_1970
+    return seconds + _ERA - _NTP_1900_TO_1970
 
 
 def _unix_us(data, at):
@@ -97,14 +97,14 @@ def epoch_offset(epoch_year=None):
     unix port (MicroPython docs, time module: 'Epoch year may be determined with gmtime(0)[0]')."""
     if epoch_year is None:
         epoch_year = time.gmtime(0)[0]
-    return UNIX_2000 if epoch_year == 2000 else 0
+    return _UNIX_2000 if epoch_year == 2000 else 0
 
 
 def unix_ms():
     """Unix time in ms once the clock is set (NTP; before 2024 it is not), else None (the command
     verifier's wall clock, commands.unix_ms)."""
     t = int(time.time()) + epoch_offset()
-    return None if t < MIN_UNIX else t * 1000
+    return None if t < _MIN_UNIX else t * 1000
 
 
 def while_open(contactor):
@@ -128,7 +128,7 @@ class SntpClient:
     text) gets every result. Polls only while `online` (the Wi-Fi up). may_block: a callable,
     True when a name lookup may block (wiring_link.py: the contactor is open); None: always."""
 
-    def __init__(self, host, set_clock, report=None, port=NTP_PORT, interval_s=3600,
+    def __init__(self, host, set_clock, report=None, port=_NTP_PORT, interval_s=3600,
                  start_jitter_s=60, wall=time.time, sock_module=socket, may_block=None):
         self._host = host
         self._may_block = may_block
@@ -235,7 +235,7 @@ class SntpClient:
         trip_us = time.ticks_diff(now_ms, self._sent_at) * 1000 - (server_tx - server_rx)
         now_us = server_tx + max(0, trip_us) // 2
         unix_s = now_us // 1000000
-        if not MIN_UNIX <= unix_s < MAX_UNIX:
+        if not _MIN_UNIX <= unix_s < _MAX_UNIX:
             self._failed(now_ms, "%s answered an implausible time (%d)" % (self._host, unix_s))
             return
         self._close()

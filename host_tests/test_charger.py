@@ -25,7 +25,7 @@ def test_free_vend_session():
     assert c.state == ch.SUSPENDED_EV and c.pilot_mode == ch.MODE_OFFER
     assert c.step(20, pilot.C, True) == ch.EV_CAR_REQUESTED_POWER
     assert c.state == ch.CHARGING and c.power == ch.POWER_ON
-    assert c.step(30, pilot.B, True) == ch.EV_CAR_REQUESTED_STOP_POWER
+    assert c.step(30, pilot.B, True) == ch._EV_CAR_REQUESTED_STOP_POWER
     assert c.state == ch.SUSPENDED_EV and c.power == ch.POWER_HOLD
     assert c.step(40, pilot.A, True) == ch.EV_CAR_UNPLUGGED
     assert c.state == ch.IDLE and c.session is None

@@ -329,7 +329,7 @@ _commands = st.fixed_dictionaries(
      "args": st.one_of(st.fixed_dictionaries({}, optional={
          "auth_id": st.one_of(st.from_regex(r"[ -~]{0,70}", fullmatch=True), _json_leaf),
          "amps": st.one_of(st.floats(-10, 100), st.integers(-10, 100), _json_leaf),
-         "state": st.one_of(st.sampled_from(C.AVAILABILITY), _json_leaf),
+         "state": st.one_of(st.sampled_from(C._AVAILABILITY), _json_leaf),
          "fault": st.one_of(st.sampled_from(["welded", "rcd_lockout", "diode"]), _json_leaf),
          "x": _json_leaf}), _json)})
 

@@ -92,7 +92,7 @@ def test_welded_at_power_up(monkeypatch):
 
 def test_rcd_locks_out_after_repeated_trips(monkeypatch):
     steps = []
-    for i in range(3):  # each 100 ms, longer than relay.FAULT_DEBOUNCE_MS
+    for i in range(3):  # each 100 ms, longer than relay._FAULT_DEBOUNCE_MS
         steps += [(2500 + i * 3000, "rcd_leak", True), (2600 + i * 3000, "rcd_leak", False)]
     vb = charging(monkeypatch, steps, config={"rcd_retry_s": 1, "rcd_max_trips": 3})
     vb.run_until(4400)

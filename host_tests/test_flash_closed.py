@@ -227,7 +227,7 @@ def test_the_console_writes_a_bounded_amount_per_iteration_while_closed(monkeypa
     for _ in range(20):
         p.vb.run_for(PERIOD_MS)
         written.append(capsys.readouterr().out)
-    assert max(len(w) for w in written) <= console.UART_FIFO  # never more than the FIFO takes
+    assert max(len(w) for w in written) <= console._UART_FIFO  # never more than the FIFO takes
     assert sum(len(w) for w in written) > 0
     # The contactor opens: the rest comes out at once, in order.
     p.vb.world.do("stop_request")
@@ -244,7 +244,7 @@ def test_a_full_console_queue_drops_lines_and_says_how_many(fresh_console, capsy
         console._write("line %03d %s\n" % (i, "y" * 90))
     assert console.lines_dropped > 0
     dropped = console.lines_dropped
-    assert console._queued <= console.QUEUE_MAX_BYTES
+    assert console._queued <= console._QUEUE_MAX_BYTES
     fresh_console.held = False
     console.drain()
     out = capsys.readouterr().out.splitlines()

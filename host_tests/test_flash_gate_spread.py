@@ -139,7 +139,7 @@ def test_the_console_queue_is_the_console_step_s_not_the_gate_s(monkeypatch, cap
     assert capsys.readouterr().out == ""  # the gate leaves the console alone
     console.step(1000)
     first = capsys.readouterr().out
-    assert 0 < len(first) <= console.UART_FIFO and first.startswith("line 0")
+    assert 0 < len(first) <= console._UART_FIFO and first.startswith("line 0")
     contactor.closed = False
     gate.poll(1005)
     assert capsys.readouterr().out == ""

@@ -63,13 +63,13 @@ def test_what_moved_out_of_wiring_still_works(monkeypatch):
     assert may_block()
     c.closed = True
     assert not may_block()
-    monkeypatch.setattr(sntp.time, "time", lambda: sntp.MIN_UNIX - sntp.epoch_offset() - 1)
+    monkeypatch.setattr(sntp.time, "time", lambda: sntp._MIN_UNIX - sntp.epoch_offset() - 1)
     assert sntp.unix_ms() is None  # the clock not set yet
-    monkeypatch.setattr(sntp.time, "time", lambda: sntp.MIN_UNIX - sntp.epoch_offset() + 5)
-    assert sntp.unix_ms() == (sntp.MIN_UNIX + 5) * 1000
+    monkeypatch.setattr(sntp.time, "time", lambda: sntp._MIN_UNIX - sntp.epoch_offset() + 5)
+    assert sntp.unix_ms() == (sntp._MIN_UNIX + 5) * 1000
     import commands
 
-    for t in (sntp.MIN_UNIX - 1, sntp.MIN_UNIX, sntp.MIN_UNIX + 86400 * 400, 0, 2**31 - 1):
+    for t in (sntp._MIN_UNIX - 1, sntp._MIN_UNIX, sntp._MIN_UNIX + 86400 * 400, 0, 2**31 - 1):
         monkeypatch.setattr(sntp.time, "time", lambda t=t: t - sntp.epoch_offset())
         assert commands.unix_ms() == sntp.unix_ms(), t  # the verifier's clock, either way
 

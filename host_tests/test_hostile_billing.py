@@ -216,8 +216,8 @@ def test_item9_a_meter_that_stays_silent_closes_the_record_stale_within_the_boun
     vb.run_while(lambda: vb.world.coil, 7000)
     opened = vb.now_ms
     closed = vb.run_while(lambda: not outbox(), 5000)
-    from session_record import METER_FAILURE_FINAL_WAIT_MS
-    assert closed - opened <= METER_FAILURE_FINAL_WAIT_MS + 50
+    from session_record import _METER_FAILURE_FINAL_WAIT_MS
+    assert closed - opened <= _METER_FAILURE_FINAL_WAIT_MS + 50
     (ended,) = outbox()
     validate("session_ended", ended)
     assert ended["meter_stop_stale"] is True and ended["energy_wh"] < vb.world.energy_wh

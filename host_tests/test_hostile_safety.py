@@ -68,7 +68,7 @@ class Watch:
 
 # The invariant: coil off within DEBOUNCE_POWER_OFF_MS plus one control period of the last C/D
 # reading. One period here is the 5 ms sleep plus the tick's own ~1.5 ms of virtual time.
-LIMIT_MS = pilot.DEBOUNCE_POWER_OFF_MS + 5 + 2
+LIMIT_MS = pilot._DEBOUNCE_POWER_OFF_MS + 5 + 2
 
 
 class EveryOtherBurst:
@@ -133,7 +133,7 @@ def test_item2_adc_frozen_at_c_is_a_pilot_fault(monkeypatch):
     vb.run_until(2000)
     assert vb.world.coil
     off = vb.run_while(lambda: vb.world.coil, 100)
-    assert off - 2000 <= pilot.DEBOUNCE_POWER_OFF_MS + 10
+    assert off - 2000 <= pilot._DEBOUNCE_POWER_OFF_MS + 10
     assert vb.ctl.charger.faults & ch.FAULT_PILOT_STUCK
     vb.run_until(4000)
     assert not vb.world.coil and vb.ctl.charger.state == ch.FAULT
@@ -185,13 +185,13 @@ def _offering(monkeypatch, current_a):
 def test_item2_stalls_that_hide_the_minus_phase_are_no_pilot_fault(monkeypatch, current_a):
     """A stall inside a burst can hide the whole minus phase from a healthy ADC; bursts so stalled
     are not counted (the waits show it), so a charge with runs of such bursts shorter than
-    controller.NO_MINUS_MAX_MS goes on. The CI run of 2026-12-06 saw this: the heal scenario's
+    controller._NO_MINUS_MAX_MS goes on. The CI run of 2026-12-06 saw this: the heal scenario's
     session ended `pilot_stuck` on a busy host (three bursts in a row)."""
     import controller
 
     vb = _offering(monkeypatch, current_a)
-    run = 2 * controller.NO_MINUS_BURSTS  # bursts hidden in a row (~35 ms), then one seen
-    assert (run + 1) * (vb.period_ms + 1) < controller.NO_MINUS_MAX_MS
+    run = 2 * controller._NO_MINUS_BURSTS  # bursts hidden in a row (~35 ms), then one seen
+    assert (run + 1) * (vb.period_ms + 1) < controller._NO_MINUS_MAX_MS
     sample, bursts = vb.ctl.sampler.sample, [0]
 
     def counted_sample():
@@ -206,7 +206,7 @@ def test_item2_stalls_that_hide_the_minus_phase_are_no_pilot_fault(monkeypatch, 
 
 @pytest.mark.parametrize("current_a", [6, 32, 63])
 def test_item2_stalls_that_hide_the_minus_phase_for_too_long_open(monkeypatch, current_a):
-    """Every burst stalled so that no minus sample comes at all: after controller.NO_MINUS_MAX_MS
+    """Every burst stalled so that no minus sample comes at all: after controller._NO_MINUS_MAX_MS
     that is a pilot fault all the same (a frozen ADC could hide behind such stalls): the
     contactor opens within Table A.6's 100 ms."""
     import controller
@@ -216,7 +216,7 @@ def test_item2_stalls_that_hide_the_minus_phase_for_too_long_open(monkeypatch, c
     _stall_through_minus(vb)
     off = vb.run_while(lambda: vb.world.coil, 200)
     assert vb.ctl.charger.faults & ch.FAULT_PILOT_STUCK
-    assert controller.NO_MINUS_MAX_MS - vb.period_ms <= off - start <= 100
+    assert controller._NO_MINUS_MAX_MS - vb.period_ms <= off - start <= 100
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -224,7 +224,7 @@ def test_item2_stalls_that_hide_the_minus_phase_for_too_long_open(monkeypatch, c
        current_a=st.sampled_from([6, 10, 16, 32, 45, 51, 63]))
 def test_item2_no_pattern_of_stalls_makes_a_healthy_adc_a_pilot_fault(monkeypatch, stalls, current_a):
     """Any pattern of stalls before the reads (0-3 ms each, at any read): a healthy ADC is a stuck
-    one only once no read at all sampled the minus phase for controller.NO_MINUS_MAX_MS."""
+    one only once no read at all sampled the minus phase for controller._NO_MINUS_MAX_MS."""
     import controller
 
     vb = _offering(monkeypatch, current_a)
@@ -240,7 +240,7 @@ def test_item2_no_pattern_of_stalls_makes_a_healthy_adc_a_pilot_fault(monkeypatc
         vb.world.advance()
         vb.tick()
     if vb.ctl.charger.faults & ch.FAULT_PILOT_STUCK:
-        assert vb.now_ms - last_minus_ms[0] >= controller.NO_MINUS_MAX_MS
+        assert vb.now_ms - last_minus_ms[0] >= controller._NO_MINUS_MAX_MS
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -261,7 +261,7 @@ def test_item2_a_frozen_adc_is_caught_through_short_waits(monkeypatch, jitter, c
     start = vb.now_ms
     off = vb.run_while(lambda: vb.world.coil, 200)
     assert vb.ctl.charger.faults & ch.FAULT_PILOT_STUCK
-    assert off - start <= pilot.DEBOUNCE_POWER_OFF_MS + 10
+    assert off - start <= pilot._DEBOUNCE_POWER_OFF_MS + 10
 
 
 def test_item2_minus_piece_covers_the_high_duty_limit():
@@ -269,7 +269,7 @@ def test_item2_minus_piece_covers_the_high_duty_limit():
     own ticks_us leave about two reads in it; at 16 A (26.7 %) it is ~416 us."""
     import controller
 
-    assert pilot.minus_piece_us(controller.MINUS_PHASE_MAX_DUTY) == 100
+    assert pilot.minus_piece_us(controller._MINUS_PHASE_MAX_DUTY) == 100
     assert 410 <= pilot.minus_piece_us(pilot.duty_for_current(16000, pilot.IEC)) <= 420
 
 
@@ -277,8 +277,8 @@ def test_item2_burst_count_rationale():
     """The count is small enough to stay inside the C->B budget at the slowest control period."""
     import controller
 
-    assert controller.NO_MINUS_BURSTS >= 2  # one burst may lose its minus phase to a stall
-    assert controller.NO_MINUS_BURSTS * 5 <= pilot.DEBOUNCE_POWER_OFF_MS
+    assert controller._NO_MINUS_BURSTS >= 2  # one burst may lose its minus phase to a stall
+    assert controller._NO_MINUS_BURSTS * 5 <= pilot._DEBOUNCE_POWER_OFF_MS
 
 
 @pytest.mark.parametrize("cable_ohm, tethered_a", [(100, None), (None, 80)])
@@ -332,8 +332,8 @@ def test_item4_leak_present_as_the_contactor_closes_is_cut_fast(monkeypatch):
     on, off = [t for t, _ in watch.changes[:2]]
     assert watch.changes[0][1] and not watch.changes[1][1]
     # contacts close 15 ms after the coil (sim/world.py), FAULT from then on
-    assert (off - on) / 1000 <= world_module.CONTACTS_CLOSE_US / 1000 + relay.FAULT_DEBOUNCE_MS + 8
-    assert relay.SWITCH_BLANK_MS <= relay.FAULT_DEBOUNCE_MS  # the window adds nothing to that
+    assert (off - on) / 1000 <= world_module.CONTACTS_CLOSE_US / 1000 + relay._FAULT_DEBOUNCE_MS + 8
+    assert relay._SWITCH_BLANK_MS <= relay._FAULT_DEBOUNCE_MS  # the window adds nothing to that
 
 
 def chatter(start_ms, end_ms, every_ms=250):
@@ -364,7 +364,7 @@ def test_item4_rcd_blanking_is_not_extended_by_switching(every_ms):
     SWITCH_BLANK_MS + FAULT_DEBOUNCE_MS of its first reading (plus one 5 ms poll)."""
     fault, test = Pin(0), Pin(0)
     rcd = relay.ResidualCurrentMonitor(fault, test)
-    rcd.state = relay.READY
+    rcd.state = relay._READY
     fault.v = 1
     tripped = None
     for t in range(0, 5000, 5):
@@ -373,7 +373,7 @@ def test_item4_rcd_blanking_is_not_extended_by_switching(every_ms):
         if rcd.poll(t):
             tripped = t
             break
-    assert tripped is not None and tripped <= relay.SWITCH_BLANK_MS + relay.FAULT_DEBOUNCE_MS + 5
+    assert tripped is not None and tripped <= relay._SWITCH_BLANK_MS + relay._FAULT_DEBOUNCE_MS + 5
 
 
 def test_item4_reclose_is_rate_limited(monkeypatch):
@@ -401,7 +401,7 @@ def test_item4_fault_debounce_is_in_time_not_polls(monkeypatch, period_ms):
     off = vb.run_while(lambda: vb.world.coil, 200)
     # Up to one period to see FAULT, the debounce, up to one period to confirm (docs/safety.md,
     # "Budget"); one period only held by luck of the tick phase.
-    assert relay.FAULT_DEBOUNCE_MS <= off - 3000 <= relay.FAULT_DEBOUNCE_MS + 2 * period_ms + 3
+    assert relay._FAULT_DEBOUNCE_MS <= off - 3000 <= relay._FAULT_DEBOUNCE_MS + 2 * period_ms + 3
     assert vb.ctl.rcd.trips == 1
 
 

@@ -43,11 +43,12 @@ def make(store=None, wall=None, fallback_ma=6000, ttl_s=900, **kw):
 def test_a_limit_runs_out_into_the_fallback():
     c, log = make()
     c.set_remote_limit(20000, 1000, 60)
-    assert (c.remote_limit_ma, c.limit_source, c.limit_expires_in_ms(1000)) == (20000, ch.LIMIT_REMOTE, 60000)
+    assert (c.remote_limit_ma, c.limit_source, c.limit_expires_in_ms(1000)) == \
+        (20000, ch._LIMIT_REMOTE, 60000)
     c.step(60999, pilot.A, True)
     assert c.remote_limit_ma == 20000 and c.limit_expires_in_ms(60999) == 1
     c.step(61000, pilot.A, True)
-    assert (c.remote_limit_ma, c.limit_source) == (6000, ch.LIMIT_FALLBACK)
+    assert (c.remote_limit_ma, c.limit_source) == (6000, ch._LIMIT_FALLBACK)
     assert c.limit_expires_in_ms(61000) is None
     assert ("limit", "remote limit ran out: fallback 6000 mA") in log
 
@@ -85,9 +86,9 @@ def test_expiry_survives_the_ticks_wrap():
     start = (1 << 30) - 5000  # 5 s before ticks_ms wraps
     c.set_remote_limit(20000, start, 10)
     c.step(time.ticks_add(start, 9999), pilot.A, True)
-    assert c.limit_source == ch.LIMIT_REMOTE
+    assert c.limit_source == ch._LIMIT_REMOTE
     c.step(time.ticks_add(start, 10000), pilot.A, True)
-    assert c.limit_source == ch.LIMIT_FALLBACK
+    assert c.limit_source == ch._LIMIT_FALLBACK
 
 
 @settings(max_examples=200, deadline=None)
@@ -103,12 +104,12 @@ def test_a_remote_limit_is_never_in_force_past_its_time(events):
         now += gap
         c.step(now, pilot.A, True)
         if deadline is not None and now >= deadline:
-            assert c.limit_source == ch.LIMIT_FALLBACK and c.remote_limit_ma == 6000
+            assert c.limit_source == ch._LIMIT_FALLBACK and c.remote_limit_ma == 6000
         c.set_remote_limit(amps, now, ttl)
         deadline = None if amps is None or ttl is None else now + ttl * 1000
     c.step(now + 31000, pilot.A, True)
     if deadline is not None:
-        assert c.limit_source == ch.LIMIT_FALLBACK and c.offer_ma == 6000
+        assert c.limit_source == ch._LIMIT_FALLBACK and c.offer_ma == 6000
 
 
 # -- across a reboot: never longer than it had left ------------------------------------------------
@@ -126,7 +127,7 @@ def test_a_synced_clock_keeps_what_was_left(tmp_path):
     assert c.set_remote_limit(20000, 0, 600) is None
     wall.t += 100  # a watchdog reset: the RTC kept the time
     booted, log = reboot(path, wall, now_ms=7)
-    assert booted.remote_limit_ma == 20000 and booted.limit_source == ch.LIMIT_REMOTE
+    assert booted.remote_limit_ma == 20000 and booted.limit_source == ch._LIMIT_REMOTE
     assert booted.limit_expires_in_ms(7) == 500000
     assert ("settings", "available, remote limit 20000 mA") in log
     assert ("limit", "runs out in 500 s (expiry saved in UTC)") in log
@@ -147,7 +148,7 @@ def test_an_expiry_the_pile_cannot_prove_is_the_fallback(tmp_path, at_set, at_bo
     c.set_remote_limit(0, 0, 600)
     wall.t = at_boot
     booted, log = reboot(path, wall)
-    assert (booted.remote_limit_ma, booted.limit_source) == (6000, ch.LIMIT_FALLBACK), why
+    assert (booted.remote_limit_ma, booted.limit_source) == (6000, ch._LIMIT_FALLBACK), why
     assert booted.limit_expires_in_ms(0) is None and booted.faults == 0
     assert ("limit", "remote limit ran out or its expiry is not known after the reboot: "
                      "fallback 6000 mA") in log
@@ -158,7 +159,7 @@ def test_without_a_wall_clock_no_limit_with_a_ttl_outlives_a_reboot(tmp_path):
     c, _ = make(session_store.SettingsStore(str(path)))
     c.set_remote_limit(32000, 0, 86400)
     booted, _ = reboot(path, None)
-    assert booted.limit_source == ch.LIMIT_FALLBACK
+    assert booted.limit_source == ch._LIMIT_FALLBACK
 
 
 @settings(max_examples=200, deadline=None)
@@ -174,7 +175,7 @@ def test_a_reboot_never_extends_a_limit(tmp_path_factory, ttl, off_s, boot_synce
     wall.t = SYNCED + off_s if boot_synced else UNSYNCED
     booted, _ = reboot(path, wall)
     left = booted.limit_expires_in_ms(0)
-    if booted.limit_source == ch.LIMIT_REMOTE:
+    if booted.limit_source == ch._LIMIT_REMOTE:
         assert 0 <= off_s < ttl and left == (ttl - off_s) * 1000
     else:
         assert left is None and booted.remote_limit_ma == 6000
@@ -201,7 +202,7 @@ def test_a_garbled_expiry_falls_back(tmp_path, saved):
     path = tmp_path / "settings.json"
     session_store.write_atomic(str(path), session_store._encode(saved))
     booted, log = reboot(path, Wall(SYNCED))
-    assert booted.limit_source == ch.LIMIT_FALLBACK and booted.faults == 0
+    assert booted.limit_source == ch._LIMIT_FALLBACK and booted.faults == 0
     assert any(what == "settings" and "garbled (ttl)" in text for what, text in log), log
 
 
@@ -295,7 +296,7 @@ def test_expiry_lowers_the_offer_through_the_5_s_rule(monkeypatch):
     vb.run_until(8900)
     assert vb.ctl.output.duty == pilot.duty_for_current(20000, pilot.IEC)
     changed = vb.ctl._offer_changed_ms
-    vb.run_while(lambda: charger.limit_source == ch.LIMIT_REMOTE, 8000)
+    vb.run_while(lambda: charger.limit_source == ch._LIMIT_REMOTE, 8000)
     ran_out = vb.now_ms
     assert vb.ctl.output.duty == pilot.duty_for_current(20000, pilot.IEC)
     vb.run_while(lambda: vb.ctl.output.duty != pilot.duty_for_current(10000, pilot.IEC), 6000)
@@ -325,11 +326,11 @@ def test_a_fallback_stays_a_fallback_through_later_writes(tmp_path):
     c.set_remote_limit(0, 0, 60)
     wall.t = UNSYNCED  # a power cut
     booted, _ = reboot(path, wall)
-    assert booted.limit_source == ch.LIMIT_FALLBACK
+    assert booted.limit_source == ch._LIMIT_FALLBACK
     booted.set_availability(0, ch.UNAVAILABLE_B1)
     wall.t = SYNCED + 10
     again, _ = reboot(path, wall)
-    assert (again.limit_source, again.remote_limit_ma) == (ch.LIMIT_FALLBACK, 6000)
+    assert (again.limit_source, again.remote_limit_ma) == (ch._LIMIT_FALLBACK, 6000)
     assert again.availability == ch.UNAVAILABLE_B1
 
 

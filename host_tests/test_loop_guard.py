@@ -76,7 +76,7 @@ def test_c_to_b_opens_from_the_guard_alone_at_any_slice_point(monkeypatch, gaps_
         was_closed = vb.world.coil
         guard(vb, gap)
         now, raw = reads[-1]
-        if was_closed and raw not in (pilot.C, pilot.D) and now - last_c_ms >= pilot.DEBOUNCE_POWER_OFF_MS:
+        if was_closed and raw not in (pilot.C, pilot.D) and now - last_c_ms >= pilot._DEBOUNCE_POWER_OFF_MS:
             assert not vb.world.coil, "the guard at %d ms after the last C read did not open" % (
                 now - last_c_ms)
         if not vb.world.coil:
@@ -106,7 +106,7 @@ def test_an_rcd_trip_opens_from_the_guard_alone(monkeypatch, gaps_us, ticks_befo
     # FAULT read steadily for FAULT_DEBOUNCE_MS (polled by the guards): at most one gap more,
     # plus the guards' own bursts (1.1 ms each and the clock reads)
     bursts_ms = calls * 1.2
-    assert (vb.clock.t - t0) / 1000 <= relay.FAULT_DEBOUNCE_MS + max(gaps_us + [5000]) / 1000 + bursts_ms
+    assert (vb.clock.t - t0) / 1000 <= relay._FAULT_DEBOUNCE_MS + max(gaps_us + [5000]) / 1000 + bursts_ms
     assert ("rcd", "trip 1 of %d" % vb.ctl.rcd.max_trips) in vb.reports
 
 

@@ -75,9 +75,9 @@ def make_rcd(**kw):
 def test_self_test_passes():
     m, r = make_rcd()
     r.start_self_test(0)
-    assert m.test.level == 1 and r.state == relay.TESTING
+    assert m.test.level == 1 and r.state == relay._TESTING
     r.poll(10)
-    assert m.test.level == 0 and r.state == relay.RELEASING
+    assert m.test.level == 0 and r.state == relay._RELEASING
     r.poll(20)
     assert r.ready
 
@@ -86,7 +86,7 @@ def test_self_test_fails_without_answer():
     m, r = make_rcd(healthy=False)
     r.start_self_test(0)
     r.poll(500)
-    assert r.state == relay.TESTING
+    assert r.state == relay._TESTING
     r.poll(501)
     assert r.state == relay.TEST_FAILED and m.test.level == 0 and not r.ready
 
@@ -108,7 +108,7 @@ def test_trip_needs_fault_for_50_ms_then_retry_then_lockout():
     r.poll(1059)
     assert r.state == relay.TRIPPED
     r.poll(1060)
-    assert r.state == relay.TESTING
+    assert r.state == relay._TESTING
     r.poll(1061)
     r.poll(1062)
     assert r.ready
@@ -120,7 +120,7 @@ def test_trip_needs_fault_for_50_ms_then_retry_then_lockout():
     r.session_ended()
     assert r.state == relay.LOCKED_OUT  # only a technician clears it
     r.clear_lockout()
-    assert r.state == relay.UNTESTED and r.trips == 0
+    assert r.state == relay._UNTESTED and r.trips == 0
 
 
 def test_a_spike_is_not_a_trip():

@@ -33,7 +33,7 @@ MODULES = ("console", "wiring", "charger", "version", "config", "wiring_link")  
 CONFIG = {"pile_id": "boot-1", "meter": {"type": "ddsu666"}}  # the flash's config.json
 RELEASE_MODULES = MODULES + ("main",)
 KINDS = ("raises", "syntax", "missing")
-BOOT_RETRIES = 3  # release_boot.BOOT_RETRIES
+BOOT_RETRIES = 3  # release_boot._BOOT_RETRIES
 
 HARNESS = r'''
 import json
@@ -313,7 +313,7 @@ def test_a_module_that_does_not_import_never_leaves_the_pile_dead_or_reset_loopi
 def _chain(state):
     """What stage one tries, in order: select()'s choice, then the way back."""
     chain = []
-    if state["trial"] is not None and state["tries"] < 1:  # release_boot.TRIAL_TRIES
+    if state["trial"] is not None and state["tries"] < 1:  # release_boot._TRIAL_TRIES
         chain.append(state["trial"])
     if state["good"]:
         chain.append(state["good"])

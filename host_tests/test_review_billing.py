@@ -135,7 +135,7 @@ def test_2_a_failed_clear_is_retried_so_a_reboot_after_the_ack_reports_nothing_t
     monkeypatch.setattr(durable.os, "remove", failing_once(errno.EIO))
     log.ended(61000, s)
     assert log.store.load() is not None  # the clear failed
-    log.poll(61000 + session_log.RETRY_MS, None, None)
+    log.poll(61000 + session_log._RETRY_MS, None, None)
     monkeypatch.undo()
     # The link sends the ended record and the broker acknowledges it; then the power goes.
     outbox = journal.Journal(str(tmp_path / "outbox"))

@@ -1,7 +1,7 @@
 """Two reports of the hostile-world fuzz (test_stateful_pile.py) with a random seed, reproduced
 deterministically on the wired firmware (wiring.build on the simulated world, virtual clock):
 
-- "closed offering 20.0 A through a 0 A cable": PP (CC) is re-read every PP_REREAD_MS while
+- "closed offering 20.0 A through a 0 A cable": PP (CC) is re-read every _PP_REREAD_MS while
   plugged, and the close used the last reading, up to 100 ms old. PP open with the pilot still
   at C is a plug coming out (PP breaks first, by design): the contactor must not close then.
 - "closed without a passed RCD self-test": the pilot ADC frozen at a B or C level at boot, no
@@ -77,7 +77,7 @@ def test_pp_lost_just_before_a_close_is_not_closed_on(monkeypatch):
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cable=st.sampled_from(sorted(CABLES_A)), bad=st.sampled_from(BAD_PP + (1500, 680)),
-       before_ms=st.integers(0, controller.PP_REREAD_MS + 10))
+       before_ms=st.integers(0, controller._PP_REREAD_MS + 10))
 def test_never_closes_above_the_pp_read_at_that_moment(monkeypatch, cable, bad, before_ms):
     """Whatever PP turns into, whenever: a close offers at most what PP reads as it closes."""
     _vb, log = reclose_with_pp_lost(monkeypatch, cable, bad, before_ms)

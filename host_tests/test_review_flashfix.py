@@ -524,7 +524,7 @@ def test_a_command_received_in_an_iteration_that_wrote_is_verified_in_the_next(m
     import mqtt_conn
 
     monkeypatch.setattr(link._conn, "step", lambda now_ms: None)
-    monkeypatch.setattr(link._conn, "state", mqtt_conn.CONNACK)  # connected, not yet UP
+    monkeypatch.setattr(link._conn, "state", mqtt_conn._CONNACK)  # connected, not yet UP
     link.poll(vb.clock.ticks_ms())
     assert link._cmd_in is not None and v.last_counter < counter, "verified after a write"
     vb.tick()  # the next iteration: the gate's poll clears `spent`

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import charger as ch
 import pilot
-from session_record import FINAL_READING_MAX_MS, METER_SETTLE_MS, Records
+from session_record import _FINAL_READING_MAX_MS, _METER_SETTLE_MS, Records
 
 TICKS_PERIOD = 1 << 30  # the ports' ticks_ms period (host_tests/shims/mp_time.py)
 
@@ -40,7 +40,7 @@ class StepMeter:
 @settings(max_examples=60, deadline=None)
 @given(uptime_ms=st.integers(0, 3 * TICKS_PERIOD), closed_once=st.booleans())
 def test_a_stopped_record_closes_whatever_the_uptime(uptime_ms, closed_once):
-    """A session stopped with the contactor open closes its record within FINAL_READING_MAX_MS
+    """A session stopped with the contactor open closes its record within _FINAL_READING_MAX_MS
     (at once with a fresh reading), at any uptime. `_opened_ms` is the last opening, or 0 at
     boot: compared by ticks_diff more than 2**29 ms (6.2 days) later it reads negative, and
     the record of a session that never drew (authorised, car in B, stopped remotely) stayed
@@ -77,7 +77,7 @@ def test_a_stopped_record_closes_whatever_the_uptime(uptime_ms, closed_once):
     assert record is not None and record.meter_start_wh is not None
     stop = time.ticks_add(now, 1000)
     charger.remote_stop(stop)
-    for dt in range(0, FINAL_READING_MAX_MS + 2000, 100):
+    for dt in range(0, _FINAL_READING_MAX_MS + 2000, 100):
         records.poll(time.ticks_add(stop, dt))
         if record.ended_ms is not None:
             break
@@ -87,7 +87,7 @@ def test_a_stopped_record_closes_whatever_the_uptime(uptime_ms, closed_once):
 
 
 def test_the_final_reading_still_waits_for_the_settle_after_an_opening():
-    """The fix keeps the rule: a reading from before the opening (+ METER_SETTLE_MS) is not final."""
+    """The fix keeps the rule: a reading from before the opening (+ _METER_SETTLE_MS) is not final."""
     charger = ch.Charger(32000, 32000, True, False)
     contactor = Contactor()
     m = StepMeter()
@@ -102,10 +102,10 @@ def test_the_final_reading_still_waits_for_the_settle_after_an_opening():
     m.poll = lambda now_ms: None  # the meter falls silent at the opening
     records.poll(2000)
     assert record.ended_ms is None  # waiting for a reading after the opening
-    m.reading = reading(1001, 2000 + METER_SETTLE_MS - 1)
+    m.reading = reading(1001, 2000 + _METER_SETTLE_MS - 1)
     records.poll(2100)
     assert record.ended_ms is None
-    m.reading = reading(1002, 2000 + METER_SETTLE_MS)
+    m.reading = reading(1002, 2000 + _METER_SETTLE_MS)
     records.poll(2200)
     assert record.ended_ms == 2200 and record.meter_final and record.meter_stop_wh == 1002
 

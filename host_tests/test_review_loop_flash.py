@@ -105,7 +105,7 @@ def test_a_fault_dropped_while_closed_stays_in_the_recent_faults_and_is_counted(
     for i in range(filler):
         console.report(i, "meter", "x" * width)
     console.report(filler, "fault", "pilot_short raised")
-    assert console._queued <= console.QUEUE_MAX_BYTES
+    assert console._queued <= console._QUEUE_MAX_BYTES
     assert console.recent_faults[-1] == (filler, "pilot_short raised")  # diag.py sees it
     dropped = console.lines_dropped
     assert capsys.readouterr().out == ""  # nothing printed while closed

@@ -287,7 +287,7 @@ def test_a_power_cut_record_takes_no_unchecked_boot_reading(tmp_path):
     first.checked = False
     log2.poll(500, None, first)
     assert ended() is None, "closed on a reading the guard never checked"
-    log2.poll(500 + session_log.RECOVERY_WAIT_MS, None, first)
+    log2.poll(500 + session_log._RECOVERY_WAIT_MS, None, first)
     record = ended()
     assert record["meter_stop_wh"] == 1000 and record["meter_stop_stale"] is True
 
@@ -316,7 +316,7 @@ def test_the_contactor_waits_for_the_power_cut_records_ack(power_cut_records):
             records.poll(1010)
             assert records.ready
         else:
-            records.poll(100 + session_log.RECOVERY_ACK_WAIT_MS - 1)
+            records.poll(100 + session_log._RECOVERY_ACK_WAIT_MS - 1)
             assert not records.ready
-            records.poll(100 + session_log.RECOVERY_ACK_WAIT_MS)
+            records.poll(100 + session_log._RECOVERY_ACK_WAIT_MS)
             assert records.ready  # no ack: it goes on after the bound

@@ -2,7 +2,7 @@
 
 The fault: the charger's SUSPENDED_EVSE (the controller's close gate False: RCD self-test not
 passed, session_record.Records.ready False: meter start not yet checked, started record not
-written, a power cut's record waiting up to session_log.RECOVERY_ACK_WAIT_MS for its ack) still
+written, a power cut's record waiting up to session_log._RECOVERY_ACK_WAIT_MS for its ack) still
 offered PWM. A car seeing PWM goes to C and may expect the close within 3 s (IEC 61851-1,
 evse-facts section 1: "B -> C: contactor may close; must within 3 s"); the gate could hold it
 back two meter polls plus 5 s. Here, on the wired firmware (wiring.build on the simulated world):
@@ -234,5 +234,5 @@ def test_session_log_without_a_link_never_awaits_an_ack(power_cut_records):
         records.poll(200)
         assert records.ready != linked
         assert booted.unacked_recovery == linked
-        records.poll(100 + session_log.RECOVERY_ACK_WAIT_MS)
+        records.poll(100 + session_log._RECOVERY_ACK_WAIT_MS)
         assert records.ready

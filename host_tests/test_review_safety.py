@@ -19,7 +19,7 @@ C_LEVEL_MV = 5992  # the simulated car's C plus level (sim/world.py)
 def watching_rcd():
     fault, test = Pin(0), Pin(0)
     rcd = relay.ResidualCurrentMonitor(fault, test)
-    rcd.state = relay.READY
+    rcd.state = relay._READY
     return rcd, fault
 
 
@@ -39,7 +39,7 @@ def test_item4_chattering_fault_mostly_active_trips(on_ms, off_ms):
         if rcd.poll(t):
             tripped = t
             break
-    assert tripped is not None and tripped <= 4 * period + relay.FAULT_DEBOUNCE_MS
+    assert tripped is not None and tripped <= 4 * period + relay._FAULT_DEBOUNCE_MS
 
 
 @pytest.mark.parametrize("pulse_ms", [1, 10, 30, 45])
@@ -123,7 +123,7 @@ def test_item2_stuck_adc_still_seen_after_a_week_of_pwm(monkeypatch):
     vb.world.do("adc_stuck", C_LEVEL_MV)
     vb.world.do("unplug")
     off = vb.run_while(lambda: vb.world.coil, 200)
-    assert off - (t + 1000) <= pilot.DEBOUNCE_POWER_OFF_MS + 10
+    assert off - (t + 1000) <= pilot._DEBOUNCE_POWER_OFF_MS + 10
     assert vb.ctl.charger.faults & ch.FAULT_PILOT_STUCK
 
 

@@ -21,7 +21,7 @@ import pilot
 CAL = board_dict()["pilot_adc"]
 PLUS_MV, MINUS_MV = 5992, -12000  # a car in C behind its diode (sim/world.py)
 C_LEVEL_MV = 5992
-HIGH_DUTIES = (pilot.duty_for_current(63000, pilot.IEC), controller.MINUS_PHASE_MAX_DUTY)
+HIGH_DUTIES = (pilot.duty_for_current(63000, pilot.IEC), controller._MINUS_PHASE_MAX_DUTY)
 
 
 class Line:
@@ -40,8 +40,8 @@ class Line:
         return now
 
     def read_uv(self):
-        plus_us = pilot.PERIOD_US * self.duty // pilot.DUTY_FULL
-        mv = PLUS_MV if (self.t + self.phase_us) % pilot.PERIOD_US < plus_us else MINUS_MV
+        plus_us = pilot._PERIOD_US * self.duty // pilot.DUTY_FULL
+        mv = PLUS_MV if (self.t + self.phase_us) % pilot._PERIOD_US < plus_us else MINUS_MV
         self.t += self.read_us  # the conversion is at the read's start, its cost after it
         low, high = CAL["uv_at_minus_12v"], CAL["uv_at_plus_12v"]
         return low + (mv + 12000) * (high - low) // 24000
@@ -90,13 +90,13 @@ def test_the_stall_model_sees_the_sampler_branch():
 
 @settings(max_examples=400, deadline=None, phases=(Phase.explicit, Phase.generate, Phase.shrink))
 @given(duty=st.one_of(st.sampled_from(HIGH_DUTIES), st.integers(pilot.duty_for_current(6000, pilot.IEC),
-                                                                 controller.MINUS_PHASE_MAX_DUTY)),
+                                                                 controller._MINUS_PHASE_MAX_DUTY)),
        phase_us=st.integers(0, 999),
        stalls=st.lists(st.integers(0, 400), min_size=1, max_size=12),
        start_us=st.one_of(st.just(0), st.integers(mp_time.TICKS_PERIOD - 1500, mp_time.TICKS_PERIOD - 1)))
 # 90 % duty: a callback of 60 us after a read, the next one between the next stamp and its read
 # (on 9e5a537's loop, CPython 3.11: five branches an iteration): waits of 96 us, reads 156 apart.
-@example(duty=controller.MINUS_PHASE_MAX_DUTY, phase_us=42, stalls=[0, 0, 0, 0, 60, 60, 0, 0, 0, 0],
+@example(duty=controller._MINUS_PHASE_MAX_DUTY, phase_us=42, stalls=[0, 0, 0, 0, 60, 60, 0, 0, 0, 0],
          start_us=0)
 def test_a_judged_burst_of_a_healthy_adc_holds_the_minus_phase(duty, phase_us, stalls, start_us):
     """The rule's soundness: a healthy ADC's burst that missed the minus phase is never judged
@@ -110,16 +110,16 @@ def test_a_judged_burst_of_a_healthy_adc_holds_the_minus_phase(duty, phase_us, s
 
 
 @settings(max_examples=300, deadline=None)
-@given(duty=st.integers(pilot.duty_for_current(6000, pilot.IEC), controller.MINUS_PHASE_MAX_DUTY),
+@given(duty=st.integers(pilot.duty_for_current(6000, pilot.IEC), controller._MINUS_PHASE_MAX_DUTY),
        start_us=st.integers(0, 999))
 def test_minus_piece_is_a_piece_every_burst_holds(duty, start_us):
     """The math: wherever a burst of BURST_US starts, its longest piece of minus phase is at least
     minus_piece_us (and never more than the minus phase itself, up to the judged 90 %)."""
-    plus_us = pilot.PERIOD_US * duty / pilot.DUTY_FULL
-    minus = pilot.PERIOD_US - plus_us
+    plus_us = pilot._PERIOD_US * duty / pilot.DUTY_FULL
+    minus = pilot._PERIOD_US - plus_us
     longest = run = 0.0
     for t10 in range(start_us * 10, (start_us + pilot.BURST_US) * 10):  # 0.1 us steps
-        run = run + 0.1 if (t10 / 10) % pilot.PERIOD_US >= plus_us else 0.0
+        run = run + 0.1 if (t10 / 10) % pilot._PERIOD_US >= plus_us else 0.0
         longest = max(longest, run)
     assert longest >= pilot.minus_piece_us(duty) - 0.2
     assert pilot.minus_piece_us(duty) <= minus + 0.5
@@ -174,7 +174,7 @@ def test_a_frozen_adc_is_caught_at_high_duty_on_chip_like_reads(monkeypatch, sta
     start = vb.now_ms
     off = vb.run_while(lambda: vb.world.coil, 200)
     assert vb.ctl.charger.faults & ch.FAULT_PILOT_STUCK
-    assert off - start <= pilot.DEBOUNCE_POWER_OFF_MS + vb.period_ms
+    assert off - start <= pilot._DEBOUNCE_POWER_OFF_MS + vb.period_ms
     assert vb.clock.t >= mp_time.TICKS_PERIOD  # the wrap came inside the run
 
 
@@ -188,7 +188,7 @@ def test_guard_bursts_neither_count_nor_hide_a_frozen_adc(monkeypatch):
     _delay_reads(vb, lambda n: 150 if stalled[0] and n % 7 == 0 else 0)
     start = vb.now_ms
     while vb.world.coil:
-        assert vb.now_ms - start <= pilot.DEBOUNCE_POWER_OFF_MS + vb.period_ms
+        assert vb.now_ms - start <= pilot._DEBOUNCE_POWER_OFF_MS + vb.period_ms
         vb.tick()
         counted = vb.ctl._no_minus_bursts
         stalled[0] = True
@@ -203,7 +203,7 @@ def test_guard_bursts_neither_count_nor_hide_a_frozen_adc(monkeypatch):
 def test_a_frozen_adc_behind_stalled_bursts_is_caught(monkeypatch, how):
     """A frozen ADC whose reads are each slower than the piece (104 us at 63 A: a failing ADC,
     a driver's timeout), or with one stall that long in every burst (an interrupt source at
-    ~1 kHz): no burst is counted, yet after controller.NO_MINUS_MAX_MS with no minus sample the
+    ~1 kHz): no burst is counted, yet after controller._NO_MINUS_MAX_MS with no minus sample the
     fault opens the contactor, within Table A.6's 100 ms (it escaped before that cap)."""
     vb = _charging_at_63a(monkeypatch)
     if how == "slow_reads":

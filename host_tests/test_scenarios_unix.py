@@ -129,7 +129,7 @@ def test_rcd_trip_opens_at_once_and_retries():
     r = run("rcd_trip")
     leak = [t for t, text in r.sim_events("step") if text == "rcd_leak True"][0]
     opened = [t for t, on in coil(r) if not on and t >= leak][0]
-    # FAULT read for relay.FAULT_DEBOUNCE_MS (50 ms, issue 10 item 4; was: two reads) plus a tick.
+    # FAULT read for relay._FAULT_DEBOUNCE_MS (50 ms, issue 10 item 4; was: two reads) plus a tick.
     # The debounce counts from the stamp of the tick whose read first saw FAULT, taken before the
     # read; the sim logs the leak at that read: under load the two are a few ms apart on the
     # host (opened 48 ms after the logged leak once in a CI dry run). The lower bound is not the

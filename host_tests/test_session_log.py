@@ -240,9 +240,9 @@ def test_power_loss_without_a_meter_reading_after_boot(tmp_path):
     log.poll(0, s, None)
     log2 = make_log(tmp_path, boot=8)
     log2.poll(0, None, None)
-    log2.poll(session_log.RECOVERY_WAIT_MS - 1, None, None)
+    log2.poll(session_log._RECOVERY_WAIT_MS - 1, None, None)
     assert len(records(tmp_path)) == 1
-    log2.poll(session_log.RECOVERY_WAIT_MS, None, None)
+    log2.poll(session_log._RECOVERY_WAIT_MS, None, None)
     ended = records(tmp_path)[1][1]
     assert ended["stop_reason"] == "power_loss" and ended["meter_stop_wh"] == 1000
 

@@ -7,7 +7,7 @@ from pilehost.virtual_board import VirtualBoard
 
 import charger as ch
 import pilot
-from session_record import METER_SETTLE_MS, Records
+from session_record import _METER_SETTLE_MS, Records
 
 
 def reading(wh, w=7000, t=0, epoch=0):
@@ -34,7 +34,7 @@ class SilentMeter:
 
 def test_a_start_reading_from_before_the_last_contactor_opening_is_not_taken():
     """Session 1 charges while the meter is silent (its record closes stale); the car is plugged
-    again 0.5 s later, within START_READING_MAX_AGE_MS of the last good reading. That reading
+    again 0.5 s later, within _START_READING_MAX_AGE_MS of the last good reading. That reading
     predates what session 1 drew: taken as session 2's start, session 1's energy would be billed
     to session 2. The start must be a reading taken after the contactor last opened."""
     charger = ch.Charger(32000, 32000, True, False)
@@ -56,7 +56,7 @@ def test_a_start_reading_from_before_the_last_contactor_opening_is_not_taken():
     second = records.record
     assert second is not first and first.ended_ms is not None and first.meter_final is False
     assert second.meter_start_wh is None  # the reading of 0 s is 2.5 s old, but from before the opening
-    m.reading = reading(1004, 0, 2000 + METER_SETTLE_MS)  # the meter is back: session 1 drew 4 Wh
+    m.reading = reading(1004, 0, 2000 + _METER_SETTLE_MS)  # the meter is back: session 1 drew 4 Wh
     records.poll(2600)
     assert second.meter_start_wh == 1004
 
@@ -178,6 +178,6 @@ def test_a_contactor_the_guard_opens_inside_the_step_closes_no_record_as_final()
     assert rec.ended_ms is None, "closed on a reading taken before the open, as final"
     records.poll(2510)
     assert rec.ended_ms is None  # waits for a reading taken after the open
-    m.reading = reading(1005, 0, 2510 + METER_SETTLE_MS)  # the step that saw the open: 2510 ms
+    m.reading = reading(1005, 0, 2510 + _METER_SETTLE_MS)  # the step that saw the open: 2510 ms
     records.poll(2600)
     assert rec.ended_ms == 2600 and rec.meter_final is True and rec.energy_wh == 5

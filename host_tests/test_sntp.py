@@ -88,10 +88,10 @@ def test_rtc_tuple_on_a_1970_port():
 def test_rtc_tuple_on_a_2000_port_like_the_esp32(monkeypatch):
     """time.gmtime counting from 2000 (the ESP32 port): the same calendar date goes to the RTC."""
     real = time.gmtime
-    monkeypatch.setattr(sntp.time, "gmtime", lambda secs: real(secs + sntp.UNIX_2000))
-    assert sntp.epoch_offset() == sntp.UNIX_2000  # read from gmtime(0)[0] == 2000
+    monkeypatch.setattr(sntp.time, "gmtime", lambda secs: real(secs + sntp._UNIX_2000))
+    assert sntp.epoch_offset() == sntp._UNIX_2000  # read from gmtime(0)[0] == 2000
     assert sntp.rtc_datetime(T_2031, 0, sntp.epoch_offset()) == (2031, 5, 17, 5, 12, 0, 0, 0)
-    assert sntp.iso(T_2031, sntp.UNIX_2000) == "2031-05-17T12:00:00Z"
+    assert sntp.iso(T_2031, sntp._UNIX_2000) == "2031-05-17T12:00:00Z"
 
 
 # -- a UDP server on loopback --------------------------------------------------------------------
@@ -99,7 +99,7 @@ def test_rtc_tuple_on_a_2000_port_like_the_esp32(monkeypatch):
 def answer_with(unix_s, stratum=2, first=0x24, kiss=b"GPS\0"):
     """A server whose clock reads unix_s; it echoes the request's transmit timestamp."""
     def answer(request):
-        ntp = (unix_s + sntp.NTP_1900_TO_1970) % (1 << 32)
+        ntp = (unix_s + sntp._NTP_1900_TO_1970) % (1 << 32)
         org = request[40:48]
         return struct.pack("!BBbb", first, stratum, 6, -20) + bytes(8) + kiss + \
             struct.pack("!II", ntp, 0) + org + struct.pack("!IIII", ntp, 0, ntp, 0)

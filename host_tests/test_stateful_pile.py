@@ -347,12 +347,12 @@ class PileMachine(RuleBasedStateMachine):
         if not w.car.plugged:
             self.last_minus_ok = None
             # A new plug-in needs a new self-test, once the pile could see the unplug for the
-            # pilot's debounce (pilot.DEBOUNCE_DEFAULT_MS; a shorter gap is no other car): PP
+            # pilot's debounce (pilot._DEBOUNCE_DEFAULT_MS; a shorter gap is no other car): PP
             # open (read every 100 ms while plugged, whatever the pilot ADC says), or without PP
             # (tethered) the pilot read as A. A pilot ADC frozen at B, the PWM off, hides it.
             seen_us = self.unplugged_us if self.tethered_a is None else self.reads_a_since_us
             if seen_us is not None and now - max(seen_us, self.unplugged_us) > (
-                    pilot.DEBOUNCE_DEFAULT_MS + 2 * PERIOD_MS) * 1000:
+                    pilot._DEBOUNCE_DEFAULT_MS + 2 * PERIOD_MS) * 1000:
                 self.rcd_test_ok = False
         test_on = w.pins.get(w.pin_rcd_test) == w.rcd_test_level
         if test_on and not self._rcd_test_was:

@@ -197,7 +197,7 @@ def test_stalled_bursts_that_miss_the_minus_phase_do_not_end_the_session(monkeyp
 
     vb = charging(monkeypatch)
     vb.run_for(50)
-    for _ in range(controller.NO_MINUS_BURSTS):  # ~45 ms of them: shorter than NO_MINUS_MAX_MS
+    for _ in range(controller._NO_MINUS_BURSTS):  # ~45 ms of them: shorter than NO_MINUS_MAX_MS
         stall_the_next_burst(monkeypatch, vb, plus_phase_us(vb), 3 * pilot.BURST_US)
         vb.tick()
         assert vb.ctl.sampler.stalled and pilot.diode_check(vb.ctl.sampler.minus_mv, pilot.IEC) is None
@@ -220,7 +220,7 @@ def test_a_frozen_adc_behind_bursts_that_all_stall_is_still_caught(monkeypatch):
         vb.clock.t += pilot.BURST_GAP_MAX_US + 1
         return read()
     monkeypatch.setattr(sampler, "_read", stalled)
-    for _ in range(controller.NO_MINUS_MAX_MS // vb.period_ms + 2):
+    for _ in range(controller._NO_MINUS_MAX_MS // vb.period_ms + 2):
         vb.tick()
         assert sampler.stalled
     assert vb.ctl.charger.faults & ch.FAULT_PILOT_STUCK and not vb.world.coil
@@ -255,12 +255,12 @@ def test_two_torn_bursts_in_a_row_then_a_whole_one(monkeypatch):
         return read()
     monkeypatch.setattr(sampler, "_read", tearing)
     vb.clock.t += 25000
-    torn[0] = 2 * (controller.TICK_BURSTS_IN_DOUBT - 1)  # two reads a torn burst: before and after
+    torn[0] = 2 * (controller._TICK_BURSTS_IN_DOUBT - 1)  # two reads a torn burst: before and after
     vb.tick()
-    assert len(bursts) == controller.TICK_BURSTS_IN_DOUBT and vb.world.coil
+    assert len(bursts) == controller._TICK_BURSTS_IN_DOUBT and vb.world.coil
     assert vb.ctl.debouncer.state == pilot.C and vb.ctl.charger.faults == 0
     del bursts[:]
     vb.clock.t += 25000
     torn[0] = 10
     vb.tick()
-    assert len(bursts) == controller.TICK_BURSTS_IN_DOUBT and not vb.world.coil
+    assert len(bursts) == controller._TICK_BURSTS_IN_DOUBT and not vb.world.coil

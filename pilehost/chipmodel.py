@@ -521,7 +521,7 @@ def model(intervals, cal, period_ms=5):
     return rows, worst, paths
 
 
-DEBOUNCE_POWER_OFF_MS = 20  # firmware/pilot.py
+DEBOUNCE_POWER_OFF_MS = 20  # firmware/pilot.py _DEBOUNCE_POWER_OFF_MS
 
 
 def reads(intervals, cal, gc_ms):

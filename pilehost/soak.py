@@ -163,7 +163,7 @@ class Planner:
                 steps.append((t, "meter_fault", None))  # healthy again before the stop: the last Wh counted
                 t += rnd.randint(100, 400)
             elif kind == "rcd_trip":
-                t += 1100  # FAULT is not believed for 1 s after a switch (relay.SWITCH_BLANK_MS)
+                t += 1100  # FAULT is not believed for 1 s after a switch (relay._SWITCH_BLANK_MS)
                 steps.append((t, "rcd_leak", True))
                 t += rnd.randint(100, 300)
                 steps.append((t, "rcd_leak", False))
