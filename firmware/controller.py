@@ -188,6 +188,9 @@ class Controller:
         sampler.sample()
         n = 1
         while n < _TICK_BURSTS_IN_DOUBT and self._in_doubt():
+            if sampler.minus_mv < 0:  # a torn X still shows the ADC following the PWM
+                self._no_minus_bursts = self._no_minus_run = 0
+                self._minus_seen_ms = now_ms
             sampler.sample()
             n += 1
         return self._judge(now_ms)

@@ -9,7 +9,7 @@ import os
 import tempfile
 
 import pytest
-from hypothesis import given, settings, strategies as st, HealthCheck
+from hypothesis import example, given, settings, strategies as st, HealthCheck
 from pilehost.meter_rig import Pin
 from pilehost.virtual_board import VirtualBoard, board_dict
 
@@ -222,6 +222,7 @@ def test_item2_stalls_that_hide_the_minus_phase_for_too_long_open(monkeypatch, c
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(stalls=st.lists(st.tuples(st.integers(0, 1), st.integers(0, 3000)), min_size=1, max_size=40),
        current_a=st.sampled_from([6, 10, 16, 32, 45, 51, 63]))
+@example(stalls=[(1, 1005)], current_a=32)  # torn X bursts retried: their minus samples count
 def test_item2_no_pattern_of_stalls_makes_a_healthy_adc_a_pilot_fault(monkeypatch, stalls, current_a):
     """Any pattern of stalls before the reads (0-3 ms each, at any read): a healthy ADC is a stuck
     one only once no read at all sampled the minus phase for controller._NO_MINUS_MAX_MS."""
@@ -240,7 +241,8 @@ def test_item2_no_pattern_of_stalls_makes_a_healthy_adc_a_pilot_fault(monkeypatc
         vb.world.advance()
         vb.tick()
     if vb.ctl.charger.faults & ch.FAULT_PILOT_STUCK:
-        assert vb.now_ms - last_minus_ms[0] >= controller._NO_MINUS_MAX_MS
+        # the controller counts from its tick's start; the read came up to a period later in it
+        assert vb.now_ms - last_minus_ms[0] >= controller._NO_MINUS_MAX_MS - vb.period_ms
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
