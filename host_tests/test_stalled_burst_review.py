@@ -2,6 +2,7 @@
 burst taken again keeps (c6f5b18): docs/safety.md, "A stalled burst is no reading" and "A stuck
 pilot ADC". The wired firmware on the simulated world under a virtual clock (virtual_board).
 """
+import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from pilehost.virtual_board import VirtualBoard
 
@@ -98,6 +99,22 @@ def test_c_to_b_under_stalled_bursts_opens_from_the_tick(monkeypatch, wait_us):
     assert longest_us <= controller._TICK_BURSTS_IN_DOUBT * 3 * pilot.BURST_US
     assert vb.world.now - last_c_us <= (pilot._DEBOUNCE_POWER_OFF_MS + vb.period_ms + 1) * 1000 \
         + 2 * longest_us
+
+
+@pytest.mark.xfail(strict=True, reason="open: a guard never judges a burst over GUARD_BURST_MAX_US "
+                   "(test_loop_guard pins that): under a storm that makes every burst that long, "
+                   "only the tick opens, after the slow work")
+def test_c_to_b_under_long_stalled_bursts_opens_from_the_guard_alone(monkeypatch):
+    """Left open by the review: every read waits 1.2 ms (every burst over GUARD_BURST_MAX_US);
+    the guard judges none, and a C->B stays unread until the next tick."""
+    vb = charging(monkeypatch)
+    last_c_us = vb.clock.t
+    vb.tick()
+    vb.world.do("stop_request")
+    every_read_waits(monkeypatch, vb, 1200)
+    while vb.world.coil and vb.clock.t - last_c_us < 100000:
+        guard(vb, 2000)
+    assert not vb.world.coil
 
 
 # -- 3: a frozen ADC and the counts a torn burst resets -----------------------------------------
