@@ -42,9 +42,11 @@ _NO_MINUS_BURSTS = const(3)
 _NO_MINUS_MAX_MS = const(60)
 # A guard's burst that took longer than this was stalled inside (an interrupt storm; a busy host):
 # it may hold a single sample, from the minus phase, and say nothing of the state. Not judged:
-# the next read (a guard's or the tick's) comes right after it. Nor one with a wait between two
-# reads (the sampler's `stalled`) that reads another state than the stable one; the tick takes
-# such a burst again at once and judges the last whatever it holds: after an iteration longer
+# the next read (a guard's or the tick's) comes right after it. One with a wait between two
+# reads (the sampler's `stalled`) that reads another state than the stable one is in doubt; the
+# tick and the guard take such a burst again at once and judge the last whatever it holds (the
+# guard: one not longer than this; a guard never judging one missed a C->B through all of slow
+# work while every burst stalled a little over 100 us): after an iteration longer
 # than DEBOUNCE_POWER_OFF_MS the first non-C/D reading opens, and a torn X cut off a car still
 # in C (docs/safety.md, "A stalled burst is no reading").
 GUARD_BURST_MAX_US = 2 * pilot.BURST_US
@@ -171,9 +173,16 @@ class Controller:
         if not self.contactor.closed:
             return
         if self.output.mode != pilot.MODE_F:
-            start = time.ticks_us()
-            self.sampler.sample()
-            if time.ticks_diff(time.ticks_us(), start) <= GUARD_BURST_MAX_US and not self._in_doubt():
+            # A burst in doubt is taken again as in the tick, the last judged whatever it holds:
+            # never judging one left a C->B unread through slow work while every burst stalled.
+            n = 0
+            while True:
+                start = time.ticks_us()
+                self.sampler.sample()
+                n += 1
+                if n >= _TICK_BURSTS_IN_DOUBT or not self._in_doubt():
+                    break
+            if time.ticks_diff(time.ticks_us(), start) <= GUARD_BURST_MAX_US:
                 stable = self._judge(now_ms)
                 if stable != pilot.C and stable != pilot.D:
                     self._open(now_ms)  # the car stopped drawing (or E, X): the tick does the rest
