@@ -3,19 +3,12 @@ import os
 import tempfile
 
 import pytest
-from pilehost.virtual_board import VirtualBoard
+from pilehost.virtual_board import CHARGE, VirtualBoard, charging
 
 import charger as ch
 import pilot
 
-CHARGE = [(100, "plug"), (600, "request")]
 
-
-def charging(monkeypatch, steps=(), **kw):
-    vb = VirtualBoard(monkeypatch, CHARGE + list(steps), **kw)
-    vb.run_until(1000)
-    assert vb.world.coil and vb.ctl.charger.state == ch.CHARGING
-    return vb
 
 
 def test_session_charges_and_delivers_energy(monkeypatch):

@@ -11,7 +11,7 @@ import tempfile
 import pytest
 from hypothesis import example, given, settings, strategies as st, HealthCheck
 from pilehost.meter_rig import Pin
-from pilehost.virtual_board import VirtualBoard, board_dict
+from pilehost.virtual_board import CHARGE, VirtualBoard, board_dict, charging
 
 import charger as ch
 import pilot
@@ -19,17 +19,10 @@ import relay
 import session_store
 import world as world_module
 
-CHARGE = [(100, "plug"), (600, "request")]
 # The C plus level of the simulated car (R2 || R3 behind the diode, sim/world.py).
 C_LEVEL_MV = 5992
 X_LEVEL_MV = 10500  # between B (9.56 V) and A (11.4 V): in no band
 
-
-def charging(monkeypatch, steps=(), **kw):
-    vb = VirtualBoard(monkeypatch, CHARGE + list(steps), **kw)
-    vb.run_until(1000)
-    assert vb.world.coil and vb.ctl.charger.state == ch.CHARGING
-    return vb
 
 
 class Watch:

@@ -5,21 +5,14 @@ nothing with the contactor open. The wired firmware on the simulated world under
 clock (virtual_board), the guard called as the slow paths call it: with no tick in between.
 """
 from hypothesis import HealthCheck, given, settings, strategies as st
-from pilehost.virtual_board import VirtualBoard
+from pilehost.virtual_board import CHARGE, VirtualBoard, charging
 
 import charger as ch
 import pilot
 import relay
 
-CHARGE = [(100, "plug"), (600, "request")]
 SLOW = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
-
-def charging(monkeypatch, steps=()):
-    vb = VirtualBoard(monkeypatch, CHARGE + list(steps))
-    vb.run_until(1000)
-    assert vb.world.coil and vb.ctl.charger.state == ch.CHARGING
-    return vb
 
 
 def count_bursts(monkeypatch, vb):

@@ -4,21 +4,13 @@ pilot ADC". The wired firmware on the simulated world under a virtual clock (vir
 """
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
-from pilehost.virtual_board import VirtualBoard
+from pilehost.virtual_board import CHARGE, VirtualBoard, charging
 
-import charger as ch
 import controller
 import pilot
 
-CHARGE = [(100, "plug"), (600, "request")]
 SLOW = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
-
-def charging(monkeypatch, steps=()):
-    vb = VirtualBoard(monkeypatch, CHARGE + list(steps))
-    vb.run_until(1000)
-    assert vb.world.coil and vb.ctl.charger.state == ch.CHARGING
-    return vb
 
 
 def every_read_waits(monkeypatch, vb, wait_us):

@@ -9,20 +9,13 @@ leaves it unjudged, the tick takes another burst at once and judges that one.
 
 The wired firmware on the simulated world under a virtual clock (pilehost.virtual_board)."""
 from hypothesis import HealthCheck, given, settings, strategies as st
-from pilehost.virtual_board import VirtualBoard
+from pilehost.virtual_board import charging
 
 import charger as ch
 import pilot
 
-CHARGE = [(100, "plug"), (600, "request")]
 SLOW = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
-
-def charging(monkeypatch, steps=()):
-    vb = VirtualBoard(monkeypatch, CHARGE + list(steps))
-    vb.run_until(1000)
-    assert vb.world.coil and vb.ctl.charger.state == ch.CHARGING
-    return vb
 
 
 def stall_the_next_burst(monkeypatch, vb, phase_us, stall_us, whole=True):

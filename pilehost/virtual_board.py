@@ -144,3 +144,16 @@ class VirtualBoard:
 
     def reported(self, what):
         return [text for w, text in self.reports if w == what]
+
+
+CHARGE = [(100, "plug"), (600, "request")]  # a car plugged at 0.1 s that asks for power at 0.7 s
+
+
+def charging(monkeypatch, steps=(), **kw):
+    """A VirtualBoard whose car has been charging since ~0.7 s, run to 1 s; steps follow CHARGE's."""
+    import charger
+
+    vb = VirtualBoard(monkeypatch, CHARGE + list(steps), **kw)
+    vb.run_until(1000)
+    assert vb.world.coil and vb.ctl.charger.state == charger.CHARGING
+    return vb
