@@ -3,7 +3,6 @@ is needed and dropped after (firmware/link_setup.py: the link's set-up at the bo
 reset; firmware/link_tls.py: the TLS context and handshake). A .mpy import costs chip time that a
 closed contactor's iteration does not have: never is one of them imported while it is closed,
 and a session with the link, connected or with its broker away, ends without them loaded."""
-import errno
 import sys
 
 import pytest
@@ -13,7 +12,7 @@ from hypothesis import strategies as st
 import mqtt_conn
 import mqtt_link
 from pilehost import procs, unix_port
-from pilehost.link_rig import Stub, charging_ctl
+from pilehost.link_rig import FakeBroker, FakeNet, FakeTlsContext, Stub, charging_ctl, link_conf
 
 LAZY = ("link_setup", "link_tls")
 
@@ -35,117 +34,11 @@ class Loads:
         return [name for name, closed in self.seen if closed]
 
 
-def _conf(**extra):
-    values = dict(host="10.0.0.5", port=1883, tls_server_name=None, username=None, password=None,
-                  keepalive_s=60, status_interval_s=60, meter_interval_s=10, health_interval_s=300,
-                  wifi_restart_after_s=300, reset_after_s=1800, reset_min_interval_s=3600,
-                  conflict_pause_s=300)
-    values.update(extra)
-    return Stub(**values)
-
-
-class _Broker:
-    """The broker behind the fake sockets: answers CONNECT with CONNACK; `up` False: a new
-    connection is refused and the open one is closed."""
-
-    def __init__(self):
-        self.up = True
-        self.connects = 0
-
-
-class _Sock:
-    """A TCP socket (connects at once while the broker is up) or, wrapped, a TLS one whose
-    handshake takes `handshake` writes."""
-
-    def __init__(self, broker, handshake=0):
-        self.broker = broker
-        self.handshake = handshake
-        self.inbox = bytearray()
-        self.closed = False
-        self.tls = False
-
-    def setblocking(self, flag):
-        pass
-
-    def connect(self, addr):
-        raise OSError(errno.EINPROGRESS)
-
-    def write(self, data):
-        if not self.broker.up:
-            raise OSError(errno.ECONNRESET)
-        if self.handshake:
-            self.handshake -= 1
-            return None
-        if bytes(data[:1]) == b"\x10":
-            self.broker.connects += 1
-            self.inbox += b"\x20\x02\x00\x00"
-        return len(data)
-
-    def readinto(self, buf):
-        if not self.broker.up:
-            return 0  # closed by the broker
-        if not self.inbox:
-            return None
-        n = min(len(buf), len(self.inbox))
-        buf[:n] = self.inbox[:n]
-        del self.inbox[:n]
-        return n
-
-    def close(self):
-        self.closed = True
-
-
-class _Net:
-    """The `socket` and `select` modules for the link."""
-    POLLIN, POLLOUT, POLLERR, POLLHUP = 1, 4, 8, 16
-
-    def __init__(self, broker):
-        self.broker = broker
-
-    def getaddrinfo(self, host, port, *args):
-        return [(None, None, None, None, (host, port))]
-
-    def socket(self, *args):
-        return _Sock(self.broker)
-
-    def poll(self):
-        net = self
-
-        class Poller:
-            def register(self, sock, mask):
-                self.sock = sock
-
-            modify = register
-
-            def poll(self, timeout):
-                sock = self.sock
-                if not net.broker.up:
-                    return [(sock, net.POLLHUP)]
-                if not sock.tls and not sock.inbox:
-                    return [(sock, net.POLLOUT)]
-                return [(sock, net.POLLIN)] if sock.inbox else []
-
-        return Poller()
-
-
-class _Context:
-    """The SSLContext: each wrap makes a TLS socket on the broker."""
-
-    def __init__(self, broker, handshake):
-        self.broker = broker
-        self.handshake = handshake
-
-    def wrap_socket(self, sock, server_hostname=None, do_handshake_on_connect=True):
-        tls = _Sock(self.broker, self.handshake)
-        tls.tls = True
-        return tls
-
-
 def _link(monkeypatch, tls_handshake=None, closed=False):
     """(link, contactor, broker, loads, resets): the firmware's MqttLink built as at the boot
     (contactor open), on fake sockets; loads recorded from then on."""
-    broker = _Broker()
-    net = _Net(broker)
+    broker = FakeBroker()
+    net = FakeNet(broker)
     monkeypatch.setattr(mqtt_link, "socket", net)
     monkeypatch.setattr(mqtt_conn, "socket", net)
     monkeypatch.setattr(mqtt_conn, "select", net)
@@ -162,10 +55,10 @@ def _link(monkeypatch, tls_handshake=None, closed=False):
         def save(self):
             pass
 
-    tls = None if tls_handshake is None else _Context(broker, tls_handshake)
+    tls = None if tls_handshake is None else FakeTlsContext(broker, tls_handshake)
     loads = Loads(contactor)
     monkeypatch.setattr(sys, "meta_path", [loads] + sys.meta_path)
-    link = mqtt_link.MqttLink(_conf(port=8883 if tls else 1883), ctl, log, lambda now, what, text: None,
+    link = mqtt_link.MqttLink(link_conf(port=8883 if tls else 1883), ctl, log, lambda now, what, text: None,
                               boot_ms=0, tls=tls, heal_store=Store(), reset=lambda: resets.append(1))
     assert [name for name, _ in loads.seen] in (["link_setup"], [])  # [] if a test left it loaded
     assert not any(m in sys.modules for m in LAZY), "link_setup not dropped once the link is built"

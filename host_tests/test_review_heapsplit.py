@@ -2,7 +2,6 @@
 main.py build_core/build_link, wiring_link.py, link_setup.py, link_tls.py). Each test is a way
 the change could break a rule: a lazy module's import failing (a fragmented heap's MemoryError,
 a damaged .mpy's ValueError) where the firmware used to have the code at hand."""
-import errno
 import json
 import sys
 
@@ -12,7 +11,7 @@ import mqtt_conn
 import mqtt_link
 import release_boot
 import wiring_link
-from pilehost.link_rig import Stub, charging_ctl
+from pilehost.link_rig import FakeBroker, FakeNet, FakeTlsContext, Stub, charging_ctl, link_conf
 
 LAZY = ("link_setup", "link_tls")
 
@@ -33,83 +32,9 @@ class Failing:
         return None
 
 
-class _Sock:
-    def __init__(self, tls=False):
-        self.tls = tls
-        self.inbox = bytearray()
-
-    def setblocking(self, flag):
-        pass
-
-    def connect(self, addr):
-        raise OSError(errno.EINPROGRESS)
-
-    def write(self, data):
-        if bytes(data[:1]) == b"\x10":
-            self.inbox += b"\x20\x02\x00\x00"  # CONNACK
-        return len(data)
-
-    def readinto(self, buf):
-        if not self.inbox:
-            return None
-        n = min(len(buf), len(self.inbox))
-        buf[:n] = self.inbox[:n]
-        del self.inbox[:n]
-        return n
-
-    def close(self):
-        pass
-
-
-class _Net:
-    """socket and select for the link: a broker that answers at once; `up` False: refused."""
-    POLLIN, POLLOUT, POLLERR, POLLHUP = 1, 4, 8, 16
-
-    def __init__(self):
-        self.up = True
-
-    def getaddrinfo(self, host, port, *args):
-        return [(None, None, None, None, (host, port))]
-
-    def socket(self, *args):
-        return _Sock()
-
-    def poll(self):
-        net = self
-
-        class Poller:
-            def register(self, sock, mask):
-                self.sock = sock
-
-            modify = register
-
-            def poll(self, timeout):
-                if not net.up:
-                    return [(self.sock, net.POLLHUP)]
-                if not self.sock.tls and not self.sock.inbox:
-                    return [(self.sock, net.POLLOUT)]
-                return [(self.sock, net.POLLIN)] if self.sock.inbox else []
-
-        return Poller()
-
-
-class _Context:
-    def wrap_socket(self, sock, server_hostname=None, do_handshake_on_connect=True):
-        return _Sock(tls=True)
-
-
-def _conf(**extra):
-    values = dict(host="10.0.0.5", port=8883, tls_server_name=None, username=None, password=None,
-                  keepalive_s=60, status_interval_s=60, meter_interval_s=10, health_interval_s=300,
-                  wifi_restart_after_s=300, reset_after_s=1800, reset_min_interval_s=3600,
-                  conflict_pause_s=300)
-    values.update(extra)
-    return Stub(**values)
-
-
 def _link(monkeypatch, tls=True):
     """(link, ctl, net, texts, resets): MqttLink as built at the boot, contactor open."""
-    net = _Net()
+    net = FakeNet(FakeBroker())
     monkeypatch.setattr(mqtt_link, "socket", net)
     monkeypatch.setattr(mqtt_conn, "socket", net)
     monkeypatch.setattr(mqtt_conn, "select", net)
@@ -130,9 +55,9 @@ def _link(monkeypatch, tls=True):
 
     texts = []
     resets = []
-    link = mqtt_link.MqttLink(_conf(port=8883 if tls else 1883), ctl, log,
+    link = mqtt_link.MqttLink(link_conf(port=8883 if tls else 1883), ctl, log,
                               lambda now, what, text: texts.append(text), boot_ms=0,
-                              tls=_Context() if tls else None, heal_store=Store(),
+                              tls=FakeTlsContext(net.broker) if tls else None, heal_store=Store(),
                               reset=lambda: resets.append(1))
     return link, ctl, net, texts, resets
 
@@ -178,7 +103,7 @@ def test_the_reset_rung_whose_code_cannot_load_gives_up_as_when_heal_json_fails(
     link, ctl, net, texts, resets = _link(monkeypatch, tls=False)
     ctl.contactor.closed = False
     ctl.charger.state = "idle"
-    net.up = False
+    net.broker.up = False
     failing = Failing("link_setup", error)
     monkeypatch.setattr(sys, "meta_path", [failing] + sys.meta_path)
     now = 0

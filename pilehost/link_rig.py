@@ -138,6 +138,113 @@ def charging_ctl(**extra):
     return ctl, contactor
 
 
+def link_conf(**extra):
+    """The mqtt section MqttLink takes, parsed (config.py's names), for a broker at 10.0.0.5."""
+    values = dict(host="10.0.0.5", port=1883, tls_server_name=None, username=None, password=None,
+                  keepalive_s=60, status_interval_s=60, meter_interval_s=10, health_interval_s=300,
+                  wifi_restart_after_s=300, reset_after_s=1800, reset_min_interval_s=3600,
+                  conflict_pause_s=300)
+    values.update(extra)
+    return Stub(**values)
+
+
+class FakeBroker:
+    """The broker behind FakeNet's sockets: answers CONNECT with CONNACK; `up` False: a new
+    connection is refused and the open one is closed."""
+
+    def __init__(self):
+        self.up = True
+        self.connects = 0
+
+
+class FakeSock:
+    """A TCP socket (connects at once while the broker is up) or, wrapped, a TLS one whose
+    handshake takes `handshake` writes."""
+
+    def __init__(self, broker, handshake=0):
+        self.broker = broker
+        self.handshake = handshake
+        self.inbox = bytearray()
+        self.closed = False
+        self.tls = False
+
+    def setblocking(self, flag):
+        pass
+
+    def connect(self, addr):
+        raise OSError(errno.EINPROGRESS)
+
+    def write(self, data):
+        if not self.broker.up:
+            raise OSError(errno.ECONNRESET)
+        if self.handshake:
+            self.handshake -= 1
+            return None
+        if bytes(data[:1]) == b"\x10":
+            self.broker.connects += 1
+            self.inbox += b"\x20\x02\x00\x00"
+        return len(data)
+
+    def readinto(self, buf):
+        if not self.broker.up:
+            return 0  # closed by the broker
+        if not self.inbox:
+            return None
+        n = min(len(buf), len(self.inbox))
+        buf[:n] = self.inbox[:n]
+        del self.inbox[:n]
+        return n
+
+    def close(self):
+        self.closed = True
+
+
+class FakeNet:
+    """The `socket` and `select` modules for the link, on a FakeBroker."""
+    POLLIN, POLLOUT, POLLERR, POLLHUP = 1, 4, 8, 16
+
+    def __init__(self, broker):
+        self.broker = broker
+
+    def getaddrinfo(self, host, port, *args):
+        return [(None, None, None, None, (host, port))]
+
+    def socket(self, *args):
+        return FakeSock(self.broker)
+
+    def poll(self):
+        net = self
+
+        class Poller:
+            def register(self, sock, mask):
+                self.sock = sock
+
+            modify = register
+
+            def poll(self, timeout):
+                sock = self.sock
+                if not net.broker.up:
+                    return [(sock, net.POLLHUP)]
+                if not sock.tls and not sock.inbox:
+                    return [(sock, net.POLLOUT)]
+                return [(sock, net.POLLIN)] if sock.inbox else []
+
+        return Poller()
+
+
+class FakeTlsContext:
+    """The SSLContext: each wrap makes a TLS socket on the broker."""
+
+    def __init__(self, broker, handshake=0):
+        self.broker = broker
+        self.handshake = handshake
+
+    def wrap_socket(self, sock, server_hostname=None, do_handshake_on_connect=True):
+        tls = FakeSock(self.broker, self.handshake)
+        tls.tls = True
+        return tls
+
+
 class OfflineNet:
     """The `socket` and `select` modules for the link: lookups recorded, TCP never connects."""
     POLLIN, POLLOUT, POLLERR, POLLHUP = 1, 4, 8, 16
