@@ -11,7 +11,7 @@ import tempfile
 import pytest
 from hypothesis import example, given, settings, strategies as st, HealthCheck
 from pilehost.meter_rig import Pin
-from pilehost.virtual_board import CHARGE, VirtualBoard, board_dict, charging
+from pilehost.virtual_board import CHARGE, VirtualBoard, board_dict, charging, count_bursts
 
 import charger as ch
 import pilot
@@ -185,14 +185,8 @@ def test_item2_stalls_that_hide_the_minus_phase_are_no_pilot_fault(monkeypatch, 
     vb = _offering(monkeypatch, current_a)
     run = 2 * controller._NO_MINUS_BURSTS  # bursts hidden in a row (~35 ms), then one seen
     assert (run + 1) * (vb.period_ms + 1) < controller._NO_MINUS_MAX_MS
-    sample, bursts = vb.ctl.sampler.sample, [0]
-
-    def counted_sample():
-        bursts[0] += 1
-        sample()
-
-    vb.ctl.sampler.sample = counted_sample
-    _stall_through_minus(vb, hide=lambda: bursts[0] % (run + 1) != 0)
+    bursts = count_bursts(monkeypatch, vb)
+    _stall_through_minus(vb, hide=lambda: len(bursts) % (run + 1) != 0)
     vb.run_until(3000)
     assert vb.world.coil and not vb.ctl.charger.faults
 

@@ -5,7 +5,7 @@ nothing with the contactor open. The wired firmware on the simulated world under
 clock (virtual_board), the guard called as the slow paths call it: with no tick in between.
 """
 from hypothesis import HealthCheck, given, settings, strategies as st
-from pilehost.virtual_board import CHARGE, VirtualBoard, charging
+from pilehost.virtual_board import CHARGE, VirtualBoard, charging, count_bursts
 
 import charger as ch
 import pilot
@@ -13,18 +13,6 @@ import relay
 
 SLOW = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
-
-
-def count_bursts(monkeypatch, vb):
-    calls = []
-    sampler = vb.ctl.sampler
-    orig = sampler.sample
-
-    def sample():
-        calls.append(vb.clock.t)
-        orig()
-    monkeypatch.setattr(sampler, "sample", sample)
-    return calls
 
 
 def guard(vb, gap_us):

@@ -4,7 +4,7 @@ pilot ADC". The wired firmware on the simulated world under a virtual clock (vir
 """
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
-from pilehost.virtual_board import CHARGE, VirtualBoard, charging
+from pilehost.virtual_board import CHARGE, VirtualBoard, charging, count_bursts
 
 import controller
 import pilot
@@ -152,13 +152,7 @@ def test_a_healthy_pace_takes_one_burst_a_tick_and_classifies_once(monkeypatch):
     vb = VirtualBoard(monkeypatch, CHARGE)
     vb.run_until(50)
     sampler = vb.ctl.sampler
-    bursts = []
-    orig = sampler.sample
-
-    def sample():
-        bursts.append(1)
-        orig()
-    monkeypatch.setattr(sampler, "sample", sample)
+    bursts = count_bursts(monkeypatch, vb)
     classified = []
     orig_classify = pilot.classify
 

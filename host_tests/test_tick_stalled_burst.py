@@ -9,7 +9,7 @@ leaves it unjudged, the tick takes another burst at once and judges that one.
 
 The wired firmware on the simulated world under a virtual clock (pilehost.virtual_board)."""
 from hypothesis import HealthCheck, given, settings, strategies as st
-from pilehost.virtual_board import charging
+from pilehost.virtual_board import charging, count_bursts
 
 import charger as ch
 import pilot
@@ -163,13 +163,7 @@ def test_a_stalled_burst_that_reads_the_stable_state_is_taken_as_it_is(monkeypat
     vb.run_for(50)
     sampler = vb.ctl.sampler
     plus_phase = vb.world.pwm_duty * vb.world.pwm_period_us // 65535 // 2
-    bursts = []
-    orig = sampler.sample
-
-    def sample():
-        bursts.append(vb.clock.t)
-        orig()
-    monkeypatch.setattr(sampler, "sample", sample)
+    bursts = count_bursts(monkeypatch, vb)
     stall_the_next_burst(monkeypatch, vb, plus_phase, 500, whole=False)
     now = vb.clock.ticks_ms()
     vb.tick()
@@ -230,13 +224,7 @@ def test_two_torn_bursts_in_a_row_then_a_whole_one(monkeypatch):
     read = sampler._read
     period = vb.world.pwm_period_us
     torn = [0]
-    bursts = []
-    orig = sampler.sample
-
-    def sample():
-        bursts.append(vb.clock.t)
-        orig()
-    monkeypatch.setattr(sampler, "sample", sample)
+    bursts = count_bursts(monkeypatch, vb)
 
     def tearing():
         if torn[0]:

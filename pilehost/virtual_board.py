@@ -157,3 +157,16 @@ def charging(monkeypatch, steps=(), **kw):
     vb.run_until(1000)
     assert vb.world.coil and vb.ctl.charger.state == charger.CHARGING
     return vb
+
+
+def count_bursts(monkeypatch, vb):
+    """The pilot bursts vb's sampler takes from now on: a list of the clock (us) at each."""
+    calls = []
+    sampler = vb.ctl.sampler
+    orig = sampler.sample
+
+    def sample():
+        calls.append(vb.clock.t)
+        orig()
+    monkeypatch.setattr(sampler, "sample", sample)
+    return calls
