@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import release_boot
 from pilehost import FIRMWARE
+from pilehost.source_imports import import_time_imports
 from pilehost.virtual_board import VirtualBoard, board_dict
 
 SECRET = "9f" * 32
@@ -33,15 +34,7 @@ METERS = {
 
 def _top_imports(name):
     """The firmware modules `name` imports at its top (run when it is imported)."""
-    with open(os.path.join(FIRMWARE, name + ".py")) as f:
-        tree = ast.parse(f.read())
-    out = set()
-    for node in tree.body:
-        if isinstance(node, ast.Import):
-            out |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            out.add(node.module.split(".")[0])
-    return out & FIRMWARE_MODULES
+    return import_time_imports(os.path.join(FIRMWARE, name + ".py")) & FIRMWARE_MODULES
 
 
 def closure(names):

@@ -8,6 +8,7 @@ import os
 import pytest
 
 from pilehost import ROOT
+from pilehost.source_imports import import_time_imports
 
 FIRMWARE = os.path.join(ROOT, "firmware")
 HARDWARE = {"machine", "network"}
@@ -143,29 +144,6 @@ def test_the_flash_file_names_are_spelled_in_files_py_only():
 # WHAT=heap32` prints their share.
 OPTIONAL = {"config", "ota", "ota_lazy", "diag", "command_auth", "commands", "sntp", "wifi", "modbus_meter",
             "dlt645", "s0_meter", "release_boot"}
-
-
-def import_time_imports(path):
-    """Top-level names `path` imports when it is imported: not inside a function, nor under
-    `if __name__ == "__main__"` (the board's main.py run, not an import)."""
-    with open(path) as f:
-        tree = ast.parse(f.read(), path)
-    found = set()
-    todo = list(tree.body)
-    while todo:
-        node = todo.pop()
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-            continue
-        if (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
-                and getattr(node.test.left, "id", None) == "__name__"):
-            todo.extend(node.orelse)
-            continue
-        if isinstance(node, ast.Import):
-            found.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.add(node.module.split(".")[0])
-        todo.extend(ast.iter_child_nodes(node))
-    return found
 
 
 def test_the_import_time_checker_skips_functions_and_the_main_run(tmp_path):

@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pilehost import FIRMWARE, firmware_module, unix_port
+from pilehost.source_imports import import_time_imports
 
 MODULES = ("console", "wiring", "charger", "version", "config", "wiring_link")  # wiring imports charger
 CONFIG = {"pile_id": "boot-1", "meter": {"type": "ddsu666"}}  # the flash's config.json
@@ -367,18 +368,10 @@ def test_boot_py_hands_its_keep_safe_to_stage_one():
 def test_stage_one_imports_what_the_root_main_py_imports():
     """MAIN_IMPORTS must cover the root main.py's top-level firmware imports: one left out would
     fail in main.py, at the REPL again."""
-    import ast
 
     rb = firmware_module("release_boot")
-    with open(os.path.join(FIRMWARE, "main.py")) as f:
-        tree = ast.parse(f.read())
     firmware = {os.path.basename(p)[:-3] for p in os.listdir(FIRMWARE) if p.endswith(".py")}
-    top = set()
-    for node in tree.body:
-        if isinstance(node, ast.Import):
-            top |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            top.add(node.module.split(".")[0])
+    top = import_time_imports(os.path.join(FIRMWARE, "main.py"))
     assert top & firmware <= set(rb.MAIN_IMPORTS), top & firmware
 
 
