@@ -43,12 +43,12 @@ _NO_MINUS_MAX_MS = const(60)
 # A guard's burst that took longer than this was stalled inside (an interrupt storm; a busy host):
 # it may hold a single sample, from the minus phase, and say nothing of the state. Not judged:
 # the next read (a guard's or the tick's) comes right after it. One with a wait between two
-# reads (the sampler's `stalled`) that reads another state than the stable one is in doubt; the
-# tick and the guard take such a burst again at once and judge the last whatever it holds (the
-# guard: one not longer than this; a guard never judging one missed a C->B through all of slow
-# work while every burst stalled a little over 100 us): after an iteration longer
-# than DEBOUNCE_POWER_OFF_MS the first non-C/D reading opens, and a torn X cut off a car still
-# in C (docs/safety.md, "A stalled burst is no reading").
+# reads over pilot.BURST_GAP_MAX_US (the sampler's gap_us) that reads another state than the
+# stable one is in doubt; the tick and the guard take such a burst again at once and judge the
+# last whatever it holds (the guard: one not longer than this; a guard never judging one missed
+# a C->B through all of slow work while every burst stalled a little over 100 us): after an
+# iteration longer than DEBOUNCE_POWER_OFF_MS the first non-C/D reading opens, and a torn X cut
+# off a car still in C (docs/safety.md, "A stalled burst is no reading").
 GUARD_BURST_MAX_US = 2 * pilot.BURST_US
 # Bursts a tick takes at most while the last is in doubt: on a busy host two torn in a row were
 # still seen (2 runs in 12); the last is judged whatever it holds. 3.3 ms at most, only in doubt.
@@ -209,7 +209,8 @@ class Controller:
         have missed the plus phase (a lone minus-phase sample reads X). Only stalled bursts are
         classified here: a whole one costs nothing more."""
         sampler = self.sampler
-        return sampler.stalled and pilot.classify(sampler.plus_mv, self.standard) != self.debouncer.state
+        return (sampler.gap_us > pilot.BURST_GAP_MAX_US
+                and pilot.classify(sampler.plus_mv, self.standard) != self.debouncer.state)
 
     def _judge(self, now_ms):
         raw = self.raw = pilot.classify(self.sampler.plus_mv, self.standard)

@@ -117,8 +117,8 @@ BURST_US = const(1100)
 _PERIOD_US = const(1000)  # the 1 kHz PWM (IEC 61851-1 A.2.2; wiring.py sets it)
 # The 100 us a burst spans beyond the period: no wait between two reads may be longer, else the
 # CPU was taken away inside the burst (an interrupt storm, a busy host) and the wait can hide a
-# whole plus phase (10 % duty: 100 us): the burst is `stalled`, it may hold a single minus-phase
-# sample and read X (docs/safety.md, "A stalled burst is no reading").
+# whole plus phase (10 % duty: 100 us): the burst is stalled (gap_us over it), it may hold a
+# single minus-phase sample and read X (docs/safety.md, "A stalled burst is no reading").
 BURST_GAP_MAX_US = const(BURST_US - _PERIOD_US)
 
 
@@ -136,7 +136,6 @@ class PilotSampler:
         # The longest wait between two stamps of the last burst (a stall inside it). Each read
         # follows its stamp at once, so two reads lie no further apart than the wait between them.
         self.gap_us = 0
-        self.stalled = False  # gap_us over BURST_GAP_MAX_US: the burst may have missed a phase
 
     def to_mv(self, uv):
         return (uv - self._uv_m12) * 24000 // self._uv_span - 12000
@@ -165,7 +164,6 @@ class PilotSampler:
         self.plus_mv = self.to_mv(high)
         self.minus_mv = self.to_mv(low)
         self.gap_us = gap
-        self.stalled = gap > BURST_GAP_MAX_US
 
 
 # Duty cycle <-> offered current, evse-facts section 1 (IEC 61851-1 Table A.8, SAE J1772).
