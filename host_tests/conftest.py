@@ -371,7 +371,8 @@ def chip_image():
 @pytest.fixture(scope="session")
 def stock_image():
     """(binary, MICROPYPATH) of a stock ESP32 image's stand-in (pilehost/chipbuild.py: 32-bit,
-    single-precision, umqtt.simple frozen as the port's manifest freezes it), for the firmware as .mpy."""
+    single-precision, umqtt.simple frozen as the port's manifest freezes it), for the firmware as .mpy:
+    a run finds it in its cwd, the flash root (unix_port.link_files(cwd, chipbuild.flash_files(binary)))."""
     from pilehost import chipbuild
 
     _can_build_chip_images()

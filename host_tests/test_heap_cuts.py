@@ -11,7 +11,7 @@ import types
 import pytest
 
 import config
-from pilehost import FIRMWARE, ROOT, chipheap, unix_port
+from pilehost import FIRMWARE, ROOT, chipbuild, chipheap, unix_port
 
 
 def _sections(obj, seen=None):
@@ -132,10 +132,10 @@ def _qstrs_after_boot_imports(stock_image, tmp_path, conf):
     for group in release_boot.boot_imports(conf):
         names += list(group)
     program, path = stock_image
-    script = tmp_path / "probe.py"
-    script.write_text("import micropython\nfor n in %r:\n    __import__(n)\n"
-                      "import umqtt.simple\nmicropython.qstr_info()\n" % names)
-    r = subprocess.run([program, str(script)], env=dict(os.environ, MICROPYPATH=path),
+    unix_port.link_files(str(tmp_path), chipbuild.flash_files(program))  # the pile's flash root
+    script = ("import micropython\nfor n in %r:\n    __import__(n)\n"
+              "import umqtt.simple\nmicropython.qstr_info()\n" % names)
+    r = subprocess.run([program, "-c", script], env=dict(os.environ, MICROPYPATH=path),
                        capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr
     return tuple(int(x) for x in re.search(r"n_pool=(\d+), n_qstr=(\d+)", r.stdout).groups())

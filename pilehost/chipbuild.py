@@ -99,11 +99,22 @@ def stock_binary(log=print):
 
 
 def stock_micropypath():
-    """MICROPYPATH for the stock image: the firmware as bytecode, then the frozen modules (umqtt,
-    the simulator), then the simulator's other modules (heap_probe.py) and lib/ (found only if the
-    image lacks one of them), as an ESP32 orders '', '.frozen', '/lib'."""
-    bytecode = unix_port.compile_for_unix()
-    return ":".join(bytecode[:1] + [".frozen"] + bytecode[1:] + [os.path.join(ROOT, "firmware")])
+    """MICROPYPATH for the stock image, after the '' the unix port's sys.path starts with: the
+    frozen modules (umqtt, the simulator), then the simulator's other modules (heap_probe.py) and
+    lib/ (found only if the image lacks one of them), as an ESP32 orders '', '.frozen', '/lib'.
+    The firmware is not on it: a run has it in its flash folder (flash_files)."""
+    sim, lib = unix_port.compile_for_unix()[1:]
+    return ":".join([".frozen", sim, lib])
+
+
+def flash_files(program):
+    """[(local file, name)] a run of program needs in its flash folder (its cwd, sys.path's ''):
+    on the stock image the firmware where a technician's `make flash` puts it on a pile, x.mpy in
+    the flash root (unix_port.firmware_files); none on the others (their MICROPYPATH has it). A
+    module's __file__, the path it was found at, is interned as a qstr for good
+    (py/builtinimport.c do_load): `session_record.mpy` as on a pile, not this checkout's ~50
+    characters (~1.1 KiB over a session's modules; host_tests/test_heap_standin.py)."""
+    return unix_port.firmware_files() if program == STOCK_BINARY else []
 
 
 def _locked_build(name, frozen, binary, chipmark, log):

@@ -1,9 +1,9 @@
 """`make bench WHAT=heap32`: the firmware's heap on the chip's terms, on the unix port shaped like
 the ESP32 (32-bit words, single-precision floats): loaded as .mpy files onto a stock image (what
-a technician flashes: pilehost/chipbuild.py's stock build, the 32-bit configuration with what a
-stock ESP32 image freezes that the firmware imports, umqtt.simple) and frozen into the image from
-manifest.py (the chip build, pilehost/chipbuild.py: bytecode out of the heap, the production
-image for an ESP32-WROOM).
+a technician flashes, in the run's flash folder as in a pile's flash root: pilehost/chipbuild.py's
+stock build, the 32-bit configuration with what a stock ESP32 image freezes that the firmware
+imports, umqtt.simple, and its flash_files) and frozen into the image from manifest.py (the chip
+build, pilehost/chipbuild.py: bytecode out of the heap, the production image for an ESP32-WROOM).
 
 Per configuration: the smallest whole heap (-X heapsize) with which the normal session
 completes, bisected, minus the simulator's own live heap measured in the same run (net of the
@@ -66,7 +66,8 @@ def measure(label, program, path, target_kib, mqtt_port, step_kib=1):
     def run(kib):
         seq[0] += 1
         return unix_port.run_scenario("normal", config=_config(mqtt_port, "h32-%s-%d" % (tag, seq[0])),
-                                      heapsize="%dk" % kib, exact_heap=True, program=program, path=path)
+                                      heapsize="%dk" % kib, exact_heap=True, program=program, path=path,
+                                      files=chipbuild.flash_files(program))
 
     big = run(400)
     if not _ok(big):
@@ -153,6 +154,7 @@ def firmware_modules():
 def _probe(program, path, module, deps=()):
     env = dict(os.environ, MICROPYPATH=path)
     with tempfile.TemporaryDirectory(prefix="heap-probe-") as cwd:
+        unix_port.link_files(cwd, chipbuild.flash_files(program))
         r = subprocess.run([program, "-X", "heapsize=400k", "-m", "heap_probe", module, ",".join(deps)],
                            cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
     for line in r.stdout.splitlines():
@@ -182,7 +184,8 @@ def session_modules(mqtt_port, program=None, path=None):
     """The firmware modules a full normal session has loaded at its end (sim/rom.py's result)."""
     program = program or unix_port.unix32_binary()
     r = unix_port.run_scenario("normal", config=_config(mqtt_port, "h32-modules"), heapsize="400k",
-                               exact_heap=True, program=program, path=path)
+                               exact_heap=True, program=program, path=path,
+                               files=chipbuild.flash_files(program))
     if not _ok(r):
         raise RuntimeError("the normal session failed:\n" + "\n".join(r.lines[-20:]))
     return r.result["modules"]

@@ -131,12 +131,40 @@ def micropypath():
     return ":".join(bytecode + [os.path.join(ROOT, d) for d in ("firmware", "lib")] + [".frozen"])
 
 
-def prepare_flash(flash_dir, board="ref-esp32", config=None, steps=()):
+def firmware_files():
+    """[(local file, name in the flash root)]: the firmware as `make flash` lays it out on a pile
+    (pilehost/technician.py flash_plan): each module's .mpy (build/unix/firmware), boot.py and
+    main.py as source. For a run that finds the firmware in its flash folder, sys.path's '', as a
+    pile does (a stock image's stand-in, pilehost/chipbuild.py stock_micropypath)."""
+    bytecode = compile_for_unix()[0]
+    files = []
+    for name in sorted(os.listdir(os.path.join(ROOT, "firmware"))):
+        if name in _SOURCE_ONLY:
+            files.append((os.path.join(ROOT, "firmware", name), name))
+        elif name.endswith(".py"):
+            files.append((os.path.join(bytecode, name[:-3] + ".mpy"), name[:-3] + ".mpy"))
+    return files
+
+
+def prepare_flash(flash_dir, board="ref-esp32", config=None, steps=(), files=()):
+    """board.json, config.json and the scenario's steps in the flash folder; files: (local file,
+    name) linked there too (firmware_files())."""
     shutil.copy(os.path.join(ROOT, "boards", board + ".json"), os.path.join(flash_dir, "board.json"))
     with open(os.path.join(flash_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     with open(os.path.join(flash_dir, "sim_scenario.json"), "w") as f:
         json.dump({"steps": steps}, f)
+    link_files(flash_dir, files)
+
+
+def link_files(folder, files):
+    """(local file, name) pairs symlinked into folder (replacing what is there), as `make flash`
+    copies them."""
+    for local, name in files:
+        link = os.path.join(folder, name)
+        if os.path.lexists(link):
+            os.remove(link)
+        os.symlink(local, link)
 
 
 class SimRun:
@@ -172,13 +200,14 @@ class SimRun:
 
 def run_scenario(name=scenarios.DEFAULT, board="ref-esp32", config=None, heapsize=DEFAULT_HEAP,
                  echo=False, timeout=120, flash_dir=None, kill_after_s=None, on_line=None,
-                 program=None, path=None, exact_heap=False):
+                 program=None, path=None, exact_heap=False, files=()):
     """Run one scenario. flash_dir: keep the board's flash there (else a temporary folder);
     kill_after_s: cut the power (SIGKILL) after this many seconds, leaving no result;
     on_line: called with each output line as it comes (tests act on the firmware's reports);
     program: the binary (default micropython_binary()); path: MICROPYPATH (default
     micropypath(); a frozen image's: pilehost/chipbuild.py); exact_heap: heapsize is the whole
-    -X heapsize, without the simulator's allowance (the bench's bisection)."""
+    -X heapsize, without the simulator's allowance (the bench's bisection); files: (local file,
+    name) put on the flash (prepare_flash; the firmware on a stock image: firmware_files())."""
     spec = scenarios.get(name)
     extra_kb = spec.get("heap_extra_kb", 0)  # a scenario that loads more (Wi-Fi, NTP) says so
     program = program or micropython_binary()
@@ -196,7 +225,7 @@ def run_scenario(name=scenarios.DEFAULT, board="ref-esp32", config=None, heapsiz
     else:
         keep = tempfile.TemporaryDirectory(prefix="pile-flash-")
     with keep as flash:
-        prepare_flash(flash, board, conf, spec["steps"])
+        prepare_flash(flash, board, conf, spec["steps"], files)
         cmd = [program, "-X",
                "heapsize=" + (heapsize if exact_heap else heap_option(heapsize)), "-m", "rom"]
         proc = subprocess.Popen(cmd, cwd=flash, env=env, stdout=subprocess.PIPE,
