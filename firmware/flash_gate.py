@@ -23,7 +23,6 @@ class FlashGate:
         self._due = []  # callables(now_ms) -> None or an error text, oldest first
         self._open_steps = []  # the same, called at every poll with the contactor open
         self._was_held = False  # the last poll saw the contactor closed
-        self.deferred = 0  # writes deferred since boot (for the bench and the tests)
         # A write ran in this iteration (`spent`: poll() clears it; spend(), a deferred write, or
         # any commit through durable.py since the poll sets it): the settings wait for the next
         # one and a received command is held over (mqtt_link), so that a worst-case part's
@@ -45,7 +44,6 @@ class FlashGate:
         defers once until its flush has run (its own flag: MicroPython's bound methods do not
         compare)."""
         self._due.append(flush)
-        self.deferred += 1
 
     def spend(self):
         """A writer is writing now (the command counter): later ones wait for the next iteration."""
