@@ -171,15 +171,6 @@ def kwh_to_wh(buf, at):
     return wh
 
 
-def parse_reply(buf, n, address, count):
-    """Check buf[0:n] and return its `count` floats as a tuple. Raises MeterError only."""
-    check_reply(buf, n, address, 2 * count)
-    values = []
-    for i in range(count):
-        values.append(float_at(buf, i))
-    return tuple(values)
-
-
 class ModbusMeter(Rs485Meter):
     """DDSU666 / SDM120 / SDM630 on Modbus RTU, polled by poll(now_ms)."""
 
