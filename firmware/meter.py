@@ -140,12 +140,11 @@ def _check_range(x, low, high, what, name):
 
 def check_plausible(prev, new, max_power_w=DEFAULT_MAX_POWER_W,
                     slack_wh=DEFAULT_JUMP_SLACK_WH, name="meter"):
-    """Raise MeterError if `new` cannot follow `prev` (the last good Reading, or None).
+    """Raise MeterError if `new` (passed check_values) cannot follow `prev` (the last good
+    Reading, or None).
 
     A lower value is "backwards" (0 too): whether it was a restart, the next reading tells
     (MeterBase._publish)."""
-    if new.energy_wh < 0:
-        raise MeterError("garbage", "%s: negative energy %d Wh" % (name, new.energy_wh))
     if prev is None:
         return
     if new.energy_wh < prev.energy_wh:
@@ -169,6 +168,10 @@ class MeterBase:
     register really restarted (or came back from a restart): counted as "reboot", `epoch`
     goes up, the suspect is published as the new epoch's baseline and the confirming reading
     at the next poll. Energy is only ever a difference within one epoch.
+
+    Each driver names its meter for a session record (docs/telemetry.md, session/ended `meter`)
+    with identity(): "<protocol>[:<model>@<address> | :<meter number>]", short: the record must
+    stay within the outbox's payload limit (journal.DEFAULT_MAX_PAYLOAD).
     """
 
     name = "meter"
@@ -189,12 +192,6 @@ class MeterBase:
 
     # Power is measured on its own (False: S0, whose power is derived from the pulses).
     checks_power = True
-
-    def identity(self):
-        """What names the meter in a session record (docs/telemetry.md, session/ended `meter`):
-        "<protocol>[:<model>@<address> | :<meter number>]", short: the record must stay within
-        the outbox's payload limit (journal.DEFAULT_MAX_PAYLOAD)."""
-        return self.name
 
     def _ep_reset(self):
         self._ep_wh = 0  # register delta over the window
@@ -369,16 +366,6 @@ class Rs485Meter(MeterBase):
         if de is not None:
             de.value(0)
 
-    # The protocol's part (see the class doc).
-    def _request(self):
-        raise NotImplementedError
-
-    def _frame_len(self, buf, n):
-        raise NotImplementedError
-
-    def _take(self, buf, n):
-        raise NotImplementedError
-
     def poll(self, now_ms):
         """One small non-blocking step. Call every control tick."""
         self._expire(now_ms)
@@ -412,7 +399,7 @@ class Rs485Meter(MeterBase):
         self._send(now_ms)
 
     def _send(self, now_ms):
-        frame = self._request()
+        frame = self._request()  # type: ignore[attr-defined]  # the protocol subclass's (class doc)
         if self._asks_energy:
             self._e_at = now_ms
         if self._de is not None:
@@ -455,9 +442,9 @@ class Rs485Meter(MeterBase):
                 i += 1
             self._n = pos + got
             try:
-                total = self._frame_len(rx, self._n)
+                total = self._frame_len(rx, self._n)  # type: ignore[attr-defined]  # as _request
                 if total and self._n >= total:
-                    if self._take(rx, total):
+                    if self._take(rx, total):  # type: ignore[attr-defined]
                         self._state = _IDLE
                         self._publish(Reading(self._e, self._p, self._v, self._i, self._e_at))
                     else:
