@@ -7,8 +7,7 @@ The UART (baud, parity) is built by the wiring code; `baud` here only times the 
 from micropython import const
 import struct
 
-from meter import MeterError, Rs485Meter, DEFAULT_BITS_PER_CHAR, \
-    DEFAULT_MAX_POWER_W, DEFAULT_JUMP_SLACK_WH, MAX_WH
+from meter import MeterError, Rs485Meter, MAX_WH
 
 _FN_READ_INPUT = const(0x04)
 _FN_READ_HOLDING = const(0x03)  # DDSU666: some answer only this one on the same map
@@ -175,8 +174,7 @@ class ModbusMeter(Rs485Meter):
     """DDSU666 / SDM120 / SDM630 on Modbus RTU, polled by poll(now_ms)."""
 
     def __init__(self, uart, de=None, model="ddsu666", address=1, baud=None, timeout_ms=200,
-                 poll_interval_ms=1000, bits_per_char=DEFAULT_BITS_PER_CHAR,
-                 max_power_w=DEFAULT_MAX_POWER_W, jump_slack_wh=DEFAULT_JUMP_SLACK_WH):
+                 poll_interval_ms=1000):
         if model not in MODELS:
             raise ValueError("modbus: unknown model %r" % (model,))
         # timeout_ms: how long the meter may take to start answering; 200 ms is our choice
@@ -186,8 +184,7 @@ class ModbusMeter(Rs485Meter):
         self.name = model
         if baud is None:
             baud = DEFAULT_BAUD[model]
-        super().__init__(uart, de, baud, timeout_ms, poll_interval_ms, _RX_SIZE,
-                         bits_per_char, max_power_w, jump_slack_wh)
+        super().__init__(uart, de, baud, timeout_ms, poll_interval_ms, _RX_SIZE)
         self.address = address
         self._blocks = MODELS[model]
         self._tx = bytearray(8)

@@ -26,7 +26,7 @@ _METER_FAILURE_FINAL_WAIT_MS = const(3000)
 # lost replies at the default poll (1 s, DL/T 645 2 s). An older one may predate a meter restart.
 _START_READING_MAX_AGE_MS = const(5000)
 # A meter's register after a restart at most this far above 0 (the power of meter.py's guard,
-# DEFAULT_MAX_POWER_W, over the time since the last reading, plus its slack): it restarted from 0
+# _MAX_POWER_W, over the time since the last reading, plus its slack): it restarted from 0
 # and counted all of it in the session.
 _RESTART_MAX_POWER_W = const(50000)
 _RESTART_SLACK_WH = const(20)
