@@ -276,8 +276,7 @@ class MeterBase:
             check_plausible(self.reading, new, name=self.name)
         except MeterError as err:
             if err.kind == "backwards" or err.kind == "jump":
-                if suspect is not None and self._follows(suspect, new):
-                    self._restart(suspect, new)
+                if suspect is not None and self._restart(suspect, new):
                     return True
                 self._suspect = new
             self._fail(err)
@@ -289,14 +288,13 @@ class MeterBase:
         self._energy_vs_power(prev, new)
         return True
 
-    def _follows(self, prev, new):
+    def _restart(self, baseline, new):
+        """A restart if `new` follows the refused `baseline` (passes the guard against it): then
+        a new epoch from `baseline` on, and True."""
         try:
-            check_plausible(prev, new, name=self.name)
+            check_plausible(baseline, new, name=self.name)
         except MeterError:
             return False
-        return True
-
-    def _restart(self, baseline, new):
         self.epoch += 1
         baseline.epoch = new.epoch = self.epoch
         baseline.checked = new.checked = True  # two readings that follow each other
@@ -306,6 +304,7 @@ class MeterBase:
                                   new.energy_wh, self.epoch)))
         self.reading = baseline
         self._pending = new
+        return True
 
 
 def wire_ms(nbytes, baud):
