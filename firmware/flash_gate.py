@@ -54,10 +54,6 @@ class FlashGate:
         (it keeps itself cheap)."""
         self._open_steps.append(fn)
 
-    @property
-    def due(self):
-        return len(self._due)
-
     def poll(self, now_ms):
         """Once per loop iteration (the records step, first). With the contactor open: the oldest
         deferred write, one an iteration, none in the first iteration after a close (the writers'
