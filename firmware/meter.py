@@ -334,8 +334,6 @@ class Rs485Meter(MeterBase):
 
     def __init__(self, uart, de, baud, timeout_ms, poll_interval_ms, rx_size):
         super().__init__()
-        if uart is None:
-            raise ValueError("%s: needs a uart" % self.name)
         self._uart = uart
         self._de = de  # None: transceiver switches direction by itself
         self._baud = baud

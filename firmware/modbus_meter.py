@@ -175,12 +175,9 @@ class ModbusMeter(Rs485Meter):
 
     def __init__(self, uart, de=None, model="ddsu666", address=1, baud=None, timeout_ms=200,
                  poll_interval_ms=1000):
-        if model not in MODELS:
-            raise ValueError("modbus: unknown model %r" % (model,))
-        # timeout_ms: how long the meter may take to start answering; 200 ms is our choice
-        # (meters answer within tens of ms, sims after 30 ms), not from a datasheet.
-        if not 1 <= address <= 247:  # Modbus unicast addresses
-            raise ValueError("modbus: address %d not in 1..247" % address)
+        # model and address: checked by wiring.make_meter. timeout_ms: how long the meter may
+        # take to start answering; 200 ms is our choice (meters answer within tens of ms, sims
+        # after 30 ms), not from a datasheet.
         self.name = model
         if baud is None:
             baud = DEFAULT_BAUD[model]
