@@ -53,9 +53,6 @@ MODELS = {
                (0x0048, (_E_KWH,))),
 }
 
-# Factory defaults seen (facts section 5): SDM120 2400 baud, SDM630 and DDSU666 9600.
-DEFAULT_BAUD = {"ddsu666": 9600, "sdm120": 2400, "sdm630": 9600}
-
 
 def crc16(buf, n):
     """CRC-16/MODBUS of buf[0:n]: reflected poly 0xA001, init 0xFFFF."""
@@ -173,14 +170,11 @@ def kwh_to_wh(buf, at):
 class ModbusMeter(Rs485Meter):
     """DDSU666 / SDM120 / SDM630 on Modbus RTU, polled by poll(now_ms)."""
 
-    def __init__(self, uart, de=None, model="ddsu666", address=1, baud=None, timeout_ms=200,
-                 poll_interval_ms=1000):
+    def __init__(self, uart, de, model, baud, address=1, timeout_ms=200, poll_interval_ms=1000):
         # model and address: checked by wiring.make_meter. timeout_ms: how long the meter may
         # take to start answering; 200 ms is our choice (meters answer within tens of ms, sims
         # after 30 ms), not from a datasheet.
         self.name = model
-        if baud is None:
-            baud = DEFAULT_BAUD[model]
         super().__init__(uart, de, baud, timeout_ms, poll_interval_ms, _RX_SIZE)
         self.address = address
         self._blocks = MODELS[model]

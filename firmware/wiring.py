@@ -202,6 +202,9 @@ def make_meter(kind, uart=None, de=None, pulse_pin=None, **options):
     if kind == "dlt645":
         import dlt645
         return dlt645.Dlt645Meter(uart, de, **options)
+    if "baud" not in options:  # the meter's factory default, as config.py sets it for a pile
+        import config
+        options["baud"] = config.METER_DEFAULT_BAUD[kind]
     if not 1 <= options.get("address", 1) <= 247:  # Modbus unicast addresses
         raise ValueError("modbus: address %d not in 1..247" % options["address"])
     import modbus_meter
