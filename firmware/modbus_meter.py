@@ -71,7 +71,7 @@ def crc16(buf, n):
     return crc
 
 
-def build_request(buf, address, register, count, function=_FN_READ_INPUT):
+def build_request(buf, address, register, count, function):
     """Write a read request into buf[0:8]; returns 8."""
     buf[0] = address
     buf[1] = function
@@ -85,7 +85,7 @@ def build_request(buf, address, register, count, function=_FN_READ_INPUT):
     return 8
 
 
-def reply_length(buf, n, registers, function=_FN_READ_INPUT):
+def reply_length(buf, n, registers, function):
     """Total length of the reply in buf[0:n], 0 if not known yet. Raises MeterError."""
     if n < 2:
         return 0
@@ -103,7 +103,7 @@ def reply_length(buf, n, registers, function=_FN_READ_INPUT):
     return 5 + buf[2]
 
 
-def check_reply(buf, n, address, registers, function=_FN_READ_INPUT):
+def check_reply(buf, n, address, registers, function):
     """Raise MeterError unless buf[0:n] is a good reply from `address` with `registers` regs."""
     if n < 5:
         raise MeterError("partial", "modbus: reply of %d bytes is too short" % n)

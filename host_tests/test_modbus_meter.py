@@ -14,6 +14,7 @@ from pilehost.meter_rig import Bus, Clock, ScriptedSim, World, run
 pytestmark = pytest.mark.usefixtures("no_sleeping")  # conftest.py
 
 MODELS = ("ddsu666", "sdm120", "sdm630")
+READ_INPUT = 0x04  # the function the drivers ask with first
 
 
 def h(text):
@@ -36,7 +37,7 @@ def ref_crc(data):
 
 def parse_reply(buf, n, address, count):
     """What ModbusMeter._take does with a reply of `count` floats: check it, then each float."""
-    modbus_meter.check_reply(buf, n, address, 2 * count)
+    modbus_meter.check_reply(buf, n, address, 2 * count, READ_INPUT)
     return tuple(modbus_meter.float_at(buf, i) for i in range(count))
 
 
@@ -74,7 +75,7 @@ def test_crc_vectors(frame, crc):
 ])
 def test_build_request(address, register, count, frame):
     buf = bytearray(8)
-    assert modbus_meter.build_request(buf, address, register, count) == 8
+    assert modbus_meter.build_request(buf, address, register, count, READ_INPUT) == 8
     assert bytes(buf) == h(frame)
 
 
@@ -107,14 +108,14 @@ def test_parse_reply_rejects(frame, kind, text):
 
 
 def test_reply_length():
-    assert modbus_meter.reply_length(h("01"), 1, 2) == 0
-    assert modbus_meter.reply_length(h("01 84"), 2, 2) == 5
-    assert modbus_meter.reply_length(h("01 04"), 2, 2) == 0
-    assert modbus_meter.reply_length(h("01 04 04"), 3, 2) == 9
+    assert modbus_meter.reply_length(h("01"), 1, 2, READ_INPUT) == 0
+    assert modbus_meter.reply_length(h("01 84"), 2, 2, READ_INPUT) == 5
+    assert modbus_meter.reply_length(h("01 04"), 2, 2, READ_INPUT) == 0
+    assert modbus_meter.reply_length(h("01 04 04"), 3, 2, READ_INPUT) == 9
     with pytest.raises(MeterError):
-        modbus_meter.reply_length(h("01 04 06"), 3, 2)
+        modbus_meter.reply_length(h("01 04 06"), 3, 2, READ_INPUT)
     with pytest.raises(MeterError):
-        modbus_meter.reply_length(h("01 10"), 2, 2)
+        modbus_meter.reply_length(h("01 10"), 2, 2, READ_INPUT)
 
 
 # ----------------------------------------------------------------------------- fuzz
@@ -151,7 +152,7 @@ def test_fuzz_any_corrupted_byte_is_caught(values, data):
 @given(st.binary(min_size=0, max_size=12))
 def test_fuzz_reply_length_raises_only_meter_error(frame):
     try:
-        n = modbus_meter.reply_length(frame, len(frame), 2)
+        n = modbus_meter.reply_length(frame, len(frame), 2, READ_INPUT)
     except MeterError:
         return
     assert n in (0, 5, 9)
