@@ -118,13 +118,8 @@ def check_values(new, name="meter"):
         # register restarted from 0. Refused, it is never a restart's baseline (over-billing:
         # the true register would be billed from 0 after it).
         raise MeterError("implausible", "%s: energy 0 Wh at 0 V: registers not loaded" % name)
-    p = new.power_w
-    if p is not None:
-        if p != p:  # NaN
-            raise MeterError("garbage", "%s: power is not a number" % name)
-        limit = _MAX_POWER_W + _MAX_POWER_W // _POWER_MARGIN_DIV
-        if p > limit or p < -limit:  # never int(p) here: int(inf) raises OverflowError
-            raise MeterError("implausible", "%s: power %s W beyond +-%d W" % (name, p, limit))
+    limit = _MAX_POWER_W + _MAX_POWER_W // _POWER_MARGIN_DIV
+    _check_range(new.power_w, -limit, limit, "power", name)
     _check_range(new.voltage_v, 0, _MAX_V, "voltage", name)
     _check_range(new.current_a, -_MAX_A, _MAX_A, "current", name)
 
@@ -132,9 +127,9 @@ def check_values(new, name="meter"):
 def _check_range(x, low, high, what, name):
     if x is None:
         return
-    if x != x:
+    if x != x:  # NaN
         raise MeterError("garbage", "%s: %s is not a number" % (name, what))
-    if x < low or x > high:
+    if x < low or x > high:  # never int(x) here: int(inf) raises OverflowError
         raise MeterError("implausible", "%s: %s %s out of %d..%d" % (name, what, x, low, high))
 
 
