@@ -173,9 +173,7 @@ class MeterBase:
     def __init__(self):
         self.reading = None
         self.last_error = None
-        self.errors = {}
-        for kind in KINDS:
-            self.errors[kind] = 0
+        self.errors = dict.fromkeys(KINDS, 0)
         self.epoch = 0  # restarts of the meter's register seen (Reading.epoch)
         self._suspect = None  # the last refused backwards/jump reading: a restart if confirmed
         self._pending = None  # the reading that confirmed a restart, published at the next poll
@@ -382,9 +380,7 @@ class Rs485Meter(MeterBase):
             self._cycle_at = now_ms
             self._step = 0
             self._e = self._v = self._i = self._p = None
-        self._send(now_ms)
-
-    def _send(self, now_ms):
+        # Send the cycle's next request.
         frame = self._request()  # type: ignore[attr-defined]  # the protocol subclass's (class doc)
         if self._asks_energy:
             self._e_at = now_ms
