@@ -14,10 +14,10 @@ import durable
 
 
 class FlashGate:
-    """`contactor`: anything with a `closed` attribute (relay.Contactor); None: never held.
+    """`contactor`: anything with a `closed` attribute (relay.Contactor).
     `report`: the console callback, for a deferred write that failed."""
 
-    def __init__(self, contactor=None, report=None):
+    def __init__(self, contactor, report=None):
         self._contactor = contactor
         self._report = report
         self._due = []  # callables(now_ms) -> None or an error text, oldest first
@@ -36,8 +36,7 @@ class FlashGate:
 
     @property
     def held(self):
-        c = self._contactor
-        return c is not None and c.closed
+        return self._contactor.closed
 
     def defer(self, flush):
         """Run `flush(now_ms)` at a poll() with the contactor open, in the order deferred. A writer
