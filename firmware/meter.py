@@ -266,7 +266,7 @@ class MeterBase:
         self._suspect = None
         try:
             check_values(new, self.name)
-            check_plausible(self.reading, new, name=self.name)
+            check_plausible(self.reading, new, _MAX_POWER_W, _JUMP_SLACK_WH, self.name)
         except MeterError as err:
             if err.kind == "backwards" or err.kind == "jump":
                 if suspect is not None and self._restart(suspect, new):
@@ -285,7 +285,7 @@ class MeterBase:
         """A restart if `new` follows the refused `baseline` (passes the guard against it): then
         a new epoch from `baseline` on, and True."""
         try:
-            check_plausible(baseline, new, name=self.name)
+            check_plausible(baseline, new, _MAX_POWER_W, _JUMP_SLACK_WH, self.name)
         except MeterError:
             return False
         self.epoch += 1
