@@ -33,7 +33,6 @@ _head = 0  # bytes of _queue[0] already written
 _fifo = 0  # bytes the UART's FIFO may still hold (an upper bound), as of _fifo_ms
 _fifo_ms = time.ticks_ms()  # a stamp for _fifo (0 until a write)
 lines_dropped = 0  # lines the full queue refused while closed, said when it opens
-closed_bytes = 0  # bytes written while the contactor was closed (the bench reads it)
 
 
 def _held():
@@ -87,7 +86,7 @@ def step(now_ms):
 def drain(now_ms=None):
     """Write what is queued: all of it (now_ms None: the contactor open), or what fits in the
     UART's FIFO without blocking at now_ms (closed). Once per loop iteration."""
-    global _queued, _head, lines_dropped, closed_bytes, _fifo, _fifo_ms
+    global _queued, _head, lines_dropped, _fifo, _fifo_ms
     if lines_dropped and now_ms is None:
         note = "console: %d line(s) dropped while the contactor was closed\n" % lines_dropped
         lines_dropped = 0
@@ -109,7 +108,6 @@ def drain(now_ms=None):
             if len(line) > _UART_FIFO and budget > 0:
                 sys.stdout.write(line[_head:_head + budget])
                 _head += budget
-                closed_bytes += budget
                 _fifo += budget
             return
         sys.stdout.write(line[_head:] if _head else line)
@@ -118,19 +116,11 @@ def drain(now_ms=None):
         _head = 0
         if budget is not None:
             budget -= rest
-            closed_bytes += rest
             _fifo += rest
-
-
-class _Console:
-    """The control loop's time of the line being written (report's now_ms)."""
-
-    now_ms = 0
 
 
 def _line(now_ms, what, text):
     """One line, stamped with the loop's time (seconds since boot); text is never a format."""
-    _Console.now_ms = now_ms
     t = time.ticks_diff(now_ms, boot_ms)
     _write("[%4d.%03d] %s: %s\n" % (t // 1000, t % 1000, what, text))
 

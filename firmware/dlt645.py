@@ -5,8 +5,7 @@ data bytes +0x33 on the wire; CS = sum from the first 68 to the last data byte, 
 """
 from micropython import const
 
-from meter import MeterError, Rs485Meter, DEFAULT_BITS_PER_CHAR, \
-    DEFAULT_MAX_POWER_W, DEFAULT_JUMP_SLACK_WH
+from meter import MeterError, Rs485Meter
 
 _WAKE = const(0xFE)
 _START = const(0x68)
@@ -182,12 +181,10 @@ class Dlt645Meter(Rs485Meter):
     _DIS = (DI_VOLTAGE_A, DI_CURRENT_A, DI_POWER, DI_ENERGY)
 
     def __init__(self, uart, de=None, address=None, baud=2400, timeout_ms=500,
-                 poll_interval_ms=1000, wake=4, bits_per_char=DEFAULT_BITS_PER_CHAR,
-                 max_power_w=DEFAULT_MAX_POWER_W, jump_slack_wh=DEFAULT_JUMP_SLACK_WH):
+                 poll_interval_ms=1000, wake=4):
         # 2400 baud 8E1 is the common setting (facts section 5). timeout_ms: DL/T 645-2007
         # lets the meter take up to 500 ms to answer (UNCONFIRMED, not in the facts file).
-        super().__init__(uart, de, baud, timeout_ms, poll_interval_ms, _RX_SIZE,
-                         bits_per_char, max_power_w, jump_slack_wh)
+        super().__init__(uart, de, baud, timeout_ms, poll_interval_ms, _RX_SIZE)
         if not 0 <= wake <= 4:
             raise ValueError("dlt645: wake must be 0..4 FE bytes")
         self.address = None if address is None else address_bytes(address)

@@ -14,16 +14,15 @@ import durable
 
 
 class FlashGate:
-    """`contactor`: anything with a `closed` attribute (relay.Contactor); None: never held.
+    """`contactor`: anything with a `closed` attribute (relay.Contactor).
     `report`: the console callback, for a deferred write that failed."""
 
-    def __init__(self, contactor=None, report=None):
+    def __init__(self, contactor, report=None):
         self._contactor = contactor
         self._report = report
         self._due = []  # callables(now_ms) -> None or an error text, oldest first
         self._open_steps = []  # the same, called at every poll with the contactor open
         self._was_held = False  # the last poll saw the contactor closed
-        self.deferred = 0  # writes deferred since boot (for the bench and the tests)
         # A write ran in this iteration (`spent`: poll() clears it; spend(), a deferred write, or
         # any commit through durable.py since the poll sets it): the settings wait for the next
         # one and a received command is held over (mqtt_link), so that a worst-case part's
@@ -37,15 +36,13 @@ class FlashGate:
 
     @property
     def held(self):
-        c = self._contactor
-        return c is not None and c.closed
+        return self._contactor.closed
 
     def defer(self, flush):
         """Run `flush(now_ms)` at a poll() with the contactor open, in the order deferred. A writer
         defers once until its flush has run (its own flag: MicroPython's bound methods do not
         compare)."""
         self._due.append(flush)
-        self.deferred += 1
 
     def spend(self):
         """A writer is writing now (the command counter): later ones wait for the next iteration."""
@@ -55,10 +52,6 @@ class FlashGate:
         """Call `fn(now_ms)` at every poll() with the contactor open and nothing deferred left
         (it keeps itself cheap)."""
         self._open_steps.append(fn)
-
-    @property
-    def due(self):
-        return len(self._due)
 
     def poll(self, now_ms):
         """Once per loop iteration (the records step, first). With the contactor open: the oldest

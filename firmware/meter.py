@@ -17,21 +17,21 @@ KINDS = (
     "backwards",        # energy register lower than the last good reading
     "jump",             # energy register further ahead than max power x elapsed time allows
     "reboot",           # register restarted: a jump or drop confirmed by the next reading
-    "implausible",      # a finite value no pile can show (power above max_power_w, 2 kV...)
+    "implausible",      # a finite value no pile can show (power above _MAX_POWER_W, 2 kV...)
     "glitch",           # S0: pulse shorter than the debounce time
     "stuck",            # S0: output stuck at the active level
 )
 
 # Upper bound for a pile's power: GB/T 20234.2 mode 3 up to 440 V / 63 A three-phase
 # (facts section 2) = 3 x 254 V x 63 A = 48 kW.
-DEFAULT_MAX_POWER_W = const(50000)
+_MAX_POWER_W = const(50000)
 # Register resolution plus rounding: DL/T 645 counts 0.01 kWh = 10 Wh (facts section 5),
 # a float32 kWh register steps by up to 16 Wh below 131 MWh.
-DEFAULT_JUMP_SLACK_WH = const(20)
+_JUMP_SLACK_WH = const(20)
 
-# Power above max_power_w by more than this fraction is not a pile's: IEC 60038 lets the mains
+# Power above _MAX_POWER_W by more than this fraction is not a pile's: IEC 60038 lets the mains
 # run 10 % high (power rises with it at a constant current), plus a class 2 meter's 2 %.
-_POWER_MARGIN_DIV = const(8)  # max_power_w / 8 = 12.5 %
+_POWER_MARGIN_DIV = const(8)  # _MAX_POWER_W / 8 = 12.5 %
 # Voltage and current: the meter.v1 schema's maximum (docs/schemas); mains is <= 440 V and a
 # mode 3 pile <= 63 A (facts section 2), so anything above is not a measurement.
 _MAX_V = const(1000)
@@ -67,7 +67,7 @@ _EP_BAD_WINDOWS = const(2)
 # Bits per character for the wire-time estimates: 1 start + 8 data + parity + 1 stop
 # (8E1, DL/T 645) = 11; Modbus RTU also counts 11 (8N2 or 8E1). Too long for 8N1 is safe:
 # DE is lowered a little late, and the slave waits >= 3.5 characters before replying.
-DEFAULT_BITS_PER_CHAR = const(11)
+_BITS_PER_CHAR = const(11)
 # After the computed frame time: 1 ms rounding of ticks_ms + 1 ms for the driver to start
 # shifting out the first byte after write() returned.
 _DE_MARGIN_MS = const(2)
@@ -101,7 +101,7 @@ class Reading:
             self.energy_wh, self.power_w, self.voltage_v, self.current_a, self.taken_ms)
 
 
-def check_values(new, max_power_w=DEFAULT_MAX_POWER_W, name="meter"):
+def check_values(new, name="meter"):
     """Raise MeterError unless every value of `new` is a number a pile's meter can show.
 
     NaN, or energy out of the register's range, is garbage (parsers already refuse a NaN or
@@ -118,13 +118,8 @@ def check_values(new, max_power_w=DEFAULT_MAX_POWER_W, name="meter"):
         # register restarted from 0. Refused, it is never a restart's baseline (over-billing:
         # the true register would be billed from 0 after it).
         raise MeterError("implausible", "%s: energy 0 Wh at 0 V: registers not loaded" % name)
-    p = new.power_w
-    if p is not None:
-        if p != p:  # NaN
-            raise MeterError("garbage", "%s: power is not a number" % name)
-        limit = max_power_w + max_power_w // _POWER_MARGIN_DIV
-        if p > limit or p < -limit:  # never int(p) here: int(inf) raises OverflowError
-            raise MeterError("implausible", "%s: power %s W beyond +-%d W" % (name, p, limit))
+    limit = _MAX_POWER_W + _MAX_POWER_W // _POWER_MARGIN_DIV
+    _check_range(new.power_w, -limit, limit, "power", name)
     _check_range(new.voltage_v, 0, _MAX_V, "voltage", name)
     _check_range(new.current_a, -_MAX_A, _MAX_A, "current", name)
 
@@ -132,20 +127,18 @@ def check_values(new, max_power_w=DEFAULT_MAX_POWER_W, name="meter"):
 def _check_range(x, low, high, what, name):
     if x is None:
         return
-    if x != x:
+    if x != x:  # NaN
         raise MeterError("garbage", "%s: %s is not a number" % (name, what))
-    if x < low or x > high:
+    if x < low or x > high:  # never int(x) here: int(inf) raises OverflowError
         raise MeterError("implausible", "%s: %s %s out of %d..%d" % (name, what, x, low, high))
 
 
-def check_plausible(prev, new, max_power_w=DEFAULT_MAX_POWER_W,
-                    slack_wh=DEFAULT_JUMP_SLACK_WH, name="meter"):
-    """Raise MeterError if `new` cannot follow `prev` (the last good Reading, or None).
+def check_plausible(prev, new, max_power_w=_MAX_POWER_W, slack_wh=_JUMP_SLACK_WH, name="meter"):
+    """Raise MeterError if `new` (passed check_values) cannot follow `prev` (the last good
+    Reading, or None).
 
     A lower value is "backwards" (0 too): whether it was a restart, the next reading tells
     (MeterBase._publish)."""
-    if new.energy_wh < 0:
-        raise MeterError("garbage", "%s: negative energy %d Wh" % (name, new.energy_wh))
     if prev is None:
         return
     if new.energy_wh < prev.energy_wh:
@@ -169,18 +162,18 @@ class MeterBase:
     register really restarted (or came back from a restart): counted as "reboot", `epoch`
     goes up, the suspect is published as the new epoch's baseline and the confirming reading
     at the next poll. Energy is only ever a difference within one epoch.
+
+    Each driver names its meter for a session record (docs/telemetry.md, session/ended `meter`)
+    with identity(): "<protocol>[:<model>@<address> | :<meter number>]", short: the record must
+    stay within the outbox's payload limit (journal.DEFAULT_MAX_PAYLOAD).
     """
 
     name = "meter"
 
-    def __init__(self, max_power_w=DEFAULT_MAX_POWER_W, jump_slack_wh=DEFAULT_JUMP_SLACK_WH):
+    def __init__(self):
         self.reading = None
         self.last_error = None
-        self.errors = {}
-        for kind in KINDS:
-            self.errors[kind] = 0
-        self._max_power_w = max_power_w
-        self._slack_wh = jump_slack_wh
+        self.errors = dict.fromkeys(KINDS, 0)
         self.epoch = 0  # restarts of the meter's register seen (Reading.epoch)
         self._suspect = None  # the last refused backwards/jump reading: a restart if confirmed
         self._pending = None  # the reading that confirmed a restart, published at the next poll
@@ -189,12 +182,6 @@ class MeterBase:
 
     # Power is measured on its own (False: S0, whose power is derived from the pulses).
     checks_power = True
-
-    def identity(self):
-        """What names the meter in a session record (docs/telemetry.md, session/ended `meter`):
-        "<protocol>[:<model>@<address> | :<meter number>]", short: the record must stay within
-        the outbox's payload limit (journal.DEFAULT_MAX_PAYLOAD)."""
-        return self.name
 
     def _ep_reset(self):
         self._ep_wh = 0  # register delta over the window
@@ -224,7 +211,7 @@ class MeterBase:
             if self._ep_ms > _EP_MAX_MS:
                 self._ep_reset()
             return
-        tolerance = 2 * self._slack_wh + big * _EP_PCT / 100 + self._ep_ramp_wms / 3600000
+        tolerance = 2 * _JUMP_SLACK_WH + big * _EP_PCT / 100 + self._ep_ramp_wms / 3600000
         wh = self._ep_wh
         off = wh - integral_wh
         seconds = self._ep_ms // 1000
@@ -278,12 +265,11 @@ class MeterBase:
         suspect = self._suspect
         self._suspect = None
         try:
-            check_values(new, self._max_power_w, self.name)
-            check_plausible(self.reading, new, self._max_power_w, self._slack_wh, self.name)
+            check_values(new, self.name)
+            check_plausible(self.reading, new, _MAX_POWER_W, _JUMP_SLACK_WH, self.name)
         except MeterError as err:
             if err.kind == "backwards" or err.kind == "jump":
-                if suspect is not None and self._follows(suspect, new):
-                    self._restart(suspect, new)
+                if suspect is not None and self._restart(suspect, new):
                     return True
                 self._suspect = new
             self._fail(err)
@@ -295,14 +281,13 @@ class MeterBase:
         self._energy_vs_power(prev, new)
         return True
 
-    def _follows(self, prev, new):
+    def _restart(self, baseline, new):
+        """A restart if `new` follows the refused `baseline` (passes the guard against it): then
+        a new epoch from `baseline` on, and True."""
         try:
-            check_plausible(prev, new, self._max_power_w, self._slack_wh, self.name)
+            check_plausible(baseline, new, _MAX_POWER_W, _JUMP_SLACK_WH, self.name)
         except MeterError:
             return False
-        return True
-
-    def _restart(self, baseline, new):
         self.epoch += 1
         baseline.epoch = new.epoch = self.epoch
         baseline.checked = new.checked = True  # two readings that follow each other
@@ -312,11 +297,12 @@ class MeterBase:
                                   new.energy_wh, self.epoch)))
         self.reading = baseline
         self._pending = new
+        return True
 
 
-def wire_ms(nbytes, baud, bits_per_char=DEFAULT_BITS_PER_CHAR):
+def wire_ms(nbytes, baud):
     """Time for nbytes to leave the wire, rounded up to whole ms."""
-    return (nbytes * bits_per_char * 1000 + baud - 1) // baud
+    return (nbytes * _BITS_PER_CHAR * 1000 + baud - 1) // baud
 
 
 # Rs485Meter states
@@ -339,21 +325,16 @@ class Rs485Meter(MeterBase):
     earlier, so a reading stamped after the contactor opened holds no energy from before.
     """
 
-    def __init__(self, uart, de, baud, timeout_ms, poll_interval_ms, rx_size,
-                 bits_per_char=DEFAULT_BITS_PER_CHAR, max_power_w=DEFAULT_MAX_POWER_W,
-                 jump_slack_wh=DEFAULT_JUMP_SLACK_WH):
-        super().__init__(max_power_w, jump_slack_wh)
-        if uart is None:
-            raise ValueError("%s: needs a uart" % self.name)
+    def __init__(self, uart, de, baud, timeout_ms, poll_interval_ms, rx_size):
+        super().__init__()
         self._uart = uart
         self._de = de  # None: transceiver switches direction by itself
         self._baud = baud
-        self._bits = bits_per_char
         self._timeout_ms = timeout_ms
         self._interval_ms = poll_interval_ms
         # Modbus RTU: frames separated by >= 3.5 character times (facts section 5); also kept on
         # DL/T 645 so a late reply to an abandoned request never merges with the next one.
-        self._gap_ms = (35 * bits_per_char * 1000 + 10 * baud - 1) // (10 * baud)
+        self._gap_ms = (35 * _BITS_PER_CHAR * 1000 + 10 * baud - 1) // (10 * baud)
         self._rx = bytearray(rx_size)
         self._chunk = bytearray(rx_size)
         self._n = 0
@@ -369,16 +350,6 @@ class Rs485Meter(MeterBase):
         if de is not None:
             de.value(0)
 
-    # The protocol's part (see the class doc).
-    def _request(self):
-        raise NotImplementedError
-
-    def _frame_len(self, buf, n):
-        raise NotImplementedError
-
-    def _take(self, buf, n):
-        raise NotImplementedError
-
     def poll(self, now_ms):
         """One small non-blocking step. Call every control tick."""
         self._expire(now_ms)
@@ -392,7 +363,7 @@ class Rs485Meter(MeterBase):
                 self._state = _RX
                 # The reply gets timeout_ms to start plus its own time on the wire.
                 self._t_end = time.ticks_add(  # type: ignore[type-var]  # stub: ticks_ms() results only
-                    self._t_end, self._timeout_ms + wire_ms(self._reply_max, self._baud, self._bits))
+                    self._t_end, self._timeout_ms + wire_ms(self._reply_max, self._baud))
             return
         if state == _RX:
             self._receive(now_ms)
@@ -409,10 +380,8 @@ class Rs485Meter(MeterBase):
             self._cycle_at = now_ms
             self._step = 0
             self._e = self._v = self._i = self._p = None
-        self._send(now_ms)
-
-    def _send(self, now_ms):
-        frame = self._request()
+        # Send the cycle's next request.
+        frame = self._request()  # type: ignore[attr-defined]  # the protocol subclass's (class doc)
         if self._asks_energy:
             self._e_at = now_ms
         if self._de is not None:
@@ -420,7 +389,7 @@ class Rs485Meter(MeterBase):
         self._uart.write(frame)
         # No uart.flush(): it blocks until the last bit left (facts section 5). Lower DE later.
         self._t_end = time.ticks_add(
-            now_ms, wire_ms(len(frame), self._baud, self._bits) + _DE_MARGIN_MS)
+            now_ms, wire_ms(len(frame), self._baud) + _DE_MARGIN_MS)
         self._state = _TX
 
     def _drain(self, now_ms):
@@ -455,9 +424,9 @@ class Rs485Meter(MeterBase):
                 i += 1
             self._n = pos + got
             try:
-                total = self._frame_len(rx, self._n)
+                total = self._frame_len(rx, self._n)  # type: ignore[attr-defined]  # as _request
                 if total and self._n >= total:
-                    if self._take(rx, total):
+                    if self._take(rx, total):  # type: ignore[attr-defined]
                         self._state = _IDLE
                         self._publish(Reading(self._e, self._p, self._v, self._i, self._e_at))
                     else:

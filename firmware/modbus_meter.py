@@ -7,8 +7,7 @@ The UART (baud, parity) is built by the wiring code; `baud` here only times the 
 from micropython import const
 import struct
 
-from meter import MeterError, Rs485Meter, DEFAULT_BITS_PER_CHAR, \
-    DEFAULT_MAX_POWER_W, DEFAULT_JUMP_SLACK_WH, MAX_WH
+from meter import MeterError, Rs485Meter, MAX_WH
 
 _FN_READ_INPUT = const(0x04)
 _FN_READ_HOLDING = const(0x03)  # DDSU666: some answer only this one on the same map
@@ -54,9 +53,6 @@ MODELS = {
                (0x0048, (_E_KWH,))),
 }
 
-# Factory defaults seen (facts section 5): SDM120 2400 baud, SDM630 and DDSU666 9600.
-DEFAULT_BAUD = {"ddsu666": 9600, "sdm120": 2400, "sdm630": 9600}
-
 
 def crc16(buf, n):
     """CRC-16/MODBUS of buf[0:n]: reflected poly 0xA001, init 0xFFFF."""
@@ -75,7 +71,7 @@ def crc16(buf, n):
     return crc
 
 
-def build_request(buf, address, register, count, function=_FN_READ_INPUT):
+def build_request(buf, address, register, count, function):
     """Write a read request into buf[0:8]; returns 8."""
     buf[0] = address
     buf[1] = function
@@ -89,7 +85,7 @@ def build_request(buf, address, register, count, function=_FN_READ_INPUT):
     return 8
 
 
-def reply_length(buf, n, registers, function=_FN_READ_INPUT):
+def reply_length(buf, n, registers, function):
     """Total length of the reply in buf[0:n], 0 if not known yet. Raises MeterError."""
     if n < 2:
         return 0
@@ -107,7 +103,7 @@ def reply_length(buf, n, registers, function=_FN_READ_INPUT):
     return 5 + buf[2]
 
 
-def check_reply(buf, n, address, registers, function=_FN_READ_INPUT):
+def check_reply(buf, n, address, registers, function):
     """Raise MeterError unless buf[0:n] is a good reply from `address` with `registers` regs."""
     if n < 5:
         raise MeterError("partial", "modbus: reply of %d bytes is too short" % n)
@@ -171,32 +167,15 @@ def kwh_to_wh(buf, at):
     return wh
 
 
-def parse_reply(buf, n, address, count):
-    """Check buf[0:n] and return its `count` floats as a tuple. Raises MeterError only."""
-    check_reply(buf, n, address, 2 * count)
-    values = []
-    for i in range(count):
-        values.append(float_at(buf, i))
-    return tuple(values)
-
-
 class ModbusMeter(Rs485Meter):
     """DDSU666 / SDM120 / SDM630 on Modbus RTU, polled by poll(now_ms)."""
 
-    def __init__(self, uart, de=None, model="ddsu666", address=1, baud=None, timeout_ms=200,
-                 poll_interval_ms=1000, bits_per_char=DEFAULT_BITS_PER_CHAR,
-                 max_power_w=DEFAULT_MAX_POWER_W, jump_slack_wh=DEFAULT_JUMP_SLACK_WH):
-        if model not in MODELS:
-            raise ValueError("modbus: unknown model %r" % (model,))
-        # timeout_ms: how long the meter may take to start answering; 200 ms is our choice
-        # (meters answer within tens of ms, sims after 30 ms), not from a datasheet.
-        if not 1 <= address <= 247:  # Modbus unicast addresses
-            raise ValueError("modbus: address %d not in 1..247" % address)
+    def __init__(self, uart, de, model, baud, address=1, timeout_ms=200, poll_interval_ms=1000):
+        # model and address: checked by wiring.make_meter. timeout_ms: how long the meter may
+        # take to start answering; 200 ms is our choice (meters answer within tens of ms, sims
+        # after 30 ms), not from a datasheet.
         self.name = model
-        if baud is None:
-            baud = DEFAULT_BAUD[model]
-        super().__init__(uart, de, baud, timeout_ms, poll_interval_ms, _RX_SIZE,
-                         bits_per_char, max_power_w, jump_slack_wh)
+        super().__init__(uart, de, baud, timeout_ms, poll_interval_ms, _RX_SIZE)
         self.address = address
         self._blocks = MODELS[model]
         self._tx = bytearray(8)

@@ -9,7 +9,7 @@ that could restart, so its readings are always epoch 0. docs/meters.md has the r
 from micropython import const
 import time
 
-from meter import MeterBase, MeterError, Reading, DEFAULT_MAX_POWER_W, DEFAULT_JUMP_SLACK_WH
+from meter import MeterBase, MeterError, Reading
 
 # A pulse is >= 30 ms (IEC 62053-31, facts section 5). From edge times: 30 ms less 2 ms of
 # ticks_ms rounding at the two edges, less 3 ms margin for the interrupt's latency.
@@ -47,9 +47,8 @@ class S0Meter(MeterBase):
 
     def __init__(self, pin, imp_per_kwh=1000, active_low=True, debounce_ms=None,
                  rearm_ms=_REARM_MS, stuck_ms=_STUCK_MS, poll_interval_ms=1000, start_wh=0,
-                 max_power_w=DEFAULT_MAX_POWER_W, jump_slack_wh=DEFAULT_JUMP_SLACK_WH,
                  use_irq=None):
-        super().__init__(max_power_w, jump_slack_wh)
+        super().__init__()
         if imp_per_kwh <= 0:
             raise ValueError("s0: imp_per_kwh must be > 0")
         if use_irq is None:

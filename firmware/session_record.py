@@ -26,7 +26,7 @@ _METER_FAILURE_FINAL_WAIT_MS = const(3000)
 # lost replies at the default poll (1 s, DL/T 645 2 s). An older one may predate a meter restart.
 _START_READING_MAX_AGE_MS = const(5000)
 # A meter's register after a restart at most this far above 0 (the power of meter.py's guard,
-# DEFAULT_MAX_POWER_W, over the time since the last reading, plus its slack): it restarted from 0
+# _MAX_POWER_W, over the time since the last reading, plus its slack): it restarted from 0
 # and counted all of it in the session.
 _RESTART_MAX_POWER_W = const(50000)
 _RESTART_SLACK_WH = const(20)
@@ -250,21 +250,18 @@ class Records:
                 guard(time.ticks_ms())
             log.poll(now_ms, record, None if meter is None else meter.reading)
             if log.failed is not None:
-                self._records_failed(now_ms)
+                # The flash took no record or snapshot: no session may deliver energy it could
+                # not bill. Stopped the normal way (the contactor opens as after a remote stop);
+                # the pile stays up and retries the writes.
+                s = self.charger.session
+                if s is not None and s.authorized and self.charger.stop_session(now_ms, "internal_error"):
+                    self._emit(now_ms, "storage", "session stopped: " + log.failed)
         # `closed` as this step saw it, not the contactor now: the guard above may have opened it
         # (C->B in the slice), and this step has not noted that opening (_has_opened): its held
         # reading, taken before the open, would close the record as final. The next step does.
         if record is not None and record.stop_reason is not None and record.ended_ms is None \
                 and not closed:
             self._close(now_ms, record)
-
-    def _records_failed(self, now_ms):
-        """The flash took no record or snapshot (session_log.failed): no session may deliver
-        energy it could not bill. Stopped the normal way (the contactor opens as after a remote
-        stop); the pile stays up and retries the writes; the reason is in the log."""
-        s = self.charger.session
-        if s is not None and s.authorized and self.charger.stop_session(now_ms, "internal_error"):
-            self._emit(now_ms, "storage", "session stopped: " + self.log.failed)
 
     def _current_reading(self, record, reading, now_ms):
         """May `reading` be the session's meter start? Taken after the plug-in, or at most

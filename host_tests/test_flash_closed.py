@@ -319,7 +319,7 @@ class ClosedFlashMachine(RuleBasedStateMachine):
                 assert name in ("remote_stop", "request_status"), a
                 self.unsaved.add(self.counter)
         p.vb.run_for(ms)
-        if not p.closed and p.vb.ctl.records.gate.due == 0:
+        if not p.closed and len(p.vb.ctl.records.gate._due) == 0:
             self.unsaved.clear()  # opened: the reservation is on flash
 
     @rule(ms=st.integers(5, 3000))

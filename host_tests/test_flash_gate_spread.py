@@ -59,7 +59,7 @@ def test_one_deferred_write_an_iteration_none_while_closed_nor_in_the_opening_it
                 assert len(steps) == steps_before  # the open steps wait for the deferred ones
             closed_before = contactor.closed
     assert [name for _, name in ran] == deferred[:len(ran)]  # in the order deferred
-    assert gate.due == len(deferred) - len(ran)
+    assert len(gate._due) == len(deferred) - len(ran)
 
 
 # -- the wired firmware on a worst-case flash part -----------------------------------------------
@@ -99,7 +99,7 @@ def test_the_writes_deferred_by_a_session_never_stack_past_the_watchdog(monkeypa
     outbox.ack(outbox._next_seq - 1)
     vb.run_for(12000)
     assert ctl.contactor.closed
-    assert gate.due == 3, gate.due  # the counter, the settings, the journal's ack
+    assert len(gate._due) == 3, len(gate._due)  # the counter, the settings, the journal's ack
     log = slow_flash(vb)
     w.do("stop_request")
     worst = []  # (virtual ms an iteration took, its stalls)
@@ -110,7 +110,7 @@ def test_the_writes_deferred_by_a_session_never_stack_past_the_watchdog(monkeypa
         vb.tick()
         spent_ms = (vb.clock.t - start) / 1000 - vb.period_ms
         worst.append((spent_ms, [what for _, what in log[first:]]))
-    assert not ctl.contactor.closed and gate.due == 0
+    assert not ctl.contactor.closed and len(gate._due) == 0
     slowest = max(worst, key=lambda x: x[0])
     assert slowest[0] < WATCHDOG_MS, "an iteration took %.0f ms of flash stalls: %s" % slowest
     # All of it on flash in the end.

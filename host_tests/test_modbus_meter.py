@@ -14,6 +14,7 @@ from pilehost.meter_rig import Bus, Clock, ScriptedSim, World, run
 pytestmark = pytest.mark.usefixtures("no_sleeping")  # conftest.py
 
 MODELS = ("ddsu666", "sdm120", "sdm630")
+READ_INPUT = 0x04  # the function the drivers ask with first
 
 
 def h(text):
@@ -32,6 +33,12 @@ def ref_crc(data):
             crc = ((crc << 1) ^ 0x8005) & 0xFFFF if crc & 0x8000 else (crc << 1) & 0xFFFF
     crc = rev(crc, 16)
     return bytes([crc & 0xFF, crc >> 8])
+
+
+def parse_reply(buf, n, address, count):
+    """What ModbusMeter._take does with a reply of `count` floats: check it, then each float."""
+    modbus_meter.check_reply(buf, n, address, 2 * count, READ_INPUT)
+    return tuple(modbus_meter.float_at(buf, i) for i in range(count))
 
 
 # ----------------------------------------------------------------------------- vectors
@@ -68,17 +75,17 @@ def test_crc_vectors(frame, crc):
 ])
 def test_build_request(address, register, count, frame):
     buf = bytearray(8)
-    assert modbus_meter.build_request(buf, address, register, count) == 8
+    assert modbus_meter.build_request(buf, address, register, count, READ_INPUT) == 8
     assert bytes(buf) == h(frame)
 
 
 def test_parse_reply_vectors():
     frame = h("01 04 04 43 66 00 00 0E 1F")  # 230.0 V
-    assert modbus_meter.parse_reply(frame, len(frame), 1, 1) == (230.0,)
+    assert parse_reply(frame, len(frame), 1, 1) == (230.0,)
     frame = h("01 04 04 44 9A 50 00 F3 5B")  # 1234.5 kWh
-    assert modbus_meter.parse_reply(frame, len(frame), 1, 1) == (1234.5,)
+    assert parse_reply(frame, len(frame), 1, 1) == (1234.5,)
     frame = h("01 04 0C 43 66 00 00 41 80 00 00 40 6B 85 1F 73 75")  # 230 V, 16 A, 3.68 kW
-    v, i, p = modbus_meter.parse_reply(frame, len(frame), 1, 3)
+    v, i, p = parse_reply(frame, len(frame), 1, 3)
     assert (v, i) == (230.0, 16.0) and abs(p - 3.68) < 1e-6
 
 
@@ -95,20 +102,20 @@ def test_parse_reply_vectors():
 def test_parse_reply_rejects(frame, kind, text):
     data = h(frame)
     with pytest.raises(MeterError) as exc:
-        modbus_meter.parse_reply(data, len(data), 1, 1)
+        parse_reply(data, len(data), 1, 1)
     assert exc.value.kind == kind
     assert text in str(exc.value)
 
 
 def test_reply_length():
-    assert modbus_meter.reply_length(h("01"), 1, 2) == 0
-    assert modbus_meter.reply_length(h("01 84"), 2, 2) == 5
-    assert modbus_meter.reply_length(h("01 04"), 2, 2) == 0
-    assert modbus_meter.reply_length(h("01 04 04"), 3, 2) == 9
+    assert modbus_meter.reply_length(h("01"), 1, 2, READ_INPUT) == 0
+    assert modbus_meter.reply_length(h("01 84"), 2, 2, READ_INPUT) == 5
+    assert modbus_meter.reply_length(h("01 04"), 2, 2, READ_INPUT) == 0
+    assert modbus_meter.reply_length(h("01 04 04"), 3, 2, READ_INPUT) == 9
     with pytest.raises(MeterError):
-        modbus_meter.reply_length(h("01 04 06"), 3, 2)
+        modbus_meter.reply_length(h("01 04 06"), 3, 2, READ_INPUT)
     with pytest.raises(MeterError):
-        modbus_meter.reply_length(h("01 10"), 2, 2)
+        modbus_meter.reply_length(h("01 10"), 2, 2, READ_INPUT)
 
 
 # ----------------------------------------------------------------------------- fuzz
@@ -117,7 +124,7 @@ def test_reply_length():
 @given(st.binary(min_size=0, max_size=40), st.integers(1, 6))
 def test_fuzz_parser_raises_only_meter_error(frame, count):
     try:
-        values = modbus_meter.parse_reply(frame, len(frame), 1, count)
+        values = parse_reply(frame, len(frame), 1, count)
     except MeterError:
         return
     # Returned: then the frame passed every check.
@@ -132,20 +139,20 @@ def test_fuzz_parser_raises_only_meter_error(frame, count):
 def test_fuzz_any_corrupted_byte_is_caught(values, data):
     body = bytes([1, 4, 4 * len(values)]) + b"".join(struct.pack(">f", v) for v in values)
     frame = body + ref_crc(body)
-    assert modbus_meter.parse_reply(frame, len(frame), 1, len(values)) == tuple(values)
+    assert parse_reply(frame, len(frame), 1, len(values)) == tuple(values)
     pos = data.draw(st.integers(0, len(frame) - 1))
     flip = data.draw(st.integers(1, 255))
     bad = bytearray(frame)
     bad[pos] ^= flip
     with pytest.raises(MeterError):
-        modbus_meter.parse_reply(bad, len(bad), 1, len(values))
+        parse_reply(bad, len(bad), 1, len(values))
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.binary(min_size=0, max_size=12))
 def test_fuzz_reply_length_raises_only_meter_error(frame):
     try:
-        n = modbus_meter.reply_length(frame, len(frame), 2)
+        n = modbus_meter.reply_length(frame, len(frame), 2, READ_INPUT)
     except MeterError:
         return
     assert n in (0, 5, 9)

@@ -544,9 +544,9 @@ def test_the_settings_a_command_changes_wait_for_an_iteration_without_another_wr
     gate.poll(0)
     gate.spend()  # the command's counter
     assert store.save({"limit_a": 10}) is True
-    assert not os.path.exists(str(tmp_path / "settings.json")) and gate.due == 1
+    assert not os.path.exists(str(tmp_path / "settings.json")) and len(gate._due) == 1
     gate.poll(5)  # the next iteration: the settings, and nothing else after them
-    assert gate.spent and gate.due == 0 and store.load() == {"limit_a": 10}
+    assert gate.spent and len(gate._due) == 0 and store.load() == {"limit_a": 10}
     gate.poll(10)
     assert not gate.spent
 

@@ -116,6 +116,7 @@ def driver(kind, wire, **options):
     """What wiring.make_meter builds for `kind`, from the protocol module loaded for the case."""
     if kind == "dlt645":
         return sys.modules["dlt645"].Dlt645Meter(wire, wire, **options)
+    options.setdefault("baud", 9600)  # wiring.make_meter always gives one
     return sys.modules["modbus_meter"].ModbusMeter(wire, wire, model=kind, **options)
 
 
