@@ -22,6 +22,7 @@ require("umqtt.simple")
 for _name in (
     "backoff",
     "charger",
+    "charger_restore",
     "commands",
     "command_auth",
     "config",

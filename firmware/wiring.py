@@ -111,7 +111,11 @@ def build(board, conf):
         fallback_ma=int(conf.limit_fallback_a * 1000), wall=time.time, limit_ttl_s=conf.limit_ttl_s,
     )
     # What set_availability and set_current_limit last set (docs/commands.md); a bad file: defaults.
-    charger.load_settings(time.ticks_ms())
+    # Boot-only code: dropped at once, before the records' modules load (issue 12).
+    import charger_restore
+
+    charger_restore.restore(charger, time.ticks_ms())
+    del charger_restore, sys.modules["charger_restore"]
     tethered_ma = int((board.ratings.tethered_cable_a or 0) * 1000)
     records = session_record.Records(charger, contactor, build_meter(board, conf.meter),
                                      build_session_log(conf, gate), conf.meter.failure_timeout_s * 1000,
