@@ -50,6 +50,7 @@ for _name in (
     "s0_meter",
     "session_log",
     "session_record",
+    "session_restore",
     "session_store",
     "sntp",
     "telemetry",

@@ -153,10 +153,16 @@ def build_session_log(conf, gate=None):
     except OSError as e:
         raise Unavailable("outbox %s unreadable (%s): no session could be recorded"
                           % (files.OUTBOX_FILE, e)) from None
-    return session_log.SessionLog(
+    log = session_log.SessionLog(
         conf.pile_id, last + 1, outbox, session_store.SessionStore(files.SESSION_FILE),
         connector=conf.connector, metered=conf.meter.type != "none", checkpoint_s=conf.checkpoint_s,
         report=console.report, gate=gate, linked=conf.mqtt is not None)
+    # A session the power cut, for the log to close. Boot-only code: dropped at once (issue 12).
+    import session_restore
+
+    session_restore.restore(log)
+    del session_restore, sys.modules["session_restore"]
+    return log
 
 
 def build_link(board, conf, ctl):

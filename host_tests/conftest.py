@@ -567,6 +567,7 @@ def power_cut_records(tmp_path):
     import meter
     import pilot
     import session_log
+    import session_restore
     import session_store
     from session_record import Record, Records
 
@@ -584,10 +585,12 @@ def power_cut_records(tmp_path):
         closed = False
 
     def make_log(boot, where, linked):
-        return session_log.SessionLog(
+        log = session_log.SessionLog(
             "pile-0042", boot, journal.Journal(str(where / "outbox")),
             session_store.SessionStore(str(where / "session.json")), metered=True,
             checkpoint_s=60, wall=lambda: 1795000000, linked=linked)
+        session_restore.restore(log)  # as wiring.build_session_log
+        return log
 
     def cut(name, linked=True):
         where = tmp_path / name

@@ -19,6 +19,7 @@ import files
 import wiring
 import meter
 import session_log
+import session_restore
 import session_store
 from session_record import Record
 
@@ -171,6 +172,7 @@ def test_item8_a_power_cut_after_a_restart_sums_the_epochs(tmp_path):
     """The snapshot keeps the segments: a power_loss record after a restart bills both."""
     log = session_log.SessionLog(PILE, 3, journal.Journal(str(tmp_path / "outbox")),
                                  session_store.SessionStore(str(tmp_path / "session.json")))
+    session_restore.restore(log)  # as wiring.build_session_log
     s = Record(ch.Session(0))
     s.auth_source, s.authorized_ms = "free_vend", 0
     s.note_meter(meter.Reading(1000, 7000, None, None, 0))
@@ -181,6 +183,7 @@ def test_item8_a_power_cut_after_a_restart_sums_the_epochs(tmp_path):
     log.poll(61000, s, None)
     booted = session_log.SessionLog(PILE, 4, journal.Journal(str(tmp_path / "outbox")),
                                     session_store.SessionStore(str(tmp_path / "session.json")))
+    session_restore.restore(booted)  # as wiring.build_session_log
     booted.poll(0, None, meter.Reading(250, 0, None, None, 0))
     ended = [json.loads(p) for _, k, p in booted.outbox.pending() if k == journal.KIND_SESSION_END][0]
     validate("session_ended", ended)

@@ -12,6 +12,7 @@ import durable
 import journal
 import meter
 import session_log
+import session_restore
 import session_store
 from session_record import Record
 
@@ -28,9 +29,11 @@ def validate(kind, record):
 
 
 def make_log(tmp_path, boot=7):
-    return session_log.SessionLog(PILE, boot, journal.Journal(str(tmp_path / "outbox")),
-                                  session_store.SessionStore(str(tmp_path / "session.json")),
-                                  checkpoint_s=60, wall=lambda: T_2026)
+    log = session_log.SessionLog(PILE, boot, journal.Journal(str(tmp_path / "outbox")),
+                                 session_store.SessionStore(str(tmp_path / "session.json")),
+                                 checkpoint_s=60, wall=lambda: T_2026)
+    session_restore.restore(log)  # as wiring.build_session_log
+    return log
 
 
 def ended_records(tmp_path):

@@ -262,14 +262,17 @@ def test_a_power_cut_record_takes_no_unchecked_boot_reading(tmp_path):
     import journal
     import meter
     import session_log
+    import session_restore
     import session_store
     from session_record import Record
 
     def make_log(boot):
-        return session_log.SessionLog(
+        log = session_log.SessionLog(
             "pile-0042", boot, journal.Journal(str(tmp_path / "outbox")),
             session_store.SessionStore(str(tmp_path / "session.json")), metered=True,
             checkpoint_s=60, wall=lambda: 1795000000)
+        session_restore.restore(log)  # as wiring.build_session_log
+        return log
 
     def ended():
         out = [json.loads(p) for _s, k, p in journal.Journal(str(tmp_path / "outbox")).pending()

@@ -17,6 +17,7 @@ import meter
 import files
 import journal
 import session_log
+import session_restore
 import session_store
 import wiring
 from meters import Dlt645MeterSim, ModbusMeterSim
@@ -129,6 +130,7 @@ def small_outbox_log(path, boot=7, max_payload=256):
         LONG_PILE, boot, journal.Journal(str(path / "outbox"), max_bytes=8192, max_payload=max_payload),
         session_store.SessionStore(str(path / "session.json")), checkpoint_s=60, wall=Clock(T_2026),
         report=lambda now, what, text: reports.append((what, text)))
+    session_restore.restore(log)  # as wiring.build_session_log
     return log, reports
 
 

@@ -9,6 +9,7 @@ from pilehost.virtual_board import ROOT
 import charger as ch
 import journal
 import session_log
+import session_restore
 import session_store
 from session_record import Record
 
@@ -40,6 +41,7 @@ def make_log(tmp_path, boot=7, wall=T_2026, metered=True):
     log = session_log.SessionLog("pile-0042", boot, journal.Journal(str(tmp_path / "outbox")),
                                  session_store.SessionStore(str(tmp_path / "session.json")),
                                  metered=metered, checkpoint_s=60, wall=Clock(wall))
+    session_restore.restore(log)  # as wiring.build_session_log
     return log
 
 

@@ -320,15 +320,18 @@ def test_a_power_cut_after_ntp_answered_mid_session_reports_real_times(tmp_path)
     import charger as ch
     import journal
     import session_log
+    import session_restore
     import session_store
     from session_record import Record
 
     wall = [41]  # 41 s after the epoch: not synced
 
     def make(boot):
-        return session_log.SessionLog("pile-0042", boot, journal.Journal(str(tmp_path / "outbox")),
-                                      session_store.SessionStore(str(tmp_path / "session.json")),
-                                      metered=False, checkpoint_s=60, wall=lambda: wall[0])
+        log = session_log.SessionLog("pile-0042", boot, journal.Journal(str(tmp_path / "outbox")),
+                                     session_store.SessionStore(str(tmp_path / "session.json")),
+                                     metered=False, checkpoint_s=60, wall=lambda: wall[0])
+        session_restore.restore(log)  # as wiring.build_session_log
+        return log
     log = make(7)
     s = Record(ch.Session(0))
     s.auth_source, s.auth_id, s.authorized_ms = "free_vend", None, 0
