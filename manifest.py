@@ -34,6 +34,7 @@ for _name in (
     "files",
     "flash_gate",
     "journal",
+    "journal_scan",
     "link_heal",
     "link_setup",
     "link_tls",

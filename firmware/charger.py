@@ -33,7 +33,7 @@ UNAVAILABLE_F = "unavailable_f"
 UNAVAILABLE_B1 = "unavailable_b1"
 AVAILABILITIES = (AVAILABLE, UNAVAILABLE_F, UNAVAILABLE_B1)
 # Limits that expire (docs/commands.md): what is in force, remote_limit_ma's source.
-LIMIT_REMOTE = const("remote")  # a set_current_limit, until its time to live runs out
+_LIMIT_REMOTE = const("remote")  # a set_current_limit, until its time to live runs out
 _LIMIT_FALLBACK = const("fallback")  # config.json limit_fallback_a: a limit ran out or could not be kept
 # Until NTP has set it the ESP32 clock starts at 2000-01-01 at boot: a year before this is not
 # UTC (session_log.clock_synced, the same rule).
@@ -147,7 +147,7 @@ class Charger:
         self._report = report
         self.cable_ma = 0
         self.remote_limit_ma = None  # the remote limit in force (None: none)
-        self.limit_source = None  # None, LIMIT_REMOTE or _LIMIT_FALLBACK
+        self.limit_source = None  # None, _LIMIT_REMOTE or _LIMIT_FALLBACK
         self.limit_until_ms = None  # ticks_ms when a remote limit runs out; None: it does not
         self.fallback_ma = fallback_ma
         self.limit_ttl_s = limit_ttl_s
@@ -203,7 +203,7 @@ class Charger:
         in force (docs/commands.md, "Limits that expire"); None: it never runs out. Returns
         None, or a note for the caller if it was not saved."""
         self.remote_limit_ma = current_ma
-        self.limit_source = None if current_ma is None else LIMIT_REMOTE
+        self.limit_source = None if current_ma is None else _LIMIT_REMOTE
         expiry = None
         if current_ma is None or ttl_s is None:
             self.limit_until_ms = None

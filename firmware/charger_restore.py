@@ -13,9 +13,10 @@ import charger as ch
 # docs/commands.md: set_current_limit takes 0-80 A; a saved limit outside that is garbage.
 _MAX_REMOTE_LIMIT_MA = const(80000)
 _MAX_LIMIT_TTL_S = const(86400)  # config.py / command_auth.py: a day at most
+_LIMIT_REMOTE = const("remote")  # charger.py's limit_source of a remote limit (a test keeps them one)
 
 
-def restore(charger, now_ms):
+def load_settings(charger, now_ms):
     """The availability and remote limit the last commands set, and the latched faults. Each
     field on its own: a bad one is reported and takes its default, the others stand. The
     latched faults fail closed (docs/safety.md): no file (first boot) means none; a file that
@@ -55,7 +56,7 @@ def restore(charger, now_ms):
         charger._fall_back(now_ms, "remote limit ran out or its expiry is not known after the reboot")
     else:
         charger.remote_limit_ma = limit
-        charger.limit_source = None if limit is None else ch.LIMIT_REMOTE
+        charger.limit_source = None if limit is None else _LIMIT_REMOTE
         if left_s is not None:
             charger.limit_until_ms = time.ticks_add(now_ms, left_s * 1000)
             charger._limit_cmd = charger._saved_limit = (limit, saved["ttl"], saved["until"])

@@ -86,7 +86,7 @@ def boot_imports(conf):
     core = ["charger", "charger_restore", "controller", "flash_gate", "pilot", "relay", "session_record",
             "session_store"]
     if conf.get("pile_id") is not None:
-        core += ["journal", "session_log", "session_restore"]
+        core += ["journal", "journal_scan", "session_log", "session_restore"]
     meter = conf.get("meter")
     kind = meter.get("type") if type(meter) is dict else None
     if type(kind) is str and kind in _METERS:

@@ -8,7 +8,7 @@ import json
 import journal
 
 
-def restore(log):
+def load(log):
     """The snapshot left by a session the power cut, for `log` (a session_log.SessionLog just
     built) to close: none if its ended record is already in the outbox. Now, at boot, before the
     link can send anything: once sent and acknowledged the ended record is no longer in the

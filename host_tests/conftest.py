@@ -563,7 +563,7 @@ def power_cut_records(tmp_path):
     power since t=100 (records.poll(100) done): the cut's record and the new session's start
     are in the outbox, not yet acknowledged."""
     import charger as ch
-    import journal
+    import journal_scan
     import meter
     import pilot
     import session_log
@@ -586,10 +586,10 @@ def power_cut_records(tmp_path):
 
     def make_log(boot, where, linked):
         log = session_log.SessionLog(
-            "pile-0042", boot, journal.Journal(str(where / "outbox")),
+            "pile-0042", boot, journal_scan.load(str(where / "outbox")),
             session_store.SessionStore(str(where / "session.json")), metered=True,
             checkpoint_s=60, wall=lambda: 1795000000, linked=linked)
-        session_restore.restore(log)  # as wiring.build_session_log
+        session_restore.load(log)  # as wiring.build_session_log
         return log
 
     def cut(name, linked=True):

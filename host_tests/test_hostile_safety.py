@@ -548,6 +548,6 @@ def test_item6_unreadable_is_an_oserror_not_enoent(monkeypatch):
 
     monkeypatch.setattr("builtins.open", failing_open)
     c = ch.Charger(32000, 32000, True, False, settings=store)
-    charger_restore.restore(c, 0)
+    charger_restore.load_settings(c, 0)
     assert c.faults == ch.FAULT_LATCH_STATE_LOST
 

@@ -45,7 +45,7 @@ def test_a_limit_runs_out_into_the_fallback():
     c, log = make()
     c.set_remote_limit(20000, 1000, 60)
     assert (c.remote_limit_ma, c.limit_source, c.limit_expires_in_ms(1000)) == \
-        (20000, ch.LIMIT_REMOTE, 60000)
+        (20000, ch._LIMIT_REMOTE, 60000)
     c.step(60999, pilot.A, True)
     assert c.remote_limit_ma == 20000 and c.limit_expires_in_ms(60999) == 1
     c.step(61000, pilot.A, True)
@@ -87,7 +87,7 @@ def test_expiry_survives_the_ticks_wrap():
     start = (1 << 30) - 5000  # 5 s before ticks_ms wraps
     c.set_remote_limit(20000, start, 10)
     c.step(time.ticks_add(start, 9999), pilot.A, True)
-    assert c.limit_source == ch.LIMIT_REMOTE
+    assert c.limit_source == ch._LIMIT_REMOTE
     c.step(time.ticks_add(start, 10000), pilot.A, True)
     assert c.limit_source == ch._LIMIT_FALLBACK
 
@@ -117,7 +117,7 @@ def test_a_remote_limit_is_never_in_force_past_its_time(events):
 
 def reboot(path, wall, now_ms=0, **kw):
     c, log = make(session_store.SettingsStore(str(path)), wall, **kw)
-    charger_restore.restore(c, now_ms)
+    charger_restore.load_settings(c, now_ms)
     return c, log
 
 
@@ -128,7 +128,7 @@ def test_a_synced_clock_keeps_what_was_left(tmp_path):
     assert c.set_remote_limit(20000, 0, 600) is None
     wall.t += 100  # a watchdog reset: the RTC kept the time
     booted, log = reboot(path, wall, now_ms=7)
-    assert booted.remote_limit_ma == 20000 and booted.limit_source == ch.LIMIT_REMOTE
+    assert booted.remote_limit_ma == 20000 and booted.limit_source == ch._LIMIT_REMOTE
     assert booted.limit_expires_in_ms(7) == 500000
     assert ("settings", "available, remote limit 20000 mA") in log
     assert ("limit", "runs out in 500 s (expiry saved in UTC)") in log
@@ -176,7 +176,7 @@ def test_a_reboot_never_extends_a_limit(tmp_path_factory, ttl, off_s, boot_synce
     wall.t = SYNCED + off_s if boot_synced else UNSYNCED
     booted, _ = reboot(path, wall)
     left = booted.limit_expires_in_ms(0)
-    if booted.limit_source == ch.LIMIT_REMOTE:
+    if booted.limit_source == ch._LIMIT_REMOTE:
         assert 0 <= off_s < ttl and left == (ttl - off_s) * 1000
     else:
         assert left is None and booted.remote_limit_ma == 6000
@@ -297,7 +297,7 @@ def test_expiry_lowers_the_offer_through_the_5_s_rule(monkeypatch):
     vb.run_until(8900)
     assert vb.ctl.output.duty == pilot.duty_for_current(20000, pilot.IEC)
     changed = vb.ctl._offer_changed_ms
-    vb.run_while(lambda: charger.limit_source == ch.LIMIT_REMOTE, 8000)
+    vb.run_while(lambda: charger.limit_source == ch._LIMIT_REMOTE, 8000)
     ran_out = vb.now_ms
     assert vb.ctl.output.duty == pilot.duty_for_current(20000, pilot.IEC)
     vb.run_while(lambda: vb.ctl.output.duty != pilot.duty_for_current(10000, pilot.IEC), 6000)
