@@ -1,6 +1,6 @@
 """At boot: a Charger's remote settings and latched faults, back from settings.json.
 
-Only the boot restores them (wiring.build), so this runs once and is dropped with wiring.py
+Only the boot restores them (wiring.build), so this runs once and wiring.py drops it at once,
 before the link's modules load (issue 12): its bytes are not on the heap for the run. What a
 setting means, and every decision on it, stays charger.py's; this reads the file and puts the
 saved values where the charger keeps them, as the charger's set_* left them before the reboot.

@@ -1,9 +1,9 @@
 """At boot: a journal.Journal opened on its file, its drop tiers and ack watermark read.
 
-Only the boot opens the outbox (wiring.build_session_log), so this runs once and is dropped with
-wiring.py before the link's modules load (issue 12): its bytes are not on the heap for the run.
-The record file itself is scanned by the Journal (it scans again to repair a failed write);
-the ack file's format is journal.py's (`Journal._write_ack`).
+Only the boot opens the outbox (wiring.build_session_log; diag.py in service mode), so this runs
+once and wiring.py drops it at once, before the link's modules load (issue 12): its bytes are not
+on the heap for the run. The record file itself is scanned by the Journal (it scans again to
+repair a failed write); the ack file's format is journal.py's (`Journal._write_ack`).
 """
 from micropython import const
 import binascii

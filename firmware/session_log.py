@@ -117,8 +117,9 @@ class SessionLog:
         retry = time.ticks_diff(now_ms, self._retry_at) >= 0
         if self._unsent and retry:
             self._retry(now_ms)
-        if self._cut is not None:
-            self._recover(now_ms, reading)
+        cut = self._cut
+        if cut is not None:
+            self._recover(now_ms, reading, cut)
         if self._recovered_seq is not None:
             self.unacked_recovery = self._awaiting_ack(now_ms)
         if self._clear_due and retry and (session is None or session.id is None):
@@ -235,8 +236,9 @@ class SessionLog:
             "meter": meter,  # issue 13: who measured it (docs/telemetry.md); None: not known
         }
 
-    def _recover(self, now_ms, reading):
-        """Close the session the power cut, once the meter has been read (or it stays silent).
+    def _recover(self, now_ms, reading, cut):
+        """Close the session the power cut (its snapshot `cut`), once the meter has been read (or
+        it stays silent).
         The cut's time is not known: stop_time and duration_s are the best bound the snapshot
         and the meter give, flagged in `estimated` (docs/telemetry.md)."""
         if self._boot_ms is None:
@@ -246,7 +248,6 @@ class SessionLog:
         if self.metered and reading is None and \
                 time.ticks_diff(now_ms, self._boot_ms) < _RECOVERY_WAIT_MS:
             return
-        cut = self._cut
         self._cut = None
         try:
             m1 = cut["m1"]

@@ -1,7 +1,7 @@
 """At boot: the session the power cut, back from its snapshot (session_log.py closes it).
 
-Only the boot looks for it (wiring.build_session_log), so this runs once and is dropped with
-wiring.py before the link's modules load (issue 12): its bytes are not on the heap for the run.
+Only the boot looks for it (wiring.build_session_log), so this runs once and wiring.py drops it
+at once, before the link's modules load (issue 12): its bytes are not on the heap for the run.
 """
 import json
 

@@ -129,7 +129,6 @@ def build_session_log(conf, gate=None):
     if conf.pile_id is None:
         console.report(time.ticks_ms(), "session", "no pile_id in config.json: sessions are not recorded")
         return None
-    import journal_scan  # boot-only code: dropped once the outbox is open (issue 12)
     import session_log
     import session_store
 
@@ -148,6 +147,8 @@ def build_session_log(conf, gate=None):
     except OSError as e:
         raise Unavailable("boot counter not written to flash (%s): no session could be recorded; "
                           "free or replace the flash" % e) from None
+    import journal_scan  # boot-only code: dropped once the outbox is open (issue 12)
+
     try:
         outbox = journal_scan.load(files.OUTBOX_FILE, gate=gate)
     except OSError as e:
