@@ -34,7 +34,7 @@ _PEAK_CHECKPOINT_GAP_MS = const(10000)
 # A record the flash refused is kept in RAM and tried again this often; at most this many.
 _RETRY_MS = const(10000)
 _MAX_UNSENT = const(4)
-# Power no meter may show (meter.DEFAULT_MAX_POWER_W, its jump guard): a power cut's duration is
+# Power no meter may show (meter._MAX_POWER_W, its jump guard): a power cut's duration is
 # at least the energy after the last snapshot at this power.
 _MAX_POWER_W = const(50000)
 # A power cut comes at most one checkpoint interval (plus this, for a late tick and a meter poll)
