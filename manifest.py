@@ -22,6 +22,7 @@ require("umqtt.simple")
 for _name in (
     "backoff",
     "charger",
+    "charger_restore",
     "commands",
     "command_auth",
     "config",
@@ -33,6 +34,7 @@ for _name in (
     "files",
     "flash_gate",
     "journal",
+    "journal_scan",
     "link_heal",
     "link_setup",
     "link_tls",
@@ -49,6 +51,7 @@ for _name in (
     "s0_meter",
     "session_log",
     "session_record",
+    "session_restore",
     "session_store",
     "sntp",
     "telemetry",

@@ -32,12 +32,9 @@ AVAILABLE = "available"
 UNAVAILABLE_F = "unavailable_f"
 UNAVAILABLE_B1 = "unavailable_b1"
 AVAILABILITIES = (AVAILABLE, UNAVAILABLE_F, UNAVAILABLE_B1)
-# docs/commands.md: set_current_limit takes 0-80 A; a saved limit outside that is garbage.
-_MAX_REMOTE_LIMIT_MA = const(80000)
 # Limits that expire (docs/commands.md): what is in force, remote_limit_ma's source.
 _LIMIT_REMOTE = const("remote")  # a set_current_limit, until its time to live runs out
 _LIMIT_FALLBACK = const("fallback")  # config.json limit_fallback_a: a limit ran out or could not be kept
-_MAX_LIMIT_TTL_S = const(86400)  # config.py / command_auth.py: a day at most
 # Until NTP has set it the ESP32 clock starts at 2000-01-01 at boot: a year before this is not
 # UTC (session_log.clock_synced, the same rule).
 _SYNCED_FROM_YEAR = const(2024)
@@ -105,18 +102,6 @@ def fault_bit(name):
 
 def fault_list(mask):
     return [name for bit, name in FAULT_NAMES if mask & bit]
-
-
-def _latched_bits(names):
-    """The latched faults saved in settings.json. What cannot be read is FAULT_LATCH_STATE_LOST
-    (fail closed): a list that is not one, or a name that is not a latched fault's."""
-    if not isinstance(names, list):
-        return FAULT_LATCH_STATE_LOST
-    bits = 0
-    for name in names:
-        bit = fault_bit(name) if isinstance(name, str) else 0
-        bits |= bit if bit & LATCHED_FAULTS else FAULT_LATCH_STATE_LOST
-    return bits
 
 
 # What the charger asks of the contactor.
@@ -322,87 +307,6 @@ class Charger:
         except OSError as e:
             return "not saved to flash (%s): lost at the next boot" % str(e)[:60]
         return None
-
-    def load_settings(self, now_ms):
-        """At boot: the availability and remote limit the last commands set, and the latched
-        faults. Each field on its own: a bad one is reported and takes its default, the others
-        stand. The latched faults fail closed (docs/safety.md): no file (first boot) means none;
-        a file that is unreadable or garbled, or a latched list that cannot be read, raises
-        FAULT_LATCH_STATE_LOST until a technician clears it. The limit is clamped again by
-        offer_ma (config, cable, board). True when the file was read whole."""
-        store = self._settings
-        if store is None:
-            return False
-        saved = store.load()
-        problem = store.error
-        if saved is None:
-            if problem is None:
-                return False  # no file: first boot
-            self._emit(now_ms, "settings", problem + ": available, no remote limit")
-            self._latch(now_ms, FAULT_LATCH_STATE_LOST)
-            return False
-        wanted = saved.get("availability")
-        limit = saved.get("limit_ma")
-        bad = []
-        if wanted not in AVAILABILITIES:
-            bad.append("availability")
-            wanted = AVAILABLE
-        if not (limit is None or (type(limit) is int and 0 <= limit <= _MAX_REMOTE_LIMIT_MA)):
-            bad.append("limit_ma")
-            limit = None
-        left_s = self._limit_left_s(limit, saved, bad)
-        latched = _latched_bits(saved.get("latched", []))
-        if latched & FAULT_LATCH_STATE_LOST:
-            bad.append("latched")
-        self.availability = self.availability_wanted = wanted
-        if left_s == 0:
-            # Saved again as a limit that ran out (no UTC expiry): a later write (another
-            # command, a latched fault) must not turn the fallback into no limit at the next boot.
-            self._limit_cmd = (limit, 1, None)
-            self._emit(now_ms, "settings", wanted)
-            self._fall_back(now_ms, "remote limit ran out or its expiry is not known after the reboot")
-        else:
-            self.remote_limit_ma = limit
-            self.limit_source = None if limit is None else _LIMIT_REMOTE
-            if left_s is not None:
-                self.limit_until_ms = time.ticks_add(now_ms, left_s * 1000)
-                self._limit_cmd = self._saved_limit = (limit, saved["ttl"], saved["until"])
-            self._emit(now_ms, "settings", "%s, remote limit %s" % (
-                wanted, "none" if limit is None else "%d mA" % limit))
-            if left_s is not None:
-                self._emit(now_ms, "limit", "runs out in %d s (expiry saved in UTC)" % left_s)
-        if bad:
-            self._emit(now_ms, "settings", "settings garbled (%s): default used" % ", ".join(bad))
-        for bit, _name in FAULT_NAMES:
-            if latched & bit:  # a reboot does not end a lock-out or a weld: a technician does
-                self._latch(now_ms, bit)
-        return not bad
-
-    def _limit_left_s(self, limit, saved, bad):
-        """Seconds left of a saved limit with a time to live, by the rule of docs/commands.md
-        ("Limits that expire"): kept only if the expiry was saved in UTC and the clock is set
-        now and says it is still ahead, by no more than the time to live; 0: ran out (or not
-        known: the time spent off cannot be measured, so it may have). None: a limit without
-        one (none, or set by a call that gave no time to live)."""
-        ttl = saved.get("ttl")
-        if limit is None or (ttl is None and "until" not in saved):
-            return None
-        until = saved.get("until")
-        if not (type(ttl) is int and 0 < ttl <= _MAX_LIMIT_TTL_S) or not (
-                until is None or type(until) is int):
-            bad.append("ttl")
-            return 0
-        now = self._utc()
-        if until is None or now is None or not 0 < until - now <= ttl:
-            return 0
-        return until - now
-
-    def _latch(self, now_ms, bit):
-        self.faults |= bit
-        self.settings_due = True  # written back at the first tick: a lost state stays latched
-        self._emit(now_ms, "fault", "raised " + fault_name(bit) + (
-            " (settings.json unreadable: a technician clears it)" if bit == FAULT_LATCH_STATE_LOST
-            else " (kept across the reboot)"))
 
     @property
     def safety_ma(self):

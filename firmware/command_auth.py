@@ -25,7 +25,7 @@ _AVAILABILITY = const(("available", "unavailable_f", "unavailable_b1"))
 # Faults a technician may clear remotely: the latched ones (charger.LATCHED_FAULTS).
 _CLEARABLE_FAULTS = const(("welded", "rcd_lockout", "latch_state_lost"))
 _MAX_AMPS = const(80)  # config.py's max_current_a range; the charger clamps further
-_MAX_TTL_S = const(86400)  # set_current_limit's time to live: a day at most (charger._MAX_LIMIT_TTL_S)
+_MAX_TTL_S = const(86400)  # set_current_limit's time to live: a day at most (charger_restore.py)
 
 _BODY_KEYS = const(("args", "cmd", "counter", "id", "v"))
 # The counter on flash is the floor after a reboot (docs/commands.md, "Replays"). While a close may

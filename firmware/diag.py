@@ -121,9 +121,9 @@ def _backlog(outbox):
             open(files.OUTBOX_FILE).close()
         except OSError:
             return {"records": 0, "bytes": 0}
-        import journal
+        import journal_scan
 
-        outbox = journal.Journal(files.OUTBOX_FILE)
+        outbox = journal_scan.load(files.OUTBOX_FILE)
     n, size = outbox.backlog()
     return {"records": n, "bytes": size}
 

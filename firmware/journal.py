@@ -44,17 +44,10 @@ _U32 = const(0xFFFFFFFF)
 _ENOENT = const(2)  # errno values, the same on LittleFS (MicroPython) and POSIX
 _EIO = const(5)
 
-# docs/telemetry.md: room for at least 200 session/ended records of about 400 bytes.
-_DEFAULT_MAX_BYTES = const(98304)
 # The largest session record every input rule allows is ~810 bytes (a 64-character pile_id twice,
 # a 64-character auth_id of '"' escaped to 128, every number at its schema maximum:
 # host_tests/test_review_records.py): the outbox takes what the reader does.
 DEFAULT_MAX_PAYLOAD = const(1024)
-# Dropped first to last when full, oldest first within a tier (docs/telemetry.md, "outbox").
-# Tier 0 goes counted only; any other drop is reported by a journal_fault record. Kinds not
-# listed belong to the last tier.
-DEFAULT_TIERS = ((KIND_METER, KIND_STATUS), (KIND_FAULT,), (KIND_SESSION_START,),
-                 (KIND_SESSION_END,))
 
 def kind_name(kind):
     return KIND_NAMES[kind] if kind < len(KIND_NAMES) else "kind%d" % kind
@@ -62,24 +55,17 @@ def kind_name(kind):
 
 class Journal:
     """Records of kinds 1..14 (not KIND_JOURNAL_FAULT) until acknowledged; `max_bytes` bounds
-    the file. When it is full, records are dropped by `tiers` (see DEFAULT_TIERS)."""
+    the file. Opened by journal_scan.load (its defaults, the drop tiers)."""
 
-    def __init__(self, path, max_bytes=_DEFAULT_MAX_BYTES, max_payload=DEFAULT_MAX_PAYLOAD,
-                 tiers=DEFAULT_TIERS, gate=None):
+    def __init__(self, path, max_bytes, max_payload, tiers, gate, acked):
+        """tiers: kind -> drop tier (a bytearray: journal_scan builds it); acked: the watermark
+        in `<path>.ack` (journal_scan reads it). The file is scanned now."""
         if not 0 < max_payload <= _PAYLOAD_LIMIT:
             raise ValueError("max_payload must be 1..%d" % _PAYLOAD_LIMIT)
         if max_bytes < _STATE_REC + _MARKER_RESERVE + 4 * (max_payload + _OVERHEAD):
             raise ValueError("max_bytes too small for max_payload")
-        if len(tiers) < 2:
-            raise ValueError("tiers: at least the silent one and a reported one")
-        self._ntiers = len(tiers)
-        self._tier = bytearray([len(tiers) - 1] * _KINDS)  # kind -> tier
-        for t, kinds in enumerate(tiers):
-            for kind in kinds:
-                if not 0 < kind < _KIND_STATE or kind == KIND_JOURNAL_FAULT or (
-                        t == 0 and kind in (KIND_SESSION_END, KIND_FAULT)):
-                    raise ValueError("kind %d cannot be in tier %d" % (kind, t))
-                self._tier[kind] = t
+        self._ntiers = max(tiers) + 1
+        self._tier = tiers
         self.path = path
         self._tmp = path + ".tmp"
         self._ack_path = path + ".ack"
@@ -94,8 +80,9 @@ class Journal:
         self._mv = memoryview(self._buf)
         self._dropped = [0] * _KINDS
         self._corrupt = 0  # bytes of bad records found on open, cumulative
-        self._next_seq = 1
-        self._acked = 0  # every seq <= this is acknowledged
+        # The seq existed: new records must come after it even if the journal was lost.
+        self._next_seq = acked + 1
+        self._acked = acked  # every seq <= this is acknowledged
         self._size = 0  # bytes of valid records in the file
         self._gen = 0  # bumped when the file is rewritten; pending() iterators follow it
         self._backlog = None  # (count, bytes), cached
@@ -302,7 +289,6 @@ class Journal:
         """Scan the file; cut a torn or damaged end off by rewriting the good records."""
         durable.remove(self._tmp)  # a rewrite cut short by a power cut; the old file is whole
         durable.remove(self._ack_tmp)
-        self._load_ack()
         self._repair = False
         self._backlog = None
         self._gen += 1
@@ -378,26 +364,6 @@ class Journal:
             else:
                 self._note(rec[0], rec[1], 0)
                 pos += i + _OVERHEAD + rec[2]
-
-    def _load_ack(self):
-        try:
-            f = open(self._ack_path, "rb")
-        except OSError as e:
-            if e.args[0] != _ENOENT:
-                raise
-            return
-        try:
-            n = f.readinto(self._ackbuf)
-        finally:
-            f.close()
-        buf = self._ackbuf
-        if n != 8:
-            return  # garbled: the state record's older watermark holds, records come again
-        seq, crc = struct.unpack_from("<II", buf, 0)
-        if binascii.crc32(self._ackseq) & _U32 == crc:
-            self._acked = max(self._acked, seq)
-            # The seq existed: new records must come after it even if the journal was lost.
-            self._next_seq = max(self._next_seq, seq + 1)
 
     def _stats(self):
         """(count, bytes, [bytes per tier], journal_fault bytes) of the unacknowledged records."""

@@ -34,7 +34,7 @@ _PEAK_CHECKPOINT_GAP_MS = const(10000)
 # A record the flash refused is kept in RAM and tried again this often; at most this many.
 _RETRY_MS = const(10000)
 _MAX_UNSENT = const(4)
-# Power no meter may show (meter.DEFAULT_MAX_POWER_W, its jump guard): a power cut's duration is
+# Power no meter may show (meter._MAX_POWER_W, its jump guard): a power cut's duration is
 # at least the energy after the last snapshot at this power.
 _MAX_POWER_W = const(50000)
 # A power cut comes at most one checkpoint interval (plus this, for a late tick and a meter poll)
@@ -56,15 +56,6 @@ def iso_utc(epoch_s):
 
 def clock_synced(epoch_s):
     return time.gmtime(epoch_s)[0] >= _SYNCED_FROM_YEAR
-
-
-def _session_id(payload):
-    """The session_id of an outbox record (our own JSON); None if it cannot be read."""
-    try:
-        record = json.loads(payload)
-    except ValueError:
-        return None
-    return record.get("session_id") if isinstance(record, dict) else None
 
 
 class SessionLog:
@@ -97,14 +88,7 @@ class SessionLog:
         self._retry_at = 0
         self._snapshot_error = None
         self.too_long = 0  # records the outbox refused as too long: lost, logged whole (_too_long)
-        self._cut = store.load()  # a snapshot left by a session the power cut
-        if store.error:
-            self._emit(0, "session", "snapshot ignored: " + store.error)
-        # Now, at boot, before the link can send anything: once sent and acknowledged the ended
-        # record is no longer in the outbox, and a power_loss copy would follow it to the cloud.
-        if self._cut is not None and self._already_ended(self._cut.get("id")):
-            self._cut = None
-            self._clear(0)
+        self._cut = None  # a snapshot left by a session the power cut (session_restore.py, at boot)
         self._boot_ms = None
         self._recovered_seq = None  # the power cut's record in the outbox, until acked or waited for
         self._recovered_ms = 0
@@ -133,8 +117,9 @@ class SessionLog:
         retry = time.ticks_diff(now_ms, self._retry_at) >= 0
         if self._unsent and retry:
             self._retry(now_ms)
-        if self._cut is not None:
-            self._recover(now_ms, reading)
+        cut = self._cut
+        if cut is not None:
+            self._recover(now_ms, reading, cut)
         if self._recovered_seq is not None:
             self.unacked_recovery = self._awaiting_ack(now_ms)
         if self._clear_due and retry and (session is None or session.id is None):
@@ -251,8 +236,9 @@ class SessionLog:
             "meter": meter,  # issue 13: who measured it (docs/telemetry.md); None: not known
         }
 
-    def _recover(self, now_ms, reading):
-        """Close the session the power cut, once the meter has been read (or it stays silent).
+    def _recover(self, now_ms, reading, cut):
+        """Close the session the power cut (its snapshot `cut`), once the meter has been read (or
+        it stays silent).
         The cut's time is not known: stop_time and duration_s are the best bound the snapshot
         and the meter give, flagged in `estimated` (docs/telemetry.md)."""
         if self._boot_ms is None:
@@ -262,7 +248,6 @@ class SessionLog:
         if self.metered and reading is None and \
                 time.ticks_diff(now_ms, self._boot_ms) < _RECOVERY_WAIT_MS:
             return
-        cut = self._cut
         self._cut = None
         try:
             m1 = cut["m1"]
@@ -309,18 +294,6 @@ class SessionLog:
             self._recovered_seq = seq
             self._recovered_ms = now_ms
         self._emit(now_ms, "session", "closed %s after a power loss" % cut.get("id"))
-
-    def _already_ended(self, session_id):
-        """True if the outbox still holds the session's ended record: ended() appends it, then
-        clears the snapshot, and the power may go in between. Not yet sent at boot: it was
-        appended in the same tick as the clear, before the link could send it."""
-        try:
-            for _, kind, payload in self.outbox.pending():
-                if kind == journal.KIND_SESSION_END and _session_id(payload) == session_id:
-                    return True
-        except OSError as e:  # unreadable: a power_loss copy (a conflict the cloud shows) beats a loss
-            self._emit(0, "storage", "outbox unreadable at boot (%s)" % (e,))
-        return False
 
     def _clear(self, now_ms=0):
         """The snapshot's clear, after its ended record. A failure is tried again every _RETRY_MS

@@ -111,7 +111,11 @@ def build(board, conf):
         fallback_ma=int(conf.limit_fallback_a * 1000), wall=time.time, limit_ttl_s=conf.limit_ttl_s,
     )
     # What set_availability and set_current_limit last set (docs/commands.md); a bad file: defaults.
-    charger.load_settings(time.ticks_ms())
+    # Boot-only code: dropped at once, before the records' modules load (issue 12).
+    import charger_restore
+
+    charger_restore.load_settings(charger, time.ticks_ms())
+    del charger_restore, sys.modules["charger_restore"]
     tethered_ma = int((board.ratings.tethered_cable_a or 0) * 1000)
     records = session_record.Records(charger, contactor, build_meter(board, conf.meter),
                                      build_session_log(conf, gate), conf.meter.failure_timeout_s * 1000,
@@ -125,7 +129,6 @@ def build_session_log(conf, gate=None):
     if conf.pile_id is None:
         console.report(time.ticks_ms(), "session", "no pile_id in config.json: sessions are not recorded")
         return None
-    import journal
     import session_log
     import session_store
 
@@ -144,15 +147,25 @@ def build_session_log(conf, gate=None):
     except OSError as e:
         raise Unavailable("boot counter not written to flash (%s): no session could be recorded; "
                           "free or replace the flash" % e) from None
+    import journal_scan  # boot-only code: dropped once the outbox is open (issue 12)
+
     try:
-        outbox = journal.Journal(files.OUTBOX_FILE, gate=gate)
+        outbox = journal_scan.load(files.OUTBOX_FILE, gate=gate)
     except OSError as e:
         raise Unavailable("outbox %s unreadable (%s): no session could be recorded"
                           % (files.OUTBOX_FILE, e)) from None
-    return session_log.SessionLog(
+    finally:
+        del journal_scan, sys.modules["journal_scan"]
+    log = session_log.SessionLog(
         conf.pile_id, last + 1, outbox, session_store.SessionStore(files.SESSION_FILE),
         connector=conf.connector, metered=conf.meter.type != "none", checkpoint_s=conf.checkpoint_s,
         report=console.report, gate=gate, linked=conf.mqtt is not None)
+    # A session the power cut, for the log to close. Boot-only code: dropped at once (issue 12).
+    import session_restore
+
+    session_restore.load(log)
+    del session_restore, sys.modules["session_restore"]
+    return log
 
 
 def build_link(board, conf, ctl):

@@ -564,10 +564,11 @@ def power_cut_records(tmp_path):
     power since t=100 (records.poll(100) done): the cut's record and the new session's start
     are in the outbox, not yet acknowledged."""
     import charger as ch
-    import journal
+    import journal_scan
     import meter
     import pilot
     import session_log
+    import session_restore
     import session_store
     from session_record import Record, Records
 
@@ -585,10 +586,12 @@ def power_cut_records(tmp_path):
         closed = False
 
     def make_log(boot, where, linked):
-        return session_log.SessionLog(
-            "pile-0042", boot, journal.Journal(str(where / "outbox")),
+        log = session_log.SessionLog(
+            "pile-0042", boot, journal_scan.load(str(where / "outbox")),
             session_store.SessionStore(str(where / "session.json")), metered=True,
             checkpoint_s=60, wall=lambda: 1795000000, linked=linked)
+        session_restore.load(log)  # as wiring.build_session_log
+        return log
 
     def cut(name, linked=True):
         where = tmp_path / name

@@ -2,6 +2,7 @@
 import pytest
 
 import charger as ch
+import charger_restore
 import pilot
 import session_store
 
@@ -299,7 +300,7 @@ def test_settings_survive_a_reboot_and_the_limit_is_clamped_again(tmp_path):
     assert c.set_remote_limit(40000) is None
     assert c.set_availability(0, ch.UNAVAILABLE_B1) is None
     booted, log = with_store(path, max_current_ma=16000)
-    assert booted.load_settings(0)
+    assert charger_restore.load_settings(booted, 0)
     assert booted.availability == booted.availability_wanted == ch.UNAVAILABLE_B1
     assert booted.remote_limit_ma == 40000 and booted.offer_ma == 16000  # config 16 A wins
     assert ("settings", "unavailable_b1, remote limit 40000 mA") in log
@@ -312,7 +313,7 @@ def test_a_scheduled_change_is_what_is_saved(tmp_path):
     c, _ = charging_session(settings=session_store.SettingsStore(str(path)))
     assert c.set_availability(20, ch.UNAVAILABLE_F) == ch.SCHEDULED
     booted, _ = with_store(path)  # the power goes before the session ends
-    booted.load_settings(0)
+    charger_restore.load_settings(booted, 0)
     assert booted.availability == ch.UNAVAILABLE_F and booted.remote_limit_ma is None
 
 
@@ -341,7 +342,7 @@ def test_a_garbled_settings_file_is_reported_and_latched(tmp_path, content):
     path = tmp_path / "settings.json"
     path.write_bytes(content)
     c, log = with_store(path)
-    assert not c.load_settings(0)
+    assert not charger_restore.load_settings(c, 0)
     assert c.availability == ch.AVAILABLE and c.remote_limit_ma is None
     assert c.faults == ch.FAULT_LATCH_STATE_LOST and c.pilot_mode == pilot.MODE_F
     assert [what for what, _ in log] == ["settings", "fault"]
@@ -361,7 +362,7 @@ def test_settings_with_values_out_of_range_take_their_default_alone(tmp_path, se
     path = tmp_path / "settings.json"
     session_store.write_atomic(str(path), session_store._encode(settings))
     c, log = with_store(path)
-    assert not c.load_settings(0)
+    assert not charger_restore.load_settings(c, 0)
     assert c.availability == availability and c.remote_limit_ma == limit and c.faults == 0
     assert any(what == "settings" and "garbled" in text for what, text in log), log
 
@@ -370,7 +371,7 @@ def test_settings_not_an_object_are_latched(tmp_path):
     path = tmp_path / "settings.json"
     session_store.write_atomic(str(path), session_store._encode([1, 2]))
     c, log = with_store(path)
-    assert not c.load_settings(0)
+    assert not charger_restore.load_settings(c, 0)
     assert c.availability == ch.AVAILABLE and c.faults == ch.FAULT_LATCH_STATE_LOST
 
 
@@ -378,14 +379,14 @@ def test_an_unreadable_settings_file_is_reported_and_latched(tmp_path):
     path = tmp_path / "settings.json"
     path.mkdir()  # opening it fails with an error other than "no such file"
     c, log = with_store(path)
-    assert not c.load_settings(0) and c.availability == ch.AVAILABLE
+    assert not charger_restore.load_settings(c, 0) and c.availability == ch.AVAILABLE
     assert c.faults == ch.FAULT_LATCH_STATE_LOST
     assert [what for what, _ in log] == ["settings", "fault"]
 
 
 def test_no_settings_file_means_the_defaults_silently(tmp_path):
     c, log = with_store(tmp_path / "settings.json")
-    assert not c.load_settings(0) and c.availability == ch.AVAILABLE and not log
+    assert not charger_restore.load_settings(c, 0) and c.availability == ch.AVAILABLE and not log
 
 
 def test_a_flash_that_fails_leaves_the_setting_in_effect_and_says_so(tmp_path):
@@ -406,7 +407,7 @@ def test_a_latched_fault_is_saved_after_the_tick_and_raised_again_at_boot(tmp_pa
     assert not path.exists()  # no flash write between the fault and the contactor opening
     assert c.settings_due and c.save_settings() is None and not c.settings_due
     booted, log = with_store(path)
-    assert booted.load_settings(0)
+    assert charger_restore.load_settings(booted, 0)
     assert booted.faults == ch.FAULT_RCD_LOCKOUT
     assert ("fault", "raised rcd_lockout (kept across the reboot)") in log
     booted.step(0, pilot.C, True)  # the car is still there and asks for power
@@ -414,7 +415,7 @@ def test_a_latched_fault_is_saved_after_the_tick_and_raised_again_at_boot(tmp_pa
     assert booted.pilot_mode == pilot.MODE_F
     assert booted.clear_latched(10, ch.FAULT_RCD_LOCKOUT) and booted.save_settings() is None
     again, _ = with_store(path)
-    again.load_settings(0)
+    charger_restore.load_settings(again, 0)
     assert again.faults == 0
 
 
@@ -428,6 +429,6 @@ def test_a_garbled_latched_list_is_latched(tmp_path, latched, faults):
     session_store.write_atomic(str(path), session_store._encode(
         {"availability": "unavailable_b1", "limit_ma": None, "latched": latched}))
     c, log = with_store(path)
-    assert not c.load_settings(0) and c.faults == faults
+    assert not charger_restore.load_settings(c, 0) and c.faults == faults
     assert c.availability == ch.UNAVAILABLE_B1  # the other fields stand
     assert any(what == "settings" and "latched" in text for what, text in log), log

@@ -14,6 +14,7 @@ from pilehost.meter_rig import Pin
 from pilehost.virtual_board import CHARGE, VirtualBoard, board_dict, charging, count_bursts
 
 import charger as ch
+import charger_restore
 import pilot
 import relay
 import session_store
@@ -547,6 +548,6 @@ def test_item6_unreadable_is_an_oserror_not_enoent(monkeypatch):
 
     monkeypatch.setattr("builtins.open", failing_open)
     c = ch.Charger(32000, 32000, True, False, settings=store)
-    c.load_settings(0)
+    charger_restore.load_settings(c, 0)
     assert c.faults == ch.FAULT_LATCH_STATE_LOST
 

@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 
 import journal as J
 
+import journal_scan
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNDROPPABLE = (J.KIND_SESSION_END, J.KIND_FAULT, J.KIND_SESSION_START)  # tiers 1..3: reported
 STATE_REC, RESERVE = 90, 448  # journal.py _STATE_REC, _MARKER_RESERVE
@@ -27,7 +29,7 @@ def capacity(max_bytes, payload):
 def jopen(path, **kw):
     kw.setdefault("max_bytes", 8192)
     kw.setdefault("max_payload", 256)
-    return J.Journal(str(path), **kw)
+    return journal_scan.load(str(path), **kw)
 
 
 def pending(j):
@@ -515,7 +517,7 @@ def _tool(name):
     return None
 
 
-STORAGE_MODULES = ("durable", "journal", "session_store", "command_auth")
+STORAGE_MODULES = ("durable", "journal", "journal_scan", "session_store", "command_auth")
 
 
 def test_storage_selftest_on_micropython_unix_port(tmp_path):

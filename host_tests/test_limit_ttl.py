@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from pilehost.virtual_board import VirtualBoard
 
 import charger as ch
+import charger_restore
 import command_auth
 import commands
 import config
@@ -116,7 +117,7 @@ def test_a_remote_limit_is_never_in_force_past_its_time(events):
 
 def reboot(path, wall, now_ms=0, **kw):
     c, log = make(session_store.SettingsStore(str(path)), wall, **kw)
-    c.load_settings(now_ms)
+    charger_restore.load_settings(c, now_ms)
     return c, log
 
 

@@ -256,12 +256,14 @@ def test_session_ended_names_its_meter(monkeypatch, meter_conf, identity):
     import json
 
     import journal
+
+    import journal_scan
     import files
     from pilehost.cloud import schemas
 
     vb = _board(monkeypatch, [(12000, "stop_request"), (13000, "unplug")], meter_conf)
     vb.run_until(30000)
-    ended = [json.loads(p) for _, k, p in journal.Journal(files.OUTBOX_FILE).pending()
+    ended = [json.loads(p) for _, k, p in journal_scan.load(files.OUTBOX_FILE).pending()
              if k == journal.KIND_SESSION_END]
     assert len(ended) == 1, vb.reports[-20:]
     schemas().check("session_ended", ended[0])
@@ -277,13 +279,16 @@ def test_the_meter_name_never_makes_a_record_too_large(tmp_path):
 
     import charger as ch
     import journal
+    import journal_scan
     import session_log
+    import session_restore
     import session_store
 
     pile = "p" * 40
-    outbox = journal.Journal(str(tmp_path / "outbox.jrnl"), max_payload=512)
+    outbox = journal_scan.load(str(tmp_path / "outbox.jrnl"), max_payload=512)
     log = session_log.SessionLog(pile, 3, outbox, session_store.SessionStore(str(tmp_path / "s.json")),
                                  wall=lambda: 1790000000)
+    session_restore.load(log)  # as wiring.build_session_log
     s = Record(ch.Session(0))
     s.session.authorized_ms, s.session.auth_source, s.session.auth_id = 0, "remote", "xx"
     s.id, s.start_epoch, s.session.stop_reason = pile + "-3-1", 1790000000, "ev_disconnected"

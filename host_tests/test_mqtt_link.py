@@ -13,6 +13,7 @@ import time
 import pytest
 
 import journal  # firmware/
+import journal_scan
 from pilehost import pilecmd, unix_port
 from pilehost.broker import BlackHole
 from pilehost.cloud import Store, schemas
@@ -42,7 +43,8 @@ def count(c, key):
 def pending_records(flash):
     """What the pile's flash outbox still holds unacknowledged: (kind, session_id)."""
     return [(journal.kind_name(kind), json.loads(payload).get("session_id"))
-            for _seq, kind, payload in journal.Journal(os.path.join(flash, "outbox.jrnl")).pending()]
+            for _seq, kind, payload in
+            journal_scan.load(os.path.join(flash, "outbox.jrnl")).pending()]
 
 
 

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 import journal  # firmware/
+import journal_scan
 import mqtt_conn  # firmware/
 import mqtt_link  # firmware/; umqtt.simple: loaded by conftest.py
 from pilehost import ROOT, unix_port
@@ -130,7 +131,7 @@ def mqtt_lines(r):
 
 
 def outbox_kinds(flash):
-    j = journal.Journal(str(flash / "outbox.jrnl"))
+    j = journal_scan.load(str(flash / "outbox.jrnl"))
     return [journal.KIND_NAMES[kind] for _, kind, _ in j.pending()]
 
 

@@ -10,8 +10,10 @@ import pytest
 import charger as ch
 import durable
 import journal
+import journal_scan
 import meter
 import session_log
+import session_restore
 import session_store
 from session_record import Record
 
@@ -28,13 +30,15 @@ def validate(kind, record):
 
 
 def make_log(tmp_path, boot=7):
-    return session_log.SessionLog(PILE, boot, journal.Journal(str(tmp_path / "outbox")),
-                                  session_store.SessionStore(str(tmp_path / "session.json")),
-                                  checkpoint_s=60, wall=lambda: T_2026)
+    log = session_log.SessionLog(PILE, boot, journal_scan.load(str(tmp_path / "outbox")),
+                                 session_store.SessionStore(str(tmp_path / "session.json")),
+                                 checkpoint_s=60, wall=lambda: T_2026)
+    session_restore.load(log)  # as wiring.build_session_log
+    return log
 
 
 def ended_records(tmp_path):
-    return [json.loads(p) for _, k, p in journal.Journal(str(tmp_path / "outbox")).pending()
+    return [json.loads(p) for _, k, p in journal_scan.load(str(tmp_path / "outbox")).pending()
             if k == journal.KIND_SESSION_END]
 
 
@@ -138,7 +142,7 @@ def test_2_a_failed_clear_is_retried_so_a_reboot_after_the_ack_reports_nothing_t
     log.poll(61000 + session_log._RETRY_MS, None, None)
     monkeypatch.undo()
     # The link sends the ended record and the broker acknowledges it; then the power goes.
-    outbox = journal.Journal(str(tmp_path / "outbox"))
+    outbox = journal_scan.load(str(tmp_path / "outbox"))
     outbox.ack(max(seq for seq, _, _ in outbox.pending()))
     make_log(tmp_path, boot=8).poll(0, None, reading(1500))
     assert ended_records(tmp_path) == []  # no power_loss copy of the session the cloud has

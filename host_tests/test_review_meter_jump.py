@@ -260,19 +260,23 @@ def test_a_power_cut_record_takes_no_unchecked_boot_reading(tmp_path):
     follows the first, or without one closes stale on the snapshot's register."""
     import charger as ch
     import journal
+    import journal_scan
     import meter
     import session_log
+    import session_restore
     import session_store
     from session_record import Record
 
     def make_log(boot):
-        return session_log.SessionLog(
-            "pile-0042", boot, journal.Journal(str(tmp_path / "outbox")),
+        log = session_log.SessionLog(
+            "pile-0042", boot, journal_scan.load(str(tmp_path / "outbox")),
             session_store.SessionStore(str(tmp_path / "session.json")), metered=True,
             checkpoint_s=60, wall=lambda: 1795000000)
+        session_restore.load(log)  # as wiring.build_session_log
+        return log
 
     def ended():
-        out = [json.loads(p) for _s, k, p in journal.Journal(str(tmp_path / "outbox")).pending()
+        out = [json.loads(p) for _s, k, p in journal_scan.load(str(tmp_path / "outbox")).pending()
                if journal.kind_name(k) == "session_end"]
         return out[-1] if out else None
 

@@ -16,7 +16,9 @@ import config
 import meter
 import files
 import journal
+import journal_scan
 import session_log
+import session_restore
 import session_store
 import wiring
 from meters import Dlt645MeterSim, ModbusMeterSim
@@ -62,7 +64,7 @@ def firmware_log(monkeypatch, tmp_path, pile_id=LONG_PILE, wall=T_2026):
 
 
 def outbox_records(kind):
-    return [json.loads(p) for _, k, p in journal.Journal(files.OUTBOX_FILE).pending() if k == kind]
+    return [json.loads(p) for _, k, p in journal_scan.load(files.OUTBOX_FILE).pending() if k == kind]
 
 
 def worst_session(auth_id=QUOTES):
@@ -126,9 +128,11 @@ def test_1_the_largest_power_loss_record_fits_the_firmware_outbox(monkeypatch, t
 def small_outbox_log(path, boot=7, max_payload=256):
     reports = []
     log = session_log.SessionLog(
-        LONG_PILE, boot, journal.Journal(str(path / "outbox"), max_bytes=8192, max_payload=max_payload),
+        LONG_PILE, boot,
+        journal_scan.load(str(path / "outbox"), max_bytes=8192, max_payload=max_payload),
         session_store.SessionStore(str(path / "session.json")), checkpoint_s=60, wall=Clock(T_2026),
         report=lambda now, what, text: reports.append((what, text)))
+    session_restore.load(log)  # as wiring.build_session_log
     return log, reports
 
 

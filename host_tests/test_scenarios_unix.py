@@ -262,9 +262,11 @@ def test_a_misbehaving_bus_is_refused_counted_and_billed_right():
 def outbox(flash):
     """(kind, record) of every record in a board's flash outbox, read with the firmware's Journal."""
     import journal
+    import journal_scan
 
     return [(journal.kind_name(kind), json.loads(payload))
-            for _seq, kind, payload in journal.Journal(os.path.join(flash, "outbox.jrnl")).pending()]
+            for _seq, kind, payload in
+            journal_scan.load(os.path.join(flash, "outbox.jrnl")).pending()]
 
 
 def validate(kind, record):

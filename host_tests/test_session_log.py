@@ -8,7 +8,9 @@ from pilehost.virtual_board import ROOT
 
 import charger as ch
 import journal
+import journal_scan
 import session_log
+import session_restore
 import session_store
 from session_record import Record
 
@@ -37,15 +39,16 @@ class Reading:
 
 
 def make_log(tmp_path, boot=7, wall=T_2026, metered=True):
-    log = session_log.SessionLog("pile-0042", boot, journal.Journal(str(tmp_path / "outbox")),
+    log = session_log.SessionLog("pile-0042", boot, journal_scan.load(str(tmp_path / "outbox")),
                                  session_store.SessionStore(str(tmp_path / "session.json")),
                                  metered=metered, checkpoint_s=60, wall=Clock(wall))
+    session_restore.load(log)  # as wiring.build_session_log
     return log
 
 
 def records(tmp_path):
     out = []
-    for _seq, kind, payload in journal.Journal(str(tmp_path / "outbox")).pending():
+    for _seq, kind, payload in journal_scan.load(str(tmp_path / "outbox")).pending():
         out.append((journal.kind_name(kind), json.loads(payload)))
     return out
 

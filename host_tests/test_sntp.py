@@ -318,17 +318,20 @@ def test_a_power_cut_after_ntp_answered_mid_session_reports_real_times(tmp_path)
     """The session began on the unsynced clock; NTP answered; the power went. The snapshot was
     rebased at its next checkpoint, so the power_loss record carries synced times."""
     import charger as ch
-    import journal
+    import journal_scan
     import session_log
+    import session_restore
     import session_store
     from session_record import Record
 
     wall = [41]  # 41 s after the epoch: not synced
 
     def make(boot):
-        return session_log.SessionLog("pile-0042", boot, journal.Journal(str(tmp_path / "outbox")),
-                                      session_store.SessionStore(str(tmp_path / "session.json")),
-                                      metered=False, checkpoint_s=60, wall=lambda: wall[0])
+        log = session_log.SessionLog("pile-0042", boot, journal_scan.load(str(tmp_path / "outbox")),
+                                     session_store.SessionStore(str(tmp_path / "session.json")),
+                                     metered=False, checkpoint_s=60, wall=lambda: wall[0])
+        session_restore.load(log)  # as wiring.build_session_log
+        return log
     log = make(7)
     s = Record(ch.Session(0))
     s.auth_source, s.auth_id, s.authorized_ms = "free_vend", None, 0
@@ -337,7 +340,7 @@ def test_a_power_cut_after_ntp_answered_mid_session_reports_real_times(tmp_path)
     log.poll(61000, s, None)  # the next checkpoint, at 61 s
     log2 = make(8)  # the power went; the next boot closes the session
     log2.poll(0, None, None)
-    recs = [json.loads(p) for _s, _k, p in journal.Journal(str(tmp_path / "outbox")).pending()]
+    recs = [json.loads(p) for _s, _k, p in journal_scan.load(str(tmp_path / "outbox")).pending()]
     started, ended = recs
     assert started["clock_synced"] is False
     assert ended["stop_reason"] == "power_loss" and ended["clock_synced"] is True
@@ -381,9 +384,10 @@ def run_with(server, flash):
 
 def ended_record(flash):
     import journal
+    import journal_scan
 
-    records = [json.loads(p) for _s, kind, p in journal.Journal(os.path.join(flash, "outbox.jrnl")).pending()
-               if journal.kind_name(kind) == "session_end"]
+    outbox = journal_scan.load(os.path.join(flash, "outbox.jrnl"))
+    records = [json.loads(p) for _s, kind, p in outbox.pending() if journal.kind_name(kind) == "session_end"]
     assert len(records) == 1
     with open(os.path.join(ROOT, "docs", "schemas", "session_ended.v1.schema.json")) as f:
         jsonschema.validate(records[0], json.load(f))

@@ -13,6 +13,8 @@ import os
 import sys
 
 import journal as J
+
+import journal_scan
 import session_store
 import command_auth
 
@@ -36,7 +38,7 @@ def pending(j):
 def journal_case(path, max_bytes, max_payload):
     for p in (path, path + ".ack", path + ".tmp", path + ".ack.tmp"):
         rm(p)
-    j = J.Journal(path, max_bytes=max_bytes, max_payload=max_payload)
+    j = journal_scan.load(path, max_bytes=max_bytes, max_payload=max_payload)
     s1 = j.append(J.KIND_SESSION_START, b'{"s":"S1"}')
     s2 = j.append(J.KIND_METER, b"1234")
     s3 = j.append(J.KIND_SESSION_END, b'{"s":"S1","wh":5}')
@@ -48,7 +50,7 @@ def journal_case(path, max_bytes, max_payload):
     f = open(path, "ab")
     f.write(b"RJ\x01\x00\x40\x00\x04\x00\x00\x00abc")
     f.close()
-    j = J.Journal(path, max_bytes=max_bytes, max_payload=max_payload)
+    j = journal_scan.load(path, max_bytes=max_bytes, max_payload=max_payload)
     check(j.discarded_bytes == 13, "discarded %d" % j.discarded_bytes)
     check(pending(j) == [(2, J.KIND_METER, b"1234"), (3, J.KIND_SESSION_END, b'{"s":"S1","wh":5}')],
           "pending after torn append")
@@ -60,7 +62,7 @@ def journal_case(path, max_bytes, max_payload):
     check(j.lost_reported() > 0, "overflow happened")
     check(os.stat(path)[6] <= max_bytes, "bounded")
     next_seq = j.next_seq  # 45 + one seq per journal_fault record written
-    j = J.Journal(path, max_bytes=max_bytes, max_payload=max_payload)
+    j = journal_scan.load(path, max_bytes=max_bytes, max_payload=max_payload)
     kinds = [r[1] for r in j.pending()]
     check(J.KIND_JOURNAL_FAULT in kinds, "overflow reported")
     check(j.dropped(J.KIND_SESSION_END) > 0, "drop count survives")
