@@ -23,6 +23,8 @@ from backoff import Backoff
 _CAUSES = {1: "power_on", 2: "hard", 3: "wdt", 4: "deepsleep", 5: "soft"}
 _BACKOFF_MIN_MS = const(1000)  # mqtt_link.py's _BACKOFF_MIN_MS
 _BACKOFF_MAX_MS = const(60000)
+_OUT_SIZE = const(2048)  # unsent bytes; more than that and the connection is dropped
+_IN_SIZE = const(1024)  # mqtt_conn.py's _IN_SIZE
 
 
 def cause_name(code):
@@ -104,13 +106,20 @@ def setup_link(link, bufs, conf, ctl, log, report, verifier, fw, board, reset, b
     link._todo_health = False
 
 
+def buffers():
+    """(out-buffer, in-buffer): the link's largest allocations. On the pile wiring.py makes them
+    at the settings, while the heap is still whole, and hands them over; made here for a link
+    built without them (the host tests' boards)."""
+    return bytearray(_OUT_SIZE), bytearray(_IN_SIZE)
+
+
 def setup_conn(conn, owner, client_id, keepalive_s, user, password, will, tls, tls_name, bufs,
                pipe_class, down):
     """mqtt_conn.MqttConn.__init__'s work (its arguments there; pipe_class and down: its _Pipe
     and DOWN, given: this module does not import mqtt_conn, which imports it)."""
     from umqtt import simple as umqtt
 
-    out, conn._in = bufs
+    out, conn._in = buffers() if bufs is None else bufs
     conn._pipe = pipe = pipe_class(len(out), out)
     conn._owner = owner
     conn._keepalive_ms = keepalive_s * 1000

@@ -13,7 +13,7 @@ TYPE_CHECKING = const(False)  # mypy takes it as True (tools/typecheck.py); comp
 if TYPE_CHECKING:
     from typing import Any
 
-_OUT_SIZE = const(2048)  # unsent bytes; more than that and the connection is dropped
+# The in-buffer's size (link_setup.py's buffers, or wiring.py's at the settings: the same).
 _IN_SIZE = const(1024)  # a command is at most 512 bytes (docs/commands.md) plus its topic
 _CONNECT_MS = const(5000)  # TCP connect plus CONNACK; with TLS, the handshake, then the CONNACK
 _STALL_MS = const(10000)  # out-buffer not draining
@@ -98,12 +98,6 @@ def fixed_header(buf, n):
     return None
 
 
-def buffers():
-    """(out-buffer, in-buffer), for MqttConn's `bufs`: the link's largest allocations, made
-    before anything else of the link (wiring_link.py frees a held block for them just before)."""
-    return bytearray(_OUT_SIZE), bytearray(_IN_SIZE)
-
-
 def drop_setup():
     """link_setup.py and link_tls.py off the heap (main.py's next collection frees them): the
     code of the boot, of TLS and of the board reset, never needed while the contactor is closed
@@ -132,7 +126,7 @@ class MqttConn:
     owner: told what arrives, by conn_up(now_ms), conn_puback(now_ms, packet id),
     conn_publish(now_ms, topic, msg) (only while conn_may_take()), conn_too_large(now_ms, size),
     conn_suback(now_ms, return code), and conn_report(now_ms, text). tls: an SSLContext or None.
-    bufs: buffers()'s pair, made by the caller first (None: made here, first)."""
+    bufs: (out-buffer, in-buffer), made by the caller first (None: link_setup.buffers())."""
 
     # Set by link_setup.setup_conn (annotations only: no code on the board).
     _owner: "Any"
@@ -166,7 +160,7 @@ class MqttConn:
         import link_setup  # dropped by the owner once built, or by close()
 
         link_setup.setup_conn(self, owner, client_id, keepalive_s, user, password, will, tls,
-                              tls_name, buffers() if bufs is None else bufs, _Pipe, DOWN)
+                              tls_name, bufs, _Pipe, DOWN)
 
     # -- opening ---------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from micropython import const
 
 import link_heal
 import telemetry
-from mqtt_conn import DOWN, TCP, TLS, UP, WRAP, MqttConn, buffers, drop_setup
+from mqtt_conn import DOWN, TCP, TLS, UP, WRAP, MqttConn, drop_setup
 
 TYPE_CHECKING = const(False)  # mypy takes it as True (tools/typecheck.py); compiled out here
 if TYPE_CHECKING:
@@ -124,7 +124,8 @@ class MqttLink:
     verifier: a CommandVerifier, or None to take no commands; reset: restarts the board
     (machine.reset); tls: tls_context()'s SSLContext, or None: plain TCP; heal_store: a
     link_heal.HealStore (None: the ladder never resets the board); reset_cause:
-    machine.reset_cause(). `station` (wifi.Station) is set by main.py when there is Wi-Fi."""
+    machine.reset_cause(); bufs: the connection's (out-buffer, in-buffer), made by wiring.py at
+    the settings (None: made here). `station` (wifi.Station) is set by main.py when there is Wi-Fi."""
 
     # Set by link_setup.setup_link (annotations only: no code on the board).
     _pile: "PileView"
@@ -184,10 +185,7 @@ class MqttLink:
 
     def __init__(self, conf, ctl, log, report=None, verifier=None, fw="0", board="",
                  reset=None, boot_ms=None, wall=time.time, tls=None, ota=None, heal_store=None,
-                 reset_cause=None):
-        # The buffers first, into the block wiring_link.py has just let go (issue 12): made after
-        # the link's small objects, they found the heap cut into holes too small for them.
-        bufs = buffers()
+                 reset_cause=None, bufs=None):
         import link_setup  # the boot's code, off the heap once the link is built
 
         try:

@@ -19,7 +19,7 @@ class Unavailable(Exception):
 
 def build_link(board, conf, ctl, handover):
     """The MQTT link (docs/telemetry.md), when config.json has an mqtt section and a pile id.
-    handover: wiring.handover (the link's room, OTA's survey), taken over from the settings."""
+    handover: wiring.handover (the link's buffers, OTA's survey), taken over from the settings."""
     mconf = conf.mqtt
     if mconf is None:
         return None
@@ -39,7 +39,8 @@ def build_link(board, conf, ctl, handover):
 
         updater = ota_lazy.Updater(conf.ota.key, board.name, conf.ota.trial_s, VERSION, machine.reset,
                                    surveyed=handover.get("ota"))
-    handover.clear()  # the link's room let go, just before its buffers are made (wiring.py)
+    bufs = handover.get("bufs")  # made at the settings (wiring.py); None: made by the link
+    handover.clear()
     gc.collect()
     # A reservation on flash only while a close may come: a car plugged in (docs/commands.md).
     # (A bound method: a lambda here would keep this module alive after main drops it.)
@@ -47,7 +48,7 @@ def build_link(board, conf, ctl, handover):
     return mqtt_link.MqttLink(mconf, ctl, ctl.records.log, console.report, verifier,
                               fw=VERSION, board=board.name, reset=machine.reset, boot_ms=console.boot_ms,
                               tls=tls, ota=updater, heal_store=link_heal.HealStore(files.HEAL_FILE),
-                              reset_cause=reset_cause())
+                              reset_cause=reset_cause(), bufs=bufs)
 
 
 def build_tls(path, mqtt_link):
