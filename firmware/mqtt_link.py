@@ -108,21 +108,11 @@ class PileView:
         self._ctl.guard(time.ticks_ms())
 
 
-def tls_context(ca):
-    """wiring_link.py's build_tls: link_tls.tls_context, at the boot, the module dropped after."""
-    import link_tls
-
-    try:
-        return link_tls.tls_context(ca)
-    finally:
-        drop_setup()
-
-
 class MqttLink:
     """conf: config.json's mqtt section; ctl: the Controller (read through PileView, acted on
     through commands.Commands); log: the SessionLog (pile id, boot, the outbox journal);
     verifier: a CommandVerifier, or None to take no commands; reset: restarts the board
-    (machine.reset); tls: tls_context()'s SSLContext, or None: plain TCP; heal_store: a
+    (machine.reset); tls: link_tls.tls_context()'s SSLContext, or None: plain TCP; heal_store: a
     link_heal.HealStore (None: the ladder never resets the board); reset_cause:
     machine.reset_cause(); bufs: the connection's (out-buffer, in-buffer), made by wiring.py at
     the settings (None: made here). `station` (wifi.Station) is set by main.py when there is Wi-Fi."""

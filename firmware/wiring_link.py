@@ -32,7 +32,7 @@ def build_link(board, conf, ctl, handover):
     import mqtt_link
 
     gc.collect()
-    tls = None if mconf.tls_ca is None else build_tls(mconf.tls_ca, mqtt_link)
+    tls = None if mconf.tls_ca is None else build_tls(mconf.tls_ca)
     updater = None
     if conf.ota is not None:  # over-the-air updates (docs/ota.md): ota.py loaded while it has work
         import ota_lazy
@@ -51,8 +51,9 @@ def build_link(board, conf, ctl, handover):
                               reset_cause=reset_cause(), bufs=bufs)
 
 
-def build_tls(path, mqtt_link):
-    """The broker's CA, read once: a missing or bad file is a config error (pile unavailable)."""
+def build_tls(path):
+    """The broker's CA, read once: a missing or bad file is a config error (pile unavailable).
+    link_tls.py is dropped again after (mqtt_conn.drop_setup): loaded when a handshake runs."""
     where = "config.json: mqtt: 'tls_ca'"
     try:
         with open(path, "rb") as f:
@@ -61,12 +62,15 @@ def build_tls(path, mqtt_link):
         raise Unavailable("%s: cannot read %s (%s)" % (where, path, e)) from None
     # The code first, outside the ValueError below: a damaged link_tls.mpy raises one too, and
     # is not the CA's fault (main.run's fail_safe, a reset: a trial release is rolled back).
-    import link_tls  # noqa: F401  (dropped by mqtt_link.tls_context)
+    import link_tls
+    from mqtt_conn import drop_setup
 
     try:
-        return mqtt_link.tls_context(ca)
+        return link_tls.tls_context(ca)
     except ValueError as e:
         raise Unavailable("%s: %s is not a usable CA certificate (%s)" % (where, path, e)) from None
+    finally:
+        drop_setup()
 
 
 def build_verifier(mconf, gate=None, may_close=None):
