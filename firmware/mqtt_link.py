@@ -32,22 +32,15 @@ _MAX_ACKS = const(4)  # cmd/ack waiting to go out; a full queue holds back the n
 
 class PileView:
     """All the link reads of the controller (ctl), and its one action on it: safe_off()
-    before a remote reboot. Commands act through commands.py."""
+    before a remote reboot. Commands act through commands.py. `charger`: the charger
+    (charger.Charger), whose state, pilot, faults and remote limit the link reads as they are."""
 
     def __init__(self, ctl):
         self._ctl = ctl
+        self.charger = ctl.charger
 
     def contactor_closed(self):
         return self._ctl.contactor.closed
-
-    def state(self):
-        return self._ctl.charger.state
-
-    def pilot(self):
-        return self._ctl.charger.pilot
-
-    def faults(self):
-        return self._ctl.charger.faults
 
     def offer_ma(self):
         ctl = self._ctl
@@ -73,16 +66,11 @@ class PileView:
 
     def limit(self, now_ms):
         """(mA, source, ms left or None) of the remote limit in force, or None."""
-        c = self._ctl.charger
+        c = self.charger
         if c.remote_limit_ma is None:
             return None
         return c.remote_limit_ma, c.limit_source, c.limit_expires_in_ms(now_ms)
 
-    def limit_ma(self):
-        return self._ctl.charger.remote_limit_ma
-
-    def limit_source(self):
-        return self._ctl.charger.limit_source
     def session_open(self):
         """A board reset must wait: the contactor closed, a record or a session open."""
         ctl = self._ctl
@@ -415,7 +403,7 @@ class MqttLink:
             pile = self._pile
             s = pile.session()
             reading = pile.reading()
-            if s is not None and reading is not None and pile.state() in telemetry.RUNNING:
+            if s is not None and reading is not None and pile.charger.state in telemetry.RUNNING:
                 pile.guard()  # building a message is a slice of its own
                 conn.publish(t.meter, telemetry.meter(
                     self._wall(), s.id, s.energy_wh, reading, pile.meter_age_ms(now_ms),
@@ -447,21 +435,23 @@ class MqttLink:
         """A status goes out on every change of state, pilot, offer, faults, the remote limit in
         force, or the meter's reading going stale or fresh (no allocation)."""
         p = self._pile
-        if p.state() != self._s_state or p.pilot() != self._s_pilot or p.faults() != self._s_faults \
-                or p.offer_ma() != self._s_offer or p.limit_ma() != self._s_limit \
-                or p.limit_source() != self._s_limit_source \
+        c = p.charger
+        if c.state != self._s_state or c.pilot != self._s_pilot or c.faults != self._s_faults \
+                or p.offer_ma() != self._s_offer or c.remote_limit_ma != self._s_limit \
+                or c.limit_source != self._s_limit_source \
                 or (p.fresh_reading(now_ms) is None) != self._s_stale:  # power shown, or not
             self._status_due = True
 
     def _publish_status(self, now_ms):
         p = self._pile
         p.guard()  # building a message is a slice of its own
-        state = self._s_state = p.state()
-        pilot = self._s_pilot = p.pilot()
-        faults = self._s_faults = p.faults()
+        c = p.charger
+        state = self._s_state = c.state
+        pilot = self._s_pilot = c.pilot
+        faults = self._s_faults = c.faults
         offer = self._s_offer = p.offer_ma()
-        self._s_limit = p.limit_ma()
-        self._s_limit_source = p.limit_source()
+        self._s_limit = c.remote_limit_ma
+        self._s_limit_source = c.limit_source
         self._status_due = False
         self._status_at = now_ms
         s = p.session()
