@@ -221,7 +221,8 @@ class MqttLink:
             self._cmd_in = None
             if self._commands is not None:  # else not subscribed: a broker's stray message
                 self._pile.guard()
-                self._command(now_ms, raw)
+                # Verified, applied and answered by commands.py (docs/commands.md).
+                self._commands.received(self, now_ms, raw)
         if lost is not None:
             self._drop(now_ms, lost)
             return
@@ -358,8 +359,7 @@ class MqttLink:
         # `too_large` has no id to answer: the command was skipped unread.
         self._emit(now_ms, "command refused: too_large (%d bytes)" % size)
 
-    def conn_report(self, now_ms, text):
-        self._emit(now_ms, text)
+    conn_report = _emit  # the connection's reports (the TLS handshake's time) are the link's
 
     # -- what goes out ---------------------------------------------------------------------------
 
@@ -487,7 +487,3 @@ class MqttLink:
         }
         self._conn.publish(self._topics.health, telemetry.health(
             self._wall(), self._log.boot, self._uptime_ms // 1000, self._fw, fig), retain=True)
-
-    def _command(self, now_ms, raw):
-        """A command's payload: verified, applied and answered by commands.py (docs/commands.md)."""
-        self._commands.received(self, now_ms, raw)

@@ -42,7 +42,8 @@ def _settings(monkeypatch, conf):
     return vb, wiring, board, c
 
 
-@pytest.mark.parametrize("conf", [{}, {"pile_id": "buf-1"}, {"pile_id": "buf-1", "meter": {"type": "ddsu666"}}])
+@pytest.mark.parametrize("conf", [
+    {}, {"pile_id": "buf-1"}, {"pile_id": "buf-1", "meter": {"type": "ddsu666"}}])
 def test_a_config_without_mqtt_makes_no_buffer(monkeypatch, conf):
     _, wiring, _, _ = _settings(monkeypatch, conf)
     assert "bufs" not in wiring.handover

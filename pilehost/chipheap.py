@@ -29,8 +29,8 @@ TARGET_MPY_KIB = 96
 # publish (firmware/journal.py pending(): at most _PAYLOAD_LIMIT, 1,024 B; ~450 B for a normal
 # `session/ended`). Its buffers (the 2,048 B out-buffer, the 1,024 B in-buffer) are made once
 # at boot, by wiring.py at the settings (handed over to the link), and reused: the out-buffer is
-# compacted in place (no copy), a command is read into the in-buffer. Status, health and acks are JSON of a few
-# hundred bytes (test_heap_lazy.py checks the largest against this).
+# compacted in place (no copy), a command is read into the in-buffer. Status, health and acks are
+# JSON of a few hundred bytes (test_heap_lazy.py checks the largest against this).
 LINK_BIGGEST_B = 1024
 
 
