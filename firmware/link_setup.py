@@ -55,7 +55,7 @@ def setup_link(link, bufs, conf, ctl, log, report, verifier, fw, board, reset, b
     link._wall = wall
     link._host = conf.host
     link._port = conf.port
-    link._held = False  # a TLS connection waits for the contactor to open
+    link._held = False  # a TLS connection or a name lookup waits for the contactor to open (said once)
     link._status_ms = conf.status_interval_s * 1000
     link._meter_ms = conf.meter_interval_s * 1000
     t = link._topics = telemetry.Topics(log.pile_id)
@@ -66,7 +66,6 @@ def setup_link(link, bufs, conf, ctl, log, report, verifier, fw, board, reset, b
                           tls_name=conf.tls_server_name or conf.host, bufs=bufs)
     link._addr = None
     link._stale = False  # the kept address failed to connect: look it up again when allowed
-    link._lookup_held = False  # a lookup waits for the contactor to open (said once)
     had = "netaddr" in sys.modules  # sntp.py's too
     import netaddr
 

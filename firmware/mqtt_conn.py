@@ -214,7 +214,10 @@ class MqttConn:
         if state == TCP:
             return self._tcp_step(now_ms)
         if state == TLS:
-            return self._tls_step(now_ms)
+            why = _tls_code().tls_step(self, now_ms, _CONNACK, _CONNECT_MS)  # loaded by start_tls
+            if why is None and self.state != TLS:
+                drop_setup()  # the handshake is done
+            return why
         if state == WRAP:
             return None
         self.flush(now_ms)
@@ -251,12 +254,6 @@ class MqttConn:
         self.state = _CONNACK
         self.flush(now_ms)
         return None
-
-    def _tls_step(self, now_ms):
-        why = _tls_code().tls_step(self, now_ms, _CONNACK, _CONNECT_MS)  # loaded by start_tls
-        if why is None and self.state != TLS:
-            drop_setup()  # the handshake is done
-        return why
 
     def _connect_packet(self):
         """CONNECT (MQTT 3.1.1 section 3.1), clean session: a stale command must not run later.

@@ -126,7 +126,6 @@ class MqttLink:
     _conn: "MqttConn"
     _addr: "Any"
     _stale: bool
-    _lookup_held: bool
     _numeric: bool
     last_error: "str | None"
     _retry_at: int
@@ -252,22 +251,18 @@ class MqttLink:
 
     def _open(self, now_ms):
         closed = self._pile.contactor_closed()
-        if self._conn.tls is not None and closed:
+        tls = self._conn.tls is not None
+        # A TLS connection (its handshake) and getaddrinfo (DNS) block on a board: never with the
+        # contactor closed (issue 10, item 19); a TCP connect to a known address may go ahead.
+        if closed and (tls or self._addr is None and not self._numeric):
             if not self._held:  # said once per wait
                 self._held = True
-                self._emit(now_ms, "TLS connection waits for the contactor to open")
+                self._emit(now_ms, "TLS connection waits for the contactor to open" if tls
+                           else "%s: name lookup waits for the contactor to open" % self._host)
             return
         self._held = False
-        # getaddrinfo blocks on a board (DNS): never with the contactor closed (issue 10, item 19).
-        may_look_up = self._numeric or not closed
-        if self._addr is None and not may_look_up:
-            if not self._lookup_held:  # said once per wait
-                self._lookup_held = True
-                self._emit(now_ms, "%s: name lookup waits for the contactor to open" % self._host)
-            return
-        self._lookup_held = False
         try:
-            if self._addr is None or self._stale and may_look_up:
+            if self._addr is None or self._stale and (self._numeric or not closed):
                 self._addr = socket.getaddrinfo(self._host, self._port)[0][-1]
                 self._stale = False
             self._conn.open(self._addr, now_ms)
@@ -293,7 +288,7 @@ class MqttLink:
     def _escalate(self, now_ms):
         """The ladder's steps beyond a reconnect (link_heal.Ladder.due), between attempts."""
         heal = self._heal
-        if self._held or self._lookup_held:  # waiting for the contactor by design, not broken
+        if self._held:  # waiting for the contactor by design, not broken
             heal.down_since = now_ms
             return
         station = self.station
