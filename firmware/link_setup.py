@@ -58,7 +58,7 @@ def setup_link(link, bufs, conf, ctl, log, report, verifier, fw, board, reset, b
     link._held = False  # a TLS connection or a name lookup waits for the contactor to open (said once)
     link._status_ms = conf.status_interval_s * 1000
     link._meter_ms = conf.meter_interval_s * 1000
-    t = link._topics = telemetry.Topics(log.pile_id)
+    t = link._topics = setup_topics(telemetry.Topics(), log.pile_id)
     user = None if conf.username is None else conf.username.encode()
     password = None if user is None else (conf.password or "").encode()
     link._conn = mqtt_conn_class(link, log.pile_id.encode(), conf.keepalive_s, user, password,
@@ -150,7 +150,7 @@ def setup_conn(conn, owner, client_id, keepalive_s, user, password, will, tls, t
 
 
 def setup_topics(topics, pile_id):
-    """telemetry.Topics.__init__'s work."""
+    """topics (a telemetry.Topics) filled for this pile id; returned."""
     import journal
 
     root = "evse/v1/%s/" % pile_id
@@ -169,6 +169,28 @@ def setup_topics(topics, pile_id):
         # No schema of its own yet: the cloud keeps it in its `rejected` table.
         journal.KIND_JOURNAL_FAULT: fault,
     }
+    return topics
+
+
+def load_heal(store, path):
+    """link_heal.HealStore.__init__'s work: files.HEAL_FILE read at the boot. Unreadable: a
+    streak of 1, so the rate stays slow."""
+    import json
+
+    store.path = path
+    store.resets = 0
+    store.streak = 0
+    store.reason = None
+    try:
+        with open(path) as f:
+            d = json.load(f)
+        store.resets = int(d["resets"])
+        store.streak = int(d["streak"])
+        store.reason = d.get("reason")
+    except OSError:
+        pass  # never written: no escalation reset yet
+    except (ValueError, KeyError, TypeError):
+        store.streak = 1
 
 
 def setup_ladder(ladder, conf, store, now_ms, step_reset):
