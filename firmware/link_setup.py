@@ -121,7 +121,6 @@ def setup_conn(conn, owner, client_id, keepalive_s, user, password, will, tls, t
     out, conn._in = buffers() if bufs is None else bufs
     conn._pipe = pipe = pipe_class(len(out), out)
     conn._owner = owner
-    conn._keepalive_ms = keepalive_s * 1000
     conn.tls = tls
     conn._tls_name = tls_name
     conn._raw = None  # the TCP socket under the TLS one
@@ -132,12 +131,12 @@ def setup_conn(conn, owner, client_id, keepalive_s, user, password, will, tls, t
     conn._in_mv = memoryview(conn._in)
     conn._in_len = 0
     conn._skip = 0  # bytes still to discard of a packet larger than the in-buffer
-    conn._user = user
-    conn._password = password
-    conn._will = will  # (topic, message)
     # umqtt builds PUBLISH, SUBSCRIBE, PINGREQ and parses PUBLISH, into and from the pipe;
-    # CONNECT is built by mqtt_conn (connect() would open a socket of its own).
-    c = conn._client = umqtt.MQTTClient(client_id, None, 1883, keepalive=keepalive_s)
+    # CONNECT is built by mqtt_conn of the fields umqtt keeps (connect() would open a socket of
+    # its own).
+    c = conn._client = umqtt.MQTTClient(client_id, None, 1883, user, password, keepalive_s)
+    if will is not None:  # (topic, message)
+        c.set_last_will(will[0], will[1], True, 1)
     c.sock = pipe
     c.set_callback(conn._on_message)
     conn._message = None

@@ -130,7 +130,6 @@ class MqttConn:
 
     # Set by link_setup.setup_conn (annotations only: no code on the board).
     _owner: "Any"
-    _keepalive_ms: int
     tls: "Any"
     _tls_name: "Any"
     _raw: "Any"
@@ -143,9 +142,6 @@ class MqttConn:
     _in_mv: memoryview
     _in_len: int
     _skip: int
-    _user: "bytes | None"
-    _password: "Any"
-    _will: "Any"
     _client: "Any"
     _message: "Any"
     _refused: int
@@ -227,9 +223,10 @@ class MqttConn:
         if self.state == _CONNACK and time.ticks_diff(now_ms, self._since) > _CONNECT_MS:
             return "no CONNACK within %d s" % (_CONNECT_MS // 1000)
         if self.state == UP:
-            if time.ticks_diff(now_ms, self._last_rx) > self._keepalive_ms * 3 // 2:
+            keepalive_s = self._client.keepalive
+            if time.ticks_diff(now_ms, self._last_rx) > keepalive_s * 1500:
                 raise OSError("broker silent for 1.5 x keep-alive")
-            if time.ticks_diff(now_ms, self._ping_at) >= self._keepalive_ms // 2:
+            if time.ticks_diff(now_ms, self._ping_at) >= keepalive_s * 500:
                 self._ping_at = now_ms
                 self._client.ping()
         return None
@@ -257,16 +254,18 @@ class MqttConn:
 
     def _connect_packet(self):
         """CONNECT (MQTT 3.1.1 section 3.1), clean session: a stale command must not run later.
-        The bytes umqtt.simple's connect(True) writes."""
+        The bytes umqtt.simple's connect(True) writes, of the fields its client keeps (user, pswd,
+        keepalive; lw_topic, lw_msg: the will)."""
         c = self._client
         flags = 0x02
         size = 12 + len(c.client_id)
-        if self._user is not None:
+        if c.user is not None:
             flags |= 0xC0
-            size += 4 + len(self._user) + len(self._password)
-        if self._will is not None:
+            size += 4 + len(c.user) + len(c.pswd)
+        will = () if c.lw_topic is None else (c.lw_topic, c.lw_msg)
+        if will:
             flags |= 0x2C  # will, QoS 1, retained
-            size += 4 + len(self._will[0]) + len(self._will[1])
+            size += 4 + len(will[0]) + len(will[1])
         head = bytearray(5)
         head[0] = 0x10
         i = 1
@@ -277,10 +276,9 @@ class MqttConn:
         head[i] = size
         pipe = self._pipe
         pipe.write(head, i + 1)
-        ka = self._keepalive_ms // 1000
+        ka = c.keepalive
         pipe.write(bytes((0, 4, 0x4D, 0x51, 0x54, 0x54, 4, flags, ka >> 8, ka & 0xFF)))
-        for field in (c.client_id,) + (self._will or ()) + (
-                () if self._user is None else (self._user, self._password)):
+        for field in (c.client_id,) + will + (() if c.user is None else (c.user, c.pswd)):
             pipe.write(bytes((len(field) >> 8, len(field) & 0xFF)))  # section 1.5.3: a string
             pipe.write(field)
 
