@@ -125,7 +125,7 @@ class MqttConn:
     """client_id, user, password, will topic and message: bytes (will: QoS 1, retained).
     owner: told what arrives, by conn_up(now_ms), conn_puback(now_ms, packet id),
     conn_publish(now_ms, topic, msg) (only while conn_may_take()), conn_too_large(now_ms, size),
-    conn_suback(now_ms, return code), and conn_report(now_ms, text). tls: an SSLContext or None.
+    and conn_report(now_ms, text) (a refused subscription too). tls: an SSLContext or None.
     bufs: (out-buffer, in-buffer), made by the caller first (None: link_setup.buffers())."""
 
     # Set by link_setup.setup_conn (annotations only: no code on the board).
@@ -302,7 +302,7 @@ class MqttConn:
         return self._client.pid
 
     def subscribe(self, topic):
-        """QoS 1; the SUBACK comes to conn_suback."""
+        """QoS 1; a SUBACK that refuses it is reported (conn_report)."""
         try:
             self._client.subscribe(topic, 1)
         except OSError as e:
@@ -419,8 +419,8 @@ class MqttConn:
                 self._owner.conn_up(now_ms)
         elif kind == 0x40 and total == 4:  # PUBACK
             self._owner.conn_puback(now_ms, buf[2] << 8 | buf[3])
-        elif kind == 0x90 and total >= 5:  # SUBACK
-            self._owner.conn_suback(now_ms, buf[4])
+        elif kind == 0x90 and total >= 5 and buf[4] == 0x80:  # SUBACK: refused
+            self._owner.conn_report(now_ms, "broker refused a subscription")
         return True  # PINGRESP and anything else: only the sign of life
 
     def _publish_in(self, now_ms, op, total):

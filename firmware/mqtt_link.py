@@ -337,10 +337,6 @@ class MqttLink:
             except OSError as e:  # it is sent again after the next connect: a duplicate
                 self._emit(now_ms, "outbox ack failed (%s)" % e)
 
-    def conn_suback(self, now_ms, code):
-        if code == 0x80:
-            self._emit(now_ms, "broker refused the command subscription")
-
     def conn_may_take(self):
         return len(self._acks) < _MAX_ACKS and self._cmd_in is None
 
