@@ -40,19 +40,13 @@ _LIMIT_FALLBACK = const("fallback")  # config.json limit_fallback_a: a limit ran
 _SYNCED_FROM_YEAR = const(2024)
 SCHEDULED = "scheduled: takes effect when the running session has ended"
 
-# Pilot events (bit mask returned by step()), named as EVerest names them.
+# Pilot events (bit mask returned by step()), EVerest's CarPluggedIn, CarRequestedPower,
+# CarRequestedStopPower, CarUnplugged and PilotError.
 EV_CAR_PLUGGED_IN = const(1)
 EV_CAR_REQUESTED_POWER = const(2)
 _EV_CAR_REQUESTED_STOP_POWER = const(4)
 EV_CAR_UNPLUGGED = const(8)
 _EV_PILOT_ERROR = const(16)
-EVENT_NAMES = (
-    (EV_CAR_PLUGGED_IN, "CarPluggedIn"),
-    (EV_CAR_REQUESTED_POWER, "CarRequestedPower"),
-    (_EV_CAR_REQUESTED_STOP_POWER, "CarRequestedStopPower"),
-    (EV_CAR_UNPLUGGED, "CarUnplugged"),
-    (_EV_PILOT_ERROR, "PilotError"),
-)
 
 # Faults: one bit each, so "any fault" is one test (OpenEVSE keeps its errors in one range).
 FAULT_PILOT_SHORT = const(1)  # state E

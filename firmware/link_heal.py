@@ -33,21 +33,16 @@ class HealStore:
     """files.HEAL_FILE: {"resets": every escalation reset, "streak": those since the link was
     last up, "reason": why the last one}. Unreadable: a streak of 1, so the rate stays slow."""
 
+    # Set by link_setup.load_heal (annotations only: no code on the board).
+    path: str
+    resets: int
+    streak: int
+    reason: "str | None"
+
     def __init__(self, path):
-        self.path = path
-        self.resets = 0
-        self.streak = 0
-        self.reason = None
-        try:
-            with open(path) as f:
-                d = json.load(f)
-            self.resets = int(d["resets"])
-            self.streak = int(d["streak"])
-            self.reason = d.get("reason")
-        except OSError:
-            pass  # never written: no escalation reset yet
-        except (ValueError, KeyError, TypeError):
-            self.streak = 1
+        import link_setup  # the boot's: dropped by the link when it is built
+
+        link_setup.load_heal(self, path)
 
     def save(self):
         """A flash write: the caller makes sure the contactor is open."""

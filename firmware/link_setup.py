@@ -23,6 +23,8 @@ from backoff import Backoff
 _CAUSES = {1: "power_on", 2: "hard", 3: "wdt", 4: "deepsleep", 5: "soft"}
 _BACKOFF_MIN_MS = const(1000)  # mqtt_link.py's _BACKOFF_MIN_MS
 _BACKOFF_MAX_MS = const(60000)
+_OUT_SIZE = const(2048)  # unsent bytes; more than that and the connection is dropped
+_IN_SIZE = const(1024)  # mqtt_conn.py's _IN_SIZE
 
 
 def cause_name(code):
@@ -53,10 +55,10 @@ def setup_link(link, bufs, conf, ctl, log, report, verifier, fw, board, reset, b
     link._wall = wall
     link._host = conf.host
     link._port = conf.port
-    link._held = False  # a TLS connection waits for the contactor to open
+    link._held = False  # a TLS connection or a name lookup waits for the contactor to open (said once)
     link._status_ms = conf.status_interval_s * 1000
     link._meter_ms = conf.meter_interval_s * 1000
-    t = link._topics = telemetry.Topics(log.pile_id)
+    t = link._topics = setup_topics(telemetry.Topics(), log.pile_id)
     user = None if conf.username is None else conf.username.encode()
     password = None if user is None else (conf.password or "").encode()
     link._conn = mqtt_conn_class(link, log.pile_id.encode(), conf.keepalive_s, user, password,
@@ -64,7 +66,6 @@ def setup_link(link, bufs, conf, ctl, log, report, verifier, fw, board, reset, b
                           tls_name=conf.tls_server_name or conf.host, bufs=bufs)
     link._addr = None
     link._stale = False  # the kept address failed to connect: look it up again when allowed
-    link._lookup_held = False  # a lookup waits for the contactor to open (said once)
     had = "netaddr" in sys.modules  # sntp.py's too
     import netaddr
 
@@ -104,16 +105,22 @@ def setup_link(link, bufs, conf, ctl, log, report, verifier, fw, board, reset, b
     link._todo_health = False
 
 
+def buffers():
+    """(out-buffer, in-buffer): the link's largest allocations. On the pile wiring.py makes them
+    at the settings, while the heap is still whole, and hands them over; made here for a link
+    built without them (the host tests' boards)."""
+    return bytearray(_OUT_SIZE), bytearray(_IN_SIZE)
+
+
 def setup_conn(conn, owner, client_id, keepalive_s, user, password, will, tls, tls_name, bufs,
                pipe_class, down):
     """mqtt_conn.MqttConn.__init__'s work (its arguments there; pipe_class and down: its _Pipe
     and DOWN, given: this module does not import mqtt_conn, which imports it)."""
     from umqtt import simple as umqtt
 
-    out, conn._in = bufs
+    out, conn._in = buffers() if bufs is None else bufs
     conn._pipe = pipe = pipe_class(len(out), out)
     conn._owner = owner
-    conn._keepalive_ms = keepalive_s * 1000
     conn.tls = tls
     conn._tls_name = tls_name
     conn._raw = None  # the TCP socket under the TLS one
@@ -124,12 +131,12 @@ def setup_conn(conn, owner, client_id, keepalive_s, user, password, will, tls, t
     conn._in_mv = memoryview(conn._in)
     conn._in_len = 0
     conn._skip = 0  # bytes still to discard of a packet larger than the in-buffer
-    conn._user = user
-    conn._password = password
-    conn._will = will  # (topic, message)
     # umqtt builds PUBLISH, SUBSCRIBE, PINGREQ and parses PUBLISH, into and from the pipe;
-    # CONNECT is built by mqtt_conn (connect() would open a socket of its own).
-    c = conn._client = umqtt.MQTTClient(client_id, None, 1883, keepalive=keepalive_s)
+    # CONNECT is built by mqtt_conn of the fields umqtt keeps (connect() would open a socket of
+    # its own).
+    c = conn._client = umqtt.MQTTClient(client_id, None, 1883, user, password, keepalive_s)
+    if will is not None:  # (topic, message)
+        c.set_last_will(will[0], will[1], True, 1)
     c.sock = pipe
     c.set_callback(conn._on_message)
     conn._message = None
@@ -142,7 +149,7 @@ def setup_conn(conn, owner, client_id, keepalive_s, user, password, will, tls, t
 
 
 def setup_topics(topics, pile_id):
-    """telemetry.Topics.__init__'s work."""
+    """topics (a telemetry.Topics) filled for this pile id; returned."""
     import journal
 
     root = "evse/v1/%s/" % pile_id
@@ -161,6 +168,28 @@ def setup_topics(topics, pile_id):
         # No schema of its own yet: the cloud keeps it in its `rejected` table.
         journal.KIND_JOURNAL_FAULT: fault,
     }
+    return topics
+
+
+def load_heal(store, path):
+    """link_heal.HealStore.__init__'s work: files.HEAL_FILE read at the boot. Unreadable: a
+    streak of 1, so the rate stays slow."""
+    import json
+
+    store.path = path
+    store.resets = 0
+    store.streak = 0
+    store.reason = None
+    try:
+        with open(path) as f:
+            d = json.load(f)
+        store.resets = int(d["resets"])
+        store.streak = int(d["streak"])
+        store.reason = d.get("reason")
+    except OSError:
+        pass  # never written: no escalation reset yet
+    except (ValueError, KeyError, TypeError):
+        store.streak = 1
 
 
 def setup_ladder(ladder, conf, store, now_ms, step_reset):

@@ -13,7 +13,7 @@ TYPE_CHECKING = const(False)  # mypy takes it as True (tools/typecheck.py); comp
 if TYPE_CHECKING:
     from typing import Any
 
-_OUT_SIZE = const(2048)  # unsent bytes; more than that and the connection is dropped
+# The in-buffer's size (link_setup.py's buffers, or wiring.py's at the settings: the same).
 _IN_SIZE = const(1024)  # a command is at most 512 bytes (docs/commands.md) plus its topic
 _CONNECT_MS = const(5000)  # TCP connect plus CONNACK; with TLS, the handshake, then the CONNACK
 _STALL_MS = const(10000)  # out-buffer not draining
@@ -98,12 +98,6 @@ def fixed_header(buf, n):
     return None
 
 
-def buffers():
-    """(out-buffer, in-buffer), for MqttConn's `bufs`: the link's largest allocations, made
-    before anything else of the link (wiring_link.py frees a held block for them just before)."""
-    return bytearray(_OUT_SIZE), bytearray(_IN_SIZE)
-
-
 def drop_setup():
     """link_setup.py and link_tls.py off the heap (main.py's next collection frees them): the
     code of the boot, of TLS and of the board reset, never needed while the contactor is closed
@@ -131,12 +125,11 @@ class MqttConn:
     """client_id, user, password, will topic and message: bytes (will: QoS 1, retained).
     owner: told what arrives, by conn_up(now_ms), conn_puback(now_ms, packet id),
     conn_publish(now_ms, topic, msg) (only while conn_may_take()), conn_too_large(now_ms, size),
-    conn_suback(now_ms, return code), and conn_report(now_ms, text). tls: an SSLContext or None.
-    bufs: buffers()'s pair, made by the caller first (None: made here, first)."""
+    and conn_report(now_ms, text) (a refused subscription too). tls: an SSLContext or None.
+    bufs: (out-buffer, in-buffer), made by the caller first (None: link_setup.buffers())."""
 
     # Set by link_setup.setup_conn (annotations only: no code on the board).
     _owner: "Any"
-    _keepalive_ms: int
     tls: "Any"
     _tls_name: "Any"
     _raw: "Any"
@@ -149,9 +142,6 @@ class MqttConn:
     _in_mv: memoryview
     _in_len: int
     _skip: int
-    _user: "bytes | None"
-    _password: "Any"
-    _will: "Any"
     _client: "Any"
     _message: "Any"
     _refused: int
@@ -166,7 +156,7 @@ class MqttConn:
         import link_setup  # dropped by the owner once built, or by close()
 
         link_setup.setup_conn(self, owner, client_id, keepalive_s, user, password, will, tls,
-                              tls_name, buffers() if bufs is None else bufs, _Pipe, DOWN)
+                              tls_name, bufs, _Pipe, DOWN)
 
     # -- opening ---------------------------------------------------------------------------------
 
@@ -220,7 +210,10 @@ class MqttConn:
         if state == TCP:
             return self._tcp_step(now_ms)
         if state == TLS:
-            return self._tls_step(now_ms)
+            why = _tls_code().tls_step(self, now_ms, _CONNACK, _CONNECT_MS)  # loaded by start_tls
+            if why is None and self.state != TLS:
+                drop_setup()  # the handshake is done
+            return why
         if state == WRAP:
             return None
         self.flush(now_ms)
@@ -230,9 +223,10 @@ class MqttConn:
         if self.state == _CONNACK and time.ticks_diff(now_ms, self._since) > _CONNECT_MS:
             return "no CONNACK within %d s" % (_CONNECT_MS // 1000)
         if self.state == UP:
-            if time.ticks_diff(now_ms, self._last_rx) > self._keepalive_ms * 3 // 2:
+            keepalive_s = self._client.keepalive
+            if time.ticks_diff(now_ms, self._last_rx) > keepalive_s * 1500:
                 raise OSError("broker silent for 1.5 x keep-alive")
-            if time.ticks_diff(now_ms, self._ping_at) >= self._keepalive_ms // 2:
+            if time.ticks_diff(now_ms, self._ping_at) >= keepalive_s * 500:
                 self._ping_at = now_ms
                 self._client.ping()
         return None
@@ -258,24 +252,20 @@ class MqttConn:
         self.flush(now_ms)
         return None
 
-    def _tls_step(self, now_ms):
-        why = _tls_code().tls_step(self, now_ms, _CONNACK, _CONNECT_MS)  # loaded by start_tls
-        if why is None and self.state != TLS:
-            drop_setup()  # the handshake is done
-        return why
-
     def _connect_packet(self):
         """CONNECT (MQTT 3.1.1 section 3.1), clean session: a stale command must not run later.
-        The bytes umqtt.simple's connect(True) writes."""
+        The bytes umqtt.simple's connect(True) writes, of the fields its client keeps (user, pswd,
+        keepalive; lw_topic, lw_msg: the will)."""
         c = self._client
         flags = 0x02
         size = 12 + len(c.client_id)
-        if self._user is not None:
+        if c.user is not None:
             flags |= 0xC0
-            size += 4 + len(self._user) + len(self._password)
-        if self._will is not None:
+            size += 4 + len(c.user) + len(c.pswd)
+        will = () if c.lw_topic is None else (c.lw_topic, c.lw_msg)
+        if will:
             flags |= 0x2C  # will, QoS 1, retained
-            size += 4 + len(self._will[0]) + len(self._will[1])
+            size += 4 + len(will[0]) + len(will[1])
         head = bytearray(5)
         head[0] = 0x10
         i = 1
@@ -286,10 +276,9 @@ class MqttConn:
         head[i] = size
         pipe = self._pipe
         pipe.write(head, i + 1)
-        ka = self._keepalive_ms // 1000
+        ka = c.keepalive
         pipe.write(bytes((0, 4, 0x4D, 0x51, 0x54, 0x54, 4, flags, ka >> 8, ka & 0xFF)))
-        for field in (c.client_id,) + (self._will or ()) + (
-                () if self._user is None else (self._user, self._password)):
+        for field in (c.client_id,) + will + (() if c.user is None else (c.user, c.pswd)):
             pipe.write(bytes((len(field) >> 8, len(field) & 0xFF)))  # section 1.5.3: a string
             pipe.write(field)
 
@@ -313,7 +302,7 @@ class MqttConn:
         return self._client.pid
 
     def subscribe(self, topic):
-        """QoS 1; the SUBACK comes to conn_suback."""
+        """QoS 1; a SUBACK that refuses it is reported (conn_report)."""
         try:
             self._client.subscribe(topic, 1)
         except OSError as e:
@@ -430,8 +419,8 @@ class MqttConn:
                 self._owner.conn_up(now_ms)
         elif kind == 0x40 and total == 4:  # PUBACK
             self._owner.conn_puback(now_ms, buf[2] << 8 | buf[3])
-        elif kind == 0x90 and total >= 5:  # SUBACK
-            self._owner.conn_suback(now_ms, buf[4])
+        elif kind == 0x90 and total >= 5 and buf[4] == 0x80:  # SUBACK: refused
+            self._owner.conn_report(now_ms, "broker refused a subscription")
         return True  # PINGRESP and anything else: only the sign of life
 
     def _publish_in(self, now_ms, op, total):

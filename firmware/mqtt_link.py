@@ -12,7 +12,7 @@ from micropython import const
 
 import link_heal
 import telemetry
-from mqtt_conn import DOWN, TCP, TLS, UP, WRAP, MqttConn, buffers, drop_setup
+from mqtt_conn import DOWN, TCP, TLS, UP, WRAP, MqttConn, drop_setup
 
 TYPE_CHECKING = const(False)  # mypy takes it as True (tools/typecheck.py); compiled out here
 if TYPE_CHECKING:
@@ -32,22 +32,15 @@ _MAX_ACKS = const(4)  # cmd/ack waiting to go out; a full queue holds back the n
 
 class PileView:
     """All the link reads of the controller (ctl), and its one action on it: safe_off()
-    before a remote reboot. Commands act through commands.py."""
+    before a remote reboot. Commands act through commands.py. `charger`: the charger
+    (charger.Charger), whose state, pilot, faults and remote limit the link reads as they are."""
 
     def __init__(self, ctl):
         self._ctl = ctl
+        self.charger = ctl.charger
 
     def contactor_closed(self):
         return self._ctl.contactor.closed
-
-    def state(self):
-        return self._ctl.charger.state
-
-    def pilot(self):
-        return self._ctl.charger.pilot
-
-    def faults(self):
-        return self._ctl.charger.faults
 
     def offer_ma(self):
         ctl = self._ctl
@@ -73,16 +66,11 @@ class PileView:
 
     def limit(self, now_ms):
         """(mA, source, ms left or None) of the remote limit in force, or None."""
-        c = self._ctl.charger
+        c = self.charger
         if c.remote_limit_ma is None:
             return None
         return c.remote_limit_ma, c.limit_source, c.limit_expires_in_ms(now_ms)
 
-    def limit_ma(self):
-        return self._ctl.charger.remote_limit_ma
-
-    def limit_source(self):
-        return self._ctl.charger.limit_source
     def session_open(self):
         """A board reset must wait: the contactor closed, a record or a session open."""
         ctl = self._ctl
@@ -108,23 +96,14 @@ class PileView:
         self._ctl.guard(time.ticks_ms())
 
 
-def tls_context(ca):
-    """wiring_link.py's build_tls: link_tls.tls_context, at the boot, the module dropped after."""
-    import link_tls
-
-    try:
-        return link_tls.tls_context(ca)
-    finally:
-        drop_setup()
-
-
 class MqttLink:
     """conf: config.json's mqtt section; ctl: the Controller (read through PileView, acted on
     through commands.Commands); log: the SessionLog (pile id, boot, the outbox journal);
     verifier: a CommandVerifier, or None to take no commands; reset: restarts the board
-    (machine.reset); tls: tls_context()'s SSLContext, or None: plain TCP; heal_store: a
+    (machine.reset); tls: link_tls.tls_context()'s SSLContext, or None: plain TCP; heal_store: a
     link_heal.HealStore (None: the ladder never resets the board); reset_cause:
-    machine.reset_cause(). `station` (wifi.Station) is set by main.py when there is Wi-Fi."""
+    machine.reset_cause(); bufs: the connection's (out-buffer, in-buffer), made by wiring.py at
+    the settings (None: made here). `station` (wifi.Station) is set by main.py when there is Wi-Fi."""
 
     # Set by link_setup.setup_link (annotations only: no code on the board).
     _pile: "PileView"
@@ -147,7 +126,6 @@ class MqttLink:
     _conn: "MqttConn"
     _addr: "Any"
     _stale: bool
-    _lookup_held: bool
     _numeric: bool
     last_error: "str | None"
     _retry_at: int
@@ -184,10 +162,7 @@ class MqttLink:
 
     def __init__(self, conf, ctl, log, report=None, verifier=None, fw="0", board="",
                  reset=None, boot_ms=None, wall=time.time, tls=None, ota=None, heal_store=None,
-                 reset_cause=None):
-        # The buffers first, into the block wiring_link.py has just let go (issue 12): made after
-        # the link's small objects, they found the heap cut into holes too small for them.
-        bufs = buffers()
+                 reset_cause=None, bufs=None):
         import link_setup  # the boot's code, off the heap once the link is built
 
         try:
@@ -245,7 +220,8 @@ class MqttLink:
             self._cmd_in = None
             if self._commands is not None:  # else not subscribed: a broker's stray message
                 self._pile.guard()
-                self._command(now_ms, raw)
+                # Verified, applied and answered by commands.py (docs/commands.md).
+                self._commands.received(self, now_ms, raw)
         if lost is not None:
             self._drop(now_ms, lost)
             return
@@ -275,22 +251,18 @@ class MqttLink:
 
     def _open(self, now_ms):
         closed = self._pile.contactor_closed()
-        if self._conn.tls is not None and closed:
+        tls = self._conn.tls is not None
+        # A TLS connection (its handshake) and getaddrinfo (DNS) block on a board: never with the
+        # contactor closed (issue 10, item 19); a TCP connect to a known address may go ahead.
+        if closed and (tls or self._addr is None and not self._numeric):
             if not self._held:  # said once per wait
                 self._held = True
-                self._emit(now_ms, "TLS connection waits for the contactor to open")
+                self._emit(now_ms, "TLS connection waits for the contactor to open" if tls
+                           else "%s: name lookup waits for the contactor to open" % self._host)
             return
         self._held = False
-        # getaddrinfo blocks on a board (DNS): never with the contactor closed (issue 10, item 19).
-        may_look_up = self._numeric or not closed
-        if self._addr is None and not may_look_up:
-            if not self._lookup_held:  # said once per wait
-                self._lookup_held = True
-                self._emit(now_ms, "%s: name lookup waits for the contactor to open" % self._host)
-            return
-        self._lookup_held = False
         try:
-            if self._addr is None or self._stale and may_look_up:
+            if self._addr is None or self._stale and (self._numeric or not closed):
                 self._addr = socket.getaddrinfo(self._host, self._port)[0][-1]
                 self._stale = False
             self._conn.open(self._addr, now_ms)
@@ -316,7 +288,7 @@ class MqttLink:
     def _escalate(self, now_ms):
         """The ladder's steps beyond a reconnect (link_heal.Ladder.due), between attempts."""
         heal = self._heal
-        if self._held or self._lookup_held:  # waiting for the contactor by design, not broken
+        if self._held:  # waiting for the contactor by design, not broken
             heal.down_since = now_ms
             return
         station = self.station
@@ -365,10 +337,6 @@ class MqttLink:
             except OSError as e:  # it is sent again after the next connect: a duplicate
                 self._emit(now_ms, "outbox ack failed (%s)" % e)
 
-    def conn_suback(self, now_ms, code):
-        if code == 0x80:
-            self._emit(now_ms, "broker refused the command subscription")
-
     def conn_may_take(self):
         return len(self._acks) < _MAX_ACKS and self._cmd_in is None
 
@@ -382,8 +350,7 @@ class MqttLink:
         # `too_large` has no id to answer: the command was skipped unread.
         self._emit(now_ms, "command refused: too_large (%d bytes)" % size)
 
-    def conn_report(self, now_ms, text):
-        self._emit(now_ms, text)
+    conn_report = _emit  # the connection's reports (the TLS handshake's time) are the link's
 
     # -- what goes out ---------------------------------------------------------------------------
 
@@ -427,7 +394,7 @@ class MqttLink:
             pile = self._pile
             s = pile.session()
             reading = pile.reading()
-            if s is not None and reading is not None and pile.state() in telemetry.RUNNING:
+            if s is not None and reading is not None and pile.charger.state in telemetry.RUNNING:
                 pile.guard()  # building a message is a slice of its own
                 conn.publish(t.meter, telemetry.meter(
                     self._wall(), s.id, s.energy_wh, reading, pile.meter_age_ms(now_ms),
@@ -459,21 +426,23 @@ class MqttLink:
         """A status goes out on every change of state, pilot, offer, faults, the remote limit in
         force, or the meter's reading going stale or fresh (no allocation)."""
         p = self._pile
-        if p.state() != self._s_state or p.pilot() != self._s_pilot or p.faults() != self._s_faults \
-                or p.offer_ma() != self._s_offer or p.limit_ma() != self._s_limit \
-                or p.limit_source() != self._s_limit_source \
+        c = p.charger
+        if c.state != self._s_state or c.pilot != self._s_pilot or c.faults != self._s_faults \
+                or p.offer_ma() != self._s_offer or c.remote_limit_ma != self._s_limit \
+                or c.limit_source != self._s_limit_source \
                 or (p.fresh_reading(now_ms) is None) != self._s_stale:  # power shown, or not
             self._status_due = True
 
     def _publish_status(self, now_ms):
         p = self._pile
         p.guard()  # building a message is a slice of its own
-        state = self._s_state = p.state()
-        pilot = self._s_pilot = p.pilot()
-        faults = self._s_faults = p.faults()
+        c = p.charger
+        state = self._s_state = c.state
+        pilot = self._s_pilot = c.pilot
+        faults = self._s_faults = c.faults
         offer = self._s_offer = p.offer_ma()
-        self._s_limit = p.limit_ma()
-        self._s_limit_source = p.limit_source()
+        self._s_limit = c.remote_limit_ma
+        self._s_limit_source = c.limit_source
         self._status_due = False
         self._status_at = now_ms
         s = p.session()
@@ -509,7 +478,3 @@ class MqttLink:
         }
         self._conn.publish(self._topics.health, telemetry.health(
             self._wall(), self._log.boot, self._uptime_ms // 1000, self._fw, fig), retain=True)
-
-    def _command(self, now_ms, raw):
-        """A command's payload: verified, applied and answered by commands.py (docs/commands.md)."""
-        self._commands.received(self, now_ms, raw)

@@ -10,7 +10,7 @@ RUNNING = (ch.CHARGING, ch.SUSPENDED_EV, ch.SUSPENDED_EVSE)
 
 
 class Topics:
-    """evse/v1/<pile_id>/... as bytes, made once (link_setup.setup_topics: boot code, off the
+    """evse/v1/<pile_id>/... as bytes, made once by link_setup.setup_topics (boot code, off the
     heap after the boot). outbox: journal kind -> topic; a kind not there is not published."""
 
     online: bytes
@@ -21,11 +21,6 @@ class Topics:
     cmd: bytes
     ota: bytes
     outbox: dict
-
-    def __init__(self, pile_id):
-        import link_setup  # the link's boot: dropped once the link is built
-
-        link_setup.setup_topics(self, pile_id)
 
 
 def online(is_online, boot):

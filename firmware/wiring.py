@@ -18,12 +18,13 @@ import console
 import files
 
 
-# The link's largest allocations, its out- and in-buffer (mqtt_conn.py's _OUT_SIZE + _IN_SIZE,
-# 3 KiB) with room for what is made beside them: held from the settings on (load_settings).
-_LINK_ROOM_B = const(4096)
-# What the link phase (wiring_link.build_link) takes over when this module is dropped: "room",
-# the link's room; "ota", ota_lazy.survey() at the settings (None: ota.py loaded when the link
-# binds). A plain dict: holding it keeps no function of this module alive.
+# The link's largest allocations, its out- and in-buffer (link_setup.py's _OUT_SIZE, _IN_SIZE):
+# made at the settings (load_settings), while the heap is still whole.
+_LINK_OUT_B = const(2048)
+_LINK_IN_B = const(1024)
+# What the link phase (wiring_link.build_link) takes over when this module is dropped: "bufs",
+# the link's (out-buffer, in-buffer); "ota", ota_lazy.survey() at the settings (None: ota.py
+# loaded when the link binds). A plain dict: holding it keeps no function of this module alive.
 handover = {}
 
 
@@ -52,10 +53,10 @@ def load_settings():
 
         handover["ota"] = ota_lazy.survey()
     if conf.mqtt is not None:
-        # The link's buffers are made after every control module is loaded, when the heap is
-        # cut into holes smaller than they are. Held here while the heap is still whole (where
-        # config.py was), and let go just before the link is built: they find a block (issue 12).
-        handover["room"] = bytearray(_LINK_ROOM_B)
+        # Made with the link, after every control module is loaded, the buffers would find the
+        # heap cut into holes smaller than they are. Made here while it is still whole (where
+        # config.py was), and handed over to the link's connection (issue 12).
+        handover["bufs"] = bytearray(_LINK_OUT_B), bytearray(_LINK_IN_B)
     return board, conf, None
 
 

@@ -19,7 +19,7 @@ class Unavailable(Exception):
 
 def build_link(board, conf, ctl, handover):
     """The MQTT link (docs/telemetry.md), when config.json has an mqtt section and a pile id.
-    handover: wiring.handover (the link's room, OTA's survey), taken over from the settings."""
+    handover: wiring.handover (the link's buffers, OTA's survey), taken over from the settings."""
     mconf = conf.mqtt
     if mconf is None:
         return None
@@ -32,14 +32,15 @@ def build_link(board, conf, ctl, handover):
     import mqtt_link
 
     gc.collect()
-    tls = None if mconf.tls_ca is None else build_tls(mconf.tls_ca, mqtt_link)
+    tls = None if mconf.tls_ca is None else build_tls(mconf.tls_ca)
     updater = None
     if conf.ota is not None:  # over-the-air updates (docs/ota.md): ota.py loaded while it has work
         import ota_lazy
 
         updater = ota_lazy.Updater(conf.ota.key, board.name, conf.ota.trial_s, VERSION, machine.reset,
                                    surveyed=handover.get("ota"))
-    handover.clear()  # the link's room let go, just before its buffers are made (wiring.py)
+    bufs = handover.get("bufs")  # made at the settings (wiring.py); None: made by the link
+    handover.clear()
     gc.collect()
     # A reservation on flash only while a close may come: a car plugged in (docs/commands.md).
     # (A bound method: a lambda here would keep this module alive after main drops it.)
@@ -47,11 +48,12 @@ def build_link(board, conf, ctl, handover):
     return mqtt_link.MqttLink(mconf, ctl, ctl.records.log, console.report, verifier,
                               fw=VERSION, board=board.name, reset=machine.reset, boot_ms=console.boot_ms,
                               tls=tls, ota=updater, heal_store=link_heal.HealStore(files.HEAL_FILE),
-                              reset_cause=reset_cause())
+                              reset_cause=reset_cause(), bufs=bufs)
 
 
-def build_tls(path, mqtt_link):
-    """The broker's CA, read once: a missing or bad file is a config error (pile unavailable)."""
+def build_tls(path):
+    """The broker's CA, read once: a missing or bad file is a config error (pile unavailable).
+    link_tls.py is dropped again after (mqtt_conn.drop_setup): loaded when a handshake runs."""
     where = "config.json: mqtt: 'tls_ca'"
     try:
         with open(path, "rb") as f:
@@ -60,12 +62,15 @@ def build_tls(path, mqtt_link):
         raise Unavailable("%s: cannot read %s (%s)" % (where, path, e)) from None
     # The code first, outside the ValueError below: a damaged link_tls.mpy raises one too, and
     # is not the CA's fault (main.run's fail_safe, a reset: a trial release is rolled back).
-    import link_tls  # noqa: F401  (dropped by mqtt_link.tls_context)
+    import link_tls
+    from mqtt_conn import drop_setup
 
     try:
-        return mqtt_link.tls_context(ca)
+        return link_tls.tls_context(ca)
     except ValueError as e:
         raise Unavailable("%s: %s is not a usable CA certificate (%s)" % (where, path, e)) from None
+    finally:
+        drop_setup()
 
 
 def build_verifier(mconf, gate=None, may_close=None):

@@ -89,7 +89,7 @@ class Pile:
         return self.vb.ctl.contactor.closed
 
     def send(self, payload):
-        self.link._command(self.vb.clock.ticks_ms(), payload)
+        self.link._commands.received(self.link, self.vb.clock.ticks_ms(), payload)
         got = acks(self.link)
         return got[-1] if got else None
 

@@ -93,7 +93,7 @@ def test_the_writes_deferred_by_a_session_never_stack_past_the_watchdog(monkeypa
     # the settings (a new limit), the journal's ack (the cloud acked the started record), the
     # checkpoint (due every 10 s).
     counter = v.reserved - command_auth.RESERVE // 2 + 1000
-    link._command(vb.clock.ticks_ms(), signed("set_current_limit", {"amps": 10}, counter))
+    link._commands.received(link, vb.clock.ticks_ms(), signed("set_current_limit", {"amps": 10}, counter))
     assert json.loads(link._acks[-1])["result"] == "accepted", link._acks[-1]
     outbox = ctl.records.log.outbox
     outbox.ack(outbox._next_seq - 1)

@@ -1,6 +1,6 @@
 """What the heap cuts of issue 12 item 3 rely on (pilehost/chipheap.py, `make bench WHAT=heap32`):
-the settings kept for the run hold nothing of config.py, so dropping it frees it; the room
-wiring.py holds for the link covers the link's buffers; the heap probe's breakdown runs."""
+the settings kept for the run hold nothing of config.py, so dropping it frees it; the buffers
+wiring.py makes for the link are the link's (test_link_buffers.py); the heap probe's breakdown runs."""
 import ast
 import glob
 import json
@@ -66,10 +66,11 @@ def _consts(path):
     return out
 
 
-def test_the_room_held_for_the_link_covers_its_buffers():
-    conn = _consts(os.path.join(FIRMWARE, "mqtt_conn.py"))
-    room = _consts(os.path.join(FIRMWARE, "wiring.py"))["_LINK_ROOM_B"]
-    assert room >= conn["_OUT_SIZE"] + conn["_IN_SIZE"]
+def test_the_buffers_made_at_the_settings_are_the_link_s():
+    setup = _consts(os.path.join(FIRMWARE, "link_setup.py"))
+    wiring = _consts(os.path.join(FIRMWARE, "wiring.py"))
+    assert (wiring["_LINK_OUT_B"], wiring["_LINK_IN_B"]) == (setup["_OUT_SIZE"], setup["_IN_SIZE"])
+    assert setup["_IN_SIZE"] == _consts(os.path.join(FIRMWARE, "mqtt_conn.py"))["_IN_SIZE"]
     journal = _consts(os.path.join(FIRMWARE, "journal.py"))
     assert chipheap.LINK_BIGGEST_B == journal["_PAYLOAD_LIMIT"]  # a record copied out to publish
 

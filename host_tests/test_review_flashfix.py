@@ -438,7 +438,7 @@ def test_a_command_after_the_release_stays_within_the_watchdog_on_a_worst_case_p
 
     vb.run_for(1000)
     first = v.reserved + 1
-    link._command(vb.clock.ticks_ms(), signed("request_status", {}, first))
+    link._commands.received(link, vb.clock.ticks_ms(), signed("request_status", {}, first))
     assert json.loads(link._acks[-1])["result"] == "accepted", link._acks[-1]
     vb.run_for(80000)  # no car, no command: released
     assert v.reserved == v.last_counter == first
@@ -446,7 +446,7 @@ def test_a_command_after_the_release_stays_within_the_watchdog_on_a_worst_case_p
     start = vb.clock.t
     w.advance()
     vb.tick()
-    link._command(vb.clock.ticks_ms(), signed("set_current_limit", {"amps": 10}, first + 1))
+    link._commands.received(link, vb.clock.ticks_ms(), signed("set_current_limit", {"amps": 10}, first + 1))
     assert json.loads(link._acks[-1])["result"] == "accepted", link._acks[-1]
     spent_ms = (vb.clock.t - start) / 1000 - vb.period_ms
     assert spent_ms < WATCHDOG_MS, "an iteration took %.0f ms of flash stalls: %s" % (

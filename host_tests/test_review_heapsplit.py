@@ -132,7 +132,7 @@ def test_a_damaged_link_tls_is_not_reported_as_a_bad_ca_certificate(monkeypatch,
     failing = Failing("link_tls", ValueError("incompatible .mpy file"))
     monkeypatch.setattr(sys, "meta_path", [failing] + sys.meta_path)
     with pytest.raises(Exception) as caught:
-        wiring_link.build_tls(str(ca), mqtt_link)
+        wiring_link.build_tls(str(ca))
     assert not isinstance(caught.value, wiring_link.Unavailable), str(caught.value)
     assert failing.tries == 1
 
@@ -143,7 +143,7 @@ def test_a_bad_ca_file_is_still_a_config_error(monkeypatch, tmp_path):
     ca.write_bytes(b"-----BEGIN CERTIFICATE-----\nAAAA\n")  # no END line
     monkeypatch.delitem(sys.modules, "link_tls", raising=False)
     with pytest.raises(wiring_link.Unavailable):
-        wiring_link.build_tls(str(ca), mqtt_link)
+        wiring_link.build_tls(str(ca))
     assert "link_tls" not in sys.modules
 
 

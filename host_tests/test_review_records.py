@@ -189,6 +189,7 @@ def test_1_long_ids_full_of_quotes_and_a_power_cut_on_the_virtual_board(monkeypa
 def test_1_the_link_has_room_for_the_largest_outbox_record_when_it_builds_a_publish():
     """mqtt_link publishes only with _ROOM bytes free in the out-buffer: the largest record the
     outbox takes, on the longest topic, must fit there, or the write fails (ENOBUFS) each time."""
+    import link_setup
     import mqtt_conn
     import mqtt_link
     import telemetry
@@ -200,7 +201,7 @@ def test_1_the_link_has_room_for_the_largest_outbox_record_when_it_builds_a_publ
     conn = mqtt_conn.MqttConn(Owner(), LONG_PILE.encode(), 60)
     pipe = conn._pipe
     pipe.tail = len(pipe.buf) - mqtt_link._ROOM  # as full as the link still publishes into
-    topics = telemetry.Topics(LONG_PILE)
+    topics = link_setup.setup_topics(telemetry.Topics(), LONG_PILE)  # as the link makes them
     longest = max(topics.outbox.values(), key=len)
     conn.publish(longest, b"x" * journal.DEFAULT_MAX_PAYLOAD)
     assert pipe.pending() > len(pipe.buf) - mqtt_link._ROOM + journal.DEFAULT_MAX_PAYLOAD

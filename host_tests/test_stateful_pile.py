@@ -661,7 +661,8 @@ class PileMachine(RuleBasedStateMachine):
         body = json.dumps({"v": 1, "id": "c%d" % self.counter, "cmd": name,
                            "counter": self.counter, "args": args})
         sig = hmac.new(SECRET, body.encode(), hashlib.sha256).hexdigest()
-        self.link._command(self.vb.clock.ticks_ms(), json.dumps({"body": body, "sig": sig}).encode())
+        payload = json.dumps({"body": body, "sig": sig}).encode()
+        self.link._commands.received(self.link, self.vb.clock.ticks_ms(), payload)
         if name == "clear_fault":  # a remote clear is a clear: the baseline follows
             self.latched = self.ctl.charger.faults & ch.LATCHED_FAULTS
         self.run_ms(ms)

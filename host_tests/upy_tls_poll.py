@@ -9,6 +9,8 @@ contactor open, and prints "tls poll: ..." once connected, or "tls poll: FAILED 
 import sys
 import time
 
+import link_tls
+import mqtt_conn
 import mqtt_link
 
 
@@ -29,7 +31,8 @@ class Outbox:
 def main():
     port = int(sys.argv[1])
     with open(sys.argv[2], "rb") as f:
-        tls = mqtt_link.tls_context(f.read())
+        tls = link_tls.tls_context(f.read())  # as wiring_link.build_tls makes it
+    mqtt_conn.drop_setup()
     conf = Section(host="127.0.0.1", port=port, tls_server_name=None, username=None, password=None,
                    keepalive_s=10, status_interval_s=60, meter_interval_s=10, health_interval_s=300,
                    wifi_restart_after_s=300, reset_after_s=1800, reset_min_interval_s=3600,

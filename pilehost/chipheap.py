@@ -27,10 +27,10 @@ TARGET_FROZEN_KIB = 56
 TARGET_MPY_KIB = 96
 # The link's biggest allocation at run time: a session record copied out of the outbox for its
 # publish (firmware/journal.py pending(): at most _PAYLOAD_LIMIT, 1,024 B; ~450 B for a normal
-# `session/ended`). Its buffers (mqtt_conn.py: the 2,048 B out-buffer, the 1,024 B in-buffer) are
-# made once at boot, in room wiring.py held for them, and reused: the out-buffer is compacted in
-# place (no copy), a command is read into the in-buffer. Status, health and acks are JSON of a few
-# hundred bytes (test_heap_lazy.py checks the largest against this).
+# `session/ended`). Its buffers (the 2,048 B out-buffer, the 1,024 B in-buffer) are made once
+# at boot, by wiring.py at the settings (handed over to the link), and reused: the out-buffer is
+# compacted in place (no copy), a command is read into the in-buffer. Status, health and acks are
+# JSON of a few hundred bytes (test_heap_lazy.py checks the largest against this).
 LINK_BIGGEST_B = 1024
 
 
