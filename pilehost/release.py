@@ -105,7 +105,7 @@ def build_files(version, source=None, lib=None, arch="xtensawin", out_dir=None):
             mpy = os.path.join(work, "mpy", target)
             os.makedirs(os.path.dirname(mpy), exist_ok=True)
             cmd = [unix_port.mpy_cross_binary()] + (["-march=" + arch] if arch else []) + [
-                "-s", rel, "-o", mpy, tmp_src]
+                unix_port.SHIP_OPT, "-s", rel, "-o", mpy, tmp_src]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode:
                 raise RuntimeError("mpy-cross %s: %s" % (rel, r.stderr.strip()))

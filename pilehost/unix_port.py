@@ -93,8 +93,8 @@ def cross_compile(src, out):
     if os.path.exists(out) and os.path.getmtime(out) >= os.path.getmtime(src):
         return
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    r = subprocess.run([mpy_cross_binary(), "-march=xtensawin", "-s", board_source_name(src), "-o", out, src],
-                       capture_output=True, text=True)
+    r = subprocess.run([mpy_cross_binary(), "-march=xtensawin", SHIP_OPT, "-s", board_source_name(src), "-o",
+                        out, src], capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError("mpy-cross %s: %s" % (os.path.relpath(src, ROOT), r.stderr.strip()))
 
@@ -102,28 +102,48 @@ def cross_compile(src, out):
 UNIX_BUILD = os.path.join(ROOT, "build", "unix")
 # Run from source like on a board; everything else is imported as bytecode.
 _SOURCE_ONLY = ("boot.py", "main.py")
+# The .mpy files a pile gets (`make flash`, `make mpy`, a release: pilehost/release.py) are
+# compiled at optimisation level 3: no line-number tables (micropython.opt_level), ~4 KiB less
+# heap for a session's modules on a stock image (issue 12 item 3, `make bench WHAT=heap32`).
+# A traceback still names each frame's file and function, with line 1. Level 3 also drops
+# `assert` and makes `__debug__` False: the firmware has neither (test_firmware_layout.py), so
+# nothing else differs from the level-0 bytecode the tests run here (build/unix, with lines for
+# a developer's tracebacks). The frozen production image keeps its lines: they sit in flash.
+SHIP_OPT = "-O3"
+SHIP_BUILD = os.path.join(ROOT, "build", "unix-ship")
 
 
 def compile_for_unix():
     """Precompile firmware/, sim/ and lib/ (`make deps`: umqtt) to .mpy: a board imports
     bytecode too, and compiling the simulator from source would not fit beside the firmware in
     a 64 KiB heap."""
-    for sub in ("firmware", "sim", "lib"):
-        src_root = os.path.join(ROOT, sub)
-        for src_dir, _dirs, files in os.walk(src_root):
-            rel = os.path.relpath(src_dir, src_root)
-            out_dir = os.path.normpath(os.path.join(UNIX_BUILD, sub, rel))
-            for name in sorted(files):
-                if not name.endswith(".py") or name in _SOURCE_ONLY:
-                    continue
-                os.makedirs(out_dir, exist_ok=True)
-                src = os.path.join(src_dir, name)
-                out = os.path.join(out_dir, name[:-3] + ".mpy")
-                if os.path.exists(out) and os.path.getmtime(out) >= os.path.getmtime(src):
-                    continue
-                source_name = name if rel == "." else rel + "/" + name
-                subprocess.run([mpy_cross_binary(), "-o", out, "-s", source_name, src], check=True)
-    return [os.path.join(UNIX_BUILD, d) for d in ("firmware", "sim", "lib")]
+    return [_compile_tree(sub, UNIX_BUILD) for sub in ("firmware", "sim", "lib")]
+
+
+def compile_shipped():
+    """firmware/ to .mpy for this port as a pile gets it (SHIP_OPT) into build/unix-ship/firmware:
+    the stock image's stand-in (firmware_files)."""
+    return _compile_tree("firmware", SHIP_BUILD, (SHIP_OPT,))
+
+
+def _compile_tree(sub, build, options=()):
+    """ROOT/sub's modules to .mpy under build/sub (those newer than their .mpy); that folder."""
+    src_root = os.path.join(ROOT, sub)
+    for src_dir, _dirs, files in os.walk(src_root):
+        rel = os.path.relpath(src_dir, src_root)
+        out_dir = os.path.normpath(os.path.join(build, sub, rel))
+        for name in sorted(files):
+            if not name.endswith(".py") or name in _SOURCE_ONLY:
+                continue
+            os.makedirs(out_dir, exist_ok=True)
+            src = os.path.join(src_dir, name)
+            out = os.path.join(out_dir, name[:-3] + ".mpy")
+            if os.path.exists(out) and os.path.getmtime(out) >= os.path.getmtime(src):
+                continue
+            source_name = name if rel == "." else rel + "/" + name
+            subprocess.run([mpy_cross_binary()] + list(options) + ["-o", out, "-s", source_name, src],
+                           check=True)
+    return os.path.join(build, sub)
 
 
 def micropypath():
@@ -133,10 +153,10 @@ def micropypath():
 
 def firmware_files():
     """[(local file, name in the flash root)]: the firmware as `make flash` lays it out on a pile
-    (pilehost/technician.py flash_plan): each module's .mpy (build/unix/firmware), boot.py and
-    main.py as source. For a run that finds the firmware in its flash folder, sys.path's '', as a
-    pile does (a stock image's stand-in, pilehost/chipbuild.py stock_micropypath)."""
-    bytecode = compile_for_unix()[0]
+    (pilehost/technician.py flash_plan): each module's .mpy as it ships (compile_shipped), boot.py
+    and main.py as source. For a run that finds the firmware in its flash folder, sys.path's '',
+    as a pile does (a stock image's stand-in, pilehost/chipbuild.py stock_micropypath)."""
+    bytecode = compile_shipped()
     files = []
     for name in sorted(os.listdir(os.path.join(ROOT, "firmware"))):
         if name in _SOURCE_ONLY:
