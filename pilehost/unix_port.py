@@ -88,9 +88,10 @@ def board_source_name(src):
 
 
 def cross_compile(src, out):
-    """src -> out (.mpy for the ESP32, as `make mpy` builds it), unless out is newer; a failure
-    raises RuntimeError with mpy-cross's message."""
-    if os.path.exists(out) and os.path.getmtime(out) >= os.path.getmtime(src):
+    """src -> out (.mpy for the ESP32, as `make mpy` builds it), unless out is newer than src and
+    than this file (its options: SHIP_OPT); a failure raises RuntimeError with mpy-cross's message."""
+    newest_input = max(os.path.getmtime(src), os.path.getmtime(__file__))
+    if os.path.exists(out) and os.path.getmtime(out) >= newest_input:
         return
     os.makedirs(os.path.dirname(out), exist_ok=True)
     r = subprocess.run([mpy_cross_binary(), "-march=xtensawin", SHIP_OPT, "-s", board_source_name(src), "-o",
