@@ -96,19 +96,18 @@ def build_core():
 
 
 def build_link(board, conf, ctl, handover):
-    """The boot's second phase, after wiring.py is dropped (wiring_link.py): (link, Wi-Fi
-    station, clock, watchdog); run() drops wiring_link.py when this frame is gone."""
+    """The boot's second phase, after wiring.py is dropped (wiring_link.py): (the link's class and
+    keyword arguments, Wi-Fi station, clock, watchdog); run() drops wiring_link.py when this frame
+    is gone, then makes the link."""
     import wiring_link
 
     try:
-        link = wiring_link.build_link(board, conf, ctl, handover)
+        make, args = wiring_link.link_parts(board, conf, ctl, handover)
     except wiring_link.Unavailable as e:
         hold_unavailable(board, str(e))
     station = wiring_link.build_wifi(conf)
-    if link is not None:
-        link.station = station  # the link's ladder restarts the Wi-Fi (link_heal.py)
     clock = wiring_link.build_clock(conf, ctl)
-    return link, station, clock, wiring_link.watchdog(conf.wdt_timeout_ms)
+    return make, args, station, clock, wiring_link.watchdog(conf.wdt_timeout_ms)
 
 
 def service(board, conf, ctl, link, wdt):
@@ -124,10 +123,14 @@ def run():
     try:
         board, conf, ctl, handover = build_core()
         drop_wiring()  # before the link's modules load: the boot's peak is not both (issue 12)
-        link, station, clock, wdt = build_link(board, conf, ctl, handover)
+        make, args, station, clock, wdt = build_link(board, conf, ctl, handover)
         del handover
         sys.modules.pop("wiring_link", None)  # nothing built keeps one of its functions either
         gc.collect()
+        if make is not None:  # the link made now: wiring_link.py is not beside link_setup.py at
+            link = make(**args)  # the boot's peak (issue 12); the watchdog runs, far from its 1 s
+            link.station = station  # the link's ladder restarts the Wi-Fi (link_heal.py)
+        del make, args
         console.report(time.ticks_ms(), "main", "firmware %s, board %s, %s, max %s A%s" % (
             VERSION, board.name, conf.standard, conf.max_current_a,
             ", free vend" if conf.free_vend else ""))

@@ -3,8 +3,9 @@
 With wiring_link.py and boot.py the only modules that import `machine` or `network`: every
 other module is given its pins, buses and clocks. The boot in two phases (issue 12): this module
 reads the settings and builds the safety core and the records, then main.py drops it; then
-wiring_link.py builds the link, the Wi-Fi, the clock and the watchdog, and is dropped too, so
-that the boot's peak is not both modules beside every run-time module. main.py asks here for
+wiring_link.py builds the link's parts, the Wi-Fi, the clock and the watchdog, and is dropped
+too, before main.py makes the link, so that the boot's peak is neither module beside every
+run-time module. main.py asks here for
 idle, reset and a timer too.
 """
 import gc
@@ -22,7 +23,7 @@ import files
 # made at the settings (load_settings), while the heap is still whole.
 _LINK_OUT_B = const(2048)
 _LINK_IN_B = const(1024)
-# What the link phase (wiring_link.build_link) takes over when this module is dropped: "bufs",
+# What the link phase (wiring_link.link_parts) takes over when this module is dropped: "bufs",
 # the link's (out-buffer, in-buffer); "ota", ota_lazy.survey() at the settings (None: ota.py
 # loaded when the link binds). A plain dict: holding it keeps no function of this module alive.
 handover = {}
@@ -167,14 +168,6 @@ def build_session_log(conf, gate=None):
     session_restore.load(log)
     del session_restore, sys.modules["session_restore"]
     return log
-
-
-def build_link(board, conf, ctl):
-    """wiring_link.build_link with this module's hand-over: the virtual board's way (on the
-    pile main.py drops this module first, then imports wiring_link.py itself)."""
-    import wiring_link
-
-    return wiring_link.build_link(board, conf, ctl, handover)
 
 
 _PARITY = {"none": None, "even": 0, "odd": 1}  # machine.UART: 0 even, 1 odd

@@ -1,7 +1,7 @@
-"""The boot's second phase (issue 12, docs/architecture.md): the MQTT link, the Wi-Fi station,
-the NTP clock and the watchdog, built after main.py has dropped wiring.py and dropped in turn
-once they are built. With wiring.py and boot.py the only modules that import `machine` or
-`network`.
+"""The boot's second phase (issue 12, docs/architecture.md): the MQTT link's parts, the Wi-Fi
+station, the NTP clock and the watchdog, built after main.py has dropped wiring.py and dropped in
+turn once they are built (main.py then makes the link of its parts). With wiring.py and boot.py
+the only modules that import `machine` or `network`.
 """
 import gc
 import time
@@ -17,16 +17,19 @@ class Unavailable(Exception):
     """The pile cannot charge until a technician fixes something (as wiring.Unavailable)."""
 
 
-def build_link(board, conf, ctl, handover):
-    """The MQTT link (docs/telemetry.md), when config.json has an mqtt section and a pile id.
-    handover: wiring.handover (the link's buffers, OTA's survey), taken over from the settings."""
+def link_parts(board, conf, ctl, handover):
+    """What makes the MQTT link (docs/telemetry.md), when config.json has an mqtt section and a
+    pile id: (mqtt_link.MqttLink, its keyword arguments), all that needs this module or `machine`
+    resolved; else (None, None). main.py makes the link after it has dropped this module: its
+    bytecode is not on the heap beside link_setup.py's, the boot's peak (issue 12). handover:
+    wiring.handover (the link's buffers, OTA's survey), taken over from the settings."""
     mconf = conf.mqtt
     if mconf is None:
-        return None
+        return None, None
     now = time.ticks_ms()
     if ctl.records.log is None:
         console.report(now, "mqtt", "no pile_id in config.json: no MQTT link")
-        return None
+        return None, None
     gc.collect()  # as in build(): on a heap of .mpy bytecode these collections save ~10 KiB
     import link_heal
     import mqtt_link
@@ -45,10 +48,11 @@ def build_link(board, conf, ctl, handover):
     # A reservation on flash only while a close may come: a car plugged in (docs/commands.md).
     # (A bound method: a lambda here would keep this module alive after main drops it.)
     verifier = build_verifier(mconf, ctl.records.gate, ctl.charger.has_session)
-    return mqtt_link.MqttLink(mconf, ctl, ctl.records.log, console.report, verifier,
-                              fw=VERSION, board=board.name, reset=machine.reset, boot_ms=console.boot_ms,
-                              tls=tls, ota=updater, heal_store=link_heal.HealStore(files.HEAL_FILE),
-                              reset_cause=reset_cause(), bufs=bufs)
+    return mqtt_link.MqttLink, {
+        "conf": mconf, "ctl": ctl, "log": ctl.records.log, "report": console.report,
+        "verifier": verifier, "fw": VERSION, "board": board.name, "reset": machine.reset,
+        "boot_ms": console.boot_ms, "tls": tls, "ota": updater,
+        "heal_store": link_heal.HealStore(files.HEAL_FILE), "reset_cause": reset_cause(), "bufs": bufs}
 
 
 def build_tls(path):

@@ -98,8 +98,9 @@ def ca_pem():
 def boot_imports(monkeypatch, conf):
     """The firmware modules the boot's two phases import on a virtual board with this
     config.json (every import statement, loaded before or not): main.build_core's and
-    build_link's calls, in their order (nothing imports main.py: test_firmware_layout.py;
-    test_main_py_s_phases_import_only_wiring_and_wiring_link keeps the two in step)."""
+    build_link's calls, then the link made in main.run, in their order (nothing imports main.py:
+    test_firmware_layout.py; test_main_py_s_phases_import_only_wiring_and_wiring_link keeps the
+    two in step)."""
     vb = VirtualBoard(monkeypatch, config=conf)  # the simulated world, the flash folder as cwd
     vb.world.fit_wifi(conf.get("wifi"))
     with open("board.json", "w") as f:
@@ -124,12 +125,13 @@ def boot_imports(monkeypatch, conf):
         ctl = wiring.build(board, c)
         import wiring_link  # main.build_link, after wiring.py is dropped
 
-        link = wiring_link.build_link(board, c, ctl, wiring.handover)
+        make, args = wiring_link.link_parts(board, c, ctl, wiring.handover)
         station = wiring_link.build_wifi(c)
-        if link is not None:
-            link.station = station
         wiring_link.build_clock(c, ctl)
         wiring_link.watchdog(c.wdt_timeout_ms)
+        if make is not None:  # main.run, after wiring_link.py is dropped
+            link = make(**args)
+            link.station = station
     finally:
         monkeypatch.setattr(builtins, "__import__", real)
     return seen & FIRMWARE_MODULES
@@ -147,13 +149,16 @@ def _phase_imports(function):
 
 def test_main_py_s_phases_import_only_wiring_and_wiring_link():
     """What boot_imports() above replays: main.build_core imports wiring.py and calls
-    load_settings and build; build_link imports wiring_link.py and calls its build_*."""
+    load_settings and build; build_link imports wiring_link.py and calls its link_parts and
+    build_*; run() itself imports nothing (the link's class comes with its parts)."""
     names, calls = _phase_imports("build_core")
     assert names == {"wiring"} and {"load_settings", "build"} <= calls
     names, calls = _phase_imports("build_link")
     assert names == {"wiring_link"}
-    assert calls & {n for n in calls if n.startswith("build_") or n == "watchdog"} == {
-        "build_link", "build_wifi", "build_clock", "watchdog"}
+    assert {n for n in calls if n.startswith("build_") or n in ("watchdog", "link_parts")} == {
+        "link_parts", "build_wifi", "build_clock", "watchdog"}
+    names, _ = _phase_imports("run")
+    assert names == set()
 
 
 @settings(max_examples=40, deadline=None, derandomize=True, database=None,

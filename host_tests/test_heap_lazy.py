@@ -14,7 +14,8 @@ SECRET = "9f" * 32
 @pytest.fixture
 def built(monkeypatch):
     """Every part wiring.py and wiring_link.py build on a board with all sections: records,
-    link with commands, NTP."""
+    link with commands, NTP; and the link's parts (wiring_link.link_parts), which main.run holds
+    while it drops wiring_link.py, then makes the link of."""
     import wiring
     import wiring_link
 
@@ -22,10 +23,11 @@ def built(monkeypatch):
         "pile_id": "lazy-1", "meter": {"type": "ddsu666"},
         "mqtt": {"host": "127.0.0.1", "port": 1, "secret": SECRET},
         "ntp": {"host": "127.0.0.1", "port": 1}})
-    link = vb.build_link()
+    make, args = wiring_link.link_parts(vb.board, vb.conf, vb.ctl, wiring.handover)
+    link = make(**args)
     clock = wiring_link.build_clock(vb.conf, vb.ctl)
     assert link is not None and clock is not None and link._commands is not None
-    return wiring, [vb.ctl, link, clock, wiring.idle, wiring.reset, wiring.handover]
+    return wiring, [vb.ctl, link, clock, wiring.idle, wiring.reset, wiring.handover, args]
 
 
 def test_nothing_built_keeps_a_function_of_wiring(built, functions_of):
@@ -34,8 +36,9 @@ def test_nothing_built_keeps_a_function_of_wiring(built, functions_of):
 
 
 def test_nothing_built_keeps_a_function_of_wiring_link(built, functions_of):
-    """main.py drops wiring_link.py too, once the link, the Wi-Fi, the clock and the watchdog
-    are built (issue 12): none of them keeps one of its functions."""
+    """main.py drops wiring_link.py too, once the link's parts, the Wi-Fi, the clock and the
+    watchdog are built, before it makes the link (issue 12): none of them, nor the link, keeps
+    one of its functions."""
     import wiring_link
 
     _, roots = built
@@ -43,6 +46,10 @@ def test_nothing_built_keeps_a_function_of_wiring_link(built, functions_of):
     ctl = roots[0]
     ctl.kept = eval("lambda: time", vars(wiring_link))  # the check sees one if there is one
     assert functions_of(wiring_link, roots) == ["<lambda>"]
+    del ctl.kept
+    args = roots[-1]
+    args["reset_cause"] = wiring_link.reset_cause  # in the parts too
+    assert functions_of(wiring_link, roots) == ["reset_cause"]
 
 
 def test_the_check_sees_a_closure_of_wiring(built, functions_of):

@@ -57,7 +57,8 @@ def test_the_link_reads_and_writes_in_the_buffers_made_at_the_settings(monkeypat
     ctl = wiring.build(board, c)
     import wiring_link
 
-    link = wiring_link.build_link(board, c, ctl, wiring.handover)
+    make, args = wiring_link.link_parts(board, c, ctl, wiring.handover)  # as main.run, then
+    link = make(**args)  # made with wiring_link.py dropped
     assert link._conn._pipe.buf is out and link._conn._in is into
     assert wiring.handover == {}  # nothing else holds them: the connection's alone
 

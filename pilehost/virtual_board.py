@@ -103,10 +103,14 @@ class VirtualBoard:
         return self.ctl
 
     def build_link(self):
-        """The MQTT link as wired on the board (config.json's mqtt section), not polled: no network."""
+        """The MQTT link as main.py makes it (config.json's mqtt section), not polled: no network.
+        wiring_link.link_parts resolves its parts, the link is made of them (on the pile after
+        wiring_link.py is dropped)."""
         import wiring
+        import wiring_link
 
-        return wiring.build_link(self.board, self.conf, self.ctl)
+        make, args = wiring_link.link_parts(self.board, self.conf, self.ctl, wiring.handover)
+        return None if make is None else make(**args)
 
     @property
     def now_ms(self):
