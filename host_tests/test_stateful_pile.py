@@ -65,7 +65,10 @@ LEAK_TO_OFF_MS = 100 + PERIOD_MS
 # A cable read lower while charging lowers the offer this soon: PP is re-read every 100 ms.
 PP_TO_OFFER_MS = 100 + 2 * PERIOD_MS
 # The car unplugged, whatever the pilot ADC says (frozen at C, say): the pilot reads A, or the
-# stuck-ADC rule or the PP read (every 100 ms; no cable: open at once) opens.
+# stuck-ADC rule or the PP read (every 100 ms; no cable: open at once) opens. Without PP
+# (tethered) counted from the last burst read as a car's C/D, if later: the plus phase in C/D and
+# the minus phase a car shows (the PWM's -12 V, none with the PWM off) is a car to any pile
+# (IEC 61851-1 sees the car through CP alone then); CD_TO_OFF_MS holds from that burst.
 UNPLUG_TO_OFF_MS = 100 + 2 * PERIOD_MS + 5
 # A meter fitted for years: a register near 0 made a "backwards" fault stop at 0 in the sim (a
 # register looking stuck while energy flows, which no pile could tell from a real one).
@@ -188,6 +191,7 @@ class PileMachine(RuleBasedStateMachine):
         self.unplugged_us = 0
         self.dist = Disturbance(w)
         self.last_cd_us = None
+        self.car_like_cd_us = None  # the last C/D burst a car could have made (see _after_tick)
         self.last_minus_ok = None  # did the last burst with a minus phase read -12 V
         self.no_minus_bursts = 0
         self.rcd_test_ok = False  # since the plug-in: TEST asserted while the module was healthy
@@ -329,10 +333,13 @@ class PileMachine(RuleBasedStateMachine):
         if samples:
             plus = max(samples)
             minus = min(samples)
-            if band(plus) in ("C", "D"):
-                self.last_cd_us = now
             pwm = w.pwm_duty
             leaves_minus = pwm is not None and 0 < pwm < 65535 * 90 // 100
+            if band(plus) in ("C", "D"):
+                self.last_cd_us = now
+                if minus < -1500 or not leaves_minus:
+                    # The minus phase a car's C/D shows (the PWM's, or none with no PWM): a car.
+                    self.car_like_cd_us = now
             if minus < -1500:  # a minus phase was caught
                 self.last_minus_ok = DIODE_MV[0] <= minus <= DIODE_MV[1]
                 self.no_minus_bursts = 0
@@ -374,7 +381,13 @@ class PileMachine(RuleBasedStateMachine):
             assert offered_a(w.pwm_duty) <= rating + 0.5 or self._cable_changed_recently(), \
                 "offering %.1f A through a %d A cable (t=%d ms)" % (offered_a(w.pwm_duty), rating, t_ms)
         if coil and self.unplugged_us is not None:
-            gone_ms = (now - self.unplugged_us) // 1000
+            # Without PP (tethered) the pilot is the pile's only view of the car: a burst read as
+            # a car's C/D since the unplug (interference moving the plus phase, the minus phase
+            # real) is a car to any pile; from it CD_TO_OFF_MS is the rule.
+            seen_us = self.unplugged_us
+            if self.tethered_a is not None and self.car_like_cd_us is not None:
+                seen_us = max(seen_us, self.car_like_cd_us)
+            gone_ms = (now - seen_us) // 1000
             assert gone_ms <= UNPLUG_TO_OFF_MS, "coil on %d ms after the car was unplugged (t=%d ms)" % (
                 gone_ms, t_ms)
         if coil:
@@ -727,7 +740,7 @@ def replay(steps, tethered_a=None):
     try:
         state.boot(standard="iec", tethered_a=tethered_a)
         for name, kwargs in steps:
-            getattr(state, name)(**kwargs)
+            getattr(PileMachine, name)(state, **kwargs)  # the rule: meter_fault is an attribute too
             state.sessions_bill_what_was_delivered()
     finally:
         state.teardown()
@@ -746,3 +759,49 @@ def test_found_pp_lost_as_it_recloses():
     """The cable_coding_at_reclose rule's find (the report "closed offering 20.0 A through a
     0 A cable"): PP open 10 ms before the re-close; it closed on a PP reading ~90 ms old."""
     replay([("cable_coding_at_reclose", dict(cable=None, after_ms=990, ms=300))])
+
+
+def test_found_tethered_unplug_under_interference_reading_d():
+    """make test's seed under `-n 2` (the report "coil on 118 ms after the car was unplugged"): a
+    tethered 32 A cable, no PP; after a remote stop (PWM off, C1: the car may take 6 s) the car
+    is unplugged while interference puts every third burst's plus phase in D. The pile reads
+    A, A, D, ... with a D every ~19 ms: no 20 ms without C/D, and nothing else it can read says
+    the car left. Replayed to the end: every other rule still holds."""
+    replay([("interference", dict(duration=239, levels=[12000, None], ms=242, prepare="as_is")),
+            ("request", dict(ms=5)),
+            ("reboot", dict(at=973, garble=None, ms=433, prepare="as_is")),
+            ("plug", dict(cable=100, ms=5)),
+            ("loop_stall", dict(during=None, ms=222, prepare="as_is", stall=127)),
+            ("plug", dict(cable=100, ms=5)),
+            ("set_availability", dict(ms=413, prepare="as_is", state="available")),
+            ("short_cp", dict(ms=141, on=False, prepare="as_is")),
+            ("meter_fault", dict(duration=609, fault="silent", ms=1098, prepare="as_is")),
+            ("interference", dict(duration=6, levels=[None], ms=21, prepare="as_is")),
+            ("set_availability", dict(ms=5, prepare="as_is", state="available")),
+            ("set_availability", dict(ms=578, prepare="as_is", state="unavailable_f")),
+            ("loop_stall", dict(during="unplug", ms=144, prepare="charging", stall=80)),
+            ("interference", dict(duration=1916, levels=[12000, 3000, None], ms=86, prepare="healed")),
+            ("short_cp", dict(ms=128, on=False, prepare="charging")),
+            ("remote_stop", dict(ms=265, prepare="charging")),
+            ("unplug", dict(ms=288, prepare="as_is"))], tethered_a=32)
+
+
+@pytest.mark.parametrize("levels", ([6000], [12000, 3000, None]))
+@pytest.mark.parametrize("stall", (0, 80))
+def test_tethered_unplug_the_pile_cannot_see(levels, stall):
+    """The oracle's exemption, at its narrowest: a tethered pile charging, interference puts the
+    plus phase in C (every burst) or D (every third), the minus phase the PWM's: after the
+    unplug the pile reads a car in C/D. The other rules (C/D -> off, no minus -> off) still
+    judge every tick; with PP the same world opens within UNPLUG_TO_OFF_MS."""
+    for tethered_a in (32, None):
+        state = PileMachine()
+        try:
+            state.boot(standard="iec", tethered_a=tethered_a)
+            state._prepare("charging")
+            assert state.world.coil
+            PileMachine.interference(state, prepare="as_is", levels=levels, duration=3000, ms=13)
+            PileMachine.loop_stall(state, prepare="as_is", stall=stall, during="unplug", ms=300)
+            if tethered_a is None:
+                assert not state.world.coil
+        finally:
+            state.teardown()
