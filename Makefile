@@ -115,11 +115,10 @@ postgres:
 	else echo "no PostgreSQL: its consumer cases are skipped (as root, make test starts one)"; fi
 
 # Two parts (host_tests/conftest.py REALTIME): the tests that use the CPU, on 2 workers; then those
-# that wait on the firmware's real time (~20-35 % of a core each), on REALTIME_WORKERS (5: ~1-1.8
-# of the 2 cores; 4 made part 2 ~480 s of a ~940 s CI run, 2026-12-06). Both run;
+# that wait on the firmware's real time (~20-35 % of a core each), on REALTIME_WORKERS. Both run;
 # the status is the first part's failure, else the second's. loadgroup keeps conftest's TOGETHER
 # groups in one worker, and its LONGEST_FIRST order is kept (no reorder).
-REALTIME_WORKERS ?= 5
+REALTIME_WORKERS ?= 4
 PYTEST_PART = PILE_TEST_POSTGRES_URL=$$(cat $(PG_URL_FILE) 2>/dev/null) $(BIN)/python -m pytest \
 	--dist loadgroup --no-loadscope-reorder host_tests
 define test_parts
