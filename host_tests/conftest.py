@@ -149,6 +149,38 @@ _RUN_SUBPROCESSES = ("test_firmware_compiles_for_esp32", "test_selftest_on_micro
 
 
 @pytest.fixture
+def torn_appends(monkeypatch):
+    """journal.py's appends ("ab" opens) write 3 bytes, then fail with ENOSPC: a torn record on
+    flash. Patched through the test's monkeypatch (its undo() ends it)."""
+    import journal
+
+    real_open = open
+
+    class HalfFile:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, b):
+            self.f.write(bytes(b)[:3])
+            raise OSError(28, "no space")
+
+        def flush(self):
+            self.f.flush()
+
+        def fileno(self):
+            return self.f.fileno()
+
+        def close(self):
+            self.f.close()
+
+    def failing_open(p, mode="r"):
+        f = real_open(p, mode)
+        return HalfFile(f) if mode == "ab" else f
+
+    monkeypatch.setattr(journal, "open", failing_open, raising=False)
+
+
+@pytest.fixture
 def no_sleeping(monkeypatch, request):
     """poll() must never sleep: any sleep during a meter test fails it (pytestmark of the meter
     test files)."""

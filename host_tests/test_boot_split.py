@@ -91,7 +91,8 @@ def test_an_unreadable_ack_file_is_an_unreadable_journal(tmp_path):
     assert e.value.args[0] != errno.ENOENT
 
 
-def test_a_repair_at_run_time_keeps_the_watermark_held_in_ram(tmp_path, monkeypatch, fake_flash_gate):
+def test_a_repair_at_run_time_keeps_the_watermark_held_in_ram(tmp_path, monkeypatch, fake_flash_gate,
+                                                              request):
     """The ack file is read at boot only: a repair after a failed write (which scans the file
     again) keeps the watermark an ack set while the contactor was closed, not yet on flash; the
     acknowledged records are not sent again, and it is written when the contactor opens."""
@@ -102,27 +103,7 @@ def test_a_repair_at_run_time_keeps_the_watermark_held_in_ram(tmp_path, monkeypa
         j.append(J.KIND_SESSION_END, b"rec%d" % i)
     gate.closed = True
     j.ack(2)  # held in RAM
-    real_open = open
-
-    class HalfFile:
-        def __init__(self, f):
-            self.f = f
-
-        def write(self, b):
-            self.f.write(bytes(b)[:3])
-            raise OSError(28, "no space")
-
-        def flush(self):
-            self.f.flush()
-
-        def fileno(self):
-            return self.f.fileno()
-
-        def close(self):
-            self.f.close()
-
-    monkeypatch.setattr(J, "open", lambda p, mode="r": HalfFile(real_open(p, mode)) if mode == "ab"
-                        else real_open(p, mode), raising=False)
+    request.getfixturevalue("torn_appends")  # from here on, appends tear
     with pytest.raises(OSError):
         j.append(J.KIND_SESSION_END, b"torn")
     monkeypatch.undo()

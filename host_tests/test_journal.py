@@ -259,34 +259,11 @@ def test_damage_in_the_middle_is_reported(tmp_path):
     assert j.append(J.KIND_SESSION_END, b"next") == 10
 
 
-def test_failed_write_is_repaired_before_the_next_one(tmp_path, monkeypatch):
+def test_failed_write_is_repaired_before_the_next_one(tmp_path, monkeypatch, request):
     path = tmp_path / "j"
     j = jopen(path)
     j.append(J.KIND_SESSION_END, b"first")
-    real_open = open
-
-    class HalfFile:
-        def __init__(self, f):
-            self.f = f
-
-        def write(self, b):
-            self.f.write(bytes(b)[:3])
-            raise OSError(28, "no space")
-
-        def flush(self):
-            self.f.flush()
-
-        def fileno(self):
-            return self.f.fileno()
-
-        def close(self):
-            self.f.close()
-
-    def failing_open(p, mode="r"):
-        f = real_open(p, mode)
-        return HalfFile(f) if mode == "ab" else f
-
-    monkeypatch.setattr(J, "open", failing_open, raising=False)
+    request.getfixturevalue("torn_appends")  # from here on, appends tear
     with pytest.raises(OSError):
         j.append(J.KIND_SESSION_END, b"second")
     monkeypatch.undo()
