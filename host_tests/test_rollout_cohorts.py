@@ -6,6 +6,7 @@ once and reports the release running); the same on real piles: test_ota_withdraw
 import json
 import threading
 import time
+from fractions import Fraction
 
 import pytest
 from hypothesis import given, settings
@@ -88,15 +89,47 @@ def test_the_same_seed_gives_the_same_cohorts_and_they_cover_the_fleet_once(site
     assert all(cohorts)
 
 
+def assert_in_proportion(sites, order, size):
+    """Each site's piles among the first `size` of the order differ from its share of them by at
+    most sigma = 1 - 1/(2m - 2) (m sites), less than one pile (rollout.plan); exact fractions."""
+    m = len(set(sites.values()))
+    sigma = Fraction(1) - Fraction(1, 2 * m - 2) if m > 1 else Fraction(0)
+    first = order[:size]
+    for site in set(sites.values()):
+        share = Fraction(sum(1 for p in sites if sites[p] == site) * len(first), len(order))
+        got = sum(1 for p in first if sites[p] == site)
+        assert abs(got - share) <= sigma, (site, got, share)
+
+
 @settings(max_examples=200, deadline=None)
 @given(piles_and_sites, st.integers(0, 2 ** 32), st.integers(1, 120))
 def test_every_first_cohort_holds_each_site_in_proportion_within_one_pile(sites, seed, size):
+    assert_in_proportion(sites, rollout.plan(list(sites), seed, sites), size)
+
+
+def test_found_a_small_site_drawn_early_no_longer_leaves_the_big_one_out():
+    """Found by the test above on the old plan (each site's k-th of n piles at (k + u)/n, u drawn
+    per site): Nice's one pile and one of Lyon/gare's two drew keys below Lille's first (u/9), so
+    the first 2 of 15 piles held no Lille pile where Lille's share of them is 1.2."""
+    sites = {"p-0": "Lyon/depot", "p-1": "Nice/plage", "p-2": "Lyon/gare", "p-3": "Lyon/depot",
+             "p-4": "Lille/port", "p-5": "Lyon/gare", "p-6": "Lille/port", "p-7": "Lille/port",
+             "p-8": "Lille/port", "p-9": "Lille/port", "p-a": "Lille/port", "p-b": "Lille/port",
+             "p-c": "Lyon/depot", "p-00": "Lille/port", "p-d": "Lille/port"}
+    for seed in range(200):
+        order = rollout.plan(list(sites), seed, sites)
+        for size in range(1, len(sites) + 1):
+            assert_in_proportion(sites, order, size)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=12), st.integers(0, 2 ** 32))
+def test_sites_of_any_sizes_stay_in_proportion_at_every_length(sizes, seed):
+    """Many sites of uneven sizes (the case where a per-site draw goes wrong), every prefix."""
+    sites = {"p-%d-%d" % (i, k): "site %d" % i for i, n in enumerate(sizes) for k in range(n)}
     order = rollout.plan(list(sites), seed, sites)
-    first = order[:size]
-    for site in set(sites.values()):
-        share = sum(1 for p in sites if sites[p] == site) * len(first) / len(order)
-        got = sum(1 for p in first if sites[p] == site)
-        assert abs(got - share) < 1 + 1e-9, (site, got, share)
+    assert sorted(order) == sorted(sites)
+    for size in range(1, len(order) + 1):
+        assert_in_proportion(sites, order, size)
 
 
 def test_a_small_first_cohort_is_spread_over_cities_not_the_first_ids():

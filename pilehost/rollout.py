@@ -17,6 +17,7 @@ For each kind, the share of the cohort's piles that have it may not exceed the c
 (plus `margin`). The last cohort has no piles left to compare with: its control share is 0.
 """
 import argparse
+import heapq
 import json
 import math
 import os
@@ -25,6 +26,7 @@ import sys
 import threading
 import time
 import urllib.parse
+from fractions import Fraction
 
 import paho.mqtt.client as mqtt
 
@@ -128,22 +130,52 @@ def new_seed():
 def plan(piles, seed, strata=None):
     """The order in which the fleet is updated: random for `seed`, spread over the strata.
 
-    strata: pile id -> its site (e.g. "Lyon/depot 3"), or None. Each stratum is shuffled, and its
-    k-th of n piles is placed at (k + u) / n with u drawn once per stratum (systematic sampling):
-    every first L piles of the order hold each stratum's share of L within one pile, so a 1 %
-    cohort already touches the sites in proportion, not one city."""
+    strata: pile id -> its site (e.g. "Lyon/depot 3"), or None. Each stratum is shuffled; the
+    strata then take turns by Tijdeman's rule for the chairman assignment problem (R. Tijdeman,
+    "The chairman assignment problem", Discrete Math. 32, 1980): with m strata and p_i a
+    stratum's share of the fleet, the L-th place goes, among the strata that would not get more
+    than their share of L plus sigma = 1 - 1/(2m - 2), to the one whose share falls furthest
+    behind first (earliest deadline). Every first L piles of the order then hold each stratum's
+    share of L within sigma < 1 pile, so a 1 % cohort already touches the sites in proportion,
+    not one city. Ties go to a per-stratum draw from the seed."""
     rng = random.Random(seed)
     groups = {}
     for p in sorted(piles):
         groups.setdefault((strata or {}).get(p), []).append(p)
-    keyed = []
-    for name in sorted(groups, key=lambda g: (g is not None, str(g))):
-        g = groups[name]
-        rng.shuffle(g)
-        u = rng.random()
-        keyed.extend(((k + u) / len(g), p) for k, p in enumerate(g))
-    keyed.sort()
-    return [p for _key, p in keyed]
+    names = sorted(groups, key=lambda g: (g is not None, str(g)))
+    for name in names:
+        rng.shuffle(groups[name])
+    if len(names) < 2:
+        return [p for name in names for p in groups[name]]
+    return [groups[names[i]][k] for i, k in _turns([len(groups[n]) for n in names], rng)]
+
+
+def _turns(sizes, rng):
+    """(stratum, its k-th pile) for each place of the order: plan()'s rule, in integers.
+
+    With N piles and m strata, stratum i (n_i piles, c_i placed) is eligible at place L once
+    L * n_i / N - c_i >= 1 - sigma = 1/(2m - 2), and its deadline is (c_i + sigma) * N / n_i."""
+    total, m = sum(sizes), len(sizes)
+    den = 2 * m - 2
+    tie = [rng.random() for _ in sizes]
+    placed = [0] * m
+    waiting = [(_eligible_at(0, n, total, den), i) for i, n in enumerate(sizes)]
+    heapq.heapify(waiting)
+    ready = []
+    for place in range(1, total + 1):
+        while waiting and waiting[0][0] <= place:
+            i = heapq.heappop(waiting)[1]
+            heapq.heappush(ready, (Fraction(placed[i] * den + den - 1, sizes[i]), tie[i], i))
+        i = heapq.heappop(ready)[2]  # never empty (Tijdeman's theorem; test_rollout_cohorts.py)
+        yield i, placed[i]
+        placed[i] += 1
+        if placed[i] < sizes[i]:
+            heapq.heappush(waiting, (_eligible_at(placed[i], sizes[i], total, den), i))
+
+
+def _eligible_at(placed, size, total, den):
+    """The first place L with den * (L * size - placed * total) >= total."""
+    return -(-total * (1 + den * placed) // (den * size))
 
 
 def cohorts_of(piles, percents):
