@@ -65,7 +65,7 @@ REALTIME = ("test_soak.py", "test_scenarios_unix.py", "test_ota_fleet.py", "test
 # Within each part the longest start first, in this order (measured with --durations, one file at
 # a time), so that none is left running alone at the end; the rest follow in file order.
 LONGEST_FIRST = (
-    "test_soak.py::test_soak_short",  # ~4 min each
+    "test_soak.py::test_soak_short",  # ~2.5 min each (~4 in make test-long)
     "test_ota_fleet.py::",  # ~3 min, one group
     "test_heal_sim.py::",  # ~1.5-2.5 min
     "test_ota_withdraw.py::",
@@ -298,6 +298,14 @@ def unix_binary_long(request, monkeypatch):
     """unix_binary for what the word size cannot change (the control logic, the safety
     reactions): the venv's binary in `make test`, both in `make test-long`."""
     return _use_binary(request.param, monkeypatch)
+
+
+@pytest.fixture
+def soak_sessions():
+    """How many sessions test_soak.py's short soak runs on each binary: 30 in `make test` (every
+    fault kind comes up with its fixed seed, a lifetime of 10 sessions among them), 50 in
+    `make test-long`; `make soak` runs as many as asked."""
+    return 50 if LONG else 30
 
 
 # -- the OTA bench (pilehost.ota_rig) ---------------------------------------------------------------
