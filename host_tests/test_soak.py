@@ -1,9 +1,8 @@
 """The soak (tools/soak.py, `make soak`) in short: 30 sessions (50 in `make test-long`) of the
 firmware on the unix port against mosquitto and the reference consumer, with meter faults, RCD
 trips, unplugging under load, remote stops, power cuts (kill -9) and broker restarts and black
-holes. The consumer's
-database must hold exactly the sessions the simulated car performed, once each, to the Wh.
-SEED=N replays a run (the seed is in the failure message)."""
+holes. The consumer's database must hold exactly the sessions the simulated car performed, once
+each, to the Wh. SEED=N replays a run (the seed is in the failure message)."""
 import os
 import random
 import signal
