@@ -1,16 +1,15 @@
 """The MQTT link's code that runs only with the contactor open (issue 12 item 3): its set-up at
-the boot and the board reset of the escalation ladder (the TLS context and handshake:
-link_tls.py, loaded the same way).
+the boot (the TLS context and handshake: link_tls.py, the escalation reset: link_reset.py,
+loaded the same way).
 
 On a stock image the bytecode of every module loaded stays on the heap: this one is imported
 when it is needed and dropped after (mqtt_conn.drop_setup: out of sys.modules, freed by main.py's
 next collection), as ota_lazy.py does for ota.py. A .mpy import costs chip time that a closed
 contactor's iteration does not have (10 ms between pilot reads), so nothing here is ever
-reached with the contactor closed: the boot is open; the link starts TLS and steps a handshake
-only while open (a TLS connection waits for the open); the board reset is due only with no
-session open (link_heal.Ladder.due). What runs while closed (a plain TCP reconnect, commands,
-status, the Wi-Fi rung) stays in mqtt_link.py, mqtt_conn.py and link_heal.py
-(host_tests/test_link_setup.py)."""
+reached with the contactor closed: the boot is open; the link starts TLS and steps a
+handshake only while open (a TLS connection waits for the open). What runs while closed (a
+plain TCP reconnect, commands, status, the Wi-Fi rung) stays in mqtt_link.py, mqtt_conn.py and
+link_heal.py (host_tests/test_link_setup.py)."""
 import gc
 import sys
 import time
@@ -171,27 +170,6 @@ def setup_topics(topics, pile_id):
     return topics
 
 
-def load_heal(store, path):
-    """link_heal.HealStore.__init__'s work: files.HEAL_FILE read at the boot. Unreadable: a
-    streak of 1, so the rate stays slow."""
-    import json
-
-    store.path = path
-    store.resets = 0
-    store.streak = 0
-    store.reason = None
-    try:
-        with open(path) as f:
-            d = json.load(f)
-        store.resets = int(d["resets"])
-        store.streak = int(d["streak"])
-        store.reason = d.get("reason")
-    except OSError:
-        pass  # never written: no escalation reset yet
-    except (ValueError, KeyError, TypeError):
-        store.streak = 1
-
-
 def setup_ladder(ladder, conf, store, now_ms, step_reset):
     """link_heal.Ladder.__init__'s work (its arguments there; step_reset: its STEP_RESET)."""
     ladder._wifi_ms = conf.wifi_restart_after_s * 1000
@@ -214,23 +192,3 @@ def setup_ladder(ladder, conf, store, now_ms, step_reset):
     ladder.kicks = 0
     ladder.conflict = False
     ladder._clear_streak = False  # the link came back: streak to 0 once the contactor is open
-
-
-# -- the ladder's last rung ------------------------------------------------------------------------
-
-def reset_board(link, now_ms):
-    """mqtt_link.MqttLink._escalate's STEP_RESET: counted on flash first (the rate holds across
-    the reset), the contactor opened, the board reset. Due only with no session open."""
-    heal = link._heal
-    why = "no broker for %d s" % (time.ticks_diff(now_ms, heal.down_since) // 1000)
-    try:
-        heal.resetting(why)  # on flash first: the rate holds across the reset
-    except OSError as e:
-        heal.down_since = now_ms  # try again after a whole reset_after_s
-        link._emit(now_ms, "board reset given up: heal.json not written (%s)" % e)
-        return
-    link._emit(now_ms, "resetting the board: %s (escalation reset %d)" % (why, heal.resets))
-    link._pile.safe_off()  # contactor open first: never rely on the reset's pin state
-    if link._reset is not None:
-        link._reset()
-    heal.down_since = now_ms  # no reset to make (a bench): not again at once

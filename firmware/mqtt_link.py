@@ -306,13 +306,13 @@ class MqttLink:
             self._retry_at = time.ticks_add(now_ms, _BACKOFF_MIN_MS)
             return
         try:  # the last rung: due only with no session open (the contactor open)
-            import link_setup
+            import link_reset
         except (MemoryError, ImportError, ValueError, SyntaxError) as e:  # as heal.json unwritten:
             heal.down_since = now_ms  # no uncounted reset (the rate); again after reset_after_s
             self._emit(now_ms, "board reset given up: its code not loaded (%r)" % (e,))
             return
         try:
-            link_setup.reset_board(self, now_ms)
+            link_reset.reset_board(self, now_ms)
         finally:
             drop_setup()
 
