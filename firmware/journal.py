@@ -116,18 +116,6 @@ class Journal:
     def dropped(self, kind):
         return self._dropped[kind]
 
-    def dropped_counts(self):
-        """{kind: records dropped because the journal was full}, survives reboots."""
-        return {k: n for k, n in enumerate(self._dropped) if n}
-
-    def lost_reported(self):
-        """Records dropped from tiers above 0 (each reported by a journal_fault record)."""
-        n = 0
-        for kind in range(1, _KIND_STATE):
-            if self._tier[kind]:
-                n += self._dropped[kind]
-        return n
-
     def append(self, kind, payload):
         """Durable on return: seq (int). None if there was no room for it even after dropping
         lower tiers (counted, and reported unless tier 0). OSError from the flash propagates;

@@ -40,6 +40,12 @@ def markers(j):
     return [json.loads(p) for _, k, p in j.pending() if k == J.KIND_JOURNAL_FAULT]
 
 
+def lost_reported(j):
+    """Records dropped from the tiers above 0, the ones a journal_fault record reports (the
+    firmware reads j.dropped(kind) alone: these are the undroppable kinds, tiers 1..3)."""
+    return sum(j.dropped(k) for k in UNDROPPABLE)
+
+
 def size(path):
     return os.path.getsize(str(path)) if os.path.exists(str(path)) else 0
 
@@ -318,7 +324,7 @@ def test_rewrite_keeps_order_and_seq_and_bounds_the_file(tmp_path):
     live = [m for m in model if m[0] > j.acked]
     assert pending(j) == live
     assert pending(jopen(path, max_bytes=4096, max_payload=128)) == live
-    assert j.dropped_counts() == {}
+    assert [j.dropped(k) for k in range(1, 15)] == [0] * 14
 
 
 def test_droppable_kinds_go_oldest_first(tmp_path):
@@ -332,7 +338,7 @@ def test_droppable_kinds_go_oldest_first(tmp_path):
     kept = [s for s, k, _ in got if k == J.KIND_METER]
     assert kept == meters[-len(kept):]  # the newest survive
     assert j.dropped(J.KIND_METER) == 200 - len(kept) > 0
-    assert j.lost_reported() == 0 and markers(j) == []
+    assert lost_reported(j) == 0 and markers(j) == []
     assert jopen(path, max_bytes=4096, max_payload=128).dropped(J.KIND_METER) == \
         j.dropped(J.KIND_METER)
 
@@ -351,7 +357,7 @@ def test_full_of_reported_tiers_refuses_tier_0_without_rewriting(tmp_path):
     assert j.dropped(J.KIND_METER) == 50
     assert rewrites == [J.KIND_METER]  # one rewrite found it full; no rewrite per record
     assert [k for _, k, _ in j.pending()] == [J.KIND_SESSION_END] * n
-    assert j.lost_reported() == 0 and markers(j) == [] and size(path) <= 4096
+    assert lost_reported(j) == 0 and markers(j) == [] and size(path) <= 4096
     j.ack(3)  # room again
     assert j.append(J.KIND_METER, b"m") == n + 1
     # Refusals without a rewrite are counted in RAM and stored by the next rewrite.
@@ -402,7 +408,7 @@ def test_session_end_is_never_dropped_silently(tmp_path):
     ends = [s for s, k, _ in got if k == J.KIND_SESSION_END]
     assert ends == appended[-len(ends):]  # the oldest went
     lost = 120 - len(ends)
-    assert lost > 0 and j.dropped(J.KIND_SESSION_END) == lost == j.lost_reported()
+    assert lost > 0 and j.dropped(J.KIND_SESSION_END) == lost == lost_reported(j)
     (m,) = markers(j)  # exactly one report, superseded each time, with the total
     assert m == {"fault": "journal_overflow", "corrupt_bytes": 0,
                  "dropped": {"session_end": lost}}
@@ -456,9 +462,9 @@ def test_random_operations_keep_the_invariants(tmp_path_factory, ops):
                         reported.add(tuple(sorted(json.loads(p)["dropped"].items())))
                 j.ack(upto)
         elif op[0] == "reopen":
-            before = (pending(j), j.next_seq, j.acked, j.lost_reported())
+            before = (pending(j), j.next_seq, j.acked, lost_reported(j))
             j = jopen(path, **kw)
-            assert (pending(j), j.next_seq, j.acked, j.lost_reported()) == before
+            assert (pending(j), j.next_seq, j.acked, lost_reported(j)) == before
         else:
             j.compact()
         assert size(path) <= kw["max_bytes"]
@@ -474,7 +480,7 @@ def test_random_operations_keep_the_invariants(tmp_path_factory, ops):
                           if k == kind and s > j.acked and (s, k, model[s][1]) not in got)
             assert missing <= j.dropped(kind)
         # ...and the drop is in a journal_fault record, pending or acknowledged.
-        if j.lost_reported():
+        if lost_reported(j):
             now = tuple(sorted((J.kind_name(k), j.dropped(k)) for k in UNDROPPABLE
                                if j.dropped(k)))
             carried = [tuple(sorted((n, c) for n, c in m["dropped"].items()
