@@ -108,11 +108,6 @@ class Journal:
     def acked(self):
         return self._acked
 
-    @property
-    def corrupt_bytes(self):
-        """Bytes of damaged records discarded on open (flash corruption, not a power cut)."""
-        return self._corrupt
-
     def dropped(self, kind):
         return self._dropped[kind]
 
