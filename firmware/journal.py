@@ -19,6 +19,10 @@ import struct
 
 import durable
 
+TYPE_CHECKING = const(False)  # mypy takes it as True (tools/typecheck.py); compiled out here
+if TYPE_CHECKING:
+    from flash_gate import FlashGate
+
 KIND_SESSION_END = const(1)
 KIND_FAULT = const(2)
 KIND_JOURNAL_FAULT = const(3)  # written by the journal: records lost (full) or flash corrupt
@@ -55,48 +59,38 @@ def kind_name(kind):
 
 class Journal:
     """Records of kinds 1..14 (not KIND_JOURNAL_FAULT) until acknowledged; `max_bytes` bounds
-    the file. Opened by journal_scan.load (its defaults, the drop tiers)."""
+    the file. Opened by journal_scan.load (its defaults, the drop tiers), which sets its state
+    and scans the file (_load)."""
 
-    def __init__(self, path, max_bytes, max_payload, tiers, gate, acked):
-        """tiers: kind -> drop tier (a bytearray: journal_scan builds it); acked: the watermark
-        in `<path>.ack` (journal_scan reads it). The file is scanned now."""
-        if not 0 < max_payload <= _PAYLOAD_LIMIT:
-            raise ValueError("max_payload must be 1..%d" % _PAYLOAD_LIMIT)
-        if max_bytes < _STATE_REC + _MARKER_RESERVE + 4 * (max_payload + _OVERHEAD):
-            raise ValueError("max_bytes too small for max_payload")
-        self._ntiers = max(tiers) + 1
-        self._tier = tiers
-        self.path = path
-        self._tmp = path + ".tmp"
-        self._ack_path = path + ".ack"
-        self._ack_tmp = path + ".ack.tmp"
-        self.max_bytes = max_bytes
-        self.max_payload = max_payload
-        self._hdr = bytearray(_HDR)
-        self._crc = bytearray(4)
-        self._ackbuf = bytearray(8)
-        self._ackseq = memoryview(self._ackbuf)[:4]
-        self._buf = bytearray(_PAYLOAD_LIMIT)
-        self._mv = memoryview(self._buf)
-        self._dropped = [0] * _KINDS
-        self._corrupt = 0  # bytes of bad records found on open, cumulative
-        # The seq existed: new records must come after it even if the journal was lost.
-        self._next_seq = acked + 1
-        self._acked = acked  # every seq <= this is acknowledged
-        self._size = 0  # bytes of valid records in the file
-        self._gen = 0  # bumped when the file is rewritten; pending() iterators follow it
-        self._backlog = None  # (count, bytes), cached
-        self._refuse_silent = False  # full without tier-0 records: no rewrite per tier-0 record
-        self._repair = False  # a write failed: rescan before the next one
-        self._marker_due = False  # corruption found: write a journal_fault record
-        self._short = False  # the last _read stopped at the end of the file
-        self.discarded_bytes = 0  # cut off the end of the file by the last open
-        # flash_gate.FlashGate: with the contactor closed an ack is kept in RAM (the records
-        # are not sent again in this boot) and written when it opens; a power cut before that
-        # sends them again: at least once, as a lost PUBACK (docs/durability.md).
-        self._gate = gate
-        self._ack_due = False
-        self._load()
+    # Set by journal_scan.load (boot code, dropped after it; annotations only: no code on the board).
+    _ntiers: int
+    _tier: bytearray
+    path: str
+    _tmp: str
+    _ack_path: str
+    _ack_tmp: str
+    max_bytes: int
+    max_payload: int
+    _hdr: bytearray
+    _crc: bytearray
+    _ackbuf: bytearray
+    _ackseq: memoryview
+    _buf: bytearray
+    _mv: memoryview
+    _dropped: list
+    _corrupt: int
+    _next_seq: int
+    _acked: int
+    _size: int
+    _gen: int
+    _backlog: "tuple | None"
+    _refuse_silent: bool
+    _repair: bool
+    _marker_due: bool
+    _short: bool
+    discarded_bytes: int
+    _gate: "FlashGate | None"
+    _ack_due: bool
 
     # -- public ---------------------------------------------------------------------------
 

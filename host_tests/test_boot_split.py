@@ -121,4 +121,6 @@ def test_the_numbers_a_boot_module_repeats_are_its_modules():
     import charger_restore
 
     assert charger_restore._LIMIT_REMOTE == ch._LIMIT_REMOTE
-    assert journal_scan._KIND_STATE == J._KIND_STATE
+    for name in ("_KIND_STATE", "_KINDS", "_HDR", "_OVERHEAD", "_STATE_REC", "_PAYLOAD_LIMIT",
+                 "_MARKER_RESERVE"):
+        assert getattr(journal_scan, name) == getattr(J, name), name
