@@ -18,18 +18,10 @@ from micropython import const
 
 from backoff import Backoff
 
-# machine.reset_cause() on the ESP32 (ports/esp32/modmachine.c).
-_CAUSES = {1: "power_on", 2: "hard", 3: "wdt", 4: "deepsleep", 5: "soft"}
 _BACKOFF_MIN_MS = const(1000)  # mqtt_link.py's _BACKOFF_MIN_MS
 _BACKOFF_MAX_MS = const(60000)
 _OUT_SIZE = const(2048)  # unsent bytes; more than that and the connection is dropped
 _IN_SIZE = const(1024)  # mqtt_conn.py's _IN_SIZE
-
-
-def cause_name(code):
-    if code is None:
-        return "unknown"
-    return _CAUSES.get(code, "unknown")
 
 
 # -- the boot --------------------------------------------------------------------------------------
@@ -98,7 +90,7 @@ def setup_link(link, bufs, conf, ctl, log, report, verifier, fw, board, reset, b
     link._heal = link_heal.Ladder(conf, heal_store, start)
     link._loop = link_heal.LoopFigures()
     link._ob_age = link_heal.OutboxAge(link._outbox, start)
-    link._cause = cause_name(reset_cause)
+    link._cause = "unknown" if reset_cause is None else reset_cause
     link._health_ms = conf.health_interval_s * 1000
     link._health_at = 0
     link._todo_health = False
