@@ -205,12 +205,6 @@ class Journal:
             self._backlog = self._stats()[:2]
         return self._backlog
 
-    def compact(self):
-        """Rewrite the file with only the unacknowledged records."""
-        if self._repair:
-            self._load()
-        self._rewrite(0, 0)
-
     # -- reading ---------------------------------------------------------------------------
 
     def _read(self, f):
