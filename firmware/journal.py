@@ -83,7 +83,6 @@ class Journal:
     _acked: int
     _size: int
     _gen: int
-    _backlog: "tuple | None"
     _refuse_silent: bool
     _repair: bool
     _marker_due: bool
@@ -129,8 +128,6 @@ class Journal:
         self._append_record(kind, seq, payload, n)
         self._next_seq = seq + 1
         self._size += rec
-        if self._backlog is not None:
-            self._backlog = (self._backlog[0] + 1, self._backlog[1] + rec)
         return seq
 
     def ack(self, seq):
@@ -143,7 +140,6 @@ class Journal:
         gate = self._gate
         if gate is not None and gate.held:
             self._acked = seq
-            self._backlog = None
             self._refuse_silent = False
             if not self._ack_due:
                 self._ack_due = True
@@ -174,7 +170,6 @@ class Journal:
             durable.close(f)
         os.rename(self._ack_tmp, self._ack_path)  # atomic: the old watermark or the new
         self._acked = seq
-        self._backlog = None
         self._refuse_silent = False
 
     def pending(self):
@@ -200,10 +195,8 @@ class Journal:
                 yield seq, kind, bytes(self._mv[:n])
 
     def backlog(self):
-        """(records, bytes) not yet acknowledged."""
-        if self._backlog is None:
-            self._backlog = self._stats()[:2]
-        return self._backlog
+        """(records, bytes) not yet acknowledged: the file scanned (diag.py's view, at Ctrl-C)."""
+        return self._stats()[:2]
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -261,7 +254,6 @@ class Journal:
         durable.remove(self._tmp)  # a rewrite cut short by a power cut; the old file is whole
         durable.remove(self._ack_tmp)
         self._repair = False
-        self._backlog = None
         self._gen += 1
         try:
             length = os.stat(self.path)[6]
@@ -415,7 +407,6 @@ class Journal:
             need -= targets[t]
             marker = marker or (t > 0 and targets[t] > 0)
         size = 0
-        count = 0
         next_seq = self._next_seq
         src = None
         out = open(self._tmp, "wb")
@@ -441,14 +432,11 @@ class Journal:
                     out.write(self._mv[:n])
                     out.write(self._crc)
                     size += rec
-                    count += 1
             if marker:
                 payload = self._marker_payload(dropped, self._corrupt)
                 self._write_record(out, KIND_JOURNAL_FAULT, next_seq, payload, len(payload))
                 next_seq += 1
                 size += _OVERHEAD + len(payload)
-                count += 1
-            live_size = size
             struct.pack_into(_STATE_FMT, self._buf, 0, next_seq, self._acked, self._corrupt,
                              *dropped)
             self._write_record(out, _KIND_STATE, next_seq, self._mv[:_STATE_LEN], _STATE_LEN)
@@ -463,6 +451,5 @@ class Journal:
         self._size = size
         self._gen += 1
         self._marker_due = False
-        self._backlog = (count, live_size)
         self._refuse_silent = not accept and not self._tier[new_kind]
         return accept

@@ -80,7 +80,6 @@ def _setup(j, path, max_bytes, max_payload, tiers, gate, acked):
     j._acked = acked  # every seq <= this is acknowledged
     j._size = 0  # bytes of valid records in the file
     j._gen = 0  # bumped when the file is rewritten; pending() iterators follow it
-    j._backlog = None  # (count, bytes), cached
     j._refuse_silent = False  # full without tier-0 records: no rewrite per tier-0 record
     j._repair = False  # a write failed: rescan before the next one
     j._marker_due = False  # corruption found: write a journal_fault record
