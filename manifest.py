@@ -36,6 +36,7 @@ for _name in (
     "journal",
     "journal_scan",
     "link_heal",
+    "link_reset",
     "link_setup",
     "link_tls",
     "meter",

@@ -64,12 +64,6 @@ def _hmac(ipad, opad, msg):
     return h.digest()
 
 
-def hmac_sha256(key, msg):
-    """HMAC-SHA256 (RFC 2104) on hashlib.sha256: MicroPython has no hmac module."""
-    ipad, opad = _pads(key)
-    return _hmac(ipad, opad, msg)
-
-
 def equal_ct(a, b):
     """Compare two digests in time independent of where they differ."""
     if len(a) != len(b):

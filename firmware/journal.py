@@ -19,6 +19,10 @@ import struct
 
 import durable
 
+TYPE_CHECKING = const(False)  # mypy takes it as True (tools/typecheck.py); compiled out here
+if TYPE_CHECKING:
+    from flash_gate import FlashGate
+
 KIND_SESSION_END = const(1)
 KIND_FAULT = const(2)
 KIND_JOURNAL_FAULT = const(3)  # written by the journal: records lost (full) or flash corrupt
@@ -55,48 +59,37 @@ def kind_name(kind):
 
 class Journal:
     """Records of kinds 1..14 (not KIND_JOURNAL_FAULT) until acknowledged; `max_bytes` bounds
-    the file. Opened by journal_scan.load (its defaults, the drop tiers)."""
+    the file. Opened by journal_scan.load (its defaults, the drop tiers), which sets its state
+    and scans the file (_load)."""
 
-    def __init__(self, path, max_bytes, max_payload, tiers, gate, acked):
-        """tiers: kind -> drop tier (a bytearray: journal_scan builds it); acked: the watermark
-        in `<path>.ack` (journal_scan reads it). The file is scanned now."""
-        if not 0 < max_payload <= _PAYLOAD_LIMIT:
-            raise ValueError("max_payload must be 1..%d" % _PAYLOAD_LIMIT)
-        if max_bytes < _STATE_REC + _MARKER_RESERVE + 4 * (max_payload + _OVERHEAD):
-            raise ValueError("max_bytes too small for max_payload")
-        self._ntiers = max(tiers) + 1
-        self._tier = tiers
-        self.path = path
-        self._tmp = path + ".tmp"
-        self._ack_path = path + ".ack"
-        self._ack_tmp = path + ".ack.tmp"
-        self.max_bytes = max_bytes
-        self.max_payload = max_payload
-        self._hdr = bytearray(_HDR)
-        self._crc = bytearray(4)
-        self._ackbuf = bytearray(8)
-        self._ackseq = memoryview(self._ackbuf)[:4]
-        self._buf = bytearray(_PAYLOAD_LIMIT)
-        self._mv = memoryview(self._buf)
-        self._dropped = [0] * _KINDS
-        self._corrupt = 0  # bytes of bad records found on open, cumulative
-        # The seq existed: new records must come after it even if the journal was lost.
-        self._next_seq = acked + 1
-        self._acked = acked  # every seq <= this is acknowledged
-        self._size = 0  # bytes of valid records in the file
-        self._gen = 0  # bumped when the file is rewritten; pending() iterators follow it
-        self._backlog = None  # (count, bytes), cached
-        self._refuse_silent = False  # full without tier-0 records: no rewrite per tier-0 record
-        self._repair = False  # a write failed: rescan before the next one
-        self._marker_due = False  # corruption found: write a journal_fault record
-        self._short = False  # the last _read stopped at the end of the file
-        self.discarded_bytes = 0  # cut off the end of the file by the last open
-        # flash_gate.FlashGate: with the contactor closed an ack is kept in RAM (the records
-        # are not sent again in this boot) and written when it opens; a power cut before that
-        # sends them again: at least once, as a lost PUBACK (docs/durability.md).
-        self._gate = gate
-        self._ack_due = False
-        self._load()
+    # Set by journal_scan.load (boot code, dropped after it; annotations only: no code on the board).
+    _ntiers: int
+    _tier: bytearray
+    path: str
+    _tmp: str
+    _ack_path: str
+    _ack_tmp: str
+    max_bytes: int
+    max_payload: int
+    _hdr: bytearray
+    _crc: bytearray
+    _ackbuf: bytearray
+    _ackseq: memoryview
+    _buf: bytearray
+    _mv: memoryview
+    _dropped: list
+    _corrupt: int
+    _next_seq: int
+    _acked: int
+    _size: int
+    _gen: int
+    _refuse_silent: bool
+    _repair: bool
+    _marker_due: bool
+    _short: bool
+    discarded_bytes: int
+    _gate: "FlashGate | None"
+    _ack_due: bool
 
     # -- public ---------------------------------------------------------------------------
 
@@ -108,25 +101,8 @@ class Journal:
     def acked(self):
         return self._acked
 
-    @property
-    def corrupt_bytes(self):
-        """Bytes of damaged records discarded on open (flash corruption, not a power cut)."""
-        return self._corrupt
-
     def dropped(self, kind):
         return self._dropped[kind]
-
-    def dropped_counts(self):
-        """{kind: records dropped because the journal was full}, survives reboots."""
-        return {k: n for k, n in enumerate(self._dropped) if n}
-
-    def lost_reported(self):
-        """Records dropped from tiers above 0 (each reported by a journal_fault record)."""
-        n = 0
-        for kind in range(1, _KIND_STATE):
-            if self._tier[kind]:
-                n += self._dropped[kind]
-        return n
 
     def append(self, kind, payload):
         """Durable on return: seq (int). None if there was no room for it even after dropping
@@ -152,8 +128,6 @@ class Journal:
         self._append_record(kind, seq, payload, n)
         self._next_seq = seq + 1
         self._size += rec
-        if self._backlog is not None:
-            self._backlog = (self._backlog[0] + 1, self._backlog[1] + rec)
         return seq
 
     def ack(self, seq):
@@ -166,7 +140,6 @@ class Journal:
         gate = self._gate
         if gate is not None and gate.held:
             self._acked = seq
-            self._backlog = None
             self._refuse_silent = False
             if not self._ack_due:
                 self._ack_due = True
@@ -197,7 +170,6 @@ class Journal:
             durable.close(f)
         os.rename(self._ack_tmp, self._ack_path)  # atomic: the old watermark or the new
         self._acked = seq
-        self._backlog = None
         self._refuse_silent = False
 
     def pending(self):
@@ -223,16 +195,8 @@ class Journal:
                 yield seq, kind, bytes(self._mv[:n])
 
     def backlog(self):
-        """(records, bytes) not yet acknowledged."""
-        if self._backlog is None:
-            self._backlog = self._stats()[:2]
-        return self._backlog
-
-    def compact(self):
-        """Rewrite the file with only the unacknowledged records."""
-        if self._repair:
-            self._load()
-        self._rewrite(0, 0)
+        """(records, bytes) not yet acknowledged: the file scanned (diag.py's view, at Ctrl-C)."""
+        return self._stats()[:2]
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -290,7 +254,6 @@ class Journal:
         durable.remove(self._tmp)  # a rewrite cut short by a power cut; the old file is whole
         durable.remove(self._ack_tmp)
         self._repair = False
-        self._backlog = None
         self._gen += 1
         try:
             length = os.stat(self.path)[6]
@@ -444,7 +407,6 @@ class Journal:
             need -= targets[t]
             marker = marker or (t > 0 and targets[t] > 0)
         size = 0
-        count = 0
         next_seq = self._next_seq
         src = None
         out = open(self._tmp, "wb")
@@ -470,14 +432,11 @@ class Journal:
                     out.write(self._mv[:n])
                     out.write(self._crc)
                     size += rec
-                    count += 1
             if marker:
                 payload = self._marker_payload(dropped, self._corrupt)
                 self._write_record(out, KIND_JOURNAL_FAULT, next_seq, payload, len(payload))
                 next_seq += 1
                 size += _OVERHEAD + len(payload)
-                count += 1
-            live_size = size
             struct.pack_into(_STATE_FMT, self._buf, 0, next_seq, self._acked, self._corrupt,
                              *dropped)
             self._write_record(out, _KIND_STATE, next_seq, self._mv[:_STATE_LEN], _STATE_LEN)
@@ -492,6 +451,5 @@ class Journal:
         self._size = size
         self._gen += 1
         self._marker_due = False
-        self._backlog = (count, live_size)
         self._refuse_silent = not accept and not self._tier[new_kind]
         return accept

@@ -8,6 +8,7 @@ that did not bring the link back is kept on flash (files.HEAL_FILE), so a board 
 reach its broker does not reset-loop: each such reset doubles the uptime the next one needs."""
 import gc
 import json
+import sys
 import time
 
 from micropython import const
@@ -33,16 +34,19 @@ class HealStore:
     """files.HEAL_FILE: {"resets": every escalation reset, "streak": those since the link was
     last up, "reason": why the last one}. Unreadable: a streak of 1, so the rate stays slow."""
 
-    # Set by link_setup.load_heal (annotations only: no code on the board).
+    # Set by link_reset.load_heal (annotations only: no code on the board).
     path: str
     resets: int
     streak: int
     reason: "str | None"
 
     def __init__(self, path):
-        import link_setup  # the boot's: dropped by the link when it is built
+        import link_reset  # the boot's and the last rung's: not kept for the link's set-up
 
-        link_setup.load_heal(self, path)
+        try:
+            link_reset.load_heal(self, path)
+        finally:
+            sys.modules.pop("link_reset", None)
 
     def save(self):
         """A flash write: the caller makes sure the contactor is open."""

@@ -1,16 +1,15 @@
 """The MQTT link's code that runs only with the contactor open (issue 12 item 3): its set-up at
-the boot and the board reset of the escalation ladder (the TLS context and handshake:
-link_tls.py, loaded the same way).
+the boot (the TLS context and handshake: link_tls.py, the escalation reset: link_reset.py,
+loaded the same way).
 
 On a stock image the bytecode of every module loaded stays on the heap: this one is imported
 when it is needed and dropped after (mqtt_conn.drop_setup: out of sys.modules, freed by main.py's
 next collection), as ota_lazy.py does for ota.py. A .mpy import costs chip time that a closed
 contactor's iteration does not have (10 ms between pilot reads), so nothing here is ever
-reached with the contactor closed: the boot is open; the link starts TLS and steps a handshake
-only while open (a TLS connection waits for the open); the board reset is due only with no
-session open (link_heal.Ladder.due). What runs while closed (a plain TCP reconnect, commands,
-status, the Wi-Fi rung) stays in mqtt_link.py, mqtt_conn.py and link_heal.py
-(host_tests/test_link_setup.py)."""
+reached with the contactor closed: the boot is open; the link starts TLS and steps a
+handshake only while open (a TLS connection waits for the open). What runs while closed (a
+plain TCP reconnect, commands, status, the Wi-Fi rung) stays in mqtt_link.py, mqtt_conn.py and
+link_heal.py (host_tests/test_link_setup.py)."""
 import gc
 import sys
 import time
@@ -19,18 +18,10 @@ from micropython import const
 
 from backoff import Backoff
 
-# machine.reset_cause() on the ESP32 (ports/esp32/modmachine.c).
-_CAUSES = {1: "power_on", 2: "hard", 3: "wdt", 4: "deepsleep", 5: "soft"}
 _BACKOFF_MIN_MS = const(1000)  # mqtt_link.py's _BACKOFF_MIN_MS
 _BACKOFF_MAX_MS = const(60000)
 _OUT_SIZE = const(2048)  # unsent bytes; more than that and the connection is dropped
 _IN_SIZE = const(1024)  # mqtt_conn.py's _IN_SIZE
-
-
-def cause_name(code):
-    if code is None:
-        return "unknown"
-    return _CAUSES.get(code, "unknown")
 
 
 # -- the boot --------------------------------------------------------------------------------------
@@ -99,7 +90,7 @@ def setup_link(link, bufs, conf, ctl, log, report, verifier, fw, board, reset, b
     link._heal = link_heal.Ladder(conf, heal_store, start)
     link._loop = link_heal.LoopFigures()
     link._ob_age = link_heal.OutboxAge(link._outbox, start)
-    link._cause = cause_name(reset_cause)
+    link._cause = "unknown" if reset_cause is None else reset_cause
     link._health_ms = conf.health_interval_s * 1000
     link._health_at = 0
     link._todo_health = False
@@ -171,27 +162,6 @@ def setup_topics(topics, pile_id):
     return topics
 
 
-def load_heal(store, path):
-    """link_heal.HealStore.__init__'s work: files.HEAL_FILE read at the boot. Unreadable: a
-    streak of 1, so the rate stays slow."""
-    import json
-
-    store.path = path
-    store.resets = 0
-    store.streak = 0
-    store.reason = None
-    try:
-        with open(path) as f:
-            d = json.load(f)
-        store.resets = int(d["resets"])
-        store.streak = int(d["streak"])
-        store.reason = d.get("reason")
-    except OSError:
-        pass  # never written: no escalation reset yet
-    except (ValueError, KeyError, TypeError):
-        store.streak = 1
-
-
 def setup_ladder(ladder, conf, store, now_ms, step_reset):
     """link_heal.Ladder.__init__'s work (its arguments there; step_reset: its STEP_RESET)."""
     ladder._wifi_ms = conf.wifi_restart_after_s * 1000
@@ -214,23 +184,3 @@ def setup_ladder(ladder, conf, store, now_ms, step_reset):
     ladder.kicks = 0
     ladder.conflict = False
     ladder._clear_streak = False  # the link came back: streak to 0 once the contactor is open
-
-
-# -- the ladder's last rung ------------------------------------------------------------------------
-
-def reset_board(link, now_ms):
-    """mqtt_link.MqttLink._escalate's STEP_RESET: counted on flash first (the rate holds across
-    the reset), the contactor opened, the board reset. Due only with no session open."""
-    heal = link._heal
-    why = "no broker for %d s" % (time.ticks_diff(now_ms, heal.down_since) // 1000)
-    try:
-        heal.resetting(why)  # on flash first: the rate holds across the reset
-    except OSError as e:
-        heal.down_since = now_ms  # try again after a whole reset_after_s
-        link._emit(now_ms, "board reset given up: heal.json not written (%s)" % e)
-        return
-    link._emit(now_ms, "resetting the board: %s (escalation reset %d)" % (why, heal.resets))
-    link._pile.safe_off()  # contactor open first: never rely on the reset's pin state
-    if link._reset is not None:
-        link._reset()
-    heal.down_since = now_ms  # no reset to make (a bench): not again at once

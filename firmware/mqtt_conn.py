@@ -99,11 +99,12 @@ def fixed_header(buf, n):
 
 
 def drop_setup():
-    """link_setup.py and link_tls.py off the heap (main.py's next collection frees them): the
-    code of the boot, of TLS and of the board reset, never needed while the contactor is closed
-    (issue 12 item 3)."""
+    """link_setup.py, link_tls.py and link_reset.py off the heap (main.py's next collection frees
+    them): the code of the boot, of TLS and of the board reset, never needed while the contactor
+    is closed (issue 12 item 3)."""
     sys.modules.pop("link_setup", None)
     sys.modules.pop("link_tls", None)
+    sys.modules.pop("link_reset", None)
 
 
 def _tls_code():

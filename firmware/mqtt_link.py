@@ -101,9 +101,10 @@ class MqttLink:
     through commands.Commands); log: the SessionLog (pile id, boot, the outbox journal);
     verifier: a CommandVerifier, or None to take no commands; reset: restarts the board
     (machine.reset); tls: link_tls.tls_context()'s SSLContext, or None: plain TCP; heal_store: a
-    link_heal.HealStore (None: the ladder never resets the board); reset_cause:
-    machine.reset_cause(); bufs: the connection's (out-buffer, in-buffer), made by wiring.py at
-    the settings (None: made here). `station` (wifi.Station) is set by main.py when there is Wi-Fi."""
+    link_heal.HealStore (None: the ladder never resets the board); reset_cause: the name of
+    machine.reset_cause() (wiring_link.reset_cause; None: "unknown"); bufs: the connection's
+    (out-buffer, in-buffer), made by wiring.py at the settings (None: made here). `station`
+    (wifi.Station) is set by main.py when there is Wi-Fi."""
 
     # Set by link_setup.setup_link (annotations only: no code on the board).
     _pile: "PileView"
@@ -306,13 +307,13 @@ class MqttLink:
             self._retry_at = time.ticks_add(now_ms, _BACKOFF_MIN_MS)
             return
         try:  # the last rung: due only with no session open (the contactor open)
-            import link_setup
+            import link_reset
         except (MemoryError, ImportError, ValueError, SyntaxError) as e:  # as heal.json unwritten:
             heal.down_since = now_ms  # no uncounted reset (the rate); again after reset_after_s
             self._emit(now_ms, "board reset given up: its code not loaded (%r)" % (e,))
             return
         try:
-            link_setup.reset_board(self, now_ms)
+            link_reset.reset_board(self, now_ms)
         finally:
             drop_setup()
 

@@ -94,7 +94,8 @@ def boot_imports(conf):
     groups.append(tuple(core))
     link = ["wiring_link"]
     if linked:
-        link += ["link_heal", "mqtt_link", "link_setup", "netaddr"]  # the last two: the link's build
+        # The last three: the link's build (link_reset: heal.json's read, then dropped again).
+        link += ["link_heal", "mqtt_link", "link_setup", "netaddr", "link_reset"]
         mqtt = conf["mqtt"]
         if mqtt.get("tls_ca") is not None:
             link.append("link_tls")

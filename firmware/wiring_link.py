@@ -13,6 +13,10 @@ import files
 from version import VERSION
 
 
+# machine.reset_cause() on the ESP32 (ports/esp32/modmachine.c).
+_CAUSES = {1: "power_on", 2: "hard", 3: "wdt", 4: "deepsleep", 5: "soft"}
+
+
 class Unavailable(Exception):
     """The pile cannot charge until a technician fixes something (as wiring.Unavailable)."""
 
@@ -141,8 +145,9 @@ def watchdog(timeout_ms):
 
 
 def reset_cause():
-    """machine.reset_cause(), or None where the port has none."""
+    """machine.reset_cause()'s name in the health message (docs/telemetry.md), "unknown" where
+    the port has none. The names here: not in link_setup.py, the boot's heap peak."""
     try:
-        return machine.reset_cause()
+        return _CAUSES.get(machine.reset_cause(), "unknown")
     except (AttributeError, OSError):
-        return None
+        return "unknown"

@@ -40,6 +40,18 @@ def markers(j):
     return [json.loads(p) for _, k, p in j.pending() if k == J.KIND_JOURNAL_FAULT]
 
 
+def lost_reported(j):
+    """Records dropped from the tiers above 0, the ones a journal_fault record reports (the
+    firmware reads j.dropped(kind) alone: these are the undroppable kinds, tiers 1..3)."""
+    return sum(j.dropped(k) for k in UNDROPPABLE)
+
+
+def rewrite(j):
+    """The journal's rewrite now, as the firmware makes one: _load's, when a scan cut a torn end
+    off (an append that does not fit makes one too, with the new record's room)."""
+    j._rewrite(0, 0)
+
+
 def size(path):
     return os.path.getsize(str(path)) if os.path.exists(str(path)) else 0
 
@@ -83,7 +95,7 @@ def test_seq_monotonic_across_reopen_even_when_everything_was_acked(tmp_path):
     for _ in range(5):
         j.append(J.KIND_SESSION_END, b"x")
     j.ack(5)
-    j.compact()  # nothing live left: the state record keeps next_seq
+    rewrite(j)  # nothing live left: the state record keeps next_seq
     assert size(path) == 90
     j = jopen(path)
     assert j.next_seq == 6 and pending(j) == []
@@ -102,7 +114,7 @@ def test_pending_follows_appends_acks_and_rewrites_between_steps(tmp_path):
     assert next(it)[0] == 1
     j.ack(2)
     j.append(J.KIND_SESSION_END, b"new")
-    j.compact()
+    rewrite(j)
     assert [s for s, _, _ in it] == [3, 4, 5, 6]
 
 
@@ -139,7 +151,7 @@ def _history(path):
     a = j.append(J.KIND_SESSION_START, b"start-1")
     j.append(J.KIND_METER, b"meter-1")
     j.ack(a)
-    j.compact()
+    rewrite(j)
     records = [(14 + 7, 2, J.KIND_METER, b"meter-1")]
     acks = [(0, open(ack_path, "rb").read())]
     steps = [("a", J.KIND_SESSION_END, b'{"session":"S1","wh":1234}'), ("k", 2),
@@ -176,7 +188,7 @@ def test_power_cut_at_every_byte_offset(tmp_path):
         got = pending(j)
         assert got == expect, cut
         assert j.discarded_bytes == cut - max(e for e in ends if e <= cut)
-        assert j.corrupt_bytes == 0 and markers(j) == []  # a torn tail is no corruption
+        assert markers(j) == []  # a torn tail is no corruption: nothing reported
         seq = j.append(J.KIND_SESSION_END, b"after")
         assert seq > max([acked] + [r[0] for r in complete]), cut
         assert pending(jopen(path)) == expect + [(seq, J.KIND_SESSION_END, b"after")], cut
@@ -191,7 +203,7 @@ def test_power_cut_during_rewrite_keeps_the_old_file(tmp_path):
     j.ack(2)
     before = pending(j)
     old = path.read_bytes()
-    j.compact()
+    rewrite(j)
     new = path.read_bytes()
     for cut in range(0, len(new) + 1, 7):
         path.write_bytes(old)
@@ -250,13 +262,18 @@ def test_damage_in_the_middle_is_reported(tmp_path):
     j = jopen(path)
     got = pending(j)
     assert got[0] == (1, J.KIND_SESSION_END, b"session-0")
-    assert j.corrupt_bytes == 7 * (14 + 9)
     (m,) = markers(j)
     assert m["fault"] == "journal_corrupt" and m["corrupt_bytes"] == 7 * 23
     assert got[-1][0] == 9  # the report is new: after every seq seen
     j = jopen(path)  # reported once, and the counter survives
-    assert len(markers(j)) == 1 and j.corrupt_bytes == 161
+    assert len(markers(j)) == 1
     assert j.append(J.KIND_SESSION_END, b"next") == 10
+    j.ack(10)
+    j = jopen(path)
+    while not markers(j):  # full: the overflow's report carries the corruption's total too
+        j.append(J.KIND_SESSION_END, b"x" * 256)
+    (m,) = markers(j)
+    assert m["fault"] == "journal_overflow" and m["corrupt_bytes"] == 161
 
 
 def test_failed_write_is_repaired_before_the_next_one(tmp_path, monkeypatch, request):
@@ -283,11 +300,11 @@ def test_damage_after_the_scan_stops_the_rewrite_then_is_reported(tmp_path):
     data[90 + 23 + 12] ^= 0x01  # the second record goes bad while the journal is open
     path.write_bytes(bytes(data))
     with pytest.raises(OSError):
-        j.compact()  # not while the bad record is in the way: nothing is rewritten
+        rewrite(j)  # not while the bad record is in the way: nothing is rewritten
     assert path.read_bytes() == bytes(data)
-    j.compact()  # rescans first: good records kept, the damage reported
-    assert [k for _, k, _ in j.pending()] == [J.KIND_SESSION_END, J.KIND_JOURNAL_FAULT]
-    assert j.corrupt_bytes == 5 * 23 and markers(j)[0]["fault"] == "journal_corrupt"
+    assert j.append(J.KIND_FAULT, b"f") == 8  # rescans first: good records kept, the damage reported
+    assert [k for _, k, _ in j.pending()] == [J.KIND_SESSION_END, J.KIND_JOURNAL_FAULT, J.KIND_FAULT]
+    assert markers(j)[0]["fault"] == "journal_corrupt" and markers(j)[0]["corrupt_bytes"] == 5 * 23
     path.write_bytes(good)
     j = jopen(path)
     path.write_bytes(good[:90 + 23] + bytes(len(good) - 90 - 23))  # zeroed while open
@@ -318,7 +335,7 @@ def test_rewrite_keeps_order_and_seq_and_bounds_the_file(tmp_path):
     live = [m for m in model if m[0] > j.acked]
     assert pending(j) == live
     assert pending(jopen(path, max_bytes=4096, max_payload=128)) == live
-    assert j.dropped_counts() == {}
+    assert [j.dropped(k) for k in range(1, 15)] == [0] * 14
 
 
 def test_droppable_kinds_go_oldest_first(tmp_path):
@@ -332,7 +349,7 @@ def test_droppable_kinds_go_oldest_first(tmp_path):
     kept = [s for s, k, _ in got if k == J.KIND_METER]
     assert kept == meters[-len(kept):]  # the newest survive
     assert j.dropped(J.KIND_METER) == 200 - len(kept) > 0
-    assert j.lost_reported() == 0 and markers(j) == []
+    assert lost_reported(j) == 0 and markers(j) == []
     assert jopen(path, max_bytes=4096, max_payload=128).dropped(J.KIND_METER) == \
         j.dropped(J.KIND_METER)
 
@@ -351,11 +368,11 @@ def test_full_of_reported_tiers_refuses_tier_0_without_rewriting(tmp_path):
     assert j.dropped(J.KIND_METER) == 50
     assert rewrites == [J.KIND_METER]  # one rewrite found it full; no rewrite per record
     assert [k for _, k, _ in j.pending()] == [J.KIND_SESSION_END] * n
-    assert j.lost_reported() == 0 and markers(j) == [] and size(path) <= 4096
+    assert lost_reported(j) == 0 and markers(j) == [] and size(path) <= 4096
     j.ack(3)  # room again
     assert j.append(J.KIND_METER, b"m") == n + 1
     # Refusals without a rewrite are counted in RAM and stored by the next rewrite.
-    j.compact()
+    rewrite(j)
     assert jopen(path, max_bytes=4096, max_payload=128).dropped(J.KIND_METER) == 50
 
 
@@ -402,7 +419,7 @@ def test_session_end_is_never_dropped_silently(tmp_path):
     ends = [s for s, k, _ in got if k == J.KIND_SESSION_END]
     assert ends == appended[-len(ends):]  # the oldest went
     lost = 120 - len(ends)
-    assert lost > 0 and j.dropped(J.KIND_SESSION_END) == lost == j.lost_reported()
+    assert lost > 0 and j.dropped(J.KIND_SESSION_END) == lost == lost_reported(j)
     (m,) = markers(j)  # exactly one report, superseded each time, with the total
     assert m == {"fault": "journal_overflow", "corrupt_bytes": 0,
                  "dropped": {"session_end": lost}}
@@ -424,7 +441,7 @@ _OPS = st.lists(st.one_of(
     st.tuples(st.just("append"), _KINDS, st.integers(0, 64), st.integers(1, 25)),  # n records
     st.tuples(st.just("ack"), st.integers(0, 5)),
     st.tuples(st.just("reopen")),
-    st.tuples(st.just("compact")),
+    st.tuples(st.just("rewrite")),
 ), min_size=1, max_size=30)
 
 
@@ -456,11 +473,11 @@ def test_random_operations_keep_the_invariants(tmp_path_factory, ops):
                         reported.add(tuple(sorted(json.loads(p)["dropped"].items())))
                 j.ack(upto)
         elif op[0] == "reopen":
-            before = (pending(j), j.next_seq, j.acked, j.lost_reported())
+            before = (pending(j), j.next_seq, j.acked, lost_reported(j))
             j = jopen(path, **kw)
-            assert (pending(j), j.next_seq, j.acked, j.lost_reported()) == before
+            assert (pending(j), j.next_seq, j.acked, lost_reported(j)) == before
         else:
-            j.compact()
+            rewrite(j)
         assert size(path) <= kw["max_bytes"]
         got = pending(j)
         seqs = [s for s, _, _ in got]
@@ -474,7 +491,7 @@ def test_random_operations_keep_the_invariants(tmp_path_factory, ops):
                           if k == kind and s > j.acked and (s, k, model[s][1]) not in got)
             assert missing <= j.dropped(kind)
         # ...and the drop is in a journal_fault record, pending or acknowledged.
-        if j.lost_reported():
+        if lost_reported(j):
             now = tuple(sorted((J.kind_name(k), j.dropped(k)) for k in UNDROPPABLE
                                if j.dropped(k)))
             carried = [tuple(sorted((n, c) for n, c in m["dropped"].items()

@@ -1,6 +1,7 @@
 """Issue 12 item 3: the MQTT link's code that runs only with the contactor open is loaded when it
-is needed and dropped after (firmware/link_setup.py: the link's set-up at the boot and the board
-reset; firmware/link_tls.py: the TLS context and handshake). A .mpy import costs chip time that a
+is needed and dropped after (firmware/link_setup.py: the link's set-up at the boot;
+firmware/link_reset.py: heal.json's read at the boot and the board reset; firmware/link_tls.py:
+the TLS context and handshake). A .mpy import costs chip time that a
 closed contactor's iteration does not have: never is one of them imported while it is closed,
 and a session with the link, connected or with its broker away, ends without them loaded."""
 import sys
@@ -14,7 +15,7 @@ import mqtt_link
 from pilehost import procs, unix_port
 from pilehost.link_rig import FakeBroker, FakeNet, FakeTlsContext, Stub, charging_ctl, link_conf
 
-LAZY = ("link_setup", "link_tls")
+LAZY = ("link_setup", "link_tls", "link_reset")
 
 
 class Loads:
@@ -112,7 +113,7 @@ def test_a_tls_link_waits_for_the_open_and_imports_only_then(monkeypatch):
 def test_the_board_reset_loads_its_code_only_with_no_session_and_drops_it(monkeypatch):
     """The ladder's last rung (link_heal): due only with no session open, so never closed. A
     broker away for two hours with the contactor closed (reset_after_s and the rate passed):
-    nothing imported, no reset; opened and idle: link_setup imported, the board reset, the
+    nothing imported, no reset; opened and idle: link_reset imported, the board reset, the
     module dropped."""
     link, contactor, broker, loads, resets, ctl = _link(monkeypatch, closed=True)
     broker.up = False
@@ -126,8 +127,8 @@ def test_the_board_reset_loads_its_code_only_with_no_session_and_drops_it(monkey
     for _ in range(200):
         link.poll(now)
         now += 50
-    assert resets and loads.seen == [("link_setup", False)] * len(resets)
-    assert "link_setup" not in sys.modules
+    assert resets and loads.seen == [("link_reset", False)] * len(resets)
+    assert "link_reset" not in sys.modules and "link_setup" not in sys.modules
 
 
 @settings(max_examples=40, deadline=None)
@@ -198,6 +199,7 @@ def test_the_command_handling_is_not_loaded_without_commands_and_a_stray_one_is_
 @pytest.mark.parametrize("tls", [None, 2], ids=["tcp", "tls"])
 def test_nothing_the_link_keeps_holds_a_function_of_its_set_up(monkeypatch, tls, functions_of):
     """Dropped from sys.modules is freed only if no object kept holds one of its functions."""
+    import link_reset
     import link_setup
     import link_tls
 
@@ -207,3 +209,35 @@ def test_nothing_the_link_keeps_holds_a_function_of_its_set_up(monkeypatch, tls,
     assert link.connected
     assert functions_of(link_setup, [link, ctl]) == []
     assert functions_of(link_tls, [link, ctl]) == []
+    assert functions_of(link_reset, [link, ctl]) == []
+
+
+def test_the_heal_store_is_read_and_its_code_is_not_beside_the_set_up(monkeypatch, tmp_path, functions_of):
+    """heal.json is read when wiring_link.py makes the link's parts, before the set-up
+    (link_setup.py), the boot's heap peak: link_reset.py (the read and the board reset) is
+    dropped again at once, not kept until the link is built. Unreadable: a streak of 1."""
+    import link_heal
+    import link_reset
+    import link_setup
+
+    path = tmp_path / "heal.json"
+    path.write_text('{"resets": 4, "streak": 2, "reason": "no broker"}')
+    monkeypatch.delitem(sys.modules, "link_reset", raising=False)
+    monkeypatch.delitem(sys.modules, "link_setup", raising=False)
+    store = link_heal.HealStore(str(path))
+    assert (store.resets, store.streak, store.reason) == (4, 2, "no broker")
+    assert "link_reset" not in sys.modules and "link_setup" not in sys.modules
+    assert functions_of(link_reset, [store]) == [] and functions_of(link_setup, [store]) == []
+    path.write_text("{not json")
+    assert link_heal.HealStore(str(path)).streak == 1
+    seen = []
+
+    def setup_link(*args):
+        seen.append("link_reset" in sys.modules)
+        return real(*args)
+
+    real = link_setup.setup_link
+    monkeypatch.setattr(link_setup, "setup_link", setup_link)
+    monkeypatch.setitem(sys.modules, "link_setup", link_setup)
+    _link(monkeypatch)
+    assert seen == [False]

@@ -13,7 +13,7 @@ import release_boot
 import wiring_link
 from pilehost.link_rig import FakeBroker, FakeNet, FakeTlsContext, Stub, charging_ctl, link_conf
 
-LAZY = ("link_setup", "link_tls")
+LAZY = ("link_setup", "link_tls", "link_reset")
 
 
 class Failing:
@@ -96,7 +96,7 @@ def test_a_tls_reconnect_whose_code_cannot_load_is_retried_not_a_board_reset(mon
 @pytest.mark.parametrize("error", [MemoryError(), ValueError("incompatible .mpy file")],
                          ids=["memory", "damaged"])
 def test_the_reset_rung_whose_code_cannot_load_gives_up_as_when_heal_json_fails(monkeypatch, error):
-    """The ladder's last rung, now in link_setup.py: its import failing went up to fail_safe,
+    """The ladder's last rung, now in link_reset.py: its import failing went up to fail_safe,
     a reset that heal.json never counted (the reset rate's doubling lost), reported as an
     internal error. It must give up as when heal.json cannot be written: no exception, no
     reset, tried again after a whole reset_after_s."""
@@ -104,7 +104,7 @@ def test_the_reset_rung_whose_code_cannot_load_gives_up_as_when_heal_json_fails(
     ctl.contactor.closed = False
     ctl.charger.state = "idle"
     net.broker.up = False
-    failing = Failing("link_setup", error)
+    failing = Failing("link_reset", error)
     monkeypatch.setattr(sys, "meta_path", [failing] + sys.meta_path)
     now = 0
     for _ in range(3700 * 10):  # reset_after_s 1800, reset_min_interval_s 3600
@@ -118,7 +118,7 @@ def test_the_reset_rung_whose_code_cannot_load_gives_up_as_when_heal_json_fails(
         link.poll(now)
         now += 100
     assert resets  # the code loads again: the rung works
-    assert "link_setup" not in sys.modules
+    assert "link_reset" not in sys.modules
 
 
 def test_a_damaged_link_tls_is_not_reported_as_a_bad_ca_certificate(monkeypatch, tmp_path):

@@ -59,7 +59,7 @@ def journal_case(path, max_bytes, max_payload):
     # Full of session ends: the oldest go, a journal_fault record reports it.
     for _ in range(40):
         j.append(J.KIND_SESSION_END, b"e" * max_payload)
-    check(j.lost_reported() > 0, "overflow happened")
+    check(j.dropped(J.KIND_SESSION_END) > 0, "overflow happened")
     check(os.stat(path)[6] <= max_bytes, "bounded")
     next_seq = j.next_seq  # 45 + one seq per journal_fault record written
     j = journal_scan.load(path, max_bytes=max_bytes, max_payload=max_payload)
@@ -134,7 +134,7 @@ def main():
     gc.collect()
 
     # RFC 4231 test case 2.
-    mac = command_auth.hmac_sha256(b"Jefe", b"what do ya want for nothing?")
+    mac = command_auth._hmac(*command_auth._pads(b"Jefe"), b"what do ya want for nothing?")
     check(mac == bytes.fromhex("5bdcc146bf60754e6a042426089575c7"
                                "5a003f089d2739839dec58b964ec3843"), "RFC 4231 case 2")
     secret = bytes(range(32))
