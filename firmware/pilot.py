@@ -115,34 +115,34 @@ class PilotDebouncer:
 
     def update(self, raw, now_ms):
         """Feed one raw state; True when the stable state changed."""
+        # Few locals: a frame over 11 words is taken from the heap at every call (py/objfun.c,
+        # VM_MAX_STATE_ON_STACK); test_pilot_mixed.py counts them.
         drawing = raw == C or raw == D
         if drawing:
             self._last_cd = now_ms
+            if self._balance > _MIX_FLOOR:  # counted in any state: cheaper than asking
+                self._balance -= 1
         if raw != self._candidate:
             self._candidate = raw
             self._since = now_ms
-        state = self.state
-        if state == C or state == D:
-            if drawing:
-                if self._balance > _MIX_FLOOR:
-                    self._balance -= 1
-                # C <-> D: the usual debounce
-                if raw == state or time.ticks_diff(now_ms, self._since) < _DEBOUNCE_DEFAULT_MS:
-                    return False
-            else:
+        if raw == self.state:
+            return False
+        if self.state == C or self.state == D:
+            if not drawing:
                 last = self._since if self._last_cd is None else self._last_cd
                 if time.ticks_diff(now_ms, last) < _DEBOUNCE_POWER_OFF_MS:
-                    balance = self._balance + 1
+                    self._balance += 1
                     if 0 <= time.ticks_diff(now_ms, self._window_ms) < _MIX_WINDOW_MS:
-                        self._balance = balance  # the window is still open
-                        return False
-                    if balance <= 0:  # closed without a non-C/D majority: the next one opens
+                        return False  # the window is still open
+                    if self._balance <= 0:  # closed without a non-C/D majority: the next opens
                         self._window_ms = now_ms
                         self._balance = 0
                         return False
+            elif time.ticks_diff(now_ms, self._since) < _DEBOUNCE_DEFAULT_MS:
+                return False  # C <-> D: the usual debounce
             self.state = raw
             return True
-        if raw != state and time.ticks_diff(now_ms, self._since) >= debounce_ms(state, raw):
+        if time.ticks_diff(now_ms, self._since) >= debounce_ms(self.state, raw):
             self.state = raw
             if drawing:  # C/D entered: the first window opens, this read in it
                 self._window_ms = now_ms

@@ -371,3 +371,22 @@ def test_on_the_unix_ports_no_allocation_and_the_wrap(unix_binary):
     words = proc.stdout.split()
     assert words[:2] == ["kept", "-1"] and words[4] == pilot.A, proc.stdout
     assert 0 < int(words[3]) <= C_TO_B_MS, proc.stdout
+
+
+def test_update_keeps_its_frame_on_the_c_stack():
+    """A bytecode function whose state (locals and its deepest value stack) exceeds 11 words has
+    its frame taken from the heap at every call and freed after (py/objfun.c,
+    VM_MAX_STATE_ON_STACK), ~800 instructions more a call on the 32-bit port; under heap_lock it
+    falls back to the C stack, so the test above cannot see it. update runs on every burst."""
+    from pilehost import unix_port
+
+    exe = unix_port.binary("stock")  # built with the bytecode printer: -v -v shows each frame
+    firmware = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "firmware")
+    proc = subprocess.run([exe, "-v", "-v", "-c", "import pilot"], env=dict(os.environ, MICROPYPATH=firmware),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if "code block 'update'" in line)
+    state = next(line for line in lines[start:] if line.startswith("(N_STATE "))
+    exc = next(line for line in lines[start:] if line.startswith("(N_EXC_STACK "))
+    assert int(state.split()[1].rstrip(")")) <= 11 and exc == "(N_EXC_STACK 0)", (state, exc)
