@@ -57,13 +57,26 @@ def diode_check(minus_mv, standard):
 # Debounce: a new state must be read without interruption this long before it is accepted.
 # Towards more power (B->C) it is long: closing may take up to 3 s (IEC 61851-1 Table A.6
 # seq. 4). Towards A, E or X from B it is short (OpenEVSE takes 25 ms for A).
-# Leaving C/D is a rule of its own, about C/D only: the stable state leaves C/D once no burst has
-# read C or D for _DEBOUNCE_POWER_OFF_MS, counted from the last C/D reading, whatever was read
-# since (B, A, X, E, interleaved or not). The first non-C/D read after a loop stall longer than
-# that leaves at once. C->B must open the contactor within 100 ms (Table A.6 seq. 8.1); EVerest
-# filters at most 50 ms.
+# Leaving C/D is a rule of its own, about C/D only, with two ways out (docs/safety.md, "Opening"):
+# - the 20 ms rule: no burst has read C or D for _DEBOUNCE_POWER_OFF_MS, counted from the last
+#   C/D reading, whatever was read since (B, A, X, E, interleaved or not). The first non-C/D read
+#   after a loop stall longer than that leaves at once;
+# - the window rule, which only ever leaves sooner: over a window of at least _MIX_WINDOW_MS,
+#   closed by a non-C/D read, more bursts read non-C/D than C/D. A tethered pile (no PP) whose car
+#   was unplugged under interference reading D on every third burst (A, A, D, ...: a D every
+#   ~19 ms) never goes 20 ms without C/D; this leaves within 2 windows plus 4 bursts (< 100 ms
+#   at bursts under 10 ms apart; from 10 ms on the 20 ms rule does). A car in C whose bursts
+#   read something else at most every other time (C,X,C,X; C,B,C,B) never has that majority.
+# C->B must open the contactor within 100 ms (Table A.6 seq. 8.1); EVerest filters at most 50 ms.
 _DEBOUNCE_POWER_OFF_MS = const(20)
 _DEBOUNCE_DEFAULT_MS = const(100)
+# As long as the 20 ms rule: a window whose reads are all non-C/D then leaves only where that rule
+# does, so a window of one or two reads (a loop stall) decides nothing of its own.
+_MIX_WINDOW_MS = const(_DEBOUNCE_POWER_OFF_MS)
+# C/D reads count down no further: a burst spans more than the 1 ms period, so a window holds
+# fewer reads than this before it has lasted its length (the floor changes no decision); it keeps
+# the count a small int through weeks of steady C.
+_MIX_FLOOR = const(-_MIX_WINDOW_MS)
 
 
 def debounce_ms(old, new):
@@ -73,7 +86,22 @@ def debounce_ms(old, new):
 
 
 class PilotDebouncer:
-    """Turns raw per-burst states into a stable state, in time (not in sample counts)."""
+    """Turns raw per-burst states into a stable state, in time (not in sample counts).
+
+    Leaving C/D (the contactor opens on it) has two ways out, either is enough:
+    - the 20 ms rule: a non-C/D read _DEBOUNCE_POWER_OFF_MS or more after the last C/D read;
+    - the window rule: a window opens as C/D is entered (that read counted in it) and again right
+      after each read that closed one. It closes at the first non-C/D read at least
+      _MIX_WINDOW_MS after it opened (a ticks_diff outside 0.._MIX_WINDOW_MS counts as that: a
+      window opened 2^29 ms ago or more, or by reset() which has no time). More non-C/D reads
+      than C/D in it: the stable state leaves for the state just read; else the next one opens.
+    Tolerated: any C/D reads with non-C/D ones never two in a row (C,X,C,X; C,B,C,B; at any
+    phase and burst spacing; a window then opens before a C/D read, so each non-C/D read in it
+    has a C/D read before it); the 20 ms rule still opens on 20 ms with no C/D read.
+    Opens: two non-C/D reads in three (A,A,D: a car gone; C,X,X: no pile can tell it from one),
+    at most two windows and four bursts after it starts; other mixes (C,C,X,X) as the windows
+    fall. The window rule never opens later than the 20 ms rule would.
+    """
 
     def __init__(self, initial=F):
         self.reset(initial)
@@ -81,31 +109,44 @@ class PilotDebouncer:
     def reset(self, state):
         self.state = state
         self._candidate = state
-        self._since = 0
+        self._since = self._window_ms = 0
         self._last_cd = None  # when a burst last read C or D; None: none since the reset
+        self._balance = -1  # the window's non-C/D reads less its C/D ones; the reset as one C/D
 
     def update(self, raw, now_ms):
         """Feed one raw state; True when the stable state changed."""
+        # Few locals: a frame over 11 words is taken from the heap at every call (py/objfun.c,
+        # VM_MAX_STATE_ON_STACK); test_pilot_mixed.py counts them.
         drawing = raw == C or raw == D
         if drawing:
             self._last_cd = now_ms
+            if self._balance > _MIX_FLOOR:  # counted in any state: cheaper than asking
+                self._balance -= 1
         if raw != self._candidate:
             self._candidate = raw
             self._since = now_ms
         if raw == self.state:
             return False
         if self.state == C or self.state == D:
-            if drawing:  # C <-> D: the usual debounce
-                if time.ticks_diff(now_ms, self._since) < _DEBOUNCE_DEFAULT_MS:
-                    return False
-            else:
+            if not drawing:
                 last = self._since if self._last_cd is None else self._last_cd
                 if time.ticks_diff(now_ms, last) < _DEBOUNCE_POWER_OFF_MS:
-                    return False
+                    self._balance += 1
+                    if 0 <= time.ticks_diff(now_ms, self._window_ms) < _MIX_WINDOW_MS:
+                        return False  # the window is still open
+                    if self._balance <= 0:  # closed without a non-C/D majority: the next opens
+                        self._window_ms = now_ms
+                        self._balance = 0
+                        return False
+            elif time.ticks_diff(now_ms, self._since) < _DEBOUNCE_DEFAULT_MS:
+                return False  # C <-> D: the usual debounce
             self.state = raw
             return True
         if time.ticks_diff(now_ms, self._since) >= debounce_ms(self.state, raw):
             self.state = raw
+            if drawing:  # C/D entered: the first window opens, this read in it
+                self._window_ms = now_ms
+                self._balance = -1
             return True
         return False
 

@@ -46,6 +46,10 @@ def test_debounce_c_to_b_is_short_b_to_c_is_long():
 def test_debounce_restarts_on_interruption():
     d = pilot.PilotDebouncer(pilot.C)
     d.update(pilot.B, 0)
+    # Two C readings more than before the window rule (test_pilot_mixed.py): on B, C, B, B alone
+    # its 29 ms window, mostly B, would leave at 29; here the 20 ms rule is the one tested.
+    d.update(pilot.C, 5)
+    d.update(pilot.C, 8)
     d.update(pilot.C, 10)  # a reading back to C restarts the count, from that reading
     assert not d.update(pilot.B, 15)
     assert not d.update(pilot.B, 29)
