@@ -171,11 +171,12 @@ def test_outbox_age_follows_the_oldest_unacknowledged_record():
 
 
 def test_loop_figures_since_the_last_take():
-    lf = link_heal.LoopFigures()
-    for dt in (5, 5, 31, 7):
-        lf.note(dt)
+    lf = link_heal.LoopFigures(1000)
+    assert [lf.note(t) for t in (1005, 1010, 1041, 1048)] == [5, 5, 31, 7]  # the link's uptime
     assert lf.take() == (31, 12, 4)
     assert lf.take() == (0, 0, 0)
+    first = link_heal.LoopFigures()  # no boot time: the first poll counts nothing
+    assert first.note(7) == 0 and first.note(12) == 5 and first.take() == (5, 5, 1)
 
 
 def test_health_message_matches_its_schema(monkeypatch):
