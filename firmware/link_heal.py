@@ -152,17 +152,6 @@ class Ladder:
         self.last_step = STEP_WIFI
         self.last_reason = why
 
-    def resetting(self, why):
-        """Before the reset: counted on flash (the contactor is open: due() saw to it)."""
-        store = self._store
-        store.resets += 1
-        store.streak += 1
-        store.reason = why
-        store.save()
-        self.resets = store.resets
-        self.last_step = STEP_RESET
-        self.last_reason = why
-
     def flash_due(self, contactor_closed):
         """The link is back after escalation resets: the streak goes to 0 on flash, never with
         the contactor closed. OSError is the caller's to report."""
