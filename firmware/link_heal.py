@@ -152,17 +152,6 @@ class Ladder:
         self.last_step = STEP_WIFI
         self.last_reason = why
 
-    def resetting(self, why):
-        """Before the reset: counted on flash (the contactor is open: due() saw to it)."""
-        store = self._store
-        store.resets += 1
-        store.streak += 1
-        store.reason = why
-        store.save()
-        self.resets = store.resets
-        self.last_step = STEP_RESET
-        self.last_reason = why
-
     def flash_due(self, contactor_closed):
         """The link is back after escalation resets: the streak goes to 0 on flash, never with
         the contactor closed. OSError is the caller's to report."""
@@ -175,18 +164,26 @@ class Ladder:
 
 class LoopFigures:
     """The control loop's period as the link sees it (time between two polls), since the last
-    health message: max and mean in ms."""
+    health message: max and mean in ms. last_ms: the last poll's time (the boot's, or None)."""
 
-    def __init__(self):
+    def __init__(self, last_ms=None):
         self.max_ms = 0
         self.sum_ms = 0
         self.n = 0
+        self.last_ms = last_ms
 
-    def note(self, dt_ms):
+    def note(self, now_ms):
+        """A poll at now_ms: the ms since the one before (the link's uptime), 0 at the first."""
+        last = self.last_ms
+        self.last_ms = now_ms
+        if last is None:
+            return 0
+        dt_ms = time.ticks_diff(now_ms, last)
         if dt_ms > self.max_ms:
             self.max_ms = dt_ms
         self.sum_ms += dt_ms
         self.n += 1
+        return dt_ms
 
     def take(self):
         out = (self.max_ms, self.sum_ms // self.n if self.n else 0, self.n)

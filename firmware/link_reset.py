@@ -8,6 +8,10 @@ built, nor for the run. The reset is due only with no session open (link_heal.La
 is never imported with the contactor closed (host_tests/test_link_setup.py)."""
 import time
 
+from micropython import const
+
+_STEP_RESET = const("reset")  # link_heal.STEP_RESET (this module does not import link_heal)
+
 
 def load_heal(store, path):
     """link_heal.HealStore.__init__'s work: files.HEAL_FILE read at the boot. Unreadable: a
@@ -30,13 +34,26 @@ def load_heal(store, path):
         store.streak = 1
 
 
+def resetting(heal, why):
+    """The ladder's (link_heal.Ladder, heal) count of an escalation reset, before it: on flash
+    (the contactor is open: Ladder.due saw to it)."""
+    store = heal._store
+    store.resets += 1
+    store.streak += 1
+    store.reason = why
+    store.save()
+    heal.resets = store.resets
+    heal.last_step = _STEP_RESET
+    heal.last_reason = why
+
+
 def reset_board(link, now_ms):
     """mqtt_link.MqttLink._escalate's STEP_RESET: counted on flash first (the rate holds across
     the reset), the contactor opened, the board reset. Due only with no session open."""
     heal = link._heal
     why = "no broker for %d s" % (time.ticks_diff(now_ms, heal.down_since) // 1000)
     try:
-        heal.resetting(why)  # on flash first: the rate holds across the reset
+        resetting(heal, why)  # on flash first: the rate holds across the reset
     except OSError as e:
         heal.down_since = now_ms  # try again after a whole reset_after_s
         link._emit(now_ms, "board reset given up: heal.json not written (%s)" % e)

@@ -37,18 +37,14 @@ def setup_link(link, bufs, conf, ctl, log, report, verifier, fw, board, reset, b
     link._ota = ota  # ota.Updater (docs/ota.md), or None
     link._commands = None  # remote commands: only with a verifier (set by MqttLink), else never loaded
     link._log = log
-    link._outbox = log.outbox
     link._report = report
     link._verifier = verifier
     link._fw = fw
     link._board = board
     link._reset = reset
     link._wall = wall
-    link._host = conf.host
-    link._port = conf.port
+    link._conf = conf  # config.json's mqtt section: the broker, the intervals (main.py keeps it)
     link._held = False  # a TLS connection or a name lookup waits for the contactor to open (said once)
-    link._status_ms = conf.status_interval_s * 1000
-    link._meter_ms = conf.meter_interval_s * 1000
     t = link._topics = setup_topics(telemetry.Topics(), log.pile_id)
     user = None if conf.username is None else conf.username.encode()
     password = None if user is None else (conf.password or "").encode()
@@ -60,13 +56,12 @@ def setup_link(link, bufs, conf, ctl, log, report, verifier, fw, board, reset, b
     had = "netaddr" in sys.modules  # sntp.py's too
     import netaddr
 
-    link._numeric = netaddr.numeric_host(link._host)
+    link._numeric = netaddr.numeric_host(conf.host)
     if not had:
         sys.modules.pop("netaddr", None)
     link.last_error = None  # why the last connection attempt or connection ended (diag.py)
     link._retry_at = 0 if boot_ms is None else boot_ms
     link._backoff = Backoff(_BACKOFF_MIN_MS, _BACKOFF_MAX_MS)
-    link._last_now = boot_ms
     link._uptime_ms = 0
     link._todo_online = link._todo_status = link._todo_subscribe = False
     link._acks = []
@@ -88,10 +83,9 @@ def setup_link(link, bufs, conf, ctl, log, report, verifier, fw, board, reset, b
     start = time.ticks_ms() if boot_ms is None else boot_ms
     link.station = None
     link._heal = link_heal.Ladder(conf, heal_store, start)
-    link._loop = link_heal.LoopFigures()
-    link._ob_age = link_heal.OutboxAge(link._outbox, start)
+    link._loop = link_heal.LoopFigures(boot_ms)
+    link._ob_age = link_heal.OutboxAge(log.outbox, start)
     link._cause = "unknown" if reset_cause is None else reset_cause
-    link._health_ms = conf.health_interval_s * 1000
     link._health_at = 0
     link._todo_health = False
 

@@ -111,18 +111,14 @@ class MqttLink:
     _ota: "Any"
     _commands: "Any"
     _log: "Any"
-    _outbox: "Any"
     _report: "Any"
     _verifier: "Any"
     _fw: str
     _board: str
     _reset: "Any"
     _wall: "Any"
-    _host: str
-    _port: int
+    _conf: "Any"
     _held: bool
-    _status_ms: int
-    _meter_ms: int
     _topics: "telemetry.Topics"
     _conn: "MqttConn"
     _addr: "Any"
@@ -131,7 +127,6 @@ class MqttLink:
     last_error: "str | None"
     _retry_at: int
     _backoff: "Backoff"
-    _last_now: "int | None"
     _uptime_ms: int
     _todo_online: bool
     _todo_status: bool
@@ -158,7 +153,6 @@ class MqttLink:
     _loop: "link_heal.LoopFigures"
     _ob_age: "link_heal.OutboxAge"
     _cause: str
-    _health_ms: int
     _health_at: int
 
     def __init__(self, conf, ctl, log, report=None, verifier=None, fw="0", board="",
@@ -189,11 +183,7 @@ class MqttLink:
 
     def poll(self, now_ms):
         """One bounded, non-blocking step; call it every control loop."""
-        if self._last_now is not None:
-            dt = time.ticks_diff(now_ms, self._last_now)
-            self._uptime_ms += dt
-            self._loop.note(dt)
-        self._last_now = now_ms
+        self._uptime_ms += self._loop.note(now_ms)
         self._watch(now_ms)
         if self._ota is not None:
             self._ota.poll(now_ms)
@@ -259,12 +249,13 @@ class MqttLink:
             if not self._held:  # said once per wait
                 self._held = True
                 self._emit(now_ms, "TLS connection waits for the contactor to open" if tls
-                           else "%s: name lookup waits for the contactor to open" % self._host)
+                           else "%s: name lookup waits for the contactor to open" % self._conf.host)
             return
         self._held = False
         try:
             if self._addr is None or self._stale and (self._numeric or not closed):
-                self._addr = socket.getaddrinfo(self._host, self._port)[0][-1]
+                conf = self._conf
+                self._addr = socket.getaddrinfo(conf.host, conf.port)[0][-1]
                 self._stale = False
             self._conn.open(self._addr, now_ms)
         except OSError as e:
@@ -327,14 +318,14 @@ class MqttLink:
         if self._ota is not None:
             self._ota.conn_up()
         self._heal.up(now_ms)
-        self._emit(now_ms, "connected to %s:%d" % (self._host, self._port))
+        self._emit(now_ms, "connected to %s:%d" % (self._conf.host, self._conf.port))
 
     def conn_puback(self, now_ms, pid):
         inflight = self._inflight
         if inflight is not None and inflight[0] == pid:
             self._inflight = None
             try:
-                self._outbox.ack(inflight[1])
+                self._log.outbox.ack(inflight[1])
             except OSError as e:  # it is sent again after the next connect: a duplicate
                 self._emit(now_ms, "outbox ack failed (%s)" % e)
 
@@ -386,11 +377,11 @@ class MqttLink:
         elif self._ota is not None and self._ota.work(now_ms, conn):
             pass
         elif self._status_due and time.ticks_diff(now_ms, self._status_at) >= _STATUS_MIN_GAP_MS \
-                or time.ticks_diff(now_ms, self._status_at) >= self._status_ms:
+                or time.ticks_diff(now_ms, self._status_at) >= self._conf.status_interval_s * 1000:
             self._publish_status(now_ms)
-        elif time.ticks_diff(now_ms, self._health_at) >= self._health_ms:
+        elif time.ticks_diff(now_ms, self._health_at) >= self._conf.health_interval_s * 1000:
             self._publish_health(now_ms)
-        elif time.ticks_diff(now_ms, self._meter_at) >= self._meter_ms:
+        elif time.ticks_diff(now_ms, self._meter_at) >= self._conf.meter_interval_s * 1000:
             self._meter_at = now_ms
             pile = self._pile
             s = pile.session()
@@ -403,7 +394,7 @@ class MqttLink:
 
     def _send_record(self):
         """The oldest unacknowledged outbox record, one in flight at a time."""
-        outbox = self._outbox
+        outbox = self._log.outbox
         while True:
             if self._pending is None:
                 if self._drained_at == outbox.next_seq:

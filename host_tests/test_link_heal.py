@@ -13,6 +13,7 @@ from jsonschema import Draft202012Validator
 
 import config
 import link_heal
+import link_reset
 import telemetry
 import wiring_link
 from pilehost import ROOT
@@ -42,8 +43,8 @@ def test_steps_come_in_order_and_each_is_counted(tmp_path):
     # 300 s down, but this boot has run only 300 s: the rate (600 s of uptime) holds it back.
     assert lad.due(300 * S, 300 * S, True, False) == "wifi_restart"
     assert lad.due(600 * S, 600 * S, True, False) == "reset"
-    lad.resetting("no broker for 600 s")
-    assert lad.last_step == "reset" and lad.resets == 1
+    link_reset.resetting(lad, "no broker for 600 s")
+    assert lad.last_step == link_heal.STEP_RESET == "reset" and lad.resets == 1  # link_reset's too
     saved = json.loads((tmp_path / "heal.json").read_text())
     assert saved == {"resets": 1, "streak": 1, "reason": "no broker for 600 s"}
 
@@ -92,7 +93,7 @@ def test_kicks_must_come_in_a_row_and_a_lasting_connection_ends_the_conflict(tmp
 
 def test_store_survives_a_reset_and_a_bad_file_keeps_the_rate_slow(tmp_path):
     lad = ladder(tmp_path)
-    lad.resetting("why")
+    link_reset.resetting(lad, "why")
     again = ladder(tmp_path)
     assert again.resets == 1 and again.last_step == "reset" and again.last_reason == "why"
     # The streak doubles the uptime the next reset needs.
@@ -139,7 +140,7 @@ def test_resets_never_with_a_session_and_never_faster_than_the_rate(tmp_path_fac
             streak = lad._store.streak
             assert t - boot_at >= rate << min(streak, 5)
             resets.append(t)
-            lad.resetting("x")
+            link_reset.resetting(lad, "x")
             boot_at = t
             lad = ladder(path, now_ms=t)
     for a, b in zip(resets, resets[1:], strict=False):
@@ -171,11 +172,12 @@ def test_outbox_age_follows_the_oldest_unacknowledged_record():
 
 
 def test_loop_figures_since_the_last_take():
-    lf = link_heal.LoopFigures()
-    for dt in (5, 5, 31, 7):
-        lf.note(dt)
+    lf = link_heal.LoopFigures(1000)
+    assert [lf.note(t) for t in (1005, 1010, 1041, 1048)] == [5, 5, 31, 7]  # the link's uptime
     assert lf.take() == (31, 12, 4)
     assert lf.take() == (0, 0, 0)
+    first = link_heal.LoopFigures()  # no boot time: the first poll counts nothing
+    assert first.note(7) == 0 and first.note(12) == 5 and first.take() == (5, 5, 1)
 
 
 def test_health_message_matches_its_schema(monkeypatch):
