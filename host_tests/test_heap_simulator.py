@@ -167,3 +167,9 @@ def test_a_run_that_does_not_end_is_killed_and_said_so():
     with pytest.raises(unix_port.ScenarioTimeout) as caught:
         unix_port.run_scenario("normal", timeout=1)  # the scenario runs 7 s
     assert "no end after 1 s" in str(caught.value)
+
+
+def test_the_default_timeout_leaves_every_scenario_its_length_and_more():
+    for name, spec in unix_port.scenarios.SCENARIOS.items():
+        end_s = max(step[0] for step in spec["steps"]) / 1000
+        assert unix_port.default_timeout(name) >= end_s + 60, name

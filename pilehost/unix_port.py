@@ -230,8 +230,18 @@ class SimRun:
         return self._parse(False, source)
 
 
+# What a run may take beyond its scenario's end (the boot, a slow host) before run_scenario's
+# default timeout kills it.
+RUN_SLACK_S = 120
+
+
+def default_timeout(name):
+    """run_scenario's timeout for a scenario (s): its last step's time plus RUN_SLACK_S."""
+    return max((step[0] for step in scenarios.get(name)["steps"]), default=0) / 1000 + RUN_SLACK_S
+
+
 def run_scenario(name=scenarios.DEFAULT, board="ref-esp32", config=None, heapsize=DEFAULT_HEAP,
-                 echo=False, timeout=120, flash_dir=None, kill_after_s=None, on_line=None,
+                 echo=False, timeout=None, flash_dir=None, kill_after_s=None, on_line=None,
                  program=None, path=None, exact_heap=False, files=()):
     """Run one scenario. flash_dir: keep the board's flash there (else a temporary folder);
     kill_after_s: cut the power (SIGKILL) after this many seconds, leaving no result;
@@ -240,9 +250,11 @@ def run_scenario(name=scenarios.DEFAULT, board="ref-esp32", config=None, heapsiz
     micropypath(); a frozen image's: pilehost/chipbuild.py); exact_heap: heapsize is the whole
     -X heapsize, without the simulator's allowance (the bench's bisection); files: (local file,
     name) put on the flash (prepare_flash; the firmware on a stock image: firmware_files()).
-    timeout: seconds for the whole run (its output read to the end included): past it the
-    process is killed and ScenarioTimeout raised."""
+    timeout: seconds for the whole run (its output read to the end included; default: the
+    scenario's end plus RUN_SLACK_S): past it the process is killed and ScenarioTimeout raised."""
     spec = scenarios.get(name)
+    if timeout is None:
+        timeout = default_timeout(name)
     extra_kb = spec.get("heap_extra_kb", 0)  # a scenario that loads more (Wi-Fi, NTP) says so
     program = program or micropython_binary()
     if heapsize == DEFAULT_HEAP and program != unix32_binary():
