@@ -11,11 +11,25 @@ simulator); then a run at the target (issue 12: 56 KiB frozen, 96 KiB as .mpy, w
 link) plus the simulator's share: does the session complete, and the largest free block after
 it (sim/rom.py largest_free_block) against the link's biggest allocation.
 
-Before those, where the heap goes: each firmware module imported on the stock image as .mpy
-(sim/heap_probe.py), its own live bytes (bytecode, qstrs, module-level objects) with what it
-imports loaded first, the garbage its import leaves and its transient peak, the modules a full
-session with the link has loaded marked (sim/rom.py's result). A module's figure is within
-~2 KiB: the first import in a process also grows the qstr pool and sys.modules."""
+The simulator's share is taken once, at the start (sim/rom.py: gc.mem_alloc() after the world is
+built, before boot.py). That is its whole share (2026-12-07, hw-simheap): it makes its
+long-lived state up front (the RS-485 line's receive and wire buffers, sim/rs485.py, where the
+ESP32's UART driver keeps its ring outside the heap) and allocates nothing at the firmware's
+pilot reads, pins, idles and watchdog feeds (test_heap_simulator.py), as a chip's hardware calls
+do not. Before, on the 32-bit port, a pilot read made ~230 B of long ints (an LCG's, and the
+long-int objects mpy-tool.py freezes a constant tuple's ints beyond +-8191 into) and kept one:
+~650 KB of the simulator's garbage in a 7 s session, now ~90 KB (a meter reply's ~0.8 KB, its
+log lines, its energy integration's floats); its state grew ~0.4 KB in the run, and held
+<= 0.2 KB beyond its start at the failing moments. That garbage had helped the firmware (presumably
+the collections it set off left its long-lived objects less scattered): without it the
+session completes at ~1 KiB more whole heap, ~0.2-0.7 KiB more net of the simulator (README,
+"The simulator's share"). The failing allocations' fragmentation is the firmware's own.
+
+A run at the boundary ends: the scenario's end, and the watchdog's reset, reach the ROM at any
+heap (sim/world.py: no step or watchdog after the end, END_GRACE_US, a spare exception), and a
+run that does not end within its timeout is killed with unix_port.ScenarioTimeout, never waited
+on (a need.py run hung >16 min at 105 KiB when the watchdog's SimReset replaced the end's SimEnd
+in main.run()'s `finally`)."""
 import json
 import os
 import subprocess

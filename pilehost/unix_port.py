@@ -188,6 +188,17 @@ def link_files(folder, files):
         os.symlink(local, link)
 
 
+class ScenarioTimeout(RuntimeError):
+    """A run that neither ended nor died within its timeout: killed, and said so (the lines it
+    printed, the last ones in the message). A run at the heap's boundary must end, by the
+    scenario's end or by a failure; one that idles on is a fault to look at, never a verdict."""
+
+    def __init__(self, name, timeout, lines):
+        super().__init__("scenario %r: no end after %s s, killed; its last lines:\n%s" % (
+            name, timeout, "\n".join(lines[-30:])))
+        self.lines = lines
+
+
 class SimRun:
     """A finished run: its output lines and the world's record."""
 
@@ -219,8 +230,18 @@ class SimRun:
         return self._parse(False, source)
 
 
+# What a run may take beyond its scenario's end (the boot, a slow host) before run_scenario's
+# default timeout kills it.
+RUN_SLACK_S = 120
+
+
+def default_timeout(name):
+    """run_scenario's timeout for a scenario (s): its last step's time plus RUN_SLACK_S."""
+    return max((step[0] for step in scenarios.get(name)["steps"]), default=0) / 1000 + RUN_SLACK_S
+
+
 def run_scenario(name=scenarios.DEFAULT, board="ref-esp32", config=None, heapsize=DEFAULT_HEAP,
-                 echo=False, timeout=120, flash_dir=None, kill_after_s=None, on_line=None,
+                 echo=False, timeout=None, flash_dir=None, kill_after_s=None, on_line=None,
                  program=None, path=None, exact_heap=False, files=()):
     """Run one scenario. flash_dir: keep the board's flash there (else a temporary folder);
     kill_after_s: cut the power (SIGKILL) after this many seconds, leaving no result;
@@ -228,8 +249,12 @@ def run_scenario(name=scenarios.DEFAULT, board="ref-esp32", config=None, heapsiz
     program: the binary (default micropython_binary()); path: MICROPYPATH (default
     micropypath(); a frozen image's: pilehost/chipbuild.py); exact_heap: heapsize is the whole
     -X heapsize, without the simulator's allowance (the bench's bisection); files: (local file,
-    name) put on the flash (prepare_flash; the firmware on a stock image: firmware_files())."""
+    name) put on the flash (prepare_flash; the firmware on a stock image: firmware_files()).
+    timeout: seconds for the whole run (its output read to the end included; default: the
+    scenario's end plus RUN_SLACK_S): past it the process is killed and ScenarioTimeout raised."""
     spec = scenarios.get(name)
+    if timeout is None:
+        timeout = default_timeout(name)
     extra_kb = spec.get("heap_extra_kb", 0)  # a scenario that loads more (Wi-Fi, NTP) says so
     program = program or micropython_binary()
     if heapsize == DEFAULT_HEAP and program != unix32_binary():
@@ -256,6 +281,16 @@ def run_scenario(name=scenarios.DEFAULT, board="ref-esp32", config=None, heapsiz
         power_cut = threading.Timer(kill_after_s, proc.kill) if kill_after_s else None
         if power_cut:
             power_cut.start()
+        # The read below waits for the output's end: a run that never ends would hold it (and
+        # the bench, the test) forever. Past the timeout the process is killed, its output ends.
+        overdue = threading.Event()
+
+        def time_out():
+            overdue.set()
+            proc.kill()
+
+        deadline = threading.Timer(timeout, time_out)
+        deadline.start()
         try:
             for line in proc.stdout:
                 line = line.rstrip("\n")
@@ -269,10 +304,14 @@ def run_scenario(name=scenarios.DEFAULT, board="ref-esp32", config=None, heapsiz
                     print(line, flush=True)
             proc.wait(timeout=timeout)
         finally:
+            deadline.cancel()
             if power_cut:
                 power_cut.cancel()
             if proc.poll() is None:
                 proc.kill()
+                proc.wait()
+    if overdue.is_set():
+        raise ScenarioTimeout(name, timeout, lines)
     return SimRun(proc.returncode, lines, result)
 
 

@@ -10,13 +10,28 @@ make a millisecond (the world counts us, the meter tests ms).
 """
 
 
+# Room made up front for the bytes received and those still on the wire (the ESP32's UART driver
+# keeps a 256-byte ring outside the heap): on MicroPython the buffers are made once, with the
+# world, and reused, never grown in the middle of the firmware's heap (a longer reply still fits:
+# they grow then). Reply bytes on the wire are a bytearray and a list of small ints, no tuple each.
+RX_ROOM = 256
+WIRE_ROOM = 64
+
+
+def _room(buf, n):
+    """buf emptied, its room for n items kept (a slice assignment never shrinks it)."""
+    buf[0:n] = buf[0:0]
+    return buf
+
+
 class Line:
     def __init__(self, device, char_time, per_ms):
         self.device = device
         self.char_time = char_time  # one character on the wire
         self.per_ms = per_ms
-        self.rx = bytearray()
-        self.pending = []  # (arrival time, byte) of reply bytes still on the wire
+        self.rx = _room(bytearray(RX_ROOM), RX_ROOM)
+        self.pending = _room(bytearray(WIRE_ROOM), WIRE_ROOM)  # reply bytes still on the wire ...
+        self.pending_at = _room([0] * WIRE_ROOM, WIRE_ROOM)  # ... and when each arrives
         self.tx_end = -1
 
     def de_at(self, t):
@@ -48,7 +63,8 @@ class Line:
                 t = int(t)
             for b in reply:
                 t += self.char_time
-                self.pending.append((t, b))
+                self.pending.append(b)
+                self.pending_at.append(t)
         return len(data)
 
     def sent(self, start, end, data):
@@ -62,25 +78,26 @@ class Line:
 
     def deliver(self, now):
         n = 0
-        while n < len(self.pending) and self.pending[n][0] <= now:
+        while n < len(self.pending) and self.pending_at[n] <= now:
             n += 1
         if not n:
             return
         lost = 0
-        for when, b in self.pending[:n]:
-            if self.de_at(when) == 1:
+        for k in range(n):
+            if self.de_at(self.pending_at[k]) == 1:
                 lost += 1
             else:
-                self.rx.append(b)
+                self.rx.append(self.pending[k])
         if lost:
             self.violation("reply_lost", "%d reply byte(s) lost by %s: DE still high" % (lost, self._ms(now)))
-        del self.pending[:n]
+        self.pending[0:n] = b""
+        del self.pending_at[0:n]  # a slice deleted in place: the room stays
 
     def take(self, n):
         if n is None or n < 0 or n > len(self.rx):
             n = len(self.rx)
-        data = bytes(self.rx[:n])
-        self.rx = self.rx[n:]
+        data = bytes(self.rx) if n == len(self.rx) else bytes(self.rx[:n])
+        self.rx[0:n] = b""  # in place: no new buffer at each read
         return data
 
 

@@ -19,6 +19,11 @@ CONTACTS_CLOSE_US = 15000  # coil on -> main contacts and mirror contact closed
 CONTACTS_OPEN_US = 8000
 RCD_TEST_RESPONSE_US = 30000  # a healthy module answers TEST within tens of ms
 NOISE_UV = 3000  # ADC noise, +-
+# After the scenario's end the firmware's `finally` (main.run: safe_off) still drives its outputs
+# as the end's SimEnd passes; a firmware still running this long after it lost the SimEnd (a
+# MemoryError in a `finally` on the way replaces it, and it handles that as its own) is ended
+# again at its next touch.
+END_GRACE_US = 100000
 
 
 def _parallel(a, b):
@@ -51,6 +56,22 @@ class SimReset(BaseException):
 
 class SimEnd(BaseException):
     """The scenario is over."""
+
+
+# Said instead of a log line the heap has no room for (World.log): a constant, printed without
+# allocating.
+LOG_LOST = "[   ?.???] sim log: a line lost, the heap is full"
+
+
+def _raise(kind, spare, arg=None):
+    """Raise kind() (kind(arg)), or the spare made up front when the heap has no room for a
+    new exception: the scenario's end and the watchdog's reset reach the ROM at any heap, never
+    a MemoryError in the firmware instead (which it would take for its own and handle)."""
+    try:
+        exc = kind() if arg is None else kind(arg)
+    except MemoryError:
+        exc = spare
+    raise exc
 
 
 class Car:
@@ -112,6 +133,7 @@ class World:
         cal = board["pilot_adc"]
         self.uv_m12 = cal["uv_at_minus_12v"]
         self.uv_span = cal["uv_at_plus_12v"] - self.uv_m12
+        self._uv_q, self._uv_r = divmod(self.uv_span, 24000)  # adc_uv's scale, in small ints
         pp = board.get("pp_adc") or {}
         self.pp_pullup = pp.get("pullup_ohm", 1000)
         self.pp_supply_uv = pp.get("supply_uv", 3300000)
@@ -121,6 +143,9 @@ class World:
         self._last_raw = self._clock()
         self.now = 0  # us since the world began; never wraps
         self.echo = echo
+        self.over = None  # when the scenario's "end" came: no step and no watchdog after it
+        self._spare_end = SimEnd()  # _raise: made now, while the heap has room
+        self._spare_bite = SimReset(3)
         self.latencies_ms = []
         self.boots = 0
         self.reset_cause = 1  # machine.PWRON_RESET
@@ -177,7 +202,9 @@ class World:
         self.now += time.ticks_diff(raw, self._last_raw)
         self._last_raw = raw
         now = self.now
-        while self._next_due is not None and now >= self._next_due:
+        if self.over is not None and now - self.over > END_GRACE_US:
+            _raise(SimEnd, self._spare_end)
+        while self._next_due is not None and now >= self._next_due and self.over is None:
             step = self.steps[self._step]
             self._step += 1
             due = self._next_due
@@ -193,11 +220,14 @@ class World:
             self._integrate(now)
         if self._s0_irq is not None and self.s0 is not None and not self._in_irq:
             self._s0_edges(now)
-        if self.wdt_timeout_us is not None and now - self.wdt_fed > self.wdt_timeout_us:
+        if self.wdt_timeout_us is not None and now - self.wdt_fed > self.wdt_timeout_us and self.over is None:
+            # (not after the end: its bite in the firmware's `finally` replaced the end's SimEnd,
+            # the ROM booted again, the end step spent, and a board that came up ran for ever)
             self.wdt_timeout_us = None
             self.log("wdt", "watchdog timeout: board resets")
-            raise SimReset(3)
-        for ch in self.uarts.values():
+            _raise(SimReset, self._spare_bite, 3)
+        for uart in self.uarts:  # the keys: .values() would allocate a view at every touch
+            ch = self.uarts[uart]
             if ch.pending:
                 ch.deliver(now)
         return now
@@ -206,10 +236,14 @@ class World:
         return self.now // 1000
 
     def log(self, kind, text):
-        """Events go to stdout only: a list of them would grow the heap we are measuring."""
+        """Events go to stdout only: a list of them would grow the heap we are measuring. A line
+        the heap has no room for is LOG_LOST: the simulator's MemoryError is not the firmware's."""
         if self.echo:
             t = self.now
-            print("[%4d.%03d] sim %s: %s" % (t // 1000000, t // 1000 % 1000, kind, text))
+            try:
+                print("[%4d.%03d] sim %s: %s" % (t // 1000000, t // 1000 % 1000, kind, text))
+            except MemoryError:
+                print(LOG_LOST)
 
     def fit_meter(self, conf):
         """Install the simulated meter that config.json's "meter" section says is fitted."""
@@ -325,8 +359,9 @@ class World:
         elif action == "persist":  # keep the register and the car in this file across kill -9
             self.restore(arg)
         elif action == "end":
+            self.over = self.now  # first: if what follows fails, a touch after END_GRACE_US ends the run
             self.log("sim", "scenario end")
-            raise SimEnd()
+            _raise(SimEnd, self._spare_end)
         else:
             raise ValueError("unknown scenario action %r" % action)
         self.log("step", action if arg is None else "%s %r" % (action, arg))
@@ -389,35 +424,42 @@ class World:
             self._car_letter = letter
             self.log("car", "pilot state " + letter)
 
-    def _plus_level(self):
-        """Steady-state CP voltage (mV) while the pile drives +12 V, and while it drives -12 V."""
+    def _level_mv(self, high):
+        """Steady-state CP voltage (mV) while the pile drives +12 V (high) or -12 V. No tuple
+        of both: frozen into the stock image (pilehost/chipbuild.py), a constant tuple's ints
+        beyond +-8191 are long ints (mpy-tool.py), and each sum with one allocates."""
         car = self.car
         if not car.plugged:
-            return 12000, -12000
+            return 12000 if high else -12000
         if car.short:
-            return 0, 0
+            return 0
         load = R2
         if car.s2:
             load = _parallel(R2, R3_VENT if car.ventilation else R3)
-        plus = (12000 - DIODE_MV) * load // (R1 + load) + DIODE_MV
-        minus = -12000 if car.diode else -12000 * load // (R1 + load)
-        return plus, minus
+        if high:
+            return (12000 - DIODE_MV) * load // (R1 + load) + DIODE_MV
+        return -12000 if car.diode else -12000 * load // (R1 + load)
 
     def cp_mv(self, now):
-        plus, minus = self._plus_level()
         duty = self.pwm_duty
         if duty is None:
             high = self.pins.get(self.pin_pilot_pwm, 0)
-            high = (not high) if self.pilot_inverted else high
-            return plus if high else minus
+            return self._level_mv((not high) if self.pilot_inverted else high)
         if self.pilot_inverted:
             duty = 65535 - duty
         phase = now % self.pwm_period_us
-        return plus if phase * 65535 < duty * self.pwm_period_us else minus
+        return self._level_mv(phase * 65535 < duty * self.pwm_period_us)
 
     def _noise_uv(self):
-        self._noise = (self._noise * 1103515245 + 12345) & 0x7FFFFFFF
-        return (self._noise >> 8) % (2 * NOISE_UV + 1) - NOISE_UV
+        # A 16-bit xorshift (period 65,535): every value a small int on the 32-bit port too,
+        # where an LCG's 31-bit state and its products were long ints, ~230 B of garbage and a
+        # heap object kept at each pilot read (the chip's ADC read allocates nothing).
+        x = self._noise
+        x ^= (x << 7) & 0xFFFF
+        x ^= x >> 9
+        x ^= (x << 8) & 0xFFFF
+        self._noise = x
+        return x % (2 * NOISE_UV + 1) - NOISE_UV
 
     def adc_uv(self, pin):
         now = self.advance()
@@ -431,13 +473,15 @@ class World:
                 mv = self.cp_mv(now)
                 if self.pilot_interference is not None:
                     mv = self.pilot_interference(now, mv)
-            uv = self.uv_m12 + (mv + 12000) * self.uv_span // 24000
+            # (mv + 12000) * uv_span // 24000 without its product (above 2^30: a long int)
+            uv = self.uv_m12 + (mv + 12000) * self._uv_q + (mv + 12000) * self._uv_r // 24000
             return uv + self._noise_uv()
         if pin == self.pin_pp_adc:
             if not self.car.plugged or self.car.cable_ohm is None:
                 return self.pp_supply_uv
             r = self.car.cable_ohm
-            return self.pp_supply_uv * r // (r + self.pp_pullup)
+            div = r + self.pp_pullup  # supply * r // div in small ints (no long-int product)
+            return r * (self.pp_supply_uv // div) + r * (self.pp_supply_uv % div) // div
         return 0
 
     # -- pins, PWM, contactor, RCD ------------------------------------------------------------------
