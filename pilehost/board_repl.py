@@ -98,10 +98,10 @@ def _wait(line, deadline, clock):
                 return "lost", said  # a boot began after the Ctrl-C and is now in run()'s try
         if now > deadline:
             return "deadline", said
-        if SERVICE in said or _last_boot(said) >= 0:
-            continue  # service mode began: its prompt follows; or a boot: its READY
+        if SERVICE in said:
+            continue  # service mode began: its prompt follows
         if now > heard + QUIET_S or ready is not None and now > ready + QUIET_S:
-            return "lost", said
+            return "lost", said  # (a boot that stopped short of READY: a held pile, in run())
 
 
 def interrupt(line, attempts=ATTEMPTS, deadline_s=DEADLINE_S, clock=time.monotonic):
