@@ -60,6 +60,7 @@ LONG = os.environ.get("PILE_TEST_LONG") == "1"
 # workers, as every test did before.
 REALTIME = ("test_soak.py", "test_scenarios_unix.py", "test_ota_fleet.py", "test_link_heal_unix.py",
             "test_mqtt_link.py", "test_mqtt_commands.py", "test_mqtt_tls.py", "test_technician.py",
+            "test_technician_reboot.py",
             "test_sim_broker.py", "test_sntp.py", "test_wifi.py", "test_heal_sim.py",
             "test_ota_withdraw.py", "test_release_boot_unix.py")
 # Within each part the longest start first, in this order (measured with --durations, one file at

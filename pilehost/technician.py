@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 
-from . import ROOT, firmware_module, unix_port
+from . import ROOT, board_repl, firmware_module, unix_port
 
 FIRMWARE = os.path.join(ROOT, "firmware")
 MPY_OUT = os.path.join(ROOT, "build", "mpy")
@@ -29,6 +29,10 @@ RETIRED = ("lib/logging/__init__.mpy", "lib/logging/__init__.py")
 SOURCE_ONLY = ("boot", "main")
 MPREMOTE_TIMEOUT_S = 120  # a full flash of ~200 KB over 115200 baud takes ~30 s
 EXEC_TIMEOUT_S = 30  # a short script; a board that reset under it never answers
+# mpremote's raw-REPL entry, each after board_repl.to_repl(): a second only if the board reset
+# between the two (nothing has run on it when that entry fails).
+RAW_REPL_ATTEMPTS = 2
+_NO_RAW_REPL = "could not enter raw repl"
 
 
 class ToolError(Exception):
@@ -39,16 +43,28 @@ class ToolError(Exception):
 
 
 def mpremote(port, *args, timeout=MPREMOTE_TIMEOUT_S):
-    """mpremote on PORT without a soft reset; its output, or ToolError with what it said."""
+    """mpremote on PORT without a soft reset, the board at its REPL first (board_repl: a Ctrl-C
+    that a boot lost is sent again); its output, or ToolError with what it said."""
     cmd = [sys.executable, "-m", "mpremote", "connect", port, "resume"] + list(args)
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise ToolError("mpremote on %s: no answer within %d s" % (port, timeout)) from None
-    if r.returncode:
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            board_repl.to_repl(port)
+        except board_repl.NoRepl as e:
+            raise ToolError("%s: %s" % (port, e)) from None
+        except (OSError, ValueError) as e:  # serial.SerialException is an OSError
+            raise ToolError("cannot open %s: %s" % (port, e)) from None
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise ToolError("mpremote on %s: no answer within %d s" % (port, timeout)) from None
+        if not r.returncode:
+            return r.stdout
         said = " | ".join((r.stderr.strip() or r.stdout.strip()).splitlines()[-3:])
-        raise ToolError("mpremote on %s failed: %s" % (port, said or "exit %d" % r.returncode))
-    return r.stdout
+        if _NO_RAW_REPL not in said or tries == RAW_REPL_ATTEMPTS:
+            raise ToolError("mpremote on %s failed%s: %s" % (
+                port, "" if tries == 1 else " %d times" % tries, said or "exit %d" % r.returncode))
 
 
 def board_json(port, code):
