@@ -284,6 +284,23 @@ def _use_binary(kind, monkeypatch):
     return kind
 
 
+@pytest.fixture
+def vboard_tools():
+    """What a virtual board (pilehost/vboard.py) needs on this machine: socat for its pty (a
+    failure: `make test` installs it) and the MicroPython unix port (a skip outside make)."""
+    import shutil
+
+    from pilehost import unix_port
+
+    if shutil.which("socat") is None:
+        pytest.fail("the virtual board needs socat: `make test` installs it as root "
+                    "(apt-get install socat)", pytrace=False)
+    try:
+        unix_port.micropython_binary()
+    except FileNotFoundError:  # pragma: no cover - `make test` installs it
+        pytest.skip("MicroPython unix port not installed (make venv)")
+
+
 @pytest.fixture(params=["stock", "unix32"])
 def unix_binary(request, monkeypatch):
     """Each test that takes it runs twice: on the venv's unix port (64-bit, double-precision

@@ -7,11 +7,9 @@ import io
 import json
 import os
 import re
-import shutil
 
-import pytest
 
-from pilehost import ROOT, chipbuild, chipheap, technician, unix_port, vboard
+from pilehost import ROOT, chipbuild, chipheap, technician, vboard
 from tools import fetch_deps
 
 RUNS = {"umqtt.simple"}  # micropython-lib's names of what the firmware imports from lib/
@@ -49,16 +47,9 @@ def test_the_frozen_image_and_mip_carry_only_what_runs():
     assert set(chipheap.firmware_modules()) >= RUNS
 
 
-def test_a_board_flashed_before_loses_its_logging(tmp_path):
+def test_a_board_flashed_before_loses_its_logging(tmp_path, vboard_tools):
     """A pile flashed while logging was shipped: the next `make flash` removes the library (on a
     virtual board, through mpremote) and says so in its table."""
-    if shutil.which("socat") is None:
-        pytest.fail("the virtual board needs socat: `make test` installs it as root "
-                    "(apt-get install socat)", pytrace=False)
-    try:
-        unix_port.micropython_binary()
-    except FileNotFoundError:  # pragma: no cover - `make test` installs it
-        pytest.skip("MicroPython unix port not installed (make venv)")
     vb = vboard.VirtualBoard(str(tmp_path / "vb"))
     old = os.path.join(vb.flash, "lib", "logging")
     os.makedirs(old)

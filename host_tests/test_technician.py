@@ -18,7 +18,7 @@ import version
 import wiring
 import vboard_hw
 import world
-from pilehost import ROOT, unix_port, vboard
+from pilehost import ROOT, vboard
 from pilehost.cloud import Store
 from pilehost.procs import wait_for
 from pilehost.virtual_board import VirtualBoard as ClockedBoard
@@ -47,14 +47,7 @@ def diag(port):
 
 
 @pytest.fixture
-def board(tmp_path):
-    if shutil.which("socat") is None:
-        pytest.fail("the virtual board needs socat: `make test` installs it as root "
-                    "(apt-get install socat)", pytrace=False)
-    try:
-        unix_port.micropython_binary()
-    except FileNotFoundError:  # pragma: no cover - `make test` installs it
-        pytest.skip("MicroPython unix port not installed (make venv)")
+def board(tmp_path, vboard_tools):
     vb = vboard.VirtualBoard(str(tmp_path / "vb"), meter={"type": "ddsu666"}, steps=STEPS).start()
     yield vb
     vb.stop()

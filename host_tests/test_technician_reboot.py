@@ -5,13 +5,12 @@ and then (in the unix port's start, boot.py or main.py's imports) and its Ctrl-A
 sends the Ctrl-C again if it was lost: every diag finds the pile in service mode, one boot on."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from pilehost import ROOT, unix_port, vboard
+from pilehost import ROOT, vboard
 
 TOOL = os.path.join(ROOT, "tools", "technician.py")
 REBOOTS = 4
@@ -26,13 +25,7 @@ def tech(*args):
 
 
 @pytest.fixture
-def board(tmp_path):
-    if shutil.which("socat") is None:
-        pytest.fail("the virtual board needs socat (apt-get install socat)", pytrace=False)
-    try:
-        unix_port.micropython_binary()
-    except FileNotFoundError:  # pragma: no cover - `make test` installs it
-        pytest.skip("MicroPython unix port not installed (make venv)")
+def board(tmp_path, vboard_tools):
     vb = vboard.VirtualBoard(str(tmp_path / "vb"), meter={"type": "ddsu666"}).start()
     yield vb
     vb.stop()
