@@ -131,7 +131,7 @@ def build_session_log(conf, gate=None):
     if conf.pile_id is None:
         console.report(time.ticks_ms(), "session", "no pile_id in config.json: sessions are not recorded")
         return None
-    import session_log
+    import session_log  # noqa: F401 - session_restore's: loaded before this collection, as before
     import session_store
 
     gc.collect()
@@ -158,14 +158,14 @@ def build_session_log(conf, gate=None):
                           % (files.OUTBOX_FILE, e)) from None
     finally:
         del journal_scan, sys.modules["journal_scan"]
-    log = session_log.SessionLog(
+    # The log opened, and a session the power cut found for it to close. Boot-only code: dropped
+    # at once (issue 12).
+    import session_restore
+
+    log = session_restore.load(
         conf.pile_id, last + 1, outbox, session_store.SessionStore(files.SESSION_FILE),
         connector=conf.connector, metered=conf.meter.type != "none", checkpoint_s=conf.checkpoint_s,
         report=console.report, gate=gate, linked=conf.mqtt is not None)
-    # A session the power cut, for the log to close. Boot-only code: dropped at once (issue 12).
-    import session_restore
-
-    session_restore.load(log)
     del session_restore, sys.modules["session_restore"]
     return log
 

@@ -607,7 +607,6 @@ def power_cut_records(tmp_path):
     import journal_scan
     import meter
     import pilot
-    import session_log
     import session_restore
     import session_store
     from session_record import Record, Records
@@ -626,11 +625,10 @@ def power_cut_records(tmp_path):
         closed = False
 
     def make_log(boot, where, linked):
-        log = session_log.SessionLog(
+        log = session_restore.load(
             "pile-0042", boot, journal_scan.load(str(where / "outbox")),
             session_store.SessionStore(str(where / "session.json")), metered=True,
-            checkpoint_s=60, wall=lambda: 1795000000, linked=linked)
-        session_restore.load(log)  # as wiring.build_session_log
+            checkpoint_s=60, wall=lambda: 1795000000, linked=linked)  # as wiring.build_session_log
         return log
 
     def cut(name, linked=True):
