@@ -40,6 +40,7 @@ for _name in (
     "link_setup",
     "link_tls",
     "meter",
+    "meter_setup",
     "modbus_meter",
     "mqtt_conn",
     "mqtt_link",

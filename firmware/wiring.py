@@ -196,26 +196,31 @@ def build_meter(board, mconf):
 
 def make_meter(kind, uart=None, de=None, pulse_pin=None, **options):
     """The meter driver for `kind`: ddsu666, sdm120, sdm630, dlt645 or s0. The arguments are
-    checked here, at the boot, not by the drivers that stay loaded."""
+    checked here, at the boot, not by the drivers that stay loaded; meter_setup.py makes the
+    driver (boot-only code: dropped at once, issue 12)."""
+    if kind not in ("ddsu666", "sdm120", "sdm630", "dlt645", "s0"):
+        raise ValueError("unknown meter kind %r" % (kind,))
     if kind == "s0":
-        import s0_meter
         if pulse_pin is None:
             raise ValueError("s0: needs pulse_pin")
-        return s0_meter.S0Meter(pulse_pin, **options)
-    if kind not in ("ddsu666", "sdm120", "sdm630", "dlt645"):
-        raise ValueError("unknown meter kind %r" % (kind,))
-    if uart is None:
+    elif uart is None:
         raise ValueError("%s: needs a uart" % kind)
-    if kind == "dlt645":
-        import dlt645
-        return dlt645.Dlt645Meter(uart, de, **options)
-    if "baud" not in options:  # the meter's factory default, as config.py sets it for a pile
-        import config
-        options["baud"] = config.METER_DEFAULT_BAUD[kind]
-    if not 1 <= options.get("address", 1) <= 247:  # Modbus unicast addresses
-        raise ValueError("modbus: address %d not in 1..247" % options["address"])
-    import modbus_meter
-    return modbus_meter.ModbusMeter(uart, de, model=kind, **options)
+    elif kind != "dlt645":
+        if "baud" not in options:  # the meter's factory default, as config.py sets it for a pile
+            import config
+            options["baud"] = config.METER_DEFAULT_BAUD[kind]
+        if not 1 <= options.get("address", 1) <= 247:  # Modbus unicast addresses
+            raise ValueError("modbus: address %d not in 1..247" % options["address"])
+    import meter_setup
+
+    try:
+        if kind == "s0":
+            return meter_setup.s0(pulse_pin, **options)
+        if kind == "dlt645":
+            return meter_setup.dlt645(uart, de, **options)
+        return meter_setup.modbus(uart, de, model=kind, **options)
+    finally:
+        del meter_setup, sys.modules["meter_setup"]
 
 
 def hold_outputs(board):

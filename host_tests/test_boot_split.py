@@ -1,5 +1,5 @@
 """Issue 12 item 3: the boot-only code of resident modules lives in modules the boot drops at
-once (charger_restore.py, journal_scan.py, session_restore.py): none is loaded after the boot,
+once (charger_restore.py, journal_scan.py, session_restore.py, meter_setup.py): none is loaded after the boot,
 nothing built keeps one of their functions, and what they did at boot is done as before."""
 import binascii
 import errno
@@ -13,7 +13,7 @@ from pilehost.virtual_board import VirtualBoard
 import journal as J
 import journal_scan
 
-BOOT_ONLY = ("charger_restore", "journal_scan", "session_restore")
+BOOT_ONLY = ("charger_restore", "journal_scan", "session_restore", "meter_setup")
 
 
 def test_nothing_built_keeps_a_function_of_the_boot_only_modules(monkeypatch, functions_of):
@@ -47,7 +47,7 @@ def test_the_boot_only_modules_are_gone_after_the_boot_in_the_benchs_configurati
     assert r.returncode == 0 and r.result and r.result["boots"] == 1, "\n".join(r.lines[-20:])
     loaded = set(r.result["modules"])
     assert not set(BOOT_ONLY) & loaded
-    assert {"charger", "journal", "session_log", "session_store"} <= loaded
+    assert {"charger", "journal", "session_log", "session_store", "meter", "modbus_meter"} <= loaded
 
 
 def _ack_bytes(seq):
@@ -124,3 +124,17 @@ def test_the_numbers_a_boot_module_repeats_are_its_modules():
     for name in ("_KIND_STATE", "_KINDS", "_HDR", "_OVERHEAD", "_STATE_REC", "_PAYLOAD_LIMIT",
                  "_MARKER_RESERVE"):
         assert getattr(journal_scan, name) == getattr(J, name), name
+    import dlt645
+    import meter
+    import meter_setup
+    import modbus_meter
+    import s0_meter
+
+    for name, module, theirs in (("_IDLE", meter, "_IDLE"), ("_BITS_PER_CHAR", meter, "_BITS_PER_CHAR"),
+                                 ("_MODBUS_RX_SIZE", modbus_meter, "_RX_SIZE"),
+                                 ("_FN_READ_INPUT", modbus_meter, "_FN_READ_INPUT"),
+                                 ("_DLT645_OVERHEAD", dlt645, "_OVERHEAD"),
+                                 ("_DLT645_RX_SIZE", dlt645, "_RX_SIZE"), ("_RING", s0_meter, "_RING")):
+        assert getattr(meter_setup, name) == getattr(module, theirs), name
+    # dlt645's send buffer: its wake-up bytes, its frame's overhead and a data identifier (4).
+    assert meter_setup._DLT645_TX_SIZE == dlt645._MAX_WAKE + dlt645._OVERHEAD + 4
