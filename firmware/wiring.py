@@ -64,7 +64,7 @@ def load_settings():
 def build(board, conf):
     """The safety core on the board's pins, and the controller that ticks it: the one place the
     Controller is built (the virtual board and the bench build it here too)."""
-    import charger as ch
+    import charger as ch  # noqa: F401 - charger_restore's: loaded with the core, before the collection below
     import controller
     import flash_gate
     import pilot
@@ -106,16 +106,17 @@ def build(board, conf):
         levels.rcd_fault_active, levels.rcd_test_active,
         conf.rcd_retry_s * 1000, conf.rcd_max_trips,
     )
-    charger = ch.Charger(
+    # The charger made, then what set_availability and set_current_limit last set
+    # (docs/commands.md; a bad file: defaults). Boot-only code: dropped at once, before the
+    # records' modules load (issue 12).
+    import charger_restore
+
+    charger = charger_restore.make(
         int(conf.max_current_a * 1000), int(board.ratings.max_current_a * 1000),
         conf.free_vend, conf.allow_ventilation, report,
         session_store.SettingsStore(files.SETTINGS_FILE, gate),
         fallback_ma=int(conf.limit_fallback_a * 1000), wall=time.time, limit_ttl_s=conf.limit_ttl_s,
     )
-    # What set_availability and set_current_limit last set (docs/commands.md); a bad file: defaults.
-    # Boot-only code: dropped at once, before the records' modules load (issue 12).
-    import charger_restore
-
     charger_restore.load_settings(charger, time.ticks_ms())
     del charger_restore, sys.modules["charger_restore"]
     tethered_ma = int((board.ratings.tethered_cable_a or 0) * 1000)
