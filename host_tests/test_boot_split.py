@@ -47,6 +47,7 @@ def test_the_boot_only_modules_are_gone_after_the_boot_in_the_benchs_configurati
     assert r.returncode == 0 and r.result and r.result["boots"] == 1, "\n".join(r.lines[-20:])
     loaded = set(r.result["modules"])
     assert not set(BOOT_ONLY) & loaded
+    assert "files" not in loaded  # the boot's file names: without OTA nothing reads them after it
     assert {"charger", "journal", "session_log", "session_store", "meter", "modbus_meter"} <= loaded
 
 
