@@ -132,10 +132,10 @@ class Session:
 
 
 class Charger:
-    """Made by charger_restore.make (its arguments, its state), which also restores the remote
+    """Made by charger_restore.build (its arguments, its state), which also restores the remote
     settings and latched faults at boot (charger_restore.load_settings)."""
 
-    # Set by charger_restore.make (boot code, dropped after it; annotations only: no code on the board).
+    # Set by charger_restore.build (boot code, dropped after it; annotations only: no code on the board).
     max_current_ma: int
     board_max_ma: int
     free_vend: bool

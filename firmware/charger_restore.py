@@ -18,8 +18,8 @@ _MAX_LIMIT_TTL_S = const(86400)  # config.py / command_auth.py: a day at most
 _LIMIT_REMOTE = const("remote")  # charger.py's limit_source of a remote limit (a test keeps them one)
 
 
-def make(max_current_ma, board_max_ma, free_vend, allow_ventilation, report=None, settings=None,
-         fallback_ma=None, wall=None, limit_ttl_s=None):
+def build(max_current_ma, board_max_ma, free_vend, allow_ventilation, report=None, settings=None,
+          fallback_ma=None, wall=None, limit_ttl_s=None):
     """A charger.Charger, idle, nothing restored yet (load_settings). settings: a
     session_store.SettingsStore for the remote settings, or None (RAM only). fallback_ma: what a
     remote limit falls back to when its time to live runs out (config limit_fallback_a); None:

@@ -179,7 +179,7 @@ class Dlt645Meter(Rs485Meter):
     # reading is stamped when its request goes out, the freshest the cycle can give.
     _DIS = (DI_VOLTAGE_A, DI_CURRENT_A, DI_POWER, DI_ENERGY)
 
-    # Set by meter_setup.dlt645 (boot code, dropped after it; annotations only: no code on the board).
+    # Set by dlt645_setup.build (boot code, dropped after it; annotations only: no code on the board).
     address: "bytes | None"  # learnt on the bus when None
     _wake: int
     _tx: bytearray

@@ -27,10 +27,10 @@ _IN_SIZE = const(1024)  # mqtt_conn.py's _IN_SIZE
 # -- the boot --------------------------------------------------------------------------------------
 
 def setup_link(link, bufs, conf, ctl, log, report, verifier, fw, board, reset, boot_ms, wall, tls,
-               ota, heal_store, reset_cause, made, numeric):
+               ota, heal_store, reset_cause, made, numeric_host):
     """mqtt_link.MqttLink.__init__'s work (its arguments there). made: (PileView, MqttConn, the
     telemetry module, the link_heal module), given by mqtt_link.py: this module imports none of
-    the link's modules, which import it (the firmware's imports run one way). numeric: found by
+    the link's modules, which import it (the firmware's imports run one way). numeric_host: found by
     wiring_link.link_parts on the pile, before this peak; None (a link the tests make): here."""
     pile_view, mqtt_conn_class, telemetry, link_heal = made
     gc.collect()  # this module's import garbage: the heap is at its fullest at the boot's end
@@ -54,14 +54,14 @@ def setup_link(link, bufs, conf, ctl, log, report, verifier, fw, board, reset, b
                           tls_name=conf.tls_server_name or conf.host, bufs=bufs)
     link._addr = None
     link._stale = False  # the kept address failed to connect: look it up again when allowed
-    if numeric is None:
+    if numeric_host is None:
         had = "netaddr" in sys.modules  # sntp.py's too
         import netaddr
 
-        numeric = netaddr.numeric_host(conf.host)
+        numeric_host = netaddr.numeric_host(conf.host)
         if not had:
             sys.modules.pop("netaddr", None)
-    link._numeric = numeric
+    link._numeric = numeric_host
     link.last_error = None  # why the last connection attempt or connection ended (diag.py)
     link._retry_at = 0 if boot_ms is None else boot_ms
     link._backoff = Backoff(_BACKOFF_MIN_MS, _BACKOFF_MAX_MS)

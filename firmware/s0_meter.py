@@ -15,7 +15,7 @@ TYPE_CHECKING = const(False)  # mypy takes it as True (tools/typecheck.py); comp
 if TYPE_CHECKING:
     from typing import Any
 
-# The debounce, rearm and stuck times: meter_setup.s0's defaults (IEC 62053-31's 30 ms pulse).
+# The debounce, rearm and stuck times: s0_setup.build's defaults (IEC 62053-31's 30 ms pulse).
 
 # No pulse for an hour: power reads 0 (it is below 1000 / imp_per_kwh W by then), and the
 # interval is forgotten long before ticks_diff() wraps.
@@ -28,7 +28,7 @@ _RING = const(32)
 
 
 class S0Meter(MeterBase):
-    """Counts S0 pulses on its pin; energy counts from start_wh at construction (meter_setup.s0).
+    """Counts S0 pulses on its pin; energy counts from start_wh at construction (s0_setup.build).
 
     use_irq: None = if the pin has irq(), True = must (the board), False = sample in poll().
     """
@@ -39,7 +39,7 @@ class S0Meter(MeterBase):
     def identity(self):
         return "s0"  # a pulse output says nothing of the meter
 
-    # Set by meter_setup.s0 (boot code, dropped after it; annotations only: no code on the board).
+    # Set by s0_setup.build (boot code, dropped after it; annotations only: no code on the board).
     _pin: "Any"  # a machine.Pin (or a test's fake)
     # Opto output between the pin (pulled up) and GND: conducting = pulse = low level.
     _active: int

@@ -111,7 +111,7 @@ def build(board, conf):
     # records' modules load (issue 12).
     import charger_restore
 
-    charger = charger_restore.make(
+    charger = charger_restore.build(
         int(conf.max_current_a * 1000), int(board.ratings.max_current_a * 1000),
         conf.free_vend, conf.allow_ventilation, report,
         session_store.SettingsStore(files.SETTINGS_FILE, gate),
@@ -197,8 +197,8 @@ def build_meter(board, mconf):
 
 def make_meter(kind, uart=None, de=None, pulse_pin=None, **options):
     """The meter driver for `kind`: ddsu666, sdm120, sdm630, dlt645 or s0. The arguments are
-    checked here, at the boot, not by the drivers that stay loaded; meter_setup.py makes the
-    driver (boot-only code: dropped at once, issue 12)."""
+    checked here, at the boot, not by the drivers that stay loaded; meter_setup.py (and
+    s0_setup.py or dlt645_setup.py) makes the driver (boot-only code: dropped at once, issue 12)."""
     if kind not in ("ddsu666", "sdm120", "sdm630", "dlt645", "s0"):
         raise ValueError("unknown meter kind %r" % (kind,))
     if kind == "s0":
@@ -216,12 +216,18 @@ def make_meter(kind, uart=None, de=None, pulse_pin=None, **options):
 
     try:
         if kind == "s0":
-            return meter_setup.s0(pulse_pin, **options)
+            import s0_setup
+
+            return s0_setup.build(pulse_pin, **options)
         if kind == "dlt645":
-            return meter_setup.dlt645(uart, de, **options)
+            import dlt645_setup
+
+            return dlt645_setup.build(uart, de, **options)
         return meter_setup.modbus(uart, de, model=kind, **options)
     finally:
-        del meter_setup, sys.modules["meter_setup"]
+        del meter_setup
+        for name in ("meter_setup", "s0_setup", "dlt645_setup"):
+            sys.modules.pop(name, None)
 
 
 def hold_outputs(board):

@@ -640,7 +640,7 @@ def power_cut_records(tmp_path):
         first.note_meter(meter.Reading(1000, 0.0, 230.0, 0.0, 0))
         make_log(7, where, linked).poll(0, first, None)  # a session, its snapshot; then the cut
         booted = make_log(8, where, linked)
-        charger = charger_restore.make(32000, 32000, True, False)
+        charger = charger_restore.build(32000, 32000, True, False)
         records = Records(charger, Contactor(), Meter(), booted)
         charger.step(100, pilot.C, True)  # the car there all along, asking for power
         records.poll(100)
