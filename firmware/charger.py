@@ -16,6 +16,12 @@ import time
 
 import pilot
 
+TYPE_CHECKING = const(False)  # mypy takes it as True (tools/typecheck.py); compiled out here
+if TYPE_CHECKING:
+    from typing import Callable
+
+    from session_store import SettingsStore
+
 # Session states.
 IDLE = "idle"
 WAITING_FOR_AUTH = "waiting_for_auth"
@@ -126,41 +132,37 @@ class Session:
 
 
 class Charger:
-    def __init__(self, max_current_ma, board_max_ma, free_vend, allow_ventilation, report=None,
-                 settings=None, fallback_ma=None, wall=None, limit_ttl_s=None):
-        """settings: a session_store.SettingsStore for the remote settings, or None (RAM only).
-        fallback_ma: what a remote limit falls back to when its time to live runs out (config
-        limit_fallback_a); None: the limit is removed. wall: time.time, for a limit's expiry
-        across a reboot; None: a limit with a time to live never outlives a reboot.
-        limit_ttl_s: the time to live of a set_current_limit that names none (config
-        limit_ttl_s); None: such a limit never runs out."""
-        self.max_current_ma = max_current_ma
-        self.board_max_ma = board_max_ma
-        self.free_vend = free_vend
-        self.allow_ventilation = allow_ventilation
-        self._report = report
-        self.cable_ma = 0
-        self.remote_limit_ma = None  # the remote limit in force (None: none)
-        self.limit_source = None  # None, _LIMIT_REMOTE or _LIMIT_FALLBACK
-        self.limit_until_ms = None  # ticks_ms when a remote limit runs out; None: it does not
-        self.fallback_ma = fallback_ma
-        self.limit_ttl_s = limit_ttl_s
-        self._wall = wall
-        # The last set_current_limit as saved: (mA, time to live s or None, UTC expiry or None).
-        self._limit_cmd = (None, None, None)  # type: tuple
-        self._saved_limit = (None, None, None)  # type: tuple  # as settings.json holds it
-        self.state = IDLE
-        self.faults = 0
-        self.plugged = False
-        self.session = None
-        self.pilot = pilot.F
-        # The controller's close gate at the last step (RCD self-tested, Records.ready): no PWM
-        # without it, so a car that goes to C finds a pile that closes at once (B -> C: 3 s).
-        self.may_close = False
-        self.availability = AVAILABLE  # in effect
-        self.availability_wanted = AVAILABLE  # asked for; differs while a change is scheduled
-        self._settings = settings
-        self.settings_due = False  # a latched fault changed: save after the tick's safety work
+    """Made by charger_restore.build (its arguments, its state), which also restores the remote
+    settings and latched faults at boot (charger_restore.load_settings)."""
+
+    # Set by charger_restore.build (boot code, dropped after it; annotations only: no code on the board).
+    max_current_ma: int
+    board_max_ma: int
+    free_vend: bool
+    allow_ventilation: bool
+    _report: "Callable[[int, str, str], object] | None"
+    cable_ma: int
+    remote_limit_ma: "int | None"  # the remote limit in force (None: none)
+    limit_source: "str | None"  # None, _LIMIT_REMOTE or _LIMIT_FALLBACK
+    limit_until_ms: "int | None"  # ticks_ms when a remote limit runs out; None: it does not
+    fallback_ma: "int | None"
+    limit_ttl_s: "int | None"
+    _wall: "Callable[[], int] | None"
+    # The last set_current_limit as saved: (mA, time to live s or None, UTC expiry or None).
+    _limit_cmd: tuple
+    _saved_limit: tuple  # as settings.json holds it
+    state: str
+    faults: int
+    plugged: bool
+    session: "Session | None"
+    pilot: str
+    # The controller's close gate at the last step (RCD self-tested, Records.ready): no PWM
+    # without it, so a car that goes to C finds a pile that closes at once (B -> C: 3 s).
+    may_close: bool
+    availability: str  # in effect
+    availability_wanted: str  # asked for; differs while a change is scheduled
+    _settings: "SettingsStore | None"
+    settings_due: bool  # a latched fault changed: save after the tick's safety work
 
     def _emit(self, now_ms, what, text):
         if self._report is not None:

@@ -1,6 +1,7 @@
-"""At boot: a Charger's remote settings and latched faults, back from settings.json.
+"""At boot: a Charger made (its state set: charger.py has no __init__, its bytecode would stay on
+the heap for the run), then its remote settings and latched faults, back from settings.json.
 
-Only the boot restores them (wiring.build), so this runs once and wiring.py drops it at once,
+Only the boot makes it and restores them (wiring.build), so this runs once and wiring.py drops it at once,
 before the link's modules load (issue 12): its bytes are not on the heap for the run. What a
 setting means, and every decision on it, stays charger.py's; this reads the file and puts the
 saved values where the charger keeps them, as the charger's set_* left them before the reboot.
@@ -9,11 +10,48 @@ from micropython import const
 import time
 
 import charger as ch
+import pilot
 
 # docs/commands.md: set_current_limit takes 0-80 A; a saved limit outside that is garbage.
 _MAX_REMOTE_LIMIT_MA = const(80000)
 _MAX_LIMIT_TTL_S = const(86400)  # config.py / command_auth.py: a day at most
 _LIMIT_REMOTE = const("remote")  # charger.py's limit_source of a remote limit (a test keeps them one)
+
+
+def build(max_current_ma, board_max_ma, free_vend, allow_ventilation, report=None, settings=None,
+          fallback_ma=None, wall=None, limit_ttl_s=None):
+    """A charger.Charger, idle, nothing restored yet (load_settings). settings: a
+    session_store.SettingsStore for the remote settings, or None (RAM only). fallback_ma: what a
+    remote limit falls back to when its time to live runs out (config limit_fallback_a); None:
+    the limit is removed. wall: time.time, for a limit's expiry across a reboot; None: a limit
+    with a time to live never outlives a reboot. limit_ttl_s: the time to live of a
+    set_current_limit that names none (config limit_ttl_s); None: such a limit never runs out."""
+    c = ch.Charger()
+    c.max_current_ma = max_current_ma
+    c.board_max_ma = board_max_ma
+    c.free_vend = free_vend
+    c.allow_ventilation = allow_ventilation
+    c._report = report
+    c.cable_ma = 0
+    c.remote_limit_ma = None
+    c.limit_source = None
+    c.limit_until_ms = None
+    c.fallback_ma = fallback_ma
+    c.limit_ttl_s = limit_ttl_s
+    c._wall = wall
+    c._limit_cmd = (None, None, None)
+    c._saved_limit = (None, None, None)
+    c.state = ch.IDLE
+    c.faults = 0
+    c.plugged = False
+    c.session = None
+    c.pilot = pilot.F
+    c.may_close = False
+    c.availability = ch.AVAILABLE
+    c.availability_wanted = ch.AVAILABLE
+    c._settings = settings
+    c.settings_due = False
+    return c
 
 
 def load_settings(charger, now_ms):

@@ -19,7 +19,6 @@ _HEADER = const(10)  # 68 A0..A5 68 C L
 _OVERHEAD = const(12)  # header + CS + 16
 _MAX_WAKE = const(8)  # FE bytes a reply may start with (meters send 0..4)
 _RX_SIZE = const(_MAX_WAKE + _OVERHEAD + 8)  # longest reply read here: DI (4) + 4 data bytes
-_TX_SIZE = const(_MAX_WAKE + _OVERHEAD + 4)  # read request: DI (4)
 
 _BROADCAST = const(0xAA)  # every address byte AA: all meters
 
@@ -180,20 +179,13 @@ class Dlt645Meter(Rs485Meter):
     # reading is stamped when its request goes out, the freshest the cycle can give.
     _DIS = (DI_VOLTAGE_A, DI_CURRENT_A, DI_POWER, DI_ENERGY)
 
-    def __init__(self, uart, de=None, address=None, baud=2400, timeout_ms=500,
-                 poll_interval_ms=1000, wake=4):
-        # 2400 baud 8E1 is the common setting (facts section 5). timeout_ms: DL/T 645-2007
-        # lets the meter take up to 500 ms to answer (UNCONFIRMED, not in the facts file).
-        super().__init__(uart, de, baud, timeout_ms, poll_interval_ms, _RX_SIZE)
-        if not 0 <= wake <= 4:
-            raise ValueError("dlt645: wake must be 0..4 FE bytes")
-        self.address = None if address is None else address_bytes(address)
-        self._wake = wake
-        self._tx = bytearray(_TX_SIZE)
-        # the two request lengths, as views made once
-        self._tx_read = memoryview(self._tx)[:wake + _OVERHEAD + 4]
-        self._tx_learn = memoryview(self._tx)[:wake + _OVERHEAD]
-        self._di = None
+    # Set by dlt645_setup.build (boot code, dropped after it; annotations only: no code on the board).
+    address: "bytes | None"  # learnt on the bus when None
+    _wake: int
+    _tx: bytearray
+    _tx_read: memoryview  # the two request lengths, as views made once
+    _tx_learn: memoryview
+    _di: "int | None"
 
     def identity(self):
         """DL/T 645: the address is the meter number on the nameplate (A5 first), its serial;

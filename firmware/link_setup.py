@@ -27,13 +27,15 @@ _IN_SIZE = const(1024)  # mqtt_conn.py's _IN_SIZE
 # -- the boot --------------------------------------------------------------------------------------
 
 def setup_link(link, bufs, conf, ctl, log, report, verifier, fw, board, reset, boot_ms, wall, tls,
-               ota, heal_store, reset_cause, made):
+               ota, heal_store, reset_cause, made, numeric_host):
     """mqtt_link.MqttLink.__init__'s work (its arguments there). made: (PileView, MqttConn, the
     telemetry module, the link_heal module), given by mqtt_link.py: this module imports none of
-    the link's modules, which import it (the firmware's imports run one way)."""
+    the link's modules, which import it (the firmware's imports run one way). numeric_host: found by
+    wiring_link.link_parts on the pile, before this peak; None (a link the tests make): here."""
     pile_view, mqtt_conn_class, telemetry, link_heal = made
     gc.collect()  # this module's import garbage: the heap is at its fullest at the boot's end
-    link._pile = pile_view(ctl)
+    # The plain values first: the instance dict grows to its 47 slots (376 B, the set-up's largest
+    # block) now, before the objects below take the heap's last holes.
     link._ota = ota  # ota.Updater (docs/ota.md), or None
     link._commands = None  # remote commands: only with a verifier (set by MqttLink), else never loaded
     link._log = log
@@ -45,26 +47,20 @@ def setup_link(link, bufs, conf, ctl, log, report, verifier, fw, board, reset, b
     link._wall = wall
     link._conf = conf  # config.json's mqtt section: the broker, the intervals (main.py keeps it)
     link._held = False  # a TLS connection or a name lookup waits for the contactor to open (said once)
-    t = link._topics = setup_topics(telemetry.Topics(), log.pile_id)
-    user = None if conf.username is None else conf.username.encode()
-    password = None if user is None else (conf.password or "").encode()
-    link._conn = mqtt_conn_class(link, log.pile_id.encode(), conf.keepalive_s, user, password,
-                          will=(t.online, telemetry.online(False, log.boot)), tls=tls,
-                          tls_name=conf.tls_server_name or conf.host, bufs=bufs)
     link._addr = None
     link._stale = False  # the kept address failed to connect: look it up again when allowed
-    had = "netaddr" in sys.modules  # sntp.py's too
-    import netaddr
+    if numeric_host is None:
+        had = "netaddr" in sys.modules  # sntp.py's too
+        import netaddr
 
-    link._numeric = netaddr.numeric_host(conf.host)
-    if not had:
-        sys.modules.pop("netaddr", None)
+        numeric_host = netaddr.numeric_host(conf.host)
+        if not had:
+            sys.modules.pop("netaddr", None)
+    link._numeric = numeric_host
     link.last_error = None  # why the last connection attempt or connection ended (diag.py)
     link._retry_at = 0 if boot_ms is None else boot_ms
-    link._backoff = Backoff(_BACKOFF_MIN_MS, _BACKOFF_MAX_MS)
     link._uptime_ms = 0
     link._todo_online = link._todo_status = link._todo_subscribe = False
-    link._acks = []
     link._cmd_in = None  # a command received in this step, verified after it (poll)
     link._inflight = None  # (packet id, outbox seq)
     link._pending = None  # the outbox's pending() iterator
@@ -76,18 +72,28 @@ def setup_link(link, bufs, conf, ctl, log, report, verifier, fw, board, reset, b
     link._status_at = 0
     link._status_due = True
     link._meter_at = 0
+    link.station = None
+    link._cause = "unknown" if reset_cause is None else reset_cause
+    link._health_at = 0
+    link._todo_health = False
+    # Then the objects.
+    link._pile = pile_view(ctl)
+    t = link._topics = setup_topics(telemetry.Topics(), log.pile_id)
+    user = None if conf.username is None else conf.username.encode()
+    password = None if user is None else (conf.password or "").encode()
+    link._conn = mqtt_conn_class(link, log.pile_id.encode(), conf.keepalive_s, user, password,
+                          will=(t.online, telemetry.online(False, log.boot)), tls=tls,
+                          tls_name=conf.tls_server_name or conf.host, bufs=bufs)
+    link._backoff = Backoff(_BACKOFF_MIN_MS, _BACKOFF_MAX_MS)
+    link._acks = []
     if ota is not None:
         ota.bind(link._pile, t, log.boot, report, wall)
     gc.collect()  # the connection's making (the instance dicts' old tables, the topics' text)
     # A link that heals itself (link_heal.py, docs/network.md).
     start = time.ticks_ms() if boot_ms is None else boot_ms
-    link.station = None
     link._heal = link_heal.Ladder(conf, heal_store, start)
     link._loop = link_heal.LoopFigures(boot_ms)
     link._ob_age = link_heal.OutboxAge(log.outbox, start)
-    link._cause = "unknown" if reset_cause is None else reset_cause
-    link._health_at = 0
-    link._todo_health = False
 
 
 def buffers():

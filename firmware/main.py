@@ -126,6 +126,8 @@ def run():
         make, args, station, clock, wdt = build_link(board, conf, ctl, handover)
         del handover
         sys.modules.pop("wiring_link", None)  # nothing built keeps one of its functions either
+        if conf.ota is None:  # files.py names the files for the boot; an update (ota.py) reads it
+            sys.modules.pop("files", None)  # later: kept with OTA, not loaded again at run time
         gc.collect()
         if make is not None:  # the link made now: wiring_link.py is not beside link_setup.py at
             link = make(**args)  # the boot's peak (issue 12); the watchdog runs, far from its 1 s

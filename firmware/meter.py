@@ -6,6 +6,10 @@ s0_meter.py. Numbers are from docs evse-facts.md section 5 unless a comment says
 from micropython import const
 import time
 
+TYPE_CHECKING = const(False)  # mypy takes it as True (tools/typecheck.py); compiled out here
+if TYPE_CHECKING:
+    from typing import Any
+
 # Every error kind has a counter in meter.errors.
 KINDS = (
     "crc",              # checksum / CRC of a reply wrong
@@ -170,15 +174,18 @@ class MeterBase:
 
     name = "meter"
 
-    def __init__(self):
-        self.reading = None
-        self.last_error = None
-        self.errors = dict.fromkeys(KINDS, 0)
-        self.epoch = 0  # restarts of the meter's register seen (Reading.epoch)
-        self._suspect = None  # the last refused backwards/jump reading: a restart if confirmed
-        self._pending = None  # the reading that confirmed a restart, published at the next poll
-        self._ep_bad = 0  # energy-against-power windows in a row outside the tolerance
-        self._ep_reset()
+    # Set by meter_setup.py (boot code, dropped after it; annotations only: no code on the board).
+    reading: "Reading | None"
+    last_error: "str | None"
+    errors: dict  # kind (KINDS) -> count
+    epoch: int  # restarts of the meter's register seen (Reading.epoch)
+    _suspect: "Reading | None"  # the last refused backwards/jump reading: a restart if confirmed
+    _pending: "Reading | None"  # the reading that confirmed a restart, published at the next poll
+    _ep_bad: int  # energy-against-power windows in a row outside the tolerance
+    _ep_wh: int
+    _ep_wms: float
+    _ep_ramp_wms: float
+    _ep_ms: int
 
     # Power is measured on its own (False: S0, whose power is derived from the pulses).
     checks_power = True
@@ -325,30 +332,30 @@ class Rs485Meter(MeterBase):
     earlier, so a reading stamped after the contactor opened holds no energy from before.
     """
 
-    def __init__(self, uart, de, baud, timeout_ms, poll_interval_ms, rx_size):
-        super().__init__()
-        self._uart = uart
-        self._de = de  # None: transceiver switches direction by itself
-        self._baud = baud
-        self._timeout_ms = timeout_ms
-        self._interval_ms = poll_interval_ms
-        # Modbus RTU: frames separated by >= 3.5 character times (facts section 5); also kept on
-        # DL/T 645 so a late reply to an abandoned request never merges with the next one.
-        self._gap_ms = (35 * _BITS_PER_CHAR * 1000 + 10 * baud - 1) // (10 * baud)
-        self._rx = bytearray(rx_size)
-        self._chunk = bytearray(rx_size)
-        self._n = 0
-        self._reply_max = rx_size
-        self._state = _IDLE
-        self._cycle_at = None  # ticks of the last cycle start
-        self._quiet_at = None  # ticks of the last bus activity seen
-        self._t_end = 0  # TX: when the request has left the wire; RX: reply deadline
-        self._step = 0  # part of the cycle
-        self._e = self._v = self._i = self._p = None  # the cycle's values so far
-        self._asks_energy = False  # set by _request()
-        self._e_at = 0  # ticks when this cycle's energy request went out
-        if de is not None:
-            de.value(0)
+    # Set by meter_setup.py (boot code, dropped after it; annotations only: no code on the board).
+    _uart: "Any"  # a machine.UART (or a test's fake)
+    _de: "Any"  # a machine.Pin, or None: transceiver switches direction by itself
+    _baud: int
+    _timeout_ms: int
+    _interval_ms: int
+    # Modbus RTU: frames separated by >= 3.5 character times (facts section 5); also kept on
+    # DL/T 645 so a late reply to an abandoned request never merges with the next one.
+    _gap_ms: int
+    _rx: bytearray
+    _chunk: bytearray
+    _n: int
+    _reply_max: int
+    _state: int
+    _cycle_at: "int | None"  # ticks of the last cycle start
+    _quiet_at: "int | None"  # ticks of the last bus activity seen
+    _t_end: int  # TX: when the request has left the wire; RX: reply deadline
+    _step: int  # part of the cycle
+    _e: "int | None"  # the cycle's values so far
+    _v: "float | None"
+    _i: "float | None"
+    _p: "float | None"
+    _asks_energy: bool  # set by _request()
+    _e_at: int  # ticks when this cycle's energy request went out
 
     def poll(self, now_ms):
         """One small non-blocking step. Call every control tick."""

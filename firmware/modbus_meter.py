@@ -170,19 +170,14 @@ def kwh_to_wh(buf, at):
 class ModbusMeter(Rs485Meter):
     """DDSU666 / SDM120 / SDM630 on Modbus RTU, polled by poll(now_ms)."""
 
-    def __init__(self, uart, de, model, baud, address=1, timeout_ms=200, poll_interval_ms=1000):
-        # model and address: checked by wiring.make_meter. timeout_ms: how long the meter may
-        # take to start answering; 200 ms is our choice (meters answer within tens of ms, sims
-        # after 30 ms), not from a datasheet.
-        self.name = model
-        super().__init__(uart, de, baud, timeout_ms, poll_interval_ms, _RX_SIZE)
-        self.address = address
-        self._blocks = MODELS[model]
-        self._tx = bytearray(8)
-        self.function = _FN_READ_INPUT  # what the meter is asked with
-        # DDSU666: 0x04 or 0x03, found out on the bus (docs/meters.md); the others: 0x04 only.
-        self._function_known = model != "ddsu666"
-        self._silent_cycles = 0
+    # Set by meter_setup.modbus (boot code, dropped after it; annotations only: no code on the board).
+    address: int
+    _blocks: tuple
+    _tx: bytearray
+    function: int  # what the meter is asked with
+    # DDSU666: 0x04 or 0x03, found out on the bus (docs/meters.md); the others: 0x04 only.
+    _function_known: bool
+    _silent_cycles: int
 
     def identity(self):
         """The model and slave address: the Modbus models read here give no serial number."""

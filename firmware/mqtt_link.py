@@ -103,7 +103,8 @@ class MqttLink:
     (machine.reset); tls: link_tls.tls_context()'s SSLContext, or None: plain TCP; heal_store: a
     link_heal.HealStore (None: the ladder never resets the board); reset_cause: the name of
     machine.reset_cause() (wiring_link.reset_cause; None: "unknown"); bufs: the connection's
-    (out-buffer, in-buffer), made by wiring.py at the settings (None: made here). `station`
+    (out-buffer, in-buffer), made by wiring.py at the settings (None: made here); numeric_host: whether
+    conf.host is an address (netaddr.numeric_host; None: found here). `station`
     (wifi.Station) is set by main.py when there is Wi-Fi."""
 
     # Set by link_setup.setup_link (annotations only: no code on the board).
@@ -157,13 +158,13 @@ class MqttLink:
 
     def __init__(self, conf, ctl, log, report=None, verifier=None, fw="0", board="",
                  reset=None, boot_ms=None, wall=time.time, tls=None, ota=None, heal_store=None,
-                 reset_cause=None, bufs=None):
+                 reset_cause=None, bufs=None, numeric_host=None):
         import link_setup  # the boot's code, off the heap once the link is built
 
         try:
             link_setup.setup_link(self, bufs, conf, ctl, log, report, verifier, fw, board, reset,
                                   boot_ms, wall, tls, ota, heal_store, reset_cause,
-                                  (PileView, MqttConn, telemetry, link_heal))
+                                  (PileView, MqttConn, telemetry, link_heal), numeric_host)
         finally:
             drop_setup()
         if verifier is not None:  # remote commands: commands.py only with a verifier

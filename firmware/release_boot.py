@@ -90,7 +90,9 @@ def boot_imports(conf):
     meter = conf.get("meter")
     kind = meter.get("type") if type(meter) is dict else None
     if type(kind) is str and kind in _METERS:
-        core.append(_METERS[kind])
+        core += [_METERS[kind], "meter_setup"]  # the driver, and what makes it (then dropped)
+        if kind in ("s0", "dlt645"):  # their own (meter_setup.py makes the Modbus ones)
+            core.append(kind + "_setup")
     groups.append(tuple(core))
     link = ["wiring_link"]
     if linked:

@@ -11,18 +11,12 @@ import time
 
 from meter import MeterBase, MeterError, Reading
 
-# A pulse is >= 30 ms (IEC 62053-31, facts section 5). From edge times: 30 ms less 2 ms of
-# ticks_ms rounding at the two edges, less 3 ms margin for the interrupt's latency.
-_DEBOUNCE_IRQ_MS = const(25)
-# Sampled by poll() every <= 10 ms, the first and last samples of a 30 ms pulse are >= 20 ms
-# apart, so 20 ms of active level counts.
-_DEBOUNCE_POLL_MS = const(20)
-# Inactive this long before the next pulse may count: a bounce inside a pulse is not a pulse,
-# and a shorter inactive gap inside a pulse (a spike on the line) does not end it.
-_REARM_MS = const(10)
-# Active longer than this is a stuck output, not a pulse. Engineering choice: S0 pulses are
-# tens of ms (30 ms minimum above); 1 s is far beyond any pulse width.
-_STUCK_MS = const(1000)
+TYPE_CHECKING = const(False)  # mypy takes it as True (tools/typecheck.py); compiled out here
+if TYPE_CHECKING:
+    from typing import Any
+
+# The debounce, rearm and stuck times: s0_setup.build's defaults (IEC 62053-31's 30 ms pulse).
+
 # No pulse for an hour: power reads 0 (it is below 1000 / imp_per_kwh W by then), and the
 # interval is forgotten long before ticks_diff() wraps.
 _FORGET_MS = const(3600000)
@@ -34,7 +28,7 @@ _RING = const(32)
 
 
 class S0Meter(MeterBase):
-    """Counts S0 pulses on `pin`; energy counts from start_wh at construction.
+    """Counts S0 pulses on its pin; energy counts from start_wh at construction (s0_setup.build).
 
     use_irq: None = if the pin has irq(), True = must (the board), False = sample in poll().
     """
@@ -45,45 +39,34 @@ class S0Meter(MeterBase):
     def identity(self):
         return "s0"  # a pulse output says nothing of the meter
 
-    def __init__(self, pin, imp_per_kwh=1000, active_low=True, debounce_ms=None,
-                 rearm_ms=_REARM_MS, stuck_ms=_STUCK_MS, poll_interval_ms=1000, start_wh=0,
-                 use_irq=None):
-        super().__init__()
-        if imp_per_kwh <= 0:
-            raise ValueError("s0: imp_per_kwh must be > 0")
-        if use_irq is None:
-            use_irq = hasattr(pin, "irq")
-        self._pin = pin
-        # Opto output between the pin (pulled up) and GND: conducting = pulse = low level.
-        self._active = 0 if active_low else 1
-        self.imp_per_kwh = imp_per_kwh
-        if debounce_ms is None:
-            debounce_ms = _DEBOUNCE_IRQ_MS if use_irq else _DEBOUNCE_POLL_MS
-        self._debounce_ms = debounce_ms
-        self._rearm_ms = rearm_ms
-        self._stuck_ms = stuck_ms
-        self._interval_ms = poll_interval_ms
-        self._start_wh = start_wh
-        self.pulses = 0
-        self._level_active = None  # unknown until the first edge or poll
-        self._since = 0  # ticks when the present level began
-        # Start of an active level that ended before the debounce: if it resumes within
-        # _REARM_MS the gap was a spike and the pulse goes on from here (else a glitch).
-        self._bridge = None
-        self._armed = False  # a pulse seen at start-up may be half over: wait for idle first
-        self._stuck = False
-        self._edge_at = None  # ticks of the last counted pulse's leading edge
-        self._pulse_ms = 0  # interval between the last two counted pulses, 0 = unknown
-        self._published_at = None
-        # The ring the IRQ handler fills: made once, the handler only stores small ints.
-        self._ring_t = [0] * _RING
-        self._ring_v = bytearray(_RING)
-        self._head = 0  # written by the handler only
-        self._tail = 0  # written by poll() only
-        self._overrun = False
-        self._irq = use_irq
-        if use_irq:
-            pin.irq(self._on_edge, pin.IRQ_RISING | pin.IRQ_FALLING, hard=True)
+    # Set by s0_setup.build (boot code, dropped after it; annotations only: no code on the board).
+    _pin: "Any"  # a machine.Pin (or a test's fake)
+    # Opto output between the pin (pulled up) and GND: conducting = pulse = low level.
+    _active: int
+    imp_per_kwh: int
+    _debounce_ms: int
+    _rearm_ms: int
+    _stuck_ms: int
+    _interval_ms: int
+    _start_wh: int
+    pulses: int
+    _level_active: "bool | None"  # unknown until the first edge or poll
+    _since: int  # ticks when the present level began
+    # Start of an active level that ended before the debounce: if it resumes within
+    # rearm_ms the gap was a spike and the pulse goes on from here (else a glitch).
+    _bridge: "int | None"
+    _armed: bool  # a pulse seen at start-up may be half over: wait for idle first
+    _stuck: bool
+    _edge_at: "int | None"  # ticks of the last counted pulse's leading edge
+    _pulse_ms: int  # interval between the last two counted pulses, 0 = unknown
+    _published_at: "int | None"
+    # The ring the IRQ handler fills: made once, the handler only stores small ints.
+    _ring_t: "list[int]"
+    _ring_v: bytearray
+    _head: int  # written by the handler only
+    _tail: int  # written by poll() only
+    _overrun: bool
+    _irq: bool
 
     def _on_edge(self, pin):
         """The pin's IRQ handler: no allocation, no float, no exception (hard IRQ on the ESP32)."""
@@ -149,7 +132,7 @@ class S0Meter(MeterBase):
                 return
             self._glitch()
         if self._level_active and self._armed:  # the active level ended before the debounce:
-            self._bridge = self._since  # a glitch, unless it resumes within _REARM_MS
+            self._bridge = self._since  # a glitch, unless it resumes within rearm_ms
         self._level_active = active
         self._since = at_ms
         self._stuck = False

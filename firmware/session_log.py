@@ -17,9 +17,13 @@ from micropython import const
 
 import journal
 
-# Snapshots while a session runs: every 60 s at most (docs/durability.md: a <=128-byte snapshot
-# every 60 s costs ~0.12 block erases, decades of wear on a 1 MB partition).
-_DEFAULT_CHECKPOINT_S = const(60)
+TYPE_CHECKING = const(False)  # mypy takes it as True (tools/typecheck.py); compiled out here
+if TYPE_CHECKING:
+    from typing import Callable
+
+    from flash_gate import FlashGate
+    from session_store import SessionStore
+
 # At boot, wait this long for the meter's first checked reading (one the guard judged against
 # another: docs/meters.md) before closing a cut session without it.
 _RECOVERY_WAIT_MS = const(10000)
@@ -59,42 +63,39 @@ def clock_synced(epoch_s):
 
 
 class SessionLog:
-    def __init__(self, pile_id, boot, outbox, store, connector=1, metered=True,
-                 checkpoint_s=_DEFAULT_CHECKPOINT_S, wall=time.time, report=None, gate=None,
-                 linked=True):
-        """gate: a flash_gate.FlashGate; with it nothing is written while the contactor is
-        closed: checkpoints, retries and clears wait for it to open (docs/durability.md).
-        linked: an MQTT link drains the outbox (config.json has an mqtt section); without one no
-        ack ever comes, so a power cut's record holds no contactor back (unacked_recovery)."""
-        self.pile_id = pile_id
-        self.linked = linked
-        self._gate = gate
-        self.boot = boot
-        self.outbox = outbox
-        self.store = store
-        self.connector = connector
-        self.metered = metered
-        self.checkpoint_ms = checkpoint_s * 1000
-        self._wall = wall
-        self._report = report
-        self._seq = 0
-        self._checkpoint_at = 0
-        self._checkpoint_pk = 0  # the peak power in the last snapshot
-        self._checkpoint_mr = 0  # the meter restarts in the last snapshot
-        self._clear_due = False  # an ended session's snapshot the flash did not remove yet
-        # Flash errors (docs/durability.md, "When the flash fails"): records not yet written,
-        # (kind, payload, then), oldest first; the snapshot's last error.
-        self._unsent = []
-        self._retry_at = 0
-        self._snapshot_error = None
-        self.too_long = 0  # records the outbox refused as too long: lost, logged whole (_too_long)
-        self._cut = None  # a snapshot left by a session the power cut (session_restore.py, at boot)
-        self._boot_ms = None
-        self._recovered_seq = None  # the power cut's record in the outbox, until acked or waited for
-        self._recovered_ms = 0
-        # The power cut's record not acknowledged yet, for less than _RECOVERY_ACK_WAIT_MS: no
-        # contactor may close (Records.ready). Set by poll().
-        self.unacked_recovery = False
+    """Opened by session_restore.load (its defaults, the arguments), which sets its state and
+    finds the snapshot of a session the power cut, for poll() to close."""
+
+    # Set by session_restore.load (boot code, dropped after it; annotations only: no code on the board).
+    pile_id: str
+    linked: bool  # an MQTT link drains the outbox: a power cut's record waits for its ack
+    _gate: "FlashGate | None"  # with it nothing is written while the contactor is closed
+    boot: int
+    outbox: "journal.Journal"
+    store: "SessionStore"
+    connector: int
+    metered: bool
+    checkpoint_ms: int
+    _wall: "Callable[[], int]"
+    _report: "Callable[[int, str, str], object] | None"
+    _seq: int
+    _checkpoint_at: int
+    _checkpoint_pk: int  # the peak power in the last snapshot
+    _checkpoint_mr: int  # the meter restarts in the last snapshot
+    _clear_due: bool  # an ended session's snapshot the flash did not remove yet
+    # Flash errors (docs/durability.md, "When the flash fails"): records not yet written,
+    # (kind, payload, then), oldest first; the snapshot's last error.
+    _unsent: list
+    _retry_at: int
+    _snapshot_error: "str | None"
+    too_long: int  # records the outbox refused as too long: lost, logged whole (_too_long)
+    _cut: "dict | None"  # a snapshot left by a session the power cut (session_restore.py, at boot)
+    _boot_ms: "int | None"
+    _recovered_seq: "int | None"  # the power cut's record in the outbox, until acked or waited for
+    _recovered_ms: int
+    # The power cut's record not acknowledged yet, for less than _RECOVERY_ACK_WAIT_MS: no
+    # contactor may close (Records.ready). Set by poll().
+    unacked_recovery: bool
 
     def _emit(self, now_ms, what, text):
         if self._report is not None:

@@ -1,19 +1,61 @@
-"""At boot: the session the power cut, back from its snapshot (session_log.py closes it).
+"""At boot: a session_log.SessionLog opened, its state set, and the session the power cut back
+from its snapshot, for the log to close (session_log.py has no __init__: its bytecode would stay
+on the heap for the run).
 
-Only the boot looks for it (wiring.build_session_log), so this runs once and wiring.py drops it
-at once, before the link's modules load (issue 12): its bytes are not on the heap for the run.
+Only the boot opens the session log (wiring.build_session_log), so this runs once and wiring.py
+drops it at once, before the link's modules load (issue 12): its bytes are not on the heap for
+the run.
 """
 import json
+import time
+
+from micropython import const
 
 import journal
+import session_log
+
+# Snapshots while a session runs: every 60 s at most (docs/durability.md: a <=128-byte snapshot
+# every 60 s costs ~0.12 block erases, decades of wear on a 1 MB partition).
+_DEFAULT_CHECKPOINT_S = const(60)
 
 
-def load(log):
-    """The snapshot left by a session the power cut, for `log` (a session_log.SessionLog just
-    built) to close: none if its ended record is already in the outbox. Now, at boot, before the
-    link can send anything: once sent and acknowledged the ended record is no longer in the
-    outbox, and a power_loss copy would follow it to the cloud."""
-    store = log.store
+def load(pile_id, boot, outbox, store, connector=1, metered=True, checkpoint_s=_DEFAULT_CHECKPOINT_S,
+         wall=time.time, report=None, gate=None, linked=True):
+    """The session log of boot number `boot`: records into `outbox` (a journal.Journal), the open
+    session's snapshot in `store` (a session_store.SessionStore). gate: a flash_gate.FlashGate;
+    with it nothing is written while the contactor is closed: checkpoints, retries and clears
+    wait for it to open (docs/durability.md). linked: an MQTT link drains the outbox (config.json
+    has an mqtt section); without one no ack ever comes, so a power cut's record holds no
+    contactor back (unacked_recovery).
+    The snapshot left by a session the power cut is found now, at boot, before the link can send
+    anything: none if its ended record is already in the outbox (once sent and acknowledged it is
+    no longer there, and a power_loss copy would follow it to the cloud)."""
+    log = session_log.SessionLog()
+    log.pile_id = pile_id
+    log.linked = linked
+    log._gate = gate
+    log.boot = boot
+    log.outbox = outbox
+    log.store = store
+    log.connector = connector
+    log.metered = metered
+    log.checkpoint_ms = checkpoint_s * 1000
+    log._wall = wall
+    log._report = report
+    log._seq = 0
+    log._checkpoint_at = 0
+    log._checkpoint_pk = 0
+    log._checkpoint_mr = 0
+    log._clear_due = False
+    log._unsent = []
+    log._retry_at = 0
+    log._snapshot_error = None
+    log.too_long = 0
+    log._cut = None
+    log._boot_ms = None
+    log._recovered_seq = None
+    log._recovered_ms = 0
+    log.unacked_recovery = False
     cut = store.load()
     if store.error:
         log._emit(0, "session", "snapshot ignored: " + store.error)
@@ -21,6 +63,7 @@ def load(log):
         cut = None
         log._clear(0)
     log._cut = cut
+    return log
 
 
 def _already_ended(log, session_id):

@@ -64,7 +64,7 @@ def load_settings():
 def build(board, conf):
     """The safety core on the board's pins, and the controller that ticks it: the one place the
     Controller is built (the virtual board and the bench build it here too)."""
-    import charger as ch
+    import charger as ch  # noqa: F401 - charger_restore's: loaded with the core, before the collection below
     import controller
     import flash_gate
     import pilot
@@ -106,16 +106,17 @@ def build(board, conf):
         levels.rcd_fault_active, levels.rcd_test_active,
         conf.rcd_retry_s * 1000, conf.rcd_max_trips,
     )
-    charger = ch.Charger(
+    # The charger made, then what set_availability and set_current_limit last set
+    # (docs/commands.md; a bad file: defaults). Boot-only code: dropped at once, before the
+    # records' modules load (issue 12).
+    import charger_restore
+
+    charger = charger_restore.build(
         int(conf.max_current_a * 1000), int(board.ratings.max_current_a * 1000),
         conf.free_vend, conf.allow_ventilation, report,
         session_store.SettingsStore(files.SETTINGS_FILE, gate),
         fallback_ma=int(conf.limit_fallback_a * 1000), wall=time.time, limit_ttl_s=conf.limit_ttl_s,
     )
-    # What set_availability and set_current_limit last set (docs/commands.md); a bad file: defaults.
-    # Boot-only code: dropped at once, before the records' modules load (issue 12).
-    import charger_restore
-
     charger_restore.load_settings(charger, time.ticks_ms())
     del charger_restore, sys.modules["charger_restore"]
     tethered_ma = int((board.ratings.tethered_cable_a or 0) * 1000)
@@ -131,7 +132,7 @@ def build_session_log(conf, gate=None):
     if conf.pile_id is None:
         console.report(time.ticks_ms(), "session", "no pile_id in config.json: sessions are not recorded")
         return None
-    import session_log
+    import session_log  # noqa: F401 - session_restore's: loaded before this collection, as before
     import session_store
 
     gc.collect()
@@ -158,14 +159,14 @@ def build_session_log(conf, gate=None):
                           % (files.OUTBOX_FILE, e)) from None
     finally:
         del journal_scan, sys.modules["journal_scan"]
-    log = session_log.SessionLog(
+    # The log opened, and a session the power cut found for it to close. Boot-only code: dropped
+    # at once (issue 12).
+    import session_restore
+
+    log = session_restore.load(
         conf.pile_id, last + 1, outbox, session_store.SessionStore(files.SESSION_FILE),
         connector=conf.connector, metered=conf.meter.type != "none", checkpoint_s=conf.checkpoint_s,
         report=console.report, gate=gate, linked=conf.mqtt is not None)
-    # A session the power cut, for the log to close. Boot-only code: dropped at once (issue 12).
-    import session_restore
-
-    session_restore.load(log)
     del session_restore, sys.modules["session_restore"]
     return log
 
@@ -196,26 +197,37 @@ def build_meter(board, mconf):
 
 def make_meter(kind, uart=None, de=None, pulse_pin=None, **options):
     """The meter driver for `kind`: ddsu666, sdm120, sdm630, dlt645 or s0. The arguments are
-    checked here, at the boot, not by the drivers that stay loaded."""
+    checked here, at the boot, not by the drivers that stay loaded; meter_setup.py (and
+    s0_setup.py or dlt645_setup.py) makes the driver (boot-only code: dropped at once, issue 12)."""
+    if kind not in ("ddsu666", "sdm120", "sdm630", "dlt645", "s0"):
+        raise ValueError("unknown meter kind %r" % (kind,))
     if kind == "s0":
-        import s0_meter
         if pulse_pin is None:
             raise ValueError("s0: needs pulse_pin")
-        return s0_meter.S0Meter(pulse_pin, **options)
-    if kind not in ("ddsu666", "sdm120", "sdm630", "dlt645"):
-        raise ValueError("unknown meter kind %r" % (kind,))
-    if uart is None:
+    elif uart is None:
         raise ValueError("%s: needs a uart" % kind)
-    if kind == "dlt645":
-        import dlt645
-        return dlt645.Dlt645Meter(uart, de, **options)
-    if "baud" not in options:  # the meter's factory default, as config.py sets it for a pile
-        import config
-        options["baud"] = config.METER_DEFAULT_BAUD[kind]
-    if not 1 <= options.get("address", 1) <= 247:  # Modbus unicast addresses
-        raise ValueError("modbus: address %d not in 1..247" % options["address"])
-    import modbus_meter
-    return modbus_meter.ModbusMeter(uart, de, model=kind, **options)
+    elif kind != "dlt645":
+        if "baud" not in options:  # the meter's factory default, as config.py sets it for a pile
+            import config
+            options["baud"] = config.METER_DEFAULT_BAUD[kind]
+        if not 1 <= options.get("address", 1) <= 247:  # Modbus unicast addresses
+            raise ValueError("modbus: address %d not in 1..247" % options["address"])
+    import meter_setup
+
+    try:
+        if kind == "s0":
+            import s0_setup
+
+            return s0_setup.build(pulse_pin, **options)
+        if kind == "dlt645":
+            import dlt645_setup
+
+            return dlt645_setup.build(uart, de, **options)
+        return meter_setup.modbus(uart, de, model=kind, **options)
+    finally:
+        del meter_setup
+        for name in ("meter_setup", "s0_setup", "dlt645_setup"):
+            sys.modules.pop(name, None)
 
 
 def hold_outputs(board):

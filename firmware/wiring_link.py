@@ -4,6 +4,7 @@ turn once they are built (main.py then makes the link of its parts). With wiring
 the only modules that import `machine` or `network`.
 """
 import gc
+import sys
 import time
 
 import machine
@@ -52,11 +53,20 @@ def link_parts(board, conf, ctl, handover):
     # A reservation on flash only while a close may come: a car plugged in (docs/commands.md).
     # (A bound method: a lambda here would keep this module alive after main drops it.)
     verifier = build_verifier(mconf, ctl.records.gate, ctl.charger.has_session)
+    # The broker's host an address or a name for DNS: found now, not at the link's making (the
+    # boot's heap peak). netaddr.py stays only for sntp.py (build_clock imports it again).
+    had = "netaddr" in sys.modules
+    import netaddr
+
+    numeric = netaddr.numeric_host(mconf.host)
+    if not had:
+        sys.modules.pop("netaddr", None)
     return mqtt_link.MqttLink, {
         "conf": mconf, "ctl": ctl, "log": ctl.records.log, "report": console.report,
         "verifier": verifier, "fw": VERSION, "board": board.name, "reset": machine.reset,
         "boot_ms": console.boot_ms, "tls": tls, "ota": updater,
-        "heal_store": link_heal.HealStore(files.HEAL_FILE), "reset_cause": reset_cause(), "bufs": bufs}
+        "heal_store": link_heal.HealStore(files.HEAL_FILE), "reset_cause": reset_cause(), "bufs": bufs,
+        "numeric_host": numeric}
 
 
 def build_tls(path):

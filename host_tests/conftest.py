@@ -622,10 +622,10 @@ def power_cut_records(tmp_path):
     power since t=100 (records.poll(100) done): the cut's record and the new session's start
     are in the outbox, not yet acknowledged."""
     import charger as ch
+    import charger_restore
     import journal_scan
     import meter
     import pilot
-    import session_log
     import session_restore
     import session_store
     from session_record import Record, Records
@@ -644,11 +644,10 @@ def power_cut_records(tmp_path):
         closed = False
 
     def make_log(boot, where, linked):
-        log = session_log.SessionLog(
+        log = session_restore.load(
             "pile-0042", boot, journal_scan.load(str(where / "outbox")),
             session_store.SessionStore(str(where / "session.json")), metered=True,
-            checkpoint_s=60, wall=lambda: 1795000000, linked=linked)
-        session_restore.load(log)  # as wiring.build_session_log
+            checkpoint_s=60, wall=lambda: 1795000000, linked=linked)  # as wiring.build_session_log
         return log
 
     def cut(name, linked=True):
@@ -659,7 +658,7 @@ def power_cut_records(tmp_path):
         first.note_meter(meter.Reading(1000, 0.0, 230.0, 0.0, 0))
         make_log(7, where, linked).poll(0, first, None)  # a session, its snapshot; then the cut
         booted = make_log(8, where, linked)
-        charger = ch.Charger(32000, 32000, True, False)
+        charger = charger_restore.build(32000, 32000, True, False)
         records = Records(charger, Contactor(), Meter(), booted)
         charger.step(100, pilot.C, True)  # the car there all along, asking for power
         records.poll(100)

@@ -1,5 +1,6 @@
 """Issue 12 item 3: the boot-only code of resident modules lives in modules the boot drops at
-once (charger_restore.py, journal_scan.py, session_restore.py): none is loaded after the boot,
+once (charger_restore.py, journal_scan.py, session_restore.py, meter_setup.py and the S0 and
+DL/T 645 drivers' s0_setup.py, dlt645_setup.py): none is loaded after the boot,
 nothing built keeps one of their functions, and what they did at boot is done as before."""
 import binascii
 import errno
@@ -13,7 +14,8 @@ from pilehost.virtual_board import VirtualBoard
 import journal as J
 import journal_scan
 
-BOOT_ONLY = ("charger_restore", "journal_scan", "session_restore")
+BOOT_ONLY = ("charger_restore", "journal_scan", "session_restore", "meter_setup", "s0_setup",
+             "dlt645_setup")
 
 
 def test_nothing_built_keeps_a_function_of_the_boot_only_modules(monkeypatch, functions_of):
@@ -47,7 +49,8 @@ def test_the_boot_only_modules_are_gone_after_the_boot_in_the_benchs_configurati
     assert r.returncode == 0 and r.result and r.result["boots"] == 1, "\n".join(r.lines[-20:])
     loaded = set(r.result["modules"])
     assert not set(BOOT_ONLY) & loaded
-    assert {"charger", "journal", "session_log", "session_store"} <= loaded
+    assert "files" not in loaded  # the boot's file names: without OTA nothing reads them after it
+    assert {"charger", "journal", "session_log", "session_store", "meter", "modbus_meter"} <= loaded
 
 
 def _ack_bytes(seq):
@@ -124,3 +127,19 @@ def test_the_numbers_a_boot_module_repeats_are_its_modules():
     for name in ("_KIND_STATE", "_KINDS", "_HDR", "_OVERHEAD", "_STATE_REC", "_PAYLOAD_LIMIT",
                  "_MARKER_RESERVE"):
         assert getattr(journal_scan, name) == getattr(J, name), name
+    import dlt645
+    import dlt645_setup
+    import meter
+    import meter_setup
+    import modbus_meter
+    import s0_meter
+    import s0_setup
+
+    for module, name, theirs, their_name in (
+            (meter_setup, "_IDLE", meter, "_IDLE"), (meter_setup, "_BITS_PER_CHAR", meter, "_BITS_PER_CHAR"),
+            (meter_setup, "_MODBUS_RX_SIZE", modbus_meter, "_RX_SIZE"),
+            (meter_setup, "_FN_READ_INPUT", modbus_meter, "_FN_READ_INPUT"),
+            (dlt645_setup, "_OVERHEAD", dlt645, "_OVERHEAD"), (dlt645_setup, "_RX_SIZE", dlt645, "_RX_SIZE"),
+            (s0_setup, "_RING", s0_meter, "_RING")):
+        assert getattr(module, name) == getattr(theirs, their_name), name
+    assert dlt645_setup._TX_SIZE == dlt645._MAX_WAKE + dlt645._OVERHEAD + 4

@@ -11,7 +11,7 @@ def make(free_vend=True, **kw):
     args = dict(max_current_ma=32000, board_max_ma=32000, free_vend=free_vend, allow_ventilation=False)
     args.update(kw)
     log = []
-    c = ch.Charger(report=lambda now, what, text: log.append((what, text)), **args)
+    c = charger_restore.build(report=lambda now, what, text: log.append((what, text)), **args)
     c.cable_ma = 32000
     return c, log
 

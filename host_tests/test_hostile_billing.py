@@ -19,7 +19,6 @@ import console
 import files
 import wiring
 import meter
-import session_log
 import session_restore
 import session_store
 from session_record import Record
@@ -171,9 +170,9 @@ def test_item8_a_reading_from_long_before_the_plug_in_is_not_a_start(monkeypatch
 
 def test_item8_a_power_cut_after_a_restart_sums_the_epochs(tmp_path):
     """The snapshot keeps the segments: a power_loss record after a restart bills both."""
-    log = session_log.SessionLog(PILE, 3, journal_scan.load(str(tmp_path / "outbox")),
-                                 session_store.SessionStore(str(tmp_path / "session.json")))
-    session_restore.load(log)  # as wiring.build_session_log
+    # As wiring.build_session_log:
+    log = session_restore.load(PILE, 3, journal_scan.load(str(tmp_path / "outbox")),
+                               session_store.SessionStore(str(tmp_path / "session.json")))
     s = Record(ch.Session(0))
     s.auth_source, s.authorized_ms = "free_vend", 0
     s.note_meter(meter.Reading(1000, 7000, None, None, 0))
@@ -182,9 +181,9 @@ def test_item8_a_power_cut_after_a_restart_sums_the_epochs(tmp_path):
     s.note_meter(meter.Reading(0, 7000, None, None, 2000, epoch=1))
     s.note_meter(meter.Reading(200, 7000, None, None, 3000, epoch=1))
     log.poll(61000, s, None)
-    booted = session_log.SessionLog(PILE, 4, journal_scan.load(str(tmp_path / "outbox")),
-                                    session_store.SessionStore(str(tmp_path / "session.json")))
-    session_restore.load(booted)  # as wiring.build_session_log
+    # As wiring.build_session_log:
+    booted = session_restore.load(PILE, 4, journal_scan.load(str(tmp_path / "outbox")),
+                                  session_store.SessionStore(str(tmp_path / "session.json")))
     booted.poll(0, None, meter.Reading(250, 0, None, None, 0))
     ended = [json.loads(p) for _, k, p in booted.outbox.pending() if k == journal.KIND_SESSION_END][0]
     validate("session_ended", ended)

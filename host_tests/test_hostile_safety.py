@@ -547,7 +547,7 @@ def test_item6_unreadable_is_an_oserror_not_enoent(monkeypatch):
         return real_open(path, mode, *a)
 
     monkeypatch.setattr("builtins.open", failing_open)
-    c = ch.Charger(32000, 32000, True, False, settings=store)
+    c = charger_restore.build(32000, 32000, True, False, settings=store)
     charger_restore.load_settings(c, 0)
     assert c.faults == ch.FAULT_LATCH_STATE_LOST
 

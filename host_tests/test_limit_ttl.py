@@ -35,7 +35,7 @@ def make(store=None, wall=None, fallback_ma=6000, ttl_s=900, **kw):
     log = []
     args = dict(max_current_ma=32000, board_max_ma=32000, free_vend=True, allow_ventilation=False)
     args.update(kw)
-    c = ch.Charger(report=lambda now, what, text: log.append((what, text)), settings=store,
+    c = charger_restore.build(report=lambda now, what, text: log.append((what, text)), settings=store,
                    fallback_ma=fallback_ma, wall=wall, limit_ttl_s=ttl_s, **args)
     c.cable_ma = 32000
     return c, log

@@ -241,3 +241,33 @@ def test_the_heal_store_is_read_and_its_code_is_not_beside_the_set_up(monkeypatc
     monkeypatch.setitem(sys.modules, "link_setup", link_setup)
     _link(monkeypatch)
     assert seen == [False]
+
+
+@pytest.mark.parametrize("host, numeric", [("192.0.2.7", True), ("broker.example", False)])
+def test_the_pile_finds_whether_the_broker_is_an_address_before_the_links_peak(monkeypatch, host, numeric):
+    """wiring_link.link_parts finds it (netaddr.py loaded and dropped there, in the boot's second
+    phase) and hands it over: making the link at the boot's heap peak loads no netaddr.py."""
+    import builtins
+
+    from pilehost.virtual_board import VirtualBoard
+
+    vb = VirtualBoard(monkeypatch, config={"pile_id": "addr-1", "meter": {"type": "ddsu666"},
+                                           "mqtt": {"host": host, "port": 1}})
+    import wiring
+    import wiring_link
+
+    monkeypatch.delitem(sys.modules, "netaddr", raising=False)
+    make, args = wiring_link.link_parts(vb.board, vb.conf, vb.ctl, wiring.handover)
+    assert args["numeric_host"] is numeric and "netaddr" not in sys.modules
+    imported = []
+    real_import = builtins.__import__
+
+    def spy(name, *a, **kw):
+        imported.append(name)
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", spy)
+    link = make(**args)
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    assert link._numeric is numeric
+    assert "link_setup" in imported and "netaddr" not in imported

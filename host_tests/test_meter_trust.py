@@ -280,15 +280,13 @@ def test_the_meter_name_never_makes_a_record_too_large(tmp_path):
     import charger as ch
     import journal
     import journal_scan
-    import session_log
     import session_restore
     import session_store
 
     pile = "p" * 40
     outbox = journal_scan.load(str(tmp_path / "outbox.jrnl"), max_payload=512)
-    log = session_log.SessionLog(pile, 3, outbox, session_store.SessionStore(str(tmp_path / "s.json")),
-                                 wall=lambda: 1790000000)
-    session_restore.load(log)  # as wiring.build_session_log
+    log = session_restore.load(pile, 3, outbox, session_store.SessionStore(str(tmp_path / "s.json")),
+                               wall=lambda: 1790000000)  # as wiring.build_session_log
     s = Record(ch.Session(0))
     s.session.authorized_ms, s.session.auth_source, s.session.auth_id = 0, "remote", "xx"
     s.id, s.start_epoch, s.session.stop_reason = pile + "-3-1", 1790000000, "ev_disconnected"

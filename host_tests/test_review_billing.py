@@ -30,10 +30,9 @@ def validate(kind, record):
 
 
 def make_log(tmp_path, boot=7):
-    log = session_log.SessionLog(PILE, boot, journal_scan.load(str(tmp_path / "outbox")),
-                                 session_store.SessionStore(str(tmp_path / "session.json")),
-                                 checkpoint_s=60, wall=lambda: T_2026)
-    session_restore.load(log)  # as wiring.build_session_log
+    log = session_restore.load(PILE, boot, journal_scan.load(str(tmp_path / "outbox")),
+                               session_store.SessionStore(str(tmp_path / "session.json")),
+                               checkpoint_s=60, wall=lambda: T_2026)  # as wiring.build_session_log
     return log
 
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import charger as ch
+import charger_restore
 import pilot
 from session_record import _FINAL_READING_MAX_MS, _METER_SETTLE_MS, Records
 
@@ -46,7 +46,7 @@ def test_a_stopped_record_closes_whatever_the_uptime(uptime_ms, closed_once):
     the record of a session that never drew (authorised, car in B, stopped remotely) stayed
     open until the next plug-in: no session/ended, and a scheduled availability change never
     taking effect."""
-    charger = ch.Charger(32000, 32000, True, False)
+    charger = charger_restore.build(32000, 32000, True, False)
     contactor = Contactor()
     m = StepMeter()
     records = Records(charger, contactor, m)
@@ -88,7 +88,7 @@ def test_a_stopped_record_closes_whatever_the_uptime(uptime_ms, closed_once):
 
 def test_the_final_reading_still_waits_for_the_settle_after_an_opening():
     """The fix keeps the rule: a reading from before the opening (+ _METER_SETTLE_MS) is not final."""
-    charger = ch.Charger(32000, 32000, True, False)
+    charger = charger_restore.build(32000, 32000, True, False)
     contactor = Contactor()
     m = StepMeter()
     records = Records(charger, contactor, m)

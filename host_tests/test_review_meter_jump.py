@@ -268,11 +268,10 @@ def test_a_power_cut_record_takes_no_unchecked_boot_reading(tmp_path):
     from session_record import Record
 
     def make_log(boot):
-        log = session_log.SessionLog(
+        log = session_restore.load(
             "pile-0042", boot, journal_scan.load(str(tmp_path / "outbox")),
             session_store.SessionStore(str(tmp_path / "session.json")), metered=True,
-            checkpoint_s=60, wall=lambda: 1795000000)
-        session_restore.load(log)  # as wiring.build_session_log
+            checkpoint_s=60, wall=lambda: 1795000000)  # as wiring.build_session_log
         return log
 
     def ended():

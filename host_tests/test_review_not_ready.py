@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from pilehost.virtual_board import VirtualBoard
 
 import charger as ch
+import charger_restore
 import pilot
 import world as world_module
 
@@ -100,7 +101,7 @@ def make(monkeypatch, meter="ddsu666", linked=True, steps=()):
 def test_the_charger_offers_nothing_while_the_gate_is_false(seq, free_vend, ventilation):
     """Over any sequence of pilot states, gates, limits, stops and availability changes: MODE_OFFER
     only after a step whose gate was True; a gate False in a session that runs means open now."""
-    c = ch.Charger(32000, 32000, free_vend, ventilation)
+    c = charger_restore.build(32000, 32000, free_vend, ventilation)
     c.cable_ma = 32000
     for i, (stable, gate, limit, what) in enumerate(seq):
         now = i * 100
@@ -122,7 +123,7 @@ def test_the_charger_offers_nothing_while_the_gate_is_false(seq, free_vend, vent
 
 
 def test_d_without_ventilation_keeps_its_pwm_once_ready():
-    c = ch.Charger(32000, 32000, True, False)
+    c = charger_restore.build(32000, 32000, True, False)
     c.cable_ma = 32000
     c.step(0, pilot.B, True)
     c.step(10, pilot.D, True)

@@ -17,7 +17,6 @@ import meter
 import files
 import journal
 import journal_scan
-import session_log
 import session_restore
 import session_store
 import wiring
@@ -127,12 +126,11 @@ def test_1_the_largest_power_loss_record_fits_the_firmware_outbox(monkeypatch, t
 
 def small_outbox_log(path, boot=7, max_payload=256):
     reports = []
-    log = session_log.SessionLog(
+    log = session_restore.load(
         LONG_PILE, boot,
         journal_scan.load(str(path / "outbox"), max_bytes=8192, max_payload=max_payload),
         session_store.SessionStore(str(path / "session.json")), checkpoint_s=60, wall=Clock(T_2026),
-        report=lambda now, what, text: reports.append((what, text)))
-    session_restore.load(log)  # as wiring.build_session_log
+        report=lambda now, what, text: reports.append((what, text)))  # as wiring.build_session_log
     return log, reports
 
 

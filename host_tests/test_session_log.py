@@ -39,10 +39,10 @@ class Reading:
 
 
 def make_log(tmp_path, boot=7, wall=T_2026, metered=True):
-    log = session_log.SessionLog("pile-0042", boot, journal_scan.load(str(tmp_path / "outbox")),
-                                 session_store.SessionStore(str(tmp_path / "session.json")),
-                                 metered=metered, checkpoint_s=60, wall=Clock(wall))
-    session_restore.load(log)  # as wiring.build_session_log
+    # As wiring.build_session_log:
+    log = session_restore.load("pile-0042", boot, journal_scan.load(str(tmp_path / "outbox")),
+                               session_store.SessionStore(str(tmp_path / "session.json")),
+                               metered=metered, checkpoint_s=60, wall=Clock(wall))
     return log
 
 

@@ -5,7 +5,7 @@ import meter
 import pytest
 from pilehost.virtual_board import VirtualBoard
 
-import charger as ch
+import charger_restore
 import pilot
 from session_record import _METER_SETTLE_MS, Records
 
@@ -37,7 +37,7 @@ def test_a_start_reading_from_before_the_last_contactor_opening_is_not_taken():
     again 0.5 s later, within _START_READING_MAX_AGE_MS of the last good reading. That reading
     predates what session 1 drew: taken as session 2's start, session 1's energy would be billed
     to session 2. The start must be a reading taken after the contactor last opened."""
-    charger = ch.Charger(32000, 32000, True, False)
+    charger = charger_restore.build(32000, 32000, True, False)
     contactor = Contactor()
     m = SilentMeter()
     records = Records(charger, contactor, m)
@@ -104,7 +104,7 @@ class HeldLog:
 def test_the_contactor_waits_for_the_sessions_id_its_started_record_and_snapshot():
     """Records.ready: an authorised session without its id (started record and first snapshot
     not written) holds the contactor open: they would otherwise be written while it is closed."""
-    charger = ch.Charger(32000, 32000, True, False)
+    charger = charger_restore.build(32000, 32000, True, False)
     contactor = Contactor()
     m = SilentMeter()
     records = Records(charger, contactor, m, HeldLog())
@@ -126,7 +126,7 @@ def test_the_gate_runs_the_deferred_writes_in_the_records_step_once_open_after_t
     ran = []
     contactor.closed = True
     gate.defer(lambda now: ran.append(now))
-    records = Records(ch.Charger(32000, 32000, True, False), contactor, None, None, gate=gate)
+    records = Records(charger_restore.build(32000, 32000, True, False), contactor, None, None, gate=gate)
     records.poll(5)
     assert ran == [] and len(gate._due) == 1
     contactor.closed = False
@@ -156,7 +156,7 @@ def test_a_contactor_the_guard_opens_inside_the_step_closes_no_record_as_final()
     silent meter's last), closed a stopped session's record at once as final: the silent meter's
     record came without its "last good reading" flag, and a remote stop's last Wh was lost. The
     record closes at a later step, on a reading taken after the open (or flagged)."""
-    charger = ch.Charger(32000, 32000, True, False)
+    charger = charger_restore.build(32000, 32000, True, False)
     contactor = Contactor()
     m = HeldMeter()
     records = Records(charger, contactor, m, EndingLog())

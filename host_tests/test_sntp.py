@@ -327,10 +327,10 @@ def test_a_power_cut_after_ntp_answered_mid_session_reports_real_times(tmp_path)
     wall = [41]  # 41 s after the epoch: not synced
 
     def make(boot):
-        log = session_log.SessionLog("pile-0042", boot, journal_scan.load(str(tmp_path / "outbox")),
-                                     session_store.SessionStore(str(tmp_path / "session.json")),
-                                     metered=False, checkpoint_s=60, wall=lambda: wall[0])
-        session_restore.load(log)  # as wiring.build_session_log
+        # As wiring.build_session_log:
+        log = session_restore.load("pile-0042", boot, journal_scan.load(str(tmp_path / "outbox")),
+                                   session_store.SessionStore(str(tmp_path / "session.json")),
+                                   metered=False, checkpoint_s=60, wall=lambda: wall[0])
         return log
     log = make(7)
     s = Record(ch.Session(0))

@@ -113,11 +113,12 @@ FAULTS = (("silent", "timeout"), ("bad_crc", "crc"), ("partial", "partial"),
 
 
 def driver(kind, wire, **options):
-    """What wiring.make_meter builds for `kind`, from the protocol module loaded for the case."""
+    """What wiring.make_meter builds for `kind` (meter_setup.py, dlt645_setup.py: loaded for the
+    case's drivers and dropped after them, as the boot drops them)."""
     if kind == "dlt645":
-        return sys.modules["dlt645"].Dlt645Meter(wire, wire, **options)
+        return sys.modules["dlt645_setup"].build(wire, wire, **options)
     options.setdefault("baud", 9600)  # wiring.make_meter always gives one
-    return sys.modules["modbus_meter"].ModbusMeter(wire, wire, model=kind, **options)
+    return sys.modules["meter_setup"].modbus(wire, wire, model=kind, **options)
 
 
 def rs485_case(kind, sim, baud, **options):
@@ -238,7 +239,7 @@ def s0_case():
             return self.level
 
     pin = Pin()
-    m = sys.modules["s0_meter"].S0Meter(pin, imp_per_kwh=1000)
+    m = sys.modules["s0_setup"].build(pin, imp_per_kwh=1000)
     waste = 0
     gc.collect()
     heap = gc.mem_alloc()
@@ -271,15 +272,21 @@ def unload(name):
 
 
 load("modbus_meter")
+load("meter_setup")
 for model, baud in (("ddsu666", 9600), ("sdm120", 2400), ("sdm630", 9600)):
     rs485_case(model, ModbusMeterSim(World(), model=model, address=3), baud, address=3)
 hostile_case()
 unload("modbus_meter")
 load("dlt645")
+load("dlt645_setup")
 rs485_case("dlt645", Dlt645MeterSim(World()), 2400)  # address learnt
 rs485_case("dlt645", Dlt645MeterSim(World(), address=b"\x21\x43\x65\x87\x09\x00"), 2400,
            address="000987654321")
+unload("dlt645_setup")
 unload("dlt645")
 load("s0_meter")
+load("s0_setup")
 s0_case()
+unload("s0_setup")
+unload("meter_setup")
 print("upy meter selftest ok")
