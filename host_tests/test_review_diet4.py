@@ -12,6 +12,8 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pilehost import procs, unix_port
 from pilehost.virtual_board import CHARGE, VirtualBoard
@@ -437,3 +439,49 @@ def test_a_session_on_the_unix_port_loads_no_boot_module_again(meter, ota):
     assert not (set(BOOT_ONLY) | {"wiring", "wiring_link", "link_setup", "link_reset"}) & loaded
     assert ("files" in loaded) == ota
     assert {"s0": "s0_meter", "dlt645": "dlt645", "sdm630": "modbus_meter"}[meter] in loaded
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None)
+@given(kind=st.sampled_from(["ddsu666", "sdm120", "sdm630", "dlt645", "s0"]),
+       options=st.fixed_dictionaries({}, optional={
+           "baud": st.sampled_from([1200, 2400, 4800, 9600, 19200]),
+           "address": st.integers(-1, 300),
+           "timeout_ms": st.integers(1, 2000), "poll_interval_ms": st.integers(1, 5000),
+           "wake": st.integers(-1, 6), "imp_per_kwh": st.integers(-1, 10000),
+           "active_low": st.booleans(), "debounce_ms": st.none() | st.integers(1, 100),
+           "use_irq": st.none() | st.booleans(), "start_wh": st.integers(0, 10 ** 9)}),
+       with_de=st.booleans())
+def test_any_option_set_gives_a_whole_driver_or_a_refusal_with_nothing_left(kind, options, with_de):
+    """Hypothesis over wiring.make_meter's options (those each driver takes): either a
+    ValueError, with no maker loaded and no IRQ set, or a driver whose declared state is all
+    there and holds what it was given."""
+    import wiring
+
+    takes = {"s0": {"imp_per_kwh", "active_low", "debounce_ms", "use_irq", "start_wh",
+                    "poll_interval_ms"},
+             "dlt645": {"baud", "timeout_ms", "poll_interval_ms", "wake"}}.get(
+        kind, {"baud", "address", "timeout_ms", "poll_interval_ms"})
+    options = {k: v for k, v in options.items() if k in takes}
+    de = IrqPin() if with_de else None
+    pin = IrqPin()
+    args = {"pulse_pin": pin} if kind == "s0" else {"uart": Uart(), "de": de}
+    try:
+        m = wiring.make_meter(kind, **args, **options)
+    except ValueError:
+        assert not set(BOOT_ONLY) & set(sys.modules) and pin.irqs == []
+        return
+    assert not set(BOOT_ONLY) & set(sys.modules)
+    _check_state_is_the_annotations(m)
+    if kind == "s0":
+        assert m.imp_per_kwh == options.get("imp_per_kwh", 1000) > 0
+        assert m._irq == (options.get("use_irq") is not False)
+        assert len(pin.irqs) == (1 if m._irq else 0) and m._start_wh == options.get("start_wh", 0)
+        return
+    baud = m._baud
+    assert m._gap_ms * 10 * baud >= 35 * 11 * 1000 > (m._gap_ms - 1) * 10 * baud  # 3.5 chars, up
+    assert m._interval_ms == options.get("poll_interval_ms", 1000)
+    assert de is None or de.level == 0
+    if kind == "dlt645":
+        assert 0 <= m._wake <= 4 and len(m._tx_read) == m._wake + 16 and len(m._tx_learn) == m._wake + 12
+    else:
+        assert 1 <= m.address <= 247 and m.name == kind and m._function_known == (kind != "ddsu666")
