@@ -330,7 +330,8 @@ def norm(v):
     return "obj"
 def state(o):
     d = o.__dict__
-    return [[k, norm(d[k])] for k in sorted(d)]
+    shadowed = [k for k in sorted(d) if hasattr(type(o), k)]  # an annotation made a class attribute?
+    return [[k, norm(d[k])] for k in sorted(d)] + [["shadowed", shadowed]]
 out = {}
 FAKES = {"UART": Uart, "PIN": Pin, "PLAIN": Plain}
 for name, kind, kw in KINDS:
@@ -342,8 +343,8 @@ c = charger_restore.build(32000, 32000, False, False, None, session_store.Settin
                           fallback_ma=6000, wall=None, limit_ttl_s=600)
 charger_restore.load_settings(c, 1000)
 out["charger"] = state(c)
-log = session_restore.load("pile-1", 5, journal_scan.load(TMP + "/outbox"), session_store.SessionStore(TMP + "/x.json"),
-                           report=None)
+log = session_restore.load("pile-1", 5, journal_scan.load(TMP + "/outbox"),
+                           session_store.SessionStore(TMP + "/x.json"), report=None)
 out["log"] = state(log)
 out["left"] = [m for m in ("meter_setup", "s0_setup", "dlt645_setup") if m in sys.modules]
 import json
@@ -380,12 +381,13 @@ def _cpython_state(tmp_path):
         return "obj"
 
     def state(o):
-        return [[k, norm(v)] for k, v in sorted(vars(o).items())]
+        shadowed = [k for k in sorted(vars(o)) if hasattr(type(o), k)]
+        return [[k, norm(v)] for k, v in sorted(vars(o).items())] + [["shadowed", shadowed]]
 
     out = {}
+    fakes = {"UART": Uart, "PIN": IrqPin, "PLAIN": PlainPin}
     for name, kind, kw in _UPY_KINDS:
-        args = {k: {"UART": Uart, "PIN": IrqPin, "PLAIN": PlainPin}[v]() if v in ("UART", "PIN", "PLAIN") else v
-                for k, v in kw.items()}
+        args = {k: fakes[v]() if v in fakes else v for k, v in kw.items()}
         out["meter:" + name] = state(wiring.make_meter(kind, **args))
     c = charger_restore.build(32000, 32000, False, False, None,
                               session_store.SettingsStore(str(tmp_path / "s.json")),
