@@ -171,7 +171,7 @@ def _nameplate(addr, at):
 
 
 class Dlt645Meter(Rs485Meter):
-    """DL/T 645-2007 meter; address given, or learnt with the broadcast read-address."""
+    """DL/T 645-2007 meter, made by dlt645_setup.build; address given, or learnt by broadcast."""
 
     name = "dlt645"
 

@@ -168,7 +168,7 @@ def kwh_to_wh(buf, at):
 
 
 class ModbusMeter(Rs485Meter):
-    """DDSU666 / SDM120 / SDM630 on Modbus RTU, polled by poll(now_ms)."""
+    """DDSU666 / SDM120 / SDM630 on Modbus RTU, polled by poll(now_ms); made by meter_setup.modbus."""
 
     # Set by meter_setup.modbus (boot code, dropped after it; annotations only: no code on the board).
     address: int

@@ -28,9 +28,9 @@ _RING = const(32)
 
 
 class S0Meter(MeterBase):
-    """Counts S0 pulses on its pin; energy counts from start_wh at construction (s0_setup.build).
-
-    use_irq: None = if the pin has irq(), True = must (the board), False = sample in poll().
+    """Counts S0 pulses on its pin; energy counts from start_wh at construction. Made by
+    s0_setup.build (wiring.make_meter, at the boot), whose use_irq: None = if the pin has irq(),
+    True = must (the board), False = sample in poll().
     """
 
     name = "s0"
