@@ -16,7 +16,7 @@ _FAILSAFE_REBOOT_MS = 5000
 _HOLD_POLL_MS = 100
 # Collections at the loop's quiet moment, right after the tick, then a pilot read (issue 12,
 # docs/architecture.md): often enough that the heap never fills up, so the automatic collection
-# (on exhaustion only: gc.threshold stays off) does not land inside slow work. By time, not by
+# (on exhaustion only: gc.threshold is off in the loop) does not land inside slow work. By time, not by
 # gc.mem_free(): that scans the whole heap (~5 ms on an ESP32 with 110 KiB).
 _GC_PERIOD_MS = 250
 # During the boot (contactor open, no loop yet) the collector also runs after every this many
