@@ -62,6 +62,16 @@ def clock_synced(epoch_s):
     return time.gmtime(epoch_s)[0] >= _SYNCED_FROM_YEAR
 
 
+def utf8(text):
+    """text's UTF-8 bytes, what a message or record carries (telemetry.py's too), without a copy
+    on the board: a MicroPython str has the buffer protocol, its memoryview is those bytes (len()
+    in bytes) and keeps the text alive. A CPython str has none (the host's tests)."""
+    try:
+        return memoryview(text)  # MicroPython: no .encode() copy
+    except TypeError:
+        return text.encode()
+
+
 class SessionLog:
     """Opened by session_restore.load (its defaults, the arguments), which sets its state and
     finds the snapshot of a session the power cut, for poll() to close."""
@@ -84,7 +94,7 @@ class SessionLog:
     _checkpoint_mr: int  # the meter restarts in the last snapshot
     _clear_due: bool  # an ended session's snapshot the flash did not remove yet
     # Flash errors (docs/durability.md, "When the flash fails"): records not yet written,
-    # (kind, payload, then), oldest first; the snapshot's last error.
+    # (kind, JSON text, then), oldest first; the snapshot's last error.
     _unsent: list
     _retry_at: int
     _snapshot_error: "str | None"
@@ -159,12 +169,12 @@ class SessionLog:
         session.start_epoch = self._wall() - time.ticks_diff(now_ms, session.authorized_ms) // 1000
         # The snapshot first: a power cut right after the started record must still end it at boot.
         self._checkpoint(now_ms, session)
-        self._append(now_ms, journal.KIND_SESSION_START, {
+        self._append(now_ms, journal.KIND_SESSION_START, json.dumps({
             "v": 1, "session_id": session.id, "pile_id": self.pile_id, "connector": self.connector,
             "auth_source": session.auth_source, "auth_id": session.auth_id,
             "start_time": iso_utc(session.start_epoch), "clock_synced": clock_synced(session.start_epoch),
             "meter_start_wh": session.meter_start_wh or 0,
-        })
+        }))
 
     def _checkpoint(self, now_ms, session):
         self._checkpoint_at = now_ms
@@ -216,12 +226,14 @@ class SessionLog:
             session.meter_restarts, self.metered and session.meter_final is False, (),
             getattr(session, "meter_identity", None))
         # Issue 13's meter name never costs the record: without room in the outbox's payload
-        # limit (long pile and auth ids) it goes as null. An outbox without a max_payload (a test's
-        # fake): the journal's.
+        # limit (long pile and auth ids) it goes as null; the limit is in bytes (a non-ASCII id
+        # takes more). An outbox without a max_payload (a test's fake): the journal's.
+        text = json.dumps(record)
         if record["meter"] is not None and \
-                len(json.dumps(record)) > getattr(self.outbox, "max_payload", journal.DEFAULT_MAX_PAYLOAD):
+                len(utf8(text)) > getattr(self.outbox, "max_payload", journal.DEFAULT_MAX_PAYLOAD):
             record["meter"] = None
-        self._append(now_ms, journal.KIND_SESSION_END, record, self._clear)
+            text = json.dumps(record)
+        self._append(now_ms, journal.KIND_SESSION_END, text, self._clear)
 
     def _ended_record(self, session_id, auth_source, auth_id, start_epoch, stop_epoch, synced,
                       meter_start, meter_stop, energy, duration_s, peak_w, stop_reason,
@@ -290,7 +302,7 @@ class SessionLog:
             self._emit(now_ms, "session", "snapshot unusable, not reported: %r" % (e,))
             return
         seq = getattr(self.outbox, "next_seq", None)
-        self._append(now_ms, journal.KIND_SESSION_END, record, self._clear)
+        self._append(now_ms, journal.KIND_SESSION_END, json.dumps(record), self._clear)
         if self.linked and seq is not None and getattr(self.outbox, "next_seq", None) == seq + 1:
             self._recovered_seq = seq
             self._recovered_ms = now_ms
@@ -310,23 +322,24 @@ class SessionLog:
             return
         self._clear_due = False
 
-    def _append(self, now_ms, kind, record, then=None):
-        """Into the outbox, then `then()` (the snapshot's clear after an ended record), and only
-        then the report line: an error in reporting (a MemoryError in a full heap) must not come
-        between the record and the clear, or the next boot would close the session again.
-        A flash error keeps the record in RAM for another try (in order, behind the others)."""
-        payload = json.dumps(record).encode()
-        if len(payload) > getattr(self.outbox, "max_payload", journal.DEFAULT_MAX_PAYLOAD):
-            self._too_long(now_ms, kind, payload, then)
+    def _append(self, now_ms, kind, text, then=None):
+        """A record's JSON text into the outbox (as utf8's bytes: the text is kept, not a copy
+        of it, and goes to the report line as it is), then `then()` (the snapshot's clear after
+        an ended record), and only then the report line: an error in reporting (a MemoryError in
+        a full heap) must not come between the record and the clear, or the next boot would close
+        the session again. A flash error keeps the record in RAM for another try (in order,
+        behind the others)."""
+        if len(utf8(text)) > getattr(self.outbox, "max_payload", journal.DEFAULT_MAX_PAYLOAD):
+            self._too_long(now_ms, kind, text, then)
             return
-        if self._unsent or not self._write(now_ms, kind, payload, then):
-            self._keep(now_ms, kind, payload, then)
+        if self._unsent or not self._write(now_ms, kind, text, then):
+            self._keep(now_ms, kind, text, then)
 
-    def _write(self, now_ms, kind, payload, then):
+    def _write(self, now_ms, kind, text, then):
         """True if the outbox took the record or dropped it for lack of room (reported); False
         on a flash error."""
         try:
-            appended = self.outbox.append(kind, payload) is not None
+            appended = self.outbox.append(kind, utf8(text)) is not None
         except OSError as e:
             self._emit(now_ms, "storage", "%s record not written to flash (%s)" % (
                 journal.kind_name(kind), e))
@@ -334,12 +347,12 @@ class SessionLog:
         if then is not None:
             then(now_ms)
         if appended:
-            self._emit(now_ms, "outbox", payload.decode())
+            self._emit(now_ms, "outbox", text)
         else:
             self._emit(now_ms, "outbox", "full: %s record dropped (reported)" % journal.kind_name(kind))
         return True
 
-    def _too_long(self, now_ms, kind, payload, then):
+    def _too_long(self, now_ms, kind, text, then):
         """A record the outbox refuses whatever its room (journal.Journal.append raises): the
         largest every input rule allows fits (host_tests/test_review_records.py), so this is a
         bug; the record goes whole to the log, counted, never out of the records step. Not held:
@@ -347,24 +360,24 @@ class SessionLog:
         refused record back at every boot."""
         self.too_long += 1
         self._emit(now_ms, "storage", "LOST (%s record longer than the outbox takes): %s" % (
-            journal.kind_name(kind), payload.decode()))
+            journal.kind_name(kind), text))
         if then is not None:
             then(now_ms)
 
-    def _keep(self, now_ms, kind, payload, then):
+    def _keep(self, now_ms, kind, text, then):
         """Hold an unwritten record for a retry; the whole record goes to the log now, so that
         nothing is lost silently if the power goes before the flash takes it."""
         if len(self._unsent) >= _MAX_UNSENT:
             lost = self._unsent.pop(0)
-            self._emit(now_ms, "storage", "LOST (not written, no room to hold it): " + lost[1].decode())
-        self._unsent.append((kind, payload, then))
+            self._emit(now_ms, "storage", "LOST (not written, no room to hold it): " + lost[1])
+        self._unsent.append((kind, text, then))
         self._retry_at = time.ticks_add(now_ms, _RETRY_MS)
-        self._emit(now_ms, "storage", "held for a retry: " + payload.decode())
+        self._emit(now_ms, "storage", "held for a retry: " + text)
 
     def _retry(self, now_ms):
         while self._unsent:
-            kind, payload, then = self._unsent[0]
-            if not self._write(now_ms, kind, payload, then):
+            kind, text, then = self._unsent[0]
+            if not self._write(now_ms, kind, text, then):
                 self._retry_at = time.ticks_add(now_ms, _RETRY_MS)
                 return
             self._unsent.pop(0)

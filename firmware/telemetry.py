@@ -1,9 +1,10 @@
 """Every message the pile publishes and its topic, built here from plain values (docs/telemetry.md,
-docs/schemas/). The session records are built by session_log.py and kept in the outbox."""
+docs/schemas/), each as its JSON text's bytes (session_log.utf8: a view of the text on the board,
+no copy). The session records are built by session_log.py and kept in the outbox."""
 import json
 
 import charger as ch
-from session_log import clock_synced, iso_utc
+from session_log import clock_synced, iso_utc, utf8
 
 # A meter message goes out only in these states (docs/telemetry.md, `meter`).
 RUNNING = (ch.CHARGING, ch.SUSPENDED_EV, ch.SUSPENDED_EVSE)
@@ -24,7 +25,7 @@ class Topics:
 
 
 def online(is_online, boot):
-    return json.dumps({"v": 1, "online": is_online, "boot": boot}).encode()
+    return utf8(json.dumps({"v": 1, "online": is_online, "boot": boot}))
 
 
 def status(wall, boot, uptime_s, state, pilot, offer_ma, power_w, session_id, energy_wh, faults,
@@ -32,7 +33,7 @@ def status(wall, boot, uptime_s, state, pilot, offer_ma, power_w, session_id, en
     """power_w: None without a fresh reading; session_id None: no session; faults: the charger's
     mask. limit: (mA, source, ms left or None) of the remote limit in force, or None: none.
     meter_age_ms: the age of the meter's last reading, None without one."""
-    return json.dumps({
+    return utf8(json.dumps({
         "v": 1, "ts": iso_utc(wall), "clock_synced": clock_synced(wall), "boot": boot,
         "uptime_s": uptime_s, "state": state, "pilot": pilot,
         "offer_a": round(offer_ma / 100) / 10 if offer_ma else 0,
@@ -43,20 +44,20 @@ def status(wall, boot, uptime_s, state, pilot, offer_ma, power_w, session_id, en
         "limit_source": None if limit is None else limit[1],
         "limit_expires_s": None if limit is None or limit[2] is None else (limit[2] + 999) // 1000,
         "meter_age_ms": _age(meter_age_ms),
-    }).encode()
+    }))
 
 
 def meter(wall, session_id, energy_wh, reading, age_ms=None, fresh=True):
     """reading: the meter's last Reading (meter.py); age_ms: how old it is. A stale one (not
     fresh) shows its register and age, never its power, current or voltage as now's."""
-    return json.dumps({
+    return utf8(json.dumps({
         "v": 1, "session_id": session_id, "ts": iso_utc(wall), "clock_synced": clock_synced(wall),
         "meter_wh": reading.energy_wh, "session_energy_wh": max(0, energy_wh or 0),
         "power_w": max(0, int(reading.power_w or 0)) if fresh else None,
         "current_a": _one_decimal(reading.current_a) if fresh else None,
         "voltage_v": _one_decimal(reading.voltage_v) if fresh else None,
         "age_ms": _age(age_ms),
-    }).encode()
+    }))
 
 
 def _age(ms):
@@ -65,18 +66,18 @@ def _age(ms):
 
 
 def cmd_ack(wall, cmd_id, cmd, result, reason):
-    return json.dumps({
+    return utf8(json.dumps({
         "v": 1, "cmd_id": cmd_id, "cmd": cmd, "result": result, "reason": reason,
-        "ts": iso_utc(wall), "clock_synced": clock_synced(wall)}).encode()
+        "ts": iso_utc(wall), "clock_synced": clock_synced(wall)}))
 
 
 def ota(wall, boot, release, version, state, target, progress, reason, rolled_back):
     """The over-the-air update's state (docs/ota.md), retained. rolled_back: None or
     {"release": n, "reason": text}."""
-    return json.dumps({
+    return utf8(json.dumps({
         "v": 1, "ts": iso_utc(wall), "clock_synced": clock_synced(wall), "boot": boot,
         "release": release, "version": version, "state": state, "target": target,
-        "progress": progress, "reason": reason, "rolled_back": rolled_back}).encode()
+        "progress": progress, "reason": reason, "rolled_back": rolled_back}))
 
 
 def health(wall, boot, uptime_s, fw, fig):
@@ -88,7 +89,7 @@ def health(wall, boot, uptime_s, fw, fig):
     fig["boot"] = boot
     fig["uptime_s"] = uptime_s
     fig["fw"] = fw
-    return json.dumps(fig).encode()
+    return utf8(json.dumps(fig))
 
 
 def _one_decimal(values):
