@@ -116,8 +116,8 @@ postgres:
 
 # Two parts (host_tests/conftest.py REALTIME): the tests that use the CPU, on 2 workers; then those
 # that wait on the firmware's real time (~20-35 % of a core each), on REALTIME_WORKERS. Both run;
-# the status is the first part's failure, else the second's. loadgroup keeps conftest's TOGETHER
-# groups in one worker, and its LONGEST_FIRST order is kept (no reorder).
+# the status is the first part's failure, else the second's. With loadgroup, conftest's scheduler
+# keeps its TOGETHER groups in one worker, and its LONGEST_FIRST order is kept (no reorder).
 REALTIME_WORKERS ?= 4
 PYTEST_PART = PILE_TEST_POSTGRES_URL=$$(cat $(PG_URL_FILE) 2>/dev/null) $(BIN)/python -m pytest \
 	--dist loadgroup --no-loadscope-reorder host_tests

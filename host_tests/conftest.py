@@ -52,37 +52,57 @@ load_umqtt()
 # `make test-long` (PILE_TEST_LONG=1): also the runs `make test` leaves out (unix_binary_long).
 LONG = os.environ.get("PILE_TEST_LONG") == "1"
 
-# `make test` runs in two parts. The files whose tests wait on the firmware's real time (the unix
-# port against its simulated hardware, mosquitto; ~20-35 % of a core each) are marked `realtime`
-# and run on more workers than cores, after the rest, which use the CPU, on two. Together they
-# would starve the firmware's loop: under an overloaded machine the scenarios read a torn pilot
-# waveform (C -> X) and miss their 100 ms. A file not named here runs in the CPU part, on two
-# workers, as every test did before.
-REALTIME = ("test_soak.py", "test_scenarios_unix.py", "test_ota_fleet.py", "test_link_heal_unix.py",
-            "test_mqtt_link.py", "test_mqtt_commands.py", "test_mqtt_tls.py", "test_technician.py",
-            "test_technician_reboot.py",
-            "test_sim_broker.py", "test_sntp.py", "test_wifi.py", "test_heal_sim.py",
-            "test_ota_withdraw.py", "test_release_boot_unix.py")
-# Within each part the longest start first, in this order (measured with --durations, one file at
-# a time), so that none is left running alone at the end; the rest follow in file order.
+# `make test` runs in two parts. The tests that wait on the firmware's real time (the unix port
+# against its simulated hardware, mosquitto; ~20-35 % of a core each) are marked `realtime` and
+# run on more workers than cores, after the rest, which use the CPU, on two. Together they would
+# starve the firmware's loop: under an overloaded machine the scenarios read a torn pilot waveform
+# (C -> X) and miss their 100 ms. Named by prefix, a whole file ("test_x.py::") or some of its
+# tests (a session of the normal scenario on the unix port: 7 s, ~2 s of CPU); a test not named
+# here runs in the CPU part, on two workers, as every test did before.
+REALTIME = ("test_soak.py::", "test_scenarios_unix.py::", "test_ota_fleet.py::", "test_link_heal_unix.py::",
+            "test_mqtt_link.py::", "test_mqtt_commands.py::", "test_mqtt_tls.py::", "test_technician.py::",
+            "test_technician_reboot.py::",
+            "test_sim_broker.py::", "test_sntp.py::", "test_wifi.py::", "test_heal_sim.py::",
+            "test_ota_withdraw.py::", "test_release_boot_unix.py::", "test_boot_check_unix.py::",
+            "test_review_diet4.py::test_a_session_on_the_unix_port_",
+            "test_heap_lazy.py::test_a_session_on_the_chip_shaped_port_",
+            "test_heap_lazy.py::test_the_boot_only_modules_are_gone_after_the_boot_",
+            "test_boot_split.py::test_the_boot_only_modules_are_gone_after_the_boot_",
+            "test_link_setup.py::test_a_session_on_the_chip_shaped_port_",
+            "test_ota_lazy.py::test_a_session_with_updates_configured_",
+            "test_heap_standin.py::test_the_stand_in_s_probe_and_session_",
+            "test_deps_shipped.py::test_a_board_flashed_before_")  # make flash on a virtual board
+# Within each part the longest start first, in this order (measured with --durations on each part,
+# 2026-12-07, a group as one), so that none is left running alone at the end; the rest follow in
+# file order. A part's order only matters among its own.
 LONGEST_FIRST = (
     "test_soak.py::test_soak_short",  # ~2.5 min each (~4 in make test-long)
-    "test_ota_fleet.py::",  # ~3 min, one group
+    "test_ota_fleet.py::",  # ~3.5 min, one group
+    "test_chipmodel.py::test_a_chip_run",  # builds build/chip/ on a fresh clone (~2 min), then callgrind
+    "test_ota_withdraw.py::",  # ~2.5 min, one group
+    "test_stateful_pile.py::",  # ~2 min, then 2-4 s each
     "test_heal_sim.py::",  # ~1.5-2.5 min
-    "test_ota_withdraw.py::",
-    "test_chipmodel.py::test_a_chip_run",  # builds build/chip/ on a fresh clone, then callgrind
+    "test_review_meter_jump.py::test_billed_never_exceeds",  # ~1 min
     "test_link_heal_unix.py::",  # ~1 min each
-    "test_stateful_pile.py::",
-    "test_journal.py::test_random_operations",
+    "test_pilot_mixed_review.py::test_a_car_read_wrong",
     "test_technician.py::test_flash_provision",
+    "test_flash_closed.py::test_no_flash_write",  # ~35 s
+    "test_hostile_billing.py::test_item18_flash_errors",
+    "test_boot_check.py::test_stage_one",
+    "test_chipgrowth.py::test_the_frozen_firmware",  # the chip image's (built by then: its lock)
+    "test_release_boot_unix.py::",
     "test_mqtt_link.py::test_fuzzed_commands",
+    "test_pilot_mixed.py::test_loop_stalls",
+    "test_chipota.py::",
     "test_fleet.py::test_fleet_storm",
     "test_mqtt_commands.py::",
+    "test_technician_reboot.py::",
     "test_mqtt_link.py::test_broker_",
     "test_scenarios_unix.py::test_a_misbehaving_bus",
-    "test_hostile_billing.py::test_item18_flash_errors",
+    "test_boot_check_unix.py::test_a_release_damaged",  # ~14 s each
     "test_mqtt_tls.py::",
     "test_scenarios_unix.py::test_session_energy",
+    "test_journal.py::test_random_operations",
     "test_meter_trust.py::test_no_false_alarm",
     "test_hostile_meters.py::test_item12_13_selftest",
 )
@@ -102,8 +122,6 @@ TOGETHER = {
 
 
 def pytest_configure(config):
-    # known without xdist too (make fuzz runs with -p no:xdist)
-    config.addinivalue_line("markers", "xdist_group(name): run these tests in one xdist worker")
     config.addinivalue_line("markers", "realtime: waits on the firmware's real time (conftest REALTIME)")
 
 
@@ -116,12 +134,33 @@ def _rank(item):
 def pytest_collection_modifyitems(session, config, items):
     items.sort(key=_rank)
     for item in items:
-        name = item.nodeid.rsplit("/", 1)[-1]
-        if name.split("::")[0] in REALTIME:
+        if item.nodeid.rsplit("/", 1)[-1].startswith(REALTIME):
             item.add_marker(pytest.mark.realtime)
-        for prefix, group in TOGETHER.items():
-            if name.startswith(prefix):
-                item.add_marker(pytest.mark.xdist_group(group))
+
+
+def _together(nodeid):
+    """The TOGETHER group of a test, or None."""
+    name = nodeid.rsplit("/", 1)[-1]
+    return next((group for prefix, group in TOGETHER.items() if name.startswith(prefix)), None)
+
+
+# xdist's own loadgroup (an xdist_group mark appended to the test's nodeid) does nothing on
+# pytest 9: xdist 3.8 sets item._nodeid, which pytest 9 no longer reads, so every test was its
+# own unit, the groups' tests spread over the workers (each started the browser and mypy again,
+# built the OTA fleet's releases again, and test_ota.py's second cut test skipped). The units
+# are made here, from TOGETHER: `--dist loadgroup` schedules each group as one unit, in
+# collection order (LONGEST_FIRST), each other test alone.
+@pytest.hookimpl(optionalhook=True, tryfirst=True)  # optional: make fuzz runs with -p no:xdist
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class TogetherScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            return _together(nodeid) or nodeid
+
+    return TogetherScheduling(config, log)
 
 
 # Files the tests leave for a person to look at (the operations page's screenshots): their paths
