@@ -7,6 +7,7 @@ that within IEC 61851-1's 100 ms (Table A.6 seq. 8.1, evse-facts section 1) and 
 in C whose bursts read something else at most every other time. Each property is checked
 against a model written here from the rule as docs/safety.md states it, not from pilot.py.
 """
+import math
 import os
 import subprocess
 
@@ -106,7 +107,9 @@ def unplugged(pre_ms, spacing, phase, offset, pre, post, jitter=None):
     reads = []
     t = 0.0
     i = 0
-    u = pre_ms + offset
+    # the unplug on a whole ms, as the reads' stamps: a read stamped at u or later came after it
+    # (at pre_ms + offset itself, a read in the same ms after it was stamped before it)
+    u = math.ceil(pre_ms + offset)
     k = phase
     while t < u + 400:
         t += spacing if jitter is None else jitter[i % len(jitter)]
@@ -118,6 +121,14 @@ def unplugged(pre_ms, spacing, phase, offset, pre, post, jitter=None):
             k += 1
         reads.append((int(t), raw))  # ticks_ms: whole ms
     return reads, u
+
+
+@given(pre_ms=st.integers(0, 3000), spacing=st.floats(1.5, 20.0), offset=st.floats(0, 1))
+def test_a_read_stamped_at_the_unplug_or_later_came_after_it(pre_ms, spacing, offset):
+    """The found flake (pre_ms 217, spacing 1.816, offset 0.5): the unplug at 217.908 ms, the
+    next read at 217.92 stamped 217 looked earlier than the unplug it followed."""
+    reads, u = unplugged(pre_ms, spacing, 0, offset * spacing, (pilot.C,), (pilot.A,))
+    assert all((raw == pilot.A) == (t >= u) for t, raw in reads)
 
 
 PRE = st.sampled_from(((pilot.C,), (pilot.A, pilot.D, pilot.C), (pilot.C, pilot.X),
