@@ -58,6 +58,7 @@ for _name in (
     "session_restore",
     "session_store",
     "sntp",
+    "startup",
     "telemetry",
     "version",
     "wifi",

@@ -20,7 +20,7 @@ boot_ms = time.ticks_ms()  # the console's time 0; the firmware loads this modul
 
 recent_faults = []  # (ticks_ms, text), the last 8
 lines_lost = 0  # report() lines a full heap kept from being printed, said with the next one
-unavailable = None  # why the pile is held unavailable (main.hold_unavailable)
+unavailable = None  # why the pile is held unavailable (startup.hold_unavailable)
 
 _UART_FIFO = const(128)  # bytes the ESP32's UART takes without blocking
 _UART_B_PER_100MS = const(1152)  # 115,200 baud, 10 bits a byte: 11.52 bytes a ms

@@ -13,6 +13,10 @@ import charger as ch
 import pilot
 import relay
 
+TYPE_CHECKING = const(False)  # mypy takes it as True (tools/typecheck.py); compiled out here
+if TYPE_CHECKING:
+    from typing import Any, Callable
+
 # At most one change of the offered current per 5 s (IEC 61851-1 Table A.6, evse-facts).
 _OFFER_CHANGE_MIN_MS = const(5000)
 # The first PWM periods after switching it on say nothing about the diode yet.
@@ -61,54 +65,43 @@ _PP_REREAD_MS = const(100)
 _PP_RAISE_MS = const(1000)
 
 
-class Io:
-    """What the tick reads and drives: the pilot's sampler and output, the contactor, the RCD
-    monitor, and the cable: a PP input (`proximity`), or a tethered cable's rating in mA."""
-
-    def __init__(self, sampler, output, contactor, rcd, proximity=None, tethered_cable_ma=0):
-        self.sampler = sampler
-        self.output = output
-        self.contactor = contactor
-        self.rcd = rcd
-        self.proximity = proximity
-        self.tethered_cable_ma = tethered_cable_ma
-
-
 class Controller:
-    """io: an Io; charger: the charger.Charger; standard: pilot.IEC or pilot.GBT; records: the
-    records step (session_record.Records), run by the main loop after each tick: the tick only
-    reads its `ready` (no contactor close before the session's meter start is known and the
-    flash takes records). None: no such gate (tests of the safety core alone)."""
+    """The control tick. Made by wiring.new_controller (boot code, dropped after it), which sets
+    the state below: nothing seen yet, pilot F."""
 
-    def __init__(self, io, charger, standard, report=None, records=None):
-        self.sampler = io.sampler
-        self.output = io.output
-        self.contactor = io.contactor
-        self.rcd = io.rcd
-        self.charger = charger
-        self.standard = standard
-        self.proximity = io.proximity
-        self.tethered_cable_ma = io.tethered_cable_ma
-        self.records = records
-        self._report = report
-        # PWM removed while the car stays in C (C2 -> C1): the car should drop to B; the pile opens
-        # under load after 6 s at most (IEC 61851-1 Table A.6 seq. 10.2). GB/T 18487.1 gives the
-        # car 3 s after the pile returns to +12 V (evse-facts section 1). Not a module global: a
-        # name fewer interned (a heap qstr for good).
-        self._c1_force_open_ms = {pilot.IEC: 6000, pilot.GBT: 3000}[standard]
-        self.debouncer = pilot.PilotDebouncer(pilot.F)
-        self.raw = pilot.F
-        self._pwm_changed_ms = 0
-        self._offer_changed_ms = None
-        self._bad_diode_bursts = 0
-        self._no_minus_bursts = 0
-        self._minus_seen_ms = 0  # when a burst last saw the minus phase (or could not: E, > 90 %)
-        self._no_minus_run = 0  # bursts since then, stalled ones too
-        self._pwm_settling_ms = None  # when the PWM went on, until _DIODE_SETTLE_MS passed
-        self.diode_checked = False
-        self._last_open_ms = None  # when the contactor last opened, until MIN_OPEN_MS passed
-        self._pp_read_ms = 0
-        self._pp_higher_ms = None  # since when a higher rating than cable_ma has been read
+    # Set by wiring.new_controller (annotations only: no code on the board).
+    # What the tick reads and drives: the pilot's sampler and output, the contactor, the RCD
+    # monitor, and the cable: a PP input (`proximity`), or a tethered cable's rating in mA.
+    sampler: "pilot.PilotSampler"
+    output: "pilot.PilotOutput"
+    contactor: "relay.Contactor"
+    rcd: "relay.ResidualCurrentMonitor"
+    proximity: "pilot.ProximityInput | None"
+    tethered_cable_ma: int
+    charger: "ch.Charger"
+    standard: str  # pilot.IEC or pilot.GBT
+    # The records step (session_record.Records), run by the main loop after each tick: the tick
+    # only reads its `ready` (no contactor close before the session's meter start is known and
+    # the flash takes records). None: no such gate (tests of the safety core alone).
+    records: "Any"
+    _report: "Callable[[int, str, str], object] | None"
+    # PWM removed while the car stays in C (C2 -> C1): the car should drop to B; the pile opens
+    # under load after 6 s at most (IEC 61851-1 Table A.6 seq. 10.2). GB/T 18487.1 gives the car
+    # 3 s after the pile returns to +12 V (evse-facts section 1).
+    _c1_force_open_ms: int
+    debouncer: "pilot.PilotDebouncer"
+    raw: str
+    _pwm_changed_ms: int
+    _offer_changed_ms: "int | None"
+    _bad_diode_bursts: int
+    _no_minus_bursts: int
+    _minus_seen_ms: int  # when a burst last saw the minus phase (or could not: E, > 90 %)
+    _no_minus_run: int  # bursts since then, stalled ones too
+    _pwm_settling_ms: "int | None"  # when the PWM went on, until _DIODE_SETTLE_MS passed
+    diode_checked: bool
+    _last_open_ms: "int | None"  # when the contactor last opened, until MIN_OPEN_MS passed
+    _pp_read_ms: int
+    _pp_higher_ms: "int | None"  # since when a higher rating than cable_ma has been read
 
     def _emit(self, now_ms, what, text):
         if self._report is not None:

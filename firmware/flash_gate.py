@@ -10,25 +10,31 @@ contactor that opened stays open at least relay.MIN_OPEN_MS, 200 iterations; a w
 finish waits for the next open moment). The console's queue is the console's own (console.step,
 from main.py's loop): it only reads `held` here.
 """
+from micropython import const
+
 import durable
+
+TYPE_CHECKING = const(False)  # mypy takes it as True (tools/typecheck.py); compiled out here
+if TYPE_CHECKING:
+    from typing import Any, Callable
 
 
 class FlashGate:
-    """`contactor`: anything with a `closed` attribute (relay.Contactor).
-    `report`: the console callback, for a deferred write that failed."""
+    """Made by wiring.new_gate (boot code, dropped after it; its defaults, the arguments), which
+    sets the state below."""
 
-    def __init__(self, contactor, report=None):
-        self._contactor = contactor
-        self._report = report
-        self._due = []  # callables(now_ms) -> None or an error text, oldest first
-        self._open_steps = []  # the same, called at every poll with the contactor open
-        self._was_held = False  # the last poll saw the contactor closed
-        # A write ran in this iteration (`spent`: poll() clears it; spend(), a deferred write, or
-        # any commit through durable.py since the poll sets it): the settings wait for the next
-        # one and a received command is held over (mqtt_link), so that a worst-case part's
-        # stalls (~1.2 s a write) do not stack past the 2 s watchdog.
-        self._spent = False
-        self._mark = durable.written
+    # Set by wiring.new_gate (annotations only: no code on the board).
+    _contactor: "Any"  # anything with a `closed` attribute (relay.Contactor)
+    _report: "Callable[[int, str, str], object] | None"  # the console, for a deferred write that failed
+    _due: list  # callables(now_ms) -> None or an error text, oldest first
+    _open_steps: list  # the same, called at every poll with the contactor open
+    _was_held: bool  # the last poll saw the contactor closed
+    # A write ran in this iteration (`spent`: poll() clears it; spend(), a deferred write, or
+    # any commit through durable.py since the poll sets it): the settings wait for the next
+    # one and a received command is held over (mqtt_link), so that a worst-case part's
+    # stalls (~1.2 s a write) do not stack past the 2 s watchdog.
+    _spent: bool
+    _mark: int  # durable.written at the last poll
 
     @property
     def spent(self):

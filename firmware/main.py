@@ -13,7 +13,7 @@ from version import VERSION
 
 # Without a running watchdog (an error before it started), reboot after this long in the safe state.
 _FAILSAFE_REBOOT_MS = 5000
-_HOLD_POLL_MS = 100
+_HOLD_POLL_MS = 100  # fail_safe's
 # Collections at the loop's quiet moment, right after the tick, then a pilot read (issue 12,
 # docs/architecture.md): often enough that the heap never fills up, so the automatic collection
 # (on exhaustion only: gc.threshold is off in the loop) does not land inside slow work. By time, not by
@@ -29,6 +29,9 @@ _gc_at = [None]
 # machine's own idle and reset (wiring.py hands the builtins): kept when wiring.py is dropped.
 _idle = wiring.idle
 _reset = wiring.reset
+# Not held here: main.py's globals live for the whole run (as __main__, and after a hand-over to
+# a release's main.run()), and run()'s boot (startup.py) drops wiring.py after its first phase.
+del wiring
 
 
 def collect(now_ms):
@@ -39,21 +42,6 @@ def collect(now_ms):
     gc.collect()
     _gc_at[0] = now_ms
     return True
-
-
-def hold_unavailable(board, reason):
-    """Config unusable: no charging until a technician fixes it. Rebooting would not help."""
-    console.unavailable = reason
-    console.report(time.ticks_ms(), "config", reason)
-    console.report(time.ticks_ms(), "main", "pile unavailable until the configuration is fixed")
-    import wiring as board_wiring  # dropped after the boot's first phase: imported again
-
-    keep_open = board_wiring.hold_outputs(board)
-    while True:
-        if keep_open is not None:
-            keep_open()
-        _idle()
-        time.sleep_ms(_HOLD_POLL_MS)
 
 
 def fail_safe(ctl, exc):
@@ -74,64 +62,25 @@ def fail_safe(ctl, exc):
     _reset()
 
 
-def drop_wiring():
-    """wiring.py builds the pile's core once: its ~5 KiB of bytecode need not stay on the heap
-    beside the link's modules, nor for the run (issue 12). Nothing built keeps one of its
-    functions (test_heap_lazy.py); service mode and a held pile import it again."""
-    global wiring
-    wiring = None  # type: ignore[assignment]  # run() imports it again if it is run again
-    sys.modules.pop("wiring", None)
-    gc.collect()
-
-
-def build_core():
-    """The boot's first phase, wiring.py: (board, conf, controller, wiring.handover). A function
-    of its own: a call's frame can hold stale references to the module it used (the collector
-    scans the stack conservatively), and this one is gone when run() drops wiring.py."""
-    global wiring
-    if wiring is None:  # run again in the same process (a bench): built again
-        import wiring
-    board, conf, problem = wiring.load_settings()
-    if problem:
-        hold_unavailable(board, problem)
-    try:
-        ctl = wiring.build(board, conf)
-    except wiring.Unavailable as e:
-        hold_unavailable(board, str(e))
-    return board, conf, ctl, wiring.handover  # the link's room, OTA's survey: for the link phase
-
-
-def build_link(board, conf, ctl, handover):
-    """The boot's second phase, after wiring.py is dropped (wiring_link.py): (the link's class and
-    keyword arguments, Wi-Fi station, clock, watchdog); run() drops wiring_link.py when this frame
-    is gone, then makes the link."""
-    import wiring_link
-
-    try:
-        make, args = wiring_link.link_parts(board, conf, ctl, handover)
-    except wiring_link.Unavailable as e:
-        hold_unavailable(board, str(e))
-    station = wiring_link.build_wifi(conf)
-    clock = wiring_link.build_clock(conf, ctl)
-    return make, args, station, clock, wiring_link.watchdog(conf.wdt_timeout_ms)
-
-
 def service(board, conf, ctl, link, wdt):
     """Ctrl-C: diag.py's service mode, with wiring.py imported again."""
     import diag
-    import wiring as board_wiring
+    import wiring
 
-    diag.service_mode(board, conf, ctl, link, wdt, board_wiring.service_timer, board_wiring.reset)
+    diag.service_mode(board, conf, ctl, link, wdt, wiring.service_timer, wiring.reset)
 
 
 def run():
     ctl = link = wdt = board = conf = None
     try:
         gc.threshold(_BOOT_GC_BYTES)
-        board, conf, ctl, handover = build_core()
-        drop_wiring()  # before the link's modules load: the boot's peak is not both (issue 12)
-        make, args, station, clock, wdt = build_link(board, conf, ctl, handover)
-        del handover
+        import startup  # the boot's code: dropped with wiring_link.py, before the link is made
+
+        board, conf, ctl, handover = startup.build_core()
+        startup.drop_wiring()  # before the link's modules load: the boot's peak is not both (issue 12)
+        make, args, station, clock, wdt = startup.build_link(board, conf, ctl, handover)
+        del handover, startup
+        sys.modules.pop("startup", None)
         sys.modules.pop("wiring_link", None)  # nothing built keeps one of its functions either
         if conf.ota is None:  # files.py names the files for the boot; an update (ota.py) reads it
             sys.modules.pop("files", None)  # later: kept with OTA, not loaded again at run time
@@ -180,9 +129,6 @@ if __name__ == "__main__":
     import release_boot  # the release boot.py selected, or this one (docs/ota.md)
 
     if release_boot.selected():
-        # Not held here: these globals live for the whole run, and the release's main.run()
-        # drops wiring after its boot (a reference here kept its ~6 KiB on the heap).
-        wiring = None  # type: ignore[assignment]
         release_boot.run_main(run, _reset)
     else:  # this one: release_boot's ~4 KB would stay on the heap for the whole run
         del release_boot, sys.modules["release_boot"]

@@ -10,6 +10,10 @@ import time
 
 from micropython import const
 
+TYPE_CHECKING = const(False)  # mypy takes it as True (tools/typecheck.py); compiled out here
+if TYPE_CHECKING:
+    from typing import Any, Callable
+
 IEC = "iec"
 GBT = "gbt"
 STANDARDS = (IEC, GBT)
@@ -164,19 +168,20 @@ BURST_GAP_MAX_US = const(BURST_US - _PERIOD_US)
 
 
 class PilotSampler:
-    """Reads the CP line through the board's divider; calibration maps ADC uV to CP mV."""
+    """Reads the CP line through the board's divider; calibration maps ADC uV to CP mV. Made by
+    wiring.new_sampler (boot code, dropped after it), which sets the state below."""
 
-    def __init__(self, adc, ticks_us, uv_at_minus_12v, uv_at_plus_12v, burst_us=BURST_US):
-        self._read = adc.read_uv
-        self._ticks_us = ticks_us
-        self._uv_m12 = uv_at_minus_12v
-        self._uv_span = uv_at_plus_12v - uv_at_minus_12v
-        self._burst_us = burst_us
-        self.plus_mv = 0
-        self.minus_mv = 0
-        # The longest wait between two stamps of the last burst (a stall inside it). Each read
-        # follows its stamp at once, so two reads lie no further apart than the wait between them.
-        self.gap_us = 0
+    # Set by wiring.new_sampler (annotations only: no code on the board).
+    _read: "Callable[[], int]"  # the ADC's read_uv
+    _ticks_us: "Callable[[], int]"
+    _uv_m12: int  # ADC uV at -12 V on CP
+    _uv_span: int  # ADC uV from -12 V to +12 V
+    _burst_us: int
+    plus_mv: int
+    minus_mv: int
+    # The longest wait between two stamps of the last burst (a stall inside it). Each read
+    # follows its stamp at once, so two reads lie no further apart than the wait between them.
+    gap_us: int
 
     def to_mv(self, uv):
         return (uv - self._uv_m12) * 24000 // self._uv_span - 12000
@@ -261,12 +266,13 @@ def cable_rating_a(ohms, standard):
 
 
 class ProximityInput:
-    """PP (IEC) or CC (GB/T) resistance to PE, read through the board's pull-up to the supply."""
+    """PP (IEC) or CC (GB/T) resistance to PE, read through the board's pull-up to the supply.
+    Made by wiring.new_proximity (boot code, dropped after it)."""
 
-    def __init__(self, adc, pullup_ohm, supply_uv):
-        self._adc = adc
-        self._pullup = pullup_ohm
-        self._supply = supply_uv
+    # Set by wiring.new_proximity (annotations only: no code on the board).
+    _adc: "Any"
+    _pullup: int  # ohm
+    _supply: int  # uV
 
     def ohms(self):
         """Resistance in ohm, None when open (no plug or no resistor)."""
@@ -287,13 +293,14 @@ class PilotOutput:
     """The pilot generator: one PWM channel. Reports its mode for classification and telemetry.
 
     Writes nothing until told: the caller picks the first level (boot.py already set +12 V).
+    Made by wiring.new_output (boot code, dropped after it).
     """
 
-    def __init__(self, pwm, inverted=False):
-        self._pwm = pwm
-        self._inverted = inverted
-        self.mode = None
-        self.duty = None  # duty_u16 while offering, else None
+    # Set by wiring.new_output (annotations only: no code on the board).
+    _pwm: "Any"
+    _inverted: bool
+    mode: "str | None"
+    duty: "int | None"  # duty_u16 while offering, else None
 
     def _write(self, duty):
         self._pwm.duty_u16(DUTY_FULL - duty if self._inverted else duty)

@@ -7,6 +7,10 @@ import time
 
 from micropython import const
 
+TYPE_CHECKING = const(False)  # mypy takes it as True (tools/typecheck.py); compiled out here
+if TYPE_CHECKING:
+    from typing import Any
+
 # Feedback must agree with the command within this time, else: welded (commanded open, still
 # closed) or failed to close. OpenEVSE waits 1 s for its AC sense; Tinkerforge debounces its
 # mirror contact 250 ms (evse-facts section 4).
@@ -17,14 +21,15 @@ FAILED_TO_CLOSE = "failed_to_close"
 
 
 class Contactor:
-    def __init__(self, coil, feedback=None, coil_on=1, feedback_closed=0):
-        self._coil = coil
-        self._feedback = feedback
-        self._on = coil_on
-        self._fb_closed = feedback_closed
-        self.closed = False  # what we command
-        self._mismatch_since = None
-        self.open()
+    """Made by wiring.new_contactor (boot code, dropped after it), which opens it."""
+
+    # Set by wiring.new_contactor (annotations only: no code on the board).
+    _coil: "Any"  # the coil's Pin
+    _feedback: "Any"  # the auxiliary contact's Pin, or None
+    _on: int  # the coil's level for closed
+    _fb_closed: int  # the feedback's level for closed
+    closed: bool  # what we command
+    _mismatch_since: "int | None"
 
     def open(self):
         self._coil.value(1 - self._on)
@@ -94,24 +99,24 @@ class ResidualCurrentMonitor:
 
     A trip is a FAULT read active for _FAULT_DEBOUNCE_MS (_SWITCH_BLANK_MS after a switch, see
     above). After a trip: wait `retry_ms`, self-test again, and lock out
-    after `max_trips` (OpenEVSE: 5 min, 6 times).
+    after `max_trips` (OpenEVSE: 5 min, 6 times). Made by wiring.new_rcd (boot code, dropped
+    after it), which sets the state below, untested, TEST released (session_ended()).
     """
 
-    def __init__(self, fault, test, fault_active=1, test_active=1, retry_ms=300000, max_trips=6):
-        self._fault = fault
-        self._test = test
-        self._fault_active = fault_active
-        self._test_active = test_active
-        self.retry_ms = retry_ms
-        self.max_trips = max_trips
-        self.trips = 0
-        self.state = _UNTESTED
-        self._since = 0
-        self._fault_ms = 0  # FAULT active time, integrated (see _FAULT_DEBOUNCE_MS), while watching
-        self._fault_poll = None  # the last poll counted into it; None: FAULT quiet
-        self._test_on = False  # TEST driven (TESTING): only once FAULT read inactive
-        self._switched_ms = None  # start of the running blanking window; None: none runs
-        self._set_test(False)
+    # Set by wiring.new_rcd (annotations only: no code on the board).
+    _fault: "Any"  # the FAULT output's Pin
+    _test: "Any"  # the TEST input's Pin
+    _fault_active: int
+    _test_active: int
+    retry_ms: int
+    max_trips: int
+    trips: int
+    state: "str | None"
+    _since: int
+    _fault_ms: int  # FAULT active time, integrated (see _FAULT_DEBOUNCE_MS), while watching
+    _fault_poll: "int | None"  # the last poll counted into it; None: FAULT quiet
+    _test_on: bool  # TEST driven (TESTING): only once FAULT read inactive
+    _switched_ms: "int | None"  # start of the running blanking window; None: none runs
 
     def _set_test(self, on):
         self._test.value(self._test_active if on else 1 - self._test_active)

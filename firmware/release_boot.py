@@ -83,8 +83,8 @@ def boot_imports(conf):
     linked = type(conf.get("mqtt")) is dict and conf.get("pile_id") is not None
     if conf.get("ota") is not None and conf.get("mqtt") is not None:
         groups.append(("ota_lazy",))  # survey() at the settings, the updater's at the link's build
-    core = ["charger", "charger_restore", "controller", "flash_gate", "pilot", "relay", "session_record",
-            "session_store"]
+    core = ["startup", "charger", "charger_restore", "controller", "flash_gate", "pilot", "relay",
+            "session_record", "session_store"]
     if conf.get("pile_id") is not None:
         core += ["journal", "journal_scan", "session_log", "session_restore"]
     meter = conf.get("meter")

@@ -11,6 +11,7 @@ after boot (the meter kept counting until the cut), before the next session may 
 The MQTT link drains the outbox; nothing here touches the network.
 """
 import json
+import sys
 import time
 
 from micropython import const
@@ -24,9 +25,6 @@ if TYPE_CHECKING:
     from flash_gate import FlashGate
     from session_store import SessionStore
 
-# At boot, wait this long for the meter's first checked reading (one the guard judged against
-# another: docs/meters.md) before closing a cut session without it.
-_RECOVERY_WAIT_MS = const(10000)
 # Then the contactor (Records.ready) waits this long at most for the link's ack of the power
 # cut's record, written while it is still open: an ack that came with it closed would wait in
 # RAM (flash_gate.py), and a cut then sends the record again (docs/meters.md, "A session's meter
@@ -38,19 +36,8 @@ _PEAK_CHECKPOINT_GAP_MS = const(10000)
 # A record the flash refused is kept in RAM and tried again this often; at most this many.
 _RETRY_MS = const(10000)
 _MAX_UNSENT = const(4)
-# Power no meter may show (meter._MAX_POWER_W, its jump guard): a power cut's duration is
-# at least the energy after the last snapshot at this power.
-_MAX_POWER_W = const(50000)
-# A power cut comes at most one checkpoint interval (plus this, for a late tick and a meter poll)
-# after the last snapshot: it bounds both the energy a boot reading may add (at _MAX_POWER_W)
-# and the duration a power cut's record may add after the snapshot.
-_RECOVERY_SLACK_S = const(10)
 # Until NTP has set it the ESP32 clock starts at 2000-01-01 at boot: a year before this is not UTC.
 _SYNCED_FROM_YEAR = const(2024)
-# With a flash gate no snapshot is written while the contactor is closed (docs/durability.md):
-# a cut may come any time after the last one. A boot reading is then billed up to this long at
-# _MAX_POWER_W after it (a week: 8.4 MWh, against a meter swapped while the pile was off).
-_CLOSED_MAX_S = const(604800)
 
 
 def iso_utc(epoch_s):
@@ -103,6 +90,7 @@ class SessionLog:
     _boot_ms: "int | None"
     _recovered_seq: "int | None"  # the power cut's record in the outbox, until acked or waited for
     _recovered_ms: int
+    _recover_failed: bool  # session_restore.py did not load: tried again after _RETRY_MS
     # The power cut's record not acknowledged yet, for less than _RECOVERY_ACK_WAIT_MS: no
     # contactor may close (Records.ready). Set by poll().
     unacked_recovery: bool
@@ -128,9 +116,8 @@ class SessionLog:
         retry = time.ticks_diff(now_ms, self._retry_at) >= 0
         if self._unsent and retry:
             self._retry(now_ms)
-        cut = self._cut
-        if cut is not None:
-            self._recover(now_ms, reading, cut)
+        if self._cut is not None:
+            self._recover(now_ms, reading)
         if self._recovered_seq is not None:
             self.unacked_recovery = self._awaiting_ack(now_ms)
         if self._clear_due and retry and (session is None or session.id is None):
@@ -249,64 +236,31 @@ class SessionLog:
             "meter": meter,  # issue 13: who measured it (docs/telemetry.md); None: not known
         }
 
-    def _recover(self, now_ms, reading, cut):
-        """Close the session the power cut (its snapshot `cut`), once the meter has been read (or
-        it stays silent).
-        The cut's time is not known: stop_time and duration_s are the best bound the snapshot
-        and the meter give, flagged in `estimated` (docs/telemetry.md)."""
-        if self._boot_ms is None:
-            self._boot_ms = now_ms
-        if reading is not None and not getattr(reading, "checked", True):
-            reading = None  # the first after boot, judged against nothing (docs/meters.md)
-        if self.metered and reading is None and \
-                time.ticks_diff(now_ms, self._boot_ms) < _RECOVERY_WAIT_MS:
+    def _recover(self, now_ms, reading):
+        """The session the power cut (its snapshot, _cut), closed by session_restore.recover:
+        boot-time code, loaded only for it (a pile the power did not cut never has it on the
+        heap, issue 12), with the contactor open (poll), and dropped once it is closed. An
+        import that fails (a fragmented heap's MemoryError, a damaged file) leaves the snapshot
+        for another try after _RETRY_MS (_retry_at, with the log's other retries), said once: no
+        session starts meanwhile (poll), none is lost."""
+        if time.ticks_diff(now_ms, self._retry_at) < 0 and self._recover_failed:
             return
-        self._cut = None
         try:
-            m1 = cut["m1"]
-            meter_stop = m1
-            stale = self.metered
-            # The cut came at most this long after the snapshot: no later reading can be billed
-            # for more than it, nor its duration grow by more (a wrong energy is worse than stale).
-            after_s = self.checkpoint_ms // 1000 + _RECOVERY_SLACK_S if self._gate is None \
-                else _CLOSED_MAX_S
-            # A clock set now and at the snapshot (a watchdog reset keeps the RTC, NTP may have
-            # answered): the time since the snapshot bounds it better.
-            wall = self._wall()
-            snap = cut["t0"] + cut["d"]
-            if clock_synced(wall) and clock_synced(snap) and wall >= snap:
-                after_s = min(after_s, wall - snap + _RECOVERY_SLACK_S)
-            if reading is not None:
-                if getattr(reading, "epoch", 0) == 0 and \
-                        m1 <= reading.energy_wh <= m1 + _MAX_POWER_W * after_s // 3600:
-                    meter_stop = reading.energy_wh  # counted until the cut
-                    stale = False
-                else:
-                    self._emit(now_ms, "meter", "reading at boot not billed for %s: %r" % (
-                        cut.get("id"), reading))
-            duration = cut["d"]
-            pk = cut["pk"]
-            estimated = ["stop_time", "duration_s"]
-            after = meter_stop - m1  # Wh after the last snapshot: at least this long at the peak
-            if after > 0:
-                duration += min(after_s, after * 3600 // (pk if 0 < pk < _MAX_POWER_W else _MAX_POWER_W))
-                estimated.append("peak_power_w")  # what the snapshot saw; more may have come after
-            energy = cut.get("mc", 0) + meter_stop - cut.get("ms", cut["m0"])
-            start = cut["t0"]
-            record = self._ended_record(
-                cut["id"], cut["as"], cut["ai"], start, start + duration,
-                clock_synced(start), cut["m0"], meter_stop, energy, duration, pk, "power_loss",
-                cut.get("mr", 0), stale, estimated)
-        except (KeyError, TypeError, ValueError, OverflowError) as e:
-            self._clear(now_ms)
-            self._emit(now_ms, "session", "snapshot unusable, not reported: %r" % (e,))
+            import session_restore
+        except (MemoryError, ImportError, ValueError, SyntaxError) as e:
+            sys.modules.pop("session_restore", None)
+            if not self._recover_failed:
+                self._emit(now_ms, "session", "the power cut's session waits: its code not loaded (%r)" % (
+                    e,))
+            self._recover_failed = True
+            self._retry_at = time.ticks_add(now_ms, _RETRY_MS)
             return
-        seq = getattr(self.outbox, "next_seq", None)
-        self._append(now_ms, journal.KIND_SESSION_END, json.dumps(record), self._clear)
-        if self.linked and seq is not None and getattr(self.outbox, "next_seq", None) == seq + 1:
-            self._recovered_seq = seq
-            self._recovered_ms = now_ms
-        self._emit(now_ms, "session", "closed %s after a power loss" % cut.get("id"))
+        self._recover_failed = False
+        try:
+            session_restore.recover(self, now_ms, reading, self._cut)
+        finally:
+            if self._cut is None:
+                sys.modules.pop("session_restore", None)
 
     def _clear(self, now_ms=0):
         """The snapshot's clear, after its ended record. A failure is tried again every _RETRY_MS

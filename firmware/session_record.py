@@ -14,6 +14,15 @@ import time
 
 from micropython import const
 
+TYPE_CHECKING = const(False)  # mypy takes it as True (tools/typecheck.py); compiled out here
+if TYPE_CHECKING:
+    from typing import Any, Callable
+
+    from charger import Charger
+    from flash_gate import FlashGate
+    from relay import Contactor
+    from session_log import SessionLog
+
 # A session's record closes with a meter reading taken at least this long after the contactor
 # opened (the contacts part within ~10 ms), so the last watt-hour is in it; without one (meter
 # silent), it closes with the last good reading after _FINAL_READING_MAX_MS.
@@ -147,28 +156,25 @@ class Record:
 
 
 class Records:
-    """The records step. charger: whose sessions are recorded (and stopped for meter_failure or
-    internal_error); contactor: read only; meter: a meter driver or None (no meter fitted);
-    log: a session_log.SessionLog, or None (no pile id: nothing recorded)."""
+    """The records step. Made by wiring.new_records (boot code, dropped after it; its defaults,
+    the arguments), which sets the state below."""
 
-    def __init__(self, charger, contactor, meter=None, log=None, meter_failure_ms=30000,
-                 report=None, gate=None):
-        """gate: the flash_gate.FlashGate the writers share; its deferred writes run here."""
-        self.charger = charger
-        self.gate = gate
-        self.contactor = contactor
-        self.meter = meter
-        self.log = log
-        self.meter_failure_ms = meter_failure_ms
-        self._report = report
-        self.record = None  # the open record (outlives charger.session on unplug)
-        self._last = None  # the newest record, open or closed
-        self._closed = False  # the contactor at the last step; the tick switches it
-        self._closed_ms = 0
-        self._opened_ms = 0
-        self._has_opened = False  # opened, and no reading taken since: none may be a start
-        self._open_settled = False  # _FINAL_READING_MAX_MS passed since the opening: all waits over
-        self._meter_error = None
+    # Set by wiring.new_records (annotations only: no code on the board).
+    charger: "Charger"  # whose sessions are recorded (and stopped for meter_failure or internal_error)
+    gate: "FlashGate | None"  # the writers share it; its deferred writes run here
+    contactor: "Contactor"  # read only
+    meter: "Any"  # a meter driver, or None: no meter fitted
+    log: "SessionLog | None"  # None: no pile id, nothing recorded
+    meter_failure_ms: int
+    _report: "Callable[[int, str, str], object] | None"
+    record: "Record | None"  # the open record (outlives charger.session on unplug)
+    _last: "Record | None"  # the newest record, open or closed
+    _closed: bool  # the contactor at the last step; the tick switches it
+    _closed_ms: int
+    _opened_ms: int
+    _has_opened: bool  # opened, and no reading taken since: none may be a start
+    _open_settled: bool  # _FINAL_READING_MAX_MS passed since the opening: all waits over
+    _meter_error: "str | None"
 
     def _emit(self, now_ms, what, text):
         if self._report is not None:

@@ -65,11 +65,11 @@ def build(board, conf):
     """The safety core on the board's pins, and the controller that ticks it: the one place the
     Controller is built (the virtual board and the bench build it here too)."""
     import charger as ch  # noqa: F401 - charger_restore's: loaded with the core, before the collection below
-    import controller
-    import flash_gate
+    import controller  # noqa: F401 - new_controller's: loaded with the core, before the collection below
+    import flash_gate  # noqa: F401 - new_gate's: loaded with the core, before the collection below
     import pilot
-    import relay
-    import session_record
+    import relay  # noqa: F401 - new_contactor's and new_rcd's, as flash_gate
+    import session_record  # noqa: F401 - new_records', as flash_gate
     import session_store
 
     gc.collect()  # each group's import garbage, before the next: its holes are filled, not left
@@ -77,30 +77,30 @@ def build(board, conf):
     Pin = machine.Pin
     pins = board.pins
     levels = board.levels
-    contactor = relay.Contactor(
+    contactor = new_contactor(
         Pin(pins.contactor, Pin.OUT, value=1 - levels.contactor_on),
         None if pins.contactor_feedback is None else Pin(pins.contactor_feedback, Pin.IN),
         levels.contactor_on,
         levels.contactor_feedback_closed,
     )
-    gate = flash_gate.FlashGate(contactor, report)  # no flash write while closed
+    gate = new_gate(contactor, report)  # no flash write while closed
     console.hold = gate  # type: ignore[assignment]  # nor a console burst: its queue waits on the same contactor
     steady_plus = 0 if levels.pilot_pwm_inverted else pilot.DUTY_FULL
     pwm = machine.PWM(Pin(pins.pilot_pwm), freq=1000, duty_u16=steady_plus)  # 1 kHz: IEC 61851-1 A.2.2
-    output = pilot.PilotOutput(pwm, levels.pilot_pwm_inverted)
+    output = new_output(pwm, levels.pilot_pwm_inverted)
     output.steady_plus()
     cal = board.pilot_adc
-    sampler = pilot.PilotSampler(
+    sampler = new_sampler(
         machine.ADC(Pin(pins.pilot_adc), atten=machine.ADC.ATTN_11DB),
         time.ticks_us, cal.uv_at_minus_12v, cal.uv_at_plus_12v,
     )
     proximity = None
     if pins.pp_adc is not None:
-        proximity = pilot.ProximityInput(
+        proximity = new_proximity(
             machine.ADC(Pin(pins.pp_adc), atten=machine.ADC.ATTN_11DB),
             board.pp_adc.pullup_ohm, board.pp_adc.supply_uv,
         )
-    rcd = relay.ResidualCurrentMonitor(
+    rcd = new_rcd(
         Pin(pins.rcd_fault, Pin.IN),
         Pin(pins.rcd_test, Pin.OUT, value=1 - levels.rcd_test_active),
         levels.rcd_fault_active, levels.rcd_test_active,
@@ -120,11 +120,176 @@ def build(board, conf):
     charger_restore.load_settings(charger, time.ticks_ms())
     del charger_restore, sys.modules["charger_restore"]
     tethered_ma = int((board.ratings.tethered_cable_a or 0) * 1000)
-    records = session_record.Records(charger, contactor, build_meter(board, conf.meter),
-                                     build_session_log(conf, gate), conf.meter.failure_timeout_s * 1000,
-                                     report, gate)
-    io = controller.Io(sampler, output, contactor, rcd, proximity, tethered_ma)
-    return controller.Controller(io, charger, conf.standard, report, records)
+    records = new_records(charger, contactor, build_meter(board, conf.meter), build_session_log(conf, gate),
+                          conf.meter.failure_timeout_s * 1000, report, gate)
+    return new_controller(sampler, output, contactor, rcd, proximity, tethered_ma, charger, conf.standard,
+                          report, records)
+
+
+def new_controller(sampler, output, contactor, rcd, proximity, tethered_ma, charger, standard, report=None,
+                   records=None):
+    """A controller.Controller, nothing seen yet, pilot F. What the tick reads and drives: the
+    pilot's sampler and output, the contactor, the RCD monitor, and the cable: a PP input
+    (`proximity`, or None), or a tethered cable's rating in mA. charger: the charger.Charger;
+    standard: pilot.IEC or pilot.GBT; records: the records step (session_record.Records), or
+    None: no such gate (tests of the safety core alone). Boot code (this module is dropped after
+    it): controller.py has no __init__."""
+    import controller
+    import pilot
+
+    c = controller.Controller()
+    c.sampler = sampler
+    c.output = output
+    c.contactor = contactor
+    c.rcd = rcd
+    c.proximity = proximity
+    c.tethered_cable_ma = tethered_ma
+    c.charger = charger
+    c.standard = standard
+    c.records = records
+    c._report = report
+    # Not a module global: a name fewer interned (a heap qstr for good).
+    c._c1_force_open_ms = {pilot.IEC: 6000, pilot.GBT: 3000}[standard]
+    c.debouncer = pilot.PilotDebouncer(pilot.F)
+    c.raw = pilot.F
+    c._pwm_changed_ms = 0
+    c._offer_changed_ms = None
+    c._bad_diode_bursts = 0
+    c._no_minus_bursts = 0
+    c._minus_seen_ms = 0
+    c._no_minus_run = 0
+    c._pwm_settling_ms = None
+    c.diode_checked = False
+    c._last_open_ms = None
+    c._pp_read_ms = 0
+    c._pp_higher_ms = None
+    return c
+
+
+# The makers of the objects the boot builds (the classes have no __init__: its bytecode would stay
+# on the heap for the run, issue 12). Boot code: this module is dropped after the boot.
+
+def new_contactor(coil, feedback=None, coil_on=1, feedback_closed=0):
+    """A relay.Contactor on its coil's Pin (the level `coil_on` closes it), opened; feedback: the
+    auxiliary contact's Pin (its level `feedback_closed` when closed), or None."""
+    import relay
+
+    c = relay.Contactor()
+    c._coil = coil
+    c._feedback = feedback
+    c._on = coil_on
+    c._fb_closed = feedback_closed
+    c.closed = False
+    c._mismatch_since = None
+    c.open()
+    return c
+
+
+def new_rcd(fault, test, fault_active=1, test_active=1, retry_ms=300000, max_trips=6):
+    """A relay.ResidualCurrentMonitor on its FAULT and TEST Pins (their active levels), untested,
+    TEST released; retry_ms and max_trips: its self-test retry and lock-out."""
+    import relay
+
+    r = relay.ResidualCurrentMonitor()
+    r._fault = fault
+    r._test = test
+    r._fault_active = fault_active
+    r._test_active = test_active
+    r.retry_ms = retry_ms
+    r.max_trips = max_trips
+    r._since = 0
+    r._fault_ms = 0
+    r._fault_poll = None
+    r._test_on = False
+    r._switched_ms = None
+    r.state = None
+    r.session_ended()  # untested, no trip, TEST released
+    return r
+
+
+def new_sampler(adc, ticks_us, uv_at_minus_12v, uv_at_plus_12v, burst_us=None):
+    """A pilot.PilotSampler on the CP line's ADC; the calibration maps ADC uV to CP mV;
+    burst_us: None, pilot.BURST_US."""
+    import pilot
+
+    s = pilot.PilotSampler()
+    s._read = adc.read_uv
+    s._ticks_us = ticks_us
+    s._uv_m12 = uv_at_minus_12v
+    s._uv_span = uv_at_plus_12v - uv_at_minus_12v
+    s._burst_us = pilot.BURST_US if burst_us is None else burst_us
+    s.plus_mv = 0
+    s.minus_mv = 0
+    s.gap_us = 0
+    return s
+
+
+def new_proximity(adc, pullup_ohm, supply_uv):
+    """A pilot.ProximityInput on the PP (CC) line's ADC, through the board's pull-up."""
+    import pilot
+
+    p = pilot.ProximityInput()
+    p._adc = adc
+    p._pullup = pullup_ohm
+    p._supply = supply_uv
+    return p
+
+
+def new_output(pwm, inverted=False):
+    """A pilot.PilotOutput on its PWM channel; it writes nothing until told."""
+    import pilot
+
+    o = pilot.PilotOutput()
+    o._pwm = pwm
+    o._inverted = inverted
+    o.mode = None
+    o.duty = None
+    return o
+
+
+def new_gate(contactor, report=None):
+    """A flash_gate.FlashGate, nothing deferred, nothing written. contactor: anything with a
+    `closed` attribute (relay.Contactor); report: the console callback, for a deferred write
+    that failed. Boot code (this module is dropped after it): flash_gate.py has no __init__."""
+    import durable
+    import flash_gate
+
+    gate = flash_gate.FlashGate()
+    gate._contactor = contactor
+    gate._report = report
+    gate._due = []
+    gate._open_steps = []
+    gate._was_held = False
+    gate._spent = False
+    gate._mark = durable.written
+    return gate
+
+
+def new_records(charger, contactor, meter=None, log=None, meter_failure_ms=30000, report=None, gate=None):
+    """A session_record.Records, no record yet, the contactor open. charger: whose sessions are
+    recorded; contactor: read only; meter: a meter driver or None (no meter fitted); log: a
+    session_log.SessionLog, or None (no pile id: nothing recorded); gate: the
+    flash_gate.FlashGate the writers share (its deferred writes run in the records step). Boot
+    code (this module is dropped after it): session_record.py's Records has no __init__."""
+    import session_record
+
+    records = session_record.Records()
+    records.charger = charger
+    records.gate = gate
+    records.contactor = contactor
+    records.meter = meter
+    records.log = log
+    records.meter_failure_ms = meter_failure_ms
+    records._report = report
+    records.record = None
+    records._last = None
+    records._closed = False
+    records._closed_ms = 0
+    records._opened_ms = 0
+    records._has_opened = False
+    records._open_settled = False
+    records._meter_error = None
+    return records
 
 
 def build_session_log(conf, gate=None):
@@ -231,7 +396,7 @@ def make_meter(kind, uart=None, de=None, pulse_pin=None, **options):
 
 
 def hold_outputs(board):
-    """Contactor open and pilot F for a pile held unavailable (main.hold_unavailable). Returns
+    """Contactor open and pilot F for a pile held unavailable (startup.hold_unavailable). Returns
     what asserts the contactor open again, or None without a usable board.json (boot.py's
     levels and the board's pull-downs hold then)."""
     if board is None:
@@ -243,7 +408,7 @@ def hold_outputs(board):
     contactor = machine.Pin(board.pins.contactor, machine.Pin.OUT, value=off)
     minus_12v = pilot.DUTY_FULL if levels.pilot_pwm_inverted else 0
     pwm = machine.PWM(machine.Pin(board.pins.pilot_pwm), freq=1000, duty_u16=minus_12v)
-    pilot.PilotOutput(pwm, levels.pilot_pwm_inverted).state_f()
+    new_output(pwm, levels.pilot_pwm_inverted).state_f()
     return lambda: contactor.value(off)
 
 

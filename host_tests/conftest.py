@@ -667,7 +667,8 @@ def power_cut_records(tmp_path):
     import pilot
     import session_restore
     import session_store
-    from session_record import Record, Records
+    from session_record import Record
+    from wiring import new_records
 
     class Meter:
         last_error = None
@@ -698,7 +699,7 @@ def power_cut_records(tmp_path):
         make_log(7, where, linked).poll(0, first, None)  # a session, its snapshot; then the cut
         booted = make_log(8, where, linked)
         charger = charger_restore.build(32000, 32000, True, False)
-        records = Records(charger, Contactor(), Meter(), booted)
+        records = new_records(charger, Contactor(), Meter(), booted)
         charger.step(100, pilot.C, True)  # the car there all along, asking for power
         records.poll(100)
         return records, booted

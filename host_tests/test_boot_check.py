@@ -1,6 +1,6 @@
 """Stage one's import check covers what the boot imports later (release_boot.checks(),
 docs/ota.md "Stage one"), on CPython: whatever config.json has, every firmware module that
-main.run()'s boot (main.build_core, then main.build_link) imports is imported by stage one
+main.run()'s boot (startup.py: build_core, then build_link) imports is imported by stage one
 first, kept (MAIN_IMPORTS) or imported and dropped again (checks()), directly or through what
 those import at their top. One left out would fail inside run() (fail_safe, a reset) at every
 boot of a release damaged after its trial, never rolled back. And no more than the boot imports:
@@ -97,10 +97,10 @@ def ca_pem():
 
 def boot_imports(monkeypatch, conf):
     """The firmware modules the boot's two phases import on a virtual board with this
-    config.json (every import statement, loaded before or not): main.build_core's and
-    build_link's calls, then the link made in main.run, in their order (nothing imports main.py:
-    test_firmware_layout.py; test_main_py_s_phases_import_only_wiring_and_wiring_link keeps the
-    two in step)."""
+    config.json (every import statement, loaded before or not): main.run's startup.py, its
+    build_core's and build_link's calls, then the link made in main.run, in their order (nothing
+    imports main.py: test_firmware_layout.py; test_main_py_s_phases_import_only_wiring_and_wiring_link
+    keeps the two in step)."""
     vb = VirtualBoard(monkeypatch, config=conf)  # the simulated world, the flash folder as cwd
     vb.world.fit_wifi(conf.get("wifi"))
     with open("board.json", "w") as f:
@@ -118,12 +118,14 @@ def boot_imports(monkeypatch, conf):
 
     monkeypatch.setattr(builtins, "__import__", recording)
     try:
-        import wiring  # main.build_core
+        import startup  # noqa: F401 - main.run's boot code
+
+        import wiring  # startup.build_core
 
         board, c, problem = wiring.load_settings()
         assert problem is None, problem
         ctl = wiring.build(board, c)
-        import wiring_link  # main.build_link, after wiring.py is dropped
+        import wiring_link  # startup.build_link, after wiring.py is dropped
 
         make, args = wiring_link.link_parts(board, c, ctl, wiring.handover)
         station = wiring_link.build_wifi(c)
@@ -137,8 +139,8 @@ def boot_imports(monkeypatch, conf):
     return seen & FIRMWARE_MODULES
 
 
-def _phase_imports(function):
-    with open(os.path.join(FIRMWARE, "main.py")) as f:
+def _phase_imports(function, module="startup"):
+    with open(os.path.join(FIRMWARE, module + ".py")) as f:
         tree = ast.parse(f.read())
     node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function)
     calls = {n.func.attr for n in ast.walk(node)
@@ -148,17 +150,18 @@ def _phase_imports(function):
 
 
 def test_main_py_s_phases_import_only_wiring_and_wiring_link():
-    """What boot_imports() above replays: main.build_core imports wiring.py and calls
-    load_settings and build; build_link imports wiring_link.py and calls its link_parts and
-    build_*; run() itself imports nothing (the link's class comes with its parts)."""
+    """What boot_imports() above replays: main.run imports startup.py, whose build_core imports
+    wiring.py and calls load_settings and build, and build_link imports wiring_link.py and calls
+    its link_parts and build_*; run() itself imports nothing else (the link's class comes with
+    its parts)."""
     names, calls = _phase_imports("build_core")
     assert names == {"wiring"} and {"load_settings", "build"} <= calls
     names, calls = _phase_imports("build_link")
     assert names == {"wiring_link"}
     assert {n for n in calls if n.startswith("build_") or n in ("watchdog", "link_parts")} == {
         "link_parts", "build_wifi", "build_clock", "watchdog"}
-    names, _ = _phase_imports("run")
-    assert names == set()
+    names, _ = _phase_imports("run", "main")
+    assert names == {"startup"}
 
 
 @settings(max_examples=40, deadline=None, derandomize=True, database=None,

@@ -50,6 +50,8 @@ def test_the_boot_only_modules_are_gone_after_the_boot_in_the_benchs_configurati
     loaded = set(r.result["modules"])
     assert not set(BOOT_ONLY) & loaded
     assert "files" not in loaded  # the boot's file names: without OTA nothing reads them after it
+    # main.run's boot code and the modules its two phases build with: dropped before the link.
+    assert not {"startup", "wiring", "wiring_link"} & loaded
     assert {"charger", "journal", "session_log", "session_store", "meter", "modbus_meter"} <= loaded
 
 

@@ -111,7 +111,7 @@ def test_main_is_the_loop_only():
     """main.py reaches the hardware and the objects through wiring, the console through console."""
     graph = module_graph(FIRMWARE)
     # release_boot: the hand-over to the release boot.py selected (docs/ota.md)
-    assert graph["main"] <= {"console", "wiring", "wiring_link", "version", "diag", "release_boot"}
+    assert graph["main"] <= {"console", "wiring", "wiring_link", "version", "diag", "release_boot", "startup"}
     for name in ("console", "files", "durable", "version"):  # leaves: they import no firmware
         assert graph[name] == set(), name
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from pilehost.virtual_board import VirtualBoard
 
 import command_auth
-import flash_gate
+from wiring import new_gate
 
 SECRET = bytes(range(32))
 WATCHDOG_MS = 2000  # config.py's wdt_timeout_ms default
@@ -30,7 +30,7 @@ class Contactor:
 @given(st.lists(st.sampled_from(("defer", "close", "open", "poll", "poll", "poll")), max_size=60))
 def test_one_deferred_write_an_iteration_none_while_closed_nor_in_the_opening_iteration(ops):
     contactor = Contactor()
-    gate = flash_gate.FlashGate(contactor)
+    gate = new_gate(contactor)
     ran = []  # (poll number, what)
     deferred = []
     steps = []
@@ -124,7 +124,7 @@ def test_the_console_queue_is_the_console_step_s_not_the_gate_s(monkeypatch, cap
     import console
 
     contactor = Contactor()
-    gate = flash_gate.FlashGate(contactor)
+    gate = new_gate(contactor)
     monkeypatch.setattr(console, "hold", gate)
     monkeypatch.setattr(console, "_queue", [])
     monkeypatch.setattr(console, "_queued", 0)

@@ -18,6 +18,7 @@ import charger_restore
 import pilot
 import relay
 import session_store
+import wiring
 import world as world_module
 
 # The C plus level of the simulated car (R2 || R3 behind the diode, sim/world.py).
@@ -353,7 +354,7 @@ def test_item4_rcd_blanking_is_not_extended_by_switching(every_ms):
     """The contactor switching at any rate: a lasting FAULT still trips within
     SWITCH_BLANK_MS + FAULT_DEBOUNCE_MS of its first reading (plus one 5 ms poll)."""
     fault, test = Pin(0), Pin(0)
-    rcd = relay.ResidualCurrentMonitor(fault, test)
+    rcd = wiring.new_rcd(fault, test)
     rcd.state = relay._READY
     fault.v = 1
     tripped = None

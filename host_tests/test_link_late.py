@@ -1,8 +1,9 @@
 """The MQTT link made after wiring_link.py is dropped (issue 12 item 3): its set-up
 (link_setup.py, imported by MqttLink.__init__) is the boot's heap peak, and wiring_link.py's
-~3 KB of bytecode must not be on the heap beside it. main.build_link returns the link's class
-and keyword arguments (wiring_link.link_parts); main.run drops wiring_link.py, collects, then
-makes the link. Nothing imports main.py: its source is read (as test_boot_check.py does)."""
+~3 KB of bytecode must not be on the heap beside it, nor startup.py's. startup.build_link returns
+the link's class and keyword arguments (wiring_link.link_parts); main.run drops startup.py and
+wiring_link.py, collects, then makes the link. Nothing imports main.py: its source is read (as
+test_boot_check.py does)."""
 import ast
 import os
 
@@ -12,8 +13,8 @@ from pilehost import FIRMWARE
 from pilehost.virtual_board import VirtualBoard
 
 
-def _main():
-    with open(os.path.join(FIRMWARE, "main.py")) as f:
+def _main(module="main"):
+    with open(os.path.join(FIRMWARE, module + ".py")) as f:
         tree = ast.parse(f.read())
     return {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
 
@@ -25,20 +26,20 @@ def _calls_in_order(node):
 
 
 def test_no_link_is_made_while_wiring_link_is_loaded():
-    """build_link (wiring_link.py's phase) calls no MqttLink and makes nothing of its parts;
-    run() makes the link with `make(**args)` only after it popped wiring_link from sys.modules
-    and collected, and after build_link's frame is gone (a stale reference in a live frame
+    """startup.build_link (wiring_link.py's phase) calls no MqttLink and makes nothing of its
+    parts; run() makes the link with `make(**args)` only after it popped wiring_link and startup
+    from sys.modules and collected, and after build_link's frame is gone (a stale reference in a live frame
     would keep the module; the collector scans the stack)."""
-    functions = _main()
-    phase = _calls_in_order(functions["build_link"])
+    phase = _calls_in_order(_main("startup")["build_link"])
     assert not any("MqttLink" in c or c.startswith("make(") for c in phase), phase
-    run = _calls_in_order(functions["run"])
+    run = _calls_in_order(_main()["run"])
     made = [i for i, c in enumerate(run) if c == "make(**args)"]
     assert len(made) == 1, run
-    built = run.index("build_link(board, conf, ctl, handover)")
+    built = run.index("startup.build_link(board, conf, ctl, handover)")
     popped = run.index("sys.modules.pop('wiring_link', None)")
-    collected = [i for i, c in enumerate(run) if c == "gc.collect()" and popped < i < made[0]]
-    assert built < popped < made[0] and collected, run
+    dropped = run.index("sys.modules.pop('startup', None)")
+    collected = [i for i, c in enumerate(run) if c == "gc.collect()" and max(popped, dropped) < i < made[0]]
+    assert built < popped < made[0] and built < dropped < made[0] and collected, run
 
 
 def test_the_link_s_class_comes_with_its_parts(monkeypatch):

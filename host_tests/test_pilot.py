@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 from pilehost.virtual_board import VirtualClock, board_dict
 
 import pilot
+import wiring
 
 
 # Plus levels from evse-facts section 1, written out by hand.
@@ -109,8 +110,8 @@ class FakeAdc:
 
 def test_proximity_resistance():
     # 220 ohm to PE under 1 k pull-up to 3.3 V: 3.3 * 220 / 1220 = 0.595 V
-    assert pilot.ProximityInput(FakeAdc(595081), 1000, 3300000).ohms() in (219, 220)
-    assert pilot.ProximityInput(FakeAdc(3300000), 1000, 3300000).ohms() is None
+    assert wiring.new_proximity(FakeAdc(595081), 1000, 3300000).ohms() in (219, 220)
+    assert wiring.new_proximity(FakeAdc(3300000), 1000, 3300000).ohms() is None
 
 
 class FakePwm:
@@ -123,7 +124,7 @@ class FakePwm:
 
 def test_output_inverted_board():
     pwm = FakePwm()
-    out = pilot.PilotOutput(pwm, inverted=True)
+    out = wiring.new_output(pwm, inverted=True)
     out.steady_plus()
     assert pwm.duty == 0
     out.state_f()
@@ -150,7 +151,7 @@ def test_sampler_reads_plus_and_minus_through_the_pwm(car_state, duty):
         def read_uv(self):
             return w.adc_uv(board["pins"]["pilot_adc"])
 
-    sampler = pilot.PilotSampler(Adc(), clock.ticks_us, cal["uv_at_minus_12v"], cal["uv_at_plus_12v"])
+    sampler = wiring.new_sampler(Adc(), clock.ticks_us, cal["uv_at_minus_12v"], cal["uv_at_plus_12v"])
     seen = []
     for _ in range(20):
         sampler.sample()

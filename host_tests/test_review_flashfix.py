@@ -534,12 +534,12 @@ def test_a_command_received_in_an_iteration_that_wrote_is_verified_in_the_next(m
 
 
 def test_the_settings_a_command_changes_wait_for_an_iteration_without_another_write(tmp_path):
-    import flash_gate
+    from wiring import new_gate
 
     class Open:
         closed = False
 
-    gate = flash_gate.FlashGate(Open())
+    gate = new_gate(Open())
     store = session_store.SettingsStore(str(tmp_path / "settings.json"), gate)
     gate.poll(0)
     gate.spend()  # the command's counter
@@ -555,12 +555,12 @@ def test_any_commit_through_durable_counts_as_this_iterations_write(tmp_path):
     """A session's start or end writes its journal and snapshot in the records step (not through
     the gate): a command received in that iteration would stack its counter write on them. Every
     commit through durable.py since the gate's poll sets `spent`."""
-    import flash_gate
+    from wiring import new_gate
 
     class Open:
         closed = False
 
-    gate = flash_gate.FlashGate(Open())
+    gate = new_gate(Open())
     gate.poll(0)
     assert not gate.spent
     durable.write_atomic(str(tmp_path / "session.json"), b"{}")

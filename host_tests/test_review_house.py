@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 import charger_restore
 import pilot
-from session_record import _FINAL_READING_MAX_MS, _METER_SETTLE_MS, Records
+from session_record import _FINAL_READING_MAX_MS, _METER_SETTLE_MS
+from wiring import new_records
 
 TICKS_PERIOD = 1 << 30  # the ports' ticks_ms period (host_tests/shims/mp_time.py)
 
@@ -49,7 +50,7 @@ def test_a_stopped_record_closes_whatever_the_uptime(uptime_ms, closed_once):
     charger = charger_restore.build(32000, 32000, True, False)
     contactor = Contactor()
     m = StepMeter()
-    records = Records(charger, contactor, m)
+    records = new_records(charger, contactor, m)
     t = 0
     records.poll(t)
     if closed_once:  # a session that charged and ended long ago: the last opening is old
@@ -91,7 +92,7 @@ def test_the_final_reading_still_waits_for_the_settle_after_an_opening():
     charger = charger_restore.build(32000, 32000, True, False)
     contactor = Contactor()
     m = StepMeter()
-    records = Records(charger, contactor, m)
+    records = new_records(charger, contactor, m)
     charger.step(0, pilot.C, True)
     records.poll(0)
     contactor.closed = True

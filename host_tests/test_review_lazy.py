@@ -1,4 +1,4 @@
-"""Adversarial review of the memory cuts (ota_lazy.py, main.drop_wiring): an updater that cannot be
+"""Adversarial review of the memory cuts (ota_lazy.py, startup.drop_wiring): an updater that cannot be
 imported, a trial it must not leave unwatched, a session, and Ctrl-C after wiring was dropped.
 
 Findings:
@@ -220,12 +220,13 @@ def test_a_release_run_frees_wiring_after_its_boot(flash, monkeypatch):
 
 
 def test_ctrl_c_after_wiring_was_dropped_gets_service_mode_from_a_fresh_import(monkeypatch):
-    """main.service() after main.drop_wiring(): diag's timer and reset come from wiring imported
-    again (not None, not the dropped module's): no finding, a guard."""
+    """main.service() after startup.drop_wiring(): diag's timer and reset come from wiring
+    imported again (not None, not the dropped module's): no finding, a guard."""
     import os
     import runpy
 
     import diag
+    import startup
     from pilehost import FIRMWARE
 
     for m in ("main", "wiring"):
@@ -233,11 +234,11 @@ def test_ctrl_c_after_wiring_was_dropped_gets_service_mode_from_a_fresh_import(m
     # main.py run as a module of another name (nothing imports main: test_firmware_layout.py);
     # its functions' globals are the module's own.
     ran = runpy.run_path(os.path.join(FIRMWARE, "main.py"), run_name="main_under_test")
-    main = types.SimpleNamespace(drop_wiring=ran["drop_wiring"], service=ran["service"])
-    live = ran["drop_wiring"].__globals__
-    old = live["wiring"]
-    main.drop_wiring()
-    assert live["wiring"] is None and "wiring" not in sys.modules
+    main = types.SimpleNamespace(service=ran["service"])
+    assert "wiring" not in ran["service"].__globals__  # main.py holds none (its top-level del)
+    old = sys.modules["wiring"]
+    startup.drop_wiring()
+    assert "wiring" not in sys.modules
     got = {}
 
     def service_mode(board, conf, ctl, link, wdt, start_timer, reset):

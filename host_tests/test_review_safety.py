@@ -11,6 +11,7 @@ import charger as ch
 import mp_time
 import pilot
 import relay
+import wiring
 
 CHARGE = [(100, "plug"), (600, "request")]
 C_LEVEL_MV = 5992  # the simulated car's C plus level (sim/world.py)
@@ -18,7 +19,7 @@ C_LEVEL_MV = 5992  # the simulated car's C plus level (sim/world.py)
 
 def watching_rcd():
     fault, test = Pin(0), Pin(0)
-    rcd = relay.ResidualCurrentMonitor(fault, test)
+    rcd = wiring.new_rcd(fault, test)
     rcd.state = relay._READY
     return rcd, fault
 
@@ -89,7 +90,7 @@ def test_item4_self_test_waits_for_fault_to_clear_then_tests(monkeypatch):
 
 def test_item4_self_test_fault_never_clears_fails():
     fault, test = Pin(1), Pin(0)
-    rcd = relay.ResidualCurrentMonitor(fault, test)
+    rcd = wiring.new_rcd(fault, test)
     rcd.start_self_test(0)
     assert test.v == 0  # TEST is not driven while FAULT is active: nothing could be learnt
     for t in range(0, 2000, 5):

@@ -17,6 +17,7 @@ import charger as ch
 import controller
 import mp_time
 import pilot
+import wiring
 
 CAL = board_dict()["pilot_adc"]
 PLUS_MV, MINUS_MV = 5992, -12000  # a car in C behind its diode (sim/world.py)
@@ -55,7 +56,7 @@ class Line:
 def _sample_with_stalls(line):
     """One burst; line.stall() after each branch opcode of PilotSampler.sample (CPython's opcode
     trace; MicroPython's VM checks for pending callbacks at the same places)."""
-    sampler = pilot.PilotSampler(line, line.ticks_us, CAL["uv_at_minus_12v"], CAL["uv_at_plus_12v"])
+    sampler = wiring.new_sampler(line, line.ticks_us, CAL["uv_at_minus_12v"], CAL["uv_at_plus_12v"])
     code = pilot.PilotSampler.sample.__code__
     after_jump = [False]
 

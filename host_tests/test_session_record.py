@@ -7,7 +7,9 @@ from pilehost.virtual_board import VirtualBoard
 
 import charger_restore
 import pilot
-from session_record import _METER_SETTLE_MS, Records
+from session_record import _METER_SETTLE_MS
+from wiring import new_gate
+from wiring import new_records
 
 
 def reading(wh, w=7000, t=0, epoch=0):
@@ -40,7 +42,7 @@ def test_a_start_reading_from_before_the_last_contactor_opening_is_not_taken():
     charger = charger_restore.build(32000, 32000, True, False)
     contactor = Contactor()
     m = SilentMeter()
-    records = Records(charger, contactor, m)
+    records = new_records(charger, contactor, m)
     m.reading = reading(1000, 0, 0)
     charger.step(0, pilot.B, True)
     records.poll(0)
@@ -87,7 +89,7 @@ def test_the_tick_touches_neither_the_meter_nor_the_records(monkeypatch):
     records.meter, records.log = real
     vb.ctl.records = records
     with pytest.raises(AssertionError):
-        Records(vb.ctl.charger, vb.ctl.contactor, Exploding()).poll(0)
+        new_records(vb.ctl.charger, vb.ctl.contactor, Exploding()).poll(0)
 
 
 # -- issue 12 item 2: the session's first writes come before the contactor closes ------------------
@@ -107,7 +109,7 @@ def test_the_contactor_waits_for_the_sessions_id_its_started_record_and_snapshot
     charger = charger_restore.build(32000, 32000, True, False)
     contactor = Contactor()
     m = SilentMeter()
-    records = Records(charger, contactor, m, HeldLog())
+    records = new_records(charger, contactor, m, HeldLog())
     m.reading = reading(1000, 0, 0)
     charger.step(0, pilot.B, True)
     records.poll(0)
@@ -119,14 +121,12 @@ def test_the_contactor_waits_for_the_sessions_id_its_started_record_and_snapshot
 
 
 def test_the_gate_runs_the_deferred_writes_in_the_records_step_once_open_after_the_opening_one():
-    import flash_gate
-
     contactor = Contactor()
-    gate = flash_gate.FlashGate(contactor)
+    gate = new_gate(contactor)
     ran = []
     contactor.closed = True
     gate.defer(lambda now: ran.append(now))
-    records = Records(charger_restore.build(32000, 32000, True, False), contactor, None, None, gate=gate)
+    records = new_records(charger_restore.build(32000, 32000, True, False), contactor, None, None, gate=gate)
     records.poll(5)
     assert ran == [] and len(gate._due) == 1
     contactor.closed = False
@@ -159,7 +159,7 @@ def test_a_contactor_the_guard_opens_inside_the_step_closes_no_record_as_final()
     charger = charger_restore.build(32000, 32000, True, False)
     contactor = Contactor()
     m = HeldMeter()
-    records = Records(charger, contactor, m, EndingLog())
+    records = new_records(charger, contactor, m, EndingLog())
     m.reading = reading(1000, 7000, 0)
     charger.step(0, pilot.B, True)
     records.poll(0)
