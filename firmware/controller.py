@@ -225,8 +225,8 @@ class Controller:
         """IEC 61851-1: the diode is checked before the contactor closes. Judged on every burst
         taken with PWM running on a B/C/D plus level."""
         self.diode_checked = False
-        out = self.output
-        if not out.pwm_on or self.raw == pilot.F:
+        duty = self.output.duty
+        if duty is None or self.raw == pilot.F:  # no PWM
             return
         if self._pwm_settling_ms is not None:
             if time.ticks_diff(now_ms, self._pwm_settling_ms) < _DIODE_SETTLE_MS:
@@ -235,8 +235,8 @@ class Controller:
             self._minus_seen_ms = now_ms
             self._no_minus_run = 0
         seen = pilot.diode_check(self.sampler.minus_mv, self.standard)
-        if seen is None and self.raw != pilot.E and out.duty <= _MINUS_PHASE_MAX_DUTY:
-            if self.sampler.gap_us < pilot.minus_piece_us(out.duty):
+        if seen is None and self.raw != pilot.E and duty <= _MINUS_PHASE_MAX_DUTY:
+            if self.sampler.gap_us < pilot.minus_piece_us(duty):
                 self._no_minus_bursts += 1  # the ADC does not follow the PWM (E: both ~0 V)
             # else stalled inside: its reads may all have missed the minus phase, not counted
             self._no_minus_run += 1

@@ -84,7 +84,7 @@ def build(board, conf):
         levels.contactor_feedback_closed,
     )
     gate = new_gate(contactor, report)  # no flash write while closed
-    console.hold = gate  # type: ignore[assignment]  # nor a console burst: its queue waits on the same contactor
+    console.hold = gate  # nor a console burst: its queue waits on the same contactor
     steady_plus = 0 if levels.pilot_pwm_inverted else pilot.DUTY_FULL
     pwm = machine.PWM(Pin(pins.pilot_pwm), freq=1000, duty_u16=steady_plus)  # 1 kHz: IEC 61851-1 A.2.2
     output = new_output(pwm, levels.pilot_pwm_inverted)
