@@ -149,7 +149,16 @@ def test_a_chip_run_is_cut_at_every_feed_and_counts_the_same_twice(chip_binary):
     # the heap chip_rom.py holds below the simulator while it sets up is freed for the firmware
     sim_alone = next(i for i in first if i["kind"] == "gc" and i["who"] == "simulator")
     assert abs(result["heap_simulator"] - sim_alone["live"]) < 4096
-    assert [i["ir"] for i in first] == [i["ir"] for i in second]  # deterministic
+    # deterministic: instruction for instruction, but where a collection ran counted (the ROM's
+    # own, the boot's): the collector scans the C stack conservatively, and a word there that
+    # differs from process to process can fall in the heap's range and mark a block (1 run in ~16
+    # counted 12 instructions more in the ROM's 20 million)
+    pieces = [[p for i in run for p in i["pieces"]] for run in (first, second)]
+    assert len(pieces[0]) == len(pieces[1])
+    for a, b in zip(*pieces, strict=True):
+        assert a["auto_gc"] == b["auto_gc"]
+        assert abs(a["ir"] - b["ir"]) <= (a["ir"] // 100000 if a["auto_gc"] else 0)
+    assert not any(p["auto_gc"] for i in first if i["kind"] == "loop" for p in i["pieces"])
     loops = [i for i in first if i["kind"] == "loop"]
     assert len(loops) > 300 and all(i["bursts"] >= 1 for i in loops)  # the tick's burst at least
     # the guard reads only while closed: with the contactor open all along, the tick's read alone
