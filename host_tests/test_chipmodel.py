@@ -125,6 +125,19 @@ def test_reads_leave_the_collection_out_of_the_largest_gap_and_find_the_decision
     assert r["gc_in_run"] == 1
 
 
+def test_a_dump_in_which_a_collection_ran_counted_is_marked(tmp_path):
+    """read_dumps: callgrind names a function once ("fn=(7) name"), by number after, in calls
+    ("cfn=") as well as in costs; only a cost of gc_collect_start marks the dump."""
+    out = tmp_path / "callgrind.out"
+    out.write_text("version: 1\ncreator: callgrind\npositions: line\nevents: Ir\n"
+                   "part: 1\nfn=(1) mp_execute_bytecode\n0 900\ncfn=(2) gc_collect_start\ncalls=1 0\n"
+                   "0 0\ntotals: 900\n"  # called, but from uncounted code: no cost of its own
+                   "part: 2\nfn=(1)\n0 500\nfn=(2)\n0 40\nfn=(3) gc_mark_subtree\n0 60\ntotals: 600\n"
+                   "part: 3\nfn=(1)\n0 70\ntotals: 70\n")
+    assert chipmodel.read_dumps(str(out)) == [(900, False), (600, True), (70, False)]
+    assert chipmodel.dump_totals(str(out)) == [900, 600, 70]
+
+
 def test_a_chip_run_is_cut_at_every_feed_and_counts_the_same_twice(chip_binary):
     binary = chip_binary
     scenario = chipmodel.chip_scenario(charge_s=1, commands_at=(1300, 1600), tail_ms=600)
@@ -133,7 +146,19 @@ def test_a_chip_run_is_cut_at_every_feed_and_counts_the_same_twice(chip_binary):
     assert result["boots"] == 1
     kinds = [i["kind"] for i in first]
     assert kinds[:3] == ["rom", "gc", "boot"] and kinds[-2:] == ["tail", "gc"]
-    assert [i["ir"] for i in first] == [i["ir"] for i in second]  # deterministic
+    # the heap chip_rom.py holds below the simulator while it sets up is freed for the firmware
+    sim_alone = next(i for i in first if i["kind"] == "gc" and i["who"] == "simulator")
+    assert abs(result["heap_simulator"] - sim_alone["live"]) < 4096
+    # deterministic: instruction for instruction, but where a collection ran counted (the ROM's
+    # own, the boot's): the collector scans the C stack conservatively, and a word there that
+    # differs from process to process can fall in the heap's range and mark a block (1 run in ~16
+    # counted 12 instructions more in the ROM's 20 million)
+    pieces = [[p for i in run for p in i["pieces"]] for run in (first, second)]
+    assert len(pieces[0]) == len(pieces[1])
+    for a, b in zip(*pieces, strict=True):
+        assert a["auto_gc"] == b["auto_gc"]
+        assert abs(a["ir"] - b["ir"]) <= (a["ir"] // 100000 if a["auto_gc"] else 0)
+    assert not any(p["auto_gc"] for i in first if i["kind"] == "loop" for p in i["pieces"])
     loops = [i for i in first if i["kind"] == "loop"]
     assert len(loops) > 300 and all(i["bursts"] >= 1 for i in loops)  # the tick's burst at least
     # the guard reads only while closed: with the contactor open all along, the tick's read alone

@@ -120,18 +120,35 @@ def callgrind(binary, args, cwd, env, out_file, hooks=True):
 
 def dump_totals(out_file):
     """Instructions (Ir) of each dump, in order."""
-    totals = []
+    return [ir for ir, _ in read_dumps(out_file)]
+
+
+def read_dumps(out_file):
+    """[(instructions, collected)] of each dump, in order; collected: a collection ran counted in
+    it (gc_collect_start has a cost there). The firmware's own gc.collect() runs uncounted
+    (sim/chip_rom.py's _Gc), so a counted one is automatic: the heap had filled up."""
+    dumps = []
+    names = {}
+    collected = False
     with open(out_file) as f:
         for line in f:
-            if line.startswith("totals:"):  # one per part (--combine-dumps=yes)
-                totals.append(int(line.split()[1]))
-    return totals
+            if line.startswith("totals:"):  # one per part (--combine-dumps=yes), closing it
+                dumps.append((int(line.split()[1]), collected))
+                collected = False
+            elif line.startswith(("fn=", "cfn=")):  # "fn=(12) name" the first time, "fn=(12)" after
+                ref, _, name = line.rstrip("\n").partition(" ")
+                key = ref.partition("=")[2]
+                if name:
+                    names[key] = name
+                collected = collected or (line[0] == "f" and names.get(key) == "gc_collect_start")
+    return dumps
 
 
-# The chip run's heap. The simulator makes most of the garbage (on 32 bits its ADC noise
-# generator's ints are heap objects), so most automatic collections start inside its (uncounted)
-# allocations, and none is where the firmware's own allocations would put it: collections are
-# modelled apart (collection_item) and stacked at the worst moment by c_to_b().
+# The chip run's heap: the simulator's long-lived objects at its top (sim/chip_rom.py puts them
+# there), the firmware's below them as on a pile, with room enough that the firmware's own
+# collections (main.py's, uncounted: modelled apart by collection_item and stacked at the worst
+# moment by c_to_b()) keep it from filling up. run_chip refuses a run in which an automatic
+# collection lands inside the loop's counted code: it would count a sweep of this heap.
 CHIP_RUN_HEAP = "512k"
 
 
@@ -151,8 +168,16 @@ def run_chip(binary, heap=CHIP_RUN_HEAP, scenario=None, measure=True):
             return pair(r.stdout.splitlines(), None)
         out_file = os.path.join(flash, "callgrind.out")
         stdout = callgrind(binary, args, flash, env, out_file)
-        irs = dump_totals(out_file)
-    return pair(stdout.splitlines(), irs)
+        dumps = read_dumps(out_file)
+    intervals, result = pair(stdout.splitlines(), [ir for ir, _ in dumps])
+    pieces = [p for item in intervals for p in item.get("pieces", [item])]
+    for piece, (_, collected) in zip(pieces, dumps, strict=False):
+        piece["auto_gc"] = collected
+    late = [i["t"] for i in intervals if i["kind"] == "loop" and any(p["auto_gc"] for p in i["pieces"])]
+    if late:
+        raise RuntimeError("an automatic collection ran inside the loop's counted code at %s ms: the "
+                           "run's heap (%s) filled up" % (late[:5], heap))
+    return intervals, result
 
 
 def pair(lines, irs):

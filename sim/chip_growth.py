@@ -191,6 +191,9 @@ class Growth:
         self.leaked = []  # the self-test's deliberate leak (leak_b per probe), else empty
         self.max_latency_ms = 0.0
 
+    def ready(self, sim):
+        pass
+
     def booting(self, sim):
         if sim.boots == 1:
             sim.now = _T0_MS * 1000  # the world's clock too (see _T0_MS)

@@ -15,13 +15,31 @@
 Usage (cwd = the flash folder, with chip_commands.json: [[ms, topic, payload], ...]):
     micropython -m chip_rom
 """
+import gc
 import sys
 
-import vclock
+# The run's heap as a pile's: the firmware's objects from the bottom, the simulator's long-lived
+# ones (its bytecode, the world, the broker: ~48 KB) out of their way at the top. gc_alloc scans
+# the allocation table upwards from the first free block for a run of free blocks long enough,
+# so a simulator interleaved below the firmware's objects would lengthen the scan of each of the
+# firmware's larger allocations (~200 k instructions a meter reply, ~2 ms on the chip's slow
+# bound). Held until the simulator is set up (_Hooks.ready), then freed; in chunks, made in a
+# function: the collector is conservative, and a stale pointer to one of them left in a frame
+# keeps that chunk alone.
+_SIM_ROOM = 160 * 1024
+_CHUNK = 4096
+
+
+def _hold_bottom():
+    return [bytearray(_CHUNK) for _ in range(max(0, gc.mem_free() - _SIM_ROOM) // _CHUNK)]
+
+
+_below = _hold_bottom()
+
+import vclock  # noqa: E402
 
 sys.modules["time"] = vclock  # before anything else imports time
 
-import gc  # noqa: E402
 import json  # noqa: E402
 
 import chip_flash  # noqa: E402
@@ -185,21 +203,10 @@ _feed = machine.WDT.feed
 _first_feed = [False]
 
 
-# Every this many iterations, an uncounted collection: the simulator's garbage (on 32 bits its
-# ADC noise ints are heap objects) would otherwise fill the run's heap, and an automatic
-# collection of it could start inside the firmware's counted code. The firmware's own
-# collections are modelled at the chip's heap (_Gc, pilehost/chipmodel.py).
-_COLLECT_EVERY = 8
-_feeds = [0]
-
-
 def _feed_counted(self):
     _feed(self)
     _emit("boot" if _first_feed[0] else "loop", {})
     _first_feed[0] = False
-    _feeds[0] += 1
-    if _feeds[0] % _COLLECT_EVERY == 0:
-        gc.collect()
 
 
 def _feed_and_cut(self):
@@ -243,6 +250,9 @@ _Gc.mem_free = staticmethod(_excluded(_mem_free))
 # -- the run -------------------------------------------------------------------------------------
 
 class _Hooks:
+    def ready(self, sim):
+        _below.clear()  # the simulator is set up: the heap below it is the firmware's
+
     def booting(self, sim):
         if sim.boots == 1:
             gc.collect()

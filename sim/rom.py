@@ -41,8 +41,9 @@ def largest_free_block():
 
 
 def start(hooks=None):
-    """hooks (sim/chip_rom.py, the chip model): hooks.booting(sim) right before each boot's
-    boot.py, hooks.ended(sim) once the scenario is over."""
+    """hooks (sim/chip_rom.py, the chip model): hooks.ready(sim) once the simulator is set up,
+    hooks.booting(sim) right before each boot's boot.py, hooks.ended(sim) once the scenario is
+    over."""
     with open("board.json") as f:
         board = json.load(f)
     with open("sim_scenario.json") as f:
@@ -61,6 +62,8 @@ def start(hooks=None):
 
     sys.modules["time"] = sim_time  # the firmware's time.time() reads the simulated RTC
 
+    if hooks is not None:
+        hooks.ready(sim)
     preloaded = set(sys.modules)
     gc.collect()
     sim_heap = gc.mem_alloc()
