@@ -18,23 +18,16 @@ Usage (cwd = the flash folder, with chip_commands.json: [[ms, topic, payload], .
 import gc
 import sys
 
+import heap_hold  # (first: what it holds is the heap's bottom, below the simulator)
+
 # The run's heap as a pile's: the firmware's objects from the bottom, the simulator's long-lived
 # ones (its bytecode, the world, the broker: ~48 KB) out of their way at the top. gc_alloc scans
 # the allocation table upwards from the first free block for a run of free blocks long enough,
 # so a simulator interleaved below the firmware's objects would lengthen the scan of each of the
 # firmware's larger allocations (~200 k instructions a meter reply, ~2 ms on the chip's slow
-# bound). Held until the simulator is set up (_Hooks.ready), then freed; in chunks, made in a
-# function: the collector is conservative, and a stale pointer to one of them left in a frame
-# keeps that chunk alone.
+# bound). Held until the simulator is set up (_Hooks.ready), then freed (sim/heap_hold.py).
 _SIM_ROOM = 160 * 1024
-_CHUNK = 4096
-
-
-def _hold_bottom():
-    return [bytearray(_CHUNK) for _ in range(max(0, gc.mem_free() - _SIM_ROOM) // _CHUNK)]
-
-
-_below = _hold_bottom()
+_below = heap_hold.hold(_SIM_ROOM)
 
 import vclock  # noqa: E402
 
@@ -251,7 +244,7 @@ _Gc.mem_free = staticmethod(_excluded(_mem_free))
 
 class _Hooks:
     def ready(self, sim):
-        _below.clear()  # the simulator is set up: the heap below it is the firmware's
+        heap_hold.release(*_below)  # the simulator is set up: the heap below it is the firmware's
 
     def booting(self, sim):
         if sim.boots == 1:
