@@ -177,3 +177,95 @@ def test_a_second_cut_during_the_recovery_loses_and_doubles_nothing(tmp_path, mo
     assert len(ended) == 1, ended
     assert ended[0]["stop_reason"] == "power_loss" and ended[0]["meter_stop_wh"] == 1100
     assert third._cut is None and session_store.SessionStore(str(tmp_path / "session.json")).load() is None
+
+
+class _Held(BaseException):
+    """The test's way out of a pile held unavailable (its loop never ends): past main.run's
+    `except Exception`, as a KeyboardInterrupt would not be."""
+
+
+def test_a_link_unusable_after_wiring_was_dropped_holds_the_pile_with_wiring_imported_again(monkeypatch):
+    """startup.hold_unavailable in the boot's second phase (wiring.py dropped): wiring is imported
+    again for hold_outputs, the coil stays at its off level and the pilot goes to F, and the
+    hold keeps asserting the coil off (its loop's idle and sleep)."""
+    vb = VirtualBoard(monkeypatch, config={"pile_id": "P1"})
+    vb.ctl = None
+    for name in ("startup", "wiring_link"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with open("board.json", "w") as f:
+        json.dump(board_dict(), f)
+    with open("config.json", "w") as f:
+        json.dump({"free_vend": True, "pile_id": "P1"}, f)
+    monkeypatch.setattr("gc.threshold", lambda n=None: None, raising=False)
+    import wiring_link
+
+    def unusable(*args):
+        raise wiring_link.Unavailable("mqtt: cannot read ca.pem (test)")
+
+    monkeypatch.setattr(wiring_link, "link_parts", unusable)
+    sleeps = []
+
+    def sleep_ms(ms):
+        sleeps.append(ms)
+        if len(sleeps) > 20:
+            raise _Held()
+        vb.clock.t += ms * 1000
+
+    monkeypatch.setattr("time.sleep_ms", sleep_ms)
+    monkeypatch.setattr(sys, "print_exception", pytest.fail, raising=False)  # no fail_safe
+    ran = runpy.run_path(os.path.join(FIRMWARE, "main.py"), run_name="main_under_test")
+    old = sys.modules["wiring"]
+    with pytest.raises(_Held):
+        ran["run"]()
+    w = vb.world
+    assert sys.modules["wiring"] is not old  # dropped after build_core, imported again to hold
+    assert not w.coil and w.pins[w.pin_coil] == 1 - vb.board.levels.contactor_on
+    shown = 65535 - w.pwm_duty if w.pilot_inverted else w.pwm_duty
+    assert shown == 0  # -12 V steady: F
+    assert any("unavailable" in text for _, text in vb.reports), vb.reports
+
+
+def test_the_cut_session_s_code_not_loading_keeps_the_contactor_open_then_closes_it_once(monkeypatch):
+    """A power cut while charging, the car still asking for power after it (free vend): while
+    session_restore.py does not load (MemoryError at the records step's lazy import) the
+    contactor stays open and no new session starts; once it loads the cut session is closed
+    once (power_loss) and only then does a new one start and close the contactor."""
+    import builtins
+
+    import journal
+    import journal_scan
+    from pilehost.virtual_board import charging
+
+    vb = charging(monkeypatch, config={"pile_id": "P1", "meter": {"type": "ddsu666"}})
+    vb.run_for(2000)
+    assert vb.world.coil
+    cut_id = vb.ctl.records.record.id
+    assert cut_id is not None
+    real = builtins.__import__
+    failing = [False]
+
+    def importing(name, *args, **kwargs):
+        if name == "session_restore" and failing[0]:
+            raise MemoryError("memory allocation failed, allocating 1024 bytes")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", importing)
+    vb.reboot()  # the power cut (the coil drops); the boot loads session_restore (load), drops it
+    failing[0] = True
+    coil_seen = []
+    for _ in range(3000):  # 15 s: retried every 10 s, failing each time
+        vb.world.advance()
+        vb.tick()
+        coil_seen.append(vb.world.coil)
+    assert not any(coil_seen)
+    assert vb.ctl.records.log._cut is not None
+    assert len([t for t in vb.reported("session") if "code not loaded" in t]) == 1
+    failing[0] = False
+    vb.run_for(15000)
+    assert vb.world.coil  # the new session charges
+    import files
+
+    ended = [json.loads(p) for _, k, p in journal_scan.load(files.OUTBOX_FILE).pending()
+             if journal.kind_name(k) == "session_end"]
+    assert [(r["session_id"], r["stop_reason"]) for r in ended] == [(cut_id, "power_loss")]
+    assert vb.ctl.records.record.id not in (None, cut_id)
