@@ -269,3 +269,38 @@ def test_the_cut_session_s_code_not_loading_keeps_the_contactor_open_then_closes
              if journal.kind_name(k) == "session_end"]
     assert [(r["session_id"], r["stop_reason"]) for r in ended] == [(cut_id, "power_loss")]
     assert vb.ctl.records.record.id not in (None, cut_id)
+
+
+def test_the_cut_session_s_code_unreadable_on_flash_is_retried_not_a_reset_loop(tmp_path, monkeypatch):
+    """session_restore.mpy unreadable at the lazy import (LittleFS: OSError EIO/ECORRUPT, a flash
+    read error): raised out of the records step it was main.fail_safe, a reset, and the same at
+    every boot after (the cut is found again). As a MemoryError: said once, tried again."""
+    import builtins
+    import errno
+
+    import charger as ch
+    from session_record import Record
+
+    s = Record(ch.Session(0))
+    s.auth_source, s.auth_id, s.authorized_ms = "free_vend", None, 0
+    s.note_meter(_Reading(1000))
+    _log(tmp_path, 7).poll(0, s, None)
+    log = _log(tmp_path, 8)
+    said = []
+    log._report = lambda now, what, text: said.append(text)
+    monkeypatch.delitem(sys.modules, "session_restore", raising=False)
+    real = builtins.__import__
+    failing = [True]
+
+    def importing(name, *args, **kwargs):
+        if name == "session_restore" and failing[0]:
+            raise OSError(errno.EIO)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", importing)
+    for t in (0, 100, 200):
+        log.poll(t, None, _Reading(1100))
+    assert log._cut is not None and len([t for t in said if "code not loaded" in t]) == 1, said
+    failing[0] = False
+    log.poll(20000, None, _Reading(1100))
+    assert log._cut is None and [r["stop_reason"] for r in _ended(tmp_path)] == ["power_loss"]
