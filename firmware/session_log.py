@@ -240,14 +240,15 @@ class SessionLog:
         """The session the power cut (its snapshot, _cut), closed by session_restore.recover:
         boot-time code, loaded only for it (a pile the power did not cut never has it on the
         heap, issue 12), with the contactor open (poll), and dropped once it is closed. An
-        import that fails (a fragmented heap's MemoryError, a damaged file) leaves the snapshot
+        import that fails (a fragmented heap's MemoryError, a damaged file, a flash read error's
+        OSError: not a reset, which finds the cut again at every boot) leaves the snapshot
         for another try after _RETRY_MS (_retry_at, with the log's other retries), said once: no
         session starts meanwhile (poll), none is lost."""
         if time.ticks_diff(now_ms, self._retry_at) < 0 and self._recover_failed:
             return
         try:
             import session_restore
-        except (MemoryError, ImportError, ValueError, SyntaxError) as e:
+        except (MemoryError, ImportError, ValueError, SyntaxError, OSError) as e:
             sys.modules.pop("session_restore", None)
             if not self._recover_failed:
                 self._emit(now_ms, "session", "the power cut's session waits: its code not loaded (%r)" % (
