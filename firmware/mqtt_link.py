@@ -300,7 +300,7 @@ class MqttLink:
             return
         try:  # the last rung: due only with no session open (the contactor open)
             import link_reset
-        except (MemoryError, ImportError, ValueError, SyntaxError) as e:  # as heal.json unwritten:
+        except (MemoryError, ImportError, ValueError, SyntaxError, OSError) as e:  # as heal.json unwritten:
             heal.down_since = now_ms  # no uncounted reset (the rate); again after reset_after_s
             self._emit(now_ms, "board reset given up: its code not loaded (%r)" % (e,))
             return

@@ -93,8 +93,8 @@ def test_a_tls_reconnect_whose_code_cannot_load_is_retried_not_a_board_reset(mon
     assert not any(m in sys.modules for m in LAZY)
 
 
-@pytest.mark.parametrize("error", [MemoryError(), ValueError("incompatible .mpy file")],
-                         ids=["memory", "damaged"])
+@pytest.mark.parametrize("error", [MemoryError(), ValueError("incompatible .mpy file"), OSError(5)],
+                         ids=["memory", "damaged", "flash read error"])
 def test_the_reset_rung_whose_code_cannot_load_gives_up_as_when_heal_json_fails(monkeypatch, error):
     """The ladder's last rung, now in link_reset.py: its import failing went up to fail_safe,
     a reset that heal.json never counted (the reset rate's doubling lost), reported as an
