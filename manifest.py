@@ -53,6 +53,7 @@ for _name in (
     "release_boot",
     "s0_meter",
     "s0_setup",
+    "session_cut",
     "session_log",
     "session_record",
     "session_restore",

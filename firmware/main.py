@@ -51,8 +51,11 @@ def fail_safe(ctl, exc):
             ctl.safe_off()
         except Exception as e:  # noqa: BLE001 - pins failing too; the watchdog still resets us
             print("fail-safe: could not drive outputs:", repr(e))
-    console.report(time.ticks_ms(), "main", "internal error, contactor open, pilot F, resetting")
-    sys.print_exception(exc)
+    try:
+        console.report(time.ticks_ms(), "main", "internal error, contactor open, pilot F, resetting")
+        sys.print_exception(exc)
+    except Exception:  # noqa: BLE001 - no heap left even to say why: the reset matters more
+        pass
     start = time.ticks_ms()
     while time.ticks_diff(time.ticks_ms(), start) < _FAILSAFE_REBOOT_MS:
         if ctl is not None:

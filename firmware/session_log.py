@@ -90,7 +90,7 @@ class SessionLog:
     _boot_ms: "int | None"
     _recovered_seq: "int | None"  # the power cut's record in the outbox, until acked or waited for
     _recovered_ms: int
-    _recover_failed: bool  # session_restore.py did not load: tried again after _RETRY_MS
+    _recover_failed: bool  # session_cut.py did not load: tried again after _RETRY_MS
     # The power cut's record not acknowledged yet, for less than _RECOVERY_ACK_WAIT_MS: no
     # contactor may close (Records.ready). Set by poll().
     unacked_recovery: bool
@@ -237,7 +237,7 @@ class SessionLog:
         }
 
     def _recover(self, now_ms, reading):
-        """The session the power cut (its snapshot, _cut), closed by session_restore.recover:
+        """The session the power cut (its snapshot, _cut), closed by session_cut.recover:
         boot-time code, loaded only for it (a pile the power did not cut never has it on the
         heap, issue 12), with the contactor open (poll), and dropped once it is closed. An
         import that fails (a fragmented heap's MemoryError, a damaged file, a flash read error's
@@ -247,9 +247,9 @@ class SessionLog:
         if time.ticks_diff(now_ms, self._retry_at) < 0 and self._recover_failed:
             return
         try:
-            import session_restore
+            import session_cut
         except (MemoryError, ImportError, ValueError, SyntaxError, OSError) as e:
-            sys.modules.pop("session_restore", None)
+            sys.modules.pop("session_cut", None)
             if not self._recover_failed:
                 self._emit(now_ms, "session", "the power cut's session waits: its code not loaded (%r)" % (
                     e,))
@@ -258,10 +258,10 @@ class SessionLog:
             return
         self._recover_failed = False
         try:
-            session_restore.recover(self, now_ms, reading, self._cut)
+            session_cut.recover(self, now_ms, reading, self._cut, clock_synced)
         finally:
             if self._cut is None:
-                sys.modules.pop("session_restore", None)
+                sys.modules.pop("session_cut", None)
 
     def _clear(self, now_ms=0):
         """The snapshot's clear, after its ended record. A failure is tried again every _RETRY_MS

@@ -1,5 +1,6 @@
 """hw-diet5 attacked (task d5rev): the resident classes lost their __init__s to wiring.py's
-makers, main.py's boot went to startup.py, the power cut's recovery to session_restore.recover.
+makers, main.py's boot went to startup.py, the power cut's recovery to
+session_cut.recover.
 
 - The boot, failing at any maker or in the link's phase (MemoryError): the contactor's coil at
   its off level from its Pin's making, the RCD's TEST never driven, main.fail_safe reached with
@@ -108,7 +109,40 @@ def test_a_boot_failing_half_way_never_closes_the_contactor_nor_drives_the_rcd_t
     assert [str(e) for e in raised] == ["memory allocation failed (test: %s)" % where]  # that one
 
 
-# -- the power cut's recovery (session_restore.recover) cut again at each of its flash writes ------
+@pytest.mark.parametrize("where", ["new_controller", "wiring_link.link_parts"])
+def test_a_boot_failing_with_no_heap_left_to_say_why_still_resets(monkeypatch, where):
+    """fail_safe's own report failing (a MemoryError: the heap that failed the boot is full)
+    went up out of main.run(): the board sat at its REPL with no watchdog started, the contactor
+    open but the pile never back (d5rev). Saying why is worth less than the reset."""
+    vb = VirtualBoard(monkeypatch, config={"pile_id": "P1", "meter": {"type": "ddsu666"}})
+    vb.ctl = None
+    for name in ("main_under_test", "startup", "wiring_link"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with open("board.json", "w") as f:
+        json.dump(board_dict(), f)
+    with open("config.json", "w") as f:
+        json.dump({"free_vend": True, "pile_id": "P1", "meter": {"type": "ddsu666"}}, f)
+    monkeypatch.setattr("time.sleep_ms", lambda ms: setattr(vb.clock, "t", vb.clock.t + ms * 1000))
+    monkeypatch.setattr("gc.threshold", lambda n=None: None, raising=False)  # MicroPython's
+    monkeypatch.setattr(sys, "print_exception", lambda e: None, raising=False)
+
+    import console
+    import wiring  # noqa: F401
+    import wiring_link  # noqa: F401
+
+    def boom(*args, **kwargs):
+        raise MemoryError("memory allocation failed")
+
+    module, _, name = where.rpartition(".")
+    monkeypatch.setattr(sys.modules[module or "wiring"], name, boom)
+    ran = runpy.run_path(os.path.join(FIRMWARE, "main.py"), run_name="main_under_test")
+    monkeypatch.setattr(console, "report", boom)  # from here on, nothing can be said
+    with pytest.raises(world.SimReset):
+        ran["run"]()
+    assert not vb.world.coil
+
+
+# -- the power cut's recovery (session_cut.recover) cut again at each of its flash writes ------
 
 class _Reading:
     def __init__(self, wh, w=7360):
@@ -227,7 +261,7 @@ def test_a_link_unusable_after_wiring_was_dropped_holds_the_pile_with_wiring_imp
 
 def test_the_cut_session_s_code_not_loading_keeps_the_contactor_open_then_closes_it_once(monkeypatch):
     """A power cut while charging, the car still asking for power after it (free vend): while
-    session_restore.py does not load (MemoryError at the records step's lazy import) the
+    session_cut.py does not load (MemoryError at the records step's lazy import) the
     contactor stays open and no new session starts; once it loads the cut session is closed
     once (power_loss) and only then does a new one start and close the contactor."""
     import builtins
@@ -245,7 +279,7 @@ def test_the_cut_session_s_code_not_loading_keeps_the_contactor_open_then_closes
     failing = [False]
 
     def importing(name, *args, **kwargs):
-        if name == "session_restore" and failing[0]:
+        if name == "session_cut" and failing[0]:
             raise MemoryError("memory allocation failed, allocating 1024 bytes")
         return real(name, *args, **kwargs)
 
@@ -272,7 +306,7 @@ def test_the_cut_session_s_code_not_loading_keeps_the_contactor_open_then_closes
 
 
 def test_the_cut_session_s_code_unreadable_on_flash_is_retried_not_a_reset_loop(tmp_path, monkeypatch):
-    """session_restore.mpy unreadable at the lazy import (LittleFS: OSError EIO/ECORRUPT, a flash
+    """session_cut.mpy unreadable at the lazy import (LittleFS: OSError EIO/ECORRUPT, a flash
     read error): raised out of the records step it was main.fail_safe, a reset, and the same at
     every boot after (the cut is found again). As a MemoryError: said once, tried again."""
     import builtins
@@ -288,12 +322,12 @@ def test_the_cut_session_s_code_unreadable_on_flash_is_retried_not_a_reset_loop(
     log = _log(tmp_path, 8)
     said = []
     log._report = lambda now, what, text: said.append(text)
-    monkeypatch.delitem(sys.modules, "session_restore", raising=False)
+    monkeypatch.delitem(sys.modules, "session_cut", raising=False)
     real = builtins.__import__
     failing = [True]
 
     def importing(name, *args, **kwargs):
-        if name == "session_restore" and failing[0]:
+        if name == "session_cut" and failing[0]:
             raise OSError(errno.EIO)
         return real(name, *args, **kwargs)
 

@@ -262,6 +262,7 @@ def test_a_power_cut_record_takes_no_unchecked_boot_reading(tmp_path):
     import journal
     import journal_scan
     import meter
+    import session_cut
     import session_restore
     import session_store
     from session_record import Record
@@ -289,7 +290,7 @@ def test_a_power_cut_record_takes_no_unchecked_boot_reading(tmp_path):
     first.checked = False
     log2.poll(500, None, first)
     assert ended() is None, "closed on a reading the guard never checked"
-    log2.poll(500 + session_restore._RECOVERY_WAIT_MS, None, first)
+    log2.poll(500 + session_cut._RECOVERY_WAIT_MS, None, first)
     record = ended()
     assert record["meter_stop_wh"] == 1000 and record["meter_stop_stale"] is True
 

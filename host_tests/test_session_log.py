@@ -10,6 +10,7 @@ import charger as ch
 import journal
 import journal_scan
 import session_log
+import session_cut
 import session_restore
 import session_store
 from session_record import Record
@@ -243,15 +244,15 @@ def test_power_loss_without_a_meter_reading_after_boot(tmp_path):
     log.poll(0, s, None)
     log2 = make_log(tmp_path, boot=8)
     log2.poll(0, None, None)
-    log2.poll(session_restore._RECOVERY_WAIT_MS - 1, None, None)
+    log2.poll(session_cut._RECOVERY_WAIT_MS - 1, None, None)
     assert len(records(tmp_path)) == 1
-    log2.poll(session_restore._RECOVERY_WAIT_MS, None, None)
+    log2.poll(session_cut._RECOVERY_WAIT_MS, None, None)
     ended = records(tmp_path)[1][1]
     assert ended["stop_reason"] == "power_loss" and ended["meter_stop_wh"] == 1000
 
 
 def test_the_power_cut_s_session_closes_with_its_code_loaded_then_dropped(tmp_path, monkeypatch):
-    """session_restore.recover closes it (boot-time code, loaded only for a cut, issue 12): an
+    """session_cut.recover closes it (boot-time code, loaded only for a cut, issue 12): an
     import that fails (a fragmented heap) is said once, no new session starts meanwhile, the
     snapshot stays, and it is tried again after session_log._RETRY_MS; once the session is
     closed the module is dropped again. A boot without a cut never loads it."""
@@ -265,13 +266,13 @@ def test_the_power_cut_s_session_closes_with_its_code_loaded_then_dropped(tmp_pa
     said = []
     log2 = make_log(tmp_path, boot=8)
     log2._report = lambda now, what, text: said.append(text)
-    monkeypatch.delitem(sys.modules, "session_restore", raising=False)  # dropped by wiring at the boot
+    monkeypatch.delitem(sys.modules, "session_cut", raising=False)  # loaded only for a cut
     real = builtins.__import__
     fail = [True]
 
     def importing(name, *args, **kwargs):
-        if name == "session_restore" and fail[0]:
-            sys.modules["session_restore"] = object()  # half imported when the heap ran out
+        if name == "session_cut" and fail[0]:
+            sys.modules["session_cut"] = object()  # half imported when the heap ran out
             raise MemoryError("memory allocation failed, allocating 1024 bytes")
         return real(name, *args, **kwargs)
 
@@ -281,14 +282,14 @@ def test_the_power_cut_s_session_closes_with_its_code_loaded_then_dropped(tmp_pa
     for t in (100, 200, 300):
         log2.poll(t, nxt, Reading(1200))
     assert len([t for t in said if "code not loaded" in t]) == 1, said
-    assert "session_restore" not in sys.modules  # not left half imported
+    assert "session_cut" not in sys.modules  # not left half imported
     assert nxt.id is None and log2._cut is not None  # no new session before the cut one closes
     assert len(records(tmp_path)) == 1  # the cut session's started record only
     fail[0] = False
     log2.poll(100 + session_log._RETRY_MS - 1, nxt, Reading(1200))
     assert log2._cut is not None  # not yet: the retry waits from the first failure
     log2.poll(100 + session_log._RETRY_MS, nxt, Reading(1200))
-    assert log2._cut is None and "session_restore" not in sys.modules
+    assert log2._cut is None and "session_cut" not in sys.modules
     ended = [r for k, r in records(tmp_path) if k == "session_end"]
     assert len(ended) == 1 and ended[0]["stop_reason"] == "power_loss"
     monkeypatch.setattr(builtins, "__import__", real)
@@ -298,8 +299,9 @@ def test_the_power_cut_s_session_closes_with_its_code_loaded_then_dropped(tmp_pa
     quiet = session_restore.load("pile-0042", 1, journal_scan.load(str(clean / "outbox")),
                                  session_store.SessionStore(str(clean / "session.json")))
     sys.modules.pop("session_restore", None)
+    monkeypatch.delitem(sys.modules, "session_cut", raising=False)
     quiet.poll(0, None, Reading(1))
-    assert "session_restore" not in sys.modules
+    assert "session_cut" not in sys.modules
 
 
 @pytest.mark.parametrize("garbage", [b"", b"{", b"[1,2]", b'{"id": 5}', b"\xff\xfe"])
