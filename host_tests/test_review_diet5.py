@@ -54,8 +54,8 @@ FAILING = ["import startup", "new_contactor", "new_gate", "new_output", "new_sam
            "wiring_link.link_parts", "wiring_link.build_wifi"]
 
 
-@pytest.mark.parametrize("where", FAILING)
-def test_a_boot_failing_half_way_never_closes_the_contactor_nor_drives_the_rcd_test(monkeypatch, where):
+def _unbooted(monkeypatch):
+    """A virtual board with its files in the flash folder, not booted: main.py's run() boots it."""
     vb = VirtualBoard(monkeypatch, config={"pile_id": "P1", "meter": {"type": "ddsu666"}})
     vb.ctl = None
     for name in ("main_under_test", "startup", "wiring_link"):
@@ -64,6 +64,12 @@ def test_a_boot_failing_half_way_never_closes_the_contactor_nor_drives_the_rcd_t
         json.dump(board_dict(), f)
     with open("config.json", "w") as f:
         json.dump({"free_vend": True, "pile_id": "P1", "meter": {"type": "ddsu666"}}, f)
+    return vb
+
+
+@pytest.mark.parametrize("where", FAILING)
+def test_a_boot_failing_half_way_never_closes_the_contactor_nor_drives_the_rcd_test(monkeypatch, where):
+    vb = _unbooted(monkeypatch)
     w = vb.world
     coil, test = w.pin_coil, w.pin_rcd_test
     w.pins.pop(coil, None)
@@ -114,14 +120,7 @@ def test_a_boot_failing_with_no_heap_left_to_say_why_still_resets(monkeypatch, w
     """fail_safe's own report failing (a MemoryError: the heap that failed the boot is full)
     went up out of main.run(): the board sat at its REPL with no watchdog started, the contactor
     open but the pile never back (d5rev). Saying why is worth less than the reset."""
-    vb = VirtualBoard(monkeypatch, config={"pile_id": "P1", "meter": {"type": "ddsu666"}})
-    vb.ctl = None
-    for name in ("main_under_test", "startup", "wiring_link"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
-    with open("board.json", "w") as f:
-        json.dump(board_dict(), f)
-    with open("config.json", "w") as f:
-        json.dump({"free_vend": True, "pile_id": "P1", "meter": {"type": "ddsu666"}}, f)
+    vb = _unbooted(monkeypatch)
     monkeypatch.setattr("time.sleep_ms", lambda ms: setattr(vb.clock, "t", vb.clock.t + ms * 1000))
     monkeypatch.setattr("gc.threshold", lambda n=None: None, raising=False)  # MicroPython's
     monkeypatch.setattr(sys, "print_exception", lambda e: None, raising=False)
