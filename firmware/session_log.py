@@ -213,11 +213,9 @@ class SessionLog:
             session.meter_restarts, self.metered and session.meter_final is False, (),
             getattr(session, "meter_identity", None))
         # Issue 13's meter name never costs the record: without room in the outbox's payload
-        # limit (long pile and auth ids) it goes as null; the limit is in bytes (a non-ASCII id
-        # takes more). An outbox without a max_payload (a test's fake): the journal's.
+        # limit (long pile and auth ids) it goes as null.
         text = json.dumps(record)
-        if record["meter"] is not None and \
-                len(utf8(text)) > getattr(self.outbox, "max_payload", journal.DEFAULT_MAX_PAYLOAD):
+        if record["meter"] is not None and not self._fits(text):
             record["meter"] = None
             text = json.dumps(record)
         self._append(now_ms, journal.KIND_SESSION_END, text, self._clear)
@@ -284,11 +282,16 @@ class SessionLog:
         a full heap) must not come between the record and the clear, or the next boot would close
         the session again. A flash error keeps the record in RAM for another try (in order,
         behind the others)."""
-        if len(utf8(text)) > getattr(self.outbox, "max_payload", journal.DEFAULT_MAX_PAYLOAD):
+        if not self._fits(text):
             self._too_long(now_ms, kind, text, then)
             return
         if self._unsent or not self._write(now_ms, kind, text, then):
             self._keep(now_ms, kind, text, then)
+
+    def _fits(self, text):
+        """The outbox's payload limit is in bytes (a non-ASCII id takes more than a character).
+        An outbox without a max_payload (a test's fake): the journal's."""
+        return len(utf8(text)) <= getattr(self.outbox, "max_payload", journal.DEFAULT_MAX_PAYLOAD)
 
     def _write(self, now_ms, kind, text, then):
         """True if the outbox took the record or dropped it for lack of room (reported); False

@@ -303,20 +303,8 @@ def test_nothing_at_run_time_imports_a_dropped_module_again(monkeypatch):
 
 # -- on the unix port: the real binary ----------------------------------------------------------
 
-_UPY_BUILD = r"""
-import sys
-import wiring, charger_restore, session_restore, journal_scan, session_store
-class Uart:
-    def write(self, b): return len(b)
-    def read(self, n=None): return None
-    def any(self): return 0
-class Pin:
-    IRQ_RISING = 1
-    IRQ_FALLING = 2
-    def value(self, v=None): return 1
-    def irq(self, h, t, hard=False): self.irq_set = (t, hard)
-class Plain:
-    def value(self, v=None): return 1
+# How an object's state is compared, the same text on MicroPython and on CPython.
+_NORM_STATE = r"""
 def norm(v):
     if v is None or type(v) in (int, str, bool):
         return v
@@ -333,6 +321,22 @@ def state(o):
     d = o.__dict__
     shadowed = [k for k in sorted(d) if hasattr(type(o), k)]  # an annotation made a class attribute?
     return [[k, norm(d[k])] for k in sorted(d)] + [["shadowed", shadowed]]
+"""
+
+_UPY_BUILD = _NORM_STATE + r"""
+import sys
+import wiring, charger_restore, session_restore, journal_scan, session_store
+class Uart:
+    def write(self, b): return len(b)
+    def read(self, n=None): return None
+    def any(self): return 0
+class Pin:
+    IRQ_RISING = 1
+    IRQ_FALLING = 2
+    def value(self, v=None): return 1
+    def irq(self, h, t, hard=False): self.irq_set = (t, hard)
+class Plain:
+    def value(self, v=None): return 1
 out = {}
 FAKES = {"UART": Uart, "PIN": Pin, "PLAIN": Plain}
 for name, kind, kw in KINDS:
@@ -368,22 +372,9 @@ def _cpython_state(tmp_path):
     import session_store
     import wiring
 
-    def norm(v):
-        if v is None or type(v) in (int, str, bool):
-            return v
-        if type(v) is float:
-            return round(v, 3)
-        if type(v) in (bytes, bytearray, memoryview):
-            return [type(v).__name__, len(v)]
-        if type(v) in (list, tuple):
-            return [norm(x) for x in v]
-        if type(v) is dict:
-            return [[k, norm(v[k])] for k in sorted(v)]
-        return "obj"
-
-    def state(o):
-        shadowed = [k for k in sorted(vars(o)) if hasattr(type(o), k)]
-        return [[k, norm(v)] for k, v in sorted(vars(o).items())] + [["shadowed", shadowed]]
+    compare = {}
+    exec(_NORM_STATE, compare)  # the test's own text, the one the unix port runs
+    state = compare["state"]
 
     out = {}
     fakes = {"UART": Uart, "PIN": IrqPin, "PLAIN": PlainPin}
