@@ -170,7 +170,8 @@ def uncounted_collections(intervals):
 # there), the firmware's below them as on a pile, with room enough that the firmware's own
 # collections (main.py's, uncounted: modelled apart by collection_item and stacked at the worst
 # moment by c_to_b()) keep it from filling up. run_chip refuses a run in which an automatic
-# collection lands inside the loop's counted code: it would count a sweep of this heap.
+# collection lands inside the loop, counted (read_dumps: it would count a sweep of this heap) or
+# not (uncounted_collections).
 CHIP_RUN_HEAP = "512k"
 
 
